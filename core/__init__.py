@@ -1,0 +1,40 @@
+"""quanta: plugin-based quantization of PyTorch and Core ML models for Apple devices.
+
+Public API::
+
+    import quanta
+    qmodel = quanta.quantize(model, {"global_config": {"dtype": "int4", "granularity": "per_block",
+                                                       "block_size": 32}})
+    print(qmodel.quanta_report)
+    print(quanta.plan(model, "recipe.yaml"))
+
+Plugins: ``@quanta.hookimpl`` (see ``docs/plugins.md``); lookup: ``quanta.registry``.
+"""
+
+from .config import Recipe, load_recipe
+from .errors import (
+    ConfigError,
+    DuplicatePluginError,
+    PluginContractError,
+    PluginLoadError,
+    PluginNotFoundError,
+    QuantaError,
+    QuantizationError,
+)
+from .hookspecs import hookimpl, hookspec
+from .pipeline import plan, quantize
+from .plan import Plan, PlannedLayer
+from .record import QuantizedWeight, read_record, records
+from .report import LayerReport, Report
+from .spec import Granularity, QuantDtype, QuantSpec
+from .weights import quantize_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize", "plan", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
+    "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
+    "Report", "LayerReport", "hookimpl", "hookspec",
+    "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError",
+    "DuplicatePluginError", "QuantizationError", "__version__",
+]

@@ -1,0 +1,289 @@
+"""Recipes: one config format from a dict, a YAML file or attrs objects.
+
+Also reads coremltools.optimize's config shapes unchanged (``PostTrainingQuantizerConfig``,
+``LayerwiseCompressorConfig``, ``LinearQuantizerConfig`` and ``OptimizationConfig`` /
+``OpLinearQuantizerConfig`` dicts). Everything is validated against the registry when
+loaded: unknown keys and plugin names fail with the nearest match, before any weight is
+touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+import yaml
+
+from .errors import ConfigError, PluginNotFoundError, did_you_mean
+from .spec import QuantSpec
+
+__all__ = ["Recipe", "load_recipe", "parse_layer_config", "LAYER_KEYS", "recipe_to_dict"]
+
+#: Keys of a layer config and the QuantSpec field each maps to (coremltools names included).
+LAYER_KEYS = {
+    "dtype": "dtype", "weight_dtype": "dtype",
+    "scheme": "scheme", "quantization_scheme": "scheme", "mode": "scheme",
+    "granularity": "granularity", "block_size": "block_size", "axis": "axis",
+    "observer": "observer", "weight_threshold": "weight_threshold",
+}
+#: coremltools' ``mode`` values (OpLinearQuantizerConfig) -> scheme names.
+_MODES = {"linear_symmetric": "symmetric", "linear": "affine"}
+#: Layer-config keys coremltools accepts that quanta ignores (they have one meaning only).
+_IGNORED_LAYER_KEYS = {"weight_n_bits"}
+
+_TOP_KEYS = ("algorithm", "global_config", "module_type_configs", "module_name_configs",
+             "algorithm_config", "export", "model", "data")
+_TOP_ALIASES = {"op_type_configs": "module_type_configs", "op_name_configs": "module_name_configs",
+                "calibration": "algorithm_config"}
+
+
+@attrs.frozen(kw_only=True)
+class Recipe:
+    """A validated quantization recipe.
+
+    Attributes:
+        algorithm: algorithm plugin name (``"rtn"``, ``"gptq"``, ...).
+        global_config: spec for every supported layer, or None (only typed/named layers).
+        module_type_configs: class or class name -> spec, or None to leave that type float.
+        module_name_configs: exact name, glob (``"encoder.*"``) or ``"re:<regex>"`` -> spec or None.
+        algorithm_config: instance of the algorithm's ``config_class`` (or None).
+        export: export options (``{"format": "coreml", ...}``) or None.
+        model / data: what the CLI loads (an example name or a path), or None.
+    """
+
+    algorithm: str = "rtn"
+    global_config: QuantSpec | None = None
+    module_type_configs: Mapping[Any, QuantSpec | None] = attrs.field(factory=dict)
+    module_name_configs: Mapping[str, QuantSpec | None] = attrs.field(factory=dict)
+    algorithm_config: Any = None
+    export: Mapping[str, Any] | None = None
+    model: Any = None
+    data: Any = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.global_config is None and not self.module_type_configs and not self.module_name_configs
+
+
+def _registry():
+    from quanta import registry
+
+    return registry
+
+
+def _algorithm_config_class(name: str):
+    try:
+        return _registry().get("algorithm", name).config_class
+    except PluginNotFoundError as exc:
+        raise ConfigError(str(exc), "algorithm") from None
+
+
+def parse_layer_config(raw: Any, key: str, algo_fields: set[str] | None = None, hoisted: dict | None = None) -> QuantSpec | None:
+    """Turn one layer config (dict, QuantSpec, coremltools config object or None) into a QuantSpec.
+
+    Keys that belong to the algorithm's options are moved into ``hoisted`` (only allowed when
+    ``hoisted`` is given, i.e. in ``global_config``). Raises ConfigError naming ``key``.
+    """
+    if raw is None or isinstance(raw, QuantSpec):
+        return raw
+    if attrs.has(type(raw)):
+        raw = {f.name: getattr(raw, f.name) for f in attrs.fields(type(raw)) if f.init}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"expected a mapping of layer options or null, got {type(raw).__name__}", key)
+    algo_fields = algo_fields or set()
+    kwargs: dict[str, Any] = {}
+    for k, v in raw.items():
+        path = f"{key}.{k}"
+        if k in LAYER_KEYS:
+            field = LAYER_KEYS[k]
+            if k == "mode":
+                if str(v) not in _MODES:
+                    raise ConfigError(f"unknown mode {v!r}{did_you_mean(str(v), _MODES)} (allowed: {', '.join(_MODES)})", path)
+                v = _MODES[str(v)]
+            elif field == "scheme":
+                v = str(getattr(v, "value", v))
+            if field == "block_size" and isinstance(v, (tuple, list)):
+                v = _block_size_from_tuple(v, path)
+            if field in kwargs and kwargs[field] != v:
+                raise ConfigError(f"conflicts with another key setting {field!r} ({kwargs[field]!r})", path)
+            kwargs[field] = v
+        elif k in _IGNORED_LAYER_KEYS:
+            continue
+        elif k == "algorithm" or k in algo_fields:
+            if hoisted is None:
+                raise ConfigError("algorithm options can only be set in global_config or at the top level", path)
+            hoisted[k] = v
+        else:
+            allowed = sorted(set(LAYER_KEYS) | algo_fields)
+            raise ConfigError(f"unknown key {k!r}{did_you_mean(k, allowed)} (allowed: {', '.join(allowed)})", path)
+    if str(kwargs.get("dtype", "")).lower() in ("float32", "torch.float32", "fp32"):
+        return None  # coremltools: weight_dtype float32 leaves the layer unquantized
+    try:
+        spec = QuantSpec(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), key) from None
+    _check_plugin("scheme", spec.scheme, f"{key}.scheme")
+    _check_plugin("observer", spec.observer, f"{key}.observer")
+    return spec
+
+
+def _block_size_from_tuple(value, path):
+    # coremltools' tuple form (output_block, input_block); quanta blocks the input axis only.
+    vals = list(value)
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) == 2 and vals[0] in (0, 1):
+        return vals[1]
+    raise ConfigError(f"block_size {tuple(value)!r}: only blocks along the input axis are supported (an int, or (1, n))", path)
+
+
+def _check_plugin(kind: str, name: str, key: str) -> None:
+    try:
+        _registry().get(kind, name)
+    except PluginNotFoundError as exc:
+        raise ConfigError(str(exc), key) from None
+
+
+def _type_key(k: Any, key: str) -> Any:
+    if isinstance(k, type):
+        return k
+    if isinstance(k, str) and k:
+        return k.rsplit(".", 1)[-1] if k.startswith("torch.nn.") else k
+    raise ConfigError(f"module type keys must be classes or class names, got {k!r}", key)
+
+
+def load_recipe(source: Any, *, algorithm: str | None = None) -> Recipe:
+    """Load a recipe from a Recipe, a dict, a YAML file path, or a coremltools config object.
+
+    ``algorithm`` overrides the recipe's (the coremltools adapters use it).
+    """
+    if isinstance(source, Recipe):
+        return source if algorithm is None or algorithm == source.algorithm else attrs.evolve(source, algorithm=algorithm)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {str(path)!r} does not exist")
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"recipe file {str(path)!r} must hold a mapping at the top level")
+        return _from_dict(dict(data), algorithm)
+    if source is None:
+        return _from_dict({}, algorithm)
+    if hasattr(source, "as_dict") and callable(source.as_dict):
+        return _from_dict(dict(source.as_dict()), algorithm)
+    if isinstance(source, Mapping):
+        return _from_dict(dict(source), algorithm)
+    raise ConfigError(f"cannot read a recipe from {type(source).__name__}; pass a dict, a YAML path or a Recipe")
+
+
+def _from_dict(data: dict, algorithm: str | None) -> Recipe:
+    for alias, key in _TOP_ALIASES.items():
+        if alias in data:
+            if key in data:
+                raise ConfigError(f"both {alias!r} and {key!r} given; use one", alias)
+            data[key] = data.pop(alias)
+    hoisted: dict[str, Any] = {}
+    raw_global = data.get("global_config")
+    if isinstance(raw_global, Mapping) and "algorithm" in raw_global:
+        hoisted["algorithm"] = raw_global["algorithm"]
+    algo = algorithm or data.get("algorithm") or hoisted.get("algorithm") or "rtn"
+    if not isinstance(algo, str):
+        raise ConfigError(f"expected an algorithm name, got {algo!r}", "algorithm")
+    if data.get("algorithm") and hoisted.get("algorithm") and data["algorithm"] != hoisted["algorithm"]:
+        raise ConfigError(f"global_config says {hoisted['algorithm']!r} but the recipe says {data['algorithm']!r}", "algorithm")
+    config_class = _algorithm_config_class(algo)
+    algo_fields = {f.name for f in attrs.fields(config_class) if f.init} if config_class else set()
+
+    algo_options: dict[str, Any] = {}
+    for k in list(data):
+        if k in _TOP_KEYS:
+            continue
+        if k in algo_fields:
+            algo_options[k] = data.pop(k)
+        else:
+            allowed = sorted(set(_TOP_KEYS) | set(_TOP_ALIASES) | algo_fields)
+            raise ConfigError(f"unknown key {k!r}{did_you_mean(k, allowed)} (allowed: {', '.join(allowed)})", k)
+
+    global_config = parse_layer_config(raw_global, "global_config", algo_fields, hoisted)
+    hoisted.pop("algorithm", None)
+    type_configs = {}
+    for k, v in _mapping(data.get("module_type_configs"), "module_type_configs").items():
+        type_configs[_type_key(k, "module_type_configs")] = parse_layer_config(v, f"module_type_configs.{getattr(k, '__name__', k)}")
+    name_configs = {}
+    for k, v in _mapping(data.get("module_name_configs"), "module_name_configs").items():
+        if not isinstance(k, str):
+            raise ConfigError(f"module names must be strings, got {k!r}", "module_name_configs")
+        name_configs[k] = parse_layer_config(v, f"module_name_configs.{k}")
+    if global_config is None and not type_configs and not name_configs and "global_config" not in data:
+        global_config = QuantSpec()  # coremltools: an empty config quantizes everything with defaults
+
+    explicit = data.get("algorithm_config") or {}
+    if attrs.has(type(explicit)):
+        explicit = attrs.asdict(explicit, recurse=False)
+    if not isinstance(explicit, Mapping):
+        raise ConfigError("expected a mapping", "algorithm_config")
+    options = {**hoisted, **algo_options, **explicit}
+    algorithm_config = None
+    if config_class is not None:
+        unknown = [k for k in options if k not in algo_fields]
+        if unknown:
+            k = unknown[0]
+            raise ConfigError(f"unknown option {k!r} for algorithm {algo!r}{did_you_mean(k, algo_fields)} "
+                              f"(allowed: {', '.join(sorted(algo_fields))})", f"algorithm_config.{k}")
+        try:
+            algorithm_config = config_class(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc), "algorithm_config") from None
+    elif options:
+        raise ConfigError(f"algorithm {algo!r} takes no options (got {', '.join(options)})", "algorithm_config")
+
+    export = data.get("export")
+    if export is not None:
+        if not isinstance(export, Mapping):
+            raise ConfigError("expected a mapping such as {format: coreml}", "export")
+        export = dict(export)
+        fmt = export.get("format", "coreml")
+        try:
+            _registry().get("exporter", fmt)
+        except PluginNotFoundError as exc:
+            raise ConfigError(str(exc), "export.format") from None
+    return Recipe(algorithm=algo, global_config=global_config, module_type_configs=type_configs,
+                  module_name_configs=name_configs, algorithm_config=algorithm_config, export=export,
+                  model=data.get("model"), data=data.get("data"))
+
+
+def _mapping(value: Any, key: str) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping, got {type(value).__name__}", key)
+    return value
+
+
+def _spec_to_dict(spec: QuantSpec | None):
+    if spec is None:
+        return None
+    out = {}
+    for f in attrs.fields(QuantSpec):
+        v = getattr(spec, f.name)
+        if v != f.default:
+            out[f.name] = str(v) if f.name in ("dtype", "granularity") else v
+    return out
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """A plain dict that :func:`load_recipe` reads back to an equal Recipe (YAML-safe for named types)."""
+    out: dict[str, Any] = {"algorithm": recipe.algorithm, "global_config": _spec_to_dict(recipe.global_config)}
+    if recipe.module_type_configs:
+        out["module_type_configs"] = {getattr(k, "__name__", k): _spec_to_dict(v) for k, v in recipe.module_type_configs.items()}
+    if recipe.module_name_configs:
+        out["module_name_configs"] = {k: _spec_to_dict(v) for k, v in recipe.module_name_configs.items()}
+    if recipe.algorithm_config is not None:
+        out["algorithm_config"] = attrs.asdict(recipe.algorithm_config)
+    for k in ("export", "model", "data"):
+        if getattr(recipe, k) is not None:
+            out[k] = getattr(recipe, k)
+    return out

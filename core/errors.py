@@ -1,0 +1,85 @@
+"""Exceptions raised by quanta. Every message names the key, layer or plugin at fault."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+__all__ = [
+    "QuantaError",
+    "ConfigError",
+    "PluginNotFoundError",
+    "PluginLoadError",
+    "PluginContractError",
+    "DuplicatePluginError",
+    "QuantizationError",
+    "nearest",
+    "did_you_mean",
+]
+
+
+def nearest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Return up to ``n`` candidates closest to ``word`` (difflib ratio, best first)."""
+    cands = [str(c) for c in candidates]
+    lowered = {c.lower(): c for c in cands}
+    hits = difflib.get_close_matches(str(word).lower(), list(lowered), n=n, cutoff=0.5)
+    return [lowered[h] for h in hits]
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """A sentence suffix such as ``"; did you mean 'gptq'?"`` or ``""`` when nothing is close."""
+    hits = nearest(word, candidates, n=1)
+    return f"; did you mean {hits[0]!r}?" if hits else ""
+
+
+class QuantaError(Exception):
+    """Base class of every error quanta raises on purpose."""
+
+
+class ConfigError(QuantaError, ValueError):
+    """A recipe or layer config is invalid. ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, message: str, key: str | None = None):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class PluginNotFoundError(QuantaError, KeyError):
+    """No plugin of the given kind has that name. The message lists the nearest names."""
+
+    def __init__(self, kind: str, name: str, available: Iterable[str]):
+        self.kind, self.name = kind, name
+        self.available = sorted(available)
+        self.message = (
+            f"no {kind} plugin named {name!r}{did_you_mean(name, self.available)} "
+            f"(available: {', '.join(self.available) or 'none'})"
+        )
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return self.message
+
+
+class PluginLoadError(QuantaError):
+    """A plugin failed to import or to register. Names the entry point and distribution."""
+
+    def __init__(self, plugin: str, distribution: str | None, error: BaseException | str):
+        self.plugin, self.distribution, self.error = plugin, distribution, error
+        where = f" (distribution {distribution})" if distribution else ""
+        super().__init__(f"plugin {plugin!r}{where} failed to load: {error}")
+
+
+class PluginContractError(QuantaError, TypeError):
+    """A plugin's contribution breaks its kind's contract (missing name, method, ...)."""
+
+
+class DuplicatePluginError(PluginContractError):
+    """Two plugins registered the same (kind, name); names both distributions."""
+
+
+class QuantizationError(QuantaError, ValueError):
+    """A weight or layer cannot be quantized as asked (NaN weights, bad block size, ...)."""
+
+    def __init__(self, message: str, layer: str | None = None):
+        self.layer = layer
+        super().__init__(f"layer {layer!r}: {message}" if layer else message)

@@ -1,0 +1,12 @@
+"""Built-in quanta plugins. Each module registers through the same hooks third parties use.
+
+``BUILTIN_PLUGINS`` is the only list of them; the registry imports each module and
+registers it as an ordinary pluggy plugin.
+"""
+
+BUILTIN_PLUGINS = (
+    "quanta.plugins.schemes",
+    "quanta.plugins.observers",
+    "quanta.plugins.torch_backend",
+    "quanta.plugins.rtn",
+)

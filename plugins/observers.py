@@ -1,0 +1,95 @@
+"""Built-in weight observers: ``minmax``, ``mse`` (clip search) and ``percentile``."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import quanta
+from quanta.plugin import Observer
+
+__all__ = ["MinMaxObserver", "MSEObserver", "PercentileObserver"]
+
+
+class MinMaxObserver(Observer):
+    """The exact minimum and maximum of each group (what coremltools uses)."""
+
+    name = "minmax"
+    description = "exact per-group minimum and maximum (coremltools' behaviour)"
+
+    def observe(self, values, spec, scheme):
+        lo, hi = torch.aminmax(values, dim=1)
+        return lo, hi
+
+
+@attrs.frozen(kw_only=True)
+class MSEConfig:
+    """Options of the ``mse`` observer."""
+
+    grid: int = attrs.field(default=40, metadata={"doc": "number of shrink factors tried between min_ratio and 1"})
+    min_ratio: float = attrs.field(default=0.5, metadata={"doc": "smallest fraction of the min/max range tried"})
+    norm: float = attrs.field(default=2.0, metadata={"doc": "error exponent (2 = mean squared error)"})
+
+
+class MSEObserver(Observer):
+    """Shrinks each group's range by the factor (from a grid) that minimises its quantization error."""
+
+    name = "mse"
+    description = "clip search: per-group range shrink minimising the quantization error"
+    config_class = MSEConfig
+
+    def __init__(self, config: MSEConfig | None = None):
+        self.config = config or MSEConfig()
+
+    def observe(self, values, spec, scheme):
+        cfg = self.config
+        lo, hi = torch.aminmax(values, dim=1)
+        best_err = torch.full_like(lo, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for i in range(cfg.grid + 1):  # a loop over candidates, each step vectorised over all groups
+            ratio = 1.0 - (1.0 - cfg.min_ratio) * i / cfg.grid
+            c_lo, c_hi = lo * ratio, hi * ratio
+            scale, zp = scheme.qparams(c_lo, c_hi, spec.dtype)
+            scale2 = scale[:, None]
+            zp2 = None if zp is None else zp[:, None]
+            deq = scheme.dequantize(scheme.quantize(values, scale2, zp2, spec.dtype), scale2, zp2)
+            err = (deq - values).abs().pow(cfg.norm).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, c_lo, best_lo)
+            best_hi = torch.where(better, c_hi, best_hi)
+        return best_lo, best_hi
+
+
+@attrs.frozen(kw_only=True)
+class PercentileConfig:
+    """Options of the ``percentile`` observer."""
+
+    percentile: float = attrs.field(default=99.99, metadata={"doc": "upper percentile of each group kept (0-100)"})
+
+
+class PercentileObserver(Observer):
+    """Clips each group to its [100 - p, p] percentiles (robust to outliers)."""
+
+    name = "percentile"
+    description = "per-group [100-p, p] percentile range, robust to outliers"
+    config_class = PercentileConfig
+
+    def __init__(self, config: PercentileConfig | None = None):
+        self.config = config or PercentileConfig()
+
+    def observe(self, values, spec, scheme):
+        k = values.shape[1]
+        q = self.config.percentile / 100.0
+        hi_idx = min(k, max(1, int(round(q * k))))
+        lo_idx = max(1, k + 1 - hi_idx)
+        lo = values.kthvalue(lo_idx, dim=1).values
+        hi = values.kthvalue(hi_idx, dim=1).values
+        return lo, hi
+
+
+@quanta.hookimpl
+def register_observers(register):
+    register(MinMaxObserver())
+    register(MSEObserver())
+    register(PercentileObserver())

@@ -1,0 +1,28 @@
+"""Algorithm ``rtn``: data-free round-to-nearest weight quantization (coremltools' PostTrainingQuantizer)."""
+
+from __future__ import annotations
+
+import torch
+
+import quanta
+from quanta.plugin import Algorithm
+
+__all__ = ["RTN"]
+
+
+class RTN(Algorithm):
+    """Quantize every planned weight independently from its own values; no data needed."""
+
+    name = "rtn"
+    description = "data-free round-to-nearest weight quantization (per-tensor/channel/block)"
+    needs_data = False
+
+    def run(self, model, plan, data, context) -> None:
+        with torch.no_grad():
+            for layer in plan.selected:
+                context.quantize_layer(model, layer)
+
+
+@quanta.hookimpl
+def register_algorithms(register):
+    register(RTN())

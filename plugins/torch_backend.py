@@ -1,0 +1,101 @@
+"""Backend ``torch``: quantizable weights of a ``torch.nn.Module``.
+
+Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d (output axis 1), Embedding, and the input
+projections of MultiheadAttention (its ``out_proj`` is a Linear). Records are stored on
+the modules as buffers (see ``quanta.record``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import quanta
+from quanta.plugin import Backend, Unit
+from quanta.record import attach_record
+
+__all__ = ["TorchBackend", "SUPPORTED_TYPES"]
+
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CONV_T, nn.Embedding, nn.MultiheadAttention)
+_MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _mro_names(module: nn.Module) -> list[str]:
+    return [c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object)]
+
+
+class TorchBackend(Backend):
+    """Enumerates and rewrites the weights of PyTorch modules."""
+
+    name = "torch"
+    description = "PyTorch nn.Module: Linear, Conv*, ConvTranspose*, Embedding, MultiheadAttention"
+
+    def accepts(self, model) -> bool:
+        return isinstance(model, nn.Module)
+
+    def units(self, model: nn.Module) -> list[Unit]:
+        out = []
+        for name, module in model.named_modules():
+            if not isinstance(module, SUPPORTED_TYPES):
+                continue
+            mro = _mro_names(module)
+            if isinstance(module, nn.MultiheadAttention):
+                for param in _MHA_PARAMS:
+                    w = getattr(module, param, None)
+                    if isinstance(w, torch.Tensor):
+                        out.append(Unit(f"{name}.{param}" if name else param, type(module).__name__, mro, param,
+                                        w.shape, 0, 1, module))
+                continue
+            w = getattr(module, "weight", None)
+            if not isinstance(w, torch.Tensor):
+                continue
+            if isinstance(module, _CONV_T):
+                out.append(Unit(name, type(module).__name__, mro, "weight", w.shape, 1, 0, module))
+            else:
+                out.append(Unit(name, type(module).__name__, mro, "weight", w.shape, 0, 1, module))
+        return out
+
+    def module_names(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_modules() if n]
+
+    def type_names(self, model: nn.Module) -> set[str]:
+        return {t for _, m in model.named_modules() for t in _mro_names(m)}
+
+    def copy(self, model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model)
+
+    def read_weight(self, model, unit: Unit) -> torch.Tensor:
+        return getattr(unit.handle, unit.param).detach()
+
+    def write(self, model, unit: Unit, record) -> None:
+        attach_record(unit.handle, unit.param, record)
+
+    def snapshot(self, model, units):
+        """Clones of the weights about to change, and each module's record state."""
+        saved = []
+        for u in units:
+            m = u.handle
+            buffers = {k: v for k, v in m._buffers.items() if k.startswith(u.param + "_quanta_")}
+            saved.append((m, u.param, getattr(m, u.param).detach().clone(), dict(buffers),
+                          dict(getattr(m, "_quanta_meta", {}))))
+        return saved
+
+    def restore(self, model, snapshot) -> None:
+        for m, param, weight, buffers, meta in snapshot:
+            with torch.no_grad():
+                getattr(m, param).copy_(weight)
+            for k in [k for k in m._buffers if k.startswith(param + "_quanta_")]:
+                del m._buffers[k]
+            m._buffers.update(buffers)
+            if meta:
+                m._quanta_meta = meta
+            elif hasattr(m, "_quanta_meta"):
+                del m._quanta_meta
+
+
+@quanta.hookimpl
+def register_backends(register):
+    register(TorchBackend())

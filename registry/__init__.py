@@ -1,0 +1,79 @@
+"""``quanta.registry``: look plugins up by kind and name, register and list them.
+
+The module-level functions act on one process-wide :class:`Registry`, loaded lazily on
+first use (built-ins first, then the ``quanta`` entry-point group).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .manager import ENTRY_POINT_GROUP, KINDS, FieldInfo, PluginEntry, PluginFailure, Registry
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "KINDS", "FieldInfo", "PluginEntry", "PluginFailure", "Registry",
+    "default", "reset", "names", "get", "entries", "describe", "failures",
+    "register_plugin", "unregister_plugin", "plugin", "hook",
+]
+
+_default: Registry | None = None
+
+
+def default() -> Registry:
+    """The process-wide registry (created on first call)."""
+    global _default
+    if _default is None:
+        _default = Registry()
+    return _default
+
+
+def reset() -> Registry:
+    """Drop the process-wide registry so the next lookup reloads plugins (tests, env changes)."""
+    global _default
+    _default = None
+    return default()
+
+
+def names(kind: str) -> list[str]:
+    """Sorted plugin names of ``kind`` ("scheme", "observer", "algorithm", "backend", "exporter")."""
+    return default().names(kind)
+
+
+def get(kind: str, name: str) -> PluginEntry:
+    """The :class:`PluginEntry` for ``(kind, name)``; raises ``PluginNotFoundError`` (a KeyError)."""
+    return default().get(kind, name)
+
+
+def entries(kind: str | None = None) -> list[PluginEntry]:
+    """Every entry, or those of one kind."""
+    return default().entries(kind)
+
+
+def describe(kind: str, name: str) -> list[FieldInfo]:
+    """Config fields (name, type, default, doc) of one plugin."""
+    return default().describe(kind, name)
+
+
+def failures() -> list[PluginFailure]:
+    """Plugins that failed to load, with their entry point, distribution and error."""
+    return default().failures()
+
+
+def register_plugin(obj: Any, name: str | None = None) -> str:
+    """Register an in-process plugin object; returns its plugin name."""
+    return default().add_plugin(obj, name=name)
+
+
+def unregister_plugin(obj_or_name: Any) -> None:
+    """Remove an in-process plugin and its contributions."""
+    default().remove_plugin(obj_or_name)
+
+
+def plugin(obj: Any, name: str | None = None):
+    """Context manager registering ``obj`` for the duration of a block."""
+    return default().plugin(obj, name=name)
+
+
+def hook():
+    """The pluggy hook relay of the default registry (fire event hooks through it)."""
+    return default().hook
