@@ -21,6 +21,7 @@ from .errors import (
     QuantaError,
     QuantizationError,
 )
+from .export import export, verify
 from .hookspecs import hookimpl, hookspec
 from .pipeline import plan, quantize
 from .plan import Plan, PlannedLayer
@@ -32,7 +33,7 @@ from .weights import quantize_weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "plan", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
+    "quantize", "plan", "export", "verify", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
     "Report", "LayerReport", "hookimpl", "hookspec",
     "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError",

@@ -1,0 +1,40 @@
+"""``quanta.compat``: coremltools.optimize's names over quanta's own API.
+
+Port coremltools code by changing only its imports::
+
+    from quanta.compat import PostTrainingQuantizer, PostTrainingQuantizerConfig
+    import quanta.compat as cto            # cto.coreml.linear_quantize_weights(...)
+
+No logic lives here: each class translates its config to a quanta recipe and calls
+``quanta.quantize`` (or ``quanta.Quantizer``). Names resolve lazily from the submodules below.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_NAMES = {
+    # data-free PTQ (coremltools.optimize.torch.quantization)
+    "PostTrainingQuantizer": "ptq", "PostTrainingQuantizerConfig": "ptq",
+    "ModulePostTrainingQuantizerConfig": "ptq", "QuantizationScheme": "ptq",
+    # GPTQ (coremltools.optimize.torch.layerwise_compression)
+    "LayerwiseCompressor": "gptq", "LayerwiseCompressorConfig": "gptq", "ModuleGPTQConfig": "gptq",
+    # QAT / W8A8 calibration (coremltools.optimize.torch.quantization)
+    "LinearQuantizer": "qat", "LinearQuantizerConfig": "qat", "ModuleLinearQuantizerConfig": "qat",
+}
+_SUBMODULES = ("coreml", "torch", "ptq", "gptq", "qat")
+
+__all__ = sorted(_NAMES) + ["coreml"]
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        module = importlib.import_module(f"{__name__}.{_NAMES[name]}")
+        return getattr(module, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
