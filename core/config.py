@@ -34,7 +34,8 @@ _MODES = {"linear_symmetric": "symmetric", "linear": "affine"}
 _IGNORED_LAYER_KEYS = {"weight_n_bits"}
 
 _TOP_KEYS = ("algorithm", "global_config", "module_type_configs", "module_name_configs",
-             "algorithm_config", "export", "model", "data")
+             "algorithm_config", "on_unsupported_layer", "export", "model", "data")
+_ON_UNSUPPORTED = ("error", "skip")
 _TOP_ALIASES = {"op_type_configs": "module_type_configs", "op_name_configs": "module_name_configs",
                 "calibration": "algorithm_config"}
 
@@ -50,6 +51,9 @@ class Recipe:
         module_name_configs: exact name, glob (``"encoder.*"``) or ``"re:<regex>"`` -> spec or None.
         algorithm_config: instance of the algorithm's ``config_class`` (or None).
         export: export options (``{"format": "coreml", ...}``) or None.
+        on_unsupported_layer: ``"error"`` (default) fails when a spec cannot apply to a layer
+            (e.g. a block size that does not divide it); ``"skip"`` leaves such layers float,
+            with a warning and a line in the report (coremltools' behaviour, used by quanta.compat).
         model / data: what the CLI loads (an example name or a path), or None.
     """
 
@@ -58,6 +62,7 @@ class Recipe:
     module_type_configs: Mapping[Any, QuantSpec | None] = attrs.field(factory=dict)
     module_name_configs: Mapping[str, QuantSpec | None] = attrs.field(factory=dict)
     algorithm_config: Any = None
+    on_unsupported_layer: str = "error"
     export: Mapping[str, Any] | None = None
     model: Any = None
     data: Any = None
@@ -250,8 +255,12 @@ def _from_dict(data: dict, algorithm: str | None) -> Recipe:
             _registry().get("exporter", fmt)
         except PluginNotFoundError as exc:
             raise ConfigError(str(exc), "export.format") from None
+    on_unsupported = data.get("on_unsupported_layer", "error")
+    if on_unsupported not in _ON_UNSUPPORTED:
+        raise ConfigError(f"must be one of {', '.join(_ON_UNSUPPORTED)}, got {on_unsupported!r}", "on_unsupported_layer")
     return Recipe(algorithm=algo, global_config=global_config, module_type_configs=type_configs,
-                  module_name_configs=name_configs, algorithm_config=algorithm_config, export=export,
+                  module_name_configs=name_configs, algorithm_config=algorithm_config,
+                  on_unsupported_layer=on_unsupported, export=export,
                   model=data.get("model"), data=data.get("data"))
 
 
@@ -283,6 +292,8 @@ def recipe_to_dict(recipe: Recipe) -> dict:
         out["module_name_configs"] = {k: _spec_to_dict(v) for k, v in recipe.module_name_configs.items()}
     if recipe.algorithm_config is not None:
         out["algorithm_config"] = attrs.asdict(recipe.algorithm_config)
+    if recipe.on_unsupported_layer != "error":
+        out["on_unsupported_layer"] = recipe.on_unsupported_layer
     for k in ("export", "model", "data"):
         if getattr(recipe, k) is not None:
             out[k] = getattr(recipe, k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -128,6 +129,9 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     else:
         target, snapshot = impl.copy(model), None
         the_plan = _plan(target, recipe, backend_entry)  # units must point into the copy
+    for p in the_plan.layers:
+        if p.spec is None and p.reason.startswith("unsupported"):
+            warnings.warn(f"layer {p.name!r}: {p.reason}", stacklevel=2)
     report = Report(algorithm=recipe.algorithm,
                     skipped=[(p.name, p.reason) for p in the_plan.layers if p.spec is None])
     ctx = RunContext(recipe, impl, the_plan, report, device=device)

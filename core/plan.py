@@ -125,7 +125,12 @@ def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_n
             try:
                 spec.block_sizes(unit.shape, unit.channel_axis, unit.input_axis, unit.name)
             except QuantizationError as exc:
-                raise QuantizationError(f"{str(exc).split(': ', 1)[1]} (spec from {reason})", unit.name) from None
+                why = f"{str(exc).split(': ', 1)[1]} (spec from {reason})"
+                if recipe.on_unsupported_layer == "skip":
+                    layers.append(PlannedLayer(unit=unit, spec=None, reason=f"unsupported, left float: {why}"))
+                    continue
+                raise QuantizationError(why + "; set on_unsupported_layer: skip to leave such layers float",
+                                        unit.name) from None
         layers.append(PlannedLayer(unit=unit, spec=spec, reason=reason if spec is not None else f"{reason} is null"
                                    if reason != "no config applies" else reason))
     return Plan(algorithm=recipe.algorithm, backend=backend, layers=tuple(layers))

@@ -1,0 +1,141 @@
+"""coremltools' ``PostTrainingQuantizer`` names over ``quanta.quantize`` (algorithm ``rtn``)."""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+import yaml
+
+from ..config import load_recipe
+from ..pipeline import quantize
+
+__all__ = ["QuantizationScheme", "ModulePostTrainingQuantizerConfig", "PostTrainingQuantizerConfig",
+           "PostTrainingQuantizer", "annotate_for_coreml"]
+
+
+class QuantizationScheme(str, enum.Enum):
+    """coremltools' scheme enum: ``symmetric`` or ``affine``."""
+
+    symmetric = "symmetric"
+    affine = "affine"
+
+
+def _scheme(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+@attrs.define(kw_only=True)
+class ModulePostTrainingQuantizerConfig:
+    """Per-module options, as coremltools names them (``weight_dtype``, ``granularity``,
+    ``quantization_scheme``, ``block_size``). Validated when the quantizer builds its recipe."""
+
+    weight_dtype: Any = "int8"
+    granularity: Any = "per_channel"
+    quantization_scheme: Any = attrs.field(default="symmetric", converter=_scheme)
+    block_size: Any = None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> "ModulePostTrainingQuantizerConfig":
+        return cls(**config_dict)
+
+    def as_layer_dict(self) -> dict:
+        out = {"weight_dtype": self.weight_dtype, "granularity": self.granularity,
+               "quantization_scheme": self.quantization_scheme}
+        if self.block_size is not None:
+            out["block_size"] = self.block_size
+        return out
+
+
+def _layer(value: Any):
+    if value is None:
+        return None
+    if isinstance(value, ModulePostTrainingQuantizerConfig):
+        return value.as_layer_dict()
+    return dict(value)
+
+
+@attrs.define(kw_only=True)
+class PostTrainingQuantizerConfig:
+    """``global_config``, ``module_type_configs`` (class or class name keys) and ``module_name_configs``."""
+
+    global_config: Any = None
+    module_type_configs: dict = attrs.field(factory=OrderedDict)
+    module_name_configs: dict = attrs.field(factory=OrderedDict)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> "PostTrainingQuantizerConfig":
+        """Build from coremltools' dict shape. Unknown keys fail (with the nearest key) when the
+        recipe is loaded; this checks the top level at once."""
+        data = dict(config_dict)
+        cfg = cls(global_config=data.pop("global_config", None),
+                  module_type_configs=dict(data.pop("module_type_configs", {}) or {}),
+                  module_name_configs=dict(data.pop("module_name_configs", {}) or {}))
+        if data:
+            load_recipe({**data, **cfg.as_dict()})  # raises ConfigError naming the unknown key
+        cfg.to_recipe()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path) -> "PostTrainingQuantizerConfig":
+        """Read the same shape from a YAML file."""
+        with open(path) as fh:
+            return cls.from_dict(yaml.safe_load(fh) or {})
+
+    def as_dict(self) -> dict:
+        out: dict[str, Any] = {"global_config": _layer(self.global_config)}
+        if self.global_config is None and not self.module_type_configs and not self.module_name_configs:
+            out["global_config"] = {}
+        if self.module_type_configs:
+            out["module_type_configs"] = {k: _layer(v) for k, v in self.module_type_configs.items()}
+        if self.module_name_configs:
+            out["module_name_configs"] = {k: _layer(v) for k, v in self.module_name_configs.items()}
+        return out
+
+    def to_recipe(self):
+        """The equivalent quanta :class:`~quanta.Recipe` (algorithm ``rtn``)."""
+        # coremltools leaves layers a spec cannot apply to in float (with a warning): so does compat.
+        return load_recipe({**self.as_dict(), "on_unsupported_layer": "skip"}, algorithm="rtn")
+
+
+def annotate_for_coreml(model):
+    """Let plain ``ct.convert`` see quanta's records (adds the Core ML exporter's metadata), if
+    the ``coreml`` exporter plugin is installed; returns ``model``."""
+    from quanta import registry
+
+    if "coreml" in registry.names("exporter"):
+        annotate = getattr(registry.get("exporter", "coreml").obj, "annotate", None)
+        if annotate is not None:
+            annotate(model)
+    return model
+
+
+class PostTrainingQuantizer:
+    """``PostTrainingQuantizer(model, config).compress(inplace=False)``, as in coremltools.
+
+    The returned model computes with the dequantized weights, carries quanta records, and
+    converts with plain ``ct.convert(..., minimum_deployment_target=iOS16+)`` keeping them.
+    """
+
+    def __init__(self, model, config: PostTrainingQuantizerConfig | dict | None = None):
+        if config is None:
+            config = PostTrainingQuantizerConfig()
+        elif isinstance(config, dict):
+            config = PostTrainingQuantizerConfig.from_dict(config)
+        self._model = model
+        self._config = config
+        self._recipe = config.to_recipe()
+        self._result = None
+
+    def compress(self, inplace: bool = False, **_ignored):
+        """Quantize and return the model (a copy unless ``inplace``)."""
+        self._result = quantize(self._model, self._recipe, inplace=inplace)
+        return annotate_for_coreml(self._result)
+
+    def report(self):
+        """The quanta :class:`~quanta.Report` of the last ``compress()``."""
+        if self._result is None:
+            raise RuntimeError("call compress() first")
+        return self._result.quanta_report
