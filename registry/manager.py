@@ -186,7 +186,7 @@ class Registry:
         """Unregister a plugin and every contribution it made."""
         with self._lock:
             obj = self.pm.get_plugin(obj_or_name) if isinstance(obj_or_name, str) else obj_or_name
-            if obj is None:
+            if obj is None or not self.pm.is_registered(obj):
                 return
             name = self.pm.get_name(obj)
             for kind in KINDS:

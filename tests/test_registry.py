@@ -1,0 +1,228 @@
+"""The registry: lookup, suggestions, describe, duplicates, contract checks, isolation, env control."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+import quanta
+from quanta import hookspecs, registry
+from quanta.errors import DuplicatePluginError, PluginContractError, PluginNotFoundError
+from quanta.plugins.schemes import SymmetricScheme
+from quanta.registry import Registry
+
+DOCS = Path(__file__).parent.parent / "docs" / "plugins.md"
+
+
+def test_builtins_are_registered_through_hooks():
+    assert {"symmetric", "affine"} <= set(registry.names("scheme"))
+    assert {"minmax", "mse", "percentile"} <= set(registry.names("observer"))
+    assert "rtn" in registry.names("algorithm")
+    assert "torch" in registry.names("backend")
+    entry = registry.get("scheme", "symmetric")
+    assert entry.distribution == "quanta" and entry.plugin == "quanta.plugins.schemes"
+    assert entry.description and entry.kind == "scheme"
+
+
+def test_unknown_name_is_a_key_error_with_nearest_names():
+    with pytest.raises(KeyError) as info:
+        registry.get("scheme", "afine")
+    assert isinstance(info.value, PluginNotFoundError)
+    assert "did you mean 'affine'" in str(info.value) and "available: affine, symmetric" in str(info.value)
+    with pytest.raises(PluginNotFoundError, match="did you mean 'scheme'"):
+        registry.names("schem")
+
+
+def test_describe_lists_config_fields():
+    fields = {f.name: f for f in registry.describe("observer", "mse")}
+    assert fields["grid"].default == "40" and fields["grid"].type == "int" and fields["grid"].doc
+    assert registry.describe("scheme", "symmetric") == []
+
+
+class _Pow3(SymmetricScheme):
+    name = "pow3"
+    description = "test scheme"
+
+
+class _SchemePlugin:
+    def __init__(self, *schemes):
+        self.schemes = schemes
+
+    @quanta.hookimpl
+    def register_schemes(self, register):
+        for s in self.schemes:
+            register(s)
+
+
+def test_in_process_plugin_registers_and_unregisters(register_plugin):
+    register_plugin(_SchemePlugin(_Pow3()), name="pow3-plugin")
+    assert registry.get("scheme", "pow3").plugin == "pow3-plugin"
+    registry.unregister_plugin("pow3-plugin")
+    assert "pow3" not in registry.names("scheme")
+
+
+def test_duplicate_name_is_refused_naming_both(register_plugin):
+    class Dup(SymmetricScheme):
+        description = "a second symmetric"
+
+    with pytest.raises(DuplicatePluginError, match=r"'symmetric'.*dup-plugin.*quanta\.plugins\.schemes.*distribution quanta"):
+        register_plugin(_SchemePlugin(Dup()), name="dup-plugin")
+    assert registry.get("scheme", "symmetric").plugin == "quanta.plugins.schemes"
+    assert "dup-plugin" not in [registry.default().pm.get_name(p) for p in registry.default().pm.get_plugins()]
+
+
+@pytest.mark.parametrize("contribution,pattern", [
+    (object(), "without a valid 'name'"),
+    (type("NoDesc", (), {"name": "x1", "description": ""})(), "needs a one-line 'description'"),
+    (type("NoMethods", (), {"name": "x2", "description": "d"})(), "lacks required method"),
+    (type("BadCfg", (SymmetricScheme,), {"name": "x3", "description": "d", "config_class": dict})(), "attrs class"),
+])
+def test_contract_violations_roll_back_the_whole_plugin(contribution, pattern):
+    plugin = _SchemePlugin(_Pow3(), contribution)
+    with pytest.raises(PluginContractError, match=pattern):
+        registry.register_plugin(plugin)
+    assert "pow3" not in registry.names("scheme")
+
+
+def test_event_hooks_fire_during_quantize(register_plugin, small_model):
+    seen = []
+
+    class Listener:
+        @quanta.hookimpl
+        def run_started(self, algorithm, plan):
+            seen.append(("start", algorithm, len(plan.selected)))
+
+        @quanta.hookimpl
+        def layer_quantized(self, name, record, stats):
+            seen.append(("layer", name, stats.index, stats.total))
+
+        @quanta.hookimpl
+        def run_finished(self, report):
+            seen.append(("finish", len(report.layers)))
+
+    register_plugin(Listener())
+    quanta.quantize(small_model, {"global_config": {}})
+    assert seen[0] == ("start", "rtn", 3) and seen[-1] == ("finish", 3)
+    assert [s[1:] for s in seen[1:-1]] == [("0", 1, 3), ("3", 2, 3), ("5", 3, 3)]
+
+
+def test_autoload_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("QUANTA_DISABLE_PLUGIN_AUTOLOAD", "1")
+    reg = Registry()
+    assert reg.names("scheme") == ["affine", "symmetric"]
+    assert reg.failures() == []
+
+
+def test_hook_specs_are_documented_and_contracts_written():
+    text = DOCS.read_text()
+    specs = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
+             if hasattr(f, hookspecs.PROJECT + "_spec")]
+    assert len(specs) == 8
+    for name in specs:
+        func = getattr(hookspecs, name)
+        assert func.__doc__ and len(func.__doc__.strip()) > 40, name
+        signature = f"{name}{inspect.signature(func)}"
+        assert re.search(rf"^### `{re.escape(signature)}`", text, re.M), f"docs/plugins.md lacks a heading for {signature}"
+
+
+def test_every_hook_is_exercised_by_a_test():
+    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    for name in hookspecs.REGISTRATION_HOOKS:
+        assert f"def {name}(" in tests or name in tests, name
+    for name in ("run_started", "layer_quantized", "run_finished"):
+        assert f"def {name}(" in tests, name
+
+
+def test_hookimpl_is_reexported():
+    assert quanta.hookimpl is hookspecs.hookimpl
+
+
+def test_record_survives_state_dict_and_deepcopy(small_model):
+    import copy
+
+    q = quanta.quantize(small_model, {"global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 4}})
+    rec = quanta.records(q)["3.weight"]
+    clone = copy.deepcopy(q)
+    assert torch.equal(quanta.records(clone)["3.weight"].codes, rec.codes)
+    assert "3.weight_quanta_codes" in q.state_dict()
+    assert torch.equal(q[3].weight, rec.dequantize())
+
+
+class _AllKinds:
+    """One in-process plugin contributing to every registration hook, each a working implementation."""
+
+    @quanta.hookimpl
+    def register_schemes(self, register):
+        register(_Pow3())
+
+    @quanta.hookimpl
+    def register_observers(self, register):
+        class HalfRange(quanta.plugin.Observer):
+            name, description = "half_range", "clips every group to half its min/max range"
+
+            def observe(self, values, spec, scheme):
+                lo, hi = torch.aminmax(values, dim=1)
+                return lo / 2, hi / 2
+
+        register(HalfRange())
+
+    @quanta.hookimpl
+    def register_algorithms(self, register):
+        @attrs.frozen(kw_only=True)
+        class FirstNConfig:
+            n: int = attrs.field(default=1, metadata={"doc": "how many layers to quantize"})
+
+        class FirstN(quanta.plugin.Algorithm):
+            name, description, config_class = "first_n", "round-to-nearest on the first n planned layers", FirstNConfig
+
+            def run(self, model, plan, data, context):
+                for layer in plan.selected[: context.config.n]:
+                    context.quantize_layer(model, layer)
+
+        register(FirstN())
+
+    @quanta.hookimpl
+    def register_backends(self, register):
+        from quanta.plugins.torch_backend import TorchBackend
+
+        class ScriptedBackend(TorchBackend):
+            name, description = "torch_subset", "torch backend restricted to Linear layers"
+
+            def accepts(self, model):
+                return False  # only when asked for by name
+
+            def units(self, model):
+                return [u for u in super().units(model) if u.module_type == "Linear"]
+
+        register(ScriptedBackend())
+
+    @quanta.hookimpl
+    def register_exporters(self, register):
+        class CodesExporter(quanta.plugin.Exporter):
+            name, description, suffix = "codes_pt", "torch.save of every record's codes and scales", ".codes.pt"
+
+            def export(self, model, path, example_inputs=None, **options):
+                torch.save({k: (r.codes, r.scale) for k, r in quanta.records(model).items()}, path)
+                return str(path)
+
+        register(CodesExporter())
+
+
+def test_one_plugin_contributes_every_kind(register_plugin, small_model, tmp_path):
+    register_plugin(_AllKinds(), name="all-kinds")
+    assert {e.name for e in registry.entries() if e.plugin == "all-kinds"} == {
+        "pow3", "half_range", "first_n", "torch_subset", "codes_pt"}
+    q = quanta.quantize(small_model, {"algorithm": "first_n", "n": 1,
+                                      "global_config": {"observer": "half_range", "scheme": "pow3"}},
+                        backend="torch_subset")
+    assert list(quanta.records(q)) == ["3.weight"]  # the conv is not a unit of torch_subset; n=1
+    rec = quanta.records(q)["3.weight"]
+    assert float(rec.dequantize().abs().max()) <= float(small_model[3].weight.abs().max()) / 2 + 1e-6
+    path = quanta.export(q, tmp_path / "m.codes.pt", format="codes_pt")
+    assert torch.equal(torch.load(path)["3.weight"][0], rec.codes)
+    assert [f.name for f in registry.describe("algorithm", "first_n")] == ["n"]
