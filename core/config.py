@@ -128,7 +128,11 @@ def parse_layer_config(raw: Any, key: str, algo_fields: set[str] | None = None, 
     try:
         spec = QuantSpec(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(str(exc), key) from None
+        # Name the key as the user wrote it (weight_dtype, quantization_scheme, ...).
+        field = exc.key or ""
+        written = next((k for k in raw if LAYER_KEYS.get(k) == field), field)
+        message = str(exc).split(": ", 1)[1] if exc.key else str(exc)
+        raise ConfigError(message, f"{key}.{written}" if written else key) from None
     _check_plugin("scheme", spec.scheme, f"{key}.scheme")
     _check_plugin("observer", spec.observer, f"{key}.observer")
     return spec

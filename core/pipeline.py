@@ -13,7 +13,7 @@ from .errors import ConfigError, QuantaError
 from .plan import Plan, PlannedLayer, build_plan
 from .record import QuantizedWeight
 from .report import LayerReport, Report
-from .weights import quantize_weight
+from .weights import quantize_weight_with_values
 
 __all__ = ["quantize", "plan", "choose_backend", "RunContext"]
 
@@ -71,22 +71,38 @@ class RunContext:
         if self.device is not None:
             w = w.to(self.device)
         unit = layer.unit
-        record = quantize_weight(w, layer.spec, channel_axis=unit.channel_axis, input_axis=unit.input_axis,
-                                 layer=unit.name)
-        self.write_layer(model, layer, record.to(original.device), original)
+        # A backend may ask for the math in another float type (Core ML: the const's fp16).
+        dtype_of = getattr(self.backend, "compute_dtype", None)
+        compute_dtype = dtype_of(model, unit) if callable(dtype_of) else torch.float32
+        record, values, sq_err = quantize_weight_with_values(
+            w, layer.spec, channel_axis=unit.channel_axis, input_axis=unit.input_axis, layer=unit.name,
+            compute_dtype=compute_dtype)
+        if weight is None:
+            ref_sq = float(torch.linalg.vector_norm(original.detach().to(torch.float32))) ** 2
+        else:
+            sq_err, ref_sq = None, None
+        self.write_layer(model, layer, record.to(original.device), original, values=values.to(original.device),
+                         sq_error=sq_err, ref_sq=ref_sq)
         return record
 
     def write_layer(self, model, layer: PlannedLayer, record: QuantizedWeight, original: torch.Tensor,
-                    extra: dict | None = None) -> LayerReport:
-        """Write ``record`` for ``layer``, add its report row (error against ``original``), fire ``layer_quantized``."""
+                    extra: dict | None = None, values: torch.Tensor | None = None, sq_error: float | None = None,
+                    ref_sq: float | None = None) -> LayerReport:
+        """Write ``record`` for ``layer``, add its report row (error against ``original``), fire ``layer_quantized``.
+
+        ``values`` (= ``record.dequantize()``), ``sq_error`` (‖W−Ŵ‖²) and ``ref_sq`` (‖W‖²) may be
+        passed when already known, saving passes over the weight.
+        """
         # The error is measured before writing: ``original`` may share the parameter's storage.
-        deq = record.dequantize().to(original.device)
-        ref = original.detach().to(torch.float32)
-        denom = float(torch.linalg.vector_norm(ref))
-        err = float(torch.linalg.vector_norm(deq - ref)) / denom if denom > 0 else 0.0
-        numel = ref.numel()
-        del ref, deq
-        self.backend.write(model, layer.unit, record)
+        if values is None:
+            values = record.dequantize().to(original.device)
+        if sq_error is None or ref_sq is None:
+            ref = original.detach().to(torch.float32)
+            ref_sq = float(torch.linalg.vector_norm(ref)) ** 2
+            sq_error = float(torch.nn.functional.mse_loss(values, ref.reshape(values.shape), reduction="sum"))
+        err = (sq_error / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+        numel = original.numel()
+        self.backend.write(model, layer.unit, record, values)
         self._done += 1
         row = LayerReport(name=layer.name, module_type=layer.unit.module_type, shape=layer.unit.shape,
                           spec=layer.spec.describe(), reason=layer.reason, rel_error=err,

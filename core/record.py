@@ -14,7 +14,7 @@ from typing import Iterator
 import attrs
 import torch
 
-from .qmath import expand_qparam
+from .qmath import from_groups, to_groups
 from .spec import QuantSpec
 
 __all__ = ["QuantizedWeight", "attach_record", "read_record", "records", "remove_record"]
@@ -48,11 +48,13 @@ class QuantizedWeight:
         return tuple(self.codes.shape)
 
     def dequantize(self) -> torch.Tensor:
-        """``(codes - zero_point) * scale`` in float32, broadcast per group: the weight's shape."""
-        values = self.codes.to(torch.float32)
+        """``(codes - zero_point) * scale`` in float32, per group: a tensor of the weight's shape."""
+        sizes = list(self.block_sizes)
+        values = to_groups(self.codes.to(torch.float32), sizes)
         if self.zero_point is not None:
-            values = values - expand_qparam(self.zero_point.to(torch.float32), self.shape)
-        return values * expand_qparam(self.scale, self.shape)
+            values = values - self.zero_point.reshape(-1, 1).to(torch.float32)
+        values = values * self.scale.reshape(-1, 1)
+        return from_groups(values, self.shape, sizes)
 
     def nbytes(self, scale_bytes: int = 2) -> int:
         """Deployed size: packed codes plus scales (fp16 by default) and zero points."""
@@ -68,11 +70,19 @@ class QuantizedWeight:
         return attrs.evolve(self, codes=self.codes.to(device), scale=self.scale.to(device), zero_point=zp)
 
 
-def attach_record(module: torch.nn.Module, param: str, record: QuantizedWeight) -> None:
-    """Store ``record`` on ``module`` beside parameter ``param`` and set the parameter to its values."""
+def attach_record(module: torch.nn.Module, param: str, record: QuantizedWeight,
+                  values: torch.Tensor | None = None) -> None:
+    """Store ``record`` on ``module`` beside parameter ``param`` and set the parameter to its values.
+
+    ``values`` may pass ``record.dequantize()`` when the caller already has it.
+    """
     weight = getattr(module, param)
+    values = (record.dequantize() if values is None else values).to(weight.dtype).reshape(weight.shape)
     with torch.no_grad():
-        weight.copy_(record.dequantize().to(weight.dtype).reshape(weight.shape))
+        if values.device == weight.device and values.is_contiguous() and values.data_ptr() != weight.data_ptr():
+            weight.data = values  # take the new storage: no copy of a large weight
+        else:
+            weight.copy_(values)
     module.register_buffer(param + "_quanta_codes", record.codes)
     module.register_buffer(param + "_quanta_scale", record.scale)
     if record.zero_point is not None:

@@ -9,7 +9,7 @@ from .qmath import from_groups, scale_shape, to_groups
 from .record import QuantizedWeight
 from .spec import QuantSpec
 
-__all__ = ["quantize_weight", "check_finite", "resolve_scheme", "resolve_observer"]
+__all__ = ["quantize_weight", "quantize_weight_with_values", "check_finite", "resolve_scheme", "resolve_observer"]
 
 
 def resolve_scheme(name: str):
@@ -27,16 +27,20 @@ def resolve_observer(name: str):
 
 
 def check_finite(weight: torch.Tensor, layer: str | None = None) -> None:
-    """Raise QuantizationError naming ``layer`` if ``weight`` holds NaN or inf."""
+    """Raise QuantizationError naming ``layer`` if ``weight`` holds NaN or inf.
+
+    One reduction (``aminmax`` propagates NaN and inf) on the fast path; counts only on error.
+    """
     if not weight.dtype.is_floating_point:
         raise QuantizationError(f"expected a floating-point weight, got {weight.dtype}", layer)
-    bad = ~torch.isfinite(weight)
-    if bool(bad.any()):
-        n_nan = int(torch.isnan(weight).sum())
-        n_inf = int(bad.sum()) - n_nan
-        raise QuantizationError(
-            f"weight has {n_nan} NaN and {n_inf} inf values; quantization needs finite weights", layer
-        )
+    if weight.numel() == 0:
+        return
+    lo, hi = torch.aminmax(weight)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
+    n_nan = int(torch.isnan(weight).sum())
+    n_inf = int(torch.isinf(weight).sum())
+    raise QuantizationError(f"weight has {n_nan} NaN and {n_inf} inf values; quantization needs finite weights", layer)
 
 
 def quantize_weight(
@@ -48,6 +52,7 @@ def quantize_weight(
     layer: str | None = None,
     scheme=None,
     observer=None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of one weight.
 
@@ -57,26 +62,49 @@ def quantize_weight(
         channel_axis / input_axis: output and input axes of ``weight`` (ConvTranspose: 1 and 0).
         layer: name used in error messages.
         scheme / observer: implementations to use instead of looking ``spec``'s names up.
+        compute_dtype: the float type the math runs in (float32; Core ML consts use their own fp16,
+            as coremltools does, so that codes agree bit for bit).
 
     Returns a :class:`QuantizedWeight` whose ``codes`` have ``weight``'s shape and whose
-    ``scale``/``zero_point`` have ``scale_shape``. Computation is float32 on ``weight``'s device.
+    ``scale``/``zero_point`` have ``scale_shape`` (scales stored as float32).
+    Computation runs on ``weight``'s device.
     """
-    check_finite(weight, layer)
+    return quantize_weight_with_values(weight, spec, channel_axis=channel_axis, input_axis=input_axis,
+                                       layer=layer, scheme=scheme, observer=observer, compute_dtype=compute_dtype)[0]
+
+
+def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, layer=None, scheme=None,
+                                observer=None, compute_dtype=torch.float32):
+    """Like :func:`quantize_weight`, also returning the dequantized weight and ``‖W − Ŵ‖²``.
+
+    Returns ``(record, dequantized [weight's shape, float32], squared_error: float)``. Every
+    step is a whole-tensor torch op on the grouped ``[G, K]`` view (no copy for Linear
+    weights), so this is a handful of memory passes using all intra-op threads.
+    """
     scheme = scheme or resolve_scheme(spec.scheme)
     observer = observer or resolve_observer(spec.observer)
-    w = weight.detach().to(torch.float32)
-    sizes = spec.block_sizes(tuple(w.shape), channel_axis, input_axis, layer)
+    w = weight.detach().to(compute_dtype)
+    shape = tuple(w.shape)
+    sizes = spec.block_sizes(shape, channel_axis, input_axis, layer)
     groups = to_groups(w, sizes)
     lo, hi = observer.observe(groups, spec, scheme)
+    # minmax ranges carry any NaN/inf; other observers (percentile) may hide them.
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())) or type(observer).__name__ != "MinMaxObserver":
+        check_finite(w, layer)
     scale, zero_point = scheme.qparams(lo, hi, spec.dtype)
     zp2 = None if zero_point is None else zero_point[:, None]
-    codes = scheme.quantize(groups, scale[:, None], zp2, spec.dtype)
+    q = scheme.quantize(groups, scale[:, None], zp2, spec.dtype)
     storage = spec.dtype.torch_storage
-    # Undo the grouping permutation: groups are [*kept dims, *reduced dims].
-    codes = from_groups(codes, tuple(w.shape), sizes).to(storage)
-    qshape = scale_shape(tuple(w.shape), sizes)
-    return QuantizedWeight(
-        codes=codes,
+    codes = q.to(storage)
+    values = scheme.dequantize(q, scale[:, None], zp2)
+    del q
+    if values.dtype != torch.float32:
+        sq_err = float(torch.nn.functional.mse_loss(values.float(), groups.float(), reduction="sum"))
+    else:
+        sq_err = float(torch.nn.functional.mse_loss(values, groups, reduction="sum"))
+    qshape = scale_shape(shape, sizes)
+    record = QuantizedWeight(
+        codes=from_groups(codes, shape, sizes),
         scale=scale.reshape(qshape).to(torch.float32),
         zero_point=None if zero_point is None else zero_point.reshape(qshape).to(storage),
         spec=spec,
@@ -84,4 +112,4 @@ def quantize_weight(
         channel_axis=channel_axis,
         input_axis=input_axis,
     )
-
+    return record, from_groups(values, shape, sizes), sq_err

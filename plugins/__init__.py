@@ -9,4 +9,6 @@ BUILTIN_PLUGINS = (
     "quanta.plugins.observers",
     "quanta.plugins.torch_backend",
     "quanta.plugins.rtn",
+    "quanta.plugins.coreml.exporter",
+    "quanta.plugins.coreml.backend",
 )

@@ -45,9 +45,9 @@ class SymmetricScheme(Scheme):
 
     def quantize(self, values, scale, zero_point, dtype):
         qmin, qmax = self.quant_range(dtype)
-        codes = torch.round(values / scale)
+        codes = torch.div(values, scale).round_()  # one allocation; the rest in place
         if zero_point is not None:
-            codes = codes + zero_point
+            codes.add_(zero_point)
         return codes.clamp_(qmin, qmax)
 
     def dequantize(self, codes, scale, zero_point):
@@ -75,7 +75,7 @@ class AffineScheme(Scheme):
 
     def quantize(self, values, scale, zero_point, dtype):
         qmin, qmax = self.quant_range(dtype)
-        return (torch.round(values / scale) + zero_point).clamp_(qmin, qmax)
+        return torch.div(values, scale).round_().add_(zero_point).clamp_(qmin, qmax)
 
     def dequantize(self, codes, scale, zero_point):
         return (codes - zero_point) * scale

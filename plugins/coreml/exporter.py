@@ -1,0 +1,251 @@
+"""Exporter ``coreml``: a quantized torch model -> ``.mlpackage`` whose stored weights are quanta's codes.
+
+Flow: copy the model, write coremltools' ``_COREML_`` metadata from each record
+(:mod:`.metadata`), ``torch.jit.trace``, ``ct.convert(convert_to="mlprogram")`` for the
+lowest target that fits (or the one asked for, validated first), save, then read the saved
+program back and check that every record's codes are stored exactly, or raise.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+import shutil
+import warnings
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+import quanta
+from quanta.errors import ConfigError, QuantizationError
+from quanta.plugin import Exporter
+from quanta.record import records as _records
+
+from . import metadata, targets
+
+__all__ = ["CoreMLExporter", "CoreMLExportConfig", "stored_weights", "has_activation_quantization",
+           "conversion_pass_pipeline"]
+
+_PRECISIONS = ("float16", "float32")
+#: coremltools 9.0 pass that rewrites dequantize(s1) -> reshape -> quantize(s2) into a bare
+#: reshape without checking s1 == s2: wrong numbers for W8A8 models (COREML_FACTS.md).
+UNSAFE_PASSES = ("common::int_op_canonicalization",)
+
+
+@attrs.frozen(kw_only=True)
+class CoreMLExportConfig:
+    """Options of the ``coreml`` exporter (``quanta.export(..., format="coreml", **options)``)."""
+
+    minimum_deployment_target: Any = attrs.field(
+        default=None, converter=targets.parse_target,
+        metadata={"doc": "ct.target or 'iOS16'/'iOS17'/'iOS18'/'macOS13'..; None = lowest that fits the model"})
+    compute_precision: str = attrs.field(
+        default="float16", metadata={"doc": "'float16' (Core ML default) or 'float32' (fp32 activations and scales)"})
+    check_codes: bool = attrs.field(
+        default=True, metadata={"doc": "read the saved file back and raise unless every stored code equals quanta's"})
+    input_names: tuple[str, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple),
+        metadata={"doc": "names of the model inputs (default: the forward() argument names)"})
+
+    @compute_precision.validator
+    def _check_precision(self, _attr, value):
+        if value not in _PRECISIONS:
+            raise ConfigError(f"must be one of {', '.join(_PRECISIONS)}, got {value!r}", "compute_precision")
+
+
+def conversion_pass_pipeline():
+    """coremltools' default pass pipeline without the passes known to corrupt W8A8 models."""
+    import coremltools as ct
+
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(list(UNSAFE_PASSES))
+    return pipeline
+
+
+def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    if example_inputs is None:
+        raise ConfigError("the coreml exporter traces the model: pass example_inputs=<tensor or tuple of tensors>",
+                          "example_inputs")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ConfigError(f"expected a tensor or a tuple of tensors, got {type(example_inputs).__name__}", "example_inputs")
+
+
+def _input_names(model, n: int, given) -> list[str]:
+    if given is not None:
+        if len(given) != n:
+            raise ConfigError(f"{len(given)} names for {n} inputs", "input_names")
+        return list(given)
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [re.sub(r"\W", "_", p.name) for p in params[:n]]
+    except (TypeError, ValueError):
+        names = []
+    if len(names) != n or len(set(names)) != n:
+        names = [f"input_{i}" for i in range(n)]
+    return names
+
+
+_ACT_QUANT_KINDS = ("aten::quantize_per_tensor", "aten::quantize_per_channel",
+                    "quantized_decomposed::quantize_per_tensor")
+
+
+def has_activation_quantization(traced: torch.jit.ScriptModule) -> bool:
+    """Whether a traced model quantizes activations (``quantize_per_tensor`` ... ``dequantize``)."""
+    return any(node.kind() in _ACT_QUANT_KINDS for node in traced.inlined_graph.nodes())
+
+
+def stored_weights(path: str | os.PathLike) -> dict:
+    """The compressed weights of a saved ``.mlpackage``: variable name -> ``CompressedWeight``
+    (``data``, ``scale``, ``zero_point``, ``dtype``... as stored; see ``mlprogram.read_compressed_weights``)."""
+    from .mlprogram import read_compressed_weights
+
+    return read_compressed_weights(os.fspath(path))
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", name)
+
+
+def _match_ops(record_names, stored: dict) -> dict[str, str]:
+    """record name ("fc.weight") -> constexpr op name ("fc_weight_cast_fp16", "op_3_weight_to_fp16")."""
+    out = {}
+    for rname in record_names:
+        key = _sanitize(rname)
+        for op_name in stored:
+            base = re.sub(r"^(op|var)_", "", op_name) if not op_name.startswith(key) else op_name
+            if base == key or re.fullmatch(re.escape(key) + r"(_(cast|to)_fp(16|32))*(_quantized)?", base):
+                out[rname] = op_name
+                break
+    return out
+
+
+def check_stored_codes(path, recs: dict) -> dict[str, str]:
+    """Raise QuantizationError unless every record's codes are stored exactly in ``path``.
+
+    Codes and zero points must be equal; scales must be quanta's float32 scales rounded to the
+    stored type (fp16, or fp32 with ``compute_precision="float32"``). Returns record name -> variable name.
+    """
+    stored = stored_weights(path)
+    matched = _match_ops(recs, stored)
+    for name, rec in recs.items():
+        op_name = matched.get(name)
+        if op_name is None:
+            raise QuantizationError(f"no compressed weight found in {os.fspath(path)!r}: the converter stored it "
+                                    "as float (this exporter never ships silent fp16 weights)", name)
+        entry = stored[op_name]
+        codes = rec.codes.detach().cpu().numpy()
+        data = np.asarray(entry.data)
+        if data.shape != codes.shape or not np.array_equal(data.astype(np.int16), codes.astype(np.int16)):
+            n_diff = int((data.astype(np.int16) != codes.astype(np.int16)).sum()) if data.shape == codes.shape else -1
+            raise QuantizationError(f"stored codes of {op_name!r} differ from quanta's ({n_diff} elements); "
+                                    "refusing to ship a file that is not the quantized model", name)
+        stored_bits = int(re.sub(r"\D", "", str(entry.dtype)) or 0)
+        if stored_bits != rec.spec.dtype.bits:
+            raise QuantizationError(f"{op_name!r} stores {entry.dtype} codes for a {rec.spec.dtype} record", name)
+        zp = None if rec.zero_point is None else rec.zero_point.detach().cpu().numpy().reshape(-1).astype(np.int16)
+        offset = entry.zero_point
+        off = None if offset is None else np.asarray(offset).reshape(-1).astype(np.int16)
+        if zp is not None and not np.all(zp == 0):
+            if off is None or not np.array_equal(np.broadcast_to(off, zp.shape), zp):
+                raise QuantizationError(f"stored zero point of {op_name!r} differs from quanta's", name)
+        elif off is not None and np.any(off != 0):
+            raise QuantizationError(f"{op_name!r} stores a non-zero offset for a record without zero point", name)
+        stored_scale = np.asarray(entry.scale)
+        scale = stored_scale.reshape(-1).astype(np.float64)
+        want = rec.scale.detach().cpu().numpy().reshape(-1).astype(stored_scale.dtype)
+        if np.broadcast_to(scale, want.shape).tolist() != want.astype(np.float64).tolist():
+            raise QuantizationError(f"stored scales of {op_name!r} are not quanta's scales rounded to "
+                                    f"{stored_scale.dtype}", name)
+    return matched
+
+
+class CoreMLExporter(Exporter):
+    """Writes ``.mlpackage`` files whose compressed weights are exactly quanta's codes and scales."""
+
+    name = "coreml"
+    description = ("Core ML .mlpackage: constexpr-compressed weights equal to quanta's codes, "
+                   "quantize/dequantize activations; iOS16/17/18 validated up front")
+    suffix = ".mlpackage"
+    config_class = CoreMLExportConfig
+
+    def annotate(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Add the ``_COREML_`` metadata of every quanta record to ``model`` (in place) so that a plain
+        ``ct.convert(torch.jit.trace(model, x), minimum_deployment_target=ct.target.iOS17)`` keeps the
+        compressed weights. Returns ``model``."""
+        return metadata.annotate(model)
+
+    def plan_target(self, model: torch.nn.Module, minimum_deployment_target=None, has_activation_quant: bool = False):
+        """The ``ct.target`` an export would use (ConfigError if the requested one is too low)."""
+        return targets.choose_target(minimum_deployment_target, _records(model), has_activation_quant)
+
+    def export(self, model: torch.nn.Module, path, example_inputs=None, **options) -> str:
+        """Convert ``model`` and save it at ``path`` (``.mlpackage`` added when missing); returns the path.
+
+        ``example_inputs``: a tensor or tuple of tensors used for tracing (their shapes become the
+        model's fixed input shapes). ``options``: fields of :class:`CoreMLExportConfig`.
+        Raises ConfigError for an unknown option or a target below what the model needs, and
+        QuantizationError if the saved codes were not quanta's (nothing is left at ``path`` then).
+        """
+        import coremltools as ct
+
+        try:
+            cfg = CoreMLExportConfig(**options)
+        except TypeError as exc:
+            allowed = [f.name for f in attrs.fields(CoreMLExportConfig)]
+            raise ConfigError(f"{exc}; coreml export options: {', '.join(allowed)}", "export") from None
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"the coreml exporter writes torch models, got {type(model).__name__}", "model")
+        targets.check_environment()
+        inputs = _as_tuple(example_inputs)
+        path = os.fspath(path)
+        if not path.rstrip("/").endswith(self.suffix):
+            path = path.rstrip("/") + self.suffix
+        recs = _records(model)
+        work = copy.deepcopy(model).eval()
+        metadata.annotate(work)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(work, inputs, check_trace=False)
+        act_quant = has_activation_quantization(traced)
+        target = targets.choose_target(cfg.minimum_deployment_target, recs, act_quant)
+        names = _input_names(model, len(inputs), cfg.input_names)
+        ct_inputs = [ct.TensorType(name=n, shape=tuple(t.shape), dtype=np.float32) for n, t in zip(names, inputs)]
+        precision = ct.precision.FLOAT16 if cfg.compute_precision == "float16" else ct.precision.FLOAT32
+        mlmodel = ct.convert(traced, inputs=ct_inputs, convert_to="mlprogram", minimum_deployment_target=target,
+                             compute_precision=precision, pass_pipeline=conversion_pass_pipeline())
+        mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
+        mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
+        if os.path.exists(path):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        mlmodel.save(path)
+        if cfg.check_codes and recs:
+            try:
+                check_stored_codes(path, recs)
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+        return path
+
+    def verify(self, path, against, example_inputs=None) -> dict:
+        """Run ``path`` with the numpy reference runner and ``against`` (a torch model) on the same inputs.
+
+        ``example_inputs``: tensor, tuple of tensors, or dict name -> array; None draws seeded
+        normal inputs of the package's input shapes. Returns ``compare()``'s figures
+        (``max_abs``, ``max_rel``, ``cosine``) plus ``outputs`` (names compared).
+        """
+        from .verify import verify_package
+
+        return verify_package(path, against, example_inputs)
+
+
+@quanta.hookimpl
+def register_exporters(register):
+    register(CoreMLExporter())

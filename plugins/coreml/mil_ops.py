@@ -1,0 +1,576 @@
+"""numpy implementations of Core ML MIL ops, used by :mod:`quanta.plugins.coreml.runner`.
+
+Each implementation takes the op (for its declared output shapes and name) and ``a``, a
+dict of its evaluated inputs (``None`` for an omitted optional input), and returns one
+array, or a tuple of arrays for a multi-output op. fp16 inputs arrive already widened to
+fp32; the runner rounds every result to the output's declared dtype, so the functions
+here compute in fp32 (or fp64 where that is cheaper to write) and never round themselves.
+
+Semantics follow ``coremltools/converters/mil/mil/ops/defs/iOS15..iOS18``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from quanta.errors import QuantaError
+
+__all__ = ["UnsupportedOpError", "OPS", "supported_ops"]
+
+
+class UnsupportedOpError(QuantaError, NotImplementedError):
+    """The runner has no numpy implementation of an op (or of one of its modes).
+
+    ``op_type`` and ``op_name`` name the op in the MIL program.
+    """
+
+    def __init__(self, op_type: str, op_name: str, detail: str = ""):
+        self.op_type, self.op_name = op_type, op_name
+        extra = f": {detail}" if detail else ""
+        super().__init__(
+            f"MIL op {op_type!r} (named {op_name!r}) is not supported by the numpy runner{extra}"
+        )
+
+
+OpFn = Callable[..., "np.ndarray | tuple[np.ndarray, ...]"]
+OPS: dict[str, OpFn] = {}
+
+
+def supported_ops() -> list[str]:
+    """Sorted op types the runner can execute."""
+    return sorted(OPS)
+
+
+def _op(*names: str):
+    def deco(fn):
+        for name in names:
+            OPS[name] = fn
+        return fn
+
+    return deco
+
+
+def _unsupported(op, detail: str):
+    return UnsupportedOpError(op.op_type, op.name, detail)
+
+
+def _axis_shape(param: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
+    """Reshape a scalar or per-axis vector ``param`` so it broadcasts against rank ``rank``."""
+    param = np.asarray(param)
+    if param.ndim == 0 or param.ndim == rank:
+        return param
+    shape = [1] * rank
+    shape[axis % rank] = param.size
+    return param.reshape(shape)
+
+
+# ---------------------------------------------------------------- constants, weights
+
+
+@_op("const")
+def _const(op, a):
+    return np.asarray(op.outputs[0].val)
+
+
+@_op("constexpr_affine_dequantize")
+def _affine_dequantize(op, a):
+    # output = scale * (quantized_data - zero_point), scale/zero_point per axis or scalar.
+    q = a["quantized_data"]
+    axis = int(a["axis"])
+    zp = _axis_shape(a["zero_point"], q.ndim, axis).astype(np.float32)
+    scale = _axis_shape(a["scale"], q.ndim, axis)
+    return (q.astype(np.float32) - zp) * scale
+
+
+def _repeat_blocks(param: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Repeat each entry of a per-block ``param`` so it has ``shape`` (block = shape / param.shape)."""
+    for axis, (n, m) in enumerate(zip(shape, param.shape)):
+        if n != m:
+            param = np.repeat(param, n // m, axis=axis)
+    return param
+
+
+@_op("constexpr_blockwise_shift_scale")
+def _blockwise_shift_scale(op, a):
+    # output[i..] = scale[i/block..] * (data[i..] - offset[i/block..])
+    data = a["data"].astype(np.float32)
+    if a.get("offset") is not None:
+        data = data - _repeat_blocks(a["offset"].astype(np.float32), data.shape)
+    return data * _repeat_blocks(a["scale"], data.shape)
+
+
+@_op("constexpr_cast")
+def _constexpr_cast(op, a):
+    return a["source_val"]
+
+
+# ---------------------------------------------------------------- quantization (iOS17)
+
+
+@_op("quantize")
+def _quantize(op, a):
+    x = a["input"]
+    axis = None if a.get("axis") is None else int(a["axis"])
+    q = np.round(x / _axis_shape(a["scale"], x.ndim, axis))  # round half to even, as coremltools
+    if a.get("zero_point") is not None:
+        q = q + _axis_shape(a["zero_point"], x.ndim, axis).astype(np.float32)
+    info = np.iinfo(np.dtype(str(a["output_dtype"])))
+    return np.clip(q, info.min, info.max)
+
+
+@_op("dequantize")
+def _dequantize(op, a):
+    x = a["input"].astype(np.float32)
+    axis = None if a.get("axis") is None else int(a["axis"])
+    if a.get("zero_point") is not None:
+        x = x - _axis_shape(a["zero_point"], x.ndim, axis).astype(np.float32)
+    return x * _axis_shape(a["scale"], x.ndim, axis)
+
+
+@_op("cast", "identity")
+def _cast(op, a):
+    return a["x"]  # the runner's rounding to the declared dtype is the cast
+
+
+# ---------------------------------------------------------------- elementwise
+
+_BINARY = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.true_divide,
+    "maximum": np.maximum, "minimum": np.minimum, "pow": np.power,
+    "floor_div": np.floor_divide, "mod": np.mod,
+    "equal": np.equal, "not_equal": np.not_equal, "less": np.less,
+    "less_equal": np.less_equal, "greater": np.greater, "greater_equal": np.greater_equal,
+    "logical_and": np.logical_and, "logical_or": np.logical_or, "logical_xor": np.logical_xor,
+}
+
+
+def _erf(x):
+    # Vectorised erf from the Chebyshev fit of erfc in Numerical Recipes (|rel err| < 1.2e-7,
+    # below fp32 resolution); math.erf would need a Python loop over elements.
+    x = np.asarray(x, dtype=np.float64)
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    coeffs = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
+              0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+    poly = np.zeros_like(t)
+    for c in reversed(coeffs[1:]):
+        poly = (poly + c) * t
+    erfc = t * np.exp(-z * z + coeffs[0] + poly)
+    return np.where(x >= 0, 1.0 - erfc, erfc - 1.0)
+
+
+def _eps(a):
+    return a.get("epsilon") or 0.0
+
+
+# Unary ops as f(x, inputs). np.round rounds half to even, as coremltools' own `round`.
+_UNARY = {
+    "abs": lambda x, a: np.abs(x), "ceil": lambda x, a: np.ceil(x),
+    "floor": lambda x, a: np.floor(x), "round": lambda x, a: np.round(x),
+    "sign": lambda x, a: np.sign(x), "exp": lambda x, a: np.exp(x),
+    "exp2": lambda x, a: np.exp2(x), "sqrt": lambda x, a: np.sqrt(x),
+    "square": lambda x, a: np.square(x), "sin": lambda x, a: np.sin(x),
+    "cos": lambda x, a: np.cos(x), "tan": lambda x, a: np.tan(x),
+    "tanh": lambda x, a: np.tanh(x), "erf": lambda x, a: _erf(x),
+    "logical_not": lambda x, a: np.logical_not(x),
+    "rsqrt": lambda x, a: 1.0 / np.sqrt(x + _eps(a)),
+    "inverse": lambda x, a: 1.0 / (x + _eps(a)),
+    "log": lambda x, a: np.log(x + _eps(a)),
+    "relu": lambda x, a: np.maximum(x, 0),
+    "relu6": lambda x, a: np.clip(x, 0, 6),
+    "leaky_relu": lambda x, a: np.where(x >= 0, x, x * a["alpha"]),
+    "clip": lambda x, a: np.minimum(np.maximum(x, a["alpha"]), a["beta"]),
+    "sigmoid": lambda x, a: 1.0 / (1.0 + np.exp(-x)),
+    "silu": lambda x, a: x / (1.0 + np.exp(-x)),
+    "softplus": lambda x, a: np.logaddexp(0, x),
+}
+
+
+def _binary(fn):
+    return lambda op, a: fn(a["x"], a["y"])
+
+
+def _unary(fn):
+    return lambda op, a: fn(a["x"], a)
+
+
+OPS.update({name: _binary(fn) for name, fn in _BINARY.items()})
+OPS.update({name: _unary(fn) for name, fn in _UNARY.items()})
+
+
+@_op("gelu")
+def _gelu(op, a):
+    x, mode = a["x"].astype(np.float64), str(a.get("mode") or "EXACT")
+    if mode == "EXACT":
+        return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x / (1.0 + np.exp(-1.702 * x))
+    raise _unsupported(op, f"gelu mode {mode!r}")
+
+
+@_op("select")
+def _select(op, a):
+    return np.where(a["cond"].astype(bool), a["a"], a["b"])
+
+
+# ---------------------------------------------------------------- reductions, softmax
+
+
+def _softmax(x, axis):
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+@_op("softmax")
+def _softmax_op(op, a):
+    return _softmax(a["x"], int(a.get("axis", -1)))
+
+
+_REDUCE = {
+    "reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max,
+    "reduce_min": np.min, "reduce_prod": np.prod,
+    "reduce_l2_norm": lambda x, axis, keepdims: np.sqrt(np.sum(x * x, axis=axis, keepdims=keepdims)),
+    "reduce_sum_square": lambda x, axis, keepdims: np.sum(x * x, axis=axis, keepdims=keepdims),
+}
+
+
+def _reduce(fn):
+    def run(op, a):
+        axes = a.get("axes")
+        axes = None if axes is None else tuple(int(i) for i in np.atleast_1d(axes))
+        return fn(a["x"], axis=axes, keepdims=bool(a.get("keep_dims", False)))
+
+    return run
+
+
+OPS.update({name: _reduce(fn) for name, fn in _REDUCE.items()})
+
+
+@_op("reduce_argmax", "reduce_argmin")
+def _reduce_arg(op, a):
+    fn = np.argmax if op.op_type == "reduce_argmax" else np.argmin
+    axis = int(a.get("axis", -1))
+    out = fn(a["x"], axis=axis)
+    return np.expand_dims(out, axis) if a.get("keep_dims") else out
+
+
+# ---------------------------------------------------------------- normalization
+
+
+def _normalize(x, axes, a, param_shape):
+    """(x - mean) / sqrt(var + epsilon) over ``axes``, then ``gamma``/``beta`` if given."""
+    mean = x.mean(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + float(a.get("epsilon", 1e-5)))
+    if a.get("gamma") is not None:
+        y = y * a["gamma"].reshape(param_shape)
+    return y if a.get("beta") is None else y + a["beta"].reshape(param_shape)
+
+
+@_op("batch_norm")
+def _batch_norm(op, a):
+    x = a["x"]
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - a["mean"].reshape(shape)) / np.sqrt(a["variance"].reshape(shape) + float(a.get("epsilon", 1e-5)))
+    if a.get("gamma") is not None:
+        y = y * a["gamma"].reshape(shape)
+    return y if a.get("beta") is None else y + a["beta"].reshape(shape)
+
+
+@_op("layer_norm")
+def _layer_norm(op, a):
+    x, axes = a["x"], a.get("axes")
+    axes = tuple(range(x.ndim)) if axes is None else tuple(int(i) % x.ndim for i in np.atleast_1d(axes))
+    return _normalize(x, axes, a, [x.shape[i] if i in axes else 1 for i in range(x.ndim)])
+
+
+@_op("instance_norm")
+def _instance_norm(op, a):
+    x = a["x"]
+    return _normalize(x, tuple(range(2, x.ndim)), a, (1, -1) + (1,) * (x.ndim - 2))
+
+
+# ---------------------------------------------------------------- linear algebra
+
+
+@_op("linear")
+def _linear(op, a):
+    y = np.matmul(a["x"], a["weight"].T)
+    return y if a.get("bias") is None else y + a["bias"]
+
+
+@_op("matmul")
+def _matmul(op, a):
+    x, y = a["x"], a["y"]
+    if a.get("transpose_x") and x.ndim >= 2:
+        x = np.swapaxes(x, -1, -2)
+    if a.get("transpose_y") and y.ndim >= 2:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+@_op("scaled_dot_product_attention")
+def _sdpa(op, a):
+    q, k, v = a["query"], a["key"], a["value"]
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / np.sqrt(q.shape[-1])
+    mask = a.get("attn_mask")
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == bool else scores + mask
+    return np.matmul(_softmax(scores, -1), v)
+
+
+# ---------------------------------------------------------------- shapes and indexing
+
+
+def _ints(v):
+    return [int(i) for i in np.atleast_1d(v)]
+
+
+_SIMPLE = {
+    "transpose": lambda a: np.transpose(a["x"], _ints(a["perm"])),
+    "stack": lambda a: np.stack(a["values"], axis=int(a["axis"])),
+    "tile": lambda a: np.tile(a["x"], _ints(a["reps"])),
+    "fill": lambda a: np.full(_ints(a["shape"]), a.get("value", 0.0)),
+    "shape": lambda a: np.array(a["x"].shape, dtype=np.int32),
+    "range_1d": lambda a: np.arange(a["start"], a["end"], a["step"]),
+}
+OPS.update({name: (lambda f: lambda op, a: f(a))(fn) for name, fn in _SIMPLE.items()})
+
+
+@_op("reshape")
+def _reshape(op, a):
+    shape = _ints(a["shape"])
+    if 0 in shape:
+        # A 0 copies an input dim, matched by position (iOS15) or from the right (iOS17);
+        # the program's declared output shape already resolves it.
+        declared = tuple(op.outputs[0].shape)
+        if not all(isinstance(d, (int, np.integer)) for d in declared):
+            raise _unsupported(op, "reshape with 0 in shape and a symbolic output shape")
+        shape = list(declared)
+    return np.reshape(a["x"], shape)
+
+
+@_op("expand_dims")
+def _expand_dims(op, a):
+    x = a["x"]
+    rank = x.ndim + len(a["axes"])
+    return np.expand_dims(x, tuple(int(i) % rank for i in a["axes"]))
+
+
+@_op("squeeze")
+def _squeeze(op, a):
+    axes = a.get("axes")
+    return np.squeeze(a["x"], None if axes is None else tuple(int(i) for i in np.atleast_1d(axes)))
+
+
+@_op("concat")
+def _concat(op, a):
+    values, axis = a["values"], int(a["axis"])
+    if a.get("interleave"):
+        raise _unsupported(op, "concat with interleave=True")
+    return np.concatenate(values, axis=axis)
+
+
+@_op("split")
+def _split(op, a):
+    x, axis = a["x"], int(a["axis"])
+    sizes = a.get("split_sizes")
+    if sizes is None:
+        sizes = [x.shape[axis] // int(a["num_splits"])] * int(a["num_splits"])
+    return tuple(np.split(x, np.cumsum([int(s) for s in sizes])[:-1], axis=axis))
+
+
+@_op("slice_by_index")
+def _slice_by_index(op, a):
+    x = a["x"]
+    rank = x.ndim
+
+    def flags(key):
+        v = a.get(key)
+        return [False] * rank if v is None else [bool(f) for f in v]
+
+    begin, end = [int(i) for i in a["begin"]], [int(i) for i in a["end"]]
+    stride = [1] * rank if a.get("stride") is None else [int(i) for i in a["stride"]]
+    begin_mask, end_mask, squeeze_mask = flags("begin_mask"), flags("end_mask"), flags("squeeze_mask")
+    index = []
+    for d in range(rank):
+        if squeeze_mask[d]:
+            index.append(0 if begin_mask[d] else begin[d])  # an integer index drops the axis
+            continue
+        index.append(slice(None if begin_mask[d] else begin[d], None if end_mask[d] else end[d], stride[d]))
+    return x[tuple(index)]
+
+
+@_op("slice_by_size")
+def _slice_by_size(op, a):
+    x = a["x"]
+    index = tuple(
+        slice(int(b), None if int(s) == -1 else int(b) + int(s)) for b, s in zip(a["begin"], a["size"])
+    )
+    return x[index]
+
+
+@_op("gather")
+def _gather(op, a):
+    x, indices, axis = a["x"], a["indices"].astype(np.int64), int(a.get("axis", 0))
+    batch_dims = int(a.get("batch_dims") or 0)
+    indices = np.where(indices < 0, indices + x.shape[axis], indices)
+    if batch_dims:
+        raise _unsupported(op, "gather with batch_dims > 0")
+    return np.take(x, indices, axis=axis)
+
+
+@_op("gather_along_axis")
+def _gather_along_axis(op, a):
+    x, indices, axis = a["x"], a["indices"].astype(np.int64), int(a.get("axis", 0))
+    indices = np.where(indices < 0, indices + x.shape[axis], indices)
+    return np.take_along_axis(x, indices, axis=axis)
+
+
+# ---------------------------------------------------------------- convolution, pooling
+
+
+def _spatial_pads(op, a, kernel, strides, dilations, in_shape):
+    """(before, after) per spatial dim for pad_type valid/custom/same/same_lower."""
+    pad_type = str(a.get("pad_type") or "valid")
+    n = len(kernel)
+    if pad_type == "valid":
+        return [(0, 0)] * n
+    if pad_type == "custom":
+        pad = [0] * 2 * n if a.get("pad") is None else [int(p) for p in a["pad"]]
+        return [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
+    if pad_type in ("same", "same_lower"):
+        pads = []
+        for size, k, s, d in zip(in_shape, kernel, strides, dilations):
+            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads.append((small, big) if pad_type == "same" else (big, small))
+        return pads
+    raise _unsupported(op, f"pad_type {pad_type!r}")
+
+
+def _windows(x, kernel, strides, dilations):
+    """Windows of x (N, C, *S) as (N, C, *O, *K) for the given strides and dilations."""
+    n = len(kernel)
+    spatial = tuple(range(2, 2 + n))
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    w = sliding_window_view(x, span, axis=spatial)
+    index = (slice(None), slice(None))
+    index += tuple(slice(None, None, s) for s in strides)
+    index += tuple(slice(None, None, d) for d in dilations)
+    return w[index]
+
+
+def _conv_nd(x, weight, bias, strides, dilations, pads, groups):
+    """Cross-correlation: x (N, C_in, *S), weight (C_out, C_in/groups, *K) -> (N, C_out, *O)."""
+    n = weight.ndim - 2
+    x = np.pad(x, [(0, 0), (0, 0)] + list(pads))
+    win = _windows(x, weight.shape[2:], strides, dilations)  # (N, C_in, *O, *K)
+    batch, c_in = win.shape[:2]
+    out_sp = win.shape[2 : 2 + n]
+    c_out, c_g = weight.shape[0], c_in // groups
+    win = win.reshape((batch, groups, c_g) + win.shape[2:])
+    # (N, G, *O, C_g, *K) -> (N, G, P, C_g*K)
+    order = (0, 1) + tuple(range(3, 3 + n)) + (2,) + tuple(range(3 + n, 3 + 2 * n))
+    win = win.transpose(order).reshape(batch, groups, int(np.prod(out_sp)), -1)
+    w = weight.reshape(groups, c_out // groups, -1).transpose(0, 2, 1)  # (G, C_g*K, O_g)
+    y = np.matmul(win, w)  # (N, G, P, O_g)
+    y = y.transpose(0, 1, 3, 2).reshape((batch, c_out) + tuple(out_sp))
+    if bias is not None:
+        y = y + bias.reshape((1, -1) + (1,) * n)
+    return y
+
+
+def _conv_params(a, n):
+    strides = [1] * n if a.get("strides") is None else [int(s) for s in a["strides"]]
+    dilations = [1] * n if a.get("dilations") is None else [int(d) for d in a["dilations"]]
+    return strides, dilations, int(a.get("groups") or 1)
+
+
+@_op("conv")
+def _conv(op, a):
+    x, weight = a["x"], a["weight"]
+    n = x.ndim - 2
+    strides, dilations, groups = _conv_params(a, n)
+    pads = _spatial_pads(op, a, weight.shape[2:], strides, dilations, x.shape[2:])
+    return _conv_nd(x, weight, a.get("bias"), strides, dilations, pads, groups)
+
+
+@_op("conv_transpose")
+def _conv_transpose(op, a):
+    # Scatter form rewritten as a stride-1 correlation: insert (stride-1) zeros between
+    # inputs, pad by the dilated kernel span - 1, correlate with the flipped kernel, then
+    # crop `pad` (or the same-padding amount) and fit the declared output shape.
+    x, weight = a["x"], a["weight"]  # weight (C_in, C_out/groups, *K)
+    n = x.ndim - 2
+    strides, dilations, groups = _conv_params(a, n)
+    kernel = weight.shape[2:]
+    up_shape = x.shape[:2] + tuple((s - 1) * st + 1 for s, st in zip(x.shape[2:], strides))
+    up = np.zeros(up_shape, dtype=x.dtype)
+    up[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides)] = x
+    c_in, c_og = weight.shape[:2]
+    w = weight.reshape((groups, c_in // groups, c_og) + kernel).swapaxes(1, 2)
+    w = w.reshape((groups * c_og, c_in // groups) + kernel)
+    w = np.flip(w, axis=tuple(range(2, 2 + n)))
+    span = [(k - 1) * d for k, d in zip(kernel, dilations)]
+    full = _conv_nd(up, w, None, [1] * n, dilations, [(s, s) for s in span], groups)
+    out_shape = tuple(op.outputs[0].shape)
+    pad_type = str(a.get("pad_type") or "valid")
+    if pad_type == "custom":
+        before = [int(p) for p in a["pad"][::2]]
+    elif pad_type in ("same", "same_lower"):
+        totals = [max(f - o, 0) for f, o in zip(full.shape[2:], out_shape[2:])]
+        before = [t // 2 if pad_type == "same" else t - t // 2 for t in totals]
+    else:
+        before = [0] * n
+    extra = [max(0, b + o - f) for b, o, f in zip(before, out_shape[2:], full.shape[2:])]
+    full = np.pad(full, [(0, 0), (0, 0)] + [(0, e) for e in extra])
+    y = full[(slice(None), slice(None)) + tuple(slice(b, b + o) for b, o in zip(before, out_shape[2:]))]
+    if a.get("bias") is not None:
+        y = y + a["bias"].reshape((1, -1) + (1,) * n)
+    return y
+
+
+def _pool(op, a, reduce):
+    x = a["x"]
+    n = x.ndim - 2
+    kernel = [int(k) for k in a["kernel_sizes"]]
+    strides = [1] * n if a.get("strides") is None else [int(s) for s in a["strides"]]
+    ones = [1] * n
+    pads = _spatial_pads(op, a, kernel, strides, ones, x.shape[2:])
+    # ceil_mode: windows may run past the padded input; that overhang is absent (neither in
+    # the max nor in the average's divisor), as in PyTorch. Its size comes from the
+    # declared output shape.
+    out_sp = tuple(op.outputs[0].shape[2:])
+    over = [
+        max(0, (o - 1) * s + k - (size + b + e))
+        for o, s, k, size, (b, e) in zip(out_sp, strides, kernel, x.shape[2:], pads)
+    ]
+    full_pads = [(b, e + v) for (b, e), v in zip(pads, over)]
+    fill = -np.inf if reduce == "max" else 0.0
+    xp = np.pad(x, [(0, 0), (0, 0)] + full_pads, constant_values=fill)
+    win = _windows(xp, kernel, strides, ones)
+    k_axes = tuple(range(-n, 0))
+    if reduce == "max":
+        return win.max(axis=k_axes)
+    if a.get("exclude_padding_from_average"):
+        mask = np.pad(np.ones(x.shape[2:]), full_pads)
+    else:
+        mask = np.pad(np.pad(np.ones(x.shape[2:]), pads, constant_values=1.0), [(0, v) for v in over])
+    count = _windows(mask[None, None], kernel, strides, ones)[0, 0].sum(axis=k_axes)
+    return win.sum(axis=k_axes) / count
+
+
+@_op("max_pool")
+def _max_pool(op, a):
+    return _pool(op, a, "max")
+
+
+@_op("avg_pool")
+def _avg_pool(op, a):
+    return _pool(op, a, "avg")
