@@ -58,6 +58,14 @@ class TorchBackend(Backend):
                 out.append(Unit(name, type(module).__name__, mro, "weight", w.shape, 0, 1, module))
         return out
 
+    def activation_rules(self):
+        """What this backend quantizes for activations (``quanta.plugins.fx.rules.ActivationRules``):
+        Linear/Conv outputs and inputs, add/mul/matmul/cat; conv+bn(+relu), linear+relu and add+relu
+        fuse; activations are int8 or uint8, per tensor."""
+        from quanta.plugins.fx.rules import default_torch_rules
+
+        return default_torch_rules()
+
     def module_names(self, model: nn.Module) -> list[str]:
         return [n for n, _ in model.named_modules() if n]
 
@@ -70,8 +78,8 @@ class TorchBackend(Backend):
     def read_weight(self, model, unit: Unit) -> torch.Tensor:
         return getattr(unit.handle, unit.param).detach()
 
-    def write(self, model, unit: Unit, record) -> None:
-        attach_record(unit.handle, unit.param, record)
+    def write(self, model, unit: Unit, record, values=None) -> None:
+        attach_record(unit.handle, unit.param, record, values)
 
     def snapshot(self, model, units):
         """Clones of the weights about to change, and each module's record state."""
