@@ -25,6 +25,7 @@ from .export import export, verify
 from .hookspecs import hookimpl, hookspec
 from .pipeline import plan, quantize
 from .plan import Plan, PlannedLayer
+from .quantizer import Quantizer
 from .record import QuantizedWeight, read_record, records
 from .report import LayerReport, Report
 from .spec import Granularity, QuantDtype, QuantSpec
@@ -33,7 +34,7 @@ from .weights import quantize_weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "plan", "export", "verify", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
+    "quantize", "plan", "Quantizer", "export", "verify", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
     "Report", "LayerReport", "hookimpl", "hookspec",
     "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError",

@@ -9,6 +9,10 @@ BUILTIN_PLUGINS = (
     "quanta.plugins.observers",
     "quanta.plugins.torch_backend",
     "quanta.plugins.rtn",
+    "quanta.plugins.gptq.algorithm",
+    "quanta.plugins.activation_observers",
+    "quanta.plugins.calibrate",
+    "quanta.plugins.qat",
     "quanta.plugins.coreml.exporter",
     "quanta.plugins.coreml.backend",
 )

@@ -1,0 +1,96 @@
+"""Algorithm ``calibrate``: static W8A8 post-training quantization.
+
+Observers on every quantized activation, one pass over the calibration data (batch norms in
+inference mode, no fake quantization), then qparams: int8 activations, and weights quantized
+round-to-nearest with their layer spec (int8 per-channel by default). Same machinery as
+``qat`` with milestones ``[0, inf, inf, 0]`` (coremltools' calibration recipe).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import quanta
+from quanta.errors import ConfigError
+from quanta.plugin import Algorithm
+from quanta.plugins.fx.options import (
+    activation_dtype_field,
+    activation_observer_field,
+    activation_scheme_field,
+    averaging_constant_field,
+    make_session,
+)
+from quanta.plugins.fx.session import call_model
+
+__all__ = ["CalibrateConfig", "Calibrate"]
+
+
+@attrs.frozen(kw_only=True)
+class CalibrateConfig:
+    """Options of ``calibrate``."""
+
+    activation_dtype: str = activation_dtype_field("int8")
+    activation_scheme: str | None = activation_scheme_field()
+    activation_observer: str = activation_observer_field("minmax")
+    averaging_constant: float = averaging_constant_field()
+    nsamples: int | None = attrs.field(default=None, metadata={
+        "doc": "use at most this many calibration batches (null: all)"})
+
+
+class _CalibrationSession:
+    """Wraps an ActivationSession so ``Quantizer.step()`` is a no-op: observers are on from prepare."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def prepare(self, example_inputs=None, inplace=False):
+        gm = self.inner.prepare(example_inputs, inplace)
+        self.inner.set_state(observers=True, fake_quant=False, bn_frozen=True)
+        return gm
+
+    def step(self):
+        if self.inner.gm is None:
+            self.inner.step()  # raises "call prepare() first"
+
+    def finalize(self, model=None, inplace=False):
+        return self.inner.finalize(model, inplace)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class Calibrate(Algorithm):
+    """Static W8A8: observe activations over calibration data, then finalize."""
+
+    name = "calibrate"
+    description = "static W8A8 post-training quantization: activation observers over calibration data (torch.fx)"
+    config_class = CalibrateConfig
+    needs_data = True
+
+    def session(self, model, plan, recipe, backend, context=None):
+        config = recipe.algorithm_config or CalibrateConfig()
+        return _CalibrationSession(make_session(model, plan, recipe, backend, config, context=context))
+
+    def run(self, model, plan, data, context):
+        config = context.config or CalibrateConfig()
+        batches = iter(data)
+        try:
+            first = next(batches)
+        except StopIteration:
+            raise ConfigError("calibration data is empty", "data") from None
+        example = tuple(first.values()) if isinstance(first, dict) else first
+        session = self.session(model, plan, context.recipe, context.backend, context=context)
+        gm = session.prepare(example_inputs=example, inplace=True)
+        with torch.no_grad():
+            call_model(gm, first)
+            for i, batch in enumerate(batches, start=1):
+                if config.nsamples is not None and i >= config.nsamples:
+                    break
+                call_model(gm, batch)
+        return session.finalize(inplace=True)
+
+
+@quanta.hookimpl
+def register_algorithms(register):
+    register(Calibrate())

@@ -1,0 +1,224 @@
+"""Fake-quantization modules: weights (any granularity), activations (per tensor), and the
+training-time forms of Linear, Conv and Conv+BatchNorm that use them.
+
+Forward passes use torch's fused fake-quantize kernels (``torch.fake_quantize_per_channel_affine``
+and ``torch.fake_quantize_per_tensor_affine``), whose gradient is the straight-through
+estimator (1 inside the integer range, 0 where values clamp). Qparams come from the scheme
+plugins, so a fake-quantized value equals ``scheme.dequantize(scheme.quantize(x))`` (the
+kernels multiply by ``1/scale`` where the scheme divides by ``scale``: a value sitting within
+one float32 ulp of a rounding tie may land one code apart).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quanta.qmath import from_groups, to_groups
+from quanta.spec import QuantDtype, QuantSpec
+from quanta.weights import resolve_observer, resolve_scheme
+
+__all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
+           "QuantConv3d", "ConvBnQAT", "QAT_WEIGHTED", "to_qat_module"]
+
+
+class WeightFakeQuantize(nn.Module):
+    """Fake-quantizes a weight with a :class:`QuantSpec` (per-tensor, per-channel or per-block).
+
+    The range is taken from the current weight at every forward (what ``finalize`` records),
+    through the spec's observer and scheme plugins. ``fake_quant_enabled`` switches it off
+    (identity). ``forward(w)``: ``w``'s shape in, same shape out.
+    """
+
+    def __init__(self, spec: QuantSpec, channel_axis: int = 0, input_axis: int = 1):
+        super().__init__()
+        self.spec = spec
+        self.channel_axis, self.input_axis = channel_axis, input_axis
+        self.scheme = resolve_scheme(spec.scheme)
+        self.observer = resolve_observer(spec.observer)
+        self.quant_min, self.quant_max = self.scheme.quant_range(spec.dtype)
+        self.fake_quant_enabled = True
+        self._sizes: dict[tuple, list[int]] = {}
+
+    def block_sizes(self, shape) -> list[int]:
+        shape = tuple(shape)
+        if shape not in self._sizes:
+            self._sizes[shape] = self.spec.block_sizes(shape, self.channel_axis, self.input_axis)
+        return self._sizes[shape]
+
+    def qparams(self, weight: torch.Tensor):
+        """``(scale [G], zero_point [G] int32)`` of the current weight, one entry per group."""
+        sizes = self.block_sizes(weight.shape)
+        with torch.no_grad():
+            groups = to_groups(weight.detach().float(), sizes)
+            lo, hi = self.observer.observe(groups, self.spec, self.scheme)
+            scale, zp = self.scheme.qparams(lo, hi, self.spec.dtype)
+            zp = torch.zeros_like(scale, dtype=torch.int32) if zp is None else zp.to(torch.int32)
+        return scale.float(), zp
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled:
+            return weight
+        sizes = self.block_sizes(weight.shape)
+        scale, zp = self.qparams(weight)
+        # Per-block and per-tensor are per-channel on the [G, K] group view (a reshape).
+        groups = to_groups(weight, sizes)
+        fq = torch.fake_quantize_per_channel_affine(groups, scale, zp, 0, self.quant_min, self.quant_max)
+        return from_groups(fq, tuple(weight.shape), sizes)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.describe()}, fake_quant={self.fake_quant_enabled}"
+
+
+class ActivationFakeQuantize(nn.Module):
+    """Observes and fake-quantizes one activation, per tensor.
+
+    Holds a streaming observer (``observer``: ``forward(x)`` updates ``min_val``/``max_val``),
+    the scheme plugin and the activation ``dtype``. Two switches, set by the milestones:
+    ``observer_enabled`` and ``fake_quant_enabled``. ``forward(x)``: any shape, same shape out.
+    ``site`` names the op whose output (or input) this is, for messages.
+    """
+
+    def __init__(self, observer: nn.Module, scheme_name: str, dtype: QuantDtype, site: str = ""):
+        super().__init__()
+        self.observer = observer
+        self.scheme_name = scheme_name
+        self.scheme = resolve_scheme(scheme_name)
+        self.dtype = dtype
+        self.site = site
+        self.quant_min, self.quant_max = self.scheme.quant_range(dtype)
+        self.observer_enabled = True
+        self.fake_quant_enabled = True
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        self._stale = True
+
+    @property
+    def observed(self) -> bool:
+        return bool(torch.isfinite(self.observer.min_val)) and bool(torch.isfinite(self.observer.max_val))
+
+    def update_qparams(self) -> None:
+        """Recompute ``scale``/``zero_point`` from the observer's range (scheme plugin)."""
+        with torch.no_grad():
+            if not self.observed:
+                return
+            scale, zp = self.scheme.qparams(self.observer.min_val.reshape(1), self.observer.max_val.reshape(1),
+                                            self.dtype)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(torch.zeros(1) if zp is None else zp)
+        self._stale = False
+
+    def qparams(self) -> tuple[float, int]:
+        """``(scale, zero_point)`` as Python numbers, as the finalized graph uses them."""
+        if self._stale:
+            self.update_qparams()
+        return float(self.scale), int(self.zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled:
+            self.observer(x)
+            self._stale = True
+        if not self.fake_quant_enabled:
+            return x
+        if self._stale:
+            self.update_qparams()
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+    def extra_repr(self) -> str:
+        return (f"{self.dtype} {self.scheme_name}, observer={self.observer_enabled}, "
+                f"fake_quant={self.fake_quant_enabled}, site={self.site!r}")
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose forward uses the fake-quantized weight (same Parameters as the original)."""
+
+    weight_fake_quant: WeightFakeQuantize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_fake_quant(self.weight), self.bias)
+
+
+class _QuantConvMixin:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias)
+
+
+class QuantConv1d(_QuantConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` with a fake-quantized weight."""
+
+
+class QuantConv2d(_QuantConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` with a fake-quantized weight."""
+
+
+class QuantConv3d(_QuantConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` with a fake-quantized weight."""
+
+
+#: float type -> training form.
+QAT_WEIGHTED = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d}
+
+
+def to_qat_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
+    """The training form of a Linear/Conv sharing ``module``'s Parameters (no copy of the weight)."""
+    cls = QAT_WEIGHTED[type(module)]
+    qat = cls.__new__(cls)
+    qat.__dict__.update(module.__dict__)
+    # Fresh containers: the original module keeps its own (the user's model is not rewired).
+    qat._parameters = dict(module._parameters)
+    qat._buffers = dict(module._buffers)
+    qat._modules = dict(module._modules)
+    qat.weight_fake_quant = WeightFakeQuantize(spec, 0, 1)
+    return qat
+
+
+class ConvBnQAT(nn.Module):
+    """Conv followed by BatchNorm, folded for training (the exported weight includes the bn).
+
+    The weight is fake-quantized after scaling by ``gamma / sqrt(running_var + eps)``. While
+    training with ``freeze_bn`` off, the bn still uses batch statistics (the conv output is
+    rescaled back first) and updates its running statistics. With ``freeze_bn`` on, or in
+    eval mode, the forward is exactly the folded conv that ``finalize`` writes.
+    """
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, spec: QuantSpec):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+        self.weight_fake_quant = WeightFakeQuantize(spec, 0, 1)
+        self.freeze_bn = False
+
+    def _scale_factor(self) -> torch.Tensor:
+        bn = self.bn
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        return inv_std * bn.weight if bn.weight is not None else inv_std
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, bias)`` of the equivalent plain conv (bn in inference mode)."""
+        bn, conv = self.bn, self.conv
+        factor = self._scale_factor()
+        shape = [-1] + [1] * (conv.weight.dim() - 1)
+        weight = conv.weight * factor.reshape(shape)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        bias = (bias - bn.running_mean) * factor
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        factor = self._scale_factor()
+        wshape = [-1] + [1] * (conv.weight.dim() - 1)
+        oshape = [1, -1] + [1] * (conv.weight.dim() - 2)
+        weight = self.weight_fake_quant(conv.weight * factor.reshape(wshape))
+        y = conv._conv_forward(x, weight, None)
+        if self.freeze_bn or not self.training:
+            _, bias = self.folded()
+            return y + bias.reshape(oshape)
+        y = y / factor.reshape(oshape)
+        if conv.bias is not None:
+            y = y + conv.bias.reshape(oshape)
+        return bn(y)
+
+    def extra_repr(self) -> str:
+        return f"freeze_bn={self.freeze_bn}"

@@ -1,0 +1,92 @@
+"""Activation options shared by the ``qat`` and ``calibrate`` configs, and the session factory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from quanta.errors import ConfigError, PluginNotFoundError
+
+from .session import ActivationOptions, ActivationSession, parse_activation_dtype, unit_for
+
+__all__ = ["activation_dtype_field", "activation_scheme_field", "activation_observer_field",
+           "averaging_constant_field", "make_session"]
+
+
+def _check_dtype(_inst, attribute, value):
+    try:
+        parse_activation_dtype(value)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).split(": ", 1)[-1], attribute.name) from None
+
+
+def _check_name(_inst, attribute, value):
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"expected a plugin name, got {value!r}", attribute.name)
+
+
+def _check_constant(_inst, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"must be a number in (0, 1], got {value!r}", attribute.name)
+
+
+def activation_dtype_field(default: str):
+    return attrs.field(default=default, validator=_check_dtype, metadata={
+        "doc": "activation dtype: 'int8', 'uint8' (also torch.qint8/quint8), or 'float32' for weight-only"})
+
+
+def activation_scheme_field():
+    return attrs.field(default=None, validator=_check_name, metadata={
+        "doc": "scheme plugin for activations ('symmetric', 'affine'); null: the global_config's scheme "
+               "(coremltools' quantization_scheme applies to both)"})
+
+
+def activation_observer_field(default: str):
+    return attrs.field(default=default, validator=_check_name, metadata={
+        "doc": "observer plugin with a streaming form for activations: 'minmax' or 'moving_average_minmax'"})
+
+
+def averaging_constant_field():
+    return attrs.field(default=0.01, validator=_check_constant, metadata={
+        "doc": "moving_average_minmax: weight of each new batch's range, in (0, 1]"})
+
+
+def _check_plugin(kind: str, name: str, key: str) -> None:
+    from quanta import registry
+
+    try:
+        registry.get(kind, name)
+    except PluginNotFoundError as exc:
+        raise ConfigError(str(exc), key) from None
+
+
+def make_session(model, plan, recipe, backend, config: Any, milestones=None, context=None) -> ActivationSession:
+    """Build an :class:`ActivationSession` from an algorithm config; validates names first.
+
+    With a ``context`` (``quanta.pipeline.RunContext``), each record is written through
+    ``context.write_layer`` (report rows and ``layer_quantized`` events).
+    """
+    dtype = parse_activation_dtype(config.activation_dtype)
+    scheme = config.activation_scheme
+    if scheme is None:
+        scheme = recipe.global_config.scheme if recipe.global_config is not None else "symmetric"
+    _check_plugin("scheme", scheme, "activation_scheme")
+    _check_plugin("observer", config.activation_observer, "activation_observer")
+    if dtype is not None:
+        from quanta.plugins.activation_observers import streaming_observer
+
+        streaming_observer(config.activation_observer)  # raises ConfigError if it cannot stream
+    options = ActivationOptions(dtype=dtype, scheme=scheme, observer=config.activation_observer,
+                                averaging_constant=config.averaging_constant, milestones=milestones)
+    on_record = None
+    if context is not None:
+        layers = {p.unit.name: p for p in plan.layers}
+
+        def on_record(name, module, record, float_weight):
+            layer = layers[name]
+            layer = attrs.evolve(layer, unit=unit_for(name, module, plan))
+            context.write_layer(module, layer, record, float_weight)
+
+    return ActivationSession(model, plan, recipe, backend, options, on_record=on_record)
+

@@ -1,0 +1,72 @@
+"""Algorithm ``qat``: FX-based quantization-aware training (W8A8 fake quantization with milestones).
+
+Drive it with ``quanta.Quantizer(model, config)``: ``prepare(example_inputs)`` → your training
+loop calling ``step()`` → ``finalize()``. See ``docs/activation-quantization.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+import quanta
+from quanta.errors import QuantizationError
+from quanta.plugin import Algorithm
+from quanta.plugins.fx.milestones import check_milestones
+from quanta.plugins.fx.options import (
+    activation_dtype_field,
+    activation_observer_field,
+    activation_scheme_field,
+    averaging_constant_field,
+    make_session,
+)
+
+__all__ = ["QATConfig", "QAT"]
+
+
+def _milestones(value: Any):
+    return None if value is None else list(value) if isinstance(value, tuple) else value
+
+
+def _check(_inst, _attribute, value):
+    check_milestones(value, "milestones")
+
+
+@attrs.frozen(kw_only=True)
+class QATConfig:
+    """Options of ``qat`` (recipe top level or inside ``global_config``, as coremltools writes them)."""
+
+    milestones: list | None = attrs.field(default=None, converter=_milestones, validator=_check, metadata={
+        "doc": "[observers_on, fake_quant_on, observers_off, bn_frozen] in step() calls; the k-th step() "
+               "applies every milestone <= k; null: observers and fake quantization on from prepare()"})
+    activation_dtype: str = activation_dtype_field("int8")
+    activation_scheme: str | None = activation_scheme_field()
+    activation_observer: str = activation_observer_field("moving_average_minmax")
+    averaging_constant: float = averaging_constant_field()
+
+
+class QAT(Algorithm):
+    """Fake-quantizes weights and activations in a traced graph for training; ``finalize`` gives
+    quanta weight records and quantize/dequantize activation pairs."""
+
+    name = "qat"
+    description = "quantization-aware training: torch.fx fake quantization of weights and activations, milestones"
+    config_class = QATConfig
+    needs_data = False
+
+    def session(self, model, plan, recipe, backend, context=None):
+        """An ActivationSession for ``quanta.Quantizer`` (prepare / step / finalize)."""
+        config = recipe.algorithm_config or QATConfig()
+        milestones = check_milestones(config.milestones)
+        return make_session(model, plan, recipe, backend, config, milestones=milestones, context=context)
+
+    def run(self, model, plan, data, context):
+        raise QuantizationError("algorithm 'qat' needs your training loop: use quanta.Quantizer(model, config) "
+                                "with prepare(example_inputs=...), step() per training step and finalize(); "
+                                "for one-shot W8A8 from calibration data use algorithm 'calibrate'")
+
+
+@quanta.hookimpl
+def register_algorithms(register):
+    register(QAT())
