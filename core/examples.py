@@ -17,7 +17,7 @@ import torch
 
 from .errors import ConfigError, did_you_mean
 
-__all__ = ["Example", "EXAMPLES", "load_example", "SENTENCES", "minilm_path", "mean_pool"]
+__all__ = ["Example", "EXAMPLES", "load_example", "SENTENCES", "corpus_sentences", "minilm_path", "mean_pool"]
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -53,6 +53,19 @@ SENTENCES = [
     "Solar panels convert sunlight directly into electricity.",
     "Don't forget to bring an umbrella, it looks like rain.",
 ]
+
+
+def corpus_sentences() -> list[str]:
+    """About a thousand real English sentences from the Python language reference that ships
+    with CPython (``pydoc_data.topics``), in a fixed order: offline calibration and evaluation text."""
+    import re
+
+    from pydoc_data import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics.topics[k] for k in sorted(topics.topics)))
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    return [s for s in sentences
+            if 40 <= len(s) <= 200 and re.match(r"^[A-Z][a-z]", s) and not re.search(r"[{}\[\]=<>:_*`|\\]", s)]
 
 
 @attrs.frozen(kw_only=True)

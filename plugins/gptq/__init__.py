@@ -1,0 +1,1 @@
+"""GPTQ: the column solver (``solver``) and the ``gptq`` algorithm plugin (``algorithm``)."""

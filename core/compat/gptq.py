@@ -1,0 +1,136 @@
+"""coremltools' ``LayerwiseCompressor`` (GPTQ) names over ``quanta.quantize`` (algorithm ``gptq``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import yaml
+
+from ..config import load_recipe
+from ..errors import ConfigError
+from ..pipeline import quantize
+from .ptq import annotate_for_coreml
+
+__all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
+
+#: coremltools' ModuleGPTQConfig defaults (note: uint8, symmetric, per-channel).
+_GPTQ_DEFAULTS = {"weight_dtype": "uint8", "granularity": "per_channel", "quantization_scheme": "symmetric"}
+
+
+@attrs.define(kw_only=True)
+class ModuleGPTQConfig:
+    """Per-module GPTQ options with coremltools' names and defaults. ``weight_dtype`` also
+    accepts a bit count (``4``), as coremltools' documentation shows."""
+
+    algorithm: str = "gptq"
+    weight_dtype: Any = "uint8"
+    granularity: Any = "per_channel"
+    quantization_scheme: Any = "symmetric"
+    block_size: Any = None
+    enable_normal_float: bool = False
+    hessian_dampening: float = 0.01
+    use_activation_order_heuristic: bool = False
+    processing_group_size: int = 128
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> "ModuleGPTQConfig":
+        return cls(**config_dict)
+
+    def as_dict(self) -> dict:
+        out = attrs.asdict(self)
+        if out["block_size"] is None:
+            del out["block_size"]
+        out["quantization_scheme"] = str(getattr(out["quantization_scheme"], "value", out["quantization_scheme"]))
+        return out
+
+
+def _layer(value):
+    if value is None:
+        return None
+    if isinstance(value, ModuleGPTQConfig):
+        return value.as_dict()
+    return {**_GPTQ_DEFAULTS, **dict(value)}
+
+
+@attrs.define(kw_only=True)
+class LayerwiseCompressorConfig:
+    """``global_config``, ``module_type_configs``, ``module_name_configs``, ``layers``,
+    ``input_cacher`` and ``calibration_nsamples``, as in coremltools."""
+
+    global_config: Any = None
+    module_type_configs: dict = attrs.field(factory=dict)
+    module_name_configs: dict = attrs.field(factory=dict)
+    layers: Any = None
+    input_cacher: str = "default"
+    calibration_nsamples: int = 128
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> "LayerwiseCompressorConfig":
+        """Build from coremltools' dict shape; unknown keys fail naming the nearest key."""
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = [k for k in config_dict if k not in known]
+        if unknown:
+            from ..errors import did_you_mean
+
+            raise ConfigError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} "
+                              f"(allowed: {', '.join(sorted(known))})", unknown[0])
+        cfg = cls(**config_dict)
+        cfg.to_recipe()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path) -> "LayerwiseCompressorConfig":
+        with open(path) as fh:
+            return cls.from_dict(yaml.safe_load(fh) or {})
+
+    def as_dict(self) -> dict:
+        glob = _layer(self.global_config)
+        if glob is None and not self.module_type_configs and not self.module_name_configs:
+            glob = dict(_GPTQ_DEFAULTS)
+        out: dict[str, Any] = {"algorithm": "gptq", "global_config": glob,
+                               "input_cacher": self.input_cacher, "calibration_nsamples": self.calibration_nsamples}
+        if glob is not None:
+            glob.pop("algorithm", None)
+        if self.layers is not None:
+            out["layers"] = [getattr(x, "__name__", x) if isinstance(x, str) else x for x in self.layers]
+        if self.module_type_configs:
+            out["module_type_configs"] = {k: _strip(_layer(v)) for k, v in self.module_type_configs.items()}
+        if self.module_name_configs:
+            out["module_name_configs"] = {k: _strip(_layer(v)) for k, v in self.module_name_configs.items()}
+        return out
+
+    def to_recipe(self):
+        """The equivalent quanta recipe (algorithm ``gptq``; unsupported layers left float, as coremltools)."""
+        return load_recipe({**self.as_dict(), "on_unsupported_layer": "skip"})
+
+
+def _strip(layer):
+    # Per-layer GPTQ knobs are global in quanta; keep only the layer's quantization keys.
+    if layer is None:
+        return None
+    return {k: v for k, v in layer.items() if k in ("weight_dtype", "granularity", "quantization_scheme", "block_size")}
+
+
+class LayerwiseCompressor:
+    """``LayerwiseCompressor(model, config).compress(dataloader, device=None, inplace=False)``."""
+
+    def __init__(self, model, config: LayerwiseCompressorConfig | dict | None = None):
+        if config is None:
+            config = LayerwiseCompressorConfig()
+        elif isinstance(config, dict):
+            config = LayerwiseCompressorConfig.from_dict(config)
+        self._model, self._config = model, config
+        self._recipe = config.to_recipe()
+        self._result = None
+
+    def compress(self, dataloader, device: str | None = None, inplace: bool = False):
+        """Quantize with GPTQ on ``dataloader``'s samples; ``device`` is optional here."""
+        self._result = quantize(self._model, self._recipe, data=dataloader, inplace=inplace, device=device)
+        return annotate_for_coreml(self._result)
+
+    def report(self):
+        """The quanta :class:`~quanta.Report` of the last ``compress()``."""
+        if self._result is None:
+            raise RuntimeError("call compress() first")
+        return self._result.quanta_report

@@ -1,0 +1,334 @@
+"""Algorithm ``gptq``: layer-wise, Hessian-based weight quantization from calibration data.
+
+The model is processed one block at a time (the children of its largest ``nn.ModuleList``
+of layers, e.g. a transformer's layers; else its top-level children when it is a
+``Sequential``; else the whole model as one block). The first block's inputs (positional
+and keyword: attention masks travel with every sample) are cached once; for each block the
+Hessians ``H = 2/n Σ xᵀx`` of its Linear/Conv layers are accumulated in float32 from that
+block's inputs, the layers are solved with the GPTQ column solver, and the *quantized*
+block's outputs replace the cached inputs for the next block. Memory holds one block's
+activations. Layers outside the blocks are calibrated by a final pass of the (already
+quantized) model. Weights GPTQ cannot calibrate (Embedding, MultiheadAttention input
+projections, grouped convs, ConvTranspose) get round-to-nearest, said in the report.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quanta
+from quanta.errors import ConfigError, QuantizationError
+from quanta.plugin import Algorithm
+from quanta.qmath import scale_shape
+from quanta.record import QuantizedWeight
+from quanta.spec import Granularity
+from quanta.weights import check_finite, resolve_observer, resolve_scheme
+
+from .solver import gptq_quantize
+
+__all__ = ["GPTQConfig", "GPTQ", "PluginQuantizer", "find_blocks"]
+
+
+def _doc(text: str) -> dict:
+    return {"doc": text}
+
+
+@attrs.frozen(kw_only=True)
+class GPTQConfig:
+    """Options of the ``gptq`` algorithm (coremltools' names where they exist)."""
+
+    calibration_nsamples: int = attrs.field(default=128, metadata=_doc("calibration samples (batches) used"))
+    hessian_dampening: float = attrs.field(default=0.01, metadata=_doc("dampening as a fraction of mean(diag(H))"))
+    processing_group_size: int = attrs.field(default=128, metadata=_doc("columns per lazy batch update"))
+    use_activation_order_heuristic: bool = attrs.field(
+        default=False, metadata=_doc("quantize columns by descending Hessian diagonal (act-order)"))
+    static_groups: bool = attrs.field(default=False, metadata=_doc("per-block qparams fitted up front on the float weight"))
+    input_cacher: str = attrs.field(default="default", metadata=_doc("'default': cache the first block's inputs"))
+    layers: Any = attrs.field(default=None, metadata=_doc("block names or 're:' patterns to process (default: found)"))
+    device: Any = attrs.field(default=None, metadata=_doc("torch device for the computation (default: the model's)"))
+    enable_normal_float: bool = attrs.field(default=False, metadata=_doc("coremltools' NF mode (not supported)"))
+
+    def __attrs_post_init__(self):
+        if not isinstance(self.calibration_nsamples, int) or self.calibration_nsamples < 1:
+            raise ConfigError(f"must be a positive integer, got {self.calibration_nsamples!r}", "calibration_nsamples")
+        if not isinstance(self.processing_group_size, int) or self.processing_group_size < 1:
+            raise ConfigError(f"must be a positive integer, got {self.processing_group_size!r}", "processing_group_size")
+        if not 0 <= float(self.hessian_dampening) < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.hessian_dampening!r}", "hessian_dampening")
+        if self.input_cacher not in ("default", "gptq"):
+            raise ConfigError(f"unknown input cacher {self.input_cacher!r} (allowed: default)", "input_cacher")
+        if self.enable_normal_float:
+            raise ConfigError("normal-float (NF) quantization is not supported by quanta's gptq; use a scheme plugin",
+                              "enable_normal_float")
+
+
+class PluginQuantizer:
+    """Adapts a scheme and an observer plugin to the solver's ``fit/quantize/dequantize`` contract."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.scheme = resolve_scheme(spec.scheme)
+        self.observer = resolve_observer(spec.observer)
+
+    def fit(self, w):
+        lo, hi = self.observer.observe(w, self.spec, self.scheme)
+        scale, zp = self.scheme.qparams(lo, hi, self.spec.dtype)
+        return scale[:, None], (None if zp is None else zp[:, None])
+
+    def quantize(self, w, scale, zero_point):
+        return self.scheme.quantize(w, scale, zero_point, self.spec.dtype)
+
+    def dequantize(self, codes, scale, zero_point):
+        return self.scheme.dequantize(codes, scale, zero_point)
+
+
+class _Stop(Exception):
+    """Raised by the input cacher's hook to end a forward pass early."""
+
+
+def _call(module, sample):
+    if isinstance(sample, dict):
+        return module(**sample)
+    if isinstance(sample, (tuple, list)):
+        return module(*sample)
+    return module(sample)
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    raise QuantizationError(f"cannot find the hidden state in a block output of type {type(out).__name__}")
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The blocks processed in order: named ones, else the largest ModuleList's children, else
+    a Sequential's children, else ``[("", model)]``."""
+    modules = dict(model.named_modules())
+    if names:
+        import re
+
+        out = []
+        for pattern in names:
+            hits = [n for n in modules if (re.fullmatch(pattern[3:], n) if pattern.startswith("re:") else n == pattern)]
+            if not hits:
+                raise ConfigError(f"no module named {pattern!r}", "layers")
+            out.extend((n, modules[n]) for n in hits)
+        return out
+    lists = [(n, m) for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) >= 2]
+    if lists:
+        name, best = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+        return [(f"{name}.{i}", child) for i, child in enumerate(best)]
+    if isinstance(model, nn.Sequential):
+        return [(n, c) for n, c in model.named_children()]
+    return [("", model)]
+
+
+def _calibratable(module: nn.Module) -> str | None:
+    """None when GPTQ can calibrate this module's weight, else the reason it cannot."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        if module.groups != 1:
+            return "grouped convolution"
+        if module.padding_mode != "zeros":
+            return f"padding_mode {module.padding_mode!r}"
+        return None
+    return f"{type(module).__name__} weights get no calibration inputs"
+
+
+class _HessianHook:
+    """Accumulates ``Σ xᵀx`` (float32) and the row count for one Linear/Conv module."""
+
+    def __init__(self, module: nn.Module, device):
+        self.module = module
+        cols = module.weight[0].numel()
+        self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self.rows = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        x = args[0].detach()
+        if isinstance(module, nn.Linear):
+            x = x.reshape(-1, x.shape[-1])
+        elif isinstance(module, nn.Conv1d):
+            x = F.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), dilation=(module.dilation[0], 1),
+                         padding=(module.padding[0], 0) if not isinstance(module.padding, str) else 0,
+                         stride=(module.stride[0], 1))
+            x = x.transpose(1, 2).reshape(-1, x.shape[1])
+        else:
+            if isinstance(module.padding, str):
+                raise QuantizationError("gptq needs numeric padding for convolutions", None)
+            x = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+            x = x.transpose(1, 2).reshape(-1, x.shape[1])
+        x = x.to(self.xtx.device, torch.float32)
+        self.xtx.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        self.handle.remove()
+        return self.xtx.mul_(2.0 / max(self.rows, 1))
+
+
+class GPTQ(Algorithm):
+    """GPTQ (Frantar et al., 2022) with layer-sequential calibration and the plugin schemes."""
+
+    name = "gptq"
+    description = "GPTQ: Hessian-based, layer-wise weight quantization from calibration data"
+    config_class = GPTQConfig
+    needs_data = True
+
+    def validate(self, plan, recipe) -> None:
+        for layer in plan.selected:
+            if layer.spec.granularity is Granularity.per_tensor:
+                raise ConfigError(f"gptq supports per_channel and per_block, not per_tensor (layer {layer.name!r})",
+                                  "granularity")
+
+    def run(self, model, plan, data, context) -> None:
+        cfg: GPTQConfig = context.config or GPTQConfig()
+        device = torch.device(cfg.device or context.device or next(model.parameters()).device)
+        samples = _take(data, cfg.calibration_nsamples)
+        todo = {layer.unit.handle: layer for layer in plan.selected}
+        for module, layer in list(todo.items()):
+            reason = _calibratable(module)
+            if reason is not None or layer.unit.param != "weight":
+                context.quantize_layer(model, layer)
+                context.report.layers[-1].extra["method"] = f"rtn ({reason or 'attention projection'})"
+                del todo[module]
+        if not todo:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                self._run_blocks(model, todo, samples, cfg, device, context)
+        finally:
+            model.train(was_training)
+
+    def _run_blocks(self, model, todo, samples, cfg, device, context):
+        blocks = find_blocks(model, cfg.layers)
+        block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
+        if blocks and blocks[0][1] is not model and block_modules:
+            cache = _cache_inputs(model, blocks[0][1], samples, device)
+            for name, block in blocks:
+                mine = {m: l for m, l in todo.items() if _contains(block, m)}
+                home = _device_of(block)
+                block.to(device)
+                if mine:
+                    hooks = {m: _HessianHook(m, device) for m in mine}
+                    for args, kwargs in cache:
+                        block(*args, **kwargs)
+                    self._solve(model, mine, hooks, cfg, device, context)
+                    for m in mine:
+                        del todo[m]
+                for i, (args, kwargs) in enumerate(cache):  # quantized outputs feed the next block
+                    out = _first_tensor(block(*args, **kwargs))
+                    cache[i] = ((out, *args[1:]), kwargs)
+                block.to(home)
+            del cache
+        if todo:  # layers outside the blocks (heads, poolers): one pass of the quantized model
+            home = _device_of(model)
+            model.to(device)
+            hooks = {m: _HessianHook(m, device) for m in todo}
+            for sample in samples:
+                _call(model, _to(sample, device))
+            self._solve(model, dict(todo), hooks, cfg, device, context)
+            model.to(home)
+
+    def _solve(self, model, mine, hooks, cfg, device, context):
+        for module, layer in mine.items():
+            hessian = hooks[module].hessian()
+            original = module.weight.detach()
+            check_finite(original, layer.name)
+            w = original.to(device, torch.float32).reshape(original.shape[0], -1)
+            spec = layer.spec
+            per_col = original[0, 0].numel()  # kernel elements per input channel
+            block = spec.block_size * per_col if spec.granularity is Granularity.per_block else None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = gptq_quantize(w, hessian, PluginQuantizer(spec), block_size=block,
+                                       processing_group_size=cfg.processing_group_size,
+                                       damp=float(cfg.hessian_dampening), act_order=cfg.use_activation_order_heuristic,
+                                       static_groups=cfg.static_groups)
+            for warning in caught:
+                warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
+            sizes = spec.block_sizes(tuple(original.shape), 0, 1, layer.name)
+            qshape = scale_shape(tuple(original.shape), sizes)
+            storage = spec.dtype.torch_storage
+            record = QuantizedWeight(
+                codes=result.codes.reshape(original.shape).to(storage),
+                scale=result.scale.reshape(qshape).to(torch.float32),
+                zero_point=None if result.zero_point is None else result.zero_point.reshape(qshape).to(storage),
+                spec=spec, block_sizes=tuple(sizes), channel_axis=0, input_axis=1,
+            ).to(original.device)
+            values = result.weight.reshape(original.shape).to(original.device)
+            context.write_layer(model, layer, record, original, values=values,
+                                extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp)})
+
+
+def _contains(parent: nn.Module, module: nn.Module) -> bool:
+    return any(m is module for m in parent.modules())
+
+
+def _device_of(module: nn.Module):
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _take(data, n: int) -> list:
+    out = []
+    for sample in data:
+        out.append(sample)
+        if len(out) >= n:
+            break
+    if not out:
+        raise ConfigError("calibration data is empty", "data")
+    return out
+
+
+def _cache_inputs(model, first_block, samples, device):
+    """Run the model until ``first_block`` for each sample; keep its (args, kwargs) on ``device``."""
+    cache = []
+
+    def hook(module, args, kwargs):
+        cache.append((_to(tuple(args), device), _to(dict(kwargs), device)))
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    home = _device_of(model)
+    try:
+        for sample in samples:
+            try:
+                _call(model, _to(sample, home))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(cache) != len(samples):
+        raise QuantizationError(f"the first block was reached by {len(cache)} of {len(samples)} samples")
+    return cache
+
+
+@quanta.hookimpl
+def register_algorithms(register):
+    register(GPTQ())
