@@ -41,6 +41,7 @@ class Report:
     layers: list[LayerReport] = attrs.field(factory=list)
     skipped: list[tuple[str, str]] = attrs.field(factory=list)
     seconds: float = 0.0
+    stats: dict = attrs.field(factory=dict)  # run-level figures an algorithm reports (e.g. cache bytes)
 
     @property
     def bytes(self) -> int:
@@ -59,7 +60,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"algorithm": self.algorithm, "seconds": self.seconds, "bytes": self.bytes,
                 "float_bytes": self.float_bytes, "layers": [r.to_dict() for r in self.layers],
-                "skipped": [{"name": n, "reason": why} for n, why in self.skipped]}
+                "skipped": [{"name": n, "reason": why} for n, why in self.skipped], "stats": dict(self.stats)}
 
     def table(self) -> str:
         extra_keys = sorted({k for r in self.layers for k in r.extra})
@@ -74,6 +75,8 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         for name, why in self.skipped:
             lines.append(f"{name}: float ({why})")
+        for key, value in self.stats.items():
+            lines.append(f"{key}: {value}")
         ratio = self.float_bytes / self.bytes if self.bytes else 0.0
         lines.append(f"{len(self.layers)} layers quantized with {self.algorithm!r} in {self.seconds:.2f} s: "
                      f"{self.float_bytes / 2**20:.2f} MiB fp16 -> {self.bytes / 2**20:.2f} MiB ({ratio:.2f}x smaller)")

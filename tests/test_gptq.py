@@ -112,6 +112,10 @@ def test_blocks_get_every_samples_keyword_inputs():
     assert methods["layers.2.fc2"] == "gptq" and methods["head"] == "gptq"
     assert methods["embed"].startswith("rtn")  # no inputs to calibrate an embedding: said in the report
     assert set(quanta.records(q)) >= {"layers.0.fc1.weight", "head.weight", "embed.weight"}
+    # Memory: the cache holds one block's inputs (hidden states and masks of every sample), never more.
+    one_block = sum(4 * 10 * 32 * 4 + 4 * 10 * 8 for _ in data)
+    assert q.quanta_report.stats["gptq_blocks"] == 3
+    assert q.quanta_report.stats["gptq_peak_cached_activation_bytes"] == one_block
 
 
 def test_conv_per_block_gptq_records():

@@ -230,7 +230,9 @@ class GPTQ(Algorithm):
         block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
         if blocks and blocks[0][1] is not model and block_modules:
             cache = _cache_inputs(model, blocks[0][1], samples, device)
+            peak = 0
             for name, block in blocks:
+                peak = max(peak, _nbytes(cache))
                 mine = {m: l for m, l in todo.items() if _contains(block, m)}
                 home = _device_of(block)
                 block.to(device)
@@ -246,6 +248,9 @@ class GPTQ(Algorithm):
                     cache[i] = ((out, *args[1:]), kwargs)
                 block.to(home)
             del cache
+            # Accounting, not sampling: the cache is the only activation storage between blocks.
+            context.report.stats["gptq_blocks"] = len(blocks)
+            context.report.stats["gptq_peak_cached_activation_bytes"] = peak
         if todo:  # layers outside the blocks (heads, poolers): one pass of the quantized model
             home = _device_of(model)
             model.to(device)
@@ -293,6 +298,16 @@ def _contains(parent: nn.Module, module: nn.Module) -> bool:
 def _device_of(module: nn.Module):
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _take(data, n: int) -> list:
