@@ -24,6 +24,15 @@ def _registry():
     return registry
 
 
+def _accepts_share(backend) -> bool:
+    import inspect
+
+    try:
+        return "share" in inspect.signature(backend.copy).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def choose_backend(model: Any, name: str | None = None):
     """The backend entry for ``model``: the one named, else the first whose ``accepts`` is true."""
     reg = _registry()
@@ -74,12 +83,10 @@ class RunContext:
         # A backend may ask for the math in another float type (Core ML: the const's fp16).
         dtype_of = getattr(self.backend, "compute_dtype", None)
         compute_dtype = dtype_of(model, unit) if callable(dtype_of) else torch.float32
-        record, values, sq_err = quantize_weight_with_values(
+        record, values, (sq_err, ref_sq) = quantize_weight_with_values(
             w, layer.spec, channel_axis=unit.channel_axis, input_axis=unit.input_axis, layer=unit.name,
             compute_dtype=compute_dtype)
-        if weight is None:
-            ref_sq = float(torch.linalg.vector_norm(original.detach().to(torch.float32))) ** 2
-        else:
+        if weight is not None:  # the error is reported against the model's own weight
             sq_err, ref_sq = None, None
         self.write_layer(model, layer, record.to(original.device), original, values=values.to(original.device),
                          sq_error=sq_err, ref_sq=ref_sq)
@@ -143,7 +150,9 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     if inplace:
         target, snapshot = model, impl.snapshot(model, units)
     else:
-        target, snapshot = impl.copy(model), None
+        share = tuple(units) if getattr(algo_entry.obj, "replaces_weights_only", False) else ()
+        target = impl.copy(model, share=share) if share and _accepts_share(impl) else impl.copy(model)
+        snapshot = None
         the_plan = _plan(target, recipe, backend_entry)  # units must point into the copy
     for p in the_plan.layers:
         if p.spec is None and p.reason.startswith("unsupported"):

@@ -77,12 +77,13 @@ def attach_record(module: torch.nn.Module, param: str, record: QuantizedWeight,
     ``values`` may pass ``record.dequantize()`` when the caller already has it.
     """
     weight = getattr(module, param)
-    values = (record.dequantize() if values is None else values).to(weight.dtype).reshape(weight.shape)
-    with torch.no_grad():
-        if values.device == weight.device and values.is_contiguous() and values.data_ptr() != weight.data_ptr():
-            weight.data = values  # take the new storage: no copy of a large weight
-        else:
-            weight.copy_(values)
+    values = (record.dequantize() if values is None else values).to(weight.device, weight.dtype)
+    values = values.reshape(weight.shape).contiguous()
+    if values.data_ptr() == weight.data_ptr():
+        values = values.clone()
+    # Always new storage, never an in-place write: a copied model may share the float weight's
+    # storage with the user's model (see ``Backend.copy(..., share=...)``).
+    weight.data = values
     module.register_buffer(param + "_quanta_codes", record.codes)
     module.register_buffer(param + "_quanta_scale", record.scale)
     if record.zero_point is not None:

@@ -73,13 +73,20 @@ def quantize_weight(
                                        layer=layer, scheme=scheme, observer=observer, compute_dtype=compute_dtype)[0]
 
 
+#: Elements per chunk when measuring the error: small temporaries instead of a weight-sized one.
+_ERROR_CHUNK = 1 << 22
+
+
 def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, layer=None, scheme=None,
                                 observer=None, compute_dtype=torch.float32):
-    """Like :func:`quantize_weight`, also returning the dequantized weight and ``‖W − Ŵ‖²``.
+    """Like :func:`quantize_weight`, also returning the dequantized weight and the squared norms.
 
-    Returns ``(record, dequantized [weight's shape, float32], squared_error: float)``. Every
-    step is a whole-tensor torch op on the grouped ``[G, K]`` view (no copy for Linear
-    weights), so this is a handful of memory passes using all intra-op threads.
+    Returns ``(record, dequantized [weight's shape, compute dtype], (‖W − Ŵ‖², ‖W‖²))``.
+    Every step is a whole-tensor torch op on the grouped ``[G, K]`` view (no copy for Linear
+    weights). Fresh memory is the expensive part on CPU (page faults), so only what is kept
+    is allocated: one float buffer that becomes the dequantized weight, and the codes. Schemes
+    with the optional in-place methods ``quantize_into``/``dequantize_`` (the built-ins) work
+    in that buffer; others go through ``quantize``/``dequantize``.
     """
     scheme = scheme or resolve_scheme(spec.scheme)
     observer = observer or resolve_observer(spec.observer)
@@ -92,16 +99,20 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())) or type(observer).__name__ != "MinMaxObserver":
         check_finite(w, layer)
     scale, zero_point = scheme.qparams(lo, hi, spec.dtype)
+    scale2 = scale[:, None]
     zp2 = None if zero_point is None else zero_point[:, None]
-    q = scheme.quantize(groups, scale[:, None], zp2, spec.dtype)
     storage = spec.dtype.torch_storage
-    codes = q.to(storage)
-    values = scheme.dequantize(q, scale[:, None], zp2)
-    del q
-    if values.dtype != torch.float32:
-        sq_err = float(torch.nn.functional.mse_loss(values.float(), groups.float(), reduction="sum"))
+    if callable(getattr(scheme, "quantize_into", None)) and callable(getattr(scheme, "dequantize_", None)):
+        values = torch.empty(groups.shape, dtype=groups.dtype, device=groups.device)
+        scheme.quantize_into(groups, scale2, zp2, spec.dtype, values)
+        codes = values.to(storage)
+        scheme.dequantize_(values, scale2, zp2)
     else:
-        sq_err = float(torch.nn.functional.mse_loss(values, groups, reduction="sum"))
+        q = scheme.quantize(groups, scale2, zp2, spec.dtype)
+        codes = q.to(storage)
+        values = scheme.dequantize(q, scale2, zp2)
+        del q
+    sq_err, ref_sq = _squared_error(values, groups)
     qshape = scale_shape(shape, sizes)
     record = QuantizedWeight(
         codes=from_groups(codes, shape, sizes),
@@ -112,4 +123,16 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
         channel_axis=channel_axis,
         input_axis=input_axis,
     )
-    return record, from_groups(values, shape, sizes), sq_err
+    return record, from_groups(values, shape, sizes), (sq_err, ref_sq)
+
+
+def _squared_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """``(Σ (a − b)², Σ b²)`` in float32 chunks (float64 totals), each chunk read while in cache,
+    without a temporary of the tensors' size."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    err = ref = 0.0
+    for i in range(0, a.numel(), _ERROR_CHUNK):
+        bi = b[i:i + _ERROR_CHUNK].float()
+        err += float(torch.nn.functional.mse_loss(a[i:i + _ERROR_CHUNK].float(), bi, reduction="sum"))
+        ref += float(torch.dot(bi, bi))
+    return err, ref

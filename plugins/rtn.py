@@ -16,6 +16,9 @@ class RTN(Algorithm):
     name = "rtn"
     description = "data-free round-to-nearest weight quantization (per-tensor/channel/block)"
     needs_data = False
+    #: Weights are only replaced through the backend, never written in place: the model copy
+    #: may share the float weights' storage with the user's model.
+    replaces_weights_only = True
 
     def run(self, model, plan, data, context) -> None:
         with torch.no_grad():

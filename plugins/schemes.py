@@ -53,6 +53,20 @@ class SymmetricScheme(Scheme):
     def dequantize(self, codes, scale, zero_point):
         return (codes - zero_point) * scale if zero_point is not None else codes * scale
 
+    def quantize_into(self, values, scale, zero_point, dtype, out):
+        """In-place fast path of :meth:`quantize`: writes the codes into ``out``."""
+        qmin, qmax = self.quant_range(dtype)
+        torch.div(values, scale, out=out).round_()
+        if zero_point is not None:
+            out.add_(zero_point)
+        return out.clamp_(qmin, qmax)
+
+    def dequantize_(self, codes, scale, zero_point):
+        """In-place fast path of :meth:`dequantize` (overwrites ``codes``)."""
+        if zero_point is not None:
+            codes.sub_(zero_point)
+        return codes.mul_(scale)
+
 
 class AffineScheme(Scheme):
     """Scale and zero point over the full integer range; the range always includes 0."""
@@ -79,6 +93,15 @@ class AffineScheme(Scheme):
 
     def dequantize(self, codes, scale, zero_point):
         return (codes - zero_point) * scale
+
+    def quantize_into(self, values, scale, zero_point, dtype, out):
+        """In-place fast path of :meth:`quantize`: writes the codes into ``out``."""
+        qmin, qmax = self.quant_range(dtype)
+        return torch.div(values, scale, out=out).round_().add_(zero_point).clamp_(qmin, qmax)
+
+    def dequantize_(self, codes, scale, zero_point):
+        """In-place fast path of :meth:`dequantize` (overwrites ``codes``)."""
+        return codes.sub_(zero_point).mul_(scale)
 
 
 @quanta.hookimpl

@@ -72,8 +72,14 @@ class TorchBackend(Backend):
     def type_names(self, model: nn.Module) -> set[str]:
         return {t for _, m in model.named_modules() for t in _mro_names(m)}
 
-    def copy(self, model: nn.Module) -> nn.Module:
-        return copy.deepcopy(model)
+    def copy(self, model: nn.Module, share: tuple = ()) -> nn.Module:
+        """A deep copy. Parameters of the units in ``share`` are new Parameter objects over the
+        *same* storage (no copy of weights about to be replaced; records always replace storage)."""
+        memo = {}
+        for unit in share:
+            p = getattr(unit.handle, unit.param)
+            memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+        return copy.deepcopy(model, memo)
 
     def read_weight(self, model, unit: Unit) -> torch.Tensor:
         return getattr(unit.handle, unit.param).detach()

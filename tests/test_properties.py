@@ -91,3 +91,28 @@ def test_non_finite_weights_are_an_error_naming_the_layer(bad, word):
     w[1, 3] = bad
     with pytest.raises(QuantizationError, match=rf"layer 'fc1'.*{word}"):
         quanta.quantize_weight(w, QuantSpec(), layer="fc1")
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=weights, spec=specs)
+def test_in_place_fast_path_equals_the_plain_contract(w, spec):
+    scheme = quanta.registry.get("scheme", spec.scheme).obj
+    from quanta.qmath import to_groups
+
+    groups = to_groups(w, spec.block_sizes(tuple(w.shape), 0, 1))
+    lo, hi = torch.aminmax(groups, dim=1)
+    scale, zp = scheme.qparams(lo, hi, spec.dtype)
+    zp2 = None if zp is None else zp[:, None]
+    plain = scheme.quantize(groups, scale[:, None], zp2, spec.dtype)
+    out = torch.empty_like(groups)
+    scheme.quantize_into(groups, scale[:, None], zp2, spec.dtype, out)
+    assert torch.equal(plain, out)
+    assert torch.equal(scheme.dequantize(plain, scale[:, None], zp2), scheme.dequantize_(out, scale[:, None], zp2))
+
+
+def test_copy_shares_replaced_weights_but_never_writes_them(small_model):
+    before = {k: v.clone() for k, v in small_model.state_dict().items()}
+    q = quanta.quantize(small_model, {"global_config": {"dtype": "int4"}})
+    assert all(torch.equal(before[k], v) for k, v in small_model.state_dict().items())
+    assert q[0].weight.data_ptr() != small_model[0].weight.data_ptr()
+    assert q[0].bias.data_ptr() != small_model[0].bias.data_ptr()  # everything else is a real copy

@@ -13,8 +13,9 @@ import types as _pytypes
 from typing import Any
 
 import attrs
+import numpy as np
 
-from ..errors import ConfigError, QuantaError
+from ..errors import ConfigError, did_you_mean
 
 __all__ = ["OpLinearQuantizerConfig", "OptimizationConfig", "linear_quantize_weights", "experimental"]
 
@@ -142,11 +143,147 @@ def linear_quantize_weights(mlmodel, config=None, joint_compression: bool = Fals
     return result.to_mlmodel()
 
 
+# ---------------------------------------------------------------- experimental: activations (W8A8)
+
+_ACTIVATION_MODES = ("linear_symmetric", "linear")
+_ACTIVATION_DTYPES = ("int8", "uint8")
+_GRANULARITIES = ("per_tensor", "per_channel", "per_block")
+_ACTIVATION_CONFIG_KEYS = ("mode", "dtype", "granularity", "block_size", "weight_threshold")
+_OPTIMIZATION_CONFIG_KEYS = ("config_type", "global_config", "op_type_configs", "op_name_configs")
+
+
+def _lower(value: Any) -> Any:
+    value = getattr(value, "value", value)  # enums such as CompressionGranularity
+    return value.lower() if isinstance(value, str) else value
+
+
+def _activation_dtype(value: Any) -> Any:
+    """"int8", np.int8, np.dtype("uint8") or a MIL builtin (types.int8) -> "int8"/"uint8"."""
+    if isinstance(value, str):
+        return value.lower()
+    from coremltools.converters.mil.mil import types as mil_types
+
+    if mil_types.is_builtin(value):
+        return mil_types.builtin_to_string(value)
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        return value
+
+
+def _one_of(field: str, allowed: tuple):
+    def check(instance, attribute, value):
+        if value not in allowed:
+            raise ConfigError(f"must be one of {list(allowed)}, got {value!r}", field)
+
+    return check
+
+
+def _check_threshold(instance, attribute, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"must be a non-negative int or None, got {value!r}", "weight_threshold")
+
+
+@attrs.frozen(kw_only=True)
+class OpActivationLinearQuantizerConfig:
+    """coremltools' experimental ``OpActivationLinearQuantizerConfig``: how activations are quantized.
+
+    ``mode``: "linear_symmetric" (scale = max(|min|, |max|) / 127, no zero point for int8) or
+    "linear" (range widened to contain 0, with a zero point); ``dtype``: "int8" or "uint8"
+    (also np.int8 or a MIL type). ``granularity``, ``block_size`` and ``weight_threshold`` are
+    accepted and checked, as coremltools does, but do not apply to activations: each tensor has
+    one scale. Invalid values raise ``ConfigError`` (a ``ValueError``) naming the field.
+    """
+
+    mode: str = attrs.field(default="linear_symmetric", converter=_lower, validator=_one_of("mode", _ACTIVATION_MODES))
+    dtype: Any = attrs.field(default="int8", converter=_activation_dtype,
+                             validator=_one_of("dtype", _ACTIVATION_DTYPES))
+    granularity: Any = attrs.field(default="per_channel", converter=_lower,
+                                   validator=_one_of("granularity", _GRANULARITIES))
+    block_size: Any = 32
+    weight_threshold: int | None = attrs.field(default=2048, validator=_check_threshold)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, key: str = "config") -> "OpActivationLinearQuantizerConfig":
+        """Build from a dict; unknown keys raise ``ConfigError`` naming them."""
+        if not isinstance(config_dict, dict):
+            raise ConfigError(f"expected a dict, got {type(config_dict).__name__}", key)
+        for name in config_dict:
+            if name not in _ACTIVATION_CONFIG_KEYS:
+                raise ConfigError(f"unknown key {name!r}{did_you_mean(str(name), _ACTIVATION_CONFIG_KEYS)} "
+                                  f"(allowed: {list(_ACTIVATION_CONFIG_KEYS)})", f"{key}.{name}")
+        return cls(**config_dict)
+
+    def to_coremltools(self):
+        """The equivalent ``coremltools.optimize.coreml.experimental.OpActivationLinearQuantizerConfig``."""
+        from coremltools.optimize.coreml.experimental import OpActivationLinearQuantizerConfig as CtConfig
+
+        return CtConfig(mode=self.mode, dtype=self.dtype, weight_threshold=self.weight_threshold)
+
+
+def _activation_op_config(value: Any, key: str):
+    if value is None:
+        return None
+    if isinstance(value, OpActivationLinearQuantizerConfig):
+        return value.to_coremltools()
+    if isinstance(value, dict):
+        return OpActivationLinearQuantizerConfig.from_dict(value, key).to_coremltools()
+    if all(hasattr(value, f) for f in ("mode", "dtype")):  # the weight config, ours or coremltools'
+        try:
+            config = OpActivationLinearQuantizerConfig(mode=value.mode, dtype=value.dtype)
+        except ConfigError as e:
+            raise ConfigError(str(e), f"{key}.{e.key}") from None
+        return config.to_coremltools()
+    raise ConfigError(f"expected an OpActivationLinearQuantizerConfig, got {type(value).__name__}", key)
+
+
+def _activation_config(config: Any):
+    """quanta's or coremltools' OptimizationConfig, or a dict -> coremltools' OptimizationConfig."""
+    from coremltools.optimize.coreml import OptimizationConfig as CtOptimizationConfig
+
+    if config is None:
+        config = {"global_config": {}}
+    if isinstance(config, dict):
+        for name in config:
+            if name not in _OPTIMIZATION_CONFIG_KEYS:
+                raise ConfigError(f"unknown key {name!r}{did_you_mean(str(name), _OPTIMIZATION_CONFIG_KEYS)} "
+                                  f"(allowed: {list(_OPTIMIZATION_CONFIG_KEYS)})", f"config.{name}")
+        kind = config.get("config_type", "OpActivationLinearQuantizerConfig")
+        if kind not in ("OpActivationLinearQuantizerConfig", "OpLinearQuantizerConfig"):
+            raise ConfigError(f"must be 'OpActivationLinearQuantizerConfig', got {kind!r}", "config.config_type")
+        parts = (config.get("global_config"), config.get("op_type_configs") or {}, config.get("op_name_configs") or {})
+    elif all(hasattr(config, f) for f in ("global_config", "op_type_configs", "op_name_configs")):
+        parts = (config.global_config, config.op_type_configs or {}, config.op_name_configs or {})
+    else:
+        raise ConfigError(f"expected an OptimizationConfig, got {type(config).__name__}", "config")
+    global_config, type_configs, name_configs = parts
+    return CtOptimizationConfig(
+        global_config=_activation_op_config(global_config, "global_config"),
+        op_type_configs={k: _activation_op_config(v, f"op_type_configs.{k}") for k, v in dict(type_configs).items()},
+        op_name_configs={k: _activation_op_config(v, f"op_name_configs.{k}") for k, v in dict(name_configs).items()},
+    )
+
+
 def _linear_quantize_activations(mlmodel, config, sample_data, calibration_op_group_size: int = -1):
-    """coremltools' ``experimental.linear_quantize_activations`` (W8A8 calibration on Linux): not yet in quanta."""
-    raise QuantaError("linear_quantize_activations is not implemented yet in quanta (issue #4, part 5); "
-                      "use coremltools.optimize.coreml.experimental.linear_quantize_activations on macOS")
+    """coremltools' ``experimental.linear_quantize_activations`` on any OS: a new MLModel with 8-bit activations.
+
+    ``mlmodel``: an ML program ``MLModel`` or ``.mlpackage`` path (not modified). ``config``: an
+    ``OptimizationConfig`` (quanta's or coremltools') of ``OpActivationLinearQuantizerConfig``
+    (``OpLinearQuantizerConfig`` is accepted too; only mode and dtype apply), or the same as a
+    dict. ``sample_data``: a list of input dicts (input name, or ``None`` for a single-input
+    model, -> array). Calibration runs the program with quanta's numpy runner instead of
+    ``MLModel.predict``; the quantize/dequantize insertion is coremltools' own graph passes
+    (:mod:`quanta.plugins.coreml.activations`). ``calibration_op_group_size`` is accepted for
+    compatibility and has no effect (it splits coremltools' temporary models on macOS).
+    Follow with ``linear_quantize_weights`` for W8A8.
+    """
+    from quanta.plugins.coreml import activations
+
+    if isinstance(calibration_op_group_size, bool) or not isinstance(calibration_op_group_size, int) or (
+            calibration_op_group_size < 1 and calibration_op_group_size != -1):
+        raise ConfigError(f"must be -1 or a positive int, got {calibration_op_group_size!r}", "calibration_op_group_size")
+    return activations.linear_quantize_activations(mlmodel, _activation_config(config), sample_data)
 
 
 experimental = _pytypes.SimpleNamespace(linear_quantize_activations=_linear_quantize_activations,
-                                        OpActivationLinearQuantizerConfig=OpLinearQuantizerConfig)
+                                        OpActivationLinearQuantizerConfig=OpActivationLinearQuantizerConfig)
