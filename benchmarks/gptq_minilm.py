@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=128, help="calibration sentences (batches of 8)")
     p.add_argument("--no-coremltools", action="store_true")
     p.add_argument("--settings", default="block128,channel")
+    p.add_argument("--methods", default="", help="comma-separated subset of the method names to run")
     args = p.parse_args()
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     from transformers import AutoModel, AutoTokenizer
@@ -91,10 +92,16 @@ def main() -> None:
                 cfg = LayerwiseCompressorConfig.from_dict({
                     "global_config": {"algorithm": "gptq", **glob}, "input_cacher": "default",
                     "calibration_nsamples": len(calib)})
-                return LayerwiseCompressor(copy.deepcopy(model), cfg).compress(calib, device="cpu")
+                # coremltools' cacher takes positional tensors only (it cannot pass an attention mask):
+                # it gets the same sentences' input_ids.
+                ids = [b["input_ids"] for b in calib]
+                return LayerwiseCompressor(copy.deepcopy(model), cfg).compress(ids, device="cpu")
 
             runs["coremltools gptq"] = run_ct
+        wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
         for method, fn in runs.items():
+            if wanted and method not in wanted:
+                continue
             t0 = time.perf_counter()
             try:
                 q = fn()

@@ -281,7 +281,8 @@ def _linear_quantize_activations(mlmodel, config, sample_data, calibration_op_gr
 
     if isinstance(calibration_op_group_size, bool) or not isinstance(calibration_op_group_size, int) or (
             calibration_op_group_size < 1 and calibration_op_group_size != -1):
-        raise ConfigError(f"must be -1 or a positive int, got {calibration_op_group_size!r}", "calibration_op_group_size")
+        raise ConfigError(f"must be -1 or a positive int, got {calibration_op_group_size!r}",
+                          "calibration_op_group_size")
     return activations.linear_quantize_activations(mlmodel, _activation_config(config), sample_data)
 
 
