@@ -90,8 +90,11 @@ def main() -> None:
                     LayerwiseCompressor, LayerwiseCompressorConfig)
 
                 cfg = LayerwiseCompressorConfig.from_dict({
-                    "global_config": {"algorithm": "gptq", **glob}, "input_cacher": "default",
-                    "calibration_nsamples": len(calib)})
+                    "global_config": {"algorithm": "gptq", **glob}, "input_cacher": "gpt",
+                    "calibration_nsamples": len(calib),
+                    # coremltools walks top-level children unless told the layer list (the pooler,
+                    # which does not affect mean-pooled embeddings, then stays float)
+                    "layers": [r"encoder\.layer\.\d+"]})
                 # coremltools' cacher takes positional tensors only (it cannot pass an attention mask):
                 # it gets the same sentences' input_ids.
                 ids = [b["input_ids"] for b in calib]

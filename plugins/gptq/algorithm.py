@@ -50,7 +50,9 @@ class GPTQConfig:
     use_activation_order_heuristic: bool = attrs.field(
         default=False, metadata=_doc("quantize columns by descending Hessian diagonal (act-order)"))
     static_groups: bool = attrs.field(default=False, metadata=_doc("per-block qparams fitted up front on the float weight"))
-    input_cacher: str = attrs.field(default="default", metadata=_doc("'default': cache the first block's inputs"))
+    input_cacher: str = attrs.field(
+        default="default", metadata=_doc("'default' or 'gpt' (coremltools' names): both cache the first block's "
+                                         "positional and keyword inputs"))
     layers: Any = attrs.field(default=None, metadata=_doc("block names or 're:' patterns to process (default: found)"))
     device: Any = attrs.field(default=None, metadata=_doc("torch device for the computation (default: the model's)"))
     enable_normal_float: bool = attrs.field(default=False, metadata=_doc("coremltools' NF mode (not supported)"))
@@ -62,8 +64,8 @@ class GPTQConfig:
             raise ConfigError(f"must be a positive integer, got {self.processing_group_size!r}", "processing_group_size")
         if not 0 <= float(self.hessian_dampening) < 1:
             raise ConfigError(f"must be in [0, 1), got {self.hessian_dampening!r}", "hessian_dampening")
-        if self.input_cacher not in ("default", "gptq"):
-            raise ConfigError(f"unknown input cacher {self.input_cacher!r} (allowed: default)", "input_cacher")
+        if self.input_cacher not in ("default", "gpt"):
+            raise ConfigError(f"unknown input cacher {self.input_cacher!r} (allowed: default, gpt)", "input_cacher")
         if self.enable_normal_float:
             raise ConfigError("normal-float (NF) quantization is not supported by quanta's gptq; use a scheme plugin",
                               "enable_normal_float")
