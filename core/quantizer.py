@@ -94,8 +94,13 @@ class Quantizer:
     def prepare(self, example_inputs: Any = None, inplace: bool = False):
         """Trace and rewrite the model for training/calibration; returns a ``torch.fx.GraphModule``.
 
-        ``example_inputs``: a tensor, tuple of tensors, or a shape list such as ``[1, 3, 224, 224]``.
-        ``inplace=True`` shares the model's Parameters; otherwise a copy is prepared.
+        ``example_inputs``: a tensor, a tuple of tensors (positional), a dict of tensors
+        (keywords, called as ``model(**example_inputs)``: a Hugging Face tokenizer's output),
+        or a shape list such as ``[1, 3, 224, 224]``. ``inplace=True`` shares the model's
+        Parameters; otherwise a copy is prepared. When the model's forward does not trace and
+        the algorithm's ``untraceable`` is ``submodules``, the result is the model itself with
+        its traceable submodules replaced by prepared GraphModules (see
+        ``docs/activation-quantization.md``).
         """
         self._prepared = self._session.prepare(example_inputs=example_inputs, inplace=inplace)
         return self._prepared
@@ -105,7 +110,8 @@ class Quantizer:
         self._session.step()
 
     def finalize(self, model=None, inplace: bool = False):
-        """The quantized model (weights as quanta records, activations as quantize/dequantize pairs).
+        """The quantized model (weights as quanta records, activations as quantize/dequantize pairs):
+        a GraphModule, or after a partial trace the model whose traced parts are in that form.
 
         ``model``: the prepared model to finalize (default: the one ``prepare`` returned).
         ``inplace``: rewrite it instead of a copy. ``result.quanta_report`` lists the layers.

@@ -4,6 +4,11 @@ Observers on every quantized activation, one pass over the calibration data (bat
 inference mode, no fake quantization), then qparams: int8 activations, and weights quantized
 round-to-nearest with their layer spec (int8 per-channel by default). Same machinery as
 ``qat`` with milestones ``[0, inf, inf, 0]`` (coremltools' calibration recipe).
+
+Calibration batches may be tensors, tuples (positional) or dicts (keywords: ``model(**batch)``,
+as a Hugging Face tokenizer's output). A model whose forward ``torch.fx`` cannot trace is
+calibrated part by part (``untraceable: submodules``, the default here): see
+"Models that torch.fx cannot trace" in ``docs/activation-quantization.md``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from quanta.plugins.fx.options import (
     activation_dtype_field,
     activation_observer_field,
     activation_scheme_field,
+    activation_sites_field,
     averaging_constant_field,
     make_session,
+    untraceable_field,
 )
 from quanta.plugins.fx.session import call_model
 
@@ -34,8 +41,10 @@ class CalibrateConfig:
     activation_scheme: str | None = activation_scheme_field()
     activation_observer: str = activation_observer_field("minmax")
     averaging_constant: float = averaging_constant_field()
+    activation_sites: str = activation_sites_field()
     nsamples: int | None = attrs.field(default=None, metadata={
         "doc": "use at most this many calibration batches (null: all)"})
+    untraceable: str = untraceable_field("submodules")
 
 
 class _CalibrationSession:
@@ -79,9 +88,9 @@ class Calibrate(Algorithm):
             first = next(batches)
         except StopIteration:
             raise ConfigError("calibration data is empty", "data") from None
-        example = tuple(first.values()) if isinstance(first, dict) else first
         session = self.session(model, plan, context.recipe, context.backend, context=context)
-        gm = session.prepare(example_inputs=example, inplace=True)
+        # The first batch is called as every batch is: model(**batch) for a dict.
+        gm = session.prepare(example_inputs=first, inplace=True)
         with torch.no_grad():
             call_model(gm, first)
             for i, batch in enumerate(batches, start=1):

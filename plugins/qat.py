@@ -18,8 +18,10 @@ from quanta.plugins.fx.options import (
     activation_dtype_field,
     activation_observer_field,
     activation_scheme_field,
+    activation_sites_field,
     averaging_constant_field,
     make_session,
+    untraceable_field,
 )
 
 __all__ = ["QATConfig", "QAT"]
@@ -44,6 +46,10 @@ class QATConfig:
     activation_scheme: str | None = activation_scheme_field()
     activation_observer: str = activation_observer_field("moving_average_minmax")
     averaging_constant: float = averaging_constant_field()
+    activation_sites: str = activation_sites_field()
+    # Training usually comes with a model one can edit: by default an untraceable forward is
+    # an error naming the module, not a silently float region.
+    untraceable: str = untraceable_field("error")
 
 
 class QAT(Algorithm):

@@ -6,13 +6,16 @@
 - :mod:`.prepare`: conv+bn fusion, module swaps, activation quantizer insertion;
 - :mod:`.milestones`: observer / fake-quant / bn-freeze switches counted in ``step()`` calls;
 - :mod:`.convert`: ``finalize`` into records plus ``quantize_per_tensor``/``dequantize`` pairs;
+- :mod:`.partial`: tracing below the root for models whose own forward does not trace;
 - :mod:`.session`: ``ActivationSession``, prepare → step → finalize, used by ``qat`` and ``calibrate``.
 """
 
 from .fake_quant import ActivationFakeQuantize, ConvBnQAT, WeightFakeQuantize
 from .milestones import MilestoneState, check_milestones, state_at
+from .partial import FloatPart, TracedPart
 from .rules import ActivationRules, default_torch_rules
 from .session import ActivationOptions, ActivationSession
 
 __all__ = ["ActivationRules", "default_torch_rules", "ActivationFakeQuantize", "WeightFakeQuantize", "ConvBnQAT",
-           "MilestoneState", "check_milestones", "state_at", "ActivationOptions", "ActivationSession"]
+           "MilestoneState", "check_milestones", "state_at", "ActivationOptions", "ActivationSession",
+           "TracedPart", "FloatPart"]

@@ -8,10 +8,17 @@ import attrs
 
 from quanta.errors import ConfigError, PluginNotFoundError
 
-from .session import ActivationOptions, ActivationSession, parse_activation_dtype, unit_for
+from .session import (
+    ACTIVATION_SITES,
+    UNTRACEABLE_MODES,
+    ActivationOptions,
+    ActivationSession,
+    parse_activation_dtype,
+    unit_for,
+)
 
 __all__ = ["activation_dtype_field", "activation_scheme_field", "activation_observer_field",
-           "averaging_constant_field", "make_session"]
+           "averaging_constant_field", "activation_sites_field", "untraceable_field", "make_session"]
 
 
 def _check_dtype(_inst, attribute, value):
@@ -29,6 +36,11 @@ def _check_name(_inst, attribute, value):
 def _check_constant(_inst, attribute, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ConfigError(f"must be a number in (0, 1], got {value!r}", attribute.name)
+
+
+def _check_untraceable(_inst, attribute, value):
+    if value not in UNTRACEABLE_MODES:
+        raise ConfigError(f"expected one of {', '.join(UNTRACEABLE_MODES)}, got {value!r}", attribute.name)
 
 
 def activation_dtype_field(default: str):
@@ -52,6 +64,24 @@ def averaging_constant_field():
         "doc": "moving_average_minmax: weight of each new batch's range, in (0, 1]"})
 
 
+def _check_sites(_inst, attribute, value):
+    if value not in ACTIVATION_SITES:
+        raise ConfigError(f"expected one of {', '.join(ACTIVATION_SITES)}, got {value!r}", attribute.name)
+
+
+def activation_sites_field():
+    return attrs.field(default="inputs_and_outputs", validator=_check_sites, metadata={
+        "doc": "where activations are quantized: 'inputs_and_outputs' (every quantized op's inputs and output, "
+               "as the backend's rules place them) or 'weighted_inputs' (inputs of Linear/Conv only, as "
+               "SmoothQuant-style W8A8 for transformers: outputs, residual adds and matmuls stay float)"})
+
+
+def untraceable_field(default: str):
+    return attrs.field(default=default, validator=_check_untraceable, metadata={
+        "doc": "when the model's forward does not trace: 'error' (raise, naming the module) or 'submodules' "
+               "(trace the largest submodules that do, keep the rest as float Python code)"})
+
+
 def _check_plugin(kind: str, name: str, key: str) -> None:
     from quanta import registry
 
@@ -65,7 +95,8 @@ def make_session(model, plan, recipe, backend, config: Any, milestones=None, con
     """Build an :class:`ActivationSession` from an algorithm config; validates names first.
 
     With a ``context`` (``quanta.pipeline.RunContext``), each record is written through
-    ``context.write_layer`` (report rows and ``layer_quantized`` events).
+    ``context.write_layer`` (report rows and ``layer_quantized`` events), and ``prepare``
+    notes the parts left float in ``context.report``.
     """
     dtype = parse_activation_dtype(config.activation_dtype)
     scheme = config.activation_scheme
@@ -78,7 +109,9 @@ def make_session(model, plan, recipe, backend, config: Any, milestones=None, con
 
         streaming_observer(config.activation_observer)  # raises ConfigError if it cannot stream
     options = ActivationOptions(dtype=dtype, scheme=scheme, observer=config.activation_observer,
-                                averaging_constant=config.averaging_constant, milestones=milestones)
+                                averaging_constant=config.averaging_constant, milestones=milestones,
+                                untraceable=getattr(config, "untraceable", "error"),
+                                sites=getattr(config, "activation_sites", "inputs_and_outputs"))
     on_record = None
     if context is not None:
         layers = {p.unit.name: p for p in plan.layers}
@@ -88,5 +121,6 @@ def make_session(model, plan, recipe, backend, config: Any, milestones=None, con
             layer = attrs.evolve(layer, unit=unit_for(name, module, plan))
             context.write_layer(module, layer, record, float_weight)
 
-    return ActivationSession(model, plan, recipe, backend, options, on_record=on_record)
+    report = context.report if context is not None else None
+    return ActivationSession(model, plan, recipe, backend, options, on_record=on_record, report=report)
 

@@ -90,12 +90,16 @@ def _is_quantized_module(mod) -> bool:
 
 def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
                                  make_quantizer: Callable[[str], ActivationFakeQuantize],
-                                 skip: set[str] = frozenset()) -> list[str]:
+                                 skip: set[str] = frozenset(), sites: str = "inputs_and_outputs") -> list[str]:
     """Insert activation fake-quantizers (see the module docstring). Returns their module names.
 
     ``make_quantizer(site)`` builds one quantizer; ``skip`` holds module names left float.
+    ``sites="weighted_inputs"`` quantizes only the inputs of weighted modules (the int8 GEMM
+    inputs of SmoothQuant-style W8A8): their outputs, adds, matmuls and whatever feeds a
+    layer norm stay float, keeping a transformer's outlier channels intact.
     Needs ``propagate_shapes`` first (only floating-point tensors are quantized).
     """
+    outputs = sites == "inputs_and_outputs"
     graph = gm.graph
     quantizer_nodes: set[fx.Node] = set()
     input_quantizer: dict[fx.Node, fx.Node] = {}
@@ -133,7 +137,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
         if node.op == "call_module":
             if node.target in skip or not _is_quantized_module(mod):
                 continue
-        elif not (rules.is_quantized_function(node) and is_float_tensor(node)):
+        elif not (outputs and rules.is_quantized_function(node) and is_float_tensor(node)):
             continue
         site = node.target if node.op == "call_module" else node.name
         # Inputs first: a float producer gets one shared quantizer for all quantized consumers.
@@ -143,6 +147,8 @@ def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
             if arg not in input_quantizer:
                 input_quantizer[arg] = add_quantizer(arg, f"input of {site}")
             node.replace_input_with(arg, input_quantizer[arg])
+        if not outputs:
+            continue
         out = node
         users = list(node.users)
         if len(users) == 1 and rules.is_fused_activation(users[0], _module(gm, users[0])) \
