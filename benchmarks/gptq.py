@@ -173,6 +173,21 @@ def rel_mse(model, reference, held_out):
     return float((model(held_out) - y_ref).square().mean() / y_ref.square().mean())
 
 
+class _tf32:
+    """Context manager: TF32 matmuls on (CUDA) inside the block when ``on``."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
 def timed(fn, device):
     sync(device)
     start = time.perf_counter()
@@ -211,6 +226,11 @@ def main(argv=None):
                              "default), or quanta's built-in symmetric (restricted range) / affine scheme")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: TF32 matmuls for quanta (Hessians, forwards, batch updates); its error is "
+                             "also measured in fp32 for comparison. The baseline runs as shipped.")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also time the full quanta.quantize(..., algorithm gptq) call (built-in symmetric grid)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Torch version|scikit-learn).*")
     try:
@@ -244,20 +264,40 @@ def main(argv=None):
     runs = {"quanta": [], baseline: [], "floor": []}
     errors = {}
     for _ in range(args.repeats):
-        t, out = timed(lambda: quanta_gptq(copy.deepcopy(model), calib, quantizer, block_size=args.block_size,
-                                           batch_samples=batch_samples), device)
+        with _tf32(args.tf32 and device.type == "cuda"):
+            t, out = timed(lambda: quanta_gptq(copy.deepcopy(model), calib, quantizer, block_size=args.block_size,
+                                               batch_samples=batch_samples), device)
         runs["quanta"].append(t)
         errors["quanta"] = rel_mse(out, model, held_out)
+        del out
         if baseline == "coremltools":
             t, out = timed(lambda: coremltools_gptq(copy.deepcopy(model), calib, device, args.block_size), device)
         else:
             t, out = timed(lambda: quanta_gptq(copy.deepcopy(model), calib, quantizer, block_size=args.block_size,
                                                batch_samples=batch_samples, solver=reference_gptq), device)
         runs[baseline].append(t)
-        errors[baseline] = rel_mse(out, model, held_out)
-        t, _ = timed(lambda: quanta_gptq(copy.deepcopy(model), calib, quantizer, block_size=args.block_size,
-                                         batch_samples=batch_samples, solve=False), device)
+        errors[baseline] = rel_mse(out.to(device), model, held_out)  # coremltools hands the model back on CPU
+        del out
+        with _tf32(args.tf32 and device.type == "cuda"):
+            t, _ = timed(lambda: quanta_gptq(copy.deepcopy(model), calib, quantizer, block_size=args.block_size,
+                                             batch_samples=batch_samples, solve=False), device)
         runs["floor"].append(t)
+    if args.tf32 and device.type == "cuda":
+        t, out = timed(lambda: quanta_gptq(copy.deepcopy(model), calib, quantizer, block_size=args.block_size,
+                                           batch_samples=batch_samples), device)
+        print(f"quanta fp32  time {t:.3f} s   output rel. MSE {rel_mse(out, model, held_out):.5e} "
+              f"(quality check of the TF32 run)")
+        del out
+    if args.pipeline:
+        import quanta
+
+        recipe = {"algorithm": "gptq", "calibration_nsamples": len(calib),
+                  "global_config": {"dtype": "uint4", "granularity": "per_block", "block_size": args.block_size}}
+        with _tf32(args.tf32 and device.type == "cuda"):
+            t, out = timed(lambda: quanta.quantize(model, recipe, data=calib, device=device), device)
+        print(f"quanta.quantize pipeline (uint4 symmetric, restricted grid): {t:.3f} s, "
+              f"output rel. MSE {rel_mse(out, model, held_out):.5e}")
+        del out
 
     med = {k: statistics.median(v) for k, v in runs.items()}
     best = {k: min(v) for k, v in runs.items()}
