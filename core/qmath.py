@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-__all__ = ["scale_shape", "to_groups", "from_groups", "expand_qparam", "restricted_range", "full_range"]
+__all__ = ["scale_shape", "to_groups", "from_groups", "empty", "expand_qparam", "restricted_range", "full_range"]
 
 
 def scale_shape(shape: tuple[int, ...], block_sizes: list[int]) -> tuple[int, ...]:
@@ -78,3 +79,20 @@ def full_range(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+                 torch.int8: np.int8, torch.uint8: np.uint8, torch.int32: np.int32}
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor; on CPU backed by numpy memory.
+
+    numpy advises transparent huge pages for large arrays and torch's CPU allocator does not
+    (unless ``THP_MEM_ALLOC_ENABLE=1`` was set before torch loaded): first-touch page faults
+    then cost about a quarter. Quantized weights are large fresh buffers, so this matters.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.empty(tuple(shape), dtype=_NUMPY_DTYPES[dtype]))
+    return torch.empty(tuple(shape), dtype=dtype, device=device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import QuantizationError
-from .qmath import from_groups, scale_shape, to_groups
+from .qmath import empty, from_groups, scale_shape, to_groups
 from .record import QuantizedWeight
 from .spec import QuantSpec
 
@@ -94,25 +94,23 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
     shape = tuple(w.shape)
     sizes = spec.block_sizes(shape, channel_axis, input_axis, layer)
     groups = to_groups(w, sizes)
-    lo, hi = observer.observe(groups, spec, scheme)
-    # minmax ranges carry any NaN/inf; other observers (percentile) may hide them.
-    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())) or type(observer).__name__ != "MinMaxObserver":
-        check_finite(w, layer)
-    scale, zero_point = scheme.qparams(lo, hi, spec.dtype)
-    scale2 = scale[:, None]
-    zp2 = None if zero_point is None else zero_point[:, None]
+    if type(observer).__name__ != "MinMaxObserver":
+        check_finite(w, layer)  # other observers (percentile) may hide NaN/inf in their ranges
     storage = spec.dtype.torch_storage
     if callable(getattr(scheme, "quantize_into", None)) and callable(getattr(scheme, "dequantize_", None)):
-        values = torch.empty(groups.shape, dtype=groups.dtype, device=groups.device)
-        scheme.quantize_into(groups, scale2, zp2, spec.dtype, values)
-        codes = values.to(storage)
-        scheme.dequantize_(values, scale2, zp2)
+        values, codes, scale, zero_point, (sq_err, ref_sq) = _quantize_in_chunks(
+            groups, spec, scheme, observer, storage, w, layer)
     else:
+        lo, hi = observer.observe(groups, spec, scheme)
+        _check_range(lo, hi, w, layer)
+        scale, zero_point = scheme.qparams(lo, hi, spec.dtype)
+        scale2 = scale[:, None]
+        zp2 = None if zero_point is None else zero_point[:, None]
         q = scheme.quantize(groups, scale2, zp2, spec.dtype)
         codes = q.to(storage)
         values = scheme.dequantize(q, scale2, zp2)
         del q
-    sq_err, ref_sq = _squared_error(values, groups)
+        sq_err, ref_sq = _squared_error(values, groups)
     qshape = scale_shape(shape, sizes)
     record = QuantizedWeight(
         codes=from_groups(codes, shape, sizes),
@@ -126,13 +124,68 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
     return record, from_groups(values, shape, sizes), (sq_err, ref_sq)
 
 
+#: Elements per chunk of the fused quantize -> codes -> dequantize -> error pass (about 4 MiB of
+#: float32: every step of a chunk finds its data in cache).
+_FUSED_CHUNK = 1 << 20
+
+
+def _check_range(lo, hi, w, layer) -> None:
+    # minmax ranges carry any NaN/inf of their groups: the full check runs only on failure.
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        check_finite(w, layer)
+
+
+def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer):
+    """The in-place fast path over row chunks of the ``[G, K]`` view: observe, qparams,
+    quantize, codes, dequantize and error for one chunk while it is in cache.
+
+    Observers and schemes are per-group, so chunking by whole groups changes no result.
+    Returns ``(values, codes, scale [G], zero_point [G] or None, (Σ(values − groups)², Σ groups²))``;
+    ``values`` and ``codes`` are the only large allocations.
+    """
+    n_groups, k = groups.shape
+    device = groups.device
+    values = empty(groups.shape, groups.dtype, device)
+    codes = empty(groups.shape, storage, device)
+    scale = torch.empty(n_groups, dtype=groups.dtype, device=device)
+    zero_point = None
+    rows = max(1, _FUSED_CHUNK // max(k, 1))
+    scratch = torch.empty((min(rows, n_groups), k), dtype=torch.float32, device=device)
+    err = torch.zeros((), dtype=torch.float64, device=device)
+    ref = torch.zeros((), dtype=torch.float64, device=device)
+    for r0 in range(0, n_groups, rows):  # a loop over chunks, each step vectorised
+        g, v = groups[r0:r0 + rows], values[r0:r0 + rows]
+        lo, hi = observer.observe(g, spec, scheme)
+        _check_range(lo, hi, w, layer)
+        s, z = scheme.qparams(lo, hi, spec.dtype)
+        scale[r0:r0 + rows] = s
+        if z is not None:
+            if zero_point is None:
+                zero_point = torch.empty(n_groups, dtype=groups.dtype, device=device)
+            zero_point[r0:r0 + rows] = z
+            z = z[:, None]
+        s = s[:, None]
+        scheme.quantize_into(g, s, z, spec.dtype, v)
+        codes[r0:r0 + rows].copy_(v)
+        scheme.dequantize_(v, s, z)
+        diff = scratch[: g.shape[0]]
+        torch.sub(v, g, out=diff)
+        flat, gf = diff.reshape(-1), g.reshape(-1).float()
+        err += torch.dot(flat, flat)
+        ref += torch.dot(gf, gf)
+    return values, codes, scale, zero_point, (float(err), float(ref))
+
+
 def _squared_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """``(Σ (a − b)², Σ b²)`` in float32 chunks (float64 totals), each chunk read while in cache,
-    without a temporary of the tensors' size."""
+    """``(Σ (a − b)², Σ b²)``: float32 chunks (float64 totals) through one small scratch buffer,
+    each chunk read while in cache, no temporary of the tensors' size."""
     a, b = a.reshape(-1), b.reshape(-1)
+    scratch = torch.empty(min(_ERROR_CHUNK, a.numel()), dtype=torch.float32, device=a.device)
     err = ref = 0.0
     for i in range(0, a.numel(), _ERROR_CHUNK):
         bi = b[i:i + _ERROR_CHUNK].float()
-        err += float(torch.nn.functional.mse_loss(a[i:i + _ERROR_CHUNK].float(), bi, reduction="sum"))
+        diff = scratch[: bi.numel()]
+        torch.sub(a[i:i + _ERROR_CHUNK].float(), bi, out=diff)
+        err += float(torch.dot(diff, diff))
         ref += float(torch.dot(bi, bi))
     return err, ref

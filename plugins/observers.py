@@ -18,8 +18,8 @@ class MinMaxObserver(Observer):
     description = "exact per-group minimum and maximum (coremltools' behaviour)"
 
     def observe(self, values, spec, scheme):
-        lo, hi = torch.aminmax(values, dim=1)
-        return lo, hi
+        # Two reductions: torch.aminmax along rows is several times slower on CPU.
+        return values.amin(dim=1), values.amax(dim=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -43,7 +43,7 @@ class MSEObserver(Observer):
 
     def observe(self, values, spec, scheme):
         cfg = self.config
-        lo, hi = torch.aminmax(values, dim=1)
+        lo, hi = values.amin(dim=1), values.amax(dim=1)
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         for i in range(cfg.grid + 1):  # a loop over candidates, each step vectorised over all groups
