@@ -146,7 +146,8 @@ def quanta_gptq(model, calib, quantizer, *, block_size, batch_samples, solve=Tru
             elif solve:
                 res = gptq_quantize(module.weight, hessian, quantizer, block_size=block_size)
                 module.weight.copy_(res.weight)
-        xs = [module(x) for x in xs]
+        if module is not model[-1]:  # the last layer's outputs feed nothing
+            xs = [module(x) for x in xs]
     return model
 
 

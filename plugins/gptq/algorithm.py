@@ -245,6 +245,9 @@ class GPTQ(Algorithm):
                     self._solve(model, mine, hooks, cfg, device, context)
                     for m in mine:
                         del todo[m]
+                if name == blocks[-1][0]:
+                    block.to(home)
+                    break  # the last block's outputs feed nothing
                 for i, (args, kwargs) in enumerate(cache):  # quantized outputs feed the next block
                     out = _first_tensor(block(*args, **kwargs))
                     cache[i] = ((out, *args[1:]), kwargs)
