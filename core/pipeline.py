@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .config import Recipe, load_recipe
-from .errors import ConfigError, QuantaError
+from .errors import ConfigError
 from .plan import Plan, PlannedLayer, build_plan
 from .record import QuantizedWeight
 from .report import LayerReport, Report
@@ -178,5 +178,3 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     reg.hook().run_finished(report=report)
     return target
 
-
-__all__ += ["QuantaError"]
