@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch import nn
 
+from quanta.plugins.gptq.hessian import accumulate_xtx, mirror_upper
 from quanta.plugins.gptq.solver import gptq_quantize
 from quanta.plugins.schemes import AffineScheme, SymmetricScheme
 from quanta.spec import QuantDtype
@@ -74,6 +75,7 @@ class CoremltoolsGPTQGrid:
 
 def build(args):
     gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # before the layers: their initial weights are the model
     if args.device == "cuda":
         dims = [1024, 1024, 2816, 1024] if args.small else [4096, 4096, 11008, 4096]
         layers = [nn.Linear(a, b) for a, b in zip(dims, dims[1:])]
@@ -83,7 +85,6 @@ def build(args):
         layers = [nn.Linear(d, f), nn.GELU(), nn.Linear(f, d)]
         n_samples, tokens = (4, 64) if args.small else (16, 128)
         dims = [d]
-    torch.manual_seed(args.seed)
     model = nn.Sequential(*layers).eval()
     calib = [torch.randn(1, tokens, dims[0], generator=gen) for _ in range(n_samples)]
     held_out = torch.randn(max(1, n_samples // 4), tokens, dims[0], generator=gen)
@@ -131,7 +132,8 @@ def reference_gptq(weight, hessian, quantizer, *, block_size, batch=128, damp=0.
 
 @torch.no_grad()
 def quanta_gptq(model, calib, quantizer, *, block_size, batch_samples, solve=True, solver=None):
-    """Layer-sequential GPTQ: H = 2/n sum x^T x (one addmm_ per calibration batch), quantize, forward."""
+    """Layer-sequential GPTQ: H = 2/n sum x^T x (upper blocks per calibration batch, mirrored once, as
+    the gptq algorithm's hooks do), quantize, forward."""
     xs = [torch.cat(calib[i:i + batch_samples]) for i in range(0, len(calib), batch_samples)]
     for module in model:
         if isinstance(module, nn.Linear):
@@ -140,7 +142,8 @@ def quanta_gptq(model, calib, quantizer, *, block_size, batch_samples, solve=Tru
             n_tokens = sum(x.numel() // n_in for x in xs)
             for x in xs:
                 x2 = x.reshape(-1, n_in)
-                hessian.addmm_(x2.t(), x2, alpha=2.0 / n_tokens)
+                accumulate_xtx(hessian, x2, alpha=2.0 / n_tokens)
+            mirror_upper(hessian)
             if solver is not None:
                 module.weight.copy_(solver(module.weight, hessian, quantizer, block_size=block_size))
             elif solve:

@@ -313,3 +313,62 @@ def test_codes_in_range(bits, symmetric):
     assert int(res.codes.min()) >= q.qmin and int(res.codes.max()) <= q.qmax
     assert torch.all(res.weight[0] == 0)
     assert torch.isfinite(res.weight).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block_size,batch", [(None, 48), (32, 32), (64, 48), (128, 48)])
+def test_overlapped_trailing_updates_match_reference(threads, block_size, batch):
+    # With 2 intra-op threads (CPU) each batch's far update runs in a worker thread while the
+    # next batch is swept; with 1 it is one plain matmul per batch. Both are the paper's GPTQ.
+    w, h, _ = correlated_layer(48, 384, seed=11)
+    q = MinMaxQuantizer(4, True)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        res = gptq_quantize(w, h, q, block_size=block_size, processing_group_size=batch)
+        assert torch.get_num_threads() == threads  # the sweep's own thread setting is undone
+    finally:
+        torch.set_num_threads(saved)
+    assert_matches_reference(res, *reference_gptq(w, h, q, block_size=block_size))
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 700])
+def test_blocked_cholesky_in_place(n):
+    from quanta.plugins.gptq.factor import _cholesky_in_place
+    _, h, _ = correlated_layer(1, n, n_samples=2 * n + 8, seed=n)
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    a = torch.where(upper, 3.0 * h + 1.0, h)  # the strict upper triangle must not be read
+    assert _cholesky_in_place(a)
+    expected = torch.linalg.cholesky(h.double())
+    torch.testing.assert_close(a.tril().double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    bad = h.clone()
+    bad[n // 2, n // 2] = -1.0
+    assert not _cholesky_in_place(bad)
+
+
+def test_feedback_factor_is_the_ul_factor():
+    # G = R diag(R)^-1 with H_damped = R R^T, R upper; U = R^-1 is the paper's factor.
+    from quanta.plugins.gptq.factor import _error_feedback_factor
+    _, h, _ = correlated_layer(1, 300, seed=12)
+    h_damped = h + 0.01 * h.diagonal().mean() * torch.eye(300)
+    g, d = _error_feedback_factor(h_damped.flip(0, 1).contiguous())
+    r = g.triu() * d
+    torch.testing.assert_close((r.double() @ r.double().t()), h_damped.double(), rtol=1e-4,
+                               atol=1e-4 * float(h_damped.abs().max()))
+    u, _ = inverse_hessian_factor(h, 0.01)
+    torch.testing.assert_close(d.reciprocal(), u.diagonal(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("n", [8, 1000, 1100, 2048])
+def test_hessian_upper_blocks_mirrored(n):
+    from quanta.plugins.gptq.hessian import accumulate_xtx, mirror_upper
+    gen = torch.Generator().manual_seed(n)
+    xs = [torch.randn(37, n, generator=gen), torch.randn(5, n, generator=gen)]
+    xtx = torch.zeros(n, n)
+    for x in xs:
+        accumulate_xtx(xtx, x, alpha=0.5)
+    mirror_upper(xtx)
+    x = torch.cat(xs).double()
+    torch.testing.assert_close(xtx.double(), 0.5 * x.t() @ x, rtol=1e-4, atol=1e-4)
+    off_diagonal_blocks = xtx - xtx.t()
+    assert float(off_diagonal_blocks.abs().max()) <= 1e-3  # exactly 0 outside the diagonal blocks

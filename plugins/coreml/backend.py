@@ -15,7 +15,6 @@ records and builds a new MLModel on ``to_mlmodel()``/``save()``.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 import torch

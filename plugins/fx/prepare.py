@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from quanta.spec import QuantSpec

@@ -21,7 +21,7 @@ from quanta.spec import QuantDtype, parse_dtype
 
 from .convert import finalize_graph
 from .fake_quant import ActivationFakeQuantize
-from .milestones import apply_state, check_milestones, state_at
+from .milestones import apply_state, state_at
 from .partial import WEIGHTED_LEAF_NAME, FloatPart, TracedPart, capture_calls, find_parts, share_structure
 from .prepare import fuse_conv_bn, insert_activation_quantizers, propagate_shapes, swap_weighted
 from .rules import ActivationRules

@@ -14,7 +14,6 @@ projections, grouped convs, ConvTranspose) get round-to-nearest, said in the rep
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Iterable
 
@@ -31,6 +30,7 @@ from quanta.record import QuantizedWeight
 from quanta.spec import Granularity
 from quanta.weights import check_finite, resolve_observer, resolve_scheme
 
+from .hessian import accumulate_xtx, mirror_upper
 from .solver import gptq_quantize
 
 __all__ = ["GPTQConfig", "GPTQ", "PluginQuantizer", "find_blocks"]
@@ -160,7 +160,8 @@ def _calibratable(module: nn.Module) -> str | None:
 
 
 class _HessianHook:
-    """Accumulates ``Σ xᵀx`` (float32) and the row count for one Linear/Conv module."""
+    """Accumulates ``Σ xᵀx`` (float32, upper blocks; mirrored once in :meth:`hessian`) and the row
+    count for one Linear/Conv module."""
 
     def __init__(self, module: nn.Module, device):
         self.module = module
@@ -184,12 +185,12 @@ class _HessianHook:
             x = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
             x = x.transpose(1, 2).reshape(-1, x.shape[1])
         x = x.to(self.xtx.device, torch.float32)
-        self.xtx.addmm_(x.T, x)
+        accumulate_xtx(self.xtx, x)
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         self.handle.remove()
-        return self.xtx.mul_(2.0 / max(self.rows, 1))
+        return mirror_upper(self.xtx).mul_(2.0 / max(self.rows, 1))
 
 
 class GPTQ(Algorithm):

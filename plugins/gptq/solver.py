@@ -5,14 +5,15 @@ column at a time, feeding each column's rounding error forward into the columns 
 quantized through the upper Cholesky factor ``U`` of the inverse Hessian
 (``H^-1 = U^T U``). The math is the paper's; the speed comes from
 
-* computing ``U`` with one Cholesky factorization and one triangular inverse
-  (``H = R R^T`` with ``R`` upper, ``U = R^-1``) instead of Cholesky, ``cholesky_inverse``
-  and a second Cholesky;
+* never forming ``U``: with ``H = R R^T`` (``R`` upper, ``U = R^-1``) the feedback is a
+  triangular substitution with ``R`` (see :func:`_error_feedback_factor`), so one blocked,
+  in-place Cholesky replaces Cholesky, ``cholesky_inverse`` and a second Cholesky;
 * working on the transposed weight (one contiguous row per input column), in lazy batches
   of ``processing_group_size`` columns split again into sub-batches of 16: a rank-1 update
   per column inside the sub-batch, one matmul per sub-batch and one per batch;
 * on CPU, for tall weights (>= 8192 rows), the output rows (independent in GPTQ) split
-  between two threads;
+  between two threads; otherwise each batch's bulk trailing update runs in a worker thread
+  while the next batch's per-column loop runs;
 * on CUDA, one lazy batch's per-column loop captured once in a CUDA graph and replayed,
   checked against the plain path on its first batch (falls back to the plain path with a
   warning when capture fails or disagrees).
@@ -32,16 +33,17 @@ import torch
 
 from quanta.errors import QuantizationError
 
+from .factor import (  # noqa: F401 - re-exported: the factor lived here first
+    inverse_hessian_factor,
+    _damped_factor,
+    _error_feedback_factor,
+    _all_finite,
+)
+
 __all__ = ["GPTQQuantizer", "GPTQResult", "gptq_quantize", "inverse_hessian_factor"]
 
 #: Columns per inner sub-batch: small enough that its slab stays in L1/L2 on CPU.
 _SUB_BATCH = 16
-#: Largest triangle inverted directly with a triangular solve; larger ones are split.
-_TRIANGLE_BASE = 256
-#: Damp retries multiply by 10 and stop above this fraction of mean(diag(H)).
-_MAX_DAMP = 1.0
-#: First retry when the caller asked for ``damp=0``.
-_FIRST_NONZERO_DAMP = 1e-4
 #: Rows per CPU thread below which splitting the rows costs more than it saves: each thread
 #: repeats the whole per-column Python loop and they share the GIL. Measured on 2 cores, one
 #: thread wins at 4096 rows (0.11 s vs 0.20 s for 4096x1024) unless the machine is
@@ -145,107 +147,38 @@ def _check_inputs(weight, hessian, block_size, processing_group_size, damp) -> N
         raise QuantizationError(f"gptq: damp={damp!r} must be a finite number >= 0")
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1``, and the damp used.
-
-    ``hessian`` float32 ``[n, n]`` with no zero diagonal (dead inputs already set to 1); it is not
-    modified. Returns ``U`` float32 ``[n, n]`` upper triangular with ``U^T U = H_damped^-1``. When
-    the factorization fails the damp is raised tenfold (from ``1e-4`` when 0) with a
-    ``RuntimeWarning`` naming the new value; past 1.0 a :class:`QuantizationError` is raised.
-    """
-    return _factor_in_place(hessian.detach().to(torch.float32, copy=True), damp)
-
-
-def _factor_in_place(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    # Like inverse_hessian_factor, but adds the damping to ``h``'s diagonal in place.
-    mean_diag = float(h.diagonal().mean())
-    if not (math.isfinite(mean_diag) and mean_diag > 0):
-        raise QuantizationError(f"gptq: the Hessian's mean diagonal is {mean_diag}; expected a positive number")
-    added = 0.0
-    while True:
-        h.diagonal().add_(damp * mean_diag - added)
-        added = damp * mean_diag
-        u = _upper_inverse_cholesky(h)
-        if u is not None:
-            return u, damp
-        new = damp * 10 if damp > 0 else _FIRST_NONZERO_DAMP
-        if new > _MAX_DAMP:
-            raise QuantizationError(
-                f"gptq: the Hessian is not positive definite even with damp={damp:g} "
-                f"(limit {_MAX_DAMP:g}); check the calibration data for NaN/inf or constant inputs")
-        warnings.warn(f"gptq: Cholesky of the Hessian failed with damp={damp:g}; retrying with damp={new:g}",
-                      RuntimeWarning, stacklevel=3)
-        damp = new
-
-
-def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
-    # Cholesky of the reversed matrix gives H = R R^T with R upper triangular (an "UL"
-    # factorization); then U = R^-1 is upper with U^T U = (R R^T)^-1 = H^-1, i.e. the upper
-    # Cholesky factor of H^-1, for one factorization and one triangular inverse.
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    if int(info) != 0:
-        return None
-    u = _invert_upper(lower.flip(0, 1))
-    if not _all_finite(u):
-        return None
-    return u
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    # One pass instead of isfinite's several: NaN and inf survive a float64 sum, and float32
-    # values cannot overflow it.
-    return math.isfinite(float(t.sum(dtype=torch.float64)))
-
-
-def _invert_upper(r: torch.Tensor) -> torch.Tensor:
-    """Inverse of the upper-triangular ``r`` ``[n, n]`` (float32; result upper triangular)."""
-    out = torch.zeros_like(r)
-    eye = torch.eye(min(r.shape[0], _TRIANGLE_BASE), dtype=r.dtype, device=r.device)
-    _invert_upper_into(r, out, eye)
-    return out
-
-
-def _invert_upper_into(r: torch.Tensor, out: torch.Tensor, eye: torch.Tensor) -> None:
-    # inv([[A, B], [0, C]]) = [[A^-1, -A^-1 B C^-1], [0, C^-1]]: the work is two matmuls per
-    # level, which run near peak on CPU and GPU (a triangular solve against I does not).
-    # Results are written in place (strided GEMM output): on a busy CPU every extra
-    # elementwise pass over the matrix costs a scheduler time slice.
-    n = r.shape[0]
-    if n <= _TRIANGLE_BASE:
-        torch.linalg.solve_triangular(r, eye[:n, :n], upper=True, out=out)
-        return
-    m = (n // 2) // 64 * 64
-    _invert_upper_into(r[:m, :m], out[:m, :m], eye)
-    _invert_upper_into(r[m:, m:], out[m:, m:], eye)
-    right = torch.mm(out[:m, :m], r[:m, m:])
-    torch.addmm(out[:m, m:], right, out[m:, m:], beta=0, alpha=-1, out=out[:m, m:])
-
 
 def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, static_groups, path) -> GPTQResult:
     device = weight.device
     w = weight.detach().to(dtype=torch.float32)  # read only: the sweep works on transposed copies
-    h = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    h = hessian.detach().to(device=device, dtype=torch.float32)  # read only
     if not (_all_finite(w) and _all_finite(h)):
         raise QuantizationError("gptq: weight and hessian must be finite (found NaN or inf)")
     rows, n = w.shape
 
     # Inputs that never fire carry no information: zero their weights, keep H invertible.
-    dead = h.diagonal() == 0
-    if bool(dead.any()):
-        h.diagonal()[dead] = 1
+    diag = h.diagonal()
+    dead = diag == 0
+    any_dead = bool(dead.any())
+    if any_dead:
+        diag = diag.masked_fill(dead, 1)
         w = w.clone()
         w[:, dead] = 0
 
     perm = None
     if act_order:
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-        h = h[perm][:, perm]
-    u, damp_used = _factor_in_place(h, damp)
-    del h
-    # Row j of U divided by U_jj: the error feedback of column j is then (w_j - q_j) times that
-    # row, and the per-column division drops out of the loop.
-    invd = u.diagonal().reciprocal()
-    u.mul_(invd.unsqueeze(1))
+        perm = torch.argsort(diag, descending=True, stable=True)
+    # The factorization takes H in reversed sweep order (see _error_feedback_factor) and works
+    # in place; building that is the one copy of H the solver makes (again per damp retry).
+    rev = torch.arange(n - 1, -1, -1, device=device) if perm is None else perm.flip(0)
+    def reversed_hessian(h=h) -> torch.Tensor:
+        h_rev = h.flip(0, 1) if perm is None else h.index_select(0, rev).index_select(1, rev)
+        if any_dead:
+            h_rev.diagonal()[dead[rev]] = 1
+        return h_rev
+
+    (feedback, r_diag), damp_used = _damped_factor(reversed_hessian, damp, _error_feedback_factor)
+    del h, reversed_hessian
 
     n_groups = 1 if block_size is None else n // block_size
     dynamic = block_size is not None and not static_groups
@@ -256,14 +189,20 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
         orig = perm.tolist() if perm is not None else range(n)
         group_of = [c // block_size for c in orig]
 
+    block_inverse = None
+    if dynamic:
+        # G_bb^-1 for every diagonal block of G (unit upper triangular), for the dynamic fits.
+        blocks = torch.stack([feedback[i:i + block_size, i:i + block_size] for i in range(0, n, block_size)])
+        eye = torch.eye(block_size, dtype=feedback.dtype, device=device).expand_as(blocks)
+        block_inverse = torch.linalg.solve_triangular(blocks, eye, upper=True, unitriangular=True)
     plan = _SweepPlan(n=n, batch=batch, block_size=block_size if dynamic else None, group_of=group_of,
-                      n_groups=n_groups, u=u, invd=invd)
+                      n_groups=n_groups, feedback=feedback, r_diag=r_diag, block_inverse=block_inverse)
 
     chunks = _row_chunks(rows, device)
-    def run_chunk(r0: int, r1: int):
-        return _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path)
+    def run_chunk(r0: int, r1: int, overlap: bool = False):
+        return _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path, overlap)
     if len(chunks) == 1:
-        results = [run_chunk(*chunks[0])]
+        results = [run_chunk(*chunks[0], overlap=device.type == "cpu" and torch.get_num_threads() >= 2)]
     else:
         # Each worker gets its share of the intra-op threads (1 of 2 here): on a busy machine,
         # OpenMP regions inside the per-column loop cost far more than they gain. The setting is
@@ -314,8 +253,9 @@ class _SweepPlan:
     block_size: int | None  # set only when qparams are fit dynamically
     group_of: Sequence[int]
     n_groups: int
-    u: torch.Tensor
-    invd: torch.Tensor
+    feedback: torch.Tensor  # G [n, n]: R with column k divided by R_kk (see _error_feedback_factor)
+    r_diag: torch.Tensor  # diag(R) = 1 / diag(U) [n]
+    block_inverse: torch.Tensor | None  # dynamic blocks: G_bb^-1 [n // block_size, bs, bs]
 
     def batches(self, length: int | None = None) -> list[tuple[int, int]]:
         """Lazy batches ``[i1, i2)``; a dynamically fit block never straddles a batch end unless it
@@ -343,9 +283,12 @@ class _SweepPlan:
         return sorted(cuts)
 
 
-def _sweep_rows(w: torch.Tensor, plan: _SweepPlan, quantizer, perm, static_groups, path):
+def _sweep_rows(w: torch.Tensor, plan: _SweepPlan, quantizer, perm, static_groups, path, overlap=False):
     """GPTQ on a block of rows ``w`` ``[r, n]``: returns (codes_t [n, r] float codes in sweep order,
-    scale_t [G, r], zero_point_t [G, r] or None, sum_j ((w_j - q_j) / U_jj)^2)."""
+    scale_t [G, r], zero_point_t [G, r] or None, sum_j ((w_j - q_j) / U_jj)^2).
+
+    With ``overlap`` (CPU), each batch's update of the columns past the next batch runs in a
+    second thread while the next batch is swept (see :class:`_TrailingUpdates`)."""
     n, bs = plan.n, plan.block_size
     rows = w.shape[0]
     # Fit what can be fit up front (per-channel, static blocks, and the first dynamic block,
@@ -365,58 +308,120 @@ def _sweep_rows(w: torch.Tensor, plan: _SweepPlan, quantizer, perm, static_group
         if has_zp:
             zp_t[g] = z.reshape(rows)
 
-    wt = (w.t() if perm is None else w.t()[perm]).contiguous()  # [n, r], one row per input column
-    diff_t = torch.empty_like(wt)  # w_j - q_j, with w_j the error-updated column
+    w0_t = (w.t() if perm is None else w.t()[perm]).contiguous()  # [n, r], one row per input column
+    wt = w0_t.clone()  # error-updated
+    diff_t = torch.empty_like(wt)  # w0_j - q_j, with w0_j the column before any update
     scale_views = scale_t.unsqueeze(2).unbind(0)  # [r, 1] per group
     zp_views = zp_t.unsqueeze(2).unbind(0) if has_zp else None
 
     def fit_block(col: int) -> None:
-        s, z = quantizer.fit(wt[col:col + bs].t())
+        # The substitution's partial sums are not the paper's intermediate weights: with all
+        # columns j < col fed back, the paper's block is W0 + (W - W0) G_bb^-1 (G_bb the block's
+        # diagonal block of G, unit upper triangular), from U = R^-1 blockwise.
+        w0b = w0_t[col:col + bs]
+        state = torch.addmm(w0b, plan.block_inverse[col // bs].t(), wt[col:col + bs] - w0b)
+        s, z = quantizer.fit(state.t())
         scale_t[col // bs] = s.reshape(rows)
         if has_zp:
             zp_t[col // bs] = z.reshape(rows)
 
     runner = _GraphRunner.create(wt, plan, quantizer, has_zp, path)
-    u = plan.u
+    fb = plan.feedback
     g = plan.group_of
-    for i1, i2 in plan.batches(runner.length if runner is not None else None):
-        if runner is not None and runner.handles(i1, i2):
-            if bs is not None and i1 % bs == 0 and i1 > 0:
-                fit_block(i1)
-            runner.run(i1, i2, wt, scale_t, zp_t, diff_t)
-        else:
-            def before(k: int, i1=i1) -> None:
-                col = i1 + k
-                if bs is not None and col % bs == 0 and col > 0:
-                    fit_block(col)
-            _sweep_batch(wt[i1:i2], u[i1:i2, i1:i2],
-                         [scale_views[g[j]] for j in range(i1, i2)],
-                         [zp_views[g[j]] for j in range(i1, i2)] if has_zp else None,
-                         diff_t[i1:i2], quantizer, plan.sub_batches(i1, i2), before)
-        if i2 < n:
-            wt[i2:].addmm_(u[i1:i2, i2:].t(), diff_t[i1:i2], alpha=-1)
-    sq_err = float(diff_t.square().sum(dim=1).dot(plan.invd.square()))
+    batches = plan.batches(runner.length if runner is not None else None)
+    with _TrailingUpdates(wt, fb, diff_t, batches, bs, enabled=overlap and runner is None) as trailing:
+        for b, (i1, i2) in enumerate(batches):
+            if runner is not None and runner.handles(i1, i2):
+                if bs is not None and i1 % bs == 0 and i1 > 0:
+                    fit_block(i1)
+                runner.run(i1, i2, wt, w0_t, scale_t, zp_t, diff_t)
+            else:
+                def before(k: int, i1=i1) -> None:
+                    col = i1 + k
+                    if bs is not None and col % bs == 0 and col > 0:
+                        fit_block(col)
+                _sweep_batch(wt[i1:i2], w0_t[i1:i2], fb[i1:i2, i1:i2],
+                             [scale_views[g[j]] for j in range(i1, i2)],
+                             [zp_views[g[j]] for j in range(i1, i2)] if has_zp else None,
+                             diff_t[i1:i2], quantizer, plan.sub_batches(i1, i2), before)
+            trailing.after_batch(b)
     # Row j of wt still holds column j exactly as it was quantized (updates only ever touch
     # later columns), so one vectorized quantize gives the loop's codes bit for bit.
     groups = torch.tensor(list(g), dtype=torch.long, device=wt.device)
-    codes_t = quantizer.quantize(wt, scale_t.index_select(0, groups),
-                                 zp_t.index_select(0, groups) if has_zp else None)
+    scale_g = scale_t.index_select(0, groups)
+    zp_g = zp_t.index_select(0, groups) if has_zp else None
+    codes_t = quantizer.quantize(wt, scale_g, zp_g)
+    # The loss uses the error-updated columns: ((w_j - q_j) / U_jj)^2 = ((w_j - q_j) R_jj)^2.
+    wt.sub_(quantizer.dequantize(codes_t, scale_g, zp_g))
+    sq_err = float(wt.square().sum(dim=1).dot(plan.r_diag.square()))
     return codes_t, scale_t, zp_t, sq_err
 
 
-def _sweep_batch(wb: torch.Tensor, ub: torch.Tensor, scales, zero_points, diff: torch.Tensor,
+class _TrailingUpdates:
+    """Feeds each lazy batch's errors into the columns after it: ``wt[i2:] += G[i1:i2, i2:]^T diff``.
+
+    Plain: one matmul per batch. With ``enabled`` (CPU), the matmul is split: the rows the next
+    batch needs first (its own, and the whole block a dynamic fit will read at its start) are
+    updated at once, the rest in a worker thread while the next batch's per-column loop runs.
+    That loop is Python-bound and leaves a core idle; the two touch disjoint rows (the worker
+    writes only past the next batch, which the loop reads only after waiting for it). The
+    sweep runs with one intra-op thread per side, and the caller's setting is put back after.
+    """
+
+    def __init__(self, wt, fb, diff_t, batches, block_size, enabled):
+        self.wt, self.fb, self.diff_t, self.batches, self.bs = wt, fb, diff_t, batches, block_size
+        self.enabled = enabled and len(batches) > 2
+        self.pending = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            self.pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            try:
+                self.pool.shutdown(wait=True)
+                if self.pending is not None and exc[0] is None:
+                    self.pending.result()
+            finally:
+                torch.set_num_threads(self.threads)
+
+    def after_batch(self, b: int) -> None:
+        i1, i2 = self.batches[b]
+        n = self.wt.shape[0]
+        if i2 >= n:
+            return
+        if not self.enabled:
+            self.wt[i2:].addmm_(self.fb[i1:i2, i2:].t(), self.diff_t[i1:i2])
+            return
+        if self.pending is not None:  # the previous batch's far part writes rows from i2 on
+            self.pending.result()
+            self.pending = None
+        near = self.batches[b + 1][1]
+        if self.bs is not None and i2 % self.bs == 0:
+            near = max(near, min(n, i2 + self.bs))
+        self.wt[i2:near].addmm_(self.fb[i1:i2, i2:near].t(), self.diff_t[i1:i2])
+        if near < n:
+            self.pending = self.pool.submit(self.wt[near:].addmm_, self.fb[i1:i2, near:].t(), self.diff_t[i1:i2])
+
+
+def _sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, zero_points, diff: torch.Tensor,
                  quantizer, starts: Sequence[int],
                  before: Callable[[int], None] | None = None) -> None:
     """Quantize the lazy batch ``wb`` ``[L, r]`` (transposed weight, updated in place) column by column.
 
-    ``ub`` ``[L, L]`` is the batch's diagonal block of ``U`` with row ``j`` divided by ``U_jj``;
-    ``scales[j]``/``zero_points[j]`` ``[r, 1]`` are column ``j``'s qparams. Writes ``w_j - q_j`` to
-    ``diff`` ``[L, r]``; row ``j`` of ``wb`` is left as the column was quantized. ``starts`` are the
-    sub-batch starts (each followed by one matmul update of the rest of the batch); ``before(k)``
-    runs at each.
+    ``w0b`` ``[L, r]`` is the same batch before any error update; ``gb`` ``[L, L]`` the batch's
+    diagonal block of ``G`` (see :func:`_error_feedback_factor`); ``scales[j]``/``zero_points[j]``
+    ``[r, 1]`` are column ``j``'s qparams. Writes ``w0_j - q_j`` to ``diff`` ``[L, r]``; row ``j`` of
+    ``wb`` is left as the column was quantized. ``starts`` are the sub-batch starts (each followed
+    by one matmul update of the rest of the batch); ``before(k)`` runs at each.
     """
     n_cols = wb.shape[0]
     w_cols = wb.unsqueeze(2).unbind(0)  # [r, 1] views, made in one call
+    w0_cols = w0b.unsqueeze(2).unbind(0)
     d_cols = diff.unsqueeze(2).unbind(0)
     d_rows = diff.unbind(0)
     ends = list(starts[1:]) + [n_cols]
@@ -427,11 +432,11 @@ def _sweep_batch(wb: torch.Tensor, ub: torch.Tensor, scales, zero_points, diff: 
             w, s = w_cols[j], scales[j]
             z = zero_points[j] if zero_points is not None else None
             c = quantizer.quantize(w, s, z)
-            torch.sub(w, quantizer.dequantize(c, s, z), out=d_cols[j])
+            torch.sub(w0_cols[j], quantizer.dequantize(c, s, z), out=d_cols[j])
             if j + 1 < k2:
-                wb[j + 1:k2].addr_(ub[j, j + 1:k2], d_rows[j], alpha=-1)
+                wb[j + 1:k2].addr_(gb[j, j + 1:k2], d_rows[j])
         if k2 < n_cols:
-            wb[k2:].addmm_(ub[k1:k2, k2:].t(), diff[k1:k2], alpha=-1)
+            wb[k2:].addmm_(gb[k1:k2, k2:].t(), diff[k1:k2])
 
 
 class _GraphRunner:
@@ -448,7 +453,8 @@ class _GraphRunner:
         self.length, self.plan, self.quantizer, self.capture = length, plan, quantizer, capture
         f32 = dict(dtype=torch.float32, device=device)
         self.wb = torch.empty(length, rows, **f32)
-        self.ub = torch.empty(length, length, **f32)
+        self.w0b = torch.empty(length, rows, **f32)
+        self.gb = torch.empty(length, length, **f32)
         self.scale = torch.empty(length, rows, 1, **f32)
         self.zp = torch.empty(length, rows, 1, **f32) if has_zp else None
         self.diff = torch.empty(length, rows, **f32)
@@ -476,26 +482,27 @@ class _GraphRunner:
 
     def _body(self) -> None:
         starts = list(range(0, self.length, _SUB_BATCH))
-        _sweep_batch(self.wb, self.ub, self.scale.unbind(0), None if self.zp is None else self.zp.unbind(0),
+        _sweep_batch(self.wb, self.w0b, self.gb, self.scale.unbind(0), None if self.zp is None else self.zp.unbind(0),
                      self.diff, self.quantizer, starts)
 
-    def _load(self, i1, i2, wt, scale_t, zp_t) -> None:
+    def _load(self, i1, i2, wt, w0_t, scale_t, zp_t) -> None:
         groups = self.group_of[i1:i2]
         self.wb.copy_(wt[i1:i2])
-        self.ub.copy_(self.plan.u[i1:i2, i1:i2])
+        self.w0b.copy_(w0_t[i1:i2])
+        self.gb.copy_(self.plan.feedback[i1:i2, i1:i2])
         self.scale.copy_(scale_t.index_select(0, groups).unsqueeze(2))
         if self.zp is not None:
             self.zp.copy_(zp_t.index_select(0, groups).unsqueeze(2))
 
-    def run(self, i1, i2, wt, scale_t, zp_t, diff_t) -> None:
+    def run(self, i1, i2, wt, w0_t, scale_t, zp_t, diff_t) -> None:
         if self.capture and self.graph is None:
-            self._capture_and_check(i1, i2, wt, scale_t, zp_t)
+            self._capture_and_check(i1, i2, wt, w0_t, scale_t, zp_t)
         if self.failed:
             # Same math on the same buffers, without the graph.
-            self._load(i1, i2, wt, scale_t, zp_t)
+            self._load(i1, i2, wt, w0_t, scale_t, zp_t)
             self._body()
         else:
-            self._load(i1, i2, wt, scale_t, zp_t)
+            self._load(i1, i2, wt, w0_t, scale_t, zp_t)
             if self.graph is not None:
                 self.graph.replay()
             else:
@@ -503,20 +510,20 @@ class _GraphRunner:
         diff_t[i1:i2].copy_(self.diff)
         wt[i1:i2].copy_(self.wb)  # the columns as quantized, for the final codes
 
-    def _capture_and_check(self, i1, i2, wt, scale_t, zp_t) -> None:
+    def _capture_and_check(self, i1, i2, wt, w0_t, scale_t, zp_t) -> None:
         try:
             stream = torch.cuda.Stream(device=wt.device)
             stream.wait_stream(torch.cuda.current_stream(wt.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up allocations and cuBLAS handles off the capture
-                    self._load(i1, i2, wt, scale_t, zp_t)
+                    self._load(i1, i2, wt, w0_t, scale_t, zp_t)
                     self._body()
             torch.cuda.current_stream(wt.device).wait_stream(stream)
             expected_diff, expected_w = self.diff.clone(), self.wb.clone()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._body()
-            self._load(i1, i2, wt, scale_t, zp_t)
+            self._load(i1, i2, wt, w0_t, scale_t, zp_t)
             graph.replay()
             torch.cuda.synchronize(wt.device)
             if not (torch.allclose(self.wb, expected_w, rtol=1e-4, atol=1e-6)
