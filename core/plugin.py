@@ -50,11 +50,17 @@ class Scheme:
 
 
 class Observer:
-    """Chooses the range of a tensor: ``observe(values [G, K], spec, scheme) -> (min [G], max [G])``."""
+    """Chooses the range of a tensor: ``observe(values [G, K], spec, scheme) -> (min [G], max [G])``.
+
+    ``ranges_carry_non_finite = True`` declares that a group holding NaN or inf always gets a
+    non-finite range (true of exact min/max), so the full NaN/inf scan of the weight can be
+    skipped; the default (False) keeps the scan.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type | None] = None
+    ranges_carry_non_finite: ClassVar[bool] = False
 
     def observe(self, values: torch.Tensor, spec: QuantSpec, scheme: Scheme):
         raise NotImplementedError

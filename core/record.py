@@ -17,9 +17,7 @@ import torch
 from .qmath import from_groups, to_groups
 from .spec import QuantSpec
 
-__all__ = ["QuantizedWeight", "attach_record", "read_record", "records", "remove_record"]
-
-_SUFFIXES = ("_quanta_codes", "_quanta_scale", "_quanta_zero_point")
+__all__ = ["QuantizedWeight", "attach_record", "read_record", "records"]
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -110,17 +108,6 @@ def read_record(module: torch.nn.Module, param: str = "weight") -> QuantizedWeig
         channel_axis=channel_axis,
         input_axis=input_axis,
     )
-
-
-def remove_record(module: torch.nn.Module, param: str = "weight") -> None:
-    """Forget the record of ``module.<param>`` (the parameter keeps its current values)."""
-    meta = dict(getattr(module, "_quanta_meta", {}))
-    if meta.pop(param, None) is None:
-        return
-    for suffix in _SUFFIXES:
-        if hasattr(module, param + suffix):
-            delattr(module, param + suffix)
-    module._quanta_meta = meta
 
 
 def records(model: torch.nn.Module) -> dict[str, QuantizedWeight]:

@@ -94,8 +94,8 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
     shape = tuple(w.shape)
     sizes = spec.block_sizes(shape, channel_axis, input_axis, layer)
     groups = to_groups(w, sizes)
-    if type(observer).__name__ != "MinMaxObserver":
-        check_finite(w, layer)  # other observers (percentile) may hide NaN/inf in their ranges
+    if not getattr(observer, "ranges_carry_non_finite", False):
+        check_finite(w, layer)  # this observer's ranges may hide NaN/inf (e.g. percentile)
     storage = spec.dtype.torch_storage
     if callable(getattr(scheme, "quantize_into", None)) and callable(getattr(scheme, "dequantize_", None)):
         values, codes, scale, zero_point, (sq_err, ref_sq) = _quantize_in_chunks(

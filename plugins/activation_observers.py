@@ -15,7 +15,7 @@ from torch import nn
 
 import quanta
 from quanta.errors import ConfigError, did_you_mean
-from quanta.plugin import Observer
+from quanta.plugins.observers import MinMaxObserver
 
 __all__ = ["StreamingMinMax", "StreamingMovingAverageMinMax", "MovingAverageMinMaxObserver", "streaming_observer"]
 
@@ -58,18 +58,14 @@ class StreamingMovingAverageMinMax(StreamingMinMax):
             self.max_val.lerp_(hi.float(), self.averaging_constant)
 
 
-class MovingAverageMinMaxObserver(Observer):
+class MovingAverageMinMaxObserver(MinMaxObserver):
     """``moving_average_minmax``: for activations, an exponential moving average of batch ranges.
 
-    On a single tensor (a weight) it is the exact min/max, like ``minmax``.
+    On a single tensor (a weight) it is the exact min/max: ``minmax``'s ``observe``.
     """
 
     name = "moving_average_minmax"
     description = "activations: moving average (constant 0.01) of per-batch min/max; weights: exact min/max"
-
-    def observe(self, values, spec, scheme):
-        lo, hi = torch.aminmax(values, dim=1)
-        return lo, hi
 
     def streaming(self, spec=None, averaging_constant: float = 0.01) -> nn.Module:
         return StreamingMovingAverageMinMax(averaging_constant)

@@ -28,7 +28,7 @@ from quanta.plugins.fx.options import (
     make_session,
     untraceable_field,
 )
-from quanta.plugins.fx.session import call_model
+from quanta.calibration import call_model
 
 __all__ = ["CalibrateConfig", "Calibrate"]
 

@@ -16,6 +16,7 @@ class MinMaxObserver(Observer):
 
     name = "minmax"
     description = "exact per-group minimum and maximum (coremltools' behaviour)"
+    ranges_carry_non_finite = True  # amin/amax propagate NaN and inf
 
     def observe(self, values, spec, scheme):
         # Two reductions: torch.aminmax along rows is several times slower on CPU.

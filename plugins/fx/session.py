@@ -27,7 +27,7 @@ from .prepare import fuse_conv_bn, insert_activation_quantizers, propagate_shape
 from .rules import ActivationRules
 from .tracer import names_matching, trace_call
 
-__all__ = ["ActivationOptions", "ActivationSession", "activation_rules_of", "as_example_call", "call_model",
+__all__ = ["ActivationOptions", "ActivationSession", "activation_rules_of", "as_example_call",
            "parse_activation_dtype", "unit_for", "UNTRACEABLE_MODES", "ACTIVATION_SITES"]
 
 #: what ``prepare`` does when the model's forward does not trace (option ``untraceable``).
@@ -98,15 +98,6 @@ def as_example_call(example_inputs: Any) -> tuple[tuple, dict]:
             return (torch.rand(*example_inputs),), {}
         return tuple(example_inputs), {}
     return (example_inputs,), {}
-
-
-def call_model(model: nn.Module, batch: Any):
-    """Run ``model`` on one calibration batch: a tensor, a tuple/list (positional) or a mapping (keywords)."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 class ActivationSession:

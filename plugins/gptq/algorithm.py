@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quanta
+from quanta.calibration import call_model, to_device
 from quanta.errors import ConfigError, QuantizationError
 from quanta.plugin import Algorithm
 from quanta.qmath import scale_shape
@@ -95,14 +96,6 @@ class _Stop(Exception):
     """Raised by the input cacher's hook to end a forward pass early."""
 
 
-def _call(module, sample):
-    if isinstance(sample, dict):
-        return module(**sample)
-    if isinstance(sample, (tuple, list)):
-        return module(*sample)
-    return module(sample)
-
-
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
@@ -111,16 +104,6 @@ def _first_tensor(out):
     if hasattr(out, "to_tuple"):
         return out.to_tuple()[0]
     raise QuantizationError(f"cannot find the hidden state in a block output of type {type(out).__name__}")
-
-
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
 
 
 def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -262,7 +245,7 @@ class GPTQ(Algorithm):
             model.to(device)
             hooks = {m: _HessianHook(m, device) for m in todo}
             for sample in samples:
-                _call(model, _to(sample, device))
+                call_model(model, to_device(sample, device))
             self._solve(model, dict(todo), hooks, cfg, device, context)
             model.to(home)
 
@@ -332,7 +315,7 @@ def _cache_inputs(model, first_block, samples, device):
     cache = []
 
     def hook(module, args, kwargs):
-        cache.append((_to(tuple(args), device), _to(dict(kwargs), device)))
+        cache.append((to_device(tuple(args), device), to_device(dict(kwargs), device)))
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -340,7 +323,7 @@ def _cache_inputs(model, first_block, samples, device):
     try:
         for sample in samples:
             try:
-                _call(model, _to(sample, home))
+                call_model(model, to_device(sample, home))
             except _Stop:
                 pass
     finally:

@@ -1,0 +1,34 @@
+"""Calibration data, as every algorithm that runs a model reads it.
+
+A calibration item is a tensor (one positional input), a tuple or list (positional inputs)
+or a mapping (keyword inputs, e.g. a Hugging Face tokenizer's batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["call_model", "to_device"]
+
+
+def call_model(model: Any, batch: Any):
+    """Run ``model`` on one calibration item: ``model(**batch)``, ``model(*batch)`` or ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def to_device(obj: Any, device) -> Any:
+    """``obj`` with every tensor inside (mappings, tuples, lists) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
