@@ -1,0 +1,149 @@
+"""One lazy batch of the GPTQ column sweep: the plain loop (``_sweep_batch``) and, on CUDA,
+the same loop captured once as a graph and replayed (``_GraphRunner``).
+
+Split from ``solver`` (which plans the sweep and owns the factor); see ``docs/gptq-solver.md``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from .solver import _SweepPlan
+
+__all__: list[str] = []
+
+#: Columns per inner sub-batch: small enough that its slab stays in L1/L2 on CPU.
+_SUB_BATCH = 16
+
+
+def _sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, zero_points, diff: torch.Tensor,
+                 quantizer, starts: Sequence[int],
+                 before: Callable[[int], None] | None = None) -> None:
+    """Quantize the lazy batch ``wb`` ``[L, r]`` (transposed weight, updated in place) column by column.
+
+    ``w0b`` ``[L, r]`` is the same batch before any error update; ``gb`` ``[L, L]`` the batch's
+    diagonal block of ``G`` (see :func:`_error_feedback_factor`); ``scales[j]``/``zero_points[j]``
+    ``[r, 1]`` are column ``j``'s qparams. Writes ``w0_j - q_j`` to ``diff`` ``[L, r]``; row ``j`` of
+    ``wb`` is left as the column was quantized. ``starts`` are the sub-batch starts (each followed
+    by one matmul update of the rest of the batch); ``before(k)`` runs at each.
+    """
+    n_cols = wb.shape[0]
+    w_cols = wb.unsqueeze(2).unbind(0)  # [r, 1] views, made in one call
+    w0_cols = w0b.unsqueeze(2).unbind(0)
+    d_cols = diff.unsqueeze(2).unbind(0)
+    d_rows = diff.unbind(0)
+    ends = list(starts[1:]) + [n_cols]
+    for k1, k2 in zip(starts, ends):
+        if before is not None:
+            before(k1)
+        for j in range(k1, k2):
+            w, s = w_cols[j], scales[j]
+            z = zero_points[j] if zero_points is not None else None
+            c = quantizer.quantize(w, s, z)
+            torch.sub(w0_cols[j], quantizer.dequantize(c, s, z), out=d_cols[j])
+            if j + 1 < k2:
+                wb[j + 1:k2].addr_(gb[j, j + 1:k2], d_rows[j])
+        if k2 < n_cols:
+            wb[k2:].addmm_(gb[k1:k2, k2:].t(), diff[k1:k2])
+
+
+class _GraphRunner:
+    """Runs whole lazy batches of one fixed length from static buffers; on CUDA, as a replayed graph.
+
+    The launch-bound per-column loop of a batch (about 8 kernels per column) is captured once
+    and replayed for every batch of that length; qparams come per column from a buffer, so a
+    batch may only need a fit at its first column (done outside the graph). The first replay is
+    compared with the plain path on the same inputs; on any failure the solver warns and uses
+    the plain path. ``path="static"`` runs the same buffers without capture (tests on CPU).
+    """
+
+    def __init__(self, length: int, rows: int, device, plan: _SweepPlan, quantizer, has_zp: bool, capture: bool):
+        self.length, self.plan, self.quantizer, self.capture = length, plan, quantizer, capture
+        f32 = dict(dtype=torch.float32, device=device)
+        self.wb = torch.empty(length, rows, **f32)
+        self.w0b = torch.empty(length, rows, **f32)
+        self.gb = torch.empty(length, length, **f32)
+        self.scale = torch.empty(length, rows, 1, **f32)
+        self.zp = torch.empty(length, rows, 1, **f32) if has_zp else None
+        self.diff = torch.empty(length, rows, **f32)
+        self.group_of = torch.tensor(list(plan.group_of), dtype=torch.long, device=device)
+        self.graph = None
+        self.failed = False
+
+    @classmethod
+    def create(cls, wt, plan: _SweepPlan, quantizer, has_zp, path) -> _GraphRunner | None:
+        if path == "eager" or (path == "auto" and wt.device.type != "cuda"):
+            return None
+        if path not in ("auto", "static", "graph"):
+            raise ValueError(f"_path={path!r}; allowed: 'auto', 'eager', 'static', 'graph'")
+        length = plan.batch
+        if plan.block_size is not None:
+            # Fits happen outside the graph, so every block start must be a batch start.
+            bs = plan.block_size
+            length = bs if bs <= plan.batch else max(d for d in range(1, plan.batch + 1) if bs % d == 0)
+        if length < 2 or length > plan.n:
+            return None
+        return cls(length, wt.shape[1], wt.device, plan, quantizer, has_zp, capture=path != "static")
+
+    def handles(self, i1: int, i2: int) -> bool:
+        return not self.failed and i2 - i1 == self.length
+
+    def _body(self) -> None:
+        starts = list(range(0, self.length, _SUB_BATCH))
+        _sweep_batch(self.wb, self.w0b, self.gb, self.scale.unbind(0), None if self.zp is None else self.zp.unbind(0),
+                     self.diff, self.quantizer, starts)
+
+    def _load(self, i1, i2, wt, w0_t, scale_t, zp_t) -> None:
+        groups = self.group_of[i1:i2]
+        self.wb.copy_(wt[i1:i2])
+        self.w0b.copy_(w0_t[i1:i2])
+        self.gb.copy_(self.plan.feedback[i1:i2, i1:i2])
+        self.scale.copy_(scale_t.index_select(0, groups).unsqueeze(2))
+        if self.zp is not None:
+            self.zp.copy_(zp_t.index_select(0, groups).unsqueeze(2))
+
+    def run(self, i1, i2, wt, w0_t, scale_t, zp_t, diff_t) -> None:
+        if self.capture and self.graph is None:
+            self._capture_and_check(i1, i2, wt, w0_t, scale_t, zp_t)
+        if self.failed:
+            # Same math on the same buffers, without the graph.
+            self._load(i1, i2, wt, w0_t, scale_t, zp_t)
+            self._body()
+        else:
+            self._load(i1, i2, wt, w0_t, scale_t, zp_t)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._body()
+        diff_t[i1:i2].copy_(self.diff)
+        wt[i1:i2].copy_(self.wb)  # the columns as quantized, for the final codes
+
+    def _capture_and_check(self, i1, i2, wt, w0_t, scale_t, zp_t) -> None:
+        try:
+            stream = torch.cuda.Stream(device=wt.device)
+            stream.wait_stream(torch.cuda.current_stream(wt.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up allocations and cuBLAS handles off the capture
+                    self._load(i1, i2, wt, w0_t, scale_t, zp_t)
+                    self._body()
+            torch.cuda.current_stream(wt.device).wait_stream(stream)
+            expected_diff, expected_w = self.diff.clone(), self.wb.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._body()
+            self._load(i1, i2, wt, w0_t, scale_t, zp_t)
+            graph.replay()
+            torch.cuda.synchronize(wt.device)
+            if not (torch.allclose(self.wb, expected_w, rtol=1e-4, atol=1e-6)
+                    and torch.allclose(self.diff, expected_diff, rtol=1e-4, atol=1e-6)):
+                raise RuntimeError("the replayed graph disagrees with the plain path")
+            self.graph = graph
+        except Exception as e:  # noqa: BLE001 - any capture problem means: use the plain path
+            warnings.warn(f"gptq: CUDA graph path unavailable ({type(e).__name__}: {e}); using the plain path",
+                          RuntimeWarning, stacklevel=2)
+            self.failed = True
+            self.graph = None
