@@ -21,10 +21,10 @@ from .errors import (
     QuantaError,
     QuantizationError,
 )
-from .export import export, verify
+from .exporting import export, verify
 from .hookspecs import hookimpl, hookspec
 from .pipeline import plan, quantize
-from .plan import Plan, PlannedLayer
+from .planning import Plan, PlannedLayer
 from .quantizer import Quantizer
 from .record import QuantizedWeight, read_record, records
 from .report import LayerReport, Report

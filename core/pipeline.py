@@ -10,7 +10,7 @@ import torch
 
 from .config import Recipe, load_recipe
 from .errors import ConfigError
-from .plan import Plan, PlannedLayer, build_plan
+from .planning import Plan, PlannedLayer, build_plan
 from .record import QuantizedWeight
 from .report import LayerReport, Report
 from .weights import quantize_weight_with_values

@@ -19,7 +19,7 @@ import torch
 import quanta
 from quanta.errors import ConfigError
 from quanta.plugin import Algorithm
-from quanta.plugins.fx.options import (
+from quanta.fx.options import (
     activation_dtype_field,
     activation_observer_field,
     activation_scheme_field,

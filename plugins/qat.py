@@ -13,8 +13,8 @@ import attrs
 import quanta
 from quanta.errors import QuantizationError
 from quanta.plugin import Algorithm
-from quanta.plugins.fx.milestones import check_milestones
-from quanta.plugins.fx.options import (
+from quanta.fx.milestones import check_milestones
+from quanta.fx.options import (
     activation_dtype_field,
     activation_observer_field,
     activation_scheme_field,

@@ -59,10 +59,10 @@ class TorchBackend(Backend):
         return out
 
     def activation_rules(self):
-        """What this backend quantizes for activations (``quanta.plugins.fx.rules.ActivationRules``):
+        """What this backend quantizes for activations (``quanta.fx.rules.ActivationRules``):
         Linear/Conv outputs and inputs, add/mul/matmul/cat; conv+bn(+relu), linear+relu and add+relu
         fuse; activations are int8 or uint8, per tensor."""
-        from quanta.plugins.fx.rules import default_torch_rules
+        from quanta.fx.rules import default_torch_rules
 
         return default_torch_rules()
 

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 import quanta
-from quanta.plugins.fx import ActivationFakeQuantize
+from quanta.fx import ActivationFakeQuantize
 from quanta.record import read_record
 
 

@@ -21,8 +21,8 @@ ct = pytest.importorskip("coremltools")
 import quanta.compat as cto  # noqa: E402
 from quanta.errors import ConfigError, QuantizationError  # noqa: E402
 from quanta.plugins.coreml import activations  # noqa: E402
-from quanta.plugins.coreml.mlprogram import load_program  # noqa: E402
-from quanta.plugins.coreml.runner import compare, run  # noqa: E402
+from quanta.mil.program import load_program  # noqa: E402
+from quanta.mil.runner import compare, run  # noqa: E402
 
 W8A8_REL = 0.06  # max |diff| / max |ref| of W8A8 vs the float program (measured 0.010-0.030 over 6 seeds)
 

@@ -16,7 +16,7 @@ ct = pytest.importorskip("coremltools")
 import coremltools.optimize as ct_optimize  # noqa: E402
 
 import quanta.compat as cto  # noqa: E402
-from quanta.plugins.coreml.mlprogram import read_compressed_weights  # noqa: E402
+from quanta.mil.program import read_compressed_weights  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

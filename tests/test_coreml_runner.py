@@ -15,12 +15,12 @@ ct = pytest.importorskip("coremltools")
 import torch.nn.functional as F  # noqa: E402
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 
-from quanta.plugins.coreml.mlprogram import (  # noqa: E402
+from quanta.mil.program import (  # noqa: E402
     CompressedWeight,
     load_program,
     read_compressed_weights,
 )
-from quanta.plugins.coreml.runner import (  # noqa: E402
+from quanta.mil.runner import (  # noqa: E402
     UnsupportedOpError,
     compare,
     run,
@@ -566,7 +566,7 @@ def test_unsupported_op_raises_naming_it():
 
 
 def test_bad_inputs_are_refused():
-    from quanta.plugins.coreml.runner import RunnerError
+    from quanta.mil.runner import RunnerError
 
     prog = _program((2, 3), lambda v: mb.relu(x=v))
     with pytest.raises(RunnerError, match="missing"):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import quanta
-from quanta.plugins.coreml.mlprogram import read_compressed_weights
+from quanta.mil.program import read_compressed_weights
 
 from _fx_helpers import DigitsCNN, train
 
@@ -59,7 +59,7 @@ def test_qat_model_exports_with_activation_ops(tmp_path):
     example = torch.rand(16, 1, 8, 8)
     path = quanta.export(fm, tmp_path / "qat.mlpackage", example_inputs=(example,))
     _stored_equals_records(path, fm)
-    from quanta.plugins.coreml.mlprogram import load_program
+    from quanta.mil.program import load_program
 
     ops = {op.op_type for op in load_program(str(path)).functions["main"].operations}
     assert {"quantize", "dequantize"} <= ops

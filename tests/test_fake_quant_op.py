@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import quanta
-from quanta.plugins.fx.fake_quant import fake_quantize_per_tensor
+from quanta.fx.fake_quant import fake_quantize_per_tensor
 
 
 @pytest.mark.parametrize("scheme,dtype", [("symmetric", "int8"), ("affine", "uint8"), ("affine", "int8")])

@@ -7,8 +7,8 @@ import torch
 from torch import fx, nn
 
 import quanta
-from quanta.plugins.fx import ActivationFakeQuantize, ConvBnQAT, WeightFakeQuantize
-from quanta.plugins.fx.rules import ActivationRules
+from quanta.fx import ActivationFakeQuantize, ConvBnQAT, WeightFakeQuantize
+from quanta.fx.rules import ActivationRules
 from quanta.weights import quantize_weight
 
 from _fx_helpers import DigitsCNN, ResidualNet
@@ -66,7 +66,7 @@ def test_conv_bn_fused_and_eval_forward_is_the_folded_conv():
     # conv+bn+relu: one quantizer after the relu, none between conv and relu
     code = gm.code
     assert "relu1_act_fq" in code and "conv1_act_fq" not in code
-    from quanta.plugins.fx.milestones import MilestoneState, apply_state
+    from quanta.fx.milestones import MilestoneState, apply_state
 
     apply_state(gm, MilestoneState(observers=False, fake_quant=False, bn_frozen=True))
     x = torch.rand(8, 1, 8, 8)

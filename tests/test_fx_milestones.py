@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import quanta
-from quanta.plugins.fx import ActivationFakeQuantize, ConvBnQAT, WeightFakeQuantize
-from quanta.plugins.fx.milestones import state_at
+from quanta.fx import ActivationFakeQuantize, ConvBnQAT, WeightFakeQuantize
+from quanta.fx.milestones import state_at
 
 from _fx_helpers import DigitsCNN
 

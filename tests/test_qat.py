@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 import quanta
-from quanta.plugins.fx import ConvBnQAT
+from quanta.fx import ConvBnQAT
 from quanta.record import read_record
 
 from _fx_helpers import DigitsCNN, ResidualNet, accuracy, digits_data, train

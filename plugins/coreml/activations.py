@@ -6,7 +6,7 @@ and hands the observed ranges to two graph passes
 (``compression::insert_prefix_quantize_dequantize_pair`` and
 ``compression::insert_suffix_quantize_dequantize_pair``, then
 ``common::dequantize_quantize_pair_elimination``). Here only the calibration differs: the
-ranges come from :func:`quanta.plugins.coreml.runner.run` over ``sample_data``; the graph
+ranges come from :func:`quanta.mil.runner.run` over ``sample_data``; the graph
 rewrite, the choice of tensors and the scale/zero-point math are coremltools' own.
 
 Example::
@@ -25,8 +25,8 @@ import numpy as np
 
 from quanta.errors import ConfigError, QuantizationError, did_you_mean
 from quanta.plugins.coreml.backend import load_mlmodel
-from quanta.plugins.coreml.mlprogram import load_program
-from quanta.plugins.coreml.runner import run
+from quanta.mil.program import load_program
+from quanta.mil.runner import run
 
 __all__ = ["ACTIVATION_OP_TYPES", "activation_ranges", "insert_quantize_dequantize", "linear_quantize_activations"]
 

@@ -105,7 +105,7 @@ def has_activation_quantization(traced: torch.jit.ScriptModule) -> bool:
 def stored_weights(path: str | os.PathLike) -> dict:
     """The compressed weights of a saved ``.mlpackage``: variable name -> ``CompressedWeight``
     (``data``, ``scale``, ``zero_point``, ``dtype``... as stored; see ``mlprogram.read_compressed_weights``)."""
-    from .mlprogram import read_compressed_weights
+    from quanta.mil.program import read_compressed_weights
 
     return read_compressed_weights(os.fspath(path))
 

@@ -62,8 +62,8 @@ def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_in
     Returns ``{"max_abs", "max_rel", "cosine", "outputs": [names], "per_output": {name: figures}}``:
     ``max_abs``/``max_rel`` are the largest and ``cosine`` the smallest over the outputs.
     """
-    from .mlprogram import load_program
-    from .runner import compare, run
+    from quanta.mil.program import load_program
+    from quanta.mil.runner import compare, run
 
     program = load_program(os.fspath(path))
     inputs = _named_inputs(program, example_inputs)

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from ..errors import ConfigError, did_you_mean
+from quanta.errors import ConfigError, did_you_mean
 
 __all__ = ["OpLinearQuantizerConfig", "OptimizationConfig", "linear_quantize_weights", "experimental"]
 

@@ -2,7 +2,7 @@
 
 ``coremltools`` can only *run* a model on macOS, but its protobuf loader works anywhere:
 ``load_program`` gives the :class:`~coremltools.converters.mil.mil.Program` (ops, declared
-dtypes and shapes, stored weights), which :mod:`quanta.plugins.coreml.runner` executes
+dtypes and shapes, stored weights), which :mod:`quanta.mil.runner` executes
 with numpy. ``read_compressed_weights`` lists what each compressed-weight (``constexpr_*``)
 op stores, so tests can compare exported integer codes with the ones quanta computed.
 """

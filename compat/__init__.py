@@ -22,9 +22,9 @@ _NAMES = {
     # QAT / W8A8 calibration (coremltools.optimize.torch.quantization)
     "LinearQuantizer": "qat", "LinearQuantizerConfig": "qat", "ModuleLinearQuantizerConfig": "qat",
 }
-_SUBMODULES = ("coreml", "torch", "ptq", "gptq", "qat")
+_SUBMODULES = ("coreml", "ptq", "gptq", "qat")
 
-__all__ = sorted(_NAMES) + ["coreml"]
+__all__ = sorted(_NAMES) + list(_SUBMODULES)
 
 
 def __getattr__(name: str):

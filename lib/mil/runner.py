@@ -1,7 +1,7 @@
 """A numpy reference runner for Core ML ML programs: executes a saved ``.mlpackage`` on Linux.
 
 ``coremltools`` runs models only on macOS (``MLModel.predict``). ``run`` walks the MIL
-program's ops in order, evaluates each with numpy (:mod:`quanta.plugins.coreml.mil_ops`)
+program's ops in order, evaluates each with numpy (:mod:`quanta.mil.ops`)
 and rounds every result to the dtype the program declares for it, so an fp16 program is
 rounded after every op, as Core ML's fp16 execution is. It is a *reference*: it is meant to
 check exported numerics in CI, not to be fast, and it refuses (``UnsupportedOpError``) any
@@ -9,7 +9,7 @@ op it does not implement rather than guess.
 
 Example::
 
-    from quanta.plugins.coreml.runner import run, compare
+    from quanta.mil.runner import run, compare
     out = run("model.mlpackage", {"x": x})          # {"var_57": array(..., float16)}
     compare(out["var_57"], torch_model(x).numpy())  # {"max_abs":..., "max_rel":..., "cosine":...}
 """
@@ -21,8 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from quanta.errors import QuantaError
-from quanta.plugins.coreml.mil_ops import OPS, UnsupportedOpError, supported_ops
-from quanta.plugins.coreml.mlprogram import ModelLike, load_program
+from quanta.mil.ops import OPS, UnsupportedOpError, supported_ops
+from quanta.mil.program import ModelLike, load_program
 
 __all__ = [
     "UnsupportedOpError",
@@ -124,7 +124,7 @@ def run(
     """Execute ``model``'s ``function`` on ``inputs`` with numpy; return its outputs by name.
 
     ``model`` is a path to a saved ``.mlpackage``, a ``coremltools.models.MLModel`` or a
-    loaded MIL ``Program`` (see :func:`~quanta.plugins.coreml.mlprogram.load_program`;
+    loaded MIL ``Program`` (see :func:`~quanta.mil.program.load_program`;
     load once with it when running a model many times). ``inputs`` maps every input name
     of the function to an array of its declared shape; each is cast to the declared dtype
     (e.g. fp16). Outputs keep their declared dtype (fp16 at iOS16+ unless the model was

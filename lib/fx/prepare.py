@@ -7,7 +7,7 @@
    outputs of float ops); inputs reached through pass-through ops (pool, flatten, reshape) from
    a quantized output are left as they are.
 
-Which ops are which comes from the backend's :class:`~quanta.plugins.fx.rules.ActivationRules`.
+Which ops are which comes from the backend's :class:`~quanta.fx.rules.ActivationRules`.
 """
 
 from __future__ import annotations

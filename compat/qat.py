@@ -23,8 +23,8 @@ import attrs
 import torch
 import yaml
 
-from ..errors import ConfigError, did_you_mean
-from ..quantizer import Quantizer
+from quanta.errors import ConfigError, did_you_mean
+from quanta.quantizer import Quantizer
 
 __all__ = ["ModuleLinearQuantizerConfig", "LinearQuantizerConfig", "LinearQuantizer"]
 

@@ -1,7 +1,7 @@
 """numpy implementations of the MIL convolution and pooling ops: ``conv``, ``conv_transpose``,
 ``max_pool``, ``avg_pool``.
 
-Registered into :data:`quanta.plugins.coreml.mil_ops.OPS` (same calling convention: ``fn(op, a)``
+Registered into :data:`quanta.mil.ops.OPS` (same calling convention: ``fn(op, a)``
 with fp16 inputs widened to fp32; the runner rounds results). x is ``(N, C, *spatial)`` with
 1 to 3 spatial dims; conv weights are ``(C_out, C_in/groups, *K)``, conv_transpose weights
 ``(C_in, C_out/groups, *K)``. Semantics follow ``coremltools/converters/mil/mil/ops/defs/iOS15/conv.py``
@@ -15,9 +15,9 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from quanta.plugins.coreml.mil_ops import _op, _unsupported
+from quanta.mil.optable import op as _op, unsupported as _unsupported
 
-__all__: list[str] = []  # nothing public: the ops are reached through mil_ops.OPS
+__all__: list[str] = []  # nothing public: the ops are reached through quanta.mil.optable.OPS
 
 
 def _spatial_pads(op, a, kernel, strides, dilations, in_shape):

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from quanta.config import Recipe
 from quanta.errors import ConfigError, QuantizationError
-from quanta.plan import Plan
+from quanta.planning import Plan
 from quanta.plugin import Unit
 from quanta.spec import QuantDtype, parse_dtype
 
@@ -105,7 +105,7 @@ class ActivationSession:
     ``finalize`` (records + quantize/dequantize pairs).
 
     When the model's forward does not trace and ``options.untraceable == "submodules"``,
-    ``prepare`` traces the largest submodules that do (``quanta.plugins.fx.partial``) and
+    ``prepare`` traces the largest submodules that do (``quanta.fx.partial``) and
     returns the model itself with those submodules replaced by their prepared GraphModules;
     ``traced_parts`` and ``float_parts`` say which parts were traced and which stayed float.
 

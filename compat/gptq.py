@@ -7,10 +7,10 @@ from typing import Any
 import attrs
 import yaml
 
-from ..config import load_recipe
-from ..errors import ConfigError
-from ..pipeline import quantize
-from .ptq import annotate_for_coreml
+from quanta.config import load_recipe
+from quanta.errors import ConfigError
+from quanta.pipeline import quantize
+from quanta.compat.ptq import annotate_for_coreml
 
 __all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
 
@@ -71,7 +71,7 @@ class LayerwiseCompressorConfig:
         known = {f.name for f in attrs.fields(cls)}
         unknown = [k for k in config_dict if k not in known]
         if unknown:
-            from ..errors import did_you_mean
+            from quanta.errors import did_you_mean
 
             raise ConfigError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} "
                               f"(allowed: {', '.join(sorted(known))})", unknown[0])

@@ -9,8 +9,8 @@ from typing import Any
 import attrs
 import yaml
 
-from ..config import load_recipe
-from ..pipeline import quantize
+from quanta.config import load_recipe
+from quanta.pipeline import quantize
 
 __all__ = ["QuantizationScheme", "ModulePostTrainingQuantizerConfig", "PostTrainingQuantizerConfig",
            "PostTrainingQuantizer", "annotate_for_coreml"]

@@ -1,4 +1,4 @@
-"""numpy implementations of Core ML MIL ops, used by :mod:`quanta.plugins.coreml.runner`.
+"""numpy implementations of Core ML MIL ops, used by :mod:`quanta.mil.runner`.
 
 Each implementation takes the op (for its declared output shapes and name) and ``a``, a
 dict of its evaluated inputs (``None`` for an omitted optional input), and returns one
@@ -7,66 +7,20 @@ fp32; the runner rounds every result to the output's declared dtype, so the func
 here compute in fp32 (or fp64 where that is cheaper to write) and never round themselves.
 
 Semantics follow ``coremltools/converters/mil/mil/ops/defs/iOS15..iOS18``. Convolution and
-pooling live in :mod:`quanta.plugins.coreml.mil_ops_conv`, registered into ``OPS`` when this
+pooling live in :mod:`quanta.mil.ops_conv`, registered into ``OPS`` when this
 module is imported.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 
-from quanta.errors import QuantaError
+from quanta.mil import ops_conv  # noqa: F401  (registers convolution and pooling)
+from quanta.mil.optable import OPS, UnsupportedOpError, axis_shape as _axis_shape, op as _op, supported_ops, unsupported as _unsupported
 
 __all__ = ["UnsupportedOpError", "OPS", "supported_ops"]
-
-
-class UnsupportedOpError(QuantaError, NotImplementedError):
-    """The runner has no numpy implementation of an op (or of one of its modes).
-
-    ``op_type`` and ``op_name`` name the op in the MIL program.
-    """
-
-    def __init__(self, op_type: str, op_name: str, detail: str = ""):
-        self.op_type, self.op_name = op_type, op_name
-        extra = f": {detail}" if detail else ""
-        super().__init__(
-            f"MIL op {op_type!r} (named {op_name!r}) is not supported by the numpy runner{extra}"
-        )
-
-
-OpFn = Callable[..., "np.ndarray | tuple[np.ndarray, ...]"]
-OPS: dict[str, OpFn] = {}
-
-
-def supported_ops() -> list[str]:
-    """Sorted op types the runner can execute."""
-    return sorted(OPS)
-
-
-def _op(*names: str):
-    def deco(fn):
-        for name in names:
-            OPS[name] = fn
-        return fn
-
-    return deco
-
-
-def _unsupported(op, detail: str):
-    return UnsupportedOpError(op.op_type, op.name, detail)
-
-
-def _axis_shape(param: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
-    """Reshape a scalar or per-axis vector ``param`` so it broadcasts against rank ``rank``."""
-    param = np.asarray(param)
-    if param.ndim == 0 or param.ndim == rank:
-        return param
-    shape = [1] * rank
-    shape[axis % rank] = param.size
-    return param.reshape(shape)
 
 
 # ---------------------------------------------------------------- constants, weights
@@ -432,7 +386,3 @@ def _gather_along_axis(op, a):
     indices = np.where(indices < 0, indices + x.shape[axis], indices)
     return np.take_along_axis(x, indices, axis=axis)
 
-
-# Convolution and pooling are registered into OPS by their own module; imported last because
-# it uses _op/_unsupported from this one (either import order works).
-from quanta.plugins.coreml import mil_ops_conv  # noqa: E402,F401

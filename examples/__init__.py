@@ -15,7 +15,7 @@ from typing import Any, Callable
 import attrs
 import torch
 
-from .errors import ConfigError, did_you_mean
+from quanta.errors import ConfigError, did_you_mean
 
 __all__ = ["Example", "EXAMPLES", "load_example", "SENTENCES", "corpus_sentences", "minilm_path", "mean_pool"]
 
