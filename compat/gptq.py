@@ -7,6 +7,7 @@ from typing import Any
 import attrs
 import yaml
 
+from quanta.compat.schemes import GPTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.errors import ConfigError
 from quanta.pipeline import quantize
@@ -41,7 +42,7 @@ class ModuleGPTQConfig:
         out = attrs.asdict(self)
         if out["block_size"] is None:
             del out["block_size"]
-        out["quantization_scheme"] = str(getattr(out["quantization_scheme"], "value", out["quantization_scheme"]))
+        out["quantization_scheme"] = pinned_scheme(out["quantization_scheme"], GPTQ_GRID)
         return out
 
 
@@ -50,7 +51,9 @@ def _layer(value):
         return None
     if isinstance(value, ModuleGPTQConfig):
         return value.as_dict()
-    return {**_GPTQ_DEFAULTS, **dict(value)}
+    out = {**_GPTQ_DEFAULTS, **dict(value)}
+    out["quantization_scheme"] = pinned_scheme(out["quantization_scheme"], GPTQ_GRID)  # coremltools' 16 levels
+    return out
 
 
 @attrs.define(kw_only=True)
@@ -87,7 +90,7 @@ class LayerwiseCompressorConfig:
     def as_dict(self) -> dict:
         glob = _layer(self.global_config)
         if glob is None and not self.module_type_configs and not self.module_name_configs:
-            glob = dict(_GPTQ_DEFAULTS)
+            glob = _layer({})
         out: dict[str, Any] = {"algorithm": "gptq", "global_config": glob,
                                "input_cacher": self.input_cacher, "calibration_nsamples": self.calibration_nsamples}
         if glob is not None:

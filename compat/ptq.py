@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 import yaml
 
+from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.pipeline import quantize
 
@@ -43,7 +44,7 @@ class ModulePostTrainingQuantizerConfig:
 
     def as_layer_dict(self) -> dict:
         out = {"weight_dtype": self.weight_dtype, "granularity": self.granularity,
-               "quantization_scheme": self.quantization_scheme}
+               "quantization_scheme": pinned_scheme(self.quantization_scheme, PTQ_GRID)}
         if self.block_size is not None:
             out["block_size"] = self.block_size
         return out
@@ -54,7 +55,10 @@ def _layer(value: Any):
         return None
     if isinstance(value, ModulePostTrainingQuantizerConfig):
         return value.as_layer_dict()
-    return dict(value)
+    out = dict(value)
+    if "mode" not in out and "scheme" not in out:  # coremltools' restricted grid, also when not written
+        out["quantization_scheme"] = pinned_scheme(out.get("quantization_scheme", "symmetric"), PTQ_GRID)
+    return out
 
 
 @attrs.define(kw_only=True)
@@ -87,7 +91,7 @@ class PostTrainingQuantizerConfig:
     def as_dict(self) -> dict:
         out: dict[str, Any] = {"global_config": _layer(self.global_config)}
         if self.global_config is None and not self.module_type_configs and not self.module_name_configs:
-            out["global_config"] = {}
+            out["global_config"] = _layer({})
         if self.module_type_configs:
             out["module_type_configs"] = {k: _layer(v) for k, v in self.module_type_configs.items()}
         if self.module_name_configs:

@@ -23,6 +23,7 @@ import attrs
 import torch
 import yaml
 
+from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.errors import ConfigError, did_you_mean
 from quanta.quantizer import Quantizer
 
@@ -89,7 +90,7 @@ class ModuleLinearQuantizerConfig:
         _observer(self.weight_observer, "weight_observer")
         return {"weight_dtype": _weight_dtype(self.weight_dtype),
                 "granularity": "per_channel" if self.weight_per_channel else "per_tensor",
-                "quantization_scheme": str(_text(self.quantization_scheme))}
+                "quantization_scheme": pinned_scheme(str(_text(self.quantization_scheme)), PTQ_GRID)}
 
     def algorithm_options(self) -> dict:
         """The activation and milestone part, as ``qat`` options."""

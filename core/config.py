@@ -108,7 +108,10 @@ def parse_layer_config(raw: Any, key: str, algo_fields: set[str] | None = None, 
                     raise ConfigError(f"unknown mode {v!r}{did_you_mean(str(v), _MODES)} (allowed: {', '.join(_MODES)})", path)
                 v = _MODES[str(v)]
             elif field == "scheme":
-                v = str(getattr(v, "value", v))
+                if isinstance(v, Mapping):  # {name: symmetric, grid: full}: the scheme and its options
+                    v, kwargs["scheme_config"] = _scheme_with_options(v, path)
+                else:
+                    v = str(getattr(v, "value", v))
             if field == "block_size" and isinstance(v, (tuple, list)):
                 v = _block_size_from_tuple(v, path)
             if field in kwargs and kwargs[field] != v:
@@ -136,6 +139,32 @@ def parse_layer_config(raw: Any, key: str, algo_fields: set[str] | None = None, 
     _check_plugin("scheme", spec.scheme, f"{key}.scheme")
     _check_plugin("observer", spec.observer, f"{key}.observer")
     return spec
+
+
+def _scheme_with_options(value: Mapping, path: str) -> tuple[str, Any]:
+    """``{name: symmetric, grid: full}`` -> ``("symmetric", SymmetricConfig(grid="full"))``."""
+    options = dict(value)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError("a scheme mapping needs 'name' (e.g. {name: symmetric, grid: full})", path)
+    _check_plugin("scheme", name, f"{path}.name")
+    config_class = _registry().get("scheme", name).config_class
+    if config_class is None:
+        if options:
+            raise ConfigError(f"scheme {name!r} takes no options (got {', '.join(map(str, options))})", path)
+        return name, None
+    fields = [f.name for f in attrs.fields(config_class) if f.init]
+    for k in options:
+        if k not in fields:
+            raise ConfigError(f"unknown option {k!r} for scheme {name!r}{did_you_mean(str(k), fields)} "
+                              f"(allowed: {', '.join(fields)})", f"{path}.{k}")
+    try:
+        return name, config_class(**options)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).split(": ", 1)[-1] if exc.key else str(exc),
+                          f"{path}.{exc.key}" if exc.key else path) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc), path) from None
 
 
 def _block_size_from_tuple(value, path):
@@ -282,8 +311,10 @@ def _spec_to_dict(spec: QuantSpec | None):
     out = {}
     for f in attrs.fields(QuantSpec):
         v = getattr(spec, f.name)
-        if v != f.default:
+        if v != f.default and f.name != "scheme_config":
             out[f.name] = str(v) if f.name in ("dtype", "granularity") else v
+    if spec.scheme_config is not None:
+        out["scheme"] = {"name": spec.scheme, **attrs.asdict(spec.scheme_config)}
     return out
 
 

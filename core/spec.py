@@ -112,6 +112,8 @@ class QuantSpec:
         metadata=_doc("integer type: 2..8 bits, signed or unsigned ('int4', 'uint8', 8, torch.int8)"),
     )
     scheme: str = attrs.field(default="symmetric", metadata=_doc("scheme plugin name: 'symmetric', 'affine', ..."))
+    scheme_config: Any = attrs.field(
+        default=None, metadata=_doc("the scheme's options (an instance of its config_class), or None = its defaults"))
     granularity: Granularity = attrs.field(
         default=Granularity.per_channel, converter=_to_granularity,
         metadata=_doc("'per_tensor', 'per_channel' or 'per_block'"),
@@ -149,7 +151,11 @@ class QuantSpec:
         """Short human form, e.g. ``"int4 symmetric per_block(32) minmax"``."""
         gran = f"per_block({self.block_size})" if self.granularity is Granularity.per_block else self.granularity.value
         obs = "" if self.observer == "minmax" else f" {self.observer}"
-        return f"{self.dtype} {self.scheme} {gran}{obs}"
+        scheme = self.scheme
+        if self.scheme_config is not None and attrs.has(type(self.scheme_config)):
+            options = ", ".join(f"{k}={v}" for k, v in attrs.asdict(self.scheme_config).items())
+            scheme = f"{scheme}({options})"
+        return f"{self.dtype} {scheme} {gran}{obs}"
 
     def block_sizes(self, shape: tuple[int, ...], channel_axis: int, input_axis: int, layer: str | None = None) -> list[int]:
         """Per-axis block sizes in coremltools' convention (0 = reduce the whole axis).

@@ -9,7 +9,8 @@ from .qmath import empty, from_groups, scale_shape, to_groups
 from .record import QuantizedWeight
 from .spec import QuantSpec
 
-__all__ = ["quantize_weight", "quantize_weight_with_values", "check_finite", "resolve_scheme", "resolve_observer"]
+__all__ = ["quantize_weight", "quantize_weight_with_values", "check_finite", "resolve_scheme", "resolve_observer",
+           "scheme_for"]
 
 
 def resolve_scheme(name: str):
@@ -17,6 +18,14 @@ def resolve_scheme(name: str):
     from quanta import registry
 
     return registry.get("scheme", name).obj
+
+
+def scheme_for(spec: QuantSpec):
+    """The scheme ``spec`` names, configured with ``spec.scheme_config`` (its defaults when None)."""
+    scheme = resolve_scheme(spec.scheme)
+    if spec.scheme_config is None:
+        return scheme
+    return scheme.with_config(spec.scheme_config)
 
 
 def resolve_observer(name: str):
@@ -88,7 +97,7 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
     with the optional in-place methods ``quantize_into``/``dequantize_`` (the built-ins) work
     in that buffer; others go through ``quantize``/``dequantize``.
     """
-    scheme = scheme or resolve_scheme(spec.scheme)
+    scheme = scheme or scheme_for(spec)
     observer = observer or resolve_observer(spec.observer)
     w = weight.detach().to(compute_dtype)
     shape = tuple(w.shape)

@@ -29,7 +29,7 @@ from quanta.plugin import Algorithm
 from quanta.qmath import scale_shape
 from quanta.record import QuantizedWeight
 from quanta.spec import Granularity
-from quanta.weights import check_finite, resolve_observer, resolve_scheme
+from quanta.weights import check_finite, resolve_observer, scheme_for
 
 from .hessian import accumulate_xtx, mirror_upper
 from .solver import gptq_quantize
@@ -77,7 +77,7 @@ class PluginQuantizer:
 
     def __init__(self, spec):
         self.spec = spec
-        self.scheme = resolve_scheme(spec.scheme)
+        self.scheme = scheme_for(spec)
         self.observer = resolve_observer(spec.observer)
 
     def fit(self, w):
