@@ -50,7 +50,10 @@ def _plan(model, recipe: Recipe, backend_entry) -> Plan:
     units = backend.units(model)
     names = backend.module_names(model) if hasattr(backend, "module_names") else ()
     types = backend.type_names(model) if hasattr(backend, "type_names") else ()
-    return build_plan(units, recipe, backend_entry.name, names, types)
+    # Algorithms that do not subclass quanta.plugin.Algorithm (until issue 8) default to every type.
+    algorithm = _registry().get("algorithm", recipe.algorithm).obj
+    global_types = (getattr(algorithm, "global_types", None) or {}).get(backend_entry.name)
+    return build_plan(units, recipe, backend_entry.name, names, types, global_types)
 
 
 def plan(model: Any, config: Any = None, *, backend: str | None = None) -> Plan:

@@ -3,7 +3,9 @@
 Precedence (first match wins): exact name in ``module_name_configs``; then the first
 pattern there that matches (glob such as ``"encoder.*"``, or ``"re:<regex>"``, in the order
 written); then ``module_type_configs`` by the layer's class, most specific class first; then
-``global_config``. A match whose value is None leaves the layer unquantized.
+``global_config``, for the layer types the algorithm declares (``Algorithm.global_types``;
+coremltools' defaults: RTN takes convolutions, linears and attention, GPTQ Conv2d and Linear).
+A match whose value is None leaves the layer unquantized.
 """
 
 from __future__ import annotations
@@ -75,8 +77,11 @@ def _type_name(key: Any) -> str:
     return key.__name__ if isinstance(key, type) else str(key)
 
 
-def resolve(unit: Unit, recipe: Recipe) -> tuple[QuantSpec | None, str]:
-    """The spec for ``unit`` under ``recipe`` and a short reason (see the module docstring)."""
+def resolve(unit: Unit, recipe: Recipe, global_types: Iterable[str] | None = None) -> tuple[QuantSpec | None, str]:
+    """The spec for ``unit`` under ``recipe`` and a short reason (see the module docstring).
+
+    ``global_types``: class names ``global_config`` applies to (None: every type).
+    """
     names = recipe.module_name_configs
     if unit.name in names:
         return names[unit.name], f"module_name_configs[{unit.name!r}]"
@@ -88,13 +93,22 @@ def resolve(unit: Unit, recipe: Recipe) -> tuple[QuantSpec | None, str]:
         if cls_name in by_type:
             return by_type[cls_name], f"module_type_configs[{cls_name!r}]"
     if recipe.global_config is not None:
+        if global_types is not None and not any(t in global_types for t in unit.type_mro):
+            return None, (f"{unit.module_type}: not quantized by global_config under {recipe.algorithm!r} "
+                          f"(types: {', '.join(global_types)}); name it in module_type_configs or module_name_configs")
         return recipe.global_config, "global_config"
     return None, "no config applies"
 
 
+def _is_rule(reason: str) -> bool:
+    return reason == "global_config" or reason.startswith(("module_name_configs[", "module_type_configs["))
+
+
 def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_names: Iterable[str] = (),
-               all_type_names: Iterable[str] = ()) -> Plan:
+               all_type_names: Iterable[str] = (), global_types: Iterable[str] | None = None) -> Plan:
     """Resolve every unit and validate it; raise before anything is modified.
+
+    ``global_types``: the algorithm's ``global_types`` (see :func:`resolve`).
 
     Raises ConfigError for a name/type key that matches nothing in the model (with the
     nearest name), and QuantizationError naming the layer for a spec that cannot apply
@@ -114,9 +128,10 @@ def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_n
         if tname not in known_types:
             raise ConfigError(f"no module of type {tname!r} in the model{did_you_mean(tname, sorted(known_types))}",
                               f"module_type_configs[{tname!r}]")
+    global_types = None if global_types is None else tuple(global_types)
     layers = []
     for unit in units:
-        spec, reason = resolve(unit, recipe)
+        spec, reason = resolve(unit, recipe, global_types)
         if spec is not None:
             if spec.weight_threshold is not None and unit.numel < spec.weight_threshold:
                 layers.append(PlannedLayer(unit=unit, spec=None,
@@ -131,6 +146,6 @@ def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_n
                     continue
                 raise QuantizationError(why + "; set on_unsupported_layer: skip to leave such layers float",
                                         unit.name) from None
-        layers.append(PlannedLayer(unit=unit, spec=spec, reason=reason if spec is not None else f"{reason} is null"
-                                   if reason != "no config applies" else reason))
+        layers.append(PlannedLayer(unit=unit, spec=spec, reason=f"{reason} is null"
+                                   if spec is None and _is_rule(reason) else reason))
     return Plan(algorithm=recipe.algorithm, backend=backend, layers=tuple(layers))

@@ -3,7 +3,7 @@ that a contribution has the attributes and methods of its kind (``REQUIRED``).""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -96,13 +96,18 @@ class Algorithm:
     """Transforms a whole model: ``run(model, plan, data, context)`` quantizes ``plan.selected``.
 
     ``needs_data`` says whether calibration data is required. ``config_class`` holds the
-    algorithm's options (recipe keys outside the layer configs).
+    algorithm's options (recipe keys outside the layer configs). ``global_types``: per backend
+    name, the layer type names ``global_config`` applies to under this algorithm (a subclass
+    counts; e.g. ``{"torch": ("Conv2d", "Linear")}``); other layers stay float unless
+    ``module_type_configs`` or ``module_name_configs`` name them. A backend not listed, or None
+    (the default): every type the backend enumerates.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type | None] = None
     needs_data: ClassVar[bool] = False
+    global_types: ClassVar[Mapping[str, tuple[str, ...]] | None] = None
 
     def run(self, model: Any, plan, data, context) -> None:
         raise NotImplementedError

@@ -183,6 +183,8 @@ class GPTQ(Algorithm):
     description = "GPTQ: Hessian-based, layer-wise weight quantization from calibration data"
     config_class = GPTQConfig
     needs_data = True
+    #: What coremltools' LayerwiseCompressor quantizes from its global_config.
+    global_types = {"torch": ("Conv2d", "Linear")}
 
     def validate(self, plan, recipe) -> None:
         for layer in plan.selected:
