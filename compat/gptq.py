@@ -11,7 +11,7 @@ from quanta.compat.schemes import GPTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.errors import ConfigError
 from quanta.pipeline import quantize
-from quanta.compat.ptq import annotate_for_coreml
+from quanta.compat.convert import annotate_for_coreml
 
 __all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
 
@@ -116,7 +116,11 @@ def _strip(layer):
 
 
 class LayerwiseCompressor:
-    """``LayerwiseCompressor(model, config).compress(dataloader, device=None, inplace=False)``."""
+    """``LayerwiseCompressor(model, config).compress(dataloader, device=None, inplace=False)``.
+
+    GPTQ on coremltools' 16-level grid; the result converts with plain ``ct.convert`` to compressed
+    weights from the target ``compress()`` names (see :class:`~quanta.compat.PostTrainingQuantizer`).
+    """
 
     def __init__(self, model, config: LayerwiseCompressorConfig | dict | None = None):
         if config is None:
@@ -131,6 +135,11 @@ class LayerwiseCompressor:
         """Quantize with GPTQ on ``dataloader``'s samples; ``device`` is optional here."""
         self._result = quantize(self._model, self._recipe, data=dataloader, inplace=inplace, device=device)
         return annotate_for_coreml(self._result)
+
+    @property
+    def minimum_deployment_target(self):
+        """The lowest ``ct.target`` that stores the last ``compress()``'s weights compressed (or None)."""
+        return getattr(self._result, "coreml_minimum_deployment_target", None)
 
     def report(self):
         """The quanta :class:`~quanta.Report` of the last ``compress()``."""

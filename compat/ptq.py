@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 import yaml
 
+from quanta.compat.convert import annotate_for_coreml
 from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.pipeline import quantize
@@ -104,23 +105,14 @@ class PostTrainingQuantizerConfig:
         return load_recipe({**self.as_dict(), "on_unsupported_layer": "skip"}, algorithm="rtn")
 
 
-def annotate_for_coreml(model):
-    """Let plain ``ct.convert`` see quanta's records (adds the Core ML exporter's metadata), if
-    the ``coreml`` exporter plugin is installed; returns ``model``."""
-    from quanta import registry
-
-    if "coreml" in registry.names("exporter"):
-        annotate = getattr(registry.get("exporter", "coreml").obj, "annotate", None)
-        if annotate is not None:
-            annotate(model)
-    return model
-
-
 class PostTrainingQuantizer:
     """``PostTrainingQuantizer(model, config).compress(inplace=False)``, as in coremltools.
 
-    The returned model computes with the dequantized weights, carries quanta records, and
-    converts with plain ``ct.convert(..., minimum_deployment_target=iOS16+)`` keeping them.
+    The returned model computes with the dequantized weights, carries quanta records and
+    coremltools' converter metadata: plain ``ct.convert(torch.jit.trace(model, x),
+    minimum_deployment_target=...)`` stores them compressed from the target that
+    ``compress()`` names (a warning, and ``model.coreml_minimum_deployment_target``; iOS18 for
+    int4 or per-block weights, else iOS16).
     """
 
     def __init__(self, model, config: PostTrainingQuantizerConfig | dict | None = None):
@@ -134,9 +126,14 @@ class PostTrainingQuantizer:
         self._result = None
 
     def compress(self, inplace: bool = False, **_ignored):
-        """Quantize and return the model (a copy unless ``inplace``)."""
+        """Quantize and return the model (a copy unless ``inplace``), annotated for ``ct.convert``."""
         self._result = quantize(self._model, self._recipe, inplace=inplace)
         return annotate_for_coreml(self._result)
+
+    @property
+    def minimum_deployment_target(self):
+        """The lowest ``ct.target`` that stores the last ``compress()``'s weights compressed (or None)."""
+        return getattr(self._result, "coreml_minimum_deployment_target", None)
 
     def report(self):
         """The quanta :class:`~quanta.Report` of the last ``compress()``."""
