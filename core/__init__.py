@@ -14,6 +14,8 @@ Plugins: ``@quanta.hookimpl`` (see ``docs/plugins.md``); lookup: ``quanta.regist
 from .config import Recipe, load_recipe
 from .errors import (
     ConfigError,
+    DestinationError,
+    DestinationExistsError,
     DuplicatePluginError,
     PluginContractError,
     PluginLoadError,
@@ -38,5 +40,5 @@ __all__ = [
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
     "Report", "LayerReport", "hookimpl", "hookspec",
     "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError",
-    "DuplicatePluginError", "QuantizationError", "__version__",
+    "DuplicatePluginError", "QuantizationError", "DestinationError", "DestinationExistsError", "__version__",
 ]

@@ -13,6 +13,8 @@ __all__ = [
     "PluginContractError",
     "DuplicatePluginError",
     "QuantizationError",
+    "DestinationError",
+    "DestinationExistsError",
     "nearest",
     "did_you_mean",
 ]
@@ -83,3 +85,11 @@ class QuantizationError(QuantaError, ValueError):
     def __init__(self, message: str, layer: str | None = None):
         self.layer = layer
         super().__init__(f"layer {layer!r}: {message}" if layer else message)
+
+
+class DestinationError(QuantaError, OSError):
+    """A file or directory cannot be written where asked (not writable, no room, wrong kind)."""
+
+
+class DestinationExistsError(DestinationError, FileExistsError):
+    """The destination exists and quanta did not write it: pass ``overwrite=True`` to replace it."""
