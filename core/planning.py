@@ -3,9 +3,7 @@
 Precedence (first match wins): exact name in ``module_name_configs``; then the first
 pattern there that matches (glob such as ``"encoder.*"``, or ``"re:<regex>"``, in the order
 written); then ``module_type_configs`` by the layer's class, most specific class first; then
-``global_config``, for the layer types the algorithm declares (``Algorithm.global_types``;
-coremltools' defaults: RTN takes convolutions, linears and attention, GPTQ Conv2d and Linear).
-A match whose value is None leaves the layer unquantized.
+``global_config``. A match whose value is None leaves the layer unquantized.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import attrs
 
 from .config import Recipe
 from .errors import ConfigError, QuantizationError, did_you_mean
-from .plugin import Unit
+from .contracts import Unit
 from .spec import QuantSpec
 
 __all__ = ["PlannedLayer", "Plan", "resolve", "build_plan"]
@@ -44,6 +42,8 @@ class Plan:
     algorithm: str
     backend: str
     layers: tuple[PlannedLayer, ...]
+    #: for a recipe with ``stages``: every stage's plan, in order (this plan is the last one's).
+    stages: tuple["Plan", ...] = ()
 
     @property
     def selected(self) -> list[PlannedLayer]:
@@ -51,7 +51,13 @@ class Plan:
         return [p for p in self.layers if p.spec is not None]
 
     def table(self) -> str:
-        """A text table: layer, type, shape, spec, reason."""
+        """A text table: layer, type, shape, spec, reason (one table per stage for a staged recipe)."""
+        if self.stages:
+            return "\n\n".join(f"stage {i + 1} of {len(self.stages)}: {p.algorithm}\n{p._table()}"
+                                for i, p in enumerate(self.stages))
+        return self._table()
+
+    def _table(self) -> str:
         rows = [("layer", "type", "shape", "spec", "why")]
         for p in self.layers:
             rows.append((p.name, p.unit.module_type, "x".join(map(str, p.unit.shape)),
@@ -59,7 +65,7 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"{len(self.selected)} of {len(self.layers)} weights quantized with {self.algorithm!r} "
+        lines.append(f"{len(self.selected)} of {len(self.layers)} weights would be quantized with {self.algorithm!r} "
                      f"({self.backend} backend)")
         return "\n".join(lines)
 
@@ -77,11 +83,8 @@ def _type_name(key: Any) -> str:
     return key.__name__ if isinstance(key, type) else str(key)
 
 
-def resolve(unit: Unit, recipe: Recipe, global_types: Iterable[str] | None = None) -> tuple[QuantSpec | None, str]:
-    """The spec for ``unit`` under ``recipe`` and a short reason (see the module docstring).
-
-    ``global_types``: class names ``global_config`` applies to (None: every type).
-    """
+def resolve(unit: Unit, recipe: Recipe) -> tuple[QuantSpec | None, str]:
+    """The spec for ``unit`` under ``recipe`` and a short reason (see the module docstring)."""
     names = recipe.module_name_configs
     if unit.name in names:
         return names[unit.name], f"module_name_configs[{unit.name!r}]"
@@ -93,22 +96,17 @@ def resolve(unit: Unit, recipe: Recipe, global_types: Iterable[str] | None = Non
         if cls_name in by_type:
             return by_type[cls_name], f"module_type_configs[{cls_name!r}]"
     if recipe.global_config is not None:
-        if global_types is not None and not any(t in global_types for t in unit.type_mro):
-            return None, (f"{unit.module_type}: not quantized by global_config under {recipe.algorithm!r} "
-                          f"(types: {', '.join(global_types)}); name it in module_type_configs or module_name_configs")
         return recipe.global_config, "global_config"
     return None, "no config applies"
 
 
-def _is_rule(reason: str) -> bool:
-    return reason == "global_config" or reason.startswith(("module_name_configs[", "module_type_configs["))
-
-
 def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_names: Iterable[str] = (),
-               all_type_names: Iterable[str] = (), global_types: Iterable[str] | None = None) -> Plan:
+               all_type_names: Iterable[str] = (), global_types: tuple[str, ...] | None = None) -> Plan:
     """Resolve every unit and validate it; raise before anything is modified.
 
-    ``global_types``: the algorithm's ``global_types`` (see :func:`resolve`).
+    ``global_types`` (the algorithm's declared ``global_types``) limits which module types
+    ``global_config`` applies to; other types are quantized only when a type or name config
+    names them.
 
     Raises ConfigError for a name/type key that matches nothing in the model (with the
     nearest name), and QuantizationError naming the layer for a spec that cannot apply
@@ -128,10 +126,15 @@ def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_n
         if tname not in known_types:
             raise ConfigError(f"no module of type {tname!r} in the model{did_you_mean(tname, sorted(known_types))}",
                               f"module_type_configs[{tname!r}]")
-    global_types = None if global_types is None else tuple(global_types)
     layers = []
     for unit in units:
-        spec, reason = resolve(unit, recipe, global_types)
+        spec, reason = resolve(unit, recipe)
+        if spec is not None and reason == "global_config" and global_types is not None \
+                and not set(unit.type_mro) & set(global_types):
+            layers.append(PlannedLayer(unit=unit, spec=None, reason=(
+                f"{unit.module_type} is not quantized by global_config under {recipe.algorithm!r} (its types: "
+                f"{', '.join(global_types)}); name it in module_type_configs to quantize it")))
+            continue
         if spec is not None:
             if spec.weight_threshold is not None and unit.numel < spec.weight_threshold:
                 layers.append(PlannedLayer(unit=unit, spec=None,
@@ -146,6 +149,6 @@ def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_n
                     continue
                 raise QuantizationError(why + "; set on_unsupported_layer: skip to leave such layers float",
                                         unit.name) from None
-        layers.append(PlannedLayer(unit=unit, spec=spec, reason=f"{reason} is null"
-                                   if spec is None and _is_rule(reason) else reason))
+        layers.append(PlannedLayer(unit=unit, spec=spec, reason=reason if spec is not None else f"{reason} is null"
+                                   if reason != "no config applies" else reason))
     return Plan(algorithm=recipe.algorithm, backend=backend, layers=tuple(layers))

@@ -10,21 +10,19 @@ from coremltools: a group whose range is zero (all zeros) gets scale 1.0 instead
 
 from __future__ import annotations
 
-import copy
-
 import attrs
 import torch
 
 import quanta
+from quanta.contracts import Scheme
 from quanta.errors import ConfigError, did_you_mean
-from quanta.plugin import Scheme
 from quanta.qmath import full_range, restricted_range
 from quanta.spec import QuantDtype
 
-__all__ = ["SymmetricConfig", "SymmetricScheme", "AffineScheme", "GRIDS"]
+__all__ = ["SymmetricConfig", "SymmetricScheme", "AffineScheme", "SYMMETRIC_GRIDS"]
 
 #: The symmetric scheme's grids: ``auto`` picks ``full`` at 4 bits and below, else ``restricted``.
-GRIDS = ("auto", "restricted", "full")
+SYMMETRIC_GRIDS = ("auto", "restricted", "full")
 #: ``auto`` uses the full grid at this many bits and fewer.
 _AUTO_FULL_MAX_BITS = 4
 
@@ -35,9 +33,9 @@ def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _check_grid(_inst, _attr, value) -> None:
-    if value not in GRIDS:
-        raise ConfigError(f"unknown grid {value!r}{did_you_mean(str(value), GRIDS)} (allowed: {', '.join(GRIDS)})",
-                          "grid")
+    if value not in SYMMETRIC_GRIDS:
+        raise ConfigError(f"unknown grid {value!r}{did_you_mean(str(value), SYMMETRIC_GRIDS)} "
+                          f"(allowed: {', '.join(SYMMETRIC_GRIDS)})", "grid")
 
 
 @attrs.frozen(kw_only=True)
@@ -53,7 +51,8 @@ class SymmetricConfig:
 class SymmetricScheme(Scheme):
     """Scale only, range ``[-max|w|, max|w|]``, zero at code 0 (unsigned: at the middle code).
 
-    The grid (``self.config.grid``, :class:`SymmetricConfig`) sets the codes used:
+    The grid (``self.config.grid``, :class:`SymmetricConfig`) sets the codes used (all of them
+    ``affine`` grids in the contract's sense: ``(codes - zero_point) * scale``):
 
     - ``restricted``: ``-(2^(b-1)-1)..2^(b-1)-1`` (int8 -127..127, int4 -7..7), scale
       ``max|w| / (2^(b-1)-1)``; unsigned types use ``0..2^b-2`` with zero point ``2^(b-1)-1``.
@@ -68,16 +67,8 @@ class SymmetricScheme(Scheme):
     name = "symmetric"
     description = "scale-only quantization; grid 'auto' (default), 'restricted' (int8 -127..127) or 'full' (int4 -8..7)"
     config_class = SymmetricConfig
-    #: The options in effect; a configured copy comes from :meth:`with_config`.
-    config: SymmetricConfig = SymmetricConfig()
 
-    def with_config(self, config: SymmetricConfig | None) -> "SymmetricScheme":
-        """A copy of this scheme using ``config`` (None = the defaults)."""
-        out = copy.copy(self)
-        out.config = config if config is not None else SymmetricConfig()
-        return out
-
-    def grid(self, dtype: QuantDtype) -> str:
+    def grid_for(self, dtype: QuantDtype) -> str:
         """The grid used for ``dtype``: ``"restricted"`` or ``"full"`` (``auto`` resolved)."""
         grid = self.config.grid
         if grid == "auto":
@@ -85,7 +76,7 @@ class SymmetricScheme(Scheme):
         return grid
 
     def quant_range(self, dtype: QuantDtype) -> tuple[int, int]:
-        if self.grid(dtype) == "full":
+        if self.grid_for(dtype) == "full":
             return full_range(dtype.bits, dtype.signed)
         return restricted_range(dtype.bits, dtype.signed)
 
@@ -96,7 +87,7 @@ class SymmetricScheme(Scheme):
         scale = _safe_scale((max_abs - (-max_abs)) / (qmax - qmin))
         if dtype.signed:
             return scale, None
-        return scale, torch.full_like(scale, float((qmax + 1) // 2 if self.grid(dtype) == "full" else qmax // 2))
+        return scale, torch.full_like(scale, float((qmax + 1) // 2 if self.grid_for(dtype) == "full" else qmax // 2))
 
     def quantize(self, values, scale, zero_point, dtype):
         qmin, qmax = self.quant_range(dtype)

@@ -46,9 +46,9 @@ def test_rtn_global_config_takes_what_post_training_quantizer_takes():
     plan = quanta.plan(_Zoo(), {"global_config": {"dtype": "int8"}})
     assert {p.name for p in plan.selected} == RTN_SELECTED
     emb = next(p for p in plan.layers if p.name == "emb")
-    assert emb.spec is None and emb.reason.startswith("Embedding: not quantized by global_config under 'rtn'")
+    assert emb.spec is None and emb.reason.startswith("Embedding is not quantized by global_config under 'rtn'")
     assert "name it in module_type_configs" in emb.reason
-    assert "Embedding: not quantized" in plan.table()
+    assert "Embedding is not quantized" in plan.table()
 
 
 def test_rtn_agrees_with_coremltools_on_which_layers():
@@ -68,9 +68,9 @@ def test_gptq_global_config_takes_conv2d_and_linear_only():
     plan = quanta.plan(_Zoo(), {"algorithm": "gptq", "global_config": {"dtype": "int8"}})
     assert {p.name for p in plan.selected} == {"c2", "fc", "attn.out_proj"}
     why = {p.name: p.reason for p in plan.layers}
-    assert why["emb"] == ("Embedding: not quantized by global_config under 'gptq' (types: Conv2d, Linear); "
-                          "name it in module_type_configs or module_name_configs")
-    assert why["c1"].startswith("Conv1d: not quantized by global_config under 'gptq'")
+    assert why["emb"] == ("Embedding is not quantized by global_config under 'gptq' (its types: Conv2d, Linear); "
+                          "name it in module_type_configs to quantize it")
+    assert why["c1"].startswith("Conv1d is not quantized by global_config under 'gptq'")
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
@@ -97,7 +97,7 @@ def test_gptq_quantizes_embedding_by_rtn_only_when_named():
 
 
 def test_algorithms_without_a_declaration_take_every_type():
-    from quanta.plugin import Algorithm
+    from quanta.contracts import Algorithm
 
     assert Algorithm.global_types is None
     plan = quanta.plan(_Zoo(), {"algorithm": "calibrate", "global_config": {"dtype": "int8"}})

@@ -42,7 +42,7 @@ def test_round_trip_within_half_a_step(w, spec):
 def test_idempotent(w, spec):
     rec = quanta.quantize_weight(w, spec)
     scheme = scheme_for(spec)
-    if spec.scheme == "symmetric" and scheme.grid(spec.dtype) == "full":
+    if spec.scheme == "symmetric" and scheme.grid_for(spec.dtype) == "full":
         # The full grid's top code is (2^(b-1)-1)/(2^(b-1)) of its bottom one: requantizing moves the
         # range, so only the projection property holds (the same qparams give back the same codes).
         groups = to_groups(rec.dequantize(), list(rec.block_sizes))

@@ -17,7 +17,7 @@ from torch import nn
 
 from quanta.qmath import from_groups, to_groups
 from quanta.spec import QuantDtype, QuantSpec
-from quanta.weights import resolve_observer, resolve_scheme, scheme_for
+from quanta.weights import observer_for, resolve_scheme, scheme_for
 
 __all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "ConvBnQAT", "QAT_WEIGHTED", "to_qat_module"]
@@ -36,7 +36,7 @@ class WeightFakeQuantize(nn.Module):
         self.spec = spec
         self.channel_axis, self.input_axis = channel_axis, input_axis
         self.scheme = scheme_for(spec)
-        self.observer = resolve_observer(spec.observer)
+        self.observer = observer_for(spec)
         self.quant_min, self.quant_max = self.scheme.quant_range(spec.dtype)
         self.fake_quant_enabled = True
         self._sizes: dict[tuple, list[int]] = {}
