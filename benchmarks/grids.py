@@ -12,7 +12,8 @@ symmetric, this granularity"):
 - coremltools 9.0: ``PostTrainingQuantizer`` (int4 -7..7) and ``LayerwiseCompressor`` GPTQ
   (uint4, 16 levels; its cacher passes input_ids only, no attention mask);
 - llm-compressor 0.14 (only when importable; never a quanta dependency): ``QuantizationModifier``
-  and ``GPTQModifier`` with int4 symmetric weights (group 32 / channel), ``oneshot``.
+  and ``GPTQModifier`` (its default: act-order "static") with int4 symmetric weights (group 32 /
+  channel), ``oneshot``. quanta is also shown with act-order (static groups), not its default.
 
 Prints the mean and minimum cosine of mean-pooled sentence embeddings to fp32 and wall time,
 and each method's mean-cosine gap ``1 - cos`` as a ratio to coremltools' in the same run.
@@ -79,11 +80,8 @@ def _llmc(model, glob, calib, gptq: bool):
     if gptq:
         from datasets import Dataset
 
-        rows = [{k: v[i][v[i] != -1].tolist() if k != "attention_mask" else v[i].tolist()
-                 for k, v in b.items()} for b in calib for i in range(b["input_ids"].shape[0])]
-        # keep each sentence's real tokens only (no padding): one sample per sentence
-        rows = [{"input_ids": [t for t, m in zip(r["input_ids"], r["attention_mask"]) if m],
-                 "attention_mask": [1] * sum(r["attention_mask"])} for r in rows]
+        rows = [{"input_ids": b["input_ids"][0].tolist(), "attention_mask": b["attention_mask"][0].tolist()}
+                for b in calib]
         dataset = Dataset.from_list(rows)
         oneshot(model=work, dataset=dataset, recipe=modifier, num_calibration_samples=len(rows),
                 max_seq_length=512, pad_to_max_length=False)
@@ -98,13 +96,15 @@ def part_minilm(args) -> None:
     tok = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModel.from_pretrained(minilm_path()).eval()
     sents = corpus_sentences()
-    calib = _batches(tok, sents[: args.calib], 8)
+    # One sentence per calibration sample, unpadded: every tool sees the same real tokens
+    # (coremltools' cacher cannot pass an attention mask, so padding would differ between tools).
+    calib = _batches(tok, sents[: args.calib], 1)
     evals = _batches(tok, sents[args.calib: args.calib + args.eval], 32)
     ref = embed(model, evals)
     settings = {"block32": {"granularity": "per_block", "block_size": 32},
                 "channel": {"granularity": "per_channel"}}
     have_llmc = _llmcompressor_available()
-    print(f"MiniLM int4: {len(calib) * 8} calibration / {ref.shape[0]} evaluation sentences; "
+    print(f"MiniLM int4: {len(calib)} calibration / {ref.shape[0]} evaluation sentences; "
           f"torch threads {torch.get_num_threads()}; llm-compressor {'yes' if have_llmc else 'not installed'}")
     print(f"{'setting':<8} {'method':<26} {'mean cos':>9} {'min cos':>8} {'gap/ct':>7} {'time s':>7}")
     for name in args.settings.split(","):
@@ -135,6 +135,11 @@ def part_minilm(args) -> None:
                 "quanta default": lambda: quanta.quantize(
                     model, {"algorithm": "gptq", "global_config": {"dtype": "int4", **gran},
                             "calibration_nsamples": len(calib)}, data=calib),
+                # not a default: act-order with static groups, as llm-compressor's default
+                "quanta act-order": lambda: quanta.quantize(
+                    model, {"algorithm": "gptq", "global_config": {"dtype": "int4", **gran},
+                            "calibration_nsamples": len(calib), "use_activation_order_heuristic": True,
+                            "static_groups": True}, data=calib),
             },
         }
         if have_llmc:
@@ -221,7 +226,7 @@ def part_mlp(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval", type=int, default=256)
-    p.add_argument("--calib", type=int, default=128, help="calibration sentences (batches of 8)")
+    p.add_argument("--calib", type=int, default=128, help="calibration sentences (one per sample)")
     p.add_argument("--settings", default="block32,channel")
     p.add_argument("--parts", default="minilm,mlp")
     args = p.parse_args()
