@@ -30,15 +30,16 @@ from .planning import Plan, PlannedLayer
 from .quantizer import Quantizer
 from .record import QuantizedWeight, read_record, records
 from .report import LayerReport, Report
+from .saving import SavedModelError, load, save
 from .spec import Granularity, QuantDtype, QuantSpec
 from .weights import quantize_weight
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "plan", "Quantizer", "export", "verify", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
+    "quantize", "plan", "Quantizer", "export", "verify", "save", "load", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
     "Report", "LayerReport", "hookimpl", "hookspec",
     "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError",
-    "DuplicatePluginError", "QuantizationError", "DestinationError", "DestinationExistsError", "__version__",
+    "DuplicatePluginError", "QuantizationError", "SavedModelError", "DestinationError", "DestinationExistsError", "__version__",
 ]
