@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,18 +37,12 @@ class _Progress:
         return Impl()
 
 
-def _load_model(ref: Any):
-    """A model from a recipe's ``model`` value: an example name or a ``torch.save``d module path."""
-    from quanta.examples import EXAMPLES, load_example
+def _load_model(ref: Any, key: str = "model"):
+    """A ``quanta.sources.ModelSource`` from an example name, a saved or transformers directory, or
+    ``module:function`` (see docs/config.md); never unpickles."""
+    from quanta.sources import load_model
 
-    if isinstance(ref, str) and ref in EXAMPLES:
-        return load_example(ref)
-    if isinstance(ref, (str, os.PathLike)) and Path(ref).is_file():
-        return torch.load(ref, weights_only=False)
-    from quanta.errors import ConfigError, did_you_mean
-
-    raise ConfigError(f"{ref!r} is neither an example ({', '.join(EXAMPLES)}) nor a saved model file"
-                      f"{did_you_mean(str(ref), EXAMPLES)}", "model")
+    return load_model(ref, key)
 
 
 def _cmd_plugins(args) -> int:
@@ -94,28 +87,41 @@ def _recipe_and_model(args):
     if ref is None:
         from quanta.errors import ConfigError
 
-        raise ConfigError("the recipe names no model: add `model: minilm` (an example) or pass --model PATH", "model")
-    return recipe, _load_model(ref)
+        raise ConfigError("the recipe names no model: add `model: minilm` (an example), a model directory or "
+                          "`module:function`, or pass --model", "model")
+    return recipe, _load_model(ref, "--model" if args.model else "model")
 
 
 def _cmd_plan(args) -> int:
     import quanta
 
-    recipe, loaded = _recipe_and_model(args)
-    model = getattr(loaded, "model", loaded)
-    print(quanta.plan(model, recipe))
+    recipe, source = _recipe_and_model(args)
+    print(quanta.plan(source.model, recipe))
     return 0
+
+
+def _example_inputs(source, data):
+    """What exporters trace with: the source's own example inputs, else the first calibration batch."""
+    if source.example_inputs is not None:
+        return source.example_inputs
+    first = data[0] if data else None
+    if isinstance(first, torch.Tensor):
+        return (first,)
+    if isinstance(first, (tuple, dict)) and all(isinstance(v, torch.Tensor)
+                                                for v in (first.values() if isinstance(first, dict) else first)):
+        return first
+    return None
 
 
 def _cmd_quantize(args) -> int:
     import quanta
     from quanta import registry
-    from quanta.examples import Example
+    from quanta.sources import load_data
 
-    recipe, loaded = _recipe_and_model(args)
-    example = loaded if isinstance(loaded, Example) else None
-    model = example.model if example else loaded
-    data = example.data if example else None
+    recipe, source = _recipe_and_model(args)
+    example = source.example
+    model = source.model
+    data = load_data(recipe.data, source) if recipe.data is not None else source.data
     print(f"quantizing with {recipe.algorithm!r} ...", file=sys.stderr)
     progress = _Progress()
     with registry.plugin(progress._hookimpl(), name="quanta-cli-progress"):
@@ -124,15 +130,20 @@ def _cmd_quantize(args) -> int:
     if example:
         print(example.evaluate(model, qmodel))
     stem = Path(args.recipe).stem
-    output = Path(args.output or Path("out") / f"{stem}.pt")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(qmodel, output)
+    inputs = _example_inputs(source, data)
+    if args.format == "pickle":
+        output = Path(args.output or Path("out") / f"{stem}.pt")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(qmodel, output)
+    else:
+        output = quanta.save(qmodel, args.output or Path("out") / stem, rebuild=source.rebuild,
+                             example_inputs=inputs, tokenizer=source.tokenizer_dir,
+                             overwrite=getattr(args, "overwrite", False))
     print(f"wrote {output}")
     if recipe.export:
         options = dict(recipe.export)
         fmt = options.pop("format", "coreml")
-        target = options.pop("path", None) or str(output.with_suffix(".mlpackage"))
-        inputs = example.example_inputs if example else None
+        target = options.pop("path", None) or str(Path(output).with_suffix(".mlpackage"))
         written = quanta.export(qmodel, target, format=fmt, example_inputs=inputs, **options)
         print(f"wrote {written}")
     return 0
@@ -147,12 +158,12 @@ def _parse_shape(text: str | None):
 def _cmd_export(args) -> int:
     import quanta
 
-    model = torch.load(args.model, weights_only=False)
+    source = _load_model(args.model, "model")
     options = {}
     if args.target:
         options["minimum_deployment_target"] = args.target
-    path = quanta.export(model, args.output, format=args.format, example_inputs=_parse_shape(args.input_shape),
-                         **options)
+    inputs = _parse_shape(args.input_shape) or source.example_inputs
+    path = quanta.export(source.model, args.output, format=args.format, example_inputs=inputs, **options)
     print(f"wrote {path}")
     return 0
 
@@ -160,7 +171,7 @@ def _cmd_export(args) -> int:
 def _cmd_verify(args) -> int:
     import quanta
 
-    against = torch.load(args.against, weights_only=False)
+    against = _load_model(args.against, "--against").model
     result = quanta.verify(args.path, against, example_inputs=_parse_shape(args.input_shape))
     for k, v in result.items():
         print(f"{k}: {v}")
@@ -183,12 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("quantize", _cmd_quantize, "run a recipe and write the quantized model")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("recipe", help="recipe YAML file")
-        s.add_argument("--model", help="override the recipe's model (example name or torch.save'd file)")
+        s.add_argument("--model", help="override the recipe's model (example name, model directory or module:function)")
         if name == "quantize":
-            s.add_argument("--output", "-o", help="where to torch.save the quantized model (default out/<recipe>.pt)")
+            s.add_argument("--output", "-o", help="where to save the quantized model (default out/<recipe>/)")
+            s.add_argument("--format", choices=["quanta", "pickle"], default="quanta",
+                           help="quanta: a directory by quanta.save (default); pickle: a torch.save file (.pt)")
         s.set_defaults(func=func)
-    s = sub.add_parser("export", help="export a torch.save'd quantized model (e.g. to .mlpackage)")
-    s.add_argument("model")
+    s = sub.add_parser("export", help="export a saved quantized model (e.g. to .mlpackage)")
+    s.add_argument("model", help="a directory written by quanta quantize / quanta.save (or another --model form)")
     s.add_argument("--output", "-o", required=True)
     s.add_argument("--format", default="coreml")
     s.add_argument("--input-shape", help="example input shape(s), e.g. 1,3,32,32 (';' between inputs)")
@@ -196,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_export)
     s = sub.add_parser("verify", help="run an exported file with the reference runner and compare with a torch model")
     s.add_argument("path")
-    s.add_argument("--against", required=True, help="torch.save'd model to compare with")
+    s.add_argument("--against", required=True, help="the model to compare with: a saved directory or another --model form")
     s.add_argument("--input-shape", help="example input shape(s); default: the file's declared inputs")
     s.set_defaults(func=_cmd_verify)
     return p

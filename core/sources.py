@@ -84,6 +84,31 @@ def _file_module(file: Path, key: str):
     return module
 
 
+def _import_module(module_name: str, ref: str, key: str):
+    cwd = os.getcwd()
+    added = False
+    try:
+        while True:
+            try:
+                return importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                ours = module_name == exc.name or module_name.startswith(f"{exc.name}.")
+                if not ours:  # the user's module imports something missing
+                    raise SourceError(f"importing {module_name!r} (for {ref!r}) failed: {exc}", key) from exc
+                if cwd in sys.path:
+                    raise SourceError(f"no module {module_name!r} (for {ref!r}) on sys.path or in the current "
+                                      f"directory {cwd}", key) from None
+                sys.path.insert(0, cwd)
+                added = True
+            except Exception as exc:
+                raise SourceError(f"importing {module_name!r} (for {ref!r}) failed: {type(exc).__name__}: {exc}",
+                                  key) from exc
+    except SourceError:
+        if added:
+            sys.path.remove(cwd)
+        raise
+
+
 def import_callable(ref: str, key: str = "model"):
     """The object named by ``"package.module:function"`` or ``"path/to/file.py:function"``.
 
@@ -99,20 +124,7 @@ def import_callable(ref: str, key: str = "model"):
             raise SourceError(f"no Python file {module_name!r} (for {ref!r}; current directory {os.getcwd()})", key)
         module = _file_module(file.resolve(), key)
     else:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name.split(".")[0] or os.getcwd() in sys.path:
-                raise SourceError(f"importing {module_name!r} (for {ref!r}) failed: {exc}", key) from exc
-            sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError:
-                sys.path.remove(os.getcwd())
-                raise SourceError(f"no module {module_name!r} (for {ref!r}) on sys.path or in the current "
-                                  f"directory {os.getcwd()}", key) from None
-        except Exception as exc:
-            raise SourceError(f"importing {module_name!r} (for {ref!r}) failed: {type(exc).__name__}: {exc}", key) from exc
+        module = _import_module(module_name, ref, key)
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
