@@ -36,6 +36,7 @@ from .record import QuantizedWeight, attach_record, records
 from .spec import QuantDtype, QuantSpec
 
 __all__ = ["save", "load", "read_config", "load_example_inputs", "unrestored_records", "saved_size_rule",
+           "write_shards", "tied_tensors", "tokenizer_dir_of", "copy_tokenizer_files",
            "SavedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "DEFAULT_MAX_SHARD_BYTES"]
 
 FORMAT = "quanta"
@@ -216,6 +217,20 @@ def _plan_items(model: torch.nn.Module) -> tuple[list[_Item], dict, dict, list[s
     return items, rec_meta, aliases, sorted(buffer_keys)
 
 
+def tied_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Keys of ``state_dict`` that are the same tensor view as an earlier key: ``{alias: first key}``
+    (tied weights, e.g. an output head sharing the embedding), so writers store them once."""
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for key, t in state_dict.items():
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and view in seen:
+            aliases[key] = seen[view]
+        else:
+            seen.setdefault(view, key)
+    return aliases
+
+
 def _shards(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
     shards: list[list[_Item]] = [[]]
     size = 0
@@ -242,7 +257,18 @@ def _transformers_config(model):
     return None
 
 
-def _copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
+def tokenizer_dir_of(model: torch.nn.Module) -> str | None:
+    """The local directory a transformers model was loaded from, when it holds tokenizer files."""
+    config = _transformers_config(model)
+    source = getattr(config, "_name_or_path", "") if config is not None else ""
+    if source and Path(source).is_dir() and any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
+        return str(source)
+    return None
+
+
+def copy_tokenizer_files(source: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files found in ``source`` (tokenizer.json, vocab.txt, ...) into ``directory``."""
+    source, staging = Path(source), Path(directory)
     copied = []
     for name in _TOKENIZER_FILES:
         if (source / name).is_file():
@@ -251,10 +277,33 @@ def _copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
     return copied
 
 
-def _save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_tensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt", "quanta_format": f"{FORMAT}/{FORMAT_VERSION}"})
+    save_file(tensors, str(path), metadata=metadata or {"format": "pt", "quanta_format": f"{FORMAT}/{FORMAT_VERSION}"})
+
+
+def write_shards(tensors: list[tuple[str, int, Callable[[], torch.Tensor]]], directory: str | os.PathLike,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict | None = None) -> dict[str, str]:
+    """Write tensors into ``directory`` as ``model.safetensors`` or, above ``max_shard_bytes``,
+    HF-style shards ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+
+    ``tensors`` lists ``(key, nbytes, produce)``: ``produce()`` makes the tensor when its shard is
+    written, so only one shard's tensors are in memory at a time. Returns key -> file name.
+    """
+    directory = Path(directory)
+    shards = _shards([_Item(k, n, f) for k, n, f in tensors], max_shard_bytes)
+    names = ([WEIGHTS_NAME] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        _save_tensors_file({item.key: item.produce() for item in shard}, directory / name, metadata)
+        weight_map.update({item.key: name for item in shard})
+    if len(shards) > 1:
+        total = sum(n for _k, n, _f in tensors)
+        (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                       indent=2) + "\n")
+    return weight_map
 
 
 def _example_tensors(example_inputs) -> dict[str, torch.Tensor]:
@@ -303,7 +352,6 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
     if rebuild is None and hf_config is not None:
         rebuild = {"transformers": type(model).__name__}
     examples = _example_tensors(example_inputs) if example_inputs is not None else None
-    shards = _shards(items, max_shard_bytes)
     from . import __version__
 
     config = {
@@ -313,16 +361,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
         "example_inputs": sorted(examples) if examples else None,
     }
     with atomic_dir(path, overwrite=overwrite) as staging:
-        total = sum(i.nbytes for i in items)
-        names = ([WEIGHTS_NAME] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        weight_map = {}
-        for name, shard in zip(names, shards):
-            _save_tensors_file({item.key: item.produce() for item in shard}, staging / name)
-            weight_map.update({item.key: name for item in shard})
-        if len(shards) > 1:
-            (staging / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                         indent=2) + "\n")
+        write_shards([(i.key, i.nbytes, i.produce) for i in items], staging, max_shard_bytes)
         if examples:
             _save_tensors_file(examples, staging / EXAMPLE_INPUTS_NAME)
         if hf_config is not None:
@@ -330,12 +369,11 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
             generation = getattr(model, "generation_config", None)
             if generation is not None and model.can_generate():
                 generation.save_pretrained(str(staging))
-            source = getattr(hf_config, "_name_or_path", "") or ""
-            if tokenizer is None and source and Path(source).is_dir():
-                tokenizer = source
+            if tokenizer is None:
+                tokenizer = tokenizer_dir_of(model)
         if tokenizer is not None:
             if isinstance(tokenizer, (str, os.PathLike)):
-                config["tokenizer_files"] = _copy_tokenizer_files(Path(tokenizer), staging)
+                config["tokenizer_files"] = copy_tokenizer_files(tokenizer, staging)
             else:
                 tokenizer.save_pretrained(str(staging))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
