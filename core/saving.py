@@ -36,7 +36,7 @@ from .record import QuantizedWeight, attach_record, records
 from .spec import QuantDtype, QuantSpec
 
 __all__ = ["save", "load", "read_config", "load_example_inputs", "unrestored_records", "saved_size_rule",
-           "write_shards", "tied_tensors", "tokenizer_dir_of", "copy_tokenizer_files",
+           "write_shards", "tied_tensors", "tokenizer_dir_of", "copy_tokenizer_files", "transformers_config_of",
            "SavedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "DEFAULT_MAX_SHARD_BYTES"]
 
 FORMAT = "quanta"
@@ -246,8 +246,9 @@ def _shards(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
 # ----------------------------------------------------------------------------- save
 
 
-def _transformers_config(model):
-    """The model's ``transformers.PretrainedConfig`` when it is a transformers model, else None."""
+def transformers_config_of(model: torch.nn.Module):
+    """The model's ``transformers.PretrainedConfig`` when it is a transformers model, else None
+    (transformers is not imported for that)."""
     if "transformers" not in sys.modules:
         return None
     from transformers import PretrainedConfig, PreTrainedModel
@@ -259,7 +260,7 @@ def _transformers_config(model):
 
 def tokenizer_dir_of(model: torch.nn.Module) -> str | None:
     """The local directory a transformers model was loaded from, when it holds tokenizer files."""
-    config = _transformers_config(model)
+    config = transformers_config_of(model)
     source = getattr(config, "_name_or_path", "") if config is not None else ""
     if source and Path(source).is_dir() and any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
         return str(source)
@@ -348,7 +349,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
     if rebuild is not None and not isinstance(rebuild, dict):
         raise SavedModelError("rebuild must be a dict such as {'factory': 'pkg.module:function'}", "rebuild")
     items, rec_meta, aliases, buffer_keys = _plan_items(model)
-    hf_config = _transformers_config(model)
+    hf_config = transformers_config_of(model)
     if rebuild is None and hf_config is not None:
         rebuild = {"transformers": type(model).__name__}
     examples = _example_tensors(example_inputs) if example_inputs is not None else None
