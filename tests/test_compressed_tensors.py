@@ -119,3 +119,24 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path):
     with pytest.raises(quanta.ConfigError, match="scale_dtype: must be one of"):
         quanta.export(model, tmp_path / "e", format="compressed-tensors", scale_dtype="float8")
     assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+@pytest.mark.slow
+def test_minilm_int4_exports_and_loads_with_quantas_weights(tmp_path):
+    from quanta.examples import load_example
+
+    example = load_example("minilm")
+    qmodel = quanta.quantize(example.model, {"global_config": {"dtype": "int4", "granularity": "per_block",
+                                                                "block_size": 32},
+                                             "module_type_configs": {"Embedding": None}})
+    out = quanta.export(qmodel, tmp_path / "minilm-ct", format="compressed-tensors")
+    from transformers import CompressedTensorsConfig
+
+    loaded = transformers.AutoModel.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    recs = quanta.records(qmodel)
+    assert len(recs) == 37
+    for name, rec in recs.items():
+        assert torch.equal(loaded.get_parameter(name), rec.dequantize()), name
+    batch = example.data[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, qmodel(**batch).last_hidden_state)
