@@ -82,16 +82,31 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool | None = None) -> to
     n = flat.numel()
     out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
     mask = (1 << bits) - 1
+    byte_codes = flat.dtype in (torch.int8, torch.uint8)
     for start in range(0, n, _CHUNK):
-        chunk = flat[start:start + _CHUNK].to(torch.int64)
-        if chunk.numel() and (int(chunk.min()) < lo or int(chunk.max()) > hi):
-            bad = chunk[(chunk < lo) | (chunk > hi)][0]
-            raise PackingError(f"code {int(bad)} does not fit {'' if signed else 'u'}int{bits} (range {lo}..{hi})")
-        pad = (-chunk.numel()) % 8
-        if pad:
-            chunk = torch.cat([chunk, chunk.new_zeros(pad)])
-        packed = _pack_chunk(chunk & mask, bits)
+        chunk = flat[start:start + _CHUNK]
+        if chunk.numel():
+            cmin, cmax = torch.aminmax(chunk)
+            if int(cmin) < lo or int(cmax) > hi:
+                bad = chunk[(chunk < lo) | (chunk > hi)][0]
+                raise PackingError(f"code {int(bad)} does not fit {'' if signed else 'u'}int{bits} (range {lo}..{hi})")
         first = start * bits // 8
+        if byte_codes and bits in (4, 8):
+            # Fast paths on bytes: two's complement bits are the code's low bits.
+            u = chunk.view(torch.uint8) if chunk.dtype == torch.int8 else chunk
+            if bits == 8:
+                out[first:first + u.numel()] = u
+                continue
+            u = u & mask
+            if u.numel() % 2:
+                u = torch.cat([u, u.new_zeros(1)])
+            packed = u[0::2] | (u[1::2] << 4)
+        else:
+            chunk = chunk.to(torch.int64)
+            pad = (-chunk.numel()) % 8
+            if pad:
+                chunk = torch.cat([chunk, chunk.new_zeros(pad)])
+            packed = _pack_chunk(chunk & mask, bits)
         take = min(packed.numel(), out.numel() - first)
         out[first:first + take] = packed[:take]
     return out
@@ -117,6 +132,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...], signed
         first = start * bits // 8
         nbytes = math.ceil(count / 8) * bits
         chunk = flat[first:first + nbytes]
+        if bits == 8:
+            out[start:start + count] = chunk.view(out.dtype)[:count]
+            continue
+        if bits == 4:
+            values = torch.stack([chunk & 0xF, chunk >> 4], dim=1).reshape(-1)[:count]
+            if signed:  # sign-extend 4 bits within int8: (x ^ 8) - 8
+                values = (values.view(torch.int8) ^ 8) - 8
+            out[start:start + count] = values.view(out.dtype)
+            continue
         if chunk.numel() < nbytes:
             chunk = torch.cat([chunk, chunk.new_zeros(nbytes - chunk.numel())])
         values = _unpack_chunk(chunk, bits)[:count]

@@ -79,8 +79,8 @@ def pack_rows_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     offset = 1 << (bits - 1)
     padded = math.ceil(cols / 32) * 32  # a row of 32 codes is exactly `bits` int32 words
-    unsigned = torch.zeros(rows, padded, dtype=torch.int16)
-    unsigned[:, :cols] = codes.to(torch.int16) + offset
+    unsigned = torch.zeros(rows, padded, dtype=torch.uint8)
+    unsigned[:, :cols] = (codes.to(torch.int16) + offset).to(torch.uint8)
     packed = pack_codes(unsigned, bits, signed=False).reshape(rows, padded * bits // 8)
     if sys.byteorder != "little":
         raise QuantizationError("the compressed-tensors exporter needs a little-endian host (its int32 words)")
