@@ -32,7 +32,7 @@ import torch
 from .atomic import atomic_dir
 from .errors import QuantaError
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .record import QuantizedWeight, attach_record, records
+from .record import QuantizedWeight, attach_record, declare_state, extra_state, records
 from .spec import QuantDtype, QuantSpec
 
 __all__ = ["save", "load", "read_config", "load_example_inputs", "unrestored_records", "saved_size_rule",
@@ -359,6 +359,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
         "format": FORMAT, "format_version": FORMAT_VERSION, "quanta_version": __version__,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "rebuild": rebuild, "records": rec_meta, "aliases": aliases, "buffers": buffer_keys,
+        "extra_state": sorted(extra_state(model)),
         "example_inputs": sorted(examples) if examples else None,
     }
     with atomic_dir(path, overwrite=overwrite) as staging:
@@ -467,9 +468,12 @@ def _owner(model: torch.nn.Module, key: str, what: str) -> tuple[torch.nn.Module
     return module, attr
 
 
-def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor, is_buffer: bool) -> None:
+def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor, is_buffer: bool,
+                declared: bool = False) -> None:
     module, attr = _owner(model, key, "buffer" if is_buffer else "parameter")
-    if attr in module._parameters and module._parameters[attr] is not None:
+    if declared:
+        declare_state(module, attr, value)  # state an algorithm declared: carried on as declared
+    elif attr in module._parameters and module._parameters[attr] is not None:
         param = module._parameters[attr]
         if tuple(param.shape) != tuple(value.shape):
             raise SavedModelError(f"saved shape {tuple(value.shape)} differs from the model's {tuple(param.shape)}", key)
@@ -509,6 +513,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
     rec_meta: dict = config.get("records") or {}
     aliases: dict = config.get("aliases") or {}
     buffer_keys = set(config.get("buffers") or [])
+    declared = set(config.get("extra_state") or [])
     record_keys = {v["key"] for m in rec_meta.values() for v in m["tensors"].values() if v}
     plain_keys = [k for k in files if k not in record_keys]
     with ExitStack() as stack:
@@ -522,7 +527,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
         _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys,
                       lambda key: tuple(handles[files[key]].get_slice(key).get_shape()), strict)
         for key in plain_keys:
-            _set_tensor(model, key, tensor(key), key in buffer_keys)
+            _set_tensor(model, key, tensor(key), key in buffer_keys, key in declared)
         for name, meta in rec_meta.items():
             rec = _read_record(name, meta, tensor)
             module, param = _owner(model, name, "quantized weight")

@@ -38,7 +38,7 @@ import quanta
 from quanta.atomic import atomic_dir
 from quanta.errors import ConfigError, QuantizationError
 from quanta.packing import pack_codes
-from quanta.plugin import Exporter
+from quanta.contracts import Exporter
 from quanta.record import QuantizedWeight, records
 from quanta.saving import (DEFAULT_MAX_SHARD_BYTES, copy_tokenizer_files, tied_tensors, tokenizer_dir_of,
                            transformers_config_of, write_shards)
@@ -59,7 +59,6 @@ class CompressedTensorsExportConfig:
                                        "(what compressed-tensors writes)"})
     max_shard_bytes: int = attrs.field(
         default=DEFAULT_MAX_SHARD_BYTES, metadata={"doc": "bytes per safetensors shard (an index file above it)"})
-    overwrite: bool = attrs.field(default=False, metadata={"doc": "replace a directory quanta did not write"})
 
     @scale_dtype.validator
     def _check_scale_dtype(self, _attr, value):
@@ -91,8 +90,7 @@ def pack_rows_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _weights_args(name: str, rec: QuantizedWeight) -> tuple[dict, int]:
     """The compressed-tensors ``weights`` args of a record, and the offset subtracted from its codes."""
     bits = rec.spec.dtype.bits
-    fields = attrs.fields_dict(QuantizedWeight)  # lut and grid: fields records gain for non-uniform grids
-    if ("lut" in fields and rec.lut is not None) or ("grid" in fields and rec.grid != "affine"):
+    if rec.lut is not None or rec.grid != "affine":
         raise QuantizationError("compressed-tensors pack-quantized stores integer grids only, not a lookup table", name)
     if bits not in SUPPORTED_BITS:
         raise QuantizationError(f"compressed-tensors pack-quantized is written for {', '.join(map(str, SUPPORTED_BITS))}"
@@ -131,11 +129,19 @@ class CompressedTensorsExporter(Exporter):
     grids = frozenset({"affine"})
     config_class = CompressedTensorsExportConfig
 
-    def check(self, model: torch.nn.Module) -> dict[str, tuple[dict, int]]:
-        """Record name -> (weights args, code offset); raises QuantizationError naming the first layer
-        the format cannot hold, before anything is written."""
+    def check(self, model: torch.nn.Module, example_inputs: Any = None) -> None:
+        """Refuse, before anything is written, a model the format cannot hold (QuantizationError or
+        ConfigError naming the layer)."""
+        self._plan(model)
+
+    def _plan(self, model: torch.nn.Module) -> dict[str, tuple[dict, int]]:
+        """Record name -> (weights args, code offset), or raise naming the first layer the format
+        cannot hold."""
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"the compressed-tensors exporter takes a torch model, got {type(model).__name__}", "model")
+        if transformers_config_of(model) is None:
+            raise ConfigError("compressed-tensors directories are transformers models; this is a "
+                              f"{type(model).__name__} without a transformers config", "model")
         recs = records(model)
         if not recs:
             raise QuantizationError("the model has no quantized weights (run quanta.quantize first)")
@@ -150,20 +156,12 @@ class CompressedTensorsExporter(Exporter):
             out[name] = _weights_args(name, rec)
         return out
 
-    def export(self, model: torch.nn.Module, path, example_inputs: Any = None, config: Any = None, **options) -> str:
-        """Write ``model`` to the directory ``path``; returns it. ``config`` (or ``options``) are
-        :class:`CompressedTensorsExportConfig` fields. ``example_inputs`` is unused (no tracing)."""
-        if config is None:
-            try:
-                config = CompressedTensorsExportConfig(**options)
-            except TypeError as exc:
-                fields = [f.name for f in attrs.fields(CompressedTensorsExportConfig)]
-                raise ConfigError(f"{exc}; options: {', '.join(fields)}", "export") from None
-        plan = self.check(model)
+    def export(self, model: torch.nn.Module, path, *, example_inputs: Any = None, overwrite: bool = False) -> str:
+        """Write ``model`` to the directory ``path``; returns it. Options in ``self.config``
+        (:class:`CompressedTensorsExportConfig`). ``example_inputs`` is unused (nothing is traced)."""
+        config = self.config
+        plan = self._plan(model)
         hf_config = transformers_config_of(model)
-        if hf_config is None:
-            raise ConfigError("compressed-tensors directories are transformers models; this is a "
-                              f"{type(model).__name__} without a transformers config", "model")
         recs = records(model)
         state = model.state_dict()
         skip = set(recs) | {k for k in state if "_quanta_" in k}
@@ -194,7 +192,7 @@ class CompressedTensorsExporter(Exporter):
             "format": "pack-quantized", "quantization_status": "compressed",
             "global_compression_ratio": None, "ignore": ignore,
         }
-        with atomic_dir(path, overwrite=config.overwrite) as staging:
+        with atomic_dir(path, overwrite=overwrite) as staging:
             write_shards(tensors, staging, config.max_shard_bytes, metadata={"format": "pt"})
             cfg = hf_config.to_dict()
             cfg["quantization_config"] = quant_config

@@ -8,11 +8,13 @@ import os
 import pickle
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from safetensors import safe_open
 
 import quanta
+from quanta.contracts import Scheme
 from quanta.saving import CONFIG_NAME, SavedModelError, unrestored_records
 
 transformers = pytest.importorskip("transformers")
@@ -210,13 +212,72 @@ def test_bits_granularities_and_conv_axes_round_trip(tmp_path, config):
     assert _data_bytes(out) == _rule_bytes(qmodel)
 
 
-def test_extra_buffers_a_plugin_added_are_restored(tmp_path):
+def test_declared_extra_state_and_added_buffers_are_restored(tmp_path):
+    from quanta.record import declare_state, extra_state
+
     qmodel = quanta.quantize(ConvNet(), {"global_config": {"dtype": "int8"}})
-    qmodel.fc.register_buffer("input_scale", torch.tensor([0.25]))
+    declare_state(qmodel.fc, "input_scale", torch.tensor([0.25]))
+    qmodel.conv.register_buffer("running_thing", torch.arange(3.0))
     out = quanta.save(qmodel, tmp_path / "m")
     loaded = quanta.load(out, ConvNet())
     assert torch.equal(loaded.fc.input_scale, torch.tensor([0.25]))
+    assert list(extra_state(loaded)) == ["fc.input_scale"]  # still declared, so exporters find it
+    assert torch.equal(loaded.conv.running_thing, torch.arange(3.0))
     _assert_same_model(qmodel, loaded)
+
+
+@attrs.frozen
+class TableConfig:
+    levels: int = 4
+
+
+class TableScheme(Scheme):
+    """A lookup-table scheme for the test: codes index a per-group table."""
+
+    name = "test_table"
+    description = "lookup table (test)"
+    grid = "lut"
+    config_class = TableConfig
+
+    def quant_range(self, dtype):
+        return 0, 2**dtype.bits - 1
+
+    def qparams(self, min_val, max_val, dtype):
+        return torch.ones_like(min_val), None
+
+    def quantize(self, values, scale, zero_point, dtype):
+        return values.round().clamp(0, 3)
+
+    def dequantize(self, codes, scale, zero_point):
+        return codes * scale
+
+
+def test_lookup_table_records_and_plugin_options_round_trip(tmp_path):
+    from quanta import registry
+    from quanta.record import QuantizedWeight, attach_record
+
+    class Plugin:
+        @quanta.hookimpl
+        def register_schemes(self, register):
+            register(TableScheme())
+
+    with registry.plugin(Plugin(), name="test-table-scheme"):
+        model = ConvNet()
+        gen = torch.Generator().manual_seed(0)
+        spec = quanta.QuantSpec(dtype="uint2", scheme="test_table", scheme_config=TableConfig(levels=4))
+        rec = QuantizedWeight(codes=torch.randint(0, 4, (10, 256), generator=gen).to(torch.uint8),
+                              scale=torch.rand(10, 1, generator=gen) + 0.5, zero_point=None, spec=spec,
+                              block_sizes=(1, 0), grid="lut", lut=torch.randn(10, 4, generator=gen))
+        attach_record(model.fc, "weight", rec)
+        out = quanta.save(model, tmp_path / "m")
+        meta = json.loads((out / CONFIG_NAME).read_text())["records"]["fc.weight"]
+        assert meta["grid"] == "lut" and meta["spec"]["scheme_config"] == {"levels": 4}
+        assert meta["tensors"]["codes"]["packed_bits"] == 2
+        loaded = quanta.load(out, ConvNet())
+        got = quanta.records(loaded)["fc.weight"]
+        assert got.grid == "lut" and torch.equal(got.lut, rec.lut) and got.spec == spec
+        assert torch.equal(loaded.fc.weight, rec.dequantize())
+        _assert_same_model(model, loaded)
 
 
 def test_mismatches_are_refused_naming_the_tensor(tmp_path):
