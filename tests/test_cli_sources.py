@@ -150,3 +150,42 @@ def test_bad_sources_name_the_key_and_what_was_tried(tmp_path):
         load_data(str(tmp_path / "t.txt"), None)
     with pytest.raises(SourceError, match=r"data.nsamples: must be a positive integer"):
         load_data({"path": str(tmp_path / "t.txt"), "nsamples": 0})
+
+
+def test_pickle_only_on_request_and_never_read_back(tmp_path, capsys):
+    from quanta.cli import main
+
+    recipe = tmp_path / "tiny.yaml"
+    (tmp_path / "tinymodel.py").write_text(USER_MODULE)
+    recipe.write_text(f"model: '{tmp_path / 'tinymodel.py'}:build'\nglobal_config: {{dtype: int8}}\n"
+                      "module_type_configs: {Embedding: null}\n")
+    assert main(["quantize", str(recipe), "--format", "pickle", "-o", str(tmp_path / "t.pt")]) == 0
+    assert (tmp_path / "t.pt").is_file()
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "t.pt"), "-o", str(tmp_path / "t.mlpackage")]) == 2
+    assert "does not unpickle" in capsys.readouterr().err
+    assert main(["quantize", str(recipe), "-o", str(tmp_path / "t")]) == 0
+    loaded = quanta.load(tmp_path / "t")
+    assert type(loaded).__name__ == "TinyLM" and len(quanta.records(loaded)) == 2
+
+
+def test_transformers_and_saved_directories_as_model_sources(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    source = load_model({"path": str(tmp_path / "hf"), "class": "AutoModelForCausalLM"})
+    assert source.kind == "transformers" and type(source.model).__name__ == "LlamaForCausalLM"
+    assert source.rebuild is None and source.tokenizer_dir is None
+    with pytest.raises(SourceError, match=r"model.class: transformers has no model class 'AutoModelForCausalLN'"
+                                          r".*did you mean 'AutoModelForCausalLM'"):
+        load_model({"path": str(tmp_path / "hf"), "class": "AutoModelForCausalLN"})
+    qmodel = quanta.quantize(source.model, {"global_config": {"dtype": "int4"}, "module_type_configs": {"Embedding": None}})
+    quanta.save(qmodel, tmp_path / "saved")
+    saved = load_model(str(tmp_path / "saved"))
+    assert saved.kind == "saved" and saved.rebuild == {"transformers": "LlamaForCausalLM"}
+    assert quanta.records(saved.model).keys() == quanta.records(qmodel).keys()
+    with pytest.raises(SourceError, match="neither a quanta saved model"):
+        (tmp_path / "empty").mkdir()
+        load_model(str(tmp_path / "empty"))
