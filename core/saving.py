@@ -187,6 +187,7 @@ def _plan_items(model: torch.nn.Module) -> tuple[list[_Item], dict, dict, list[s
     rec_meta = {}
     for name, rec in recs.items():
         rec_items, meta = _record_items(name, rec)
+        meta["param_dtype"] = _dtype_name(model.get_parameter(name).dtype)
         items += rec_items
         rec_meta[name] = meta
         record_keys.add(name)
@@ -531,6 +532,10 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
         for name, meta in rec_meta.items():
             rec = _read_record(name, meta, tensor)
             module, param = _owner(model, name, "quantized weight")
+            weight = getattr(module, param)
+            dtype = _torch_dtype(meta.get("param_dtype", _dtype_name(weight.dtype)))
+            if weight.dtype != dtype:  # the saved model's float type, not the fresh model's default
+                weight.data = torch.zeros((), dtype=dtype, device=weight.device).expand(weight.shape)
             attach_record(module, param, rec)
     if aliases:
         state = model.state_dict(keep_vars=True)
@@ -574,11 +579,15 @@ def _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys
                                   missing[0])
 
 
+#: Keys of a record's entry in quanta_config.json that are not QuantizedWeight fields.
+_RECORD_META = ("shape", "tensors", "param_dtype")
+
+
 def _read_record(name: str, meta: dict, tensor: Callable[[str], torch.Tensor]) -> QuantizedWeight:
     fields = {f.name for f in attrs.fields(QuantizedWeight)}
     kwargs: dict[str, Any] = {}
     tensors = meta.get("tensors") or {}
-    unknown = sorted((set(meta) - {"shape", "tensors"} | set(tensors)) - fields)
+    unknown = sorted((set(meta) - set(_RECORD_META) | set(tensors)) - fields)
     if unknown:
         raise SavedModelError(f"record fields {unknown} are unknown to this quanta (saved by a newer one)", name)
     for field, entry in tensors.items():
@@ -593,7 +602,7 @@ def _read_record(name: str, meta: dict, tensor: Callable[[str], torch.Tensor]) -
             raise SavedModelError(f"stored {field} has shape {tuple(value.shape)}, {CONFIG_NAME} says {shape}", name)
         kwargs[field] = value.to(_torch_dtype(entry["dtype"]))
     for field, value in meta.items():
-        if field in ("shape", "tensors"):
+        if field in _RECORD_META:
             continue
         if field == "spec":
             kwargs["spec"] = _spec_from_json(value, name)

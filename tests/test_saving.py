@@ -159,6 +159,15 @@ def test_tiny_llama_sharded_tied_affine(tmp_path, no_pickle):
     _assert_same_model(qmodel, loaded_fresh)
 
 
+def test_bfloat16_model_loads_as_bfloat16(tmp_path):
+    qmodel = quanta.quantize(tiny_llama().to(torch.bfloat16), LLAMA_RECIPE)
+    out = quanta.save(qmodel, tmp_path / "m")
+    loaded = quanta.load(out)  # rebuilt from config.json in the default float32, then given the saved types
+    _assert_same_model(qmodel, loaded)
+    assert loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert abs(_file_bytes(out) / _rule_bytes(qmodel) - 1) < 0.05
+
+
 def test_codes_are_stored_packed_once(tmp_path):
     qmodel = quanta.quantize(tiny_llama(), LLAMA_RECIPE)
     out = quanta.save(qmodel, tmp_path / "m")
