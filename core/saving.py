@@ -106,7 +106,7 @@ def _split(record_name: str) -> tuple[str, str]:
     return module, param
 
 
-#: Record fields that hold tensors (``lut`` once records have it); every other field is JSON.
+#: Record fields that hold tensors; every other field is JSON.
 _TENSOR_FIELDS = ("codes", "scale", "zero_point", "lut")
 
 
@@ -456,7 +456,9 @@ def _rebuild(path: Path, config: dict) -> torch.nn.Module:
 
         return load_example(rebuild["example"]).model
     raise SavedModelError(f"{str(path)!r} does not record how to rebuild its model (a {config.get('model_class')}); "
-                          "pass model=<a fresh instance of that class> to quanta.load")
+                          "pass model=<a fresh instance of that class> to quanta.load, or save it with "
+                          "quanta.save(..., rebuild={'factory': 'package.module:function'}) (the CLI records it when "
+                          "the recipe's model: names a function)")
 
 
 def _owner(model: torch.nn.Module, key: str, what: str) -> tuple[torch.nn.Module, str]:

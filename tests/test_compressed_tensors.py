@@ -13,6 +13,8 @@ from quanta import QuantizationError
 
 transformers = pytest.importorskip("transformers")
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+# transformers warns that the directory's own quantization_config wins over the dequantize flag we pass.
+pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 
 
 def tiny_llama(dtype=torch.float32):
