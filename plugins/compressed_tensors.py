@@ -19,7 +19,8 @@ compressed-tensors decompresses, ``(q - zp).to(scale_dtype) * scale``, equal qua
 
 What the format cannot hold is refused before anything is written, naming the layer: weights of
 modules other than ``nn.Linear``, lookup-table grids, codes of 3, 5, 6 or 7 bits (older
-compressed-tensors and vLLM read only 2, 4 and 8 bits packed densely), blocks along another axis.
+compressed-tensors and vLLM read only 2, 4 and 8 bits packed densely), blocks along another axis,
+and activation quantization (quanta's fake-quantize modules; this exporter writes weights only).
 """
 
 from __future__ import annotations
@@ -142,6 +143,13 @@ class CompressedTensorsExporter(Exporter):
         if transformers_config_of(model) is None:
             raise ConfigError("compressed-tensors directories are transformers models; this is a "
                               f"{type(model).__name__} without a transformers config", "model")
+        from quanta.fx.fake_quant import ActivationFakeQuantize
+
+        for mname, module in model.named_modules():
+            if isinstance(module, ActivationFakeQuantize):
+                raise QuantizationError("the model quantizes activations, which this exporter does not write "
+                                        "(it writes weight-only pack-quantized layers); export the weight-only "
+                                        "model, or use the coreml exporter", mname)
         recs = records(model)
         if not recs:
             raise QuantizationError("the model has no quantized weights (run quanta.quantize first)")

@@ -120,7 +120,15 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path):
         quanta.export(model, tmp_path / "d", format="compressed-tensors")
     with pytest.raises(quanta.ConfigError, match="scale_dtype: must be one of"):
         quanta.export(model, tmp_path / "e", format="compressed-tensors", scale_dtype="float8")
-    assert not any((tmp_path / n).exists() for n in "abcde")
+    from quanta.fx.fake_quant import ActivationFakeQuantize
+    from quanta.plugins.activation_observers import StreamingMinMax
+
+    w8a8 = quanta.quantize(model, _recipe({"dtype": "int8"}))
+    w8a8.model.layers[0].mlp.act_fq = ActivationFakeQuantize(StreamingMinMax(), "symmetric",
+                                                             quanta.QuantDtype(8, True))
+    with pytest.raises(QuantizationError, match=r"'model.layers.0.mlp.act_fq'.*quantizes activations"):
+        quanta.export(w8a8, tmp_path / "f", format="compressed-tensors")
+    assert not any((tmp_path / n).exists() for n in "abcdef")
 
 
 @pytest.mark.slow
