@@ -143,7 +143,9 @@ def _cmd_quantize(args) -> int:
     if recipe.export:
         options = dict(recipe.export)
         fmt = options.pop("format", "coreml")
-        target = options.pop("path", None) or str(Path(output).with_suffix(".mlpackage"))
+        suffix = registry.get("exporter", fmt).obj.suffix
+        default = Path(output).with_suffix(suffix) if suffix else Path(output).with_name(f"{Path(output).stem}-{fmt}")
+        target = options.pop("path", None) or str(default)
         written = quanta.export(qmodel, target, format=fmt, example_inputs=inputs, **options)
         print(f"wrote {written}")
     return 0
