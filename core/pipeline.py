@@ -10,7 +10,9 @@ import torch
 
 from .config import Recipe, load_recipe
 from .errors import ConfigError
+from .model_checks import check_model
 from .planning import Plan, PlannedLayer, build_plan
+from .preflight import check_run
 from .record import QuantizedWeight
 from .report import LayerReport, Report
 from .weights import quantize_weight_with_values
@@ -56,6 +58,7 @@ def _plan(model, recipe: Recipe, backend_entry) -> Plan:
 def plan(model: Any, config: Any = None, *, backend: str | None = None) -> Plan:
     """Dry run: which layer gets which spec and why. Validates everything, modifies nothing."""
     recipe = load_recipe(config)
+    check_model(model, need_values=False)
     entry = choose_backend(model, backend)
     return _plan(model, recipe, entry)
 
@@ -137,6 +140,7 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     also with ``inplace=True``.
     """
     recipe = load_recipe(config)
+    check_model(model)
     reg = _registry()
     algo_entry = reg.get("algorithm", recipe.algorithm)
     backend_entry = choose_backend(model, backend)
@@ -145,6 +149,7 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     the_plan = _plan(model, recipe, backend_entry)
     if hasattr(algo_entry.obj, "validate"):
         algo_entry.obj.validate(the_plan, recipe)
+    data = check_run(model, the_plan, recipe, algo_entry.obj, data, device)
     impl = backend_entry.obj
     units = [p.unit for p in the_plan.selected]
     if inplace:

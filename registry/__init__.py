@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .manager import ENTRY_POINT_GROUP, KINDS, FieldInfo, PluginEntry, PluginFailure, Registry
+from .manager import ENTRY_POINT_GROUP, KINDS, FieldInfo, PluginEntry, PluginFailure, PluginLoadWarning, Registry
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "KINDS", "FieldInfo", "PluginEntry", "PluginFailure", "Registry",
+    "ENTRY_POINT_GROUP", "KINDS", "FieldInfo", "PluginEntry", "PluginFailure", "PluginLoadWarning", "Registry",
     "default", "reset", "names", "get", "entries", "describe", "failures",
     "register_plugin", "unregister_plugin", "plugin", "hook",
 ]

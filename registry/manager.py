@@ -7,6 +7,7 @@ import importlib.metadata as md
 import os
 import re
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -16,13 +17,15 @@ import pluggy
 from quanta import hookspecs
 from quanta.errors import (
     DuplicatePluginError,
+    did_you_mean,
     PluginContractError,
     PluginLoadError,
     PluginNotFoundError,
 )
 from quanta.plugin import REQUIRED
 
-__all__ = ["KINDS", "PluginEntry", "FieldInfo", "PluginFailure", "Registry", "ENTRY_POINT_GROUP"]
+__all__ = ["KINDS", "PluginEntry", "FieldInfo", "PluginFailure", "PluginLoadWarning", "Registry",
+           "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "quanta"
 KINDS = ("scheme", "observer", "algorithm", "backend", "exporter")
@@ -59,6 +62,10 @@ class FieldInfo:
     type: str
     default: str
     doc: str
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin named for loading (``QUANTA_PLUGINS``) is not installed; it is also listed in ``failures()``."""
 
 
 @attrs.frozen(kw_only=True)
@@ -125,7 +132,16 @@ class Registry:
     def _load_entry_points(self) -> None:
         only = {n.strip() for n in os.environ.get("QUANTA_PLUGINS", "").split(",") if n.strip()}
         seen: set[str] = set()
-        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        installed = list(md.entry_points(group=ENTRY_POINT_GROUP))
+        for missing in sorted(only - {ep.name for ep in installed}):
+            # A name in QUANTA_PLUGINS that no installed distribution provides: say so, never skip silently.
+            names = sorted({ep.name for ep in installed})
+            error = (f"QUANTA_PLUGINS names entry point {missing!r}, but no installed distribution provides it"
+                     f"{did_you_mean(missing, names)} (installed '{ENTRY_POINT_GROUP}' entry points: "
+                     f"{', '.join(names) or 'none'})")
+            self._failures.append(PluginFailure(plugin=missing, distribution=None, version=None, error=error))
+            warnings.warn(error, PluginLoadWarning, stacklevel=2)
+        for ep in installed:
             if only and ep.name not in only:
                 continue
             if ep.name in seen:  # the same distribution found twice on sys.path
@@ -243,7 +259,25 @@ class Registry:
         try:
             return entries[name]
         except (KeyError, TypeError):
-            raise PluginNotFoundError(kind, str(name), entries) from None
+            raise PluginNotFoundError(kind, str(name), entries, failures=self._failure_note(str(name))) from None
+
+    def _failure_note(self, name: str) -> str:
+        """Text saying which plugins failed to load (the one likely to provide ``name`` first)."""
+        if not self._failures:
+            return ""
+        lowered = name.lower().replace("-", "_")
+
+        def related(f: PluginFailure) -> bool:
+            words = {f.plugin.lower().replace("-", "_"), (f.distribution or "").lower().replace("-", "_")}
+            return any(lowered and (lowered in w or (w and w in lowered)) for w in words)
+
+        likely = [f for f in self._failures if related(f)]
+        if likely:
+            f = likely[0]
+            return (f"; plugin {f.plugin!r} ({f.distribution or 'unknown distribution'}) which may provide it "
+                    f"failed to load: {f.error}")
+        names = ", ".join(repr(f.plugin) for f in self._failures)
+        return f"; note: {len(self._failures)} plugin(s) failed to load ({names}): run `quanta plugins` for why"
 
     def entries(self, kind: str | None = None) -> list[PluginEntry]:
         """All entries (of one kind, or of every kind), sorted by kind then name."""
