@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from .errors import ConfigError
+from .export_checks import check_export
 
 __all__ = ["export", "verify", "exporter_for_path"]
 
@@ -17,14 +18,22 @@ def _registry():
     return registry
 
 
-def export(model: Any, path: str | os.PathLike, format: str = "coreml", example_inputs: Any = None, **options) -> str:
+def export(model: Any, path: str | os.PathLike, format: str = "coreml", example_inputs: Any = None, *,
+           allow_float: bool = False, overwrite: bool = False, **options) -> str:
     """Write ``model`` (e.g. the result of ``quanta.quantize``) to ``path`` with exporter ``format``.
 
     ``example_inputs`` (a tensor or tuple of tensors) is needed by tracing exporters such as
     ``coreml``; ``options`` go to the exporter (``minimum_deployment_target=...`` for coreml).
-    Returns the written path.
+    ``allow_float``: export a torch model that holds no quanta records (refused otherwise:
+    ``NotQuantizedError``). ``overwrite``: replace an existing ``path`` quanta did not write
+    (quanta's own earlier output is always replaced). Before the exporter runs, the example
+    input is run through the model (``ExampleInputError``) and the destination is checked
+    (``DestinationError``); the write itself is atomic. Returns the written path.
     """
     entry = _registry().get("exporter", format)
+    check_export(model, path, entry.obj, example_inputs, allow_float=allow_float, overwrite=overwrite)
+    if overwrite:
+        options["overwrite"] = True
     return entry.obj.export(model, path, example_inputs=example_inputs, **options)
 
 

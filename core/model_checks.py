@@ -82,7 +82,7 @@ def check_device(device: Any) -> torch.device | None:
 def check_units(plan, model: Any) -> None:
     """Refuse a model in which the backend found no quantizable weight at all."""
     if not plan.layers:
-        kind = type(model).__name__
-        raise ModelError(f"the {kind} model has no weight the {plan.backend!r} backend can quantize "
-                         "(it quantizes Linear, Conv, ConvTranspose, Embedding and MultiheadAttention weights); "
-                         "check that you passed the model you meant")
+        what = repr(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else f"the {type(model).__name__}"
+        raise ModelError(f"{what} has no weight the {plan.backend!r} backend can quantize (torch: Linear, Conv, "
+                         "ConvTranspose, Embedding and MultiheadAttention weights; Core ML: float const weights, "
+                         "not already-compressed ones); check that you passed the model you meant")
