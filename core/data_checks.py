@@ -54,7 +54,7 @@ def describe_batch(batch: Any) -> str:
     if isinstance(batch, Mapping):
         return "keys " + ", ".join(f"{k}: {leaf(v)}" for k, v in batch.items())
     if isinstance(batch, (tuple, list)):
-        return f"{len(batch)} inputs: " + ", ".join(leaf(v) for v in batch)
+        return f"{len(batch)} input{'' if len(batch) == 1 else 's'}: " + ", ".join(leaf(v) for v in batch)
     return f"a {type(batch).__name__}"
 
 

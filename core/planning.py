@@ -57,7 +57,7 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"{len(self.selected)} of {len(self.layers)} weights quantized with {self.algorithm!r} "
+        lines.append(f"{len(self.selected)} of {len(self.layers)} weights would be quantized with {self.algorithm!r} "
                      f"({self.backend} backend)")
         return "\n".join(lines)
 

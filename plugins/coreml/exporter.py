@@ -22,6 +22,7 @@ import torch
 import quanta
 from quanta.atomic import atomic_dir, check_destination
 from quanta.errors import ConfigError, QuantizationError
+from quanta.faults import fault_delay
 from quanta.plugin import Exporter
 from quanta.record import records as _records
 
@@ -244,6 +245,7 @@ class CoreMLExporter(Exporter):
             for child in list(written.iterdir()):
                 child.rename(staging / child.name)
             written.rmdir()
+            fault_delay("package-staged")
         return path
 
     def verify(self, path, against, example_inputs=None) -> dict:
