@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit 2 with argparse's own one line
     debug = getattr(args, "debug", False) or os.environ.get("QUANTA_DEBUG", "").strip().lower() in ("1", "true", "yes")
     console = Console(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
-    quiet_third_parties(console)
     from .commands import COMMANDS
 
     try:
-        return COMMANDS[args.command](args, console)
+        with quiet_third_parties(console):
+            return COMMANDS[args.command](args, console)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()

@@ -44,9 +44,11 @@ def load_model_file(path: str | os.PathLike, what: str = "model file") -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{what} {str(path)!r} is not a readable torch.save file ({type(exc).__name__}: "
                          f"{first}); it may be truncated or another format") from None
+    if isinstance(obj, dict):
+        raise ModelError(f"{what} {str(path)!r} holds a state_dict ({type(obj).__name__}), not a torch.nn.Module: "
+                         "load it into its model class in Python and torch.save the model itself")
     if not isinstance(obj, torch.nn.Module):
-        hint = " (a state_dict: load it into its model class in Python first)" if isinstance(obj, dict) else ""
-        raise ModelError(f"{what} {str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module{hint}")
+        raise ModelError(f"{what} {str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module")
     return obj
 
 

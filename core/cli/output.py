@@ -15,7 +15,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, TextIO
+from contextlib import contextmanager
+from typing import Any, Iterator, TextIO
 
 __all__ = ["Console", "quiet_third_parties", "Progress"]
 
@@ -109,27 +110,44 @@ def _quanta_dirs() -> tuple[str, ...]:
     return tuple(dirs)
 
 
-def quiet_third_parties(console: Console) -> None:
-    """Unless ``console.verbose``: hide other libraries' warnings, logging and progress bars.
+@contextmanager
+def quiet_third_parties(console: Console) -> Iterator[None]:
+    """Within the block, unless ``console.verbose``: hide other libraries' warnings, logging and
+    progress bars; everything (warning filters, logger levels, environment) is restored after.
 
     quanta's own warnings (raised from quanta's modules, or of a quanta warning class) are
     printed as one ``quanta: warning: ...`` line each.
     """
     if console.verbose:
+        yield
         return
     # Third-party progress bars (coremltools' conversion passes) and hub/transformers chatter.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    logging.getLogger().setLevel(logging.ERROR)
-    for name in ("coremltools", "transformers", "torch", "huggingface_hub", "sentence_transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    env = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    loggers = [logging.getLogger(n) for n in ("", "coremltools", "transformers", "torch", "huggingface_hub",
+                                              "sentence_transformers")]
+    saved_levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
 
     def show(message, category, filename, lineno, file=None, line=None):
         ours = category.__module__.startswith("quanta") or str(Path(filename).resolve()).startswith(_quanta_dirs())
         if ours:
             console.warning(str(message))
 
-    warnings.showwarning = show
-    warnings.simplefilter("default")
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            warnings.simplefilter("default")
+            yield
+    finally:
+        for lg, level in zip(loggers, saved_levels):
+            lg.setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
