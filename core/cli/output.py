@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 from contextlib import contextmanager
+from functools import partialmethod
 from typing import Any, Iterator, TextIO
 
 __all__ = ["Console", "quiet_third_parties", "Progress"]
@@ -138,12 +139,19 @@ def quiet_third_parties(console: Console) -> Iterator[None]:
         if ours:
             console.warning(str(message))
 
+    # tqdm reads TQDM_DISABLE when first imported: also make bars off by default on the class (a bar
+    # asking for disable=False explicitly, as ours do, still shows).
+    import tqdm
+
+    init = tqdm.tqdm.__dict__["__init__"]
+    tqdm.tqdm.__init__ = partialmethod(init, disable=True)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show
             warnings.simplefilter("default")
             yield
     finally:
+        tqdm.tqdm.__init__ = init
         for lg, level in zip(loggers, saved_levels):
             lg.setLevel(level)
         for k, v in saved_env.items():
