@@ -26,8 +26,10 @@ from .errors import (
     ModelError,
     NotQuantizedError,
     PluginContractError,
+    PluginError,
     PluginLoadError,
     PluginNotFoundError,
+    PluginWarning,
     QuantaError,
     QuantizationError,
 )
@@ -35,6 +37,7 @@ from .errors import (
 # Names below are imported on first use (PEP 562), so that ``import quanta`` and ``quanta --help``
 # do not import torch. Each maps to the module that defines it.
 _LAZY = {
+    "contracts": "contracts", "RunContext": "context", "Unit": "contracts",
     "Recipe": "config", "load_recipe": "config",
     "export": "exporting", "verify": "exporting",
     "hookimpl": "hookspecs", "hookspec": "hookspecs",
@@ -48,6 +51,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
+    from . import contracts
+    from .context import RunContext
+    from .contracts import Unit
     from .config import Recipe, load_recipe
     from .exporting import export, verify
     from .hookspecs import hookimpl, hookspec
@@ -64,7 +70,8 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'quanta' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    imported = importlib.import_module(f"{__name__}.{module}")
+    value = imported if module == name else getattr(imported, name)
     globals()[name] = value
     return value
 
@@ -78,8 +85,9 @@ __version__ = "0.1.0"
 __all__ = [
     "quantize", "plan", "Quantizer", "export", "verify", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
-    "Report", "LayerReport", "hookimpl", "hookspec",
-    "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError",
+    "Report", "LayerReport", "hookimpl", "hookspec", "contracts", "RunContext", "Unit",
+    "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError", "PluginError",
+    "PluginWarning",
     "DuplicatePluginError", "QuantizationError", "DestinationError", "DestinationExistsError",
     "DataError", "DeviceError", "ModelError", "ExampleInputError", "NotQuantizedError", "CoreMLPackageError",
     "__version__",

@@ -3,9 +3,10 @@
 The rules, in the order they are checked:
 
 - Data is an iterable of *batches*; each batch is a tensor (one positional input), a tuple or
-  list of tensors (positional inputs) or a mapping of keyword inputs. A bare tensor (or numpy
-  array, or a single mapping) is refused rather than silently iterated row by row: pass
-  ``[tensor]`` for one batch or ``list(tensor.split(n))`` for batches of ``n`` rows.
+  list of tensors (positional inputs) or a mapping of keyword inputs. A bare tensor or a single
+  mapping passed as the data is **one batch** (the documented rule core's ``materialize_data``
+  applies), never split into rows. A numpy array, a string or bytes as the data is refused: they
+  would be iterated row by row or character by character.
 - The data holds at least one batch.
 - Every input of every batch that is a tensor of a floating type is finite; the error names the
   batch index (and the input).
@@ -16,9 +17,10 @@ The rules, in the order they are checked:
 - Fewer batches than the algorithm will use (``calibration_nsamples``) is a warning giving both
   numbers, never an error.
 
-Sequences (lists, tuples) are checked whole (up to the number of batches used) before any
-work; other iterables (a ``DataLoader``, a generator) have batch 0 checked up front and each
-later batch checked as it is read.
+``quanta.quantize`` reads the data once into a list (at most the batches its algorithms use) and
+checks that list with :func:`check_batches`. :func:`check_calibration_data` applies the same rules
+to data as given (lists checked whole; a ``DataLoader`` or generator has batch 0 checked up front
+and each later batch as it is read).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ import torch
 from .calibration import call_model, to_device
 from .errors import DataError
 
-__all__ = ["check_calibration_data", "CheckedBatches", "CalibrationWarning", "describe_batch",
-           "first_layer", "dry_forward"]
+__all__ = ["check_calibration_data", "check_data_container", "check_batches", "CheckedBatches",
+           "CalibrationWarning", "describe_batch", "first_layer", "dry_forward"]
 
 
 class CalibrationWarning(UserWarning):
@@ -87,23 +89,46 @@ def dry_forward(model: torch.nn.Module, inputs: Any) -> None:
 
 
 def _bare_data_error(data: Any) -> DataError | None:
-    if isinstance(data, torch.Tensor) or type(data).__module__ == "numpy":
+    if type(data).__module__ == "numpy":
         shape = tuple(getattr(data, "shape", ()))
-        n = shape[0] if shape else 1
         return DataError(
-            f"calibration data is a bare {type(data).__name__} of shape {shape}, not a list of batches; "
-            f"pass [data] to use it as one batch, or list(data.split(k)) for batches of k rows "
-            f"(its {n} rows are never taken as {n} batches silently)")
-    if isinstance(data, Mapping):
-        return DataError("calibration data is a single mapping (one batch of keyword inputs), not a list of "
-                         f"batches; pass [data] (keys: {', '.join(map(str, data))})")
+            f"calibration data is a bare numpy {type(data).__name__} of shape {shape}, not a list of batches; "
+            f"pass [torch.from_numpy(data)] for one batch, or a list of tensors (its rows are never taken as "
+            "batches silently)")
     if isinstance(data, (str, bytes)):
         return DataError(f"calibration data is a {type(data).__name__}; pass a list of batches (tensors, "
                          "tuples of tensors or dicts of keyword inputs)")
-    if not isinstance(data, Iterable):
+    if not isinstance(data, (Iterable, torch.Tensor, Mapping)):
         return DataError(f"calibration data of type {type(data).__name__} is not iterable; pass a list of "
                          "batches or a DataLoader")
     return None
+
+
+def check_data_container(data: Any) -> None:
+    """Refuse data that is not a collection of batches (a numpy array, a string, a non-iterable).
+
+    A tensor or a mapping is accepted: it is one batch (see the module docstring)."""
+    error = _bare_data_error(data)
+    if error is not None:
+        raise error
+
+
+def check_batches(model: Any, batches: Sequence, *, limit: int | None = None, reader: str = "the algorithm") -> None:
+    """Check a list of calibration ``batches`` (as core read them) against ``model``.
+
+    Structure and finiteness of every batch, the same inputs as batch 0, a dry forward of batch 0
+    on a ``torch.nn.Module``; warns (:class:`CalibrationWarning`) when there are fewer batches than
+    ``limit``, the number ``reader`` would use. Raises :class:`DataError` naming the batch.
+    """
+    if len(batches) == 0:
+        raise DataError("calibration data is empty; pass at least one batch")
+    reference = _check_batch(batches[0], 0, None)
+    _dry_forward_first(model, batches[0], True)
+    for index, batch in enumerate(batches[1:], start=1):
+        _check_batch(batch, index, reference)
+    if limit is not None and len(batches) < limit:
+        warnings.warn(f"calibration data has {len(batches)} batch(es) but calibration_nsamples is {limit} "
+                      f"({reader} reads up to {limit}): using all {len(batches)}", CalibrationWarning, stacklevel=3)
 
 
 def _leaves(batch: Any, index: int) -> list[tuple[str, Any]]:
@@ -207,9 +232,9 @@ def check_calibration_data(model: Any, data: Any, *, nsamples: int | None = None
     other iterables come back wrapped in :class:`CheckedBatches`. Raises :class:`DataError`
     naming the batch (``"calibration batch 3 input 'input_ids' ..."``) and the fix.
     """
-    error = _bare_data_error(data)
-    if error is not None:
-        raise error
+    check_data_container(data)
+    if isinstance(data, (torch.Tensor, Mapping)):
+        data = [data]  # one batch
     if isinstance(data, Sequence):
         if len(data) == 0:
             raise DataError("calibration data is empty; pass at least one batch")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,27 +28,34 @@ __all__ = ["check_export", "check_example_inputs", "export_destination"]
 
 def check_example_inputs(model: torch.nn.Module, example_inputs: Any) -> None:
     """Raise :class:`ExampleInputError` unless ``example_inputs`` (tensor or tuple of tensors) runs
-    through ``model``. None passes (the exporter says whether it needs one)."""
+    through ``model`` (a dict is passed as keyword inputs). None passes (the exporter says whether
+    it needs one)."""
     if example_inputs is None:
         return
-    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(items, (tuple, list)) or not items:
-        raise ExampleInputError(f"the example input is a {type(example_inputs).__name__}; pass a tensor or a "
-                                "tuple of tensors (one per model input)")
-    for i, t in enumerate(items):
+    if isinstance(example_inputs, Mapping):  # keyword inputs, by name
+        named = list(example_inputs.items())
+    else:
+        items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        if not isinstance(items, (tuple, list)) or not items:
+            raise ExampleInputError(f"the example input is a {type(example_inputs).__name__}; pass a tensor, a "
+                                    "tuple of tensors (one per model input) or a dict of named tensors")
+        named = list(enumerate(items))
+    for i, t in named:
         if not isinstance(t, torch.Tensor):
             hint = " (convert it with torch.from_numpy)" if type(t).__module__ == "numpy" else ""
-            raise ExampleInputError(f"example input {i} is a {type(t).__name__}, not a torch tensor{hint}")
+            raise ExampleInputError(f"example input {i!r} is a {type(t).__name__}, not a torch tensor{hint}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ExampleInputError(f"example input {i} (shape {tuple(t.shape)}) holds NaN or inf values; the "
+            raise ExampleInputError(f"example input {i!r} (shape {tuple(t.shape)}) holds NaN or inf values; the "
                                     "exporter traces the model with it: pass finite values")
+    call_with = example_inputs if isinstance(example_inputs, Mapping) else tuple(t for _, t in named)
     try:
-        dry_forward(model, tuple(items))
+        dry_forward(model, call_with)
     except Exception as exc:
         layer = first_layer(model)
         text = str(exc).strip().splitlines()
+        shown = example_inputs if isinstance(example_inputs, torch.Tensor) else call_with
         raise ExampleInputError(
-            f"the example input ({describe_batch(example_inputs if isinstance(example_inputs, torch.Tensor) else tuple(items))}) does not fit the model: {type(exc).__name__}: "
+            f"the example input ({describe_batch(shown)}) does not fit the model: {type(exc).__name__}: "
             f"{text[0] if text else ''}{'; ' + layer if layer else ''}. Pass an example input of the shape "
             "the model takes (CLI: --input-shape)") from exc
 
@@ -75,5 +83,5 @@ def check_export(model: Any, path: str | os.PathLike, exporter: Any, example_inp
     else:
         expected = None
     dest = export_destination(path, exporter)
-    directory = bool(getattr(exporter, "writes_directory", str(getattr(exporter, "suffix", "")) == ".mlpackage"))
+    directory = bool(exporter.writes_directory)
     check_destination(dest, overwrite=overwrite, directory=directory, expected_bytes=expected)

@@ -1,44 +1,37 @@
 """Everything ``quanta.quantize`` checks before the first weight changes, in one call (``quanta.preflight``).
 
-:func:`check_run` runs the checks of :mod:`quanta.model_checks` (quantizable weights, devices) and
-:mod:`quanta.data_checks` (calibration data) in that order and returns the data to hand to the
-algorithm. The number of batches an algorithm reads is taken from its config's
-``calibration_nsamples`` or ``nsamples`` field (the documented convention; None reads all), and
-a ``device`` field of the algorithm's config is checked like the ``device`` argument.
+:func:`check_run` runs the checks of :mod:`quanta.model_checks` (quantizable weights, devices)
+and :mod:`quanta.data_checks` (calibration data) on the batches core has read (``batches``,
+at most ``limit``: the largest ``max_batches()`` of the recipe's algorithms). ``check_model``
+runs earlier, before a backend is chosen. A ``device`` field of an algorithm's config is
+checked like the ``device`` argument.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-from .data_checks import check_calibration_data
+from .data_checks import check_batches, check_data_container
 from .model_checks import check_device, check_units
 
-__all__ = ["check_run", "calibration_nsamples"]
-
-#: Algorithm config fields that say how many calibration batches the algorithm reads.
-NSAMPLES_FIELDS = ("calibration_nsamples", "nsamples")
+__all__ = ["check_run"]
 
 
-def calibration_nsamples(algorithm_config: Any) -> int | None:
-    """How many calibration batches an algorithm with this config reads (None: all)."""
-    for field in NSAMPLES_FIELDS:
-        value = getattr(algorithm_config, field, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+def check_run(model: Any, plan, stages: Sequence, algorithms: Sequence, data: Any, batches: list | None,
+              device: Any = None, limit: int | None = None) -> None:
+    """Check the model, devices and calibration data of one ``quantize`` call.
 
-
-def check_run(model: Any, plan, recipe, algorithm, data: Any, device: Any = None) -> Any:
-    """Check the model, devices and calibration data of one ``quantize`` call; return the data to use.
-
-    ``algorithm`` is the algorithm implementation (its ``needs_data`` decides whether ``data``
-    is checked). Raises ``ModelError``, ``DeviceError`` or ``DataError`` before anything runs.
-    (``check_model`` runs earlier, before a backend is chosen.)
+    ``plan`` is the first stage's plan; ``stages`` and ``algorithms`` the recipe's stages and
+    their configured algorithms; ``data`` what the caller passed and ``batches`` the list core
+    read from it. Raises ``ModelError``, ``DeviceError`` or ``DataError`` before anything runs;
+    warns (``CalibrationWarning``) when there are fewer batches than ``limit``.
     """
     check_units(plan, model)
     check_device(device)
-    check_device(getattr(recipe.algorithm_config, "device", None))
-    if data is None or not getattr(algorithm, "needs_data", False):
-        return data
-    return check_calibration_data(model, data, nsamples=calibration_nsamples(recipe.algorithm_config))
+    for stage in stages:
+        check_device(getattr(stage.algorithm_config, "device", None))
+    if data is None or not any(getattr(a, "needs_data", False) for a in algorithms):
+        return
+    check_data_container(data)
+    names = " -> ".join(getattr(a, "name", "?") for a in algorithms)
+    check_batches(model, batches or [], limit=limit, reader=f"algorithm {names!r}")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .manager import ENTRY_POINT_GROUP, KINDS, FieldInfo, PluginEntry, PluginFailure, PluginLoadWarning, Registry
+from .manager import ENTRY_POINT_GROUP, KINDS, FieldInfo, PluginEntry, PluginFailure, Registry
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "KINDS", "FieldInfo", "PluginEntry", "PluginFailure", "PluginLoadWarning", "Registry",
-    "default", "reset", "names", "get", "entries", "describe", "failures",
+    "ENTRY_POINT_GROUP", "KINDS", "FieldInfo", "PluginEntry", "PluginFailure", "Registry",
+    "default", "reset", "names", "get", "entries", "describe", "capabilities", "failures", "backends",
     "register_plugin", "unregister_plugin", "plugin", "hook",
 ]
 
@@ -52,6 +52,16 @@ def entries(kind: str | None = None) -> list[PluginEntry]:
 def describe(kind: str, name: str) -> list[FieldInfo]:
     """Config fields (name, type, default, doc) of one plugin."""
     return default().describe(kind, name)
+
+
+def capabilities(kind: str, name: str) -> dict[str, Any]:
+    """The capabilities one plugin declares (a scheme's ``grid``, a backend's ``priority``, ...)."""
+    return default().capabilities(kind, name)
+
+
+def backends() -> list[PluginEntry]:
+    """Backend entries in the order they are asked ``accepts`` (highest priority first)."""
+    return default().backends()
 
 
 def failures() -> list[PluginFailure]:

@@ -22,7 +22,7 @@ import torch
 
 import quanta
 from quanta.errors import ConfigError, QuantizationError
-from quanta.plugin import Backend, Unit
+from quanta.contracts import Backend, Unit
 from quanta.record import QuantizedWeight
 from quanta.weights import quantize_weight
 
@@ -207,11 +207,8 @@ class CoreMLBackend(Backend):
             # A folder is offered to this backend so that a broken package gets check_package's error.
             path = os.fspath(model).rstrip("/")
             return path.endswith((".mlpackage", ".mlmodel")) or os.path.isdir(path)
-        if "coremltools" not in sys.modules:  # an MLModel exists only once coremltools is imported
-            return False
-        import coremltools as ct
-
-        return isinstance(model, ct.models.MLModel)
+        ct = sys.modules.get("coremltools")  # an MLModel exists only once coremltools is imported
+        return ct is not None and isinstance(model, ct.models.MLModel)
 
     def _work(self, model) -> CoreMLWorkModel:
         return model if isinstance(model, CoreMLWorkModel) else CoreMLWorkModel(load_mlmodel(model))
@@ -247,7 +244,7 @@ class CoreMLBackend(Backend):
         work = self._work(model)
         return {op.op_type for op in _weight_ops(work.program)}
 
-    def copy(self, model) -> CoreMLWorkModel:
+    def copy(self, model, share: tuple = ()) -> CoreMLWorkModel:
         if isinstance(model, CoreMLWorkModel):
             new = CoreMLWorkModel(model.source)
             new.records = dict(model.records)
@@ -280,7 +277,7 @@ class CoreMLBackend(Backend):
         model.records[unit.name] = record
         model._built = None
 
-    def snapshot(self, model, units):
+    def snapshot(self, model, units, everything: bool = False):
         if not isinstance(model, CoreMLWorkModel):
             raise ConfigError("Core ML models are quantized into a new model; inplace=True is not supported",
                               "inplace")

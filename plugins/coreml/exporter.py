@@ -22,8 +22,8 @@ import torch
 import quanta
 from quanta.atomic import atomic_dir, check_destination
 from quanta.errors import ConfigError, QuantizationError
+from quanta.contracts import Exporter
 from quanta.faults import fault_delay
-from quanta.plugin import Exporter
 from quanta.record import records as _records
 
 from . import metadata, targets
@@ -52,9 +52,6 @@ class CoreMLExportConfig:
     input_names: tuple[str, ...] | None = attrs.field(
         default=None, converter=attrs.converters.optional(tuple),
         metadata={"doc": "names of the model inputs (default: the forward() argument names)"})
-    overwrite: bool = attrs.field(
-        default=False, metadata={"doc": "replace an existing destination quanta did not write (its own "
-                                        "earlier packages are always replaced)"})
 
     @compute_precision.validator
     def _check_precision(self, _attr, value):
@@ -184,6 +181,8 @@ class CoreMLExporter(Exporter):
     description = ("Core ML .mlpackage: constexpr-compressed weights equal to quanta's codes, "
                    "quantize/dequantize activations; iOS16/17/18 validated up front")
     suffix = ".mlpackage"
+    writes_directory = True
+    can_verify = True
     config_class = CoreMLExportConfig
 
     def annotate(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -196,21 +195,17 @@ class CoreMLExporter(Exporter):
         """The ``ct.target`` an export would use (ConfigError if the requested one is too low)."""
         return targets.choose_target(minimum_deployment_target, _records(model), has_activation_quant)
 
-    def export(self, model: torch.nn.Module, path, example_inputs=None, **options) -> str:
+    def export(self, model: torch.nn.Module, path, *, example_inputs=None, overwrite: bool = False) -> str:
         """Convert ``model`` and save it at ``path`` (``.mlpackage`` added when missing); returns the path.
 
         ``example_inputs``: a tensor or tuple of tensors used for tracing (their shapes become the
-        model's fixed input shapes). ``options``: fields of :class:`CoreMLExportConfig`.
-        Raises ConfigError for an unknown option or a target below what the model needs, and
-        QuantizationError if the saved codes were not quanta's (nothing is left at ``path`` then).
+        model's fixed input shapes). Options: ``self.config``, a :class:`CoreMLExportConfig`.
+        Raises ConfigError for a target below what the model needs, and QuantizationError if
+        the saved codes were not quanta's (nothing is left at ``path`` then).
         """
         ct = import_coremltools()
 
-        try:
-            cfg = CoreMLExportConfig(**options)
-        except TypeError as exc:
-            allowed = [f.name for f in attrs.fields(CoreMLExportConfig)]
-            raise ConfigError(f"{exc}; coreml export options: {', '.join(allowed)}", "export") from None
+        cfg: CoreMLExportConfig = self.config
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"the coreml exporter writes torch models, got {type(model).__name__}", "model")
         targets.check_environment()
@@ -219,7 +214,7 @@ class CoreMLExporter(Exporter):
         if not path.rstrip("/").endswith(self.suffix):
             path = path.rstrip("/") + self.suffix
         # Before converting: a destination that cannot be written fails now, not after minutes of work.
-        check_destination(path, overwrite=cfg.overwrite, directory=True, expected_bytes=_expected_bytes(model))
+        check_destination(path, overwrite=overwrite, directory=True, expected_bytes=_expected_bytes(model))
         recs = _records(model)
         work = copy.deepcopy(model).eval()
         metadata.annotate(work)
@@ -237,7 +232,7 @@ class CoreMLExporter(Exporter):
         mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
         # Saved into a staging folder and swapped in: the old package (or the user's folder) survives
         # any failure or Ctrl-C, and a package failing the code check is never put in place.
-        with atomic_dir(path, overwrite=cfg.overwrite) as staging:
+        with atomic_dir(path, overwrite=overwrite) as staging:
             written = staging / "model.mlpackage"
             mlmodel.save(str(written))
             if cfg.check_codes and recs:
