@@ -117,16 +117,16 @@ def test_float_export_needs_allow_float(tmp_path):
     assert quanta.verify(path, model)["cosine"] > 0.999
 
 
-def test_quanta_plugins_naming_a_missing_entry_point_warns_and_is_listed(monkeypatch):
-    from quanta.registry import PluginLoadWarning
-
+def test_quanta_plugins_naming_a_missing_entry_point_is_listed_and_named_on_lookup(monkeypatch):
     monkeypatch.setenv("QUANTA_PLUGINS", "quanta-nonexistent-plugin")
     registry.reset()
     try:
-        with pytest.warns(PluginLoadWarning, match=r"QUANTA_PLUGINS names entry point 'quanta-nonexistent-plugin'"):
-            failures = registry.failures()
+        failures = registry.failures()
         assert [f.plugin for f in failures] == ["quanta-nonexistent-plugin"]
+        assert "QUANTA_PLUGINS names 'quanta-nonexistent-plugin'" in failures[0].error
         assert "rtn" in registry.names("algorithm")  # the built-ins are unaffected
+        with pytest.raises(quanta.PluginNotFoundError, match="QUANTA_PLUGINS names 'quanta-nonexistent-plugin'"):
+            registry.get("scheme", "nf4")
     finally:
         monkeypatch.delenv("QUANTA_PLUGINS")
         registry.reset()
