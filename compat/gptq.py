@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import yaml
 
 from quanta.config import load_recipe
 from quanta.errors import ConfigError
 from quanta.pipeline import quantize
 from quanta.compat.ptq import annotate_for_coreml
+from quanta.recipe_yaml import read_yaml_mapping, require_mapping
 
 __all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
 
@@ -35,6 +35,7 @@ class ModuleGPTQConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ModuleGPTQConfig":
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         return cls(**config_dict)
 
     def as_dict(self) -> dict:
@@ -68,6 +69,7 @@ class LayerwiseCompressorConfig:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "LayerwiseCompressorConfig":
         """Build from coremltools' dict shape; unknown keys fail naming the nearest key."""
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         known = {f.name for f in attrs.fields(cls)}
         unknown = [k for k in config_dict if k not in known]
         if unknown:
@@ -81,8 +83,7 @@ class LayerwiseCompressorConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "LayerwiseCompressorConfig":
-        with open(path) as fh:
-            return cls.from_dict(yaml.safe_load(fh) or {})
+        return cls.from_dict(read_yaml_mapping(path, what=f"{cls.__name__} file"))
 
     def as_dict(self) -> dict:
         glob = _layer(self.global_config)

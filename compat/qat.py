@@ -21,10 +21,10 @@ from typing import Any
 
 import attrs
 import torch
-import yaml
 
 from quanta.errors import ConfigError, did_you_mean
 from quanta.quantizer import Quantizer
+from quanta.recipe_yaml import read_yaml_mapping, require_mapping
 
 __all__ = ["ModuleLinearQuantizerConfig", "LinearQuantizerConfig", "LinearQuantizer"]
 
@@ -76,6 +76,7 @@ class ModuleLinearQuantizerConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ModuleLinearQuantizerConfig":
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         names = [f.name for f in attrs.fields(cls)]
         for k in config_dict:
             if k not in names:
@@ -131,6 +132,7 @@ class LinearQuantizerConfig:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "LinearQuantizerConfig":
         """Build from coremltools' dict shape; unknown keys fail naming the key."""
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         names = [f.name for f in attrs.fields(cls)]
         for k in config_dict:
             if k not in names:
@@ -142,8 +144,7 @@ class LinearQuantizerConfig:
     @classmethod
     def from_yaml(cls, path) -> "LinearQuantizerConfig":
         """Read the same shape from a YAML file (the seed's config works unchanged)."""
-        with open(path) as fh:
-            return cls.from_dict(yaml.safe_load(fh) or {})
+        return cls.from_dict(read_yaml_mapping(path, what=f"{cls.__name__} file"))
 
     def to_recipe_dict(self) -> dict:
         """The equivalent quanta recipe dict (algorithm ``qat``)."""
