@@ -538,7 +538,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
             dtype = _torch_dtype(meta.get("param_dtype", _dtype_name(weight.dtype)))
             if weight.dtype != dtype:  # the saved model's float type, not the fresh model's default
                 weight.data = torch.zeros((), dtype=dtype, device=weight.device).expand(weight.shape)
-            attach_record(module, param, rec)
+            attach_record(module, param, rec.to(weight.device))  # records live where their layer does
     if aliases:
         state = model.state_dict(keep_vars=True)
         for alias, canonical in aliases.items():
