@@ -41,7 +41,7 @@ from quanta.errors import ConfigError, QuantizationError
 from quanta.packing import pack_codes
 from quanta.contracts import Exporter
 from quanta.record import QuantizedWeight, records
-from quanta.saving import (DEFAULT_MAX_SHARD_BYTES, copy_tokenizer_files, tied_tensors, tokenizer_dir_of,
+from quanta.saving import (DEFAULT_MAX_SHARD_BYTES, activation_quantization_sites, copy_tokenizer_files, tied_tensors, tokenizer_dir_of,
                            transformers_config_of, write_shards)
 
 __all__ = ["CompressedTensorsExporter", "CompressedTensorsExportConfig", "pack_rows_int32", "SUPPORTED_BITS"]
@@ -143,13 +143,11 @@ class CompressedTensorsExporter(Exporter):
         if transformers_config_of(model) is None:
             raise ConfigError("compressed-tensors directories are transformers models; this is a "
                               f"{type(model).__name__} without a transformers config", "model")
-        from quanta.fx.fake_quant import ActivationFakeQuantize
-
-        for mname, module in model.named_modules():
-            if isinstance(module, ActivationFakeQuantize):
-                raise QuantizationError("the model quantizes activations, which this exporter does not write "
-                                        "(it writes weight-only pack-quantized layers); export the weight-only "
-                                        "model, or use the coreml exporter", mname)
+        sites = activation_quantization_sites(model)
+        if sites:
+            raise QuantizationError("the model quantizes activations, which this exporter does not write "
+                                    "(it writes weight-only pack-quantized layers); export the weight-only "
+                                    "model, or use the coreml exporter", sites[0])
         recs = records(model)
         if not recs:
             raise QuantizationError("the model has no quantized weights (run quanta.quantize first)")
