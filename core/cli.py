@@ -133,8 +133,13 @@ def _cmd_quantize(args) -> int:
         fmt = options.pop("format", "coreml")
         target = options.pop("path", None) or str(output.with_suffix(".mlpackage"))
         inputs = example.example_inputs if example else None
+        started = time.perf_counter()
         written = quanta.export(qmodel, target, format=fmt, example_inputs=inputs, **options)
-        print(f"wrote {written}")
+        print(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
+        if inputs is not None and callable(getattr(registry.get("exporter", fmt).obj, "verify", None)):
+            f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
+            print(f"verified {written} against the quantized torch model on the example inputs: "
+                  f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}")
     return 0
 
 

@@ -256,9 +256,14 @@ class CoreMLExporter(Exporter):
         act_quant = has_activation_quantization(traced)
         target = targets.choose_target(cfg.minimum_deployment_target, recs, act_quant)
         ct_inputs = core_ml_inputs(model, example, cfg)
+        taken = set(example.names)
+        ct_outputs = None
+        if len(set(wrapper.output_names)) == len(wrapper.output_names) and not taken & set(wrapper.output_names):
+            ct_outputs = [ct.TensorType(name=n) for n in wrapper.output_names]  # "logits", "last_hidden_state"
         precision = ct.precision.FLOAT16 if cfg.compute_precision == "float16" else ct.precision.FLOAT32
-        mlmodel = ct.convert(traced, inputs=ct_inputs, convert_to="mlprogram", minimum_deployment_target=target,
-                             compute_precision=precision, pass_pipeline=conversion_pass_pipeline())
+        mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
+                             minimum_deployment_target=target, compute_precision=precision,
+                             pass_pipeline=conversion_pass_pipeline())
         mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
         mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
         if os.path.exists(path):

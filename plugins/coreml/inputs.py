@@ -21,8 +21,8 @@ import torch
 
 from quanta.errors import ConfigError
 
-__all__ = ["ExampleInputs", "KeywordInputs", "example_inputs", "flatten_outputs", "core_ml_dtype",
-           "torch_input"]
+__all__ = ["ExampleInputs", "KeywordInputs", "example_inputs", "flatten_outputs", "output_names",
+           "core_ml_dtype", "torch_input"]
 
 
 def core_ml_dtype(t: torch.Tensor | np.ndarray) -> type:
@@ -99,6 +99,18 @@ def example_inputs(example: Any, positional_names=None) -> ExampleInputs:
     return ExampleInputs(tuple(names), tuple(example), False)
 
 
+def output_names(out: Any, prefix: str = "") -> list[str]:
+    """Names for :func:`flatten_outputs` of ``out``, in the same order: mapping keys (``logits``,
+    ``last_hidden_state``), joined with ``_`` when nested, else ``output_<i>``."""
+    if isinstance(out, torch.Tensor):
+        return [prefix or "output"]
+    if isinstance(out, Mapping):
+        return [n for k, v in out.items() for n in output_names(v, f"{prefix}_{k}" if prefix else _sanitize(str(k)))]
+    if isinstance(out, (tuple, list)):
+        return [n for i, v in enumerate(out) for n in output_names(v, f"{prefix or 'output'}_{i}")]
+    return []
+
+
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
     """The tensors of a model output in order: a tensor, or nested tuples/lists/mappings
     (a transformers ``ModelOutput`` gives its non-None fields). Non-tensor leaves (None, a
@@ -116,18 +128,21 @@ class KeywordInputs(torch.nn.Module):
     """Traceable view of ``model``: ``forward(*tensors)`` calls ``model(**dict(zip(names, tensors)))``
     (or ``model(*tensors)`` when ``names`` is None) and returns :func:`flatten_outputs` as a tuple.
 
-    The wrapped model is held as the ``model`` attribute, unchanged.
+    The wrapped model is held as the ``model`` attribute, unchanged; after a call,
+    ``output_names`` holds :func:`output_names` of the model's output.
     """
 
     def __init__(self, model: torch.nn.Module, names: tuple[str, ...] | None):
         super().__init__()
         self.model = model
         self.names = names
+        self.output_names: list[str] = []
 
     def forward(self, *tensors):
         """``(*tensors)`` in input order -> tuple of output tensors."""
         out = self.model(**dict(zip(self.names, tensors))) if self.names else self.model(*tensors)
         flat = flatten_outputs(out)
+        self.output_names = output_names(out)
         if not flat:
             raise ConfigError(f"the model returned no tensor (got {type(out).__name__})", "model")
         return tuple(flat)
