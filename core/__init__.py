@@ -11,12 +11,19 @@ Public API::
 Plugins: ``@quanta.hookimpl`` (see ``docs/plugins.md``); lookup: ``quanta.registry``.
 """
 
+from . import contracts
 from .config import Recipe, load_recipe
+from .context import RunContext
+from .contracts import Unit
 from .errors import (
     ConfigError,
+    DestinationError,
+    DestinationExistsError,
     DuplicatePluginError,
     PluginContractError,
+    PluginError,
     PluginLoadError,
+    PluginWarning,
     PluginNotFoundError,
     QuantaError,
     QuantizationError,
@@ -36,7 +43,8 @@ __version__ = "0.1.0"
 __all__ = [
     "quantize", "plan", "Quantizer", "export", "verify", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
-    "Report", "LayerReport", "hookimpl", "hookspec",
-    "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError",
-    "DuplicatePluginError", "QuantizationError", "__version__",
+    "Report", "LayerReport", "hookimpl", "hookspec", "contracts", "RunContext", "Unit",
+    "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError", "PluginError",
+    "PluginWarning",
+    "DuplicatePluginError", "QuantizationError", "DestinationError", "DestinationExistsError", "__version__",
 ]

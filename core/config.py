@@ -17,6 +17,7 @@ import attrs
 import yaml
 
 from .errors import ConfigError, PluginNotFoundError, did_you_mean
+from .options import make_config, option_names, parse_plugin_ref
 from .spec import QuantSpec
 
 __all__ = ["Recipe", "load_recipe", "parse_layer_config", "LAYER_KEYS", "recipe_to_dict"]
@@ -34,7 +35,10 @@ _MODES = {"linear_symmetric": "symmetric", "linear": "affine"}
 _IGNORED_LAYER_KEYS = {"weight_n_bits"}
 
 _TOP_KEYS = ("algorithm", "global_config", "module_type_configs", "module_name_configs",
-             "algorithm_config", "on_unsupported_layer", "export", "model", "data")
+             "algorithm_config", "on_unsupported_layer", "export", "model", "data", "stages")
+#: Keys a stage of ``stages:`` may set for itself (besides its algorithm's options).
+_STAGE_KEYS = ("algorithm", "global_config", "module_type_configs", "module_name_configs", "algorithm_config",
+               "on_unsupported_layer")
 _ON_UNSUPPORTED = ("error", "skip")
 _TOP_ALIASES = {"op_type_configs": "module_type_configs", "op_name_configs": "module_name_configs",
                 "calibration": "algorithm_config"}
@@ -55,6 +59,8 @@ class Recipe:
             (e.g. a block size that does not divide it); ``"skip"`` leaves such layers float,
             with a warning and a line in the report (coremltools' behaviour, used by quanta.compat).
         model / data: what the CLI loads (an example name or a path), or None.
+        stages: for a recipe that chains algorithms (``stages:``), one Recipe per stage, in order
+            (each with its algorithm, options and layer configs); empty for a single algorithm.
     """
 
     algorithm: str = "rtn"
@@ -66,10 +72,16 @@ class Recipe:
     export: Mapping[str, Any] | None = None
     model: Any = None
     data: Any = None
+    stages: tuple["Recipe", ...] = ()
 
     @property
     def is_empty(self) -> bool:
+        """True when no layer config applies to anything."""
         return self.global_config is None and not self.module_type_configs and not self.module_name_configs
+
+    def stage_recipes(self) -> tuple["Recipe", ...]:
+        """The stages to run, in order: ``stages``, or this recipe alone."""
+        return self.stages or (self,)
 
 
 def _registry():
@@ -107,6 +119,9 @@ def parse_layer_config(raw: Any, key: str, algo_fields: set[str] | None = None, 
                 if str(v) not in _MODES:
                     raise ConfigError(f"unknown mode {v!r}{did_you_mean(str(v), _MODES)} (allowed: {', '.join(_MODES)})", path)
                 v = _MODES[str(v)]
+            elif field in ("scheme", "observer") and isinstance(v, Mapping):
+                v, options = parse_plugin_ref(v, field, path)
+                kwargs[f"{field}_config"] = options
             elif field == "scheme":
                 v = str(getattr(v, "value", v))
             if field == "block_size" and isinstance(v, (tuple, list)):
@@ -116,13 +131,16 @@ def parse_layer_config(raw: Any, key: str, algo_fields: set[str] | None = None, 
             kwargs[field] = v
         elif k in _IGNORED_LAYER_KEYS:
             continue
+        elif k in ("scheme_config", "observer_config"):
+            kwargs[k] = v
         elif k == "algorithm" or k in algo_fields:
             if hoisted is None:
                 raise ConfigError("algorithm options can only be set in global_config or at the top level", path)
             hoisted[k] = v
         else:
             allowed = sorted(set(LAYER_KEYS) | algo_fields)
-            raise ConfigError(f"unknown key {k!r}{did_you_mean(k, allowed)} (allowed: {', '.join(allowed)})", path)
+            raise ConfigError(f"unknown key {k!r}{_plugin_option_hint(k, raw)}{did_you_mean(k, allowed)} "
+                              f"(allowed: {', '.join(allowed)})", path)
     if str(kwargs.get("dtype", "")).lower() in ("float32", "torch.float32", "fp32"):
         return None  # coremltools: weight_dtype float32 leaves the layer unquantized
     try:
@@ -136,6 +154,21 @@ def parse_layer_config(raw: Any, key: str, algo_fields: set[str] | None = None, 
     _check_plugin("scheme", spec.scheme, f"{key}.scheme")
     _check_plugin("observer", spec.observer, f"{key}.observer")
     return spec
+
+
+def _plugin_option_hint(k: str, raw: Mapping) -> str:
+    # "percentile: 99.9" next to "observer: percentile" is an observer option written flat.
+    for field in ("observer", "scheme"):
+        name = next((raw[w] for w, f in LAYER_KEYS.items() if f == field and isinstance(raw.get(w), str)), None)
+        if name is None:
+            continue
+        try:
+            if k in option_names(field, name):
+                return (f" (it is an option of the {field} {name!r}: write "
+                        f"{field}: {{name: {name}, {k}: {raw[k]!r}}})")
+        except PluginNotFoundError:
+            pass
+    return ""
 
 
 def _block_size_from_tuple(value, path):
@@ -189,6 +222,9 @@ def load_recipe(source: Any, *, algorithm: str | None = None) -> Recipe:
 
 
 def _from_dict(data: dict, algorithm: str | None) -> Recipe:
+    if data.get("stages") is not None:
+        return _staged(data, algorithm)
+    data.pop("stages", None)
     for alias, key in _TOP_ALIASES.items():
         if alias in data:
             if key in data:
@@ -249,16 +285,7 @@ def _from_dict(data: dict, algorithm: str | None) -> Recipe:
     elif options:
         raise ConfigError(f"algorithm {algo!r} takes no options (got {', '.join(options)})", "algorithm_config")
 
-    export = data.get("export")
-    if export is not None:
-        if not isinstance(export, Mapping):
-            raise ConfigError("expected a mapping such as {format: coreml}", "export")
-        export = dict(export)
-        fmt = export.get("format", "coreml")
-        try:
-            _registry().get("exporter", fmt)
-        except PluginNotFoundError as exc:
-            raise ConfigError(str(exc), "export.format") from None
+    export = _export_options(data.get("export"))
     on_unsupported = data.get("on_unsupported_layer", "error")
     if on_unsupported not in _ON_UNSUPPORTED:
         raise ConfigError(f"must be one of {', '.join(_ON_UNSUPPORTED)}, got {on_unsupported!r}", "on_unsupported_layer")
@@ -266,6 +293,65 @@ def _from_dict(data: dict, algorithm: str | None) -> Recipe:
                   module_name_configs=name_configs, algorithm_config=algorithm_config,
                   on_unsupported_layer=on_unsupported, export=export,
                   model=data.get("model"), data=data.get("data"))
+
+
+def _export_options(export: Any) -> dict | None:
+    """The recipe's ``export:`` mapping, checked against the exporter's ``config_class`` now,
+    so a typo fails before quantizing. Keys: ``format`` (default ``coreml``), ``path``, options."""
+    if export is None:
+        return None
+    if not isinstance(export, Mapping):
+        raise ConfigError("expected a mapping such as {format: coreml}", "export")
+    export = dict(export)
+    fmt = export.get("format", "coreml")
+    options = {k: v for k, v in export.items() if k not in ("format", "path")}
+    if not isinstance(fmt, str):
+        raise ConfigError(f"expected an exporter name, got {fmt!r}", "export.format")
+    try:
+        _registry().get("exporter", fmt)
+    except PluginNotFoundError as exc:
+        raise ConfigError(str(exc), "export.format") from None
+    make_config("exporter", fmt, options, "export")
+    return export
+
+
+def _staged(data: dict, algorithm: str | None) -> Recipe:
+    """A recipe with ``stages:``: each stage inherits the top-level layer configs unless it sets
+    its own, and carries its own algorithm and options."""
+    stages_raw = data.pop("stages")
+    if not isinstance(stages_raw, (list, tuple)) or not stages_raw:
+        raise ConfigError("expected a non-empty list of stages, e.g. [{algorithm: rtn}]", "stages")
+    if algorithm is not None or data.get("algorithm") is not None or data.get("algorithm_config") is not None:
+        raise ConfigError("a recipe with stages names its algorithms inside the stages; remove the top-level "
+                          "'algorithm'/'algorithm_config'", "stages")
+    inherited = {k: data[k] for k in ("global_config", "module_type_configs", "module_name_configs",
+                                      "on_unsupported_layer") if k in data}
+    stages = []
+    for i, raw in enumerate(stages_raw):
+        key = f"stages[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"expected a mapping with an 'algorithm', got {raw!r}", key)
+        if not isinstance(raw.get("algorithm"), str):
+            raise ConfigError("each stage names its algorithm (e.g. {algorithm: gptq, ...})", f"{key}.algorithm")
+        if "stages" in raw:
+            raise ConfigError("stages do not nest", f"{key}.stages")
+        stage = {**inherited, **dict(raw)}
+        try:
+            stages.append(_from_dict(stage, None))
+        except ConfigError as exc:
+            raise ConfigError(str(exc), key) from None
+    top = {k: v for k, v in data.items() if k not in ("global_config", "module_type_configs",
+                                                      "module_name_configs", "on_unsupported_layer")}
+    unknown = [k for k in top if k not in ("export", "model", "data")]
+    if unknown:
+        allowed = ["stages", "export", "model", "data", "global_config", "module_type_configs",
+                   "module_name_configs", "on_unsupported_layer"]
+        k = unknown[0]
+        raise ConfigError(f"unknown key {k!r} beside stages{did_you_mean(k, allowed)}; algorithm options go "
+                          f"inside their stage (allowed: {', '.join(allowed)})", k)
+    last = stages[-1]
+    return attrs.evolve(last, stages=tuple(stages), export=_export_options(top.get("export")),
+                        model=top.get("model"), data=top.get("data"))
 
 
 def _mapping(value: Any, key: str) -> Mapping:
@@ -282,8 +368,14 @@ def _spec_to_dict(spec: QuantSpec | None):
     out = {}
     for f in attrs.fields(QuantSpec):
         v = getattr(spec, f.name)
+        if f.name in ("scheme_config", "observer_config"):
+            continue
         if v != f.default:
             out[f.name] = str(v) if f.name in ("dtype", "granularity") else v
+    for field in ("scheme", "observer"):
+        cfg = getattr(spec, f"{field}_config")
+        if cfg is not None:
+            out[field] = {"name": getattr(spec, field), **attrs.asdict(cfg)}
     return out
 
 
@@ -301,4 +393,10 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     for k in ("export", "model", "data"):
         if getattr(recipe, k) is not None:
             out[k] = getattr(recipe, k)
+    if recipe.stages:
+        stages = []
+        for stage in recipe.stages:
+            d = recipe_to_dict(attrs.evolve(stage, stages=(), export=None, model=None, data=None))
+            stages.append(d)
+        return {"stages": stages, **{k: out[k] for k in ("export", "model", "data") if k in out}}
     return out

@@ -13,6 +13,10 @@ __all__ = [
     "PluginContractError",
     "DuplicatePluginError",
     "QuantizationError",
+    "DestinationError",
+    "DestinationExistsError",
+    "PluginError",
+    "PluginWarning",
     "nearest",
     "did_you_mean",
 ]
@@ -47,13 +51,16 @@ class ConfigError(QuantaError, ValueError):
 class PluginNotFoundError(QuantaError, KeyError):
     """No plugin of the given kind has that name. The message lists the nearest names."""
 
-    def __init__(self, kind: str, name: str, available: Iterable[str]):
+    def __init__(self, kind: str, name: str, available: Iterable[str], failed: Iterable[str] = ()):
         self.kind, self.name = kind, name
         self.available = sorted(available)
+        self.failed = list(failed)
         self.message = (
             f"no {kind} plugin named {name!r}{did_you_mean(name, self.available)} "
             f"(available: {', '.join(self.available) or 'none'})"
         )
+        if self.failed:
+            self.message += "; plugins that failed to load (one may provide it): " + "; ".join(self.failed)
         super().__init__(self.message)
 
     def __str__(self) -> str:  # KeyError would quote the whole message
@@ -83,3 +90,48 @@ class QuantizationError(QuantaError, ValueError):
     def __init__(self, message: str, layer: str | None = None):
         self.layer = layer
         super().__init__(f"layer {layer!r}: {message}" if layer else message)
+
+
+class DestinationError(QuantaError, OSError):
+    """A file or directory cannot be written where asked (not writable, no room, wrong kind)."""
+
+
+class DestinationExistsError(DestinationError, FileExistsError):
+    """The destination exists and quanta did not write it: pass ``overwrite=True`` to replace it."""
+
+
+class PluginError(QuantaError):
+    """An unexpected exception inside a plugin's code, attributed to the plugin.
+
+    Attributes: ``kind``, ``name``, ``distribution``, ``layer`` (or None), ``during`` (the
+    plugins whose run was interrupted, e.g. ``["algorithm 'gptq'"]``). The original exception
+    is chained as ``__cause__``. A ``QuantaError`` a plugin raises on purpose is never wrapped.
+    """
+
+    def __init__(self, kind: str, name: str, distribution: str | None, error: BaseException,
+                 layer: str | None = None):
+        self.kind, self.name, self.distribution, self.layer = kind, name, distribution, layer
+        self.error = error
+        self.during: list[str] = []
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        dist = f" (distribution {self.distribution})" if self.distribution else ""
+        where = f" on layer {self.layer!r}" if self.layer else ""
+        during = "".join(f" during {d}" for d in self.during)
+        return (f"{self.kind} plugin {self.name!r}{dist} failed{where}{during}: "
+                f"{type(self.error).__name__}: {self.error}")
+
+    def add_context(self, during: str) -> None:
+        """Name another plugin whose run this failure interrupted (e.g. the algorithm that
+        called a failing backend)."""
+        if during not in self.during:
+            self.during.append(during)
+            self.args = (self._message(),)
+
+    def __str__(self) -> str:
+        return self._message()
+
+
+class PluginWarning(UserWarning):
+    """A plugin's event-hook implementation raised; the run went on without it."""

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import pluggy
 
-__all__ = ["PROJECT", "hookspec", "hookimpl", "REGISTRATION_HOOKS"]
+from .contracts import KINDS
+
+__all__ = ["PROJECT", "hookspec", "hookimpl", "REGISTRATION_HOOKS", "EVENT_HOOKS"]
 
 PROJECT = "quanta"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-#: registration hook name -> plugin kind it contributes.
-REGISTRATION_HOOKS = {
-    "register_schemes": "scheme",
-    "register_observers": "observer",
-    "register_algorithms": "algorithm",
-    "register_backends": "backend",
-    "register_exporters": "exporter",
-}
+#: registration hook name -> plugin kind it contributes (from the one table of kinds).
+REGISTRATION_HOOKS = {kind.hook: kind.name for kind in KINDS.values()}
+#: The event hooks (1:N broadcasts; a failing implementation is skipped with a warning).
+EVENT_HOOKS = ("run_started", "layer_quantized", "run_finished")
 
 
 @hookspec
@@ -29,11 +27,8 @@ def register_schemes(register):
     """Contribute quantization schemes.
 
     Args:
-        register: call ``register(scheme)`` once per scheme. A scheme has ``name``,
-            ``description``, ``config_class`` (attrs class or None) and the methods
-            ``quant_range(dtype)``, ``qparams(min_val, max_val, dtype)``,
-            ``quantize(values, scale, zero_point, dtype)`` and ``dequantize(codes, scale, zero_point)``
-            (see ``quanta.plugin.Scheme``).
+        register: call ``register(scheme)`` once per scheme: an instance of a subclass of
+            ``quanta.contracts.Scheme`` (the contract: required and optional methods).
 
     Returns nothing. Fires once, when the registry first loads this plugin.
     """
@@ -41,7 +36,7 @@ def register_schemes(register):
 
 @hookspec
 def register_observers(register):
-    """Contribute observers (range finders): ``register(observer)``, see ``quanta.plugin.Observer``.
+    """Contribute observers (range finders): ``register(observer)``, an instance of a subclass of ``quanta.contracts.Observer``.
 
     Returns nothing. Fires once, when the registry first loads this plugin.
     """
@@ -49,7 +44,7 @@ def register_observers(register):
 
 @hookspec
 def register_algorithms(register):
-    """Contribute algorithms (whole-model transforms): ``register(algorithm)``, see ``quanta.plugin.Algorithm``.
+    """Contribute algorithms (whole-model transforms): ``register(algorithm)``, an instance of a subclass of ``quanta.contracts.Algorithm``.
 
     Returns nothing. Fires once, when the registry first loads this plugin.
     """
@@ -57,7 +52,7 @@ def register_algorithms(register):
 
 @hookspec
 def register_backends(register):
-    """Contribute backends (model representations): ``register(backend)``, see ``quanta.plugin.Backend``.
+    """Contribute backends (model representations): ``register(backend)``, an instance of a subclass of ``quanta.contracts.Backend``.
 
     Returns nothing. Fires once, when the registry first loads this plugin.
     """
@@ -65,7 +60,7 @@ def register_backends(register):
 
 @hookspec
 def register_exporters(register):
-    """Contribute exporters (file formats): ``register(exporter)``, see ``quanta.plugin.Exporter``.
+    """Contribute exporters (file formats): ``register(exporter)``, an instance of a subclass of ``quanta.contracts.Exporter``.
 
     Returns nothing. Fires once, when the registry first loads this plugin.
     """

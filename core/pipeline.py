@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from typing import Any
 
-import torch
-
 from .config import Recipe, load_recipe
-from .errors import ConfigError
-from .planning import Plan, PlannedLayer, build_plan
-from .record import QuantizedWeight
-from .report import LayerReport, Report
-from .weights import quantize_weight_with_values
+from .context import RunContext
+from .errors import ConfigError, QuantizationError
+from .guard import fire_event, plugin_code
+from .planning import Plan, build_plan
+from .report import Report
+from .weights import observer_for, scheme_for
 
-__all__ = ["quantize", "plan", "choose_backend", "RunContext"]
+__all__ = ["quantize", "plan", "choose_backend", "build_stage_plan", "materialize_data", "RunContext"]
 
 
 def _registry():
@@ -24,100 +24,120 @@ def _registry():
     return registry
 
 
-def _accepts_share(backend) -> bool:
-    import inspect
-
-    try:
-        return "share" in inspect.signature(backend.copy).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def choose_backend(model: Any, name: str | None = None):
-    """The backend entry for ``model``: the one named, else the first whose ``accepts`` is true."""
+    """The backend entry for ``model``: the one named, else the first (by declared ``priority``)
+    whose ``accepts(model)`` is true."""
     reg = _registry()
     if name is not None:
-        return reg.get("backend", name)
-    for entry in reg.entries("backend"):
-        if entry.obj.accepts(model):
+        try:
+            return reg.get("backend", name)
+        except KeyError as exc:
+            raise ConfigError(str(exc), "backend") from None
+    for entry in reg.backends():
+        with plugin_code(entry.obj):
+            accepted = entry.obj.accepts(model)
+        if accepted:
             return entry
     raise ConfigError(f"no backend accepts a {type(model).__module__}.{type(model).__name__} "
-                      f"(backends: {', '.join(reg.names('backend'))})")
+                      f"(backends: {', '.join(reg.names('backend'))}); pass a torch.nn.Module, a Core ML "
+                      f"model or the path of an .mlpackage")
 
 
-def _plan(model, recipe: Recipe, backend_entry) -> Plan:
+def _check_grids(the_plan: Plan, backend_entry, export: dict | None) -> None:
+    """Refuse, at plan time, a layer whose scheme's grid the backend (or the recipe's exporter) cannot store."""
+    reg = _registry()
+    exporter = reg.get("exporter", export.get("format", "coreml")).obj if export else None
+    for layer in the_plan.selected:
+        grid = scheme_for(layer.spec).grid
+        if grid not in backend_entry.obj.grids:
+            raise ConfigError(f"layer {layer.name!r}: scheme {layer.spec.scheme!r} has a {grid!r} grid, which the "
+                              f"{backend_entry.name!r} backend cannot store (it stores: "
+                              f"{', '.join(sorted(backend_entry.obj.grids))})", "scheme")
+        if exporter is not None and grid not in exporter.grids:
+            raise ConfigError(f"layer {layer.name!r}: scheme {layer.spec.scheme!r} has a {grid!r} grid, which the "
+                              f"{exporter.name!r} exporter cannot store (it stores: "
+                              f"{', '.join(sorted(exporter.grids))}); choose another scheme or export format",
+                              "export.format")
+
+
+def _check_specs(the_plan: Plan) -> None:
+    """Let each scheme and observer refuse the specs it cannot serve (once per distinct spec)."""
+    seen = set()
+    for layer in the_plan.selected:
+        spec = layer.spec
+        if spec in seen:
+            continue
+        seen.add(spec)
+        for plugin in (scheme_for(spec), observer_for(spec)):
+            with plugin_code(plugin, layer.name):
+                try:
+                    plugin.check_spec(spec)
+                except ConfigError as exc:
+                    raise ConfigError(f"{plugin.kind} {plugin.name!r} refuses {spec.describe()} (layer "
+                                      f"{layer.name!r}, {layer.reason}): {exc}", exc.key) from None
+
+
+def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: dict | None = None) -> Plan:
+    """The validated plan of one stage: units from the backend, specs resolved, every spec
+    checked by its scheme and observer and every grid by the backend and exporter."""
     backend = backend_entry.obj
-    units = backend.units(model)
-    names = backend.module_names(model) if hasattr(backend, "module_names") else ()
-    types = backend.type_names(model) if hasattr(backend, "type_names") else ()
-    return build_plan(units, recipe, backend_entry.name, names, types)
+    with plugin_code(backend):
+        units = backend.units(model)
+        names = backend.module_names(model)
+        types = backend.type_names(model)
+    algorithm = _registry().get("algorithm", recipe.algorithm).obj
+    the_plan = build_plan(units, recipe, backend_entry.name, names, types, global_types=algorithm.global_types)
+    _check_specs(the_plan)
+    _check_grids(the_plan, backend_entry, export)
+    return the_plan
 
 
 def plan(model: Any, config: Any = None, *, backend: str | None = None) -> Plan:
-    """Dry run: which layer gets which spec and why. Validates everything, modifies nothing."""
+    """Dry run: which layer gets which spec and why. Validates everything, modifies nothing.
+
+    For a recipe with ``stages``, the plan of the last stage that quantizes (its ``stages``
+    attribute lists every stage's plan)."""
     recipe = load_recipe(config)
     entry = choose_backend(model, backend)
-    return _plan(model, recipe, entry)
+    plans = tuple(build_stage_plan(model, stage, entry, recipe.export) for stage in recipe.stage_recipes())
+    last = plans[-1]
+    return last if len(plans) == 1 else Plan(algorithm=last.algorithm, backend=last.backend, layers=last.layers,
+                                             stages=plans)
 
 
-class RunContext:
-    """What an algorithm gets besides the model: the recipe, the backend and reporting.
+def materialize_data(data: Any, limit: int | None) -> list | None:
+    """Calibration data as a list of batches, read once (a generator is consumed once), at most
+    ``limit`` batches. A bare tensor is one batch."""
+    if data is None:
+        return None
+    import torch
 
-    Attributes: ``recipe``, ``backend`` (implementation object), ``config`` (the algorithm's
-    config instance or None), ``plan``, ``report``, ``device`` (torch device for compute).
-    """
+    if isinstance(data, (torch.Tensor, dict)):
+        return [data]
+    try:
+        it = iter(data)
+    except TypeError:
+        raise ConfigError(f"calibration data must be an iterable of batches (a list or DataLoader of tensors, "
+                          f"tuples or dicts), got {type(data).__name__}", "data") from None
+    return list(it if limit is None else itertools.islice(it, limit))
 
-    def __init__(self, recipe: Recipe, backend, plan: Plan, report: Report, device=None):
-        self.recipe, self.backend, self.plan, self.report = recipe, backend, plan, report
-        self.config = recipe.algorithm_config
-        self.device = device
-        self._done = 0
 
-    def quantize_layer(self, model, layer: PlannedLayer, weight: torch.Tensor | None = None) -> QuantizedWeight:
-        """Round-to-nearest quantize one planned layer (``weight`` overrides the model's) and write it back."""
-        original = self.backend.read_weight(model, layer.unit)
-        w = original if weight is None else weight
-        if self.device is not None:
-            w = w.to(self.device)
-        unit = layer.unit
-        # A backend may ask for the math in another float type (Core ML: the const's fp16).
-        dtype_of = getattr(self.backend, "compute_dtype", None)
-        compute_dtype = dtype_of(model, unit) if callable(dtype_of) else torch.float32
-        record, values, (sq_err, ref_sq) = quantize_weight_with_values(
-            w, layer.spec, channel_axis=unit.channel_axis, input_axis=unit.input_axis, layer=unit.name,
-            compute_dtype=compute_dtype)
-        if weight is not None:  # the error is reported against the model's own weight
-            sq_err, ref_sq = None, None
-        self.write_layer(model, layer, record.to(original.device), original, values=values.to(original.device),
-                         sq_error=sq_err, ref_sq=ref_sq)
-        return record
+def _algorithms(recipe: Recipe):
+    reg = _registry()
+    out = []
+    for stage in recipe.stage_recipes():
+        entry = reg.get("algorithm", stage.algorithm)
+        obj = entry.obj if stage.algorithm_config is None else entry.obj.with_config(stage.algorithm_config)
+        out.append(obj)
+    return out
 
-    def write_layer(self, model, layer: PlannedLayer, record: QuantizedWeight, original: torch.Tensor,
-                    extra: dict | None = None, values: torch.Tensor | None = None, sq_error: float | None = None,
-                    ref_sq: float | None = None) -> LayerReport:
-        """Write ``record`` for ``layer``, add its report row (error against ``original``), fire ``layer_quantized``.
 
-        ``values`` (= ``record.dequantize()``), ``sq_error`` (‖W−Ŵ‖²) and ``ref_sq`` (‖W‖²) may be
-        passed when already known, saving passes over the weight.
-        """
-        # The error is measured before writing: ``original`` may share the parameter's storage.
-        if values is None:
-            values = record.dequantize().to(original.device)
-        if sq_error is None or ref_sq is None:
-            ref = original.detach().to(torch.float32)
-            ref_sq = float(torch.linalg.vector_norm(ref)) ** 2
-            sq_error = float(torch.nn.functional.mse_loss(values, ref.reshape(values.shape), reduction="sum"))
-        err = (sq_error / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
-        numel = original.numel()
-        self.backend.write(model, layer.unit, record, values)
-        self._done += 1
-        row = LayerReport(name=layer.name, module_type=layer.unit.module_type, shape=layer.unit.shape,
-                          spec=layer.spec.describe(), reason=layer.reason, rel_error=err,
-                          bits=layer.spec.dtype.bits, bytes=record.nbytes(), float_bytes=2 * numel,
-                          index=self._done, total=len(self.plan.selected), extra=dict(extra or {}))
-        self.report.layers.append(row)
-        _registry().hook().layer_quantized(name=layer.name, record=record, stats=row)
-        return row
+def _has_records(model: Any) -> bool:
+    import torch
+
+    from .record import records
+
+    return isinstance(model, torch.nn.Module) and bool(records(model))
 
 
 def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool = False,
@@ -127,45 +147,70 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     Args:
         model: a ``torch.nn.Module`` (or any model a backend plugin accepts, e.g. Core ML).
         config: a recipe dict, YAML path, :class:`Recipe`, or a coremltools-style config dict.
-        data: calibration data for algorithms that need it (list/DataLoader of tensors, tuples or dicts).
+        data: calibration data for algorithms that need it (list/DataLoader/generator of tensors,
+            tuples or dicts); read once, and every stage sees the same batches.
         inplace: modify ``model`` itself. Otherwise ``model`` is never modified.
-        backend: backend plugin name (default: the first that accepts the model).
+        backend: backend plugin name (default: the first, by priority, that accepts the model).
         device: torch device for the computation (default: where the weights are).
 
     Returns the quantized model; ``result.quanta_report`` is a :class:`Report`. Everything
     is validated before any weight changes; on any failure ``model`` is left untouched,
-    also with ``inplace=True``.
+    also with ``inplace=True`` (every parameter, buffer and record any stage changed is restored).
     """
     recipe = load_recipe(config)
-    reg = _registry()
-    algo_entry = reg.get("algorithm", recipe.algorithm)
+    stages = recipe.stage_recipes()
+    algorithms = _algorithms(recipe)
     backend_entry = choose_backend(model, backend)
-    if getattr(algo_entry.obj, "needs_data", False) and data is None:
-        raise ConfigError(f"algorithm {recipe.algorithm!r} needs calibration data: pass data=[...]", "data")
-    the_plan = _plan(model, recipe, backend_entry)
-    if hasattr(algo_entry.obj, "validate"):
-        algo_entry.obj.validate(the_plan, recipe)
     impl = backend_entry.obj
-    units = [p.unit for p in the_plan.selected]
+    for stage, algo in zip(stages, algorithms):
+        if algo.needs_data and data is None:
+            raise ConfigError(f"algorithm {stage.algorithm!r} needs calibration data: pass data=[...]", "data")
+    if not algorithms[0].composes_with_records and _has_records(model):
+        raise QuantizationError(
+            f"the model already holds quanta records (it was quantized before); algorithm "
+            f"{stages[0].algorithm!r} would quantize its dequantized weights again. Start from the float model, "
+            f"or use an algorithm that composes with records")
+    plans = [build_stage_plan(model, stage, backend_entry, recipe.export) for stage in stages]
+    for stage, algo, the_plan in zip(stages, algorithms, plans):
+        with plugin_code(algo):
+            algo.validate(the_plan, stage)
+    limits = [algo.max_batches() for algo in algorithms if algo.needs_data or data is not None]
+    limit = None if not limits or any(n is None for n in limits) else max(limits)
+    batches = materialize_data(data, limit)
+    if any(algo.needs_data for algo in algorithms) and not batches:
+        raise ConfigError("the calibration data is empty", "data")
+
+    everything = len(stages) > 1 or any(algo.changes == "model" for algo in algorithms)
+    all_units = [p.unit for p in plans[0].selected]
     if inplace:
-        target, snapshot = model, impl.snapshot(model, units)
+        target = model
+        with plugin_code(impl):
+            snapshot = impl.snapshot(model, all_units, everything=everything)
     else:
-        share = tuple(units) if getattr(algo_entry.obj, "replaces_weights_only", False) else ()
-        target = impl.copy(model, share=share) if share and _accepts_share(impl) else impl.copy(model)
+        share = tuple(all_units) if len(stages) == 1 and algorithms[0].shares_float_weights else ()
+        with plugin_code(impl):
+            target = impl.copy(model, share=share)
         snapshot = None
-        the_plan = _plan(target, recipe, backend_entry)  # units must point into the copy
-    for p in the_plan.layers:
+
+    for p in plans[0].layers:
         if p.spec is None and p.reason.startswith("unsupported"):
             warnings.warn(f"layer {p.name!r}: {p.reason}", stacklevel=2)
-    report = Report(algorithm=recipe.algorithm,
-                    skipped=[(p.name, p.reason) for p in the_plan.layers if p.spec is None])
-    ctx = RunContext(recipe, impl, the_plan, report, device=device)
+    name = " -> ".join(s.algorithm for s in stages)
+    report = Report(algorithm=name, skipped=[(p.name, p.reason) for p in plans[-1].layers if p.spec is None])
     start = time.perf_counter()
     try:
-        reg.hook().run_started(algorithm=recipe.algorithm, plan=the_plan)
-        result = algo_entry.obj.run(target, the_plan, data, ctx)
-        if result is not None:
-            target = result
+        for i, (stage, algo) in enumerate(zip(stages, algorithms)):
+            # Units must point into the model being transformed: plan again on the working copy,
+            # and after an earlier stage (which may have changed the model).
+            the_plan = plans[i] if (inplace and i == 0) else build_stage_plan(target, stage, backend_entry,
+                                                                               recipe.export)
+            ctx = RunContext(recipe=stage, plan=the_plan, backend=impl, report=report, device=device,
+                             data=batches, algorithm=algo)
+            fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
+            with plugin_code(algo):
+                result = algo.run(target, the_plan, batches, ctx)
+            if result is not None:
+                target = result
     except BaseException:
         if snapshot is not None:
             impl.restore(model, snapshot)
@@ -175,6 +220,5 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
         target.quanta_report = report
     except (AttributeError, TypeError):  # a model type that takes no attributes
         pass
-    reg.hook().run_finished(report=report)
+    fire_event("run_finished", report=report)
     return target
-

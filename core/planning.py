@@ -16,7 +16,7 @@ import attrs
 
 from .config import Recipe
 from .errors import ConfigError, QuantizationError, did_you_mean
-from .plugin import Unit
+from .contracts import Unit
 from .spec import QuantSpec
 
 __all__ = ["PlannedLayer", "Plan", "resolve", "build_plan"]
@@ -42,6 +42,8 @@ class Plan:
     algorithm: str
     backend: str
     layers: tuple[PlannedLayer, ...]
+    #: for a recipe with ``stages``: every stage's plan, in order (this plan is the last one's).
+    stages: tuple["Plan", ...] = ()
 
     @property
     def selected(self) -> list[PlannedLayer]:
@@ -49,7 +51,13 @@ class Plan:
         return [p for p in self.layers if p.spec is not None]
 
     def table(self) -> str:
-        """A text table: layer, type, shape, spec, reason."""
+        """A text table: layer, type, shape, spec, reason (one table per stage for a staged recipe)."""
+        if self.stages:
+            return "\n\n".join(f"stage {i + 1} of {len(self.stages)}: {p.algorithm}\n{p._table()}"
+                                for i, p in enumerate(self.stages))
+        return self._table()
+
+    def _table(self) -> str:
         rows = [("layer", "type", "shape", "spec", "why")]
         for p in self.layers:
             rows.append((p.name, p.unit.module_type, "x".join(map(str, p.unit.shape)),
@@ -57,7 +65,7 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"{len(self.selected)} of {len(self.layers)} weights quantized with {self.algorithm!r} "
+        lines.append(f"{len(self.selected)} of {len(self.layers)} weights would be quantized with {self.algorithm!r} "
                      f"({self.backend} backend)")
         return "\n".join(lines)
 
@@ -93,8 +101,12 @@ def resolve(unit: Unit, recipe: Recipe) -> tuple[QuantSpec | None, str]:
 
 
 def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_names: Iterable[str] = (),
-               all_type_names: Iterable[str] = ()) -> Plan:
+               all_type_names: Iterable[str] = (), global_types: tuple[str, ...] | None = None) -> Plan:
     """Resolve every unit and validate it; raise before anything is modified.
+
+    ``global_types`` (the algorithm's declared ``global_types``) limits which module types
+    ``global_config`` applies to; other types are quantized only when a type or name config
+    names them.
 
     Raises ConfigError for a name/type key that matches nothing in the model (with the
     nearest name), and QuantizationError naming the layer for a spec that cannot apply
@@ -117,6 +129,12 @@ def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_n
     layers = []
     for unit in units:
         spec, reason = resolve(unit, recipe)
+        if spec is not None and reason == "global_config" and global_types is not None \
+                and not set(unit.type_mro) & set(global_types):
+            layers.append(PlannedLayer(unit=unit, spec=None, reason=(
+                f"{unit.module_type} is not quantized by global_config under {recipe.algorithm!r} (its types: "
+                f"{', '.join(global_types)}); name it in module_type_configs to quantize it")))
+            continue
         if spec is not None:
             if spec.weight_threshold is not None and unit.numel < spec.weight_threshold:
                 layers.append(PlannedLayer(unit=unit, spec=None,

@@ -10,8 +10,9 @@
     quantized = quantizer.finalize()
 
 The algorithm (default ``qat``; also ``calibrate``) is looked up in the registry; it must
-offer ``session(model, plan, recipe, backend, context)`` returning an object with
-``prepare(example_inputs, inplace)``, ``step()`` and ``finalize(model, inplace)``.
+declare ``training_loop = True`` and implement ``session(model, plan, recipe, backend, context)``
+returning an object with ``prepare(example_inputs, inplace)``, ``step()`` and
+``finalize(model, inplace)``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import yaml
 
 from .config import Recipe, load_recipe
 from .errors import ConfigError, QuantizationError
-from .pipeline import RunContext, _plan, choose_backend
+from .context import RunContext
+from .guard import plugin_code
+from .pipeline import build_stage_plan, choose_backend
 from .report import Report
 
 __all__ = ["Quantizer"]
@@ -71,25 +74,31 @@ class Quantizer:
         from quanta import registry
 
         self.recipe = _recipe(config, algorithm)
+        if self.recipe.stages:
+            raise ConfigError("quanta.Quantizer runs one training-loop algorithm; recipes with stages run through "
+                              "quanta.quantize()", "stages")
         entry = registry.get("algorithm", self.recipe.algorithm)
-        if not callable(getattr(entry.obj, "session", None)):
-            usable = [n for n in registry.names("algorithm")
-                      if callable(getattr(registry.get("algorithm", n).obj, "session", None))]
+        if not entry.obj.training_loop:
+            usable = [e.name for e in registry.entries("algorithm") if e.obj.training_loop]
             raise ConfigError(f"algorithm {self.recipe.algorithm!r} does not run inside a training loop; use "
                               f"quanta.quantize() for it (Quantizer algorithms: {', '.join(usable)})", "algorithm")
+        algorithm = entry.obj if self.recipe.algorithm_config is None else entry.obj.with_config(self.recipe.algorithm_config)
         backend_entry = choose_backend(model, backend)
-        self.plan = _plan(model, self.recipe, backend_entry)
+        self.plan = build_stage_plan(model, self.recipe, backend_entry, self.recipe.export)
         self.report = Report(algorithm=self.recipe.algorithm,
                              skipped=[(p.name, p.reason) for p in self.plan.layers if p.spec is None])
-        self._context = RunContext(self.recipe, backend_entry.obj, self.plan, self.report)
-        self._session = entry.obj.session(model, self.plan, self.recipe, backend_entry.obj, context=self._context)
+        self._context = RunContext(recipe=self.recipe, plan=self.plan, backend=backend_entry.obj, report=self.report,
+                                   algorithm=algorithm)
+        self._algorithm = algorithm
+        with plugin_code(algorithm):
+            self._session = algorithm.session(model, self.plan, self.recipe, backend_entry.obj, context=self._context)
         self._model = model
         self._prepared = None
 
     @property
     def step_count(self) -> int:
         """How many times ``step()`` has been called."""
-        return getattr(self._session, "steps", 0)
+        return self._session.steps
 
     def prepare(self, example_inputs: Any = None, inplace: bool = False):
         """Trace and rewrite the model for training/calibration; returns a ``torch.fx.GraphModule``.
@@ -102,12 +111,14 @@ class Quantizer:
         its traceable submodules replaced by prepared GraphModules (see
         ``docs/activation-quantization.md``).
         """
-        self._prepared = self._session.prepare(example_inputs=example_inputs, inplace=inplace)
+        with plugin_code(self._algorithm):
+            self._prepared = self._session.prepare(example_inputs=example_inputs, inplace=inplace)
         return self._prepared
 
     def step(self) -> None:
         """Call once per training step: applies the milestones reached (see the docs)."""
-        self._session.step()
+        with plugin_code(self._algorithm):
+            self._session.step()
 
     def finalize(self, model=None, inplace: bool = False):
         """The quantized model (weights as quanta records, activations as quantize/dequantize pairs):
@@ -119,7 +130,8 @@ class Quantizer:
         if self._prepared is None and model is None:
             raise QuantizationError("call prepare() before finalize()")
         self.report.layers.clear()
-        self._context._done = 0
-        result = self._session.finalize(model if model is not None else self._prepared, inplace=inplace)
+        self._context.reset_progress()
+        with plugin_code(self._algorithm):
+            result = self._session.finalize(model if model is not None else self._prepared, inplace=inplace)
         result.quanta_report = self.report
         return result

@@ -94,6 +94,18 @@ def _to_granularity(value: Any) -> Granularity:
         ) from None
 
 
+def _options_text(config: Any) -> str:
+    if config is None:
+        return ""
+    try:
+        defaults = type(config)()
+    except TypeError:
+        defaults = None
+    items = [f"{f.name}={getattr(config, f.name)}" for f in attrs.fields(type(config))
+             if f.init and (defaults is None or getattr(config, f.name) != getattr(defaults, f.name))]
+    return f"({', '.join(items)})" if items else ""
+
+
 def _doc(text: str) -> dict:
     return {"doc": text}
 
@@ -123,6 +135,10 @@ class QuantSpec:
         default=None, metadata=_doc("output-channel axis; None lets the backend choose (0, or 1 for ConvTranspose)")
     )
     observer: str = attrs.field(default="minmax", metadata=_doc("observer plugin name choosing the range: 'minmax', 'mse', 'percentile'"))
+    scheme_config: Any = attrs.field(
+        default=None, metadata=_doc("the scheme's options (an instance of its config_class), None for its defaults"))
+    observer_config: Any = attrs.field(
+        default=None, metadata=_doc("the observer's options (an instance of its config_class), None for its defaults"))
     weight_threshold: int | None = attrs.field(
         default=None, metadata=_doc("leave weights with fewer elements than this unquantized (reported per layer)")
     )
@@ -146,10 +162,11 @@ class QuantSpec:
             raise ConfigError(f"weight_threshold must be a non-negative integer or null, got {value!r}", "weight_threshold")
 
     def describe(self) -> str:
-        """Short human form, e.g. ``"int4 symmetric per_block(32) minmax"``."""
+        """Short human form, e.g. ``"int4 symmetric(grid=full) per_block(32) mse"``."""
         gran = f"per_block({self.block_size})" if self.granularity is Granularity.per_block else self.granularity.value
-        obs = "" if self.observer == "minmax" else f" {self.observer}"
-        return f"{self.dtype} {self.scheme} {gran}{obs}"
+        obs = "" if self.observer == "minmax" and self.observer_config is None else \
+            f" {self.observer}{_options_text(self.observer_config)}"
+        return f"{self.dtype} {self.scheme}{_options_text(self.scheme_config)} {gran}{obs}"
 
     def block_sizes(self, shape: tuple[int, ...], channel_axis: int, input_axis: int, layer: str | None = None) -> list[int]:
         """Per-axis block sizes in coremltools' convention (0 = reduce the whole axis).

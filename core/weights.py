@@ -5,25 +5,57 @@ from __future__ import annotations
 import torch
 
 from .errors import QuantizationError
+from .guard import plugin_code
 from .qmath import empty, from_groups, scale_shape, to_groups
 from .record import QuantizedWeight
 from .spec import QuantSpec
 
-__all__ = ["quantize_weight", "quantize_weight_with_values", "check_finite", "resolve_scheme", "resolve_observer"]
+__all__ = ["quantize_weight", "quantize_weight_with_values", "check_finite", "resolve_scheme", "resolve_observer",
+           "scheme_for", "observer_for", "check_observed_range"]
 
 
 def resolve_scheme(name: str):
-    """The scheme implementation registered as ``name``."""
+    """The scheme implementation registered as ``name`` (with its default options)."""
     from quanta import registry
 
     return registry.get("scheme", name).obj
 
 
 def resolve_observer(name: str):
-    """The observer implementation registered as ``name``."""
+    """The observer implementation registered as ``name`` (with its default options)."""
     from quanta import registry
 
     return registry.get("observer", name).obj
+
+
+def scheme_for(spec: QuantSpec):
+    """The scheme ``spec`` names, configured with ``spec.scheme_config`` (a ``quanta.contracts.Scheme``)."""
+    scheme = resolve_scheme(spec.scheme)
+    return scheme if spec.scheme_config is None else scheme.with_config(spec.scheme_config)
+
+
+def observer_for(spec: QuantSpec):
+    """The observer ``spec`` names, configured with ``spec.observer_config``."""
+    observer = resolve_observer(spec.observer)
+    return observer if spec.observer_config is None else observer.with_config(spec.observer_config)
+
+
+def check_observed_range(observer, lo, hi, n_groups: int, layer: str | None = None) -> None:
+    """Check an observer's result: ``[G]`` tensors with ``min <= max`` where finite. Raises
+    PluginError naming the observer (and ``layer``) otherwise; non-finite ranges are left to the
+    NaN/inf check, which names the weight's bad values."""
+    from .errors import PluginError
+    from .guard import plugin_distribution
+
+    problem = None
+    if not (isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor)):
+        problem = f"observe() must return two tensors, got {type(lo).__name__} and {type(hi).__name__}"
+    elif tuple(lo.shape) != (n_groups,) or tuple(hi.shape) != (n_groups,):
+        problem = f"observe() returned shapes {tuple(lo.shape)} and {tuple(hi.shape)}; expected ({n_groups},) each"
+    elif bool((lo > hi).any()):
+        problem = f"observe() returned min > max for {int((lo > hi).sum())} of {n_groups} groups"
+    if problem:
+        raise PluginError("observer", observer.name, plugin_distribution("observer", observer.name), ValueError(problem), layer)
 
 
 def check_finite(weight: torch.Tensor, layer: str | None = None) -> None:
@@ -73,10 +105,6 @@ def quantize_weight(
                                        layer=layer, scheme=scheme, observer=observer, compute_dtype=compute_dtype)[0]
 
 
-#: Elements per chunk when measuring the error: small temporaries instead of a weight-sized one.
-_ERROR_CHUNK = 1 << 22
-
-
 def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, layer=None, scheme=None,
                                 observer=None, compute_dtype=torch.float32):
     """Like :func:`quantize_weight`, also returning the dequantized weight and the squared norms.
@@ -85,38 +113,27 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
     Every step is a whole-tensor torch op on the grouped ``[G, K]`` view (no copy for Linear
     weights). Fresh memory is the expensive part on CPU (page faults), so only what is kept
     is allocated: one float buffer that becomes the dequantized weight, and the codes. Schemes
-    with the optional in-place methods ``quantize_into``/``dequantize_`` (the built-ins) work
-    in that buffer; others go through ``quantize``/``dequantize``.
+    work in that buffer through ``quantize_into``/``dequantize_`` (in place for the built-ins;
+    the contract's defaults copy ``quantize``/``dequantize`` results into it).
     """
-    scheme = scheme or resolve_scheme(spec.scheme)
-    observer = observer or resolve_observer(spec.observer)
+    scheme = scheme or scheme_for(spec)
+    observer = observer or observer_for(spec)
     w = weight.detach().to(compute_dtype)
     shape = tuple(w.shape)
     sizes = spec.block_sizes(shape, channel_axis, input_axis, layer)
     groups = to_groups(w, sizes)
-    if not getattr(observer, "ranges_carry_non_finite", False):
+    if not observer.ranges_carry_non_finite:
         check_finite(w, layer)  # this observer's ranges may hide NaN/inf (e.g. percentile)
     storage = spec.dtype.torch_storage
-    if callable(getattr(scheme, "quantize_into", None)) and callable(getattr(scheme, "dequantize_", None)):
-        values, codes, scale, zero_point, (sq_err, ref_sq) = _quantize_in_chunks(
-            groups, spec, scheme, observer, storage, w, layer)
-    else:
-        lo, hi = observer.observe(groups, spec, scheme)
-        _check_range(lo, hi, w, layer)
-        scale, zero_point = scheme.qparams(lo, hi, spec.dtype)
-        scale2 = scale[:, None]
-        zp2 = None if zero_point is None else zero_point[:, None]
-        q = scheme.quantize(groups, scale2, zp2, spec.dtype)
-        codes = q.to(storage)
-        values = scheme.dequantize(q, scale2, zp2)
-        del q
-        sq_err, ref_sq = _squared_error(values, groups)
+    values, codes, scale, zero_point, (sq_err, ref_sq) = _quantize_in_chunks(
+        groups, spec, scheme, observer, storage, w, layer)
     qshape = scale_shape(shape, sizes)
     record = QuantizedWeight(
         codes=from_groups(codes, shape, sizes),
         scale=scale.reshape(qshape).to(torch.float32),
         zero_point=None if zero_point is None else zero_point.reshape(qshape).to(storage),
         spec=spec,
+        grid=scheme.grid,
         block_sizes=tuple(sizes),
         channel_axis=channel_axis,
         input_axis=input_axis,
@@ -155,9 +172,13 @@ def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer):
     ref = torch.zeros((), dtype=torch.float64, device=device)
     for r0 in range(0, n_groups, rows):  # a loop over chunks, each step vectorised
         g, v = groups[r0:r0 + rows], values[r0:r0 + rows]
-        lo, hi = observer.observe(g, spec, scheme)
+        with plugin_code(observer, layer):
+            lo, hi = observer.observe(g, spec, scheme)
+        check_observed_range(observer, lo, hi, g.shape[0], layer)
         _check_range(lo, hi, w, layer)
-        s, z = scheme.qparams(lo, hi, spec.dtype)
+        with plugin_code(scheme, layer):
+            s, z = scheme.qparams(lo, hi, spec.dtype)
+        _check_qparams(scheme, s, z, g.shape[0], layer)
         scale[r0:r0 + rows] = s
         if z is not None:
             if zero_point is None:
@@ -165,9 +186,10 @@ def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer):
             zero_point[r0:r0 + rows] = z
             z = z[:, None]
         s = s[:, None]
-        scheme.quantize_into(g, s, z, spec.dtype, v)
-        codes[r0:r0 + rows].copy_(v)
-        scheme.dequantize_(v, s, z)
+        with plugin_code(scheme, layer):
+            scheme.quantize_into(g, s, z, spec.dtype, v)
+            codes[r0:r0 + rows].copy_(v)
+            scheme.dequantize_(v, s, z)
         diff = scratch[: g.shape[0]]
         torch.sub(v, g, out=diff)
         flat, gf = diff.reshape(-1), g.reshape(-1).float()
@@ -176,16 +198,17 @@ def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer):
     return values, codes, scale, zero_point, (float(err), float(ref))
 
 
-def _squared_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """``(Σ (a − b)², Σ b²)``: float32 chunks (float64 totals) through one small scratch buffer,
-    each chunk read while in cache, no temporary of the tensors' size."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    scratch = torch.empty(min(_ERROR_CHUNK, a.numel()), dtype=torch.float32, device=a.device)
-    err = ref = 0.0
-    for i in range(0, a.numel(), _ERROR_CHUNK):
-        bi = b[i:i + _ERROR_CHUNK].float()
-        diff = scratch[: bi.numel()]
-        torch.sub(a[i:i + _ERROR_CHUNK].float(), bi, out=diff)
-        err += float(torch.dot(diff, diff))
-        ref += float(torch.dot(bi, bi))
-    return err, ref
+def _check_qparams(scheme, scale, zero_point, n_groups: int, layer) -> None:
+    # The contract: a finite, positive scale for every group (all-zero groups included).
+    from .errors import PluginError
+    from .guard import plugin_distribution
+
+    problem = None
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (n_groups,):
+        problem = f"qparams() returned a scale of shape {tuple(getattr(scale, 'shape', ()))}; expected ({n_groups},)"
+    elif not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        problem = "qparams() returned a zero, negative, NaN or inf scale"
+    elif zero_point is not None and (not isinstance(zero_point, torch.Tensor) or tuple(zero_point.shape) != (n_groups,)):
+        problem = f"qparams() returned a zero point of shape {tuple(getattr(zero_point, 'shape', ()))}; expected ({n_groups},)"
+    if problem:
+        raise PluginError("scheme", scheme.name, plugin_distribution("scheme", scheme.name), ValueError(problem), layer)

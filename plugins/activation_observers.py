@@ -80,12 +80,12 @@ def streaming_observer(name: str, spec=None, **options) -> nn.Module:
     from quanta import registry
 
     entry = registry.get("observer", name) if name in registry.names("observer") else None
-    if entry is not None and callable(getattr(entry.obj, "streaming", None)):
-        return entry.obj.streaming(spec, **options)
+    module = None if entry is None else entry.obj.streaming(spec, **options)
+    if module is not None:
+        return module
     if name == "minmax" and entry is not None:
         return StreamingMinMax()
-    streaming = [n for n in registry.names("observer")
-                 if n == "minmax" or callable(getattr(registry.get("observer", n).obj, "streaming", None))]
+    streaming = [e.name for e in registry.entries("observer") if e.name == "minmax" or e.obj.streaming() is not None]
     raise ConfigError(f"observer {name!r} has no streaming form for activations{did_you_mean(name, streaming)} "
                       f"(allowed: {', '.join(streaming)})", "activation_observer")
 

@@ -18,7 +18,7 @@ import torch
 
 import quanta
 from quanta.errors import ConfigError
-from quanta.plugin import Algorithm
+from quanta.contracts import Algorithm
 from quanta.fx.options import (
     activation_dtype_field,
     activation_observer_field,
@@ -76,13 +76,19 @@ class Calibrate(Algorithm):
     description = "static W8A8 post-training quantization: activation observers over calibration data (torch.fx)"
     config_class = CalibrateConfig
     needs_data = True
+    training_loop = True
+    changes = "model"  # the result is a rewritten graph with observers folded into quantize/dequantize pairs
+
+    def max_batches(self) -> int | None:
+        """``nsamples``: at most that many calibration batches (None: all)."""
+        return self.config.nsamples
 
     def session(self, model, plan, recipe, backend, context=None):
-        config = recipe.algorithm_config or CalibrateConfig()
+        config = self.config
         return _CalibrationSession(make_session(model, plan, recipe, backend, config, context=context))
 
     def run(self, model, plan, data, context):
-        config = context.config or CalibrateConfig()
+        config = self.config
         batches = iter(data)
         try:
             first = next(batches)

@@ -6,7 +6,8 @@ import attrs
 import torch
 
 import quanta
-from quanta.plugin import Observer
+from quanta.contracts import Observer
+from quanta.errors import ConfigError
 
 __all__ = ["MinMaxObserver", "MSEObserver", "PercentileObserver"]
 
@@ -30,6 +31,14 @@ class MSEConfig:
     grid: int = attrs.field(default=40, metadata={"doc": "number of shrink factors tried between min_ratio and 1"})
     min_ratio: float = attrs.field(default=0.5, metadata={"doc": "smallest fraction of the min/max range tried"})
     norm: float = attrs.field(default=2.0, metadata={"doc": "error exponent (2 = mean squared error)"})
+
+    def __attrs_post_init__(self):
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise ConfigError(f"must be a positive integer, got {self.grid!r}", "grid")
+        if not isinstance(self.min_ratio, (int, float)) or not 0 < self.min_ratio <= 1:
+            raise ConfigError(f"must be a number in (0, 1], got {self.min_ratio!r}", "min_ratio")
+        if not isinstance(self.norm, (int, float)) or self.norm <= 0:
+            raise ConfigError(f"must be a positive number, got {self.norm!r}", "norm")
 
 
 class MSEObserver(Observer):
@@ -66,7 +75,12 @@ class MSEObserver(Observer):
 class PercentileConfig:
     """Options of the ``percentile`` observer."""
 
-    percentile: float = attrs.field(default=99.99, metadata={"doc": "upper percentile of each group kept (0-100)"})
+    percentile: float = attrs.field(default=99.99, metadata={"doc": "upper percentile of each group kept (50-100)"})
+
+    def __attrs_post_init__(self):
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 50 <= self.percentile <= 100:
+            raise ConfigError(f"must be a number in [50, 100], got {self.percentile!r}", "percentile")
 
 
 class PercentileObserver(Observer):

@@ -12,7 +12,7 @@ import attrs
 
 import quanta
 from quanta.errors import QuantizationError
-from quanta.plugin import Algorithm
+from quanta.contracts import Algorithm
 from quanta.fx.milestones import check_milestones
 from quanta.fx.options import (
     activation_dtype_field,
@@ -60,10 +60,11 @@ class QAT(Algorithm):
     description = "quantization-aware training: torch.fx fake quantization of weights and activations, milestones"
     config_class = QATConfig
     needs_data = False
+    training_loop = True
 
     def session(self, model, plan, recipe, backend, context=None):
         """An ActivationSession for ``quanta.Quantizer`` (prepare / step / finalize)."""
-        config = recipe.algorithm_config or QATConfig()
+        config = self.config
         milestones = check_milestones(config.milestones)
         return make_session(model, plan, recipe, backend, config, milestones=milestones, context=context)
 

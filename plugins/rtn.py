@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import quanta
-from quanta.plugin import Algorithm
+from quanta.contracts import Algorithm
 
 __all__ = ["RTN"]
 
@@ -18,7 +18,7 @@ class RTN(Algorithm):
     needs_data = False
     #: Weights are only replaced through the backend, never written in place: the model copy
     #: may share the float weights' storage with the user's model.
-    replaces_weights_only = True
+    shares_float_weights = True
 
     def run(self, model, plan, data, context) -> None:
         with torch.no_grad():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import quanta
-from quanta.plugin import Scheme
+from quanta.contracts import Scheme
 from quanta.qmath import full_range, restricted_range
 from quanta.spec import QuantDtype
 

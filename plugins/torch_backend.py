@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import quanta
-from quanta.plugin import Backend, Unit
-from quanta.record import attach_record
+from quanta.contracts import Backend, Unit
+from quanta.errors import ConfigError
+from quanta.record import attach_record, declare_state
 
 __all__ = ["TorchBackend", "SUPPORTED_TYPES"]
 
@@ -32,6 +33,8 @@ class TorchBackend(Backend):
 
     name = "torch"
     description = "PyTorch nn.Module: Linear, Conv*, ConvTranspose*, Embedding, MultiheadAttention"
+    priority = 10  # asked first: an isinstance check, and most models are torch models
+    grids = frozenset({"affine", "lut"})  # records are buffers; the parameter holds the dequantized values
 
     def accepts(self, model) -> bool:
         return isinstance(model, nn.Module)
@@ -87,27 +90,63 @@ class TorchBackend(Backend):
     def write(self, model, unit: Unit, record, values=None) -> None:
         attach_record(unit.handle, unit.param, record, values)
 
-    def snapshot(self, model, units):
-        """Clones of the weights about to change, and each module's record state."""
-        saved = []
-        for u in units:
-            m = u.handle
-            buffers = {k: v for k, v in m._buffers.items() if k.startswith(u.param + "_quanta_")}
-            saved.append((m, u.param, getattr(m, u.param).detach().clone(), dict(buffers),
-                          dict(getattr(m, "_quanta_meta", {}))))
-        return saved
+    def add_state(self, model: nn.Module, module: str, name: str, value: torch.Tensor) -> None:
+        """Register ``value`` as buffer ``name`` of submodule ``module`` (``quanta.record.declare_state``)."""
+        try:
+            target = model.get_submodule(module) if module else model
+        except AttributeError:
+            raise ConfigError(f"no module named {module!r} in the model", "module") from None
+        declare_state(target, name, value)
+
+    def snapshot(self, model, units, everything: bool = False):
+        """Clones of what may change: the weights of ``units`` and their records; with
+        ``everything``, every parameter, buffer, hook, submodule and record of the model."""
+        if not everything:
+            saved = []
+            for u in units:
+                m = u.handle
+                buffers = {k: v for k, v in m._buffers.items() if k.startswith(u.param + "_quanta_")}
+                saved.append((m, u.param, getattr(m, u.param).detach().clone(), dict(buffers),
+                              dict(getattr(m, "_quanta_meta", {}))))
+            return ("weights", saved)
+        modules = []
+        for m in model.modules():
+            modules.append((m, {k: (p, None if p is None else p.detach().clone()) for k, p in m._parameters.items()},
+                            {k: None if b is None else b.clone() for k, b in m._buffers.items()},
+                            dict(m._modules), dict(m._forward_hooks), dict(m._forward_pre_hooks),
+                            {k: m.__dict__[k] for k in ("_quanta_meta", "_quanta_state") if k in m.__dict__}))
+        return ("everything", modules)
 
     def restore(self, model, snapshot) -> None:
-        for m, param, weight, buffers, meta in snapshot:
-            with torch.no_grad():
-                getattr(m, param).copy_(weight)
-            for k in [k for k in m._buffers if k.startswith(param + "_quanta_")]:
-                del m._buffers[k]
+        kind, saved = snapshot
+        if kind == "weights":
+            for m, param, weight, buffers, meta in saved:
+                getattr(m, param).data = weight
+                for k in [k for k in m._buffers if k.startswith(param + "_quanta_")]:
+                    del m._buffers[k]
+                m._buffers.update(buffers)
+                if meta:
+                    m._quanta_meta = meta
+                elif "_quanta_meta" in m.__dict__:
+                    del m._quanta_meta
+            return
+        for m, params, buffers, children, hooks, pre_hooks, attrs_ in saved:
+            m._parameters.clear()
+            for k, (p, value) in params.items():
+                if p is not None:
+                    p.data = value
+                m._parameters[k] = p
+            m._buffers.clear()
             m._buffers.update(buffers)
-            if meta:
-                m._quanta_meta = meta
-            elif hasattr(m, "_quanta_meta"):
-                del m._quanta_meta
+            m._modules.clear()
+            m._modules.update(children)
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
+            m._forward_pre_hooks.clear()
+            m._forward_pre_hooks.update(pre_hooks)
+            for k in ("_quanta_meta", "_quanta_state"):
+                m.__dict__.pop(k, None)
+            m.__dict__.update(attrs_)
 
 
 @quanta.hookimpl

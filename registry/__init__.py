@@ -12,7 +12,7 @@ from .manager import ENTRY_POINT_GROUP, KINDS, FieldInfo, PluginEntry, PluginFai
 
 __all__ = [
     "ENTRY_POINT_GROUP", "KINDS", "FieldInfo", "PluginEntry", "PluginFailure", "Registry",
-    "default", "reset", "names", "get", "entries", "describe", "failures",
+    "default", "reset", "names", "get", "entries", "describe", "capabilities", "failures", "backends",
     "register_plugin", "unregister_plugin", "plugin", "hook",
 ]
 
@@ -52,6 +52,16 @@ def entries(kind: str | None = None) -> list[PluginEntry]:
 def describe(kind: str, name: str) -> list[FieldInfo]:
     """Config fields (name, type, default, doc) of one plugin."""
     return default().describe(kind, name)
+
+
+def capabilities(kind: str, name: str) -> dict[str, Any]:
+    """The capabilities one plugin declares (a scheme's ``grid``, a backend's ``priority``, ...)."""
+    return default().capabilities(kind, name)
+
+
+def backends() -> list[PluginEntry]:
+    """Backend entries in the order they are asked ``accepts`` (highest priority first)."""
+    return default().backends()
 
 
 def failures() -> list[PluginFailure]:

@@ -14,18 +14,19 @@ import attrs
 import pluggy
 
 from quanta import hookspecs
+from quanta.contracts import GRIDS, KINDS as _KIND_TABLE, Algorithm
 from quanta.errors import (
     DuplicatePluginError,
     PluginContractError,
     PluginLoadError,
     PluginNotFoundError,
 )
-from quanta.plugin import REQUIRED
 
 __all__ = ["KINDS", "PluginEntry", "FieldInfo", "PluginFailure", "Registry", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "quanta"
-KINDS = ("scheme", "observer", "algorithm", "backend", "exporter")
+#: The plugin kind names, from the one table of kinds (``quanta.contracts.KINDS``).
+KINDS = tuple(_KIND_TABLE)
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 
 
@@ -147,6 +148,11 @@ class Registry:
             except Exception as exc:
                 self._failures.append(PluginFailure(plugin=ep.name, distribution=dist_name,
                                                     version=dist_version, error=f"{type(exc).__name__}: {exc}"))
+        for missing in sorted(only - seen):
+            self._failures.append(PluginFailure(
+                plugin=missing, distribution=None, version=None,
+                error=f"QUANTA_PLUGINS names {missing!r}, but no installed distribution has an entry point of that "
+                      f"name in the group {ENTRY_POINT_GROUP!r}"))
 
     # -- registering ----------------------------------------------------------------------
     def add_plugin(self, obj: Any, name: str | None = None, distribution: str = "<in-process>",
@@ -174,7 +180,15 @@ class Registry:
                             self._entries[_kind][entry.name] = entry
                             added.append(entry)
 
-                        impl.function(register=register)
+                        try:
+                            impl.function(register=register)
+                        except TypeError as exc:
+                            if "abstract" not in str(exc):
+                                raise
+                            raise PluginContractError(
+                                f"plugin {plugin_name!r} (distribution {distribution}) registered an incomplete "
+                                f"{kind}: {exc}; implement every abstract method of quanta.contracts."
+                                f"{_KIND_TABLE[kind].base.__name__} (docs/plugins.md)") from None
             except BaseException:
                 for entry in added:
                     self._entries[entry.kind].pop(entry.name, None)
@@ -205,18 +219,25 @@ class Registry:
 
     def _check(self, kind, contribution, plugin, distribution, version) -> PluginEntry:
         where = f"plugin {plugin!r} (distribution {distribution})"
-        name = getattr(contribution, "name", None)
+        base = _KIND_TABLE[kind].base
+        if not isinstance(contribution, base):
+            raise PluginContractError(
+                f"{where} registered {contribution!r} as a {kind}, but it is not an instance of a subclass of "
+                f"quanta.contracts.{base.__name__}. Since quanta 0.2 every contribution subclasses its kind's "
+                f"class, which declares the required and optional methods: write "
+                f"`class MyPlugin(quanta.contracts.{base.__name__})` (docs/plugins.md, 'Updating a plugin')")
+        name = contribution.name
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise PluginContractError(f"{where} registered a {kind} without a valid 'name' (got {name!r})")
-        desc = getattr(contribution, "description", None)
+        desc = contribution.description
         if not isinstance(desc, str) or not desc.strip():
             raise PluginContractError(f"{where}: {kind} {name!r} needs a one-line 'description'")
-        missing = [m for m in REQUIRED[kind] if not callable(getattr(contribution, m, None))]
-        if missing:
-            raise PluginContractError(f"{where}: {kind} {name!r} lacks required method(s) {', '.join(missing)}")
-        config_class = getattr(contribution, "config_class", None)
-        if config_class is not None and not attrs.has(config_class):
+        config_class = contribution.config_class
+        if config_class is not None and not (isinstance(config_class, type) and attrs.has(config_class)):
             raise PluginContractError(f"{where}: {kind} {name!r} config_class must be an attrs class")
+        problem = _declared_problem(kind, contribution)
+        if problem:
+            raise PluginContractError(f"{where}: {kind} {name!r} {problem}")
         existing = self._entries[kind].get(name)
         if existing is not None:
             raise DuplicatePluginError(
@@ -238,12 +259,18 @@ class Registry:
         return sorted(self._kind(kind))
 
     def get(self, kind: str, name: str) -> PluginEntry:
-        """The entry for ``(kind, name)``; raises PluginNotFoundError (a KeyError) with near names."""
+        """The entry for ``(kind, name)``; raises PluginNotFoundError (a KeyError) with near names,
+        and the load error of any plugin that failed to load (it may have been the one meant)."""
         entries = self._kind(kind)
         try:
             return entries[name]
         except (KeyError, TypeError):
-            raise PluginNotFoundError(kind, str(name), entries) from None
+            raise PluginNotFoundError(kind, str(name), entries,
+                                      failed=[f.error for f in self._failures]) from None
+
+    def backends(self) -> list[PluginEntry]:
+        """Backend entries in the order they are asked ``accepts``: highest ``priority`` first, then by name."""
+        return sorted(self._kind("backend").values(), key=lambda e: (-e.obj.priority, e.name))
 
     def entries(self, kind: str | None = None) -> list[PluginEntry]:
         """All entries (of one kind, or of every kind), sorted by kind then name."""
@@ -274,8 +301,42 @@ class Registry:
             out.append(FieldInfo(name=f.name, type=str(ftype), default=default, doc=f.metadata.get("doc", "")))
         return out
 
+    def capabilities(self, kind: str, name: str) -> dict[str, Any]:
+        """The capabilities a plugin declares through its kind's class attributes
+        (``quanta.contracts.KINDS[kind].declared``: e.g. a scheme's ``grid``, a backend's ``priority``)."""
+        entry = self.get(kind, name)
+        return {attr: getattr(entry.obj, attr) for attr in _KIND_TABLE[kind].declared}
+
     @property
     def hook(self):
         """The pluggy hook relay, for firing event hooks: ``registry.hook.layer_quantized(...)``."""
         self.ensure_loaded()
         return self.pm.hook
+
+
+def _declared_problem(kind: str, c: Any) -> str | None:
+    """What is wrong with the declared capabilities of contribution ``c`` of ``kind``, or None."""
+    def bad_grids(grids):
+        return not isinstance(grids, frozenset) or not grids or not grids <= set(GRIDS)
+
+    if kind == "scheme" and c.grid not in GRIDS:
+        return f"declares grid {c.grid!r}; allowed: {', '.join(GRIDS)}"
+    if kind == "backend":
+        if isinstance(c.priority, bool) or not isinstance(c.priority, int):
+            return f"priority must be an int, got {c.priority!r}"
+        if bad_grids(c.grids):
+            return f"grids must be a non-empty frozenset of {', '.join(GRIDS)}, got {c.grids!r}"
+    if kind == "exporter":
+        if c.suffix is not None and not (isinstance(c.suffix, str) and c.suffix.startswith(".")):
+            return f"suffix must be None or a string starting with '.', got {c.suffix!r}"
+        if bad_grids(c.grids):
+            return f"grids must be a non-empty frozenset of {', '.join(GRIDS)}, got {c.grids!r}"
+    if kind == "algorithm":
+        if c.changes not in ("weights", "model"):
+            return f"declares changes={c.changes!r}; allowed: 'weights', 'model'"
+        if c.training_loop and type(c).session is Algorithm.session:
+            return "declares training_loop = True but does not implement session()"
+        if c.global_types is not None and not (isinstance(c.global_types, tuple)
+                                               and all(isinstance(t, str) for t in c.global_types)):
+            return f"global_types must be None or a tuple of type names, got {c.global_types!r}"
+    return None

@@ -29,7 +29,7 @@ def test_quantize_example_recipe_prints_table_and_writes_model(tmp_path):
 
 def test_plan_describe_and_errors(tmp_path):
     out = _run("plan", str(ROOT / "examples/recipes/digits_int8.yaml"))
-    assert out.returncode == 0 and "3 of 3 weights quantized" in out.stdout
+    assert out.returncode == 0 and "3 of 3 weights would be quantized" in out.stdout
     out = _run("describe", "observer", "percentile")
     assert out.returncode == 0 and "percentile: float = 99.99" in out.stdout
     bad = tmp_path / "bad.yaml"

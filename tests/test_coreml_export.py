@@ -90,7 +90,7 @@ def test_explicit_higher_target_and_bad_options(tmp_path):
         quanta.export(q, tmp_path / "x.mlpackage", example_inputs=X, compute_precision="bf16")
     with pytest.raises(quanta.ConfigError, match="example_inputs"):
         quanta.export(q, tmp_path / "x.mlpackage")
-    with pytest.raises(quanta.ConfigError, match="coreml export options"):
+    with pytest.raises(quanta.ConfigError, match="unknown option .bogus. for exporter .coreml."):
         quanta.export(q, tmp_path / "x.mlpackage", example_inputs=X, bogus=1)
     with pytest.raises(quanta.ConfigError, match="4- or 8-bit"):
         quanta.export(_quantize(_cnn(), "int3", "symmetric", "per_channel"), tmp_path / "x", example_inputs=X)

@@ -77,9 +77,10 @@ def test_duplicate_name_is_refused_naming_both(register_plugin):
 
 
 @pytest.mark.parametrize("contribution,pattern", [
-    (object(), "without a valid 'name'"),
-    (type("NoDesc", (), {"name": "x1", "description": ""})(), "needs a one-line 'description'"),
-    (type("NoMethods", (), {"name": "x2", "description": "d"})(), "lacks required method"),
+    (object(), "not an instance of a subclass of quanta.contracts.Scheme"),
+    (type("NoName", (SymmetricScheme,), {"name": "", "description": "d"})(), "without a valid 'name'"),
+    (type("NoDesc", (SymmetricScheme,), {"name": "x1", "description": ""})(), "needs a one-line 'description'"),
+    (type("BadGrid", (SymmetricScheme,), {"name": "x2", "description": "d", "grid": "curvy"})(), "grid 'curvy'"),
     (type("BadCfg", (SymmetricScheme,), {"name": "x3", "description": "d", "config_class": dict})(), "attrs class"),
 ])
 def test_contract_violations_roll_back_the_whole_plugin(contribution, pattern):
@@ -162,7 +163,7 @@ class _AllKinds:
 
     @quanta.hookimpl
     def register_observers(self, register):
-        class HalfRange(quanta.plugin.Observer):
+        class HalfRange(quanta.contracts.Observer):
             name, description = "half_range", "clips every group to half its min/max range"
 
             def observe(self, values, spec, scheme):
@@ -177,7 +178,7 @@ class _AllKinds:
         class FirstNConfig:
             n: int = attrs.field(default=1, metadata={"doc": "how many layers to quantize"})
 
-        class FirstN(quanta.plugin.Algorithm):
+        class FirstN(quanta.contracts.Algorithm):
             name, description, config_class = "first_n", "round-to-nearest on the first n planned layers", FirstNConfig
 
             def run(self, model, plan, data, context):
@@ -203,10 +204,10 @@ class _AllKinds:
 
     @quanta.hookimpl
     def register_exporters(self, register):
-        class CodesExporter(quanta.plugin.Exporter):
+        class CodesExporter(quanta.contracts.Exporter):
             name, description, suffix = "codes_pt", "torch.save of every record's codes and scales", ".codes.pt"
 
-            def export(self, model, path, example_inputs=None, **options):
+            def export(self, model, path, *, example_inputs=None, overwrite=False):
                 torch.save({k: (r.codes, r.scale) for k, r in quanta.records(model).items()}, path)
                 return str(path)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from quanta.qmath import from_groups, to_groups
 from quanta.spec import QuantDtype, QuantSpec
-from quanta.weights import resolve_observer, resolve_scheme
+from quanta.weights import observer_for, resolve_scheme, scheme_for
 
 __all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "ConvBnQAT", "QAT_WEIGHTED", "to_qat_module"]
@@ -35,8 +35,8 @@ class WeightFakeQuantize(nn.Module):
         super().__init__()
         self.spec = spec
         self.channel_axis, self.input_axis = channel_axis, input_axis
-        self.scheme = resolve_scheme(spec.scheme)
-        self.observer = resolve_observer(spec.observer)
+        self.scheme = scheme_for(spec)
+        self.observer = observer_for(spec)
         self.quant_min, self.quant_max = self.scheme.quant_range(spec.dtype)
         self.fake_quant_enabled = True
         self._sizes: dict[tuple, list[int]] = {}

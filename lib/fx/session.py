@@ -16,7 +16,7 @@ from torch import fx, nn
 from quanta.config import Recipe
 from quanta.errors import ConfigError, QuantizationError
 from quanta.planning import Plan
-from quanta.plugin import Unit
+from quanta.contracts import Unit
 from quanta.spec import QuantDtype, parse_dtype
 
 from .convert import finalize_graph

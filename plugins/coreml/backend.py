@@ -15,13 +15,14 @@ records and builds a new MLModel on ``to_mlmodel()``/``save()``.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
 
 import quanta
 from quanta.errors import ConfigError, QuantizationError
-from quanta.plugin import Backend, Unit
+from quanta.contracts import Backend, Unit
 from quanta.record import QuantizedWeight
 from quanta.weights import quantize_weight
 
@@ -192,11 +193,8 @@ class CoreMLBackend(Backend):
             return True
         if isinstance(model, (str, os.PathLike)):
             return os.fspath(model).rstrip("/").endswith(".mlpackage")
-        try:
-            import coremltools as ct
-        except ImportError:  # pragma: no cover
-            return False
-        return isinstance(model, ct.models.MLModel)
+        ct = sys.modules.get("coremltools")  # an MLModel exists only once coremltools is imported
+        return ct is not None and isinstance(model, ct.models.MLModel)
 
     def _work(self, model) -> CoreMLWorkModel:
         return model if isinstance(model, CoreMLWorkModel) else CoreMLWorkModel(load_mlmodel(model))
@@ -232,7 +230,7 @@ class CoreMLBackend(Backend):
         work = self._work(model)
         return {op.op_type for op in _weight_ops(work.program)}
 
-    def copy(self, model) -> CoreMLWorkModel:
+    def copy(self, model, share: tuple = ()) -> CoreMLWorkModel:
         if isinstance(model, CoreMLWorkModel):
             new = CoreMLWorkModel(model.source)
             new.records = dict(model.records)
@@ -265,7 +263,7 @@ class CoreMLBackend(Backend):
         model.records[unit.name] = record
         model._built = None
 
-    def snapshot(self, model, units):
+    def snapshot(self, model, units, everything: bool = False):
         if not isinstance(model, CoreMLWorkModel):
             raise ConfigError("Core ML models are quantized into a new model; inplace=True is not supported",
                               "inplace")

@@ -22,7 +22,7 @@ import torch
 
 import quanta
 from quanta.errors import ConfigError, QuantizationError
-from quanta.plugin import Exporter
+from quanta.contracts import Exporter
 from quanta.record import records as _records
 
 from . import metadata, targets, torch_ops
@@ -207,6 +207,8 @@ class CoreMLExporter(Exporter):
     description = ("Core ML .mlpackage: constexpr-compressed weights equal to quanta's codes, "
                    "quantize/dequantize activations; iOS16/17/18 validated up front")
     suffix = ".mlpackage"
+    writes_directory = True
+    can_verify = True
     config_class = CoreMLExportConfig
 
     def annotate(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -219,21 +221,17 @@ class CoreMLExporter(Exporter):
         """The ``ct.target`` an export would use (ConfigError if the requested one is too low)."""
         return targets.choose_target(minimum_deployment_target, _records(model), has_activation_quant)
 
-    def export(self, model: torch.nn.Module, path, example_inputs=None, **options) -> str:
+    def export(self, model: torch.nn.Module, path, *, example_inputs=None, overwrite: bool = False) -> str:
         """Convert ``model`` and save it at ``path`` (``.mlpackage`` added when missing); returns the path.
 
         ``example_inputs``: a tensor or tuple of tensors used for tracing (their shapes become the
-        model's fixed input shapes). ``options``: fields of :class:`CoreMLExportConfig`.
-        Raises ConfigError for an unknown option or a target below what the model needs, and
-        QuantizationError if the saved codes were not quanta's (nothing is left at ``path`` then).
+        model's fixed input shapes). Options: ``self.config``, a :class:`CoreMLExportConfig`.
+        Raises ConfigError for a target below what the model needs, and QuantizationError if
+        the saved codes were not quanta's (nothing is left at ``path`` then).
         """
         import coremltools as ct
 
-        try:
-            cfg = CoreMLExportConfig(**options)
-        except TypeError as exc:
-            allowed = [f.name for f in attrs.fields(CoreMLExportConfig)]
-            raise ConfigError(f"{exc}; coreml export options: {', '.join(allowed)}", "export") from None
+        cfg: CoreMLExportConfig = self.config
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"the coreml exporter writes torch models, got {type(model).__name__}", "model")
         targets.check_environment()

@@ -27,11 +27,11 @@ from torch import nn
 import quanta
 from quanta.calibration import call_model, to_device
 from quanta.errors import ConfigError, QuantizationError
-from quanta.plugin import Algorithm
+from quanta.contracts import Algorithm
 from quanta.qmath import scale_shape
 from quanta.record import QuantizedWeight
 from quanta.spec import Granularity
-from quanta.weights import check_finite, resolve_observer, resolve_scheme
+from quanta.weights import check_finite, observer_for, scheme_for
 
 from .hessian import accumulate_xtx, mirror_upper
 from .solver import gptq_quantize
@@ -79,8 +79,8 @@ class PluginQuantizer:
 
     def __init__(self, spec):
         self.spec = spec
-        self.scheme = resolve_scheme(spec.scheme)
-        self.observer = resolve_observer(spec.observer)
+        self.scheme = scheme_for(spec)
+        self.observer = observer_for(spec)
 
     def fit(self, w):
         lo, hi = self.observer.observe(w, self.spec, self.scheme)
@@ -186,6 +186,10 @@ class GPTQ(Algorithm):
     config_class = GPTQConfig
     needs_data = True
 
+    def max_batches(self) -> int:
+        """``calibration_nsamples``: GPTQ reads at most that many batches."""
+        return self.config.calibration_nsamples
+
     def validate(self, plan, recipe) -> None:
         for layer in plan.selected:
             if layer.spec.granularity is Granularity.per_tensor:
@@ -193,7 +197,7 @@ class GPTQ(Algorithm):
                                   "granularity")
 
     def run(self, model, plan, data, context) -> None:
-        cfg: GPTQConfig = context.config or GPTQConfig()
+        cfg: GPTQConfig = self.config
         device = torch.device(cfg.device or context.device or next(model.parameters()).device)
         samples = _take(data, cfg.calibration_nsamples)
         todo = {layer.unit.handle: layer for layer in plan.selected}
@@ -275,7 +279,7 @@ class GPTQ(Algorithm):
                 codes=result.codes.reshape(original.shape).to(storage),
                 scale=result.scale.reshape(qshape).to(torch.float32),
                 zero_point=None if result.zero_point is None else result.zero_point.reshape(qshape).to(storage),
-                spec=spec, block_sizes=tuple(sizes), channel_axis=0, input_axis=1,
+                spec=spec, block_sizes=tuple(sizes), channel_axis=0, input_axis=1, grid=scheme_for(spec).grid,
             ).to(original.device)
             values = result.weight.reshape(original.shape).to(original.device)
             context.write_layer(model, layer, record, original, values=values,

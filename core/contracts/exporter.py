@@ -1,0 +1,54 @@
+"""The ``exporter`` contract: writes a quantized model to a file format."""
+
+from __future__ import annotations
+
+import abc
+import os
+from typing import Any, ClassVar
+
+from .base import Plugin
+
+__all__ = ["Exporter"]
+
+
+class Exporter(Plugin):
+    """Writes a quantized model to a file or directory.
+
+    Required: :meth:`export`. Declared: ``suffix``, ``writes_directory``, ``grids``,
+    ``can_verify``; options through ``config_class`` (validated when a recipe is loaded).
+    Optional: :meth:`verify`, :meth:`check`.
+    """
+
+    kind: ClassVar[str] = "exporter"
+    #: The suffix of what it writes (``".mlpackage"``), or None; ``quanta.verify`` picks the
+    #: exporter of a path by it.
+    suffix: ClassVar[str | None] = None
+    #: True when the output is a directory (written with ``quanta.atomic.atomic_dir``).
+    writes_directory: ClassVar[bool] = False
+    #: Grids (see ``quanta.contracts.GRIDS``) this format can store; records of other grids are
+    #: refused before anything is written.
+    grids: ClassVar[frozenset[str]] = frozenset({"affine"})
+    #: True when :meth:`verify` can run a written file.
+    can_verify: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def export(self, model: Any, path: str | os.PathLike, *, example_inputs: Any = None,
+               overwrite: bool = False) -> str:
+        """Write ``model`` to ``path``; return the path written.
+
+        Options are in ``self.config`` (core passes a configured copy). ``example_inputs``: what
+        a tracing exporter runs the model on (a tensor, tuple or dict of tensors). Write through
+        ``quanta.atomic`` so a failure or Ctrl-C leaves no partial output and an existing path
+        that quanta did not write is replaced only with ``overwrite=True``. Core has checked the
+        records' grids against ``grids`` before calling."""
+
+    def check(self, model: Any, example_inputs: Any = None) -> None:
+        """Refuse, before any work, a model this format cannot hold (raise a ``quanta.QuantaError``
+        naming the layer). Default: accept."""
+
+    def verify(self, path: str | os.PathLike, against: Any, example_inputs: Any = None) -> dict:
+        """Run the file at ``path`` and ``against`` (a torch model) on the same inputs and return
+        error figures (``max_abs``, ``max_rel``, ``cosine``...). Only when ``can_verify``."""
+        from quanta.errors import ConfigError
+
+        raise ConfigError(f"exporter {self.name!r} cannot verify files")
