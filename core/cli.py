@@ -136,7 +136,7 @@ def _cmd_quantize(args) -> int:
         started = time.perf_counter()
         written = quanta.export(qmodel, target, format=fmt, example_inputs=inputs, **options)
         print(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
-        if inputs is not None and callable(getattr(registry.get("exporter", fmt).obj, "verify", None)):
+        if inputs is not None and registry.get("exporter", fmt).obj.can_verify:
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
             print(f"verified {written} against the quantized torch model on the example inputs: "
                   f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}")

@@ -112,3 +112,23 @@ def test_flexible_sequence_length_needs_a_maximum(tmp_path):
     with pytest.raises(quanta.ConfigError, match="flexible_sequence_length"):
         quanta.export(q, tmp_path / "f.mlpackage", example_inputs=torch.randint(0, 96, (1, 8)),
                       flexible_sequence_length=-3)
+
+
+def test_export_writes_atomically_and_refuses_a_foreign_directory(tmp_path):
+    from quanta.errors import DestinationExistsError
+
+    q = _quantized(TokenModel().eval())
+    x = torch.randint(0, 96, (1, 8))
+    path = quanta.export(q, tmp_path / "a.mlpackage", example_inputs=(x,))
+    again = quanta.export(q, tmp_path / "a.mlpackage", example_inputs=(x,))  # quanta's own: replaced
+    assert again == path and (tmp_path / "a.mlpackage" / ".quanta").is_file()
+    assert quanta.verify(again, q, (x,))["cosine"] > 0.9999
+    foreign = tmp_path / "b.mlpackage"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(DestinationExistsError):
+        quanta.export(q, foreign, example_inputs=(x,))
+    assert (foreign / "keep.txt").read_text() == "mine"
+    quanta.export(q, foreign, example_inputs=(x,), overwrite=True)
+    assert not (foreign / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mlpackage", "b.mlpackage"]  # no staging left

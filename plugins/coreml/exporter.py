@@ -12,8 +12,8 @@ import copy
 import inspect
 import os
 import re
-import shutil
 import warnings
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import quanta
+from quanta.atomic import atomic_dir, check_destination
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Exporter
 from quanta.record import records as _records
@@ -224,10 +225,14 @@ class CoreMLExporter(Exporter):
     def export(self, model: torch.nn.Module, path, *, example_inputs=None, overwrite: bool = False) -> str:
         """Convert ``model`` and save it at ``path`` (``.mlpackage`` added when missing); returns the path.
 
-        ``example_inputs``: a tensor or tuple of tensors used for tracing (their shapes become the
-        model's fixed input shapes). Options: ``self.config``, a :class:`CoreMLExportConfig`.
-        Raises ConfigError for a target below what the model needs, and QuantizationError if
-        the saved codes were not quanta's (nothing is left at ``path`` then).
+        ``example_inputs``: a tensor or tuple of tensors (positional inputs) or a dict name ->
+        tensor (keyword inputs: the model is called ``model(**inputs)``), used for tracing; each
+        becomes a Core ML input of its name, its dtype (int32 for integer tensors such as token
+        ids, float32 otherwise) and its shape (axis 1 flexible with ``flexible_sequence_length``).
+        Options: ``self.config``, a :class:`CoreMLExportConfig`. Written through
+        ``quanta.atomic.atomic_dir``: an existing ``path`` not written by quanta needs
+        ``overwrite=True``. Raises ConfigError for a target below what the model needs, and
+        QuantizationError if the saved codes were not quanta's (``path`` is left as it was then).
         """
         import coremltools as ct
 
@@ -243,6 +248,7 @@ class CoreMLExporter(Exporter):
         path = os.fspath(path)
         if not path.rstrip("/").endswith(self.suffix):
             path = path.rstrip("/") + self.suffix
+        check_destination(path, overwrite=overwrite, directory=True)  # before the slow conversion
         recs = _records(model)
         work = copy.deepcopy(model).eval()
         wrapper = KeywordInputs(work, example.names if example.keywords else None).eval()
@@ -264,15 +270,17 @@ class CoreMLExporter(Exporter):
                              pass_pipeline=conversion_pass_pipeline())
         mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
         mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
-        if os.path.exists(path):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        mlmodel.save(path)
-        if cfg.check_codes and recs:
-            try:
-                check_stored_codes(path, recs)
-            except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
-                raise
+        with atomic_dir(path, overwrite=overwrite) as staging:
+            # coremltools saves only to a path named *.mlpackage: save there, check the codes
+            # (a mismatch raises, and atomic_dir leaves `path` as it was), then lift the
+            # package's contents into the staging folder that becomes `path`.
+            package = Path(staging) / f"model{self.suffix}"
+            mlmodel.save(str(package))
+            if cfg.check_codes and recs:
+                check_stored_codes(package, recs)
+            for child in package.iterdir():
+                child.rename(Path(staging) / child.name)
+            package.rmdir()
         return path
 
     def verify(self, path, against, example_inputs=None) -> dict:
