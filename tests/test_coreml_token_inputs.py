@@ -132,3 +132,22 @@ def test_export_writes_atomically_and_refuses_a_foreign_directory(tmp_path):
     quanta.export(q, foreign, example_inputs=(x,), overwrite=True)
     assert not (foreign / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mlpackage", "b.mlpackage"]  # no staging left
+
+
+class BoolMaskModel(TokenModel):
+    def forward(self, input_ids, attention_mask):
+        return self.fc(self.embed(input_ids)).masked_fill(~attention_mask.unsqueeze(-1), 0.0)
+
+
+def test_bool_mask_becomes_an_int32_input_with_the_same_meaning(tmp_path):
+    # int32 has no `~` of a bool: the wrapper turns the Core ML int32 mask back into bool first
+    torch.manual_seed(0)
+    model = BoolMaskModel().eval()
+    ids = torch.randint(0, 96, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    path = quanta.export(model, tmp_path / "bool.mlpackage", example_inputs=inputs)
+    assert {t for t, _ in _input_types(path).values()} == {"INT32"}
+    figures = quanta.verify(path, model, inputs)
+    assert figures["cosine"] > 0.9999 and figures["max_rel"] < 5e-3, figures

@@ -251,12 +251,12 @@ class CoreMLExporter(Exporter):
         check_destination(path, overwrite=overwrite, directory=True)  # before the slow conversion
         recs = _records(model)
         work = copy.deepcopy(model).eval()
-        wrapper = KeywordInputs(work, example.names if example.keywords else None).eval()
+        wrapper = KeywordInputs(work, example.names if example.keywords else None, example.bool_positions()).eval()
         metadata.annotate(wrapper)  # the model-level metadata buffer belongs on the traced root
         torch_ops.register()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(wrapper, example.tensors, check_trace=False)
+            traced = torch.jit.trace(wrapper, example.traced_tensors(), check_trace=False)
         act_quant = has_activation_quantization(traced)
         target = targets.choose_target(cfg.minimum_deployment_target, recs, act_quant)
         ct_inputs = core_ml_inputs(model, example, cfg)

@@ -62,10 +62,14 @@ class ExampleInputs:
     tensors: tuple[torch.Tensor, ...]
     keywords: bool
 
-    def as_call(self, values) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` calling the torch model on ``values`` (in ``names`` order)."""
-        values = tuple(values)
-        return ((), dict(zip(self.names, values))) if self.keywords else (values, {})
+    def traced_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors to trace with: bool tensors as int32 (what the Core ML input holds; the
+        :class:`KeywordInputs` wrapper turns them back to bool), the others unchanged."""
+        return tuple(t.to(torch.int32) if t.dtype == torch.bool else t for t in self.tensors)
+
+    def bool_positions(self) -> tuple[int, ...]:
+        """Indices of the bool inputs (masks)."""
+        return tuple(i for i, t in enumerate(self.tensors) if t.dtype == torch.bool)
 
 
 def example_inputs(example: Any, positional_names=None) -> ExampleInputs:
@@ -128,18 +132,21 @@ class KeywordInputs(torch.nn.Module):
     """Traceable view of ``model``: ``forward(*tensors)`` calls ``model(**dict(zip(names, tensors)))``
     (or ``model(*tensors)`` when ``names`` is None) and returns :func:`flatten_outputs` as a tuple.
 
-    The wrapped model is held as the ``model`` attribute, unchanged; after a call,
-    ``output_names`` holds :func:`output_names` of the model's output.
+    Inputs at ``bool_positions`` arrive as int32 (Core ML has no bool inputs) and are turned
+    back into bool before the model sees them. The wrapped model is held as the ``model``
+    attribute, unchanged; after a call, ``output_names`` holds :func:`output_names` of its output.
     """
 
-    def __init__(self, model: torch.nn.Module, names: tuple[str, ...] | None):
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...] | None, bool_positions: tuple[int, ...] = ()):
         super().__init__()
         self.model = model
         self.names = names
+        self.bool_positions = tuple(bool_positions)
         self.output_names: list[str] = []
 
     def forward(self, *tensors):
         """``(*tensors)`` in input order -> tuple of output tensors."""
+        tensors = tuple(t != 0 if i in self.bool_positions else t for i, t in enumerate(tensors))
         out = self.model(**dict(zip(self.names, tensors))) if self.names else self.model(*tensors)
         flat = flatten_outputs(out)
         self.output_names = output_names(out)
