@@ -24,9 +24,11 @@ import quanta
 from quanta.atomic import atomic_dir, check_destination
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Exporter
+from quanta.faults import fault_delay
 from quanta.record import records as _records
 
 from . import metadata, targets, torch_ops
+from .ct_import import import_coremltools
 from .inputs import ExampleInputs, KeywordInputs, core_ml_dtype, example_inputs as normalize_inputs
 
 __all__ = ["CoreMLExporter", "CoreMLExportConfig", "stored_weights", "has_activation_quantization",
@@ -79,6 +81,11 @@ def conversion_pass_pipeline():
     return pipeline
 
 
+def _expected_bytes(model: torch.nn.Module) -> int:
+    """An upper bound of the package size: every parameter and buffer at fp16 (the codes are smaller)."""
+    return sum(2 * t.numel() for t in (*model.parameters(), *model.buffers()))
+
+
 def _forward_names(model) -> list[str]:
     try:
         params = inspect.signature(model.forward).parameters.values()
@@ -101,7 +108,7 @@ def max_sequence_length(model) -> int | None:
 def core_ml_inputs(model, example: ExampleInputs, cfg: "CoreMLExportConfig") -> list:
     """``ct.TensorType`` per example input: its name, Core ML dtype (int32 for token ids) and shape,
     with a ``ct.RangeDim`` on axis 1 (the sequence) when ``flexible_sequence_length`` is set."""
-    import coremltools as ct
+    ct = import_coremltools()
 
     shapes = [tuple(int(d) for d in t.shape) for t in example.tensors]
     flexible = cfg.flexible_sequence_length
@@ -234,7 +241,7 @@ class CoreMLExporter(Exporter):
         ``overwrite=True``. Raises ConfigError for a target below what the model needs, and
         QuantizationError if the saved codes were not quanta's (``path`` is left as it was then).
         """
-        import coremltools as ct
+        ct = import_coremltools()
 
         cfg: CoreMLExportConfig = self.config
         if not isinstance(model, torch.nn.Module):
@@ -248,7 +255,8 @@ class CoreMLExporter(Exporter):
         path = os.fspath(path)
         if not path.rstrip("/").endswith(self.suffix):
             path = path.rstrip("/") + self.suffix
-        check_destination(path, overwrite=overwrite, directory=True)  # before the slow conversion
+        # Before converting: a destination that cannot be written fails now, not after minutes of work.
+        check_destination(path, overwrite=overwrite, directory=True, expected_bytes=_expected_bytes(model))
         recs = _records(model)
         work = copy.deepcopy(model).eval()
         wrapper = KeywordInputs(work, example.names if example.keywords else None, example.bool_positions()).eval()
@@ -270,17 +278,17 @@ class CoreMLExporter(Exporter):
                              pass_pipeline=conversion_pass_pipeline())
         mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
         mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
+        # Saved into a staging folder and swapped in: the old package (or the user's folder) survives
+        # any failure or Ctrl-C, and a package failing the code check is never put in place.
         with atomic_dir(path, overwrite=overwrite) as staging:
-            # coremltools saves only to a path named *.mlpackage: save there, check the codes
-            # (a mismatch raises, and atomic_dir leaves `path` as it was), then lift the
-            # package's contents into the staging folder that becomes `path`.
-            package = Path(staging) / f"model{self.suffix}"
-            mlmodel.save(str(package))
+            written = staging / "model.mlpackage"
+            mlmodel.save(str(written))
             if cfg.check_codes and recs:
-                check_stored_codes(package, recs)
-            for child in package.iterdir():
-                child.rename(Path(staging) / child.name)
-            package.rmdir()
+                check_stored_codes(str(written), recs)
+            for child in list(written.iterdir()):
+                child.rename(staging / child.name)
+            written.rmdir()
+            fault_delay("package-staged")
         return path
 
     def verify(self, path, against, example_inputs=None) -> dict:
