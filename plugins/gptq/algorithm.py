@@ -228,9 +228,12 @@ class GPTQ(Algorithm):
                 block.to(device)
                 if mine:
                     hooks = {m: _HessianHook(m, device) for m in mine}
-                    for args, kwargs in cache:
-                        block(*args, **kwargs)
-                    self._solve(model, mine, hooks, cfg, device, context)
+                    try:
+                        for args, kwargs in cache:
+                            block(*args, **kwargs)
+                        self._solve(model, mine, hooks, cfg, device, context)
+                    finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
+                        _remove_hooks(hooks)
                     for m in mine:
                         del todo[m]
                 if name == blocks[-1][0]:
@@ -248,9 +251,12 @@ class GPTQ(Algorithm):
             home = _device_of(model)
             model.to(device)
             hooks = {m: _HessianHook(m, device) for m in todo}
-            for sample in samples:
-                call_model(model, to_device(sample, device))
-            self._solve(model, dict(todo), hooks, cfg, device, context)
+            try:
+                for sample in samples:
+                    call_model(model, to_device(sample, device))
+                self._solve(model, dict(todo), hooks, cfg, device, context)
+            finally:
+                _remove_hooks(hooks)
             model.to(home)
 
     def _solve(self, model, mine, hooks, cfg, device, context):
@@ -282,6 +288,11 @@ class GPTQ(Algorithm):
             values = result.weight.reshape(original.shape).to(original.device)
             context.write_layer(model, layer, record, original, values=values,
                                 extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp)})
+
+
+def _remove_hooks(hooks: dict) -> None:
+    for hook in hooks.values():
+        hook.handle.remove()  # idempotent: hessian() removed the solved ones already
 
 
 def _contains(parent: nn.Module, module: nn.Module) -> bool:
