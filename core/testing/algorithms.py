@@ -308,4 +308,8 @@ def _check_training_loop(algorithm, name: str, recipe) -> None:
                         f"{type(exc).__name__}: {exc}")
     assert_same_model_state(model, saved, f"{algorithm.kind} {algorithm.name!r} on the {name!r} model: the user's "
                                           "model (Quantizer, inplace=False)")
-    check(records(result), algorithm, f"on the {name!r} model: Quantizer.finalize() left no quanta records")
+    recs = records(result)
+    check(recs, algorithm, f"on the {name!r} model: Quantizer.finalize() left no quanta records")
+    for layer in quanta.plan(model, recipe).selected:
+        check(_record_key(layer) in recs, algorithm, f"on the {name!r} model: planned layer {layer.name!r} holds "
+                                                     "no quanta record after Quantizer.finalize()")
