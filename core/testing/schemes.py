@@ -116,6 +116,12 @@ def _check_dtype(scheme: Scheme, dtype: QuantDtype, float_dtype: torch.dtype) ->
     check(bool(torch.isfinite(deq).all()), scheme, f"dequantize() returned NaN or inf {where}")
     check(torch.equal(deq[1], torch.zeros_like(deq[1])), scheme,
           f"an all-zero group does not come back as zeros {where}: {deq[1].tolist()[:4]}")
+    if scheme.grid == "affine":
+        affine = codes * s2 if z2 is None else (codes - z2) * s2
+        if not torch.allclose(deq, affine, rtol=1e-3 if float_dtype == torch.float16 else 1e-6, atol=0):
+            fail(scheme, f"declares grid = 'affine' but dequantize() is not (codes - zero_point) * scale {where} "
+                         f"(max difference {float((deq - affine).abs().max()):.3g}); declare grid = 'lut'")
+
     # Grid points round-trip exactly: quantizing a dequantized value gives its code back.
     again = scheme.quantize(deq, s2, z2, dtype)
     if not torch.equal(again, codes):
@@ -124,12 +130,6 @@ def _check_dtype(scheme: Scheme, dtype: QuantDtype, float_dtype: torch.dtype) ->
                      f"codes in {n} of {codes.numel()} elements")
     check(torch.equal(scheme.dequantize(again, s2, z2), deq), scheme,
           f"dequantize(quantize(grid values)) differs from the grid values {where}")
-
-    if scheme.grid == "affine":
-        affine = codes * s2 if z2 is None else (codes - z2) * s2
-        if not torch.allclose(deq, affine, rtol=1e-3 if float_dtype == torch.float16 else 1e-6, atol=0):
-            fail(scheme, f"declares grid = 'affine' but dequantize() is not (codes - zero_point) * scale {where} "
-                         f"(max difference {float((deq - affine).abs().max()):.3g}); declare grid = 'lut'")
 
     # The in-place fast path gives what the plain methods give.
     out = torch.full_like(values, 7.5)
