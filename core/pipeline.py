@@ -5,13 +5,15 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 from .config import Recipe, load_recipe
 from .context import RunContext
 from .errors import ConfigError, QuantizationError
 from .guard import fire_event, plugin_code
+from .model_checks import check_model
 from .planning import Plan, build_plan
+from .preflight import check_run
 from .report import Report
 from .weights import observer_for, scheme_for
 
@@ -86,7 +88,10 @@ def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: dict | N
         names = backend.module_names(model)
         types = backend.type_names(model)
     algorithm = _registry().get("algorithm", recipe.algorithm).obj
-    the_plan = build_plan(units, recipe, backend_entry.name, names, types, global_types=algorithm.global_types)
+    global_types = algorithm.global_types
+    if isinstance(global_types, Mapping):  # per backend name; a backend not listed takes every type
+        global_types = global_types.get(backend_entry.name)
+    the_plan = build_plan(units, recipe, backend_entry.name, names, types, global_types=global_types)
     _check_specs(the_plan)
     _check_grids(the_plan, backend_entry, export)
     return the_plan
@@ -98,6 +103,7 @@ def plan(model: Any, config: Any = None, *, backend: str | None = None) -> Plan:
     For a recipe with ``stages``, the plan of the last stage that quantizes (its ``stages``
     attribute lists every stage's plan)."""
     recipe = load_recipe(config)
+    check_model(model, need_values=False)
     entry = choose_backend(model, backend)
     plans = tuple(build_stage_plan(model, stage, entry, recipe.export) for stage in recipe.stage_recipes())
     last = plans[-1]
@@ -158,6 +164,7 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     also with ``inplace=True`` (every parameter, buffer and record any stage changed is restored).
     """
     recipe = load_recipe(config)
+    check_model(model)
     stages = recipe.stage_recipes()
     algorithms = _algorithms(recipe)
     backend_entry = choose_backend(model, backend)
@@ -179,6 +186,7 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     batches = materialize_data(data, limit)
     if any(algo.needs_data for algo in algorithms) and not batches:
         raise ConfigError("the calibration data is empty", "data")
+    check_run(model, plans[0], stages, algorithms, data, batches, device, limit)
 
     everything = len(stages) > 1 or any(algo.changes == "model" for algo in algorithms)
     all_units = [p.unit for p in plans[0].selected]

@@ -63,7 +63,7 @@ class QAT(Algorithm):
     training_loop = True
     #: The weights the torch.fx session quantizes (its rules' weighted modules): an Embedding or
     #: ConvTranspose under global_config would be planned and then silently left float.
-    global_types = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    global_types = {"torch": ("Linear", "Conv1d", "Conv2d", "Conv3d")}
 
     def session(self, model, plan, recipe, backend, context=None):
         """An ActivationSession for ``quanta.Quantizer`` (prepare / step / finalize)."""

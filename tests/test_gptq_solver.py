@@ -348,10 +348,10 @@ def test_blocked_cholesky_in_place(n):
 
 def test_feedback_factor_is_the_ul_factor():
     # G = R diag(R)^-1 with H_damped = R R^T, R upper; U = R^-1 is the paper's factor.
-    from quanta.plugins.gptq.factor import _error_feedback_factor
+    from quanta.plugins.gptq.factor import error_feedback_factor
     _, h, _ = correlated_layer(1, 300, seed=12)
     h_damped = h + 0.01 * h.diagonal().mean() * torch.eye(300)
-    g, d = _error_feedback_factor(h_damped.flip(0, 1).contiguous())
+    g, d = error_feedback_factor(h_damped.flip(0, 1).contiguous())
     r = g.triu() * d
     torch.testing.assert_close((r.double() @ r.double().t()), h_damped.double(), rtol=1e-4,
                                atol=1e-4 * float(h_damped.abs().max()))

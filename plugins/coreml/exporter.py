@@ -12,7 +12,6 @@ import copy
 import inspect
 import os
 import re
-import shutil
 import warnings
 from typing import Any
 
@@ -21,11 +20,14 @@ import numpy as np
 import torch
 
 import quanta
+from quanta.atomic import atomic_dir, check_destination
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Exporter
+from quanta.faults import fault_delay
 from quanta.record import records as _records
 
 from . import metadata, targets
+from .ct_import import import_coremltools
 
 __all__ = ["CoreMLExporter", "CoreMLExportConfig", "stored_weights", "has_activation_quantization",
            "conversion_pass_pipeline"]
@@ -75,6 +77,11 @@ def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
     raise ConfigError(f"expected a tensor or a tuple of tensors, got {type(example_inputs).__name__}", "example_inputs")
+
+
+def _expected_bytes(model: torch.nn.Module) -> int:
+    """An upper bound of the package size: every parameter and buffer at fp16 (the codes are smaller)."""
+    return sum(2 * t.numel() for t in (*model.parameters(), *model.buffers()))
 
 
 def _input_names(model, n: int, given) -> list[str]:
@@ -196,7 +203,7 @@ class CoreMLExporter(Exporter):
         Raises ConfigError for a target below what the model needs, and QuantizationError if
         the saved codes were not quanta's (nothing is left at ``path`` then).
         """
-        import coremltools as ct
+        ct = import_coremltools()
 
         cfg: CoreMLExportConfig = self.config
         if not isinstance(model, torch.nn.Module):
@@ -206,6 +213,8 @@ class CoreMLExporter(Exporter):
         path = os.fspath(path)
         if not path.rstrip("/").endswith(self.suffix):
             path = path.rstrip("/") + self.suffix
+        # Before converting: a destination that cannot be written fails now, not after minutes of work.
+        check_destination(path, overwrite=overwrite, directory=True, expected_bytes=_expected_bytes(model))
         recs = _records(model)
         work = copy.deepcopy(model).eval()
         metadata.annotate(work)
@@ -221,15 +230,17 @@ class CoreMLExporter(Exporter):
                              compute_precision=precision, pass_pipeline=conversion_pass_pipeline())
         mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
         mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
-        if os.path.exists(path):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        mlmodel.save(path)
-        if cfg.check_codes and recs:
-            try:
-                check_stored_codes(path, recs)
-            except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
-                raise
+        # Saved into a staging folder and swapped in: the old package (or the user's folder) survives
+        # any failure or Ctrl-C, and a package failing the code check is never put in place.
+        with atomic_dir(path, overwrite=overwrite) as staging:
+            written = staging / "model.mlpackage"
+            mlmodel.save(str(written))
+            if cfg.check_codes and recs:
+                check_stored_codes(str(written), recs)
+            for child in list(written.iterdir()):
+                child.rename(staging / child.name)
+            written.rmdir()
+            fault_delay("package-staged")
         return path
 
     def verify(self, path, against, example_inputs=None) -> dict:

@@ -10,6 +10,9 @@ import torch
 
 from quanta.errors import ConfigError
 
+from .ct_import import import_coremltools
+from .package_check import check_package
+
 __all__ = ["verify_package", "package_inputs", "random_inputs"]
 
 
@@ -65,6 +68,8 @@ def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_in
     from quanta.mil.program import load_program
     from quanta.mil.runner import compare, run
 
+    import_coremltools()
+    check_package(path)
     program = load_program(os.fspath(path))
     inputs = _named_inputs(program, example_inputs)
     got = run(program, inputs)

@@ -1,5 +1,5 @@
-"""One lazy batch of the GPTQ column sweep: the plain loop (``_sweep_batch``) and, on CUDA,
-the same loop captured once as a graph and replayed (``_GraphRunner``).
+"""One lazy batch of the GPTQ column sweep: the plain loop (``sweep_batch``) and, on CUDA,
+the same loop captured once as a graph and replayed (``GraphRunner``).
 
 Split from ``solver`` (which plans the sweep and owns the factor); see ``docs/gptq-solver.md``.
 """
@@ -12,21 +12,21 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 if TYPE_CHECKING:
-    from .solver import _SweepPlan
+    from .solver import SweepPlan
 
-__all__: list[str] = []
+__all__ = ["SUB_BATCH", "sweep_batch", "GraphRunner"]
 
 #: Columns per inner sub-batch: small enough that its slab stays in L1/L2 on CPU.
-_SUB_BATCH = 16
+SUB_BATCH = 16
 
 
-def _sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, zero_points, diff: torch.Tensor,
+def sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, zero_points, diff: torch.Tensor,
                  quantizer, starts: Sequence[int],
                  before: Callable[[int], None] | None = None) -> None:
     """Quantize the lazy batch ``wb`` ``[L, r]`` (transposed weight, updated in place) column by column.
 
     ``w0b`` ``[L, r]`` is the same batch before any error update; ``gb`` ``[L, L]`` the batch's
-    diagonal block of ``G`` (see :func:`_error_feedback_factor`); ``scales[j]``/``zero_points[j]``
+    diagonal block of ``G`` (see :func:`error_feedback_factor`); ``scales[j]``/``zero_points[j]``
     ``[r, 1]`` are column ``j``'s qparams. Writes ``w0_j - q_j`` to ``diff`` ``[L, r]``; row ``j`` of
     ``wb`` is left as the column was quantized. ``starts`` are the sub-batch starts (each followed
     by one matmul update of the rest of the batch); ``before(k)`` runs at each.
@@ -51,7 +51,7 @@ def _sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, 
             wb[k2:].addmm_(gb[k1:k2, k2:].t(), diff[k1:k2])
 
 
-class _GraphRunner:
+class GraphRunner:
     """Runs whole lazy batches of one fixed length from static buffers; on CUDA, as a replayed graph.
 
     The launch-bound per-column loop of a batch (about 8 kernels per column) is captured once
@@ -61,7 +61,7 @@ class _GraphRunner:
     the plain path. ``path="static"`` runs the same buffers without capture (tests on CPU).
     """
 
-    def __init__(self, length: int, rows: int, device, plan: _SweepPlan, quantizer, has_zp: bool, capture: bool):
+    def __init__(self, length: int, rows: int, device, plan: SweepPlan, quantizer, has_zp: bool, capture: bool):
         self.length, self.plan, self.quantizer, self.capture = length, plan, quantizer, capture
         f32 = dict(dtype=torch.float32, device=device)
         self.wb = torch.empty(length, rows, **f32)
@@ -75,7 +75,7 @@ class _GraphRunner:
         self.failed = False
 
     @classmethod
-    def create(cls, wt, plan: _SweepPlan, quantizer, has_zp, path) -> _GraphRunner | None:
+    def create(cls, wt, plan: SweepPlan, quantizer, has_zp, path) -> GraphRunner | None:
         if path == "eager" or (path == "auto" and wt.device.type != "cuda"):
             return None
         if path not in ("auto", "static", "graph"):
@@ -93,8 +93,8 @@ class _GraphRunner:
         return not self.failed and i2 - i1 == self.length
 
     def _body(self) -> None:
-        starts = list(range(0, self.length, _SUB_BATCH))
-        _sweep_batch(self.wb, self.w0b, self.gb, self.scale.unbind(0), None if self.zp is None else self.zp.unbind(0),
+        starts = list(range(0, self.length, SUB_BATCH))
+        sweep_batch(self.wb, self.w0b, self.gb, self.scale.unbind(0), None if self.zp is None else self.zp.unbind(0),
                      self.diff, self.quantizer, starts)
 
     def _load(self, i1, i2, wt, w0_t, scale_t, zp_t) -> None:

@@ -6,7 +6,7 @@ quantized through the upper Cholesky factor ``U`` of the inverse Hessian
 (``H^-1 = U^T U``). The math is the paper's; the speed comes from
 
 * never forming ``U``: with ``H = R R^T`` (``R`` upper, ``U = R^-1``) the feedback is a
-  triangular substitution with ``R`` (see :func:`_error_feedback_factor`), so one blocked,
+  triangular substitution with ``R`` (see :func:`error_feedback_factor`), so one blocked,
   in-place Cholesky replaces Cholesky, ``cholesky_inverse`` and a second Cholesky;
 * working on the transposed weight (one contiguous row per input column), in lazy batches
   of ``processing_group_size`` columns split again into sub-batches of 16: a rank-1 update
@@ -32,12 +32,12 @@ import torch
 
 from quanta.errors import QuantizationError
 
-from .batch import _SUB_BATCH, _GraphRunner, _sweep_batch
-from .factor import (  # noqa: F401 - re-exported: the factor lived here first
+from .batch import SUB_BATCH, GraphRunner, sweep_batch
+from .factor import (  # noqa: F401 - inverse_hessian_factor re-exported: it lived here first
     inverse_hessian_factor,
-    _damped_factor,
-    _error_feedback_factor,
-    _all_finite,
+    damped_factor,
+    error_feedback_factor,
+    all_finite,
 )
 
 __all__ = ["GPTQQuantizer", "GPTQResult", "gptq_quantize", "inverse_hessian_factor"]
@@ -150,7 +150,7 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
     device = weight.device
     w = weight.detach().to(dtype=torch.float32)  # read only: the sweep works on transposed copies
     h = hessian.detach().to(device=device, dtype=torch.float32)  # read only
-    if not (_all_finite(w) and _all_finite(h)):
+    if not (all_finite(w) and all_finite(h)):
         raise QuantizationError("gptq: weight and hessian must be finite (found NaN or inf)")
     rows, n = w.shape
 
@@ -166,7 +166,7 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
     perm = None
     if act_order:
         perm = torch.argsort(diag, descending=True, stable=True)
-    # The factorization takes H in reversed sweep order (see _error_feedback_factor) and works
+    # The factorization takes H in reversed sweep order (see error_feedback_factor) and works
     # in place; building that is the one copy of H the solver makes (again per damp retry).
     rev = torch.arange(n - 1, -1, -1, device=device) if perm is None else perm.flip(0)
     def reversed_hessian(h=h) -> torch.Tensor:
@@ -175,7 +175,7 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
             h_rev.diagonal()[dead[rev]] = 1
         return h_rev
 
-    (feedback, r_diag), damp_used = _damped_factor(reversed_hessian, damp, _error_feedback_factor)
+    (feedback, r_diag), damp_used = damped_factor(reversed_hessian, damp, error_feedback_factor)
     del h, reversed_hessian
 
     n_groups = 1 if block_size is None else n // block_size
@@ -193,7 +193,7 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
         blocks = torch.stack([feedback[i:i + block_size, i:i + block_size] for i in range(0, n, block_size)])
         eye = torch.eye(block_size, dtype=feedback.dtype, device=device).expand_as(blocks)
         block_inverse = torch.linalg.solve_triangular(blocks, eye, upper=True, unitriangular=True)
-    plan = _SweepPlan(n=n, batch=batch, block_size=block_size if dynamic else None, group_of=group_of,
+    plan = SweepPlan(n=n, batch=batch, block_size=block_size if dynamic else None, group_of=group_of,
                       n_groups=n_groups, feedback=feedback, r_diag=r_diag, block_inverse=block_inverse)
 
     chunks = _row_chunks(rows, device)
@@ -243,7 +243,7 @@ def _row_chunks(rows: int, device: torch.device) -> list[tuple[int, int]]:
 
 
 @attrs.frozen(kw_only=True)
-class _SweepPlan:
+class SweepPlan:
     """Everything about the sweep that does not depend on the rows being processed."""
 
     n: int
@@ -251,7 +251,7 @@ class _SweepPlan:
     block_size: int | None  # set only when qparams are fit dynamically
     group_of: Sequence[int]
     n_groups: int
-    feedback: torch.Tensor  # G [n, n]: R with column k divided by R_kk (see _error_feedback_factor)
+    feedback: torch.Tensor  # G [n, n]: R with column k divided by R_kk (see error_feedback_factor)
     r_diag: torch.Tensor  # diag(R) = 1 / diag(U) [n]
     block_inverse: torch.Tensor | None  # dynamic blocks: G_bb^-1 [n // block_size, bs, bs]
 
@@ -274,14 +274,14 @@ class _SweepPlan:
 
     def sub_batches(self, i1: int, i2: int) -> list[int]:
         """Starts of the sub-batches of ``[i1, i2)`` (local offsets), cut at block starts."""
-        cuts = set(range(0, i2 - i1, _SUB_BATCH))
+        cuts = set(range(0, i2 - i1, SUB_BATCH))
         if self.block_size is not None:
             first = -(-i1 // self.block_size) * self.block_size
             cuts.update(b - i1 for b in range(first, i2, self.block_size))
         return sorted(cuts)
 
 
-def _sweep_rows(w: torch.Tensor, plan: _SweepPlan, quantizer, perm, static_groups, path, overlap=False):
+def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups, path, overlap=False):
     """GPTQ on a block of rows ``w`` ``[r, n]``: returns (codes_t [n, r] float codes in sweep order,
     scale_t [G, r], zero_point_t [G, r] or None, sum_j ((w_j - q_j) / U_jj)^2).
 
@@ -323,7 +323,7 @@ def _sweep_rows(w: torch.Tensor, plan: _SweepPlan, quantizer, perm, static_group
         if has_zp:
             zp_t[col // bs] = z.reshape(rows)
 
-    runner = _GraphRunner.create(wt, plan, quantizer, has_zp, path)
+    runner = GraphRunner.create(wt, plan, quantizer, has_zp, path)
     fb = plan.feedback
     g = plan.group_of
     batches = plan.batches(runner.length if runner is not None else None)
@@ -338,7 +338,7 @@ def _sweep_rows(w: torch.Tensor, plan: _SweepPlan, quantizer, perm, static_group
                     col = i1 + k
                     if bs is not None and col % bs == 0 and col > 0:
                         fit_block(col)
-                _sweep_batch(wt[i1:i2], w0_t[i1:i2], fb[i1:i2, i1:i2],
+                sweep_batch(wt[i1:i2], w0_t[i1:i2], fb[i1:i2, i1:i2],
                              [scale_views[g[j]] for j in range(i1, i2)],
                              [zp_views[g[j]] for j in range(i1, i2)] if has_zp else None,
                              diff_t[i1:i2], quantizer, plan.sub_batches(i1, i2), before)
