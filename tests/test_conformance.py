@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+import quanta
 from quanta import registry
 from quanta.testing import (check_algorithm, check_backend, check_exporter, check_observer, check_scheme,
                             reference_model)
@@ -69,12 +71,40 @@ def test_coreml_backend_conforms(tmp_path):
         check_backend(registry.get("backend", "coreml").obj, str(path))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the coreml exporter on main rmtree()s an existing directory it did not write; "
-                                       "the badinput branch (commit cfa1f1f) writes through quanta.atomic.atomic_dir. "
-                                       "Remove this mark when that lands.")
-def test_coreml_exporter_conforms(tmp_path):
-    pytest.importorskip("coremltools")
+def _tiny_llama_int8():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    return quanta.quantize(model, {"global_config": {"dtype": "int8"}, "module_type_configs": {"Embedding": None},
+                                   "module_name_configs": {"lm_head": None}})
+
+
+def _reread_compressed_tensors_int8(path):
+    """Codes of an int8 pack-quantized directory, read with safetensors alone: each int32 word
+    holds four little-endian bytes, each ``code + 128``."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in Path(path).glob("*.safetensors"):
+        for key, tensor in load_file(str(shard)).items():
+            if key.endswith(".weight_packed"):
+                codes = tensor.contiguous().view(torch.uint8).to(torch.int16) - 128
+                out[key[: -len("_packed")]] = codes.to(torch.int8)
+    return out
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "coreml" else n
+                                  for n in _builtins("exporter")])
+def test_builtin_exporter_conforms(name, tmp_path):
+    exporter = registry.get("exporter", name).obj
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        check_exporter(registry.get("exporter", "coreml").obj, tmp_path)
+        if name == "coreml":
+            pytest.importorskip("coremltools")
+            check_exporter(exporter, tmp_path)
+        elif name == "compressed-tensors":
+            check_exporter(exporter, tmp_path, model=_tiny_llama_int8(), reread=_reread_compressed_tensors_int8)
+        else:
+            pytest.fail(f"no conformance check for the built-in exporter {name!r}: add one here")

@@ -73,7 +73,7 @@ class WideRange(AffineScheme):
 
 @pytest.mark.parametrize("scheme,pattern", [
     (ZeroScale(), r"'zero_scale'.*zero, negative, NaN or inf scale for groups \[1\]"),
-    (Unclamped(), r"'unclamped'.*does not clamp"),
+    (Unclamped(), r"'unclamped'.*(does not clamp|codes outside quant_range)"),
     (SlowFastDisagree(), r"quantize_into\(\) differs from quantize\(\)"),
     (AffineClaimingLut(), r"declares grid = 'affine' but dequantize\(\) is not"),
     (WideRange(), r"quant_range\(int2\) = \(-4, 4\) does not fit the dtype"),
@@ -181,18 +181,26 @@ def test_check_algorithm_needs_the_algorithm_registered():
 
 
 # -- exporters ----------------------------------------------------------------------------
-class Clobbers(Exporter):
-    name, description, suffix = "clobbers", "torch.save straight onto the path", ".clobber.pt"
+class Partial(Exporter):
+    name, description, suffix = "partial", "writes straight onto the path, record by record", ".partial.txt"
 
     def export(self, model, path, *, example_inputs=None, overwrite=False):
-        torch.save({k: r.codes for k, r in quanta.records(model).items()}, path)
+        with open(path, "w") as f:  # no quanta.atomic: a failure halfway leaves half a file
+            f.write("quanta records\n")
+            for name, record in quanta.records(model).items():
+                f.write(f"{name} {record.codes.tolist()}\n")
         return str(path)
 
 
-def test_check_exporter_catches_an_exporter_that_overwrites_user_files(register_plugin, tmp_path):
-    register_plugin(_Contribute("exporter", Clobbers()))
-    with pytest.raises(AssertionError, match=r"'clobbers'.*replaced an existing (dir|file)|exporting onto an existing"):
-        check_exporter(Clobbers(), tmp_path, reread=lambda p: torch.load(p))
+def _read_partial(path):
+    lines = open(path).read().splitlines()[1:]
+    return {name: torch.tensor(eval(codes)) for name, codes in (line.split(" ", 1) for line in lines)}
+
+
+def test_check_exporter_catches_partial_output_on_failure(register_plugin, tmp_path):
+    register_plugin(_Contribute("exporter", Partial()))
+    with pytest.raises(AssertionError, match=r"'partial'.*a failed export left output.*broken.partial.txt"):
+        check_exporter(Partial(), tmp_path, reread=_read_partial)
 
 
 # -- the pytest plugin and fixtures -------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +53,7 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
     import quanta
     from quanta import registry
     from quanta.errors import ConfigError, DestinationExistsError, QuantaError
+    from quanta.guard import plugin_code
 
     if not isinstance(exporter, Exporter):
         raise AssertionError(f"{exporter!r} is not a quanta.contracts.Exporter (subclass it; docs/plugins.md)")
@@ -142,26 +144,49 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
     # 5. a failure mid-write leaves nothing behind
     before = _listing(root)
     broken = root / f"broken{suffix}"
+    exporting = exporter.with_config(None) if exporter.config_class is not None else exporter
     try:
-        quanta.export(_Unexportable(model), broken, format=fmt, example_inputs=example_inputs)
+        with plugin_code(exporting):
+            exporting.export(_Unexportable(model, exporting), broken, example_inputs=example_inputs)
     except Exception:
         pass
     else:
-        before = _listing(root)  # the exporter never runs the model: nothing to break
+        before = _listing(root)  # the exporter never walks the model: nothing to break
     check(_listing(root) == before, exporter, f"a failed export left output or temporary files: "
                                               f"{sorted(set(_listing(root)) - set(before))[:5]}")
     check(first.keys() <= _listing(root).keys(), exporter, "a later export removed an earlier output")
 
 
 class _Unexportable(torch.nn.Module):
-    """Wraps a model; its forward and its state raise halfway, so an exporter fails mid-write."""
+    """Wraps a quantized model so that the exporter's own code fails halfway: ``forward``,
+    ``state_dict`` and ``named_modules`` (which ``quanta.records`` walks) raise when called from
+    a method of ``exporter`` (core's checks before the export still see a normal model)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, exporter):
         super().__init__()
         self.inner = inner
+        object.__setattr__(self, "_exporter", exporter)
+
+    def _from_exporter(self) -> bool:
+        frame = inspect.currentframe()
+        while frame is not None:
+            if frame.f_locals.get("self") is self._exporter:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _maybe_fail(self):
+        if self._from_exporter():
+            raise RuntimeError("injected failure while exporting (quanta.testing)")
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError("injected failure while exporting (quanta.testing)")
+        self._maybe_fail()
+        return self.inner(*args, **kwargs)
 
     def state_dict(self, *args, **kwargs):
-        raise RuntimeError("injected failure while exporting (quanta.testing)")
+        self._maybe_fail()
+        return super().state_dict(*args, **kwargs)
+
+    def named_modules(self, *args, **kwargs):
+        self._maybe_fail()
+        return super().named_modules(*args, **kwargs)
