@@ -31,18 +31,20 @@ def _listing(root: Path) -> dict[str, bytes]:
 
 
 def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any = None, example_inputs: Any = None,
-                   reread: Callable[[str], dict] | None = None) -> None:
+                   reread: Callable[[str], dict] | None = None, min_cosine: float = 0.999) -> None:
     """Check ``exporter`` (registered under its name) against the ``quanta.contracts.Exporter``
     contract, writing under ``tmp_path``; raise AssertionError naming it.
 
     ``model``: a quantized model it can write (default: the reference MLP, int8 RTN) with
     ``example_inputs``; ``reread``: a function reading a written file back into
     ``{"<module>.<param>": codes tensor}`` for an exact round trip (else, when ``can_verify``,
-    ``verify`` must find the file equal to the model: ``max_abs`` near 0 relative to the outputs).
+    ``verify`` must find the file computing the model: a ``cosine`` of at least ``min_cosine``,
+    allowing for the format's float16 arithmetic).
 
     - ``export`` writes at ``path`` (with its declared ``suffix``) and returns the path written;
       a file or a directory as ``writes_directory`` says;
-    - the round trip is exact (``reread``) or verified (``verify``);
+    - the round trip is exact (``reread``: the stored codes are the records') or verified
+      (``verify``: outputs of the file agree with the model's);
     - ``quanta.export`` refuses an unknown option (``ConfigError`` naming it) before writing;
     - an existing file or directory that quanta did not write is refused without
       ``overwrite=True`` (``DestinationExistsError``) and left byte for byte intact;
@@ -96,6 +98,10 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
         figures = quanta.verify(written, model, example_inputs=example_inputs, format=fmt)
         check(isinstance(figures, dict) and "max_abs" in figures, exporter,
               f"verify() must return a dict with max_abs, got {figures!r}")
+        cosine = figures.get("cosine")
+        check(cosine is None or float(cosine) >= min_cosine, exporter,
+              f"verify() finds the written file far from the model it was written from: cosine {cosine} "
+              f"(< {min_cosine})")
         if exporter.suffix:
             by_suffix = quanta.verify(written, model, example_inputs=example_inputs)
             check(by_suffix.keys() == figures.keys(), exporter, "quanta.verify by suffix picked another exporter")
