@@ -27,6 +27,12 @@ def test_builtin_scheme_conforms(name):
     check_scheme(registry.get("scheme", name).obj)
 
 
+@pytest.mark.parametrize("grid", ["auto", "restricted", "full"])
+def test_symmetric_scheme_conforms_with_every_grid_option(grid):
+    scheme = registry.get("scheme", "symmetric").obj
+    check_scheme(scheme.with_config(scheme.config_class(grid=grid)))
+
+
 @pytest.mark.parametrize("name", _builtins("observer"))
 def test_builtin_observer_conforms(name):
     check_observer(registry.get("observer", name).obj)
@@ -35,6 +41,13 @@ def test_builtin_observer_conforms(name):
 @pytest.mark.parametrize("name", _builtins("observer"))
 def test_builtin_observer_conforms_with_the_affine_scheme(name):
     check_observer(registry.get("observer", name).obj, scheme=registry.get("scheme", "affine").obj)
+
+
+def test_observers_conform_with_options():
+    check_observer(registry.get("observer", "percentile").obj.with_config(
+        registry.get("observer", "percentile").config_class(percentile=90.0)))
+    check_observer(registry.get("observer", "mse").obj.with_config(
+        registry.get("observer", "mse").config_class(grid=8, min_ratio=0.2, norm=2.4)))
 
 
 _SLOW_ALGORITHMS = {"calibrate"}  # torch.fx tracing and finalizing on three models: ~7 s
