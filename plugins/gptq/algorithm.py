@@ -239,9 +239,12 @@ class GPTQ(Algorithm):
                 block.to(device)
                 if mine:
                     hooks = {m: _HessianHook(m, device) for m in mine}
-                    for args, kwargs in cache:
-                        block(*args, **_fresh_state(kwargs))
-                    self._solve(model, mine, hooks, cfg, device, context)
+                    try:
+                        for args, kwargs in cache:
+                            block(*args, **_fresh_state(kwargs))
+                        self._solve(model, mine, hooks, cfg, device, context)
+                    finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
+                        _remove_hooks(hooks)
                     for m in mine:
                         del todo[m]
                 if name == blocks[-1][0]:
@@ -259,9 +262,12 @@ class GPTQ(Algorithm):
             home = _device_of(model)
             model.to(device)
             hooks = {m: _HessianHook(m, device) for m in todo}
-            for sample in samples:
-                call_model(model, to_device(sample, device))
-            self._solve(model, dict(todo), hooks, cfg, device, context)
+            try:
+                for sample in samples:
+                    call_model(model, to_device(sample, device))
+                self._solve(model, dict(todo), hooks, cfg, device, context)
+            finally:
+                _remove_hooks(hooks)
             model.to(home)
 
     def _solve(self, model, mine, hooks, cfg, device, context):
@@ -312,6 +318,11 @@ def _fresh_state(kwargs: dict) -> dict:
         return copy.deepcopy(v)
 
     return {k: fresh(v) for k, v in kwargs.items()}
+
+
+def _remove_hooks(hooks: dict) -> None:
+    for hook in hooks.values():
+        hook.handle.remove()  # idempotent: hessian() removed the solved ones already
 
 
 def _contains(parent: nn.Module, module: nn.Module) -> bool:
