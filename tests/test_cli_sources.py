@@ -68,6 +68,10 @@ def test_own_model_and_data_from_a_script_quantize_save_export(tmp_path):
     out = _run("export", str(saved), "--output", str(tmp_path / "mine.mlpackage"), cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "mine.mlpackage").is_dir()
+    # verify takes the saved directory too, and the inputs saved with it.
+    out = _run("verify", str(tmp_path / "mine.mlpackage"), "--against", str(saved), cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split("cosine: ")[1].split()[0]) > 0.999
     out = _run("plan", str(recipe), "--model", str(saved), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "2 of 3 weights" in out.stdout
@@ -218,3 +222,4 @@ def test_transformers_and_saved_directories_as_model_sources(tmp_path):
     with pytest.raises(SourceError, match="neither a quanta saved model"):
         (tmp_path / "empty").mkdir()
         load_model(str(tmp_path / "empty"))
+
