@@ -52,6 +52,14 @@ def _net():
     return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
 
 
+NETMOD = """import torch
+
+
+def build():
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+"""
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A quantized model and a real exported package, built once for the module."""
@@ -72,10 +80,14 @@ class Env:
         self.qmodel = copy.deepcopy(qmodel)
         self.pkg = root / "model.mlpackage"
         shutil.copytree(package, self.pkg)
-        self.model_file = root / "float.pt"
-        torch.save(self.model, self.model_file)
-        self.qmodel_file = root / "quantized.pt"
-        torch.save(self.qmodel, self.qmodel_file)
+        # The CLI reads models as data (quanta.save directories rebuilt by a function), never pickles.
+        (root / "netmod.py").write_text(NETMOD)
+        rebuild = {"factory": f"{root / 'netmod.py'}:build"}
+        self.model_file = quanta.save(self.model, root / "float", rebuild=rebuild)
+        self.qmodel_file = quanta.save(self.qmodel, root / "quantized", rebuild=rebuild,
+                                       example_inputs=torch.randn(1, 16))
+        self.pickle_file = root / "float.pt"
+        torch.save(self.model, self.pickle_file)
         self.user_dir = root / "mine.mlpackage"
         self.user_dir.mkdir()
         (self.user_dir / "notes.txt").write_text("my notes")
@@ -149,23 +161,13 @@ def edit_manifest(change):
     return how
 
 
-def _unimportable_model(env) -> Path:
-    """A model file whose class lives in a module that is gone when the file is read."""
-    mod_dir = env.root / "gone_mod"
-    mod_dir.mkdir()
-    (mod_dir / "vanishing_model_mod.py").write_text(
-        "import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        self.fc = torch.nn.Linear(4, 4)\n")
-    sys.path.insert(0, str(mod_dir))
-    try:
-        import vanishing_model_mod
-
-        path = env.make(env.root / "orphan.pt")
-        torch.save(vanishing_model_mod.Net(), path)
-    finally:
-        sys.path.remove(str(mod_dir))
-        sys.modules.pop("vanishing_model_mod", None)
-    shutil.rmtree(mod_dir)
+def _orphan_saved(env) -> Path:
+    """A saved directory whose recorded factory (a user's script) is gone when it is read."""
+    script = env.root / "vanishing_model_mod.py"
+    script.write_text(NETMOD)
+    path = env.make(env.root / "orphan")
+    quanta.save(env.model, path, rebuild={"factory": f"{script}:build"})
+    script.unlink()
     return path
 
 
@@ -266,7 +268,7 @@ CASES = [
      ModelError, r"has no weight the 'torch' backend can quantize"),
     ("model-missing-path", lambda e: quanta.quantize(str(e.root / "nope.mlpackage"), {}), ModelError,
      r"no file or folder at"),
-    ("model-path-to-pt-file", lambda e: quanta.quantize(str(e.model_file), {}), ModelError,
+    ("model-path-to-pt-file", lambda e: quanta.quantize(str(e.pickle_file), {}), ModelError,
      r"is a file.*torch.load"),
     ("model-an-int", lambda e: quanta.quantize(42, {}), ConfigError, r"no backend accepts a builtins.int"),
     ("model-nan-weight", _nan_weights, QuantizationError, r"layer '0'.*(NaN|finite)"),
@@ -430,21 +432,25 @@ CASES = [
     ("cli-plan-no-model", lambda e: cli(e, "plan", e.write("r.yaml", "global_config: {}\n")), CLIExit,
      r"names no model.*--model"),
     ("cli-plan-model-missing", lambda e: cli(e, "plan", e.recipe, "--model", "nope.pt"), CLIExit,
-     r"'nope.pt' is neither an example"),
+     r"--model: 'nope.pt' is not an example.*a quanta saved directory"),
     ("cli-plan-model-junk", lambda e: cli(e, "plan", e.recipe, "--model", e.write("junk.pt", "junk")), CLIExit,
-     r"junk.pt' is not a readable torch.save file"),
-    ("cli-plan-model-class-gone", lambda e: cli(e, "plan", e.recipe, "--model", _unimportable_model(e)), CLIExit,
-     r"orphan.pt' holds a model whose class cannot be imported"),
+     r"junk.pt' is a pickle file; quanta does not unpickle"),
+    ("cli-plan-model-class-gone", lambda e: cli(e, "plan", e.recipe, "--model", _orphan_saved(e)), CLIExit,
+     r"rebuild.factory: no Python file '.*vanishing_model_mod.py'"),
     ("cli-plan-model-state-dict", lambda e: cli(e, "plan", e.recipe, "--model", _state_dict_file(e)), CLIExit,
-     r"holds a state_dict \(OrderedDict\), not a torch.nn.Module"),
-    ("cli-plan-model-folder", lambda e: cli(e, "plan", e.recipe, "--model", e.user_dir), CLIExit, r"is a folder"),
+     r"sd.pt' is a pickle file"),
+    ("cli-plan-model-folder", lambda e: cli(e, "plan", e.recipe, "--model", e.user_dir), CLIExit,
+     r"holds neither a quanta saved model \(quanta_config.json\) nor a transformers model"),
     ("cli-quantize-unknown-key", lambda e: cli(e, "quantize", e.write("r.yaml", f"model: {e.model_file}\nglobal: {{}}\n")),
      CLIExit, r"unknown key 'global'; did you mean 'global_config'"),
-    ("cli-quantize-output-exists", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_file), CLIExit,
-     r"mine.pt' already exists and was not written by quanta.*--overwrite"),
+    ("cli-quantize-output-exists", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_dir), CLIExit,
+     r"mine.mlpackage' already exists and was not written by quanta.*--overwrite"),
+    ("cli-quantize-output-is-file", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_file), CLIExit,
+     r"mine.pt' exists and is not a directory"),
     ("cli-quantize-output-under-file", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_file / "q.pt"), CLIExit,
      r"cannot create the folder"),
-    ("cli-quantize-output-is-folder", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_dir), CLIExit,
+    ("cli-quantize-output-is-folder", lambda e: cli(e, "quantize", e.recipe, "--format", "pickle", "-o", e.user_dir),
+     CLIExit,
      r"is a directory; a file goes there"),
     ("cli-quantize-report-exists", lambda e: cli(e, "quantize", e.recipe, "-o", "q.pt", "--report", e.user_file),
      CLIExit, r"mine.pt' already exists"),
@@ -462,9 +468,9 @@ CASES = [
     ("cli-export-onto-users-folder", lambda e: cli(e, "export", e.qmodel_file, "-o", e.user_dir, "--input-shape", "1,16"),
      CLIExit, r"--overwrite"),
     ("cli-export-model-missing", lambda e: cli(e, "export", "nope.pt", "-o", "q.mlpackage"), CLIExit,
-     r"model file 'nope.pt' does not exist"),
+     r"model: 'nope.pt' is not an example"),
     ("cli-export-model-junk", lambda e: cli(e, "export", e.write("junk.pt", b"\x00" * 64), "-o", "q.mlpackage"),
-     CLIExit, r"not a readable torch.save file"),
+     CLIExit, r"junk.pt' is a pickle file"),
     ("cli-export-unknown-format", lambda e: cli(e, "export", e.qmodel_file, "-o", "q.x", "--format", "onnx"),
      CLIExit, r"no exporter plugin named 'onnx'"),
     ("cli-export-bad-target", lambda e: cli(e, "export", e.qmodel_file, "-o", "q.mlpackage", "--target", "iOS15"),
@@ -472,7 +478,7 @@ CASES = [
     ("cli-verify-corrupt-package", lambda e: cli(e, "verify", e.damaged(truncate(SPEC, 700)), "--against",
                                                  e.qmodel_file), CLIExit, r"truncated or corrupt"),
     ("cli-verify-against-missing", lambda e: cli(e, "verify", e.pkg, "--against", "nope.pt"), CLIExit,
-     r"--against model file 'nope.pt' does not exist"),
+     r"--against: 'nope.pt' is not an example"),
     ("cli-describe-unknown", lambda e: cli(e, "describe", "scheme", "afine"), CLIExit, r"did you mean 'affine'"),
     ("cli-describe-bad-kind", lambda e: cli(e, "describe", "schem", "affine"), CLIExit, r"invalid choice: 'schem'"),
     ("cli-no-command", lambda e: cli(e), CLIExit, r"the following arguments are required: COMMAND"),
