@@ -57,22 +57,24 @@ def _leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture
 def setup(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    torch.save(model, tmp_path / "m.pt")
+    (tmp_path / "netmod.py").write_text(
+        "import torch\n\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))\n")
+    model = f"'{tmp_path / 'netmod.py'}:build'"  # the CLI reads models as data or functions, never pickles
     old = tmp_path / "r.yaml"
-    old.write_text(f"model: {tmp_path / 'm.pt'}\nglobal_config: {{dtype: int8}}\n")
+    old.write_text(f"model: {model}\nglobal_config: {{dtype: int8}}\n")
     new = tmp_path / "r4.yaml"
-    new.write_text(f"model: {tmp_path / 'm.pt'}\nglobal_config: {{dtype: int4, granularity: per_block, "
+    new.write_text(f"model: {model}\nglobal_config: {{dtype: int4, granularity: per_block, "
                    "block_size: 8}\n")
     return tmp_path
 
 
-def _quantize_old(tmp: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", tmp / "r.yaml", "-o", tmp / "q.pt", "-q"],
-                         capture_output=True, text=True)
+def _quantize_old(tmp: Path, output: str = "q.pt") -> dict:
+    pickle = ["--format", "pickle"] if output.endswith(".pt") else []
+    out = subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", tmp / "r.yaml", "-o", tmp / output, "-q",
+                          *pickle], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    return _tree(tmp / "q.pt")
+    return _tree(tmp / output)
 
 
 def _spec_of(path: Path) -> str:
@@ -82,7 +84,7 @@ def _spec_of(path: Path) -> str:
 def test_sigint_while_quantize_renames_keeps_the_previous_model(setup):
     tmp = setup
     before = _quantize_old(tmp)
-    proc = _start(["quantize", tmp / "r4.yaml", "-o", tmp / "q.pt"],
+    proc = _start(["quantize", tmp / "r4.yaml", "-o", tmp / "q.pt", "--format", "pickle"],
                   {"QUANTA_FAULT_DELAY": "model-file-written:60"})
     assert _wait_for(lambda: any(p.name.startswith(".q.pt.") for p in tmp.iterdir()), proc), proc.communicate()
     time.sleep(0.3)  # inside the pause: the new file is complete beside the destination
@@ -94,11 +96,29 @@ def test_sigint_while_quantize_renames_keeps_the_previous_model(setup):
     assert not _leftovers(tmp)
 
 
+def test_sigint_while_a_saved_directory_is_swapped_in_keeps_the_previous_one(setup):
+    tmp = setup
+    before = _quantize_old(tmp, "q")
+    proc = _start(["quantize", tmp / "r4.yaml", "-o", tmp / "q"], {"QUANTA_FAULT_DELAY": "model-dir-staged:60"})
+
+    def staged():
+        return any((p / "quanta_config.json").exists() for p in tmp.glob(".q.*.quanta-staging"))
+
+    assert _wait_for(staged, proc, timeout=300), proc.communicate()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert _tree(tmp / "q") == before
+    assert str(next(iter(quanta.records(quanta.load(tmp / "q")).values())).spec.dtype) == "int8"
+    assert not _leftovers(tmp)
+
+
 @pytest.mark.parametrize("delay", [0.5, 3.5, 7.0])
 def test_sigint_at_any_moment_of_quantize_leaves_old_or_new(setup, delay):
     tmp = setup
     before = _quantize_old(tmp)
-    proc = _start(["quantize", tmp / "r4.yaml", "-o", tmp / "q.pt"])
+    proc = _start(["quantize", tmp / "r4.yaml", "-o", tmp / "q.pt", "--format", "pickle"])
     time.sleep(delay)
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -118,13 +138,13 @@ def _export(tmp: Path, source: str, extra=None, env=None) -> subprocess.Popen:
 
 def test_sigint_while_export_swaps_keeps_the_previous_package(setup):
     tmp = setup
-    _quantize_old(tmp)
-    proc = _export(tmp, "q.pt")
+    _quantize_old(tmp, "q")
+    proc = _export(tmp, "q")
     assert proc.wait(timeout=300) == 0, proc.communicate()
     before = _tree(tmp / "q.mlpackage")
-    subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", tmp / "r4.yaml", "-o", tmp / "q4.pt", "-q"],
+    subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", tmp / "r4.yaml", "-o", tmp / "q4", "-q"],
                    check=True)
-    proc = _export(tmp, "q4.pt", env={"QUANTA_FAULT_DELAY": "package-staged:60"})
+    proc = _export(tmp, "q4", env={"QUANTA_FAULT_DELAY": "package-staged:60"})
 
     def staged():
         return any((p / "Manifest.json").exists() for p in tmp.glob(".q.mlpackage.*.quanta-staging"))
@@ -143,12 +163,12 @@ def test_sigint_at_any_moment_of_export_leaves_old_or_new(setup, delay):
     from quanta.plugins.coreml.package_check import check_package
 
     tmp = setup
-    _quantize_old(tmp)
-    assert _export(tmp, "q.pt").wait(timeout=300) == 0
+    _quantize_old(tmp, "q")
+    assert _export(tmp, "q").wait(timeout=300) == 0
     before = _tree(tmp / "q.mlpackage")
-    subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", tmp / "r4.yaml", "-o", tmp / "q4.pt", "-q"],
+    subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", tmp / "r4.yaml", "-o", tmp / "q4", "-q"],
                    check=True)
-    proc = _export(tmp, "q4.pt")
+    proc = _export(tmp, "q4")
     time.sleep(delay)
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
