@@ -256,8 +256,10 @@ def _cmd_verify(args, console: Console) -> int:
     import quanta
 
     inputs = parse_shapes(args.input_shape)
-    against = _load_model(args.against, "--against").model
-    result = quanta.verify(args.path, against, example_inputs=inputs)
+    source = _load_model(args.against, "--against")
+    if inputs is None:  # as export does: the inputs saved with the model (token ids need them)
+        inputs = source.example_inputs
+    result = quanta.verify(args.path, source.model, example_inputs=inputs)
     for k, v in result.items():
         print(f"{k}: {v}")
     return 0
