@@ -127,7 +127,7 @@ def test_results_on_stdout_messages_on_stderr_and_quiet(model_recipe, tmp_path):
     status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "-q")
     assert status == 0 and err == "" and "2 layers quantized" in out
     status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q.pt")  # quanta's own file: replaced
-    assert status == 0 and "[2/2] layers" in err and "wrote" in err and "wrote" not in out
+    assert status == 0 and "[2/2] rtn layers" in err and "wrote" in err and "wrote" not in out
 
 
 def test_own_output_is_replaced_but_a_users_file_needs_overwrite(model_recipe, tmp_path):
