@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.errors import ConfigError, did_you_mean
 
 __all__ = ["OpLinearQuantizerConfig", "OptimizationConfig", "linear_quantize_weights", "experimental"]
@@ -51,8 +52,11 @@ class OpLinearQuantizerConfig:
         return cls(**config_dict)
 
     def as_layer_dict(self) -> dict:
-        out = {"mode": str(_text(self.mode)).lower(), "dtype": _text(self.dtype),
-               "granularity": str(_text(self.granularity)).lower()}
+        mode = str(_text(self.mode)).lower()
+        # linear_symmetric is coremltools' restricted grid (int4 -7..7), pinned against quanta's default.
+        scheme = {"linear_symmetric": pinned_scheme("symmetric", PTQ_GRID), "linear": "affine"}.get(mode)
+        out = {"mode": mode} if scheme is None else {"scheme": scheme}
+        out.update({"dtype": _text(self.dtype), "granularity": str(_text(self.granularity)).lower()})
         if out["granularity"] == "per_block":
             out["block_size"] = self.block_size
         if self.weight_threshold is not None:

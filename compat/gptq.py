@@ -6,10 +6,11 @@ from typing import Any
 
 import attrs
 
+from quanta.compat.schemes import GPTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.errors import ConfigError
 from quanta.pipeline import quantize
-from quanta.compat.ptq import annotate_for_coreml
+from quanta.compat.convert import annotate_for_coreml
 from quanta.recipe_yaml import read_yaml_mapping, require_mapping
 
 __all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
@@ -42,7 +43,7 @@ class ModuleGPTQConfig:
         out = attrs.asdict(self)
         if out["block_size"] is None:
             del out["block_size"]
-        out["quantization_scheme"] = str(getattr(out["quantization_scheme"], "value", out["quantization_scheme"]))
+        out["quantization_scheme"] = pinned_scheme(out["quantization_scheme"], GPTQ_GRID)
         return out
 
 
@@ -51,7 +52,9 @@ def _layer(value):
         return None
     if isinstance(value, ModuleGPTQConfig):
         return value.as_dict()
-    return {**_GPTQ_DEFAULTS, **dict(value)}
+    out = {**_GPTQ_DEFAULTS, **dict(value)}
+    out["quantization_scheme"] = pinned_scheme(out["quantization_scheme"], GPTQ_GRID)  # coremltools' 16 levels
+    return out
 
 
 @attrs.define(kw_only=True)
@@ -88,7 +91,7 @@ class LayerwiseCompressorConfig:
     def as_dict(self) -> dict:
         glob = _layer(self.global_config)
         if glob is None and not self.module_type_configs and not self.module_name_configs:
-            glob = dict(_GPTQ_DEFAULTS)
+            glob = _layer({})
         out: dict[str, Any] = {"algorithm": "gptq", "global_config": glob,
                                "input_cacher": self.input_cacher, "calibration_nsamples": self.calibration_nsamples}
         if glob is not None:
@@ -114,7 +117,11 @@ def _strip(layer):
 
 
 class LayerwiseCompressor:
-    """``LayerwiseCompressor(model, config).compress(dataloader, device=None, inplace=False)``."""
+    """``LayerwiseCompressor(model, config).compress(dataloader, device=None, inplace=False)``.
+
+    GPTQ on coremltools' 16-level grid; the result converts with plain ``ct.convert`` to compressed
+    weights from the target ``compress()`` names (see :class:`~quanta.compat.PostTrainingQuantizer`).
+    """
 
     def __init__(self, model, config: LayerwiseCompressorConfig | dict | None = None):
         if config is None:
@@ -129,6 +136,11 @@ class LayerwiseCompressor:
         """Quantize with GPTQ on ``dataloader``'s samples; ``device`` is optional here."""
         self._result = quantize(self._model, self._recipe, data=dataloader, inplace=inplace, device=device)
         return annotate_for_coreml(self._result)
+
+    @property
+    def minimum_deployment_target(self):
+        """The lowest ``ct.target`` that stores the last ``compress()``'s weights compressed (or None)."""
+        return getattr(self._result, "coreml_minimum_deployment_target", None)
 
     def report(self):
         """The quanta :class:`~quanta.Report` of the last ``compress()``."""

@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 
+from quanta.compat.convert import annotate_for_coreml
+from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.pipeline import quantize
 from quanta.recipe_yaml import read_yaml_mapping, require_mapping
@@ -44,7 +46,7 @@ class ModulePostTrainingQuantizerConfig:
 
     def as_layer_dict(self) -> dict:
         out = {"weight_dtype": self.weight_dtype, "granularity": self.granularity,
-               "quantization_scheme": self.quantization_scheme}
+               "quantization_scheme": pinned_scheme(self.quantization_scheme, PTQ_GRID)}
         if self.block_size is not None:
             out["block_size"] = self.block_size
         return out
@@ -55,7 +57,10 @@ def _layer(value: Any):
         return None
     if isinstance(value, ModulePostTrainingQuantizerConfig):
         return value.as_layer_dict()
-    return dict(value)
+    out = dict(value)
+    if "mode" not in out and "scheme" not in out:  # coremltools' restricted grid, also when not written
+        out["quantization_scheme"] = pinned_scheme(out.get("quantization_scheme", "symmetric"), PTQ_GRID)
+    return out
 
 
 @attrs.define(kw_only=True)
@@ -88,7 +93,7 @@ class PostTrainingQuantizerConfig:
     def as_dict(self) -> dict:
         out: dict[str, Any] = {"global_config": _layer(self.global_config)}
         if self.global_config is None and not self.module_type_configs and not self.module_name_configs:
-            out["global_config"] = {}
+            out["global_config"] = _layer({})
         if self.module_type_configs:
             out["module_type_configs"] = {k: _layer(v) for k, v in self.module_type_configs.items()}
         if self.module_name_configs:
@@ -101,23 +106,14 @@ class PostTrainingQuantizerConfig:
         return load_recipe({**self.as_dict(), "on_unsupported_layer": "skip"}, algorithm="rtn")
 
 
-def annotate_for_coreml(model):
-    """Let plain ``ct.convert`` see quanta's records (adds the Core ML exporter's metadata), if
-    the ``coreml`` exporter plugin is installed; returns ``model``."""
-    from quanta import registry
-
-    if "coreml" in registry.names("exporter"):
-        annotate = getattr(registry.get("exporter", "coreml").obj, "annotate", None)
-        if annotate is not None:
-            annotate(model)
-    return model
-
-
 class PostTrainingQuantizer:
     """``PostTrainingQuantizer(model, config).compress(inplace=False)``, as in coremltools.
 
-    The returned model computes with the dequantized weights, carries quanta records, and
-    converts with plain ``ct.convert(..., minimum_deployment_target=iOS16+)`` keeping them.
+    The returned model computes with the dequantized weights, carries quanta records and
+    coremltools' converter metadata: plain ``ct.convert(torch.jit.trace(model, x),
+    minimum_deployment_target=...)`` stores them compressed from the target that
+    ``compress()`` names (a warning, and ``model.coreml_minimum_deployment_target``; iOS18 for
+    int4 or per-block weights, else iOS16).
     """
 
     def __init__(self, model, config: PostTrainingQuantizerConfig | dict | None = None):
@@ -131,9 +127,14 @@ class PostTrainingQuantizer:
         self._result = None
 
     def compress(self, inplace: bool = False, **_ignored):
-        """Quantize and return the model (a copy unless ``inplace``)."""
+        """Quantize and return the model (a copy unless ``inplace``), annotated for ``ct.convert``."""
         self._result = quantize(self._model, self._recipe, inplace=inplace)
         return annotate_for_coreml(self._result)
+
+    @property
+    def minimum_deployment_target(self):
+        """The lowest ``ct.target`` that stores the last ``compress()``'s weights compressed (or None)."""
+        return getattr(self._result, "coreml_minimum_deployment_target", None)
 
     def report(self):
         """The quanta :class:`~quanta.Report` of the last ``compress()``."""

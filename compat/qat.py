@@ -22,6 +22,8 @@ from typing import Any
 import attrs
 import torch
 
+from quanta.compat.convert import annotate_for_coreml
+from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.errors import ConfigError, did_you_mean
 from quanta.quantizer import Quantizer
 from quanta.recipe_yaml import read_yaml_mapping, require_mapping
@@ -90,7 +92,7 @@ class ModuleLinearQuantizerConfig:
         _observer(self.weight_observer, "weight_observer")
         return {"weight_dtype": _weight_dtype(self.weight_dtype),
                 "granularity": "per_channel" if self.weight_per_channel else "per_tensor",
-                "quantization_scheme": str(_text(self.quantization_scheme))}
+                "quantization_scheme": pinned_scheme(str(_text(self.quantization_scheme)), PTQ_GRID)}
 
     def algorithm_options(self) -> dict:
         """The activation and milestone part, as ``qat`` options."""
@@ -177,19 +179,45 @@ class LinearQuantizer:
         elif isinstance(config, dict):
             config = LinearQuantizerConfig.from_dict(config)
         self._config = config
+        self._model = model
         self._quantizer = Quantizer(model, config.to_recipe_dict())
+        self._result = None
 
     def prepare(self, example_inputs: Any = None, inplace: bool = False):
-        """Returns the fake-quant ``torch.fx.GraphModule`` (a copy unless ``inplace``)."""
-        return self._quantizer.prepare(example_inputs=example_inputs, inplace=inplace)
+        """Returns the fake-quant ``torch.fx.GraphModule`` (a copy unless ``inplace``).
+
+        ``inplace=True``: the model passed in shares the prepared model's parameters, and calling
+        it runs the prepared model, so coremltools' documented calibration loop (``model(data)``
+        after ``prepare(..., inplace=True)``, return value unused) feeds the observers.
+        """
+        prepared = self._quantizer.prepare(example_inputs=example_inputs, inplace=inplace)
+        if inplace and prepared is not self._model:
+            # An instance attribute wins over the class's forward in nn.Module.__call__; fx tracing
+            # uses type(model).forward, so the model can still be prepared again.
+            object.__setattr__(self._model, "forward", prepared.forward)
+        return prepared
 
     def step(self) -> None:
         """One training step: applies the milestones reached."""
         self._quantizer.step()
 
     def finalize(self, model=None, inplace: bool = False):
-        """The quantized model: quanta weight records and quantize/dequantize activations."""
-        return self._quantizer.finalize(model, inplace=inplace)
+        """The quantized model: quanta weight records and quantize/dequantize activations, annotated so
+        that plain ``ct.convert(torch.jit.trace(model, x), minimum_deployment_target=ct.target.iOS17)``
+        stores int8 weights (``constexpr_affine_dequantize``); warns naming the minimum target and
+        sets ``model.coreml_minimum_deployment_target``."""
+        self._result = self._quantizer.finalize(model, inplace=inplace)
+        activations = self._config_activations()
+        return annotate_for_coreml(self._result, activation_quantization=activations)
+
+    def _config_activations(self) -> bool:
+        glob = self._config.global_config or ModuleLinearQuantizerConfig()
+        return glob.algorithm_options()["activation_dtype"] != "float32"
+
+    @property
+    def minimum_deployment_target(self):
+        """The lowest ``ct.target`` that stores the last ``finalize()``'s weights compressed (or None)."""
+        return getattr(self._result, "coreml_minimum_deployment_target", None)
 
     def report(self):
         """The quanta :class:`~quanta.Report` of the last ``finalize()``."""

@@ -48,6 +48,7 @@ _LAZY = {
     "LayerReport": "report", "Report": "report",
     "Granularity": "spec", "QuantDtype": "spec", "QuantSpec": "spec",
     "quantize_weight": "weights",
+    "save": "saving", "load": "saving", "SavedModelError": "saving",
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from .record import QuantizedWeight, read_record, records
     from .report import LayerReport, Report
     from .spec import Granularity, QuantDtype, QuantSpec
+    from .saving import SavedModelError, load, save
     from .weights import quantize_weight
 
 
@@ -83,12 +85,12 @@ def __dir__():
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "plan", "Quantizer", "export", "verify", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
+    "quantize", "plan", "Quantizer", "export", "verify", "save", "load", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
     "Report", "LayerReport", "hookimpl", "hookspec", "contracts", "RunContext", "Unit",
     "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError", "PluginError",
     "PluginWarning",
     "DuplicatePluginError", "QuantizationError", "DestinationError", "DestinationExistsError",
-    "DataError", "DeviceError", "ModelError", "ExampleInputError", "NotQuantizedError", "CoreMLPackageError",
+    "SavedModelError", "DataError", "DeviceError", "ModelError", "ExampleInputError", "NotQuantizedError", "CoreMLPackageError",
     "__version__",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 from .config import Recipe, load_recipe
 from .context import RunContext
@@ -88,7 +88,10 @@ def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: dict | N
         names = backend.module_names(model)
         types = backend.type_names(model)
     algorithm = _registry().get("algorithm", recipe.algorithm).obj
-    the_plan = build_plan(units, recipe, backend_entry.name, names, types, global_types=algorithm.global_types)
+    global_types = algorithm.global_types
+    if isinstance(global_types, Mapping):  # per backend name; a backend not listed takes every type
+        global_types = global_types.get(backend_entry.name)
+    the_plan = build_plan(units, recipe, backend_entry.name, names, types, global_types=global_types)
     _check_specs(the_plan)
     _check_grids(the_plan, backend_entry, export)
     return the_plan

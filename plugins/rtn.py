@@ -16,6 +16,9 @@ class RTN(Algorithm):
     name = "rtn"
     description = "data-free round-to-nearest weight quantization (per-tensor/channel/block)"
     needs_data = False
+    #: What coremltools' PostTrainingQuantizer quantizes from its global_config (not Embedding).
+    global_types = {"torch": ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                              "ConvTranspose3d", "Linear", "MultiheadAttention")}
     #: Weights are only replaced through the backend, never written in place: the model copy
     #: may share the float weights' storage with the user's model.
     shares_float_weights = True

@@ -1,21 +1,30 @@
-"""Built-in schemes ``symmetric`` and ``affine``, matching coremltools.optimize exactly.
+"""Built-in schemes ``symmetric`` and ``affine``.
 
-Both follow ``coremltools.optimize._utils.quantize_weight_by_dtype`` operation for
-operation in float32, so codes, scales and zero points are bit-identical to
-``PostTrainingQuantizer`` and ``linear_quantize_weights``. One deliberate difference: a
-group whose range is zero (all zeros) gets scale 1.0 instead of coremltools' NaN codes.
+``affine`` and ``symmetric`` on its ``restricted`` grid follow
+``coremltools.optimize._utils.quantize_weight_by_dtype`` operation for operation in float32,
+so codes, scales and zero points are bit-identical to ``PostTrainingQuantizer`` and
+``linear_quantize_weights``. ``symmetric`` on its ``full`` grid is coremltools' GPTQ grid (and
+llm-compressor's): 2^b levels, scale ``2·max|w| / (2^b - 1)``. One deliberate difference
+from coremltools: a group whose range is zero (all zeros) gets scale 1.0 instead of NaN codes.
 """
 
 from __future__ import annotations
 
+import attrs
 import torch
 
 import quanta
 from quanta.contracts import Scheme
+from quanta.errors import ConfigError, did_you_mean
 from quanta.qmath import full_range, restricted_range
 from quanta.spec import QuantDtype
 
-__all__ = ["SymmetricScheme", "AffineScheme"]
+__all__ = ["SymmetricConfig", "SymmetricScheme", "AffineScheme", "SYMMETRIC_GRIDS"]
+
+#: The symmetric scheme's grids: ``auto`` picks ``full`` at 4 bits and below, else ``restricted``.
+SYMMETRIC_GRIDS = ("auto", "restricted", "full")
+#: ``auto`` uses the full grid at this many bits and fewer.
+_AUTO_FULL_MAX_BITS = 4
 
 
 def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -23,25 +32,62 @@ def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-class SymmetricScheme(Scheme):
-    """Scale only: range ``[-max|w|, max|w|]`` over the restricted integer range (int8: -127..127).
+def _check_grid(_inst, _attr, value) -> None:
+    if value not in SYMMETRIC_GRIDS:
+        raise ConfigError(f"unknown grid {value!r}{did_you_mean(str(value), SYMMETRIC_GRIDS)} "
+                          f"(allowed: {', '.join(SYMMETRIC_GRIDS)})", "grid")
 
-    Unsigned types use the zero point ``qmax // 2`` (uint8: 127), as coremltools does.
+
+@attrs.frozen(kw_only=True)
+class SymmetricConfig:
+    """Options of the ``symmetric`` scheme (recipe form ``scheme: {name: symmetric, grid: full}``)."""
+
+    grid: str = attrs.field(default="auto", validator=_check_grid, metadata={"doc": (
+        "'restricted': codes -(2^(b-1)-1)..2^(b-1)-1, scale max|w|/(2^(b-1)-1) (coremltools' PTQ; int8 -127..127); "
+        "'full': 2^b codes, scale 2*max|w|/(2^b-1), signed -2^(b-1)..2^(b-1)-1 or unsigned with zero point "
+        "2^(b-1) (coremltools' GPTQ, llm-compressor); 'auto': full at 4 bits and below, restricted above")})
+
+
+class SymmetricScheme(Scheme):
+    """Scale only, range ``[-max|w|, max|w|]``, zero at code 0 (unsigned: at the middle code).
+
+    The grid (``self.config.grid``, :class:`SymmetricConfig`) sets the codes used (all of them
+    ``affine`` grids in the contract's sense: ``(codes - zero_point) * scale``):
+
+    - ``restricted``: ``-(2^(b-1)-1)..2^(b-1)-1`` (int8 -127..127, int4 -7..7), scale
+      ``max|w| / (2^(b-1)-1)``; unsigned types use ``0..2^b-2`` with zero point ``2^(b-1)-1``.
+      coremltools' ``PostTrainingQuantizer`` / ``linear_quantize_weights``, bit for bit.
+    - ``full``: all ``2^b`` codes (int4 -8..7), scale ``2·max|w| / (2^b-1)``; unsigned types use
+      ``0..2^b-1`` with zero point ``2^(b-1)``. coremltools' GPTQ and llm-compressor's grid: one
+      more level, so a smaller step at the same range (the top code clips at ``(1 - 1/(2^b-1))·max``).
+    - ``auto`` (default): ``full`` at 4 bits and below, where a 16th level matters; ``restricted``
+      above, where it does not and coremltools' int8 codes are kept.
     """
 
     name = "symmetric"
-    description = "scale-only quantization over the restricted range (int8: -127..127), zero at code 0"
+    description = "scale-only quantization; grid 'auto' (default), 'restricted' (int8 -127..127) or 'full' (int4 -8..7)"
+    config_class = SymmetricConfig
+
+    def grid_for(self, dtype: QuantDtype) -> str:
+        """The grid used for ``dtype``: ``"restricted"`` or ``"full"`` (``auto`` resolved)."""
+        grid = self.config.grid
+        if grid == "auto":
+            return "full" if dtype.bits <= _AUTO_FULL_MAX_BITS else "restricted"
+        return grid
 
     def quant_range(self, dtype: QuantDtype) -> tuple[int, int]:
+        if self.grid_for(dtype) == "full":
+            return full_range(dtype.bits, dtype.signed)
         return restricted_range(dtype.bits, dtype.signed)
 
     def qparams(self, min_val, max_val, dtype):
         qmin, qmax = self.quant_range(dtype)
         max_abs = torch.maximum(min_val.abs(), max_val.abs())
+        # qmax - qmin is 2^(b-1)·2 - 2 (restricted) or 2^b - 1 (full); the same ops as coremltools.
         scale = _safe_scale((max_abs - (-max_abs)) / (qmax - qmin))
         if dtype.signed:
             return scale, None
-        return scale, torch.full_like(scale, float(qmax // 2))
+        return scale, torch.full_like(scale, float((qmax + 1) // 2 if self.grid_for(dtype) == "full" else qmax // 2))
 
     def quantize(self, values, scale, zero_point, dtype):
         qmin, qmax = self.quant_range(dtype)

@@ -8,7 +8,7 @@ import os
 import re
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import attrs
 import pluggy
@@ -336,7 +336,12 @@ def _declared_problem(kind: str, c: Any) -> str | None:
             return f"declares changes={c.changes!r}; allowed: 'weights', 'model'"
         if c.training_loop and type(c).session is Algorithm.session:
             return "declares training_loop = True but does not implement session()"
-        if c.global_types is not None and not (isinstance(c.global_types, tuple)
-                                               and all(isinstance(t, str) for t in c.global_types)):
-            return f"global_types must be None or a tuple of type names, got {c.global_types!r}"
+        def type_names(value) -> bool:
+            return isinstance(value, tuple) and all(isinstance(t, str) for t in value)
+
+        types = c.global_types
+        if types is not None and not (type_names(types) or (
+                isinstance(types, Mapping) and all(isinstance(k, str) and type_names(v) for k, v in types.items()))):
+            return (f"global_types must be None, a tuple of type names or a mapping of backend name -> tuple, "
+                    f"got {types!r}")
     return None

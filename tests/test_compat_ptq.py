@@ -73,3 +73,20 @@ def test_from_yaml_and_unknown_keys(tmp_path):
         PostTrainingQuantizerConfig.from_dict({"module_name_config": {}})
     with pytest.raises(quanta.ConfigError, match="weight_dtype"):
         PostTrainingQuantizerConfig.from_dict({"global_config": {"weight_dtype": "int3x"}})
+
+
+def test_compress_names_the_deployment_target_plain_convert_needs():
+    import coremltools as ct
+
+    from quanta.compat import PostTrainingQuantizer, PostTrainingQuantizerConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    int4 = PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict({"global_config": {"weight_dtype": "int4"}}))
+    with pytest.warns(UserWarning, match=r"minimum_deployment_target=ct\.target\.iOS18\) or later"):
+        qmodel = int4.compress()
+    assert qmodel.coreml_minimum_deployment_target == int4.minimum_deployment_target == ct.target.iOS18
+    assert int(quanta.records(qmodel)["0.weight"].codes.abs().max()) == 7  # coremltools' restricted grid
+    assert torch.equal(getattr(qmodel[0], "_COREML_/weight/quantization_n_bits"), torch.tensor(4))
+    int8 = PostTrainingQuantizer(model, PostTrainingQuantizerConfig())
+    with pytest.warns(UserWarning, match=r"ct\.target\.iOS16\) or later"):
+        assert int8.compress().coreml_minimum_deployment_target == ct.target.iOS16

@@ -1,4 +1,8 @@
-"""RTN codes, scales and zero points equal coremltools.optimize's, bit for bit."""
+"""Through ``quanta.compat``, RTN codes, scales and zero points equal coremltools.optimize's, bit for bit.
+
+quanta's own symmetric default uses 16 levels at int4 (grid ``auto``); ``quanta.compat`` pins
+coremltools' restricted grid, so every comparison here goes through it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostT
 
 import quanta
 from quanta import QuantSpec
+from quanta.compat import PostTrainingQuantizer as CompatPTQ
+from quanta.compat import PostTrainingQuantizerConfig as CompatConfig
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 
@@ -25,6 +31,14 @@ def _coreml_reference(weight: np.ndarray, dtype: str, scheme: str, block_sizes):
     bits = int(dtype[-1])
     return ct_utils.compute_qparams(weight, nbits=bits, signed=not dtype.startswith("u"),
                                     quantization_mode=MODES[scheme], dtype=None, block_sizes=list(block_sizes))
+
+
+def _compat_spec(dtype, scheme="symmetric", granularity="per_channel", block_size=None) -> QuantSpec:
+    """The spec quanta.compat builds from coremltools' layer options."""
+    glob = {"weight_dtype": dtype, "quantization_scheme": scheme, "granularity": granularity}
+    if block_size:
+        glob["block_size"] = block_size
+    return CompatConfig.from_dict({"global_config": glob}).to_recipe().global_config
 
 
 def _assert_same(weight: torch.Tensor, spec: QuantSpec, channel_axis=0, input_axis=1):
@@ -43,7 +57,7 @@ def _assert_same(weight: torch.Tensor, spec: QuantSpec, channel_axis=0, input_ax
 @pytest.mark.parametrize("granularity,block_size", [("per_channel", None), ("per_block", 32), ("per_tensor", None)])
 def test_random_weights_match_coremltools(dtype, scheme, granularity, block_size):
     torch.manual_seed(hash((dtype, scheme, granularity)) % 1000)
-    spec = QuantSpec(dtype=dtype, scheme=scheme, granularity=granularity, block_size=block_size)
+    spec = _compat_spec(dtype, scheme, granularity, block_size)
     _assert_same(torch.randn(96, 128) * 0.05, spec)
     _assert_same(torch.randn(64, 256).exp() - 1.0, spec)  # skewed: affine zero points away from the middle
     if granularity != "per_block":
@@ -63,7 +77,7 @@ def test_post_training_quantizer_identical(dtype, scheme, granularity, block_siz
     if block_size:
         glob["block_size"] = block_size
     ref = PostTrainingQuantizer(copy.deepcopy(model), PostTrainingQuantizerConfig.from_dict({"global_config": glob})).compress()
-    ours = quanta.quantize(model, {"global_config": glob})
+    ours = CompatPTQ(model, CompatConfig.from_dict({"global_config": glob})).compress()
     recs = quanta.records(ours)
     for name, module in ref.named_modules():
         scale = getattr(module, "_COREML_/weight/quantization_scale", None)
@@ -78,16 +92,17 @@ def test_post_training_quantizer_identical(dtype, scheme, granularity, block_siz
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [
-    QuantSpec(dtype="int8", granularity="per_channel"),
-    QuantSpec(dtype="int4", granularity="per_block", block_size=32),
-    QuantSpec(dtype="uint4", scheme="affine", granularity="per_block", block_size=32),
-    QuantSpec(dtype="int8", scheme="affine", granularity="per_tensor"),
+@pytest.mark.parametrize("options", [
+    ("int8", "symmetric", "per_channel", None),
+    ("int4", "symmetric", "per_block", 32),
+    ("uint4", "affine", "per_block", 32),
+    ("int8", "affine", "per_tensor", None),
 ])
-def test_real_pretrained_weights_match_coremltools(spec):
+def test_real_pretrained_weights_match_coremltools(options):
     """Every Linear weight of the real all-MiniLM-L6-v2 encoder."""
     from quanta.examples import load_example
 
+    spec = _compat_spec(*options)
     model = load_example("minilm").model
     n = 0
     for name, module in model.named_modules():

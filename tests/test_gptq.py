@@ -52,7 +52,7 @@ def test_seed_snippet_through_compat():
     # --- end ---
     report = quantizer.report()
     assert [r.name for r in report.layers] == ["2"]
-    assert report.layers[0].extra["method"] == "gptq" and report.layers[0].spec == "int4 symmetric per_block(128)"
+    assert report.layers[0].extra["method"] == "gptq" and report.layers[0].spec == "int4 symmetric(grid=full) per_block(128)"
     assert dict(report.skipped)["0"].startswith("unsupported")  # 64 inputs, block 128: float, as coremltools
     assert "2.weight" in quanta.records(compressed_model)
 
@@ -105,12 +105,12 @@ def test_blocks_get_every_samples_keyword_inputs():
     data = [{"input_ids": torch.randint(0, 50, (4, 10)), "attention_mask": (torch.rand(4, 10) > 0.3).long()}
             for _ in range(6)]
     model.seen.clear()
-    q = quanta.quantize(model, {"algorithm": "gptq", "global_config": {"dtype": "int8"}, "calibration_nsamples": 6},
-                        data=data)
+    q = quanta.quantize(model, {"algorithm": "gptq", "global_config": {"dtype": "int8"}, "calibration_nsamples": 6,
+                                "module_type_configs": {"Embedding": {"dtype": "int8"}}}, data=data)
     assert q.seen and all(q.seen)  # the mask reached every block call, every sample (the copy ran)
     methods = {r.name: r.extra["method"] for r in q.quanta_report.layers}
     assert methods["layers.2.fc2"] == "gptq" and methods["head"] == "gptq"
-    assert methods["embed"].startswith("rtn")  # no inputs to calibrate an embedding: said in the report
+    assert methods["embed"].startswith("rtn")  # named; no inputs to calibrate an embedding: said in the report
     assert set(quanta.records(q)) >= {"layers.0.fc1.weight", "head.weight", "embed.weight"}
     # Memory: the cache holds one block's inputs (hidden states and masks of every sample), never more.
     one_block = sum(4 * 10 * 32 * 4 + 4 * 10 * 8 for _ in data)

@@ -41,7 +41,9 @@ def test_unknown_name_is_a_key_error_with_nearest_names():
 def test_describe_lists_config_fields():
     fields = {f.name: f for f in registry.describe("observer", "mse")}
     assert fields["grid"].default == "40" and fields["grid"].type == "int" and fields["grid"].doc
-    assert registry.describe("scheme", "symmetric") == []
+    grid = {f.name: f for f in registry.describe("scheme", "symmetric")}["grid"]
+    assert grid.default == "'auto'" and "restricted" in grid.doc and "full" in grid.doc
+    assert registry.describe("scheme", "affine") == []
 
 
 class _Pow3(SymmetricScheme):

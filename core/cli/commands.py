@@ -8,28 +8,23 @@ user's mistakes) and turned into one line and a status by :mod:`quanta.cli.app`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from quanta.errors import ConfigError, ExampleInputError, did_you_mean
+from quanta.errors import ConfigError, ExampleInputError
 
-from .model_files import is_quanta_model_file, load_model_file, save_model_file
+from .model_files import is_quanta_model_file, save_model_file
 from .output import Console
 
 __all__ = ["COMMANDS", "parse_shapes"]
 
 
-def _load_model(ref: Any):
-    """A model from a recipe's ``model`` value: an example name or a ``torch.save``d module path."""
-    from quanta.examples import EXAMPLES, load_example
+def _load_model(ref: Any, key: str = "model"):
+    """A ``quanta.sources.ModelSource`` from an example name, a saved or transformers directory, or
+    ``module:function`` (see docs/config.md); never unpickles."""
+    from quanta.sources import load_model
 
-    if isinstance(ref, str) and ref in EXAMPLES:
-        return load_example(ref)
-    if isinstance(ref, (str, os.PathLike)) and Path(ref).exists():
-        return load_model_file(ref)
-    raise ConfigError(f"{str(ref)!r} is neither an example ({', '.join(EXAMPLES)}) nor an existing model file"
-                      f"{did_you_mean(str(ref), EXAMPLES)}", "model")
+    return load_model(ref, key)
 
 
 def _cmd_plugins(args, console: Console) -> int:
@@ -72,17 +67,17 @@ def _recipe_and_model(args, console: Console):
     recipe = quanta.load_recipe(args.recipe)
     ref = args.model or recipe.model
     if ref is None:
-        raise ConfigError("the recipe names no model: add `model: minilm` (an example) or pass --model PATH", "model")
+        raise ConfigError("the recipe names no model: add `model: minilm` (an example), a model directory or "
+                          "`module:function`, or pass --model", "model")
     console.info(f"loading model {ref!s} ...")
-    return recipe, _load_model(ref)
+    return recipe, _load_model(ref, "--model" if args.model else "model")
 
 
 def _cmd_plan(args, console: Console) -> int:
     import quanta
 
-    recipe, loaded = _recipe_and_model(args, console)
-    model = getattr(loaded, "model", loaded)
-    print(quanta.plan(model, recipe))
+    recipe, source = _recipe_and_model(args, console)
+    print(quanta.plan(source.model, recipe))
     return 0
 
 
@@ -122,17 +117,20 @@ def _cmd_quantize(args, console: Console) -> int:
     import quanta
     from quanta import registry
     from quanta.atomic import check_destination
-    from quanta.examples import Example
     from quanta.export_checks import export_destination
 
-    recipe, loaded = _recipe_and_model(args, console)
-    example = loaded if isinstance(loaded, Example) else None
-    model = example.model if example else loaded
-    data = example.data if example else None
-    output = Path(args.output or Path("out") / f"{Path(args.recipe).stem}.pt")
+    from quanta.sources import load_data
+
+    recipe, source = _recipe_and_model(args, console)
+    example = source.example
+    model = source.model
+    data = load_data(recipe.data, source) if recipe.data is not None else source.data
+    pickle = args.format == "pickle"
+    stem = Path(args.recipe).stem
+    output = Path(args.output or (Path("out") / (f"{stem}.pt" if pickle else stem)))
     # Every destination is checked before the run, so a bad path never costs a whole run.
     check_destination(output, expected_bytes=_model_bytes(model), overwrite=args.overwrite,
-                      owned=is_quanta_model_file)
+                      owned=is_quanta_model_file if pickle else None, directory=not pickle)
     if args.report:
         check_destination(args.report, overwrite=args.overwrite, owned=_is_quanta_report)
     package = None
@@ -148,7 +146,12 @@ def _cmd_quantize(args, console: Console) -> int:
     print(qmodel.quanta_report)
     if example:
         print(example.evaluate(model, qmodel))
-    save_model_file(qmodel, output, overwrite=args.overwrite)
+    inputs = _example_inputs(source, data)
+    if pickle:
+        save_model_file(qmodel, output, overwrite=args.overwrite)
+    else:
+        output = Path(quanta.save(qmodel, output, rebuild=source.rebuild, example_inputs=inputs,
+                                  tokenizer=source.tokenizer_dir, overwrite=args.overwrite))
     console.info(f"wrote {output}")
     if args.report:
         from quanta.report_html import write_report_html
@@ -156,12 +159,26 @@ def _cmd_quantize(args, console: Console) -> int:
         write_report_html(qmodel.quanta_report, args.report, recipe=recipe, overwrite=args.overwrite)
         console.info(f"wrote {args.report}")
     if package is not None:
-        inputs = example.example_inputs if example else None
         console.info(f"exporting to {package} with {fmt!r} ...")
         written = quanta.export(qmodel, package, format=fmt, example_inputs=inputs, overwrite=args.overwrite,
                                 **options)
         console.info(f"wrote {written}")
     return 0
+
+
+def _example_inputs(source, data):
+    """What exporters trace with: the source's own example inputs, else the first calibration batch."""
+    import torch
+
+    if source.example_inputs is not None:
+        return source.example_inputs
+    first = data[0] if data else None
+    if isinstance(first, torch.Tensor):
+        return (first,)
+    if isinstance(first, (tuple, dict)) and all(isinstance(v, torch.Tensor)
+                                                for v in (first.values() if isinstance(first, dict) else first)):
+        return first
+    return None
 
 
 def _is_quanta_report(path: Path) -> bool:
@@ -192,7 +209,10 @@ def _cmd_export(args, console: Console) -> int:
     import quanta
 
     inputs = parse_shapes(args.input_shape)
-    model = load_model_file(args.model)
+    source = _load_model(args.model, "model")
+    model = source.model
+    if inputs is None:
+        inputs = source.example_inputs
     options = {}
     if args.target:
         options["minimum_deployment_target"] = args.target
@@ -208,7 +228,7 @@ def _cmd_verify(args, console: Console) -> int:
     import quanta
 
     inputs = parse_shapes(args.input_shape)
-    against = load_model_file(args.against, what="--against model file")
+    against = _load_model(args.against, "--against").model
     result = quanta.verify(args.path, against, example_inputs=inputs)
     for k, v in result.items():
         print(f"{k}: {v}")

@@ -29,7 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="MODEL",
-                   help="override the recipe's model: a built-in example (minilm, digits) or a torch.save'd model file")
+                   help="override the recipe's model: a built-in example (minilm, digits, ...), a directory written by "
+                        "quanta quantize / quanta.save, a transformers model directory, or module:function")
 
 
 def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
@@ -66,28 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
 
     s = sub.add_parser("quantize", help="run a recipe and write the quantized model",
-                       description="Run a recipe on its model and torch.save the quantized model (written "
-                                   "atomically); the report table goes to stdout. Exports too when the recipe "
-                                   "has an `export:` section.")
+                       description="Run a recipe on its model and save the quantized model with quanta.save "
+                                   "(a directory, written atomically); the report table goes to stdout. Exports "
+                                   "too when the recipe has an `export:` section.")
     s.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see docs/config.md)")
     _model_arg(s)
     s.add_argument("-o", "--output", metavar="PATH",
-                   help="where to write the quantized model (default: out/<recipe name>.pt)")
+                   help="where to write the quantized model (default: out/<recipe name>/, or "
+                        "out/<recipe name>.pt with --format pickle)")
+    s.add_argument("--format", choices=["quanta", "pickle"], default="quanta",
+                   help="quanta: a directory by quanta.save, safetensors + JSON (default); pickle: a torch.save "
+                        "file, which quanta never reads back")
     s.add_argument("--report", metavar="HTML",
                    help="also write a self-contained HTML report (recipe, per-layer error and size chart, totals)")
     _overwrite(s, "output, report or package")
     _common(s)
 
-    s = sub.add_parser("export", help="export a torch.save'd quantized model (e.g. to .mlpackage)",
-                       description="Export a torch.save'd quantized model with an exporter plugin. The "
+    s = sub.add_parser("export", help="export a saved quantized model (e.g. to .mlpackage)",
+                       description="Export a saved quantized model with an exporter plugin. The "
                                    "destination is checked before converting and written atomically.")
-    s.add_argument("model", metavar="MODEL", help="torch.save'd quantized model file (from `quanta quantize`)")
+    s.add_argument("model", metavar="MODEL", help="a directory written by `quanta quantize` / quanta.save (or "
+                                                  "another --model form: example, transformers directory, "
+                                                  "module:function)")
     s.add_argument("-o", "--output", metavar="PATH", required=True,
                    help="destination, e.g. model.mlpackage (the exporter's suffix is added when missing)")
     s.add_argument("--format", default="coreml", metavar="FORMAT", help=f"{EXPORT_FORMATS_HINT}; default coreml")
     s.add_argument("--input-shape", metavar="SHAPE", required=False,
                    help="example input shape(s) for tracing, comma-separated, ';' between inputs: "
-                        "1,3,32,32 or 1,128;1,128 (float inputs; required by coreml)")
+                        "1,3,32,32 or 1,128;1,128 (float inputs; default: the inputs saved with the model)")
     s.add_argument("--target", choices=TARGETS, metavar="TARGET",
                    help=f"minimum deployment target: {', '.join(TARGETS)} (default: the lowest that stores the "
                         "model's weights exactly)")
@@ -100,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an exported file with the numpy reference runner and a torch model on the "
                                    "same inputs; print the error figures.")
     s.add_argument("path", metavar="PATH", help="exported file, e.g. model.mlpackage")
-    s.add_argument("--against", metavar="MODEL", required=True, help="torch.save'd model to compare with")
+    s.add_argument("--against", metavar="MODEL", required=True,
+                   help="the torch model to compare with: a saved directory, an example, or module:function")
     s.add_argument("--input-shape", metavar="SHAPE",
                    help="example input shape(s), e.g. 1,3,32,32 (';' between inputs); default: the file's "
                         "declared input shapes, seeded normal values")

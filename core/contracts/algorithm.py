@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from .base import Plugin
 
@@ -40,7 +40,10 @@ class Algorithm(Plugin):
     shares_float_weights: ClassVar[bool] = False
     #: Module type names that ``global_config`` applies to under this algorithm (None: every type
     #: the backend enumerates). Other types are quantized only when a type or name config names them.
-    global_types: ClassVar[tuple[str, ...] | None] = None
+    #: A mapping gives them per backend name (``{"torch": ("Conv2d", "Linear")}``); a backend it
+    #: does not list takes every type (type names differ between backends: the Core ML backend's
+    #: units are op types such as ``linear``).
+    global_types: ClassVar[tuple[str, ...] | Mapping[str, tuple[str, ...]] | None] = None
     #: True when the algorithm runs inside the user's training loop (``quanta.Quantizer``) and
     #: implements :meth:`session`.
     training_loop: ClassVar[bool] = False

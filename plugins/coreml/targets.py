@@ -71,9 +71,15 @@ def weight_target(record) -> int:
     bits = record.spec.dtype.bits
     if bits not in STORABLE_BITS:
         raise ConfigError(f"Core ML stores 4- or 8-bit weight codes, not {record.spec.dtype}", "dtype")
-    if bits != 8 or record.spec.granularity is Granularity.per_block:
+    if bits != 8 or (record.spec.granularity is Granularity.per_block and _blocked(record)):
         return 9
     return 7
+
+
+def _blocked(record) -> bool:
+    """Whether the scale varies along an axis other than the output channel (a block size that
+    spans the whole input axis is per-channel, which iOS16 stores)."""
+    return any(n > 1 for axis, n in enumerate(record.scale.shape) if axis != record.channel_axis)
 
 
 def required_target(records: dict, has_activation_quant: bool) -> tuple[int, str]:

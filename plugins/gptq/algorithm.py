@@ -143,18 +143,26 @@ def _calibratable(module: nn.Module) -> str | None:
 
 
 class _HessianHook:
-    """Accumulates ``Σ xᵀx`` (float32, upper blocks; mirrored once in :meth:`hessian`) and the row
-    count for one Linear/Conv module."""
+    """Accumulates ``Σ xᵀx`` (float32, upper blocks; mirrored once in :meth:`hessian`) and the
+    sample count for one Linear/Conv module.
+
+    ``H = 2/n Σ xᵀx`` with ``n`` the number of samples (the leading batch dimension of a
+    batched input, 1 for an unbatched 2-D Linear input), as the GPTQ reference code and
+    coremltools count them, not the number of rows: the scale of ``H`` matters where inputs are
+    dead (their diagonal is set to 1 and enters the dampening ``mean(diag(H))``), and with this
+    count quanta's GPTQ gives coremltools' weights.
+    """
 
     def __init__(self, module: nn.Module, device):
         self.module = module
         cols = module.weight[0].numel()
         self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
-        self.rows = 0
+        self.samples = 0
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
         x = args[0].detach()
+        self.samples += x.shape[0] if x.dim() > 2 else 1
         if isinstance(module, nn.Linear):
             x = x.reshape(-1, x.shape[-1])
         elif isinstance(module, nn.Conv1d):
@@ -169,11 +177,10 @@ class _HessianHook:
             x = x.transpose(1, 2).reshape(-1, x.shape[1])
         x = x.to(self.xtx.device, torch.float32)
         accumulate_xtx(self.xtx, x)
-        self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         self.handle.remove()
-        return mirror_upper(self.xtx).mul_(2.0 / max(self.rows, 1))
+        return mirror_upper(self.xtx).mul_(2.0 / max(self.samples, 1))
 
 
 class GPTQ(Algorithm):
@@ -183,6 +190,8 @@ class GPTQ(Algorithm):
     description = "GPTQ: Hessian-based, layer-wise weight quantization from calibration data"
     config_class = GPTQConfig
     needs_data = True
+    #: What coremltools' LayerwiseCompressor quantizes from its global_config.
+    global_types = {"torch": ("Conv2d", "Linear")}
 
     def max_batches(self) -> int:
         """``calibration_nsamples``: GPTQ reads at most that many batches."""
