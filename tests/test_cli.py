@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 
@@ -75,12 +76,20 @@ def _main(*args, cwd=None):
 
 @pytest.fixture
 def model_recipe(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    torch.save(model, tmp_path / "m.pt")
+    (tmp_path / "netdef.py").write_text(NETDEF)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {tmp_path / 'm.pt'}\nglobal_config: {{dtype: int8}}\n")
+    recipe.write_text(f"model: {tmp_path / 'netdef.py'}:build\nglobal_config: {{dtype: int8}}\n")
     return recipe
+
+
+#: A model named as ``file.py:function`` (quanta never unpickles models).
+NETDEF = """import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+"""
 
 
 def test_help_imports_no_torch_and_prints_no_noise():
@@ -123,19 +132,29 @@ def quanta_registry_kinds():
 def test_results_on_stdout_messages_on_stderr_and_quiet(model_recipe, tmp_path):
     status, out, err = _main("plan", model_recipe)
     assert status == 0 and "2 of 2 weights would be quantized" in out and "loading model" in err
-    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "-q")
+    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q", "-q")
     assert status == 0 and err == "" and "2 layers quantized" in out
-    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q.pt")  # quanta's own file: replaced
+    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q")  # quanta's own output: replaced
     assert status == 0 and "[2/2] rtn layers" in err and "wrote" in err and "wrote" not in out
 
 
 def test_own_output_is_replaced_but_a_users_file_needs_overwrite(model_recipe, tmp_path):
-    user = tmp_path / "mine.pt"
+    import quanta
+
+    user = tmp_path / "mine.pt"  # a pickle output (--format pickle) onto a user's file
     user.write_bytes(b"mine")
-    status, _, err = _main("quantize", model_recipe, "-o", user)
+    status, _, err = _main("quantize", model_recipe, "-o", user, "--format", "pickle")
     assert status == 2 and user.read_bytes() == b"mine" and "--overwrite" in err
-    status, _, err = _main("quantize", model_recipe, "-o", user, "--overwrite")
-    assert status == 0 and len(quanta_records(torch.load(user, weights_only=False))) == 2
+    status, _, err = _main("quantize", model_recipe, "-o", user, "--format", "pickle", "--overwrite")
+    assert status == 0 and len(quanta_records(torch.load(user, weights_only=False))) == 2  # noqa: S614 (test)
+    assert _main("quantize", model_recipe, "-o", user, "--format", "pickle")[0] == 0  # now quanta's own file
+    folder = tmp_path / "mine"  # a saved directory (the default format) onto a user's folder
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    status, _, err = _main("quantize", model_recipe, "-o", folder)
+    assert status == 2 and (folder / "notes.txt").read_text() == "mine" and "--overwrite" in err
+    assert _main("quantize", model_recipe, "-o", folder, "--overwrite")[0] == 0
+    assert len(quanta.records(quanta.load(folder))) == 2 and not (folder / "notes.txt").exists()
 
 
 def quanta_records(model):
@@ -171,18 +190,18 @@ def test_internal_errors_exit_1_and_interrupts_130(register_plugin, model_recipe
     register_plugin(_failing_algorithm(exc))
     recipe = tmp_path / "f.yaml"
     recipe.write_text(model_recipe.read_text() + "algorithm: failing-algo\n")
-    got, out, err = _main("quantize", recipe, "-o", tmp_path / "q.pt")
+    got, out, err = _main("quantize", recipe, "-o", tmp_path / "q")
     assert got == status and text in err and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1
-    assert not (tmp_path / "q.pt").exists() and not list(tmp_path.glob(".q.pt.*"))
-    got, _, err = _main("quantize", recipe, "-o", tmp_path / "q.pt", "--debug")
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.*"))
+    got, _, err = _main("quantize", recipe, "-o", tmp_path / "q", "--debug")
     assert got == status and "Traceback" in err
 
 
 def test_html_report_has_one_bar_per_layer(model_recipe, tmp_path):
     from html.parser import HTMLParser
 
-    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "--report", tmp_path / "r.html")
+    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q", "--report", tmp_path / "r.html")
     assert status == 0, err
     page = (tmp_path / "r.html").read_text()
 
@@ -205,9 +224,9 @@ def test_html_report_has_one_bar_per_layer(model_recipe, tmp_path):
     assert "script" not in parser.tags and "svg" in parser.tags
     assert "global_config" in page and "2 layers quantized with &#x27;rtn&#x27;" in page or "2 layers quantized" in page
     # rerunning replaces quanta's own report; a user's page needs --overwrite
-    assert _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "--report", tmp_path / "r.html")[0] == 0
+    assert _main("quantize", model_recipe, "-o", tmp_path / "q", "--report", tmp_path / "r.html")[0] == 0
     (tmp_path / "user.html").write_text("<p>mine</p>")
-    assert _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "--report", tmp_path / "user.html")[0] == 2
+    assert _main("quantize", model_recipe, "-o", tmp_path / "q", "--report", tmp_path / "user.html")[0] == 2
     assert (tmp_path / "user.html").read_text() == "<p>mine</p>"
 
 
@@ -225,8 +244,8 @@ def test_quantizing_a_torch_model_does_not_import_coremltools():
 
 
 def test_export_cli_writes_atomically_and_prints_the_path(model_recipe, tmp_path):
-    assert _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "-q")[0] == 0
-    status, out, err = _main("export", tmp_path / "q.pt", "-o", tmp_path / "q.mlpackage", "--input-shape", "1,16")
+    assert _main("quantize", model_recipe, "-o", tmp_path / "q", "-q")[0] == 0
+    status, out, err = _main("export", tmp_path / "q", "-o", tmp_path / "q.mlpackage", "--input-shape", "1,16")
     assert status == 0 and out.strip().endswith("q.mlpackage"), err
     assert (tmp_path / "q.mlpackage" / ".quanta").is_file()
     assert "Failed to load" not in err and "Converting" not in err  # third-party noise hidden
