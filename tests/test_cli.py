@@ -250,3 +250,46 @@ def test_export_cli_writes_atomically_and_prints_the_path(model_recipe, tmp_path
     assert (tmp_path / "q.mlpackage" / ".quanta").is_file()
     assert "Failed to load" not in err and "Converting" not in err  # third-party noise hidden
     assert not list(tmp_path.glob(".q.mlpackage.*"))
+
+
+def _run_with_tty_stderr(args, env_extra=None, cwd=None):
+    """Run ``quanta`` with stderr on a pseudo-terminal (as in an interactive shell); returns (status, stderr)."""
+    import os
+    import pty
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    env = {**os.environ, **(env_extra or {})}
+    if "NO_COLOR" not in (env_extra or {}):
+        env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "quanta.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=slave, env=env, cwd=cwd)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_terminal_gets_a_progress_bar_and_colour_unless_no_color(model_recipe, tmp_path):
+    status, err = _run_with_tty_stderr(["plan", tmp_path / "missing.yaml"])
+    assert status == 2 and "\x1b[31;1merror\x1b[0m" in err
+    status, err = _run_with_tty_stderr(["plan", tmp_path / "missing.yaml"], {"NO_COLOR": "1"})
+    assert status == 2 and "quanta: error: recipe file" in err and "\x1b[" not in err
+    status, err = _run_with_tty_stderr(["quantize", model_recipe, "-o", tmp_path / "q"])
+    assert status == 0, err
+    assert "\r" in err and "rtn layers" in err and "2/2" in err  # a tqdm bar redrawn in place, not lines
+    assert "[1/2]" not in err  # the plain-line form is for pipes and files
