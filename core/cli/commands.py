@@ -8,6 +8,7 @@ user's mistakes) and turned into one line and a status by :mod:`quanta.cli.app`.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +161,14 @@ def _cmd_quantize(args, console: Console) -> int:
         console.info(f"wrote {args.report}")
     if package is not None:
         console.info(f"exporting to {package} with {fmt!r} ...")
+        started = time.perf_counter()
         written = quanta.export(qmodel, package, format=fmt, example_inputs=inputs, overwrite=args.overwrite,
                                 **options)
-        console.info(f"wrote {written}")
+        console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
+        if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
+            f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
+            print(f"verified {written} against the quantized torch model on the example inputs: "
+                  f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}")
     return 0
 
 

@@ -252,7 +252,11 @@ class CoreMLBackend(Backend):
         return CoreMLWorkModel(load_mlmodel(model))
 
     def read_weight(self, model, unit: Unit) -> torch.Tensor:
-        return torch.from_numpy(np.array(unit.handle.outputs[0].val, copy=True))
+        """The const's values, or once a record is written for it, the record's dequantized values
+        in the const's dtype (what the model computes with)."""
+        const = torch.from_numpy(np.array(unit.handle.outputs[0].val, copy=True))
+        record = model.records.get(unit.name) if isinstance(model, CoreMLWorkModel) else None
+        return const if record is None else record.dequantize().to(const.dtype).reshape(const.shape)
 
     def compute_dtype(self, model, unit: Unit) -> torch.dtype:
         """The dtype coremltools quantizes this weight in (the const's own, usually fp16)."""
