@@ -100,6 +100,7 @@ def test_help_imports_no_torch_and_prints_no_noise():
     assert "exit status: 0 done, 1 internal or plugin error, 2 usage or input error, 130 interrupted" in out.stdout
 
 
+@pytest.mark.slow  # a fresh process importing torch (and coremltools for the export)
 def test_plugins_prints_no_third_party_noise():
     out = _run("plugins")
     assert out.returncode == 0 and "coreml" in out.stdout
@@ -230,6 +231,7 @@ def test_html_report_has_one_bar_per_layer(model_recipe, tmp_path):
     assert (tmp_path / "user.html").read_text() == "<p>mine</p>"
 
 
+@pytest.mark.slow  # a fresh process importing torch (and coremltools for the export)
 def test_quantizing_a_torch_model_does_not_import_coremltools():
     code = ("import sys, torch, quanta\n"
             "m = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
@@ -243,6 +245,7 @@ def test_quantizing_a_torch_model_does_not_import_coremltools():
     assert "Failed to load" not in out.stderr
 
 
+@pytest.mark.slow  # a fresh process importing torch (and coremltools for the export)
 def test_export_cli_writes_atomically_and_prints_the_path(model_recipe, tmp_path):
     assert _main("quantize", model_recipe, "-o", tmp_path / "q", "-q")[0] == 0
     status, out, err = _main("export", tmp_path / "q", "-o", tmp_path / "q.mlpackage", "--input-shape", "1,16")
