@@ -139,7 +139,9 @@ def _cmd_quantize(args, console: Console) -> int:
         options = dict(recipe.export)
         fmt = options.pop("format", "coreml")
         exporter = registry.get("exporter", fmt).obj
-        package = export_destination(options.pop("path", None) or output.with_suffix(""), exporter)
+        # Beside the saved model, never onto it: an exporter without a suffix gets "<stem>-<format>".
+        beside = output.with_suffix("") if exporter.suffix else output.with_name(f"{output.with_suffix('').name}-{fmt}")
+        package = export_destination(options.pop("path", None) or beside, exporter)
         check_destination(package, overwrite=args.overwrite, directory=True)
     console.info(f"quantizing with {recipe.algorithm!r} ...")
     with registry.plugin(_progress_plugin(console), name="quanta-cli-progress"):
@@ -234,8 +236,10 @@ def _cmd_verify(args, console: Console) -> int:
     import quanta
 
     inputs = parse_shapes(args.input_shape)
-    against = _load_model(args.against, "--against").model
-    result = quanta.verify(args.path, against, example_inputs=inputs)
+    source = _load_model(args.against, "--against")
+    if inputs is None:  # a saved directory carries the inputs it was exported with
+        inputs = source.example_inputs
+    result = quanta.verify(args.path, source.model, example_inputs=inputs)
     for k, v in result.items():
         print(f"{k}: {v}")
     return 0
