@@ -32,6 +32,10 @@ def test_plan_describe_and_errors(tmp_path):
     assert out.returncode == 0 and "3 of 3 weights would be quantized" in out.stdout
     out = _run("describe", "observer", "percentile")
     assert out.returncode == 0 and "percentile: float = 99.99" in out.stdout
+    assert "observer: {name: percentile, percentile: ...}" in out.stdout
+    assert "ranges_carry_non_finite = False" in out.stdout
+    out = _run("describe", "exporter", "coreml")
+    assert "suffix = .mlpackage" in out.stdout and "grids = affine" in out.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: digits\nglobal_config: {granularity: per_blok}\n")
     out = _run("plan", str(bad))

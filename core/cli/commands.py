@@ -55,10 +55,22 @@ def _cmd_describe(args, console: Console) -> int:
     entry = registry.get(args.kind, args.name)
     print(f"{entry.kind} {entry.name!r} from {entry.distribution} {entry.version}: {entry.description}")
     fields = registry.describe(args.kind, args.name)
-    if not fields:
-        print("  (no options)")
+    print("options" + ("" if fields else ": none"))
     for f in fields:
         print(f"  {f.name}: {f.type} = {f.default}" + (f"\n      {f.doc}" if f.doc else ""))
+    if fields:
+        example = fields[0]
+        form = (f"{args.kind}: {{name: {entry.name}, {example.name}: ...}}" if args.kind in ("scheme", "observer")
+                else f"export: {{format: {entry.name}, {example.name}: ...}}" if args.kind == "exporter"
+                else f"{example.name}: ... (top level, in algorithm_config, or in a stage)" if args.kind == "algorithm"
+                else None)
+        if form:
+            print(f"  set in a recipe as {form}")
+    print("declares")
+    for attr, value in registry.capabilities(args.kind, args.name).items():
+        if isinstance(value, frozenset):
+            value = ", ".join(sorted(value))
+        print(f"  {attr} = {value}")
     return 0
 
 
