@@ -97,10 +97,10 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool | None = None) -> to
             if bits == 8:
                 out[first:first + u.numel()] = u
                 continue
-            u = u & mask
             if u.numel() % 2:
                 u = torch.cat([u, u.new_zeros(1)])
-            packed = u[0::2] | (u[1::2] << 4)
+            # The high code's upper bits fall off the byte in the shift; only the low one needs a mask.
+            packed = (u[0::2] & 0xF) | (u[1::2] << 4)
         else:
             chunk = chunk.to(torch.int64)
             pad = (-chunk.numel()) % 8
@@ -136,10 +136,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...], signed
             out[start:start + count] = chunk.view(out.dtype)[:count]
             continue
         if bits == 4:
-            values = torch.stack([chunk & 0xF, chunk >> 4], dim=1).reshape(-1)[:count]
-            if signed:  # sign-extend 4 bits within int8: (x ^ 8) - 8
-                values = (values.view(torch.int8) ^ 8) - 8
-            out[start:start + count] = values.view(out.dtype)
+            whole = chunk.numel() * 2 == count  # then the nibbles go straight into ``out``
+            pairs = out[start:start + count].view(-1, 2) if whole else torch.empty(chunk.numel(), 2, dtype=out.dtype)
+            if signed:  # arithmetic shifts of the byte as int8 sign-extend each nibble
+                torch.bitwise_right_shift((chunk << 4).view(torch.int8), 4, out=pairs[:, 0])
+                torch.bitwise_right_shift(chunk.view(torch.int8), 4, out=pairs[:, 1])
+            else:
+                torch.bitwise_and(chunk, 0xF, out=pairs[:, 0])
+                torch.bitwise_right_shift(chunk, 4, out=pairs[:, 1])
+            if not whole:
+                out[start:start + count] = pairs.reshape(-1)[:count]
             continue
         if chunk.numel() < nbytes:
             chunk = torch.cat([chunk, chunk.new_zeros(nbytes - chunk.numel())])

@@ -36,7 +36,7 @@ from .record import QuantizedWeight, attach_record, declare_state, extra_state, 
 from .spec import QuantDtype, QuantSpec
 
 __all__ = ["save", "load", "read_config", "load_example_inputs", "unrestored_records", "saved_size_rule",
-           "write_shards", "tied_tensors", "tokenizer_dir_of", "copy_tokenizer_files", "transformers_config_of",
+           "write_shards", "tied_tensors", "activation_quantization_sites", "tokenizer_dir_of", "copy_tokenizer_files", "transformers_config_of",
            "SavedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "DEFAULT_MAX_SHARD_BYTES"]
 
 FORMAT = "quanta"
@@ -106,7 +106,7 @@ def _split(record_name: str) -> tuple[str, str]:
     return module, param
 
 
-#: Record fields that hold tensors (``lut`` once records have it); every other field is JSON.
+#: Record fields that hold tensors; every other field is JSON.
 _TENSOR_FIELDS = ("codes", "scale", "zero_point", "lut")
 
 
@@ -324,6 +324,26 @@ def _example_tensors(example_inputs) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in pairs}
 
 
+_ACTIVATION_QUANT_FUNCTIONS = (torch.quantize_per_tensor, torch.quantize_per_channel)
+
+
+def activation_quantization_sites(model: torch.nn.Module) -> list[str]:
+    """Where ``model`` quantizes activations in a way its tensors do not hold: ``torch.fx`` graph
+    nodes calling ``torch.quantize_per_tensor``/``_per_channel`` (quanta's calibrate/qat
+    ``finalize`` bakes activation scales into the graph) and fake-quantize modules (names)."""
+    from quanta.fx.fake_quant import ActivationFakeQuantize
+
+    sites = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.fx.GraphModule):
+            prefix = f"{name}." if name else ""
+            sites += [prefix + node.name for node in module.graph.nodes
+                      if node.op == "call_function" and node.target in _ACTIVATION_QUANT_FUNCTIONS]
+        if isinstance(module, ActivationFakeQuantize):
+            sites.append(name)
+    return sites
+
+
 def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | None = None, example_inputs: Any = None,
          tokenizer: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """Save a (quantized) torch model to the directory ``path`` as safetensors + ``quanta_config.json``.
@@ -347,6 +367,12 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
         raise SavedModelError(f"quanta.save takes a torch.nn.Module, got {type(model).__name__}")
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise SavedModelError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}", "max_shard_bytes")
+    sites = activation_quantization_sites(model)
+    if sites:
+        raise SavedModelError(
+            f"the model quantizes activations ({len(sites)} sites, e.g. {sites[0]!r}) in its torch.fx graph, which "
+            "a saved directory cannot hold yet (it holds tensors, not code); export it (quanta.export, e.g. "
+            "coreml) or keep it with `quanta quantize --format pickle`", "model")
     if rebuild is not None and not isinstance(rebuild, dict):
         raise SavedModelError("rebuild must be a dict such as {'factory': 'pkg.module:function'}", "rebuild")
     items, rec_meta, aliases, buffer_keys = _plan_items(model)
@@ -456,7 +482,9 @@ def _rebuild(path: Path, config: dict) -> torch.nn.Module:
 
         return load_example(rebuild["example"]).model
     raise SavedModelError(f"{str(path)!r} does not record how to rebuild its model (a {config.get('model_class')}); "
-                          "pass model=<a fresh instance of that class> to quanta.load")
+                          "pass model=<a fresh instance of that class> to quanta.load, or save it with "
+                          "quanta.save(..., rebuild={'factory': 'package.module:function'}) (the CLI records it when "
+                          "the recipe's model: names a function)")
 
 
 def _owner(model: torch.nn.Module, key: str, what: str) -> tuple[torch.nn.Module, str]:
@@ -536,7 +564,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
             dtype = _torch_dtype(meta.get("param_dtype", _dtype_name(weight.dtype)))
             if weight.dtype != dtype:  # the saved model's float type, not the fresh model's default
                 weight.data = torch.zeros((), dtype=dtype, device=weight.device).expand(weight.shape)
-            attach_record(module, param, rec)
+            attach_record(module, param, rec.to(weight.device))  # records live where their layer does
     if aliases:
         state = model.state_dict(keep_vars=True)
         for alias, canonical in aliases.items():

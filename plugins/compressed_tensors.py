@@ -19,7 +19,8 @@ compressed-tensors decompresses, ``(q - zp).to(scale_dtype) * scale``, equal qua
 
 What the format cannot hold is refused before anything is written, naming the layer: weights of
 modules other than ``nn.Linear``, lookup-table grids, codes of 3, 5, 6 or 7 bits (older
-compressed-tensors and vLLM read only 2, 4 and 8 bits packed densely), blocks along another axis.
+compressed-tensors and vLLM read only 2, 4 and 8 bits packed densely), blocks along another axis,
+and activation quantization (quanta's fake-quantize modules; this exporter writes weights only).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from quanta.errors import ConfigError, QuantizationError
 from quanta.packing import pack_codes
 from quanta.contracts import Exporter
 from quanta.record import QuantizedWeight, records
-from quanta.saving import (DEFAULT_MAX_SHARD_BYTES, copy_tokenizer_files, tied_tensors, tokenizer_dir_of,
+from quanta.saving import (DEFAULT_MAX_SHARD_BYTES, activation_quantization_sites, copy_tokenizer_files, tied_tensors, tokenizer_dir_of,
                            transformers_config_of, write_shards)
 
 __all__ = ["CompressedTensorsExporter", "CompressedTensorsExportConfig", "pack_rows_int32", "SUPPORTED_BITS"]
@@ -142,6 +143,11 @@ class CompressedTensorsExporter(Exporter):
         if transformers_config_of(model) is None:
             raise ConfigError("compressed-tensors directories are transformers models; this is a "
                               f"{type(model).__name__} without a transformers config", "model")
+        sites = activation_quantization_sites(model)
+        if sites:
+            raise QuantizationError("the model quantizes activations, which this exporter does not write "
+                                    "(it writes weight-only pack-quantized layers); export the weight-only "
+                                    "model, or use the coreml exporter", sites[0])
         recs = records(model)
         if not recs:
             raise QuantizationError("the model has no quantized weights (run quanta.quantize first)")

@@ -68,6 +68,10 @@ def test_own_model_and_data_from_a_script_quantize_save_export(tmp_path):
     out = _run("export", str(saved), "--output", str(tmp_path / "mine.mlpackage"), cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "mine.mlpackage").is_dir()
+    # verify takes the saved directory too, and the inputs saved with it.
+    out = _run("verify", str(tmp_path / "mine.mlpackage"), "--against", str(saved), cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split("cosine: ")[1].split()[0]) > 0.999
     out = _run("plan", str(recipe), "--model", str(saved), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "2 of 3 weights" in out.stdout
@@ -88,7 +92,8 @@ def test_own_model_example_recipe_end_to_end(tmp_path):
     from quanta.examples import own_model
 
     loaded = quanta.load(tmp_path / "own")
-    assert isinstance(loaded, own_model.TinyLM) and len(quanta.records(loaded)) == 9
+    planned = quanta.plan(own_model.build(), ROOT / "examples/recipes/own_model.yaml").selected
+    assert isinstance(loaded, own_model.TinyLM) and len(quanta.records(loaded)) == len(planned) > 0
     fresh = quanta.load(tmp_path / "own", own_model.build())
     for name, rec in quanta.records(loaded).items():
         assert torch.equal(quanta.records(fresh)[name].codes, rec.codes)
@@ -169,6 +174,34 @@ def test_pickle_only_on_request_and_never_read_back(tmp_path, capsys):
     assert type(loaded).__name__ == "TinyLM" and len(quanta.records(loaded)) == 2
 
 
+@pytest.mark.slow
+def test_recipe_export_to_compressed_tensors_beside_the_saved_model(tmp_path, capsys):
+    from quanta.cli import main
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.randint(0, 128, (8, 12))}, str(tmp_path / "calib.safetensors"))
+    recipe = tmp_path / "llama.yaml"
+    recipe.write_text(f"model: {{path: '{tmp_path / 'hf'}', class: AutoModelForCausalLM}}\n"
+                      f"data: {{path: '{tmp_path / 'calib.safetensors'}', batch_size: 4}}\n"
+                      "algorithm: gptq\n"
+                      "global_config: {dtype: int4, granularity: per_block, block_size: 32}\n"
+                      "module_type_configs: {Embedding: null}\nmodule_name_configs: {lm_head: null}\n"
+                      "export: {format: compressed-tensors}\n")
+    assert main(["quantize", str(recipe), "-o", str(tmp_path / "out" / "llama")]) == 0
+    assert (tmp_path / "out" / "llama" / "quanta_config.json").is_file()
+    ct = tmp_path / "out" / "llama-compressed-tensors"
+    assert json.loads((ct / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(ct))
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+
+
 def test_transformers_and_saved_directories_as_model_sources(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -189,3 +222,4 @@ def test_transformers_and_saved_directories_as_model_sources(tmp_path):
     with pytest.raises(SourceError, match="neither a quanta saved model"):
         (tmp_path / "empty").mkdir()
         load_model(str(tmp_path / "empty"))
+

@@ -13,6 +13,8 @@ from quanta import QuantizationError
 
 transformers = pytest.importorskip("transformers")
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+# transformers warns that the directory's own quantization_config wins over the dequantize flag we pass.
+pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 
 
 def tiny_llama(dtype=torch.float32):
@@ -106,7 +108,9 @@ def test_compressed_linear_path_runs(tmp_path):
 def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path):
     model = tiny_llama()
     with pytest.raises(QuantizationError, match=r"'model.embed_tokens.weight'.*Linear weights only, not Embedding.weight"):
-        quanta.export(quanta.quantize(model, {"global_config": {"dtype": "int8"}, "module_name_configs": {"lm_head": None}}),
+        quanta.export(quanta.quantize(model, {"global_config": {"dtype": "int8"},
+                                              "module_type_configs": {"Embedding": {"dtype": "int8"}},
+                                              "module_name_configs": {"lm_head": None}}),
                       tmp_path / "a", format="compressed-tensors")
     with pytest.raises(QuantizationError, match=r"'model.layers.0.self_attn.q_proj.weight'.*int3"):
         quanta.export(quanta.quantize(model, _recipe({"dtype": "int3"})), tmp_path / "b", format="compressed-tensors")
@@ -114,11 +118,19 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path):
     with pytest.raises(quanta.ConfigError, match="transformers config"):
         quanta.export(quanta.quantize(plain, {"global_config": {"dtype": "int8"}}), tmp_path / "c",
                       format="compressed-tensors")
-    with pytest.raises(QuantizationError, match="no quantized weights"):
+    with pytest.raises(quanta.QuantaError, match="no quantized weights"):
         quanta.export(model, tmp_path / "d", format="compressed-tensors")
     with pytest.raises(quanta.ConfigError, match="scale_dtype: must be one of"):
         quanta.export(model, tmp_path / "e", format="compressed-tensors", scale_dtype="float8")
-    assert not any((tmp_path / n).exists() for n in "abcde")
+    from quanta.fx.fake_quant import ActivationFakeQuantize
+    from quanta.plugins.activation_observers import StreamingMinMax
+
+    w8a8 = quanta.quantize(model, _recipe({"dtype": "int8"}))
+    w8a8.model.layers[0].mlp.act_fq = ActivationFakeQuantize(StreamingMinMax(), "symmetric",
+                                                             quanta.QuantDtype(8, True))
+    with pytest.raises(QuantizationError, match=r"'model.layers.0.mlp.act_fq'.*quantizes activations"):
+        quanta.export(w8a8, tmp_path / "f", format="compressed-tensors")
+    assert not any((tmp_path / n).exists() for n in "abcdef")
 
 
 @pytest.mark.slow

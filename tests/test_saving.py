@@ -320,6 +320,20 @@ def test_mismatches_are_refused_naming_the_tensor(tmp_path):
         quanta.load(tmp_path / "nowhere", ConvNet())
 
 
+def test_activation_quantized_models_are_refused_not_silently_saved_weight_only(tmp_path):
+    from quanta.saving import activation_quantization_sites
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    data = [torch.randn(8, 16) for _ in range(4)]
+    w8a8 = quanta.quantize(model, {"algorithm": "calibrate", "global_config": {"dtype": "int8"}}, data=data)
+    assert activation_quantization_sites(w8a8)
+    with pytest.raises(SavedModelError, match="quantizes activations .* torch.fx graph"):
+        quanta.save(w8a8, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert activation_quantization_sites(quanta.quantize(model, {"global_config": {"dtype": "int8"}})) == []
+
+
 def test_no_rebuild_recorded_asks_for_a_model(tmp_path):
     out = quanta.save(quanta.quantize(ConvNet(), {"global_config": {"dtype": "int8"}}), tmp_path / "m")
     with pytest.raises(SavedModelError, match="pass model="):
