@@ -52,14 +52,6 @@ def _net():
     return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
 
 
-NETMOD = """import torch
-
-
-def build():
-    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-"""
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A quantized model and a real exported package, built once for the module."""
@@ -80,21 +72,20 @@ class Env:
         self.qmodel = copy.deepcopy(qmodel)
         self.pkg = root / "model.mlpackage"
         shutil.copytree(package, self.pkg)
-        # The CLI reads models as data (quanta.save directories rebuilt by a function), never pickles.
-        (root / "netmod.py").write_text(NETMOD)
-        rebuild = {"factory": f"{root / 'netmod.py'}:build"}
-        self.model_file = quanta.save(self.model, root / "float", rebuild=rebuild)
-        self.qmodel_file = quanta.save(self.qmodel, root / "quantized", rebuild=rebuild,
-                                       example_inputs=torch.randn(1, 16))
-        self.pickle_file = root / "float.pt"
-        torch.save(self.model, self.pickle_file)
+        self.model_file = root / "float.pt"
+        torch.save(self.model, self.model_file)
         self.user_dir = root / "mine.mlpackage"
         self.user_dir.mkdir()
         (self.user_dir / "notes.txt").write_text("my notes")
         self.user_file = root / "mine.pt"
         self.user_file.write_bytes(b"my own bytes")
+        (root / "netdef.py").write_text(NETDEF)  # the CLI's models: 'file.py:function' or saved directories
+        self.model_ref = f"{root / 'netdef.py'}:build"
+        self.saved = quanta.save(self.model, root / "float_saved", rebuild={"factory": self.model_ref})
+        self.qsaved = quanta.save(self.qmodel, root / "quantized", rebuild={"factory": self.model_ref},
+                                  example_inputs=torch.randn(1, 16))
         self.recipe = root / "recipe.yaml"
-        self.recipe.write_text(f"model: {self.model_file}\nglobal_config: {{dtype: int8}}\n")
+        self.recipe.write_text(f"model: {self.model_ref}\nglobal_config: {{dtype: int8}}\n")
         self.x = torch.randn(1, 16)
         self.good = [torch.randn(4, 16) for _ in range(3)]
         self.made: list[Path] = []  # inputs a case builds (not outputs): excluded from the "added" check
@@ -114,6 +105,23 @@ class Env:
         shutil.copytree(self.pkg, path)
         how(path)
         return path
+
+
+NETDEF = """import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+
+def build_dict():
+    return {"weight": torch.zeros(2, 2)}
+
+
+def build_fails():
+    raise RuntimeError("no weights here")
+"""
 
 
 class CLIExit(Exception):
@@ -159,16 +167,6 @@ def edit_manifest(change):
         change(data)
         (path / "Manifest.json").write_text(json.dumps(data))
     return how
-
-
-def _orphan_saved(env) -> Path:
-    """A saved directory whose recorded factory (a user's script) is gone when it is read."""
-    script = env.root / "vanishing_model_mod.py"
-    script.write_text(NETMOD)
-    path = env.make(env.root / "orphan")
-    quanta.save(env.model, path, rebuild={"factory": f"{script}:build"})
-    script.unlink()
-    return path
 
 
 def _failed_plugin(env, monkeypatch) -> None:
@@ -268,7 +266,7 @@ CASES = [
      ModelError, r"has no weight the 'torch' backend can quantize"),
     ("model-missing-path", lambda e: quanta.quantize(str(e.root / "nope.mlpackage"), {}), ModelError,
      r"no file or folder at"),
-    ("model-path-to-pt-file", lambda e: quanta.quantize(str(e.pickle_file), {}), ModelError,
+    ("model-path-to-pt-file", lambda e: quanta.quantize(str(e.model_file), {}), ModelError,
      r"is a file.*torch.load"),
     ("model-an-int", lambda e: quanta.quantize(42, {}), ConfigError, r"no backend accepts a builtins.int"),
     ("model-nan-weight", _nan_weights, QuantizationError, r"layer '0'.*(NaN|finite)"),
@@ -431,54 +429,57 @@ CASES = [
     ("cli-plan-missing-recipe", lambda e: cli(e, "plan", "nope.yaml"), CLIExit, r"recipe file 'nope.yaml' is missing"),
     ("cli-plan-no-model", lambda e: cli(e, "plan", e.write("r.yaml", "global_config: {}\n")), CLIExit,
      r"names no model.*--model"),
-    ("cli-plan-model-missing", lambda e: cli(e, "plan", e.recipe, "--model", "nope.pt"), CLIExit,
-     r"--model: 'nope.pt' is not an example.*a quanta saved directory"),
-    ("cli-plan-model-junk", lambda e: cli(e, "plan", e.recipe, "--model", e.write("junk.pt", "junk")), CLIExit,
-     r"junk.pt' is a pickle file; quanta does not unpickle"),
-    ("cli-plan-model-class-gone", lambda e: cli(e, "plan", e.recipe, "--model", _orphan_saved(e)), CLIExit,
-     r"rebuild.factory: no Python file '.*vanishing_model_mod.py'"),
-    ("cli-plan-model-state-dict", lambda e: cli(e, "plan", e.recipe, "--model", _state_dict_file(e)), CLIExit,
-     r"sd.pt' is a pickle file"),
+    ("cli-plan-model-missing", lambda e: cli(e, "plan", e.recipe, "--model", "nope"), CLIExit,
+     r"--model: 'nope' is not .*no such directory"),
+    ("cli-plan-model-pickle", lambda e: cli(e, "plan", e.recipe, "--model", e.write("junk.pt", "junk")), CLIExit,
+     r"junk.pt' is a pickle file; quanta does not unpickle models"),
+    ("cli-plan-model-no-such-function", lambda e: cli(e, "plan", e.recipe, "--model", "netdef.py:biuld"), CLIExit,
+     r"has no 'biuld'; did you mean 'build'"),
+    ("cli-plan-model-factory-raises", lambda e: cli(e, "plan", e.recipe, "--model", "netdef.py:build_fails"), CLIExit,
+     r"'netdef.py:build_fails' raised RuntimeError: no weights here"),
+    ("cli-plan-model-state-dict", lambda e: cli(e, "plan", e.recipe, "--model", "netdef.py:build_dict"), CLIExit,
+     r"returned a dict, not a torch.nn.Module"),
     ("cli-plan-model-folder", lambda e: cli(e, "plan", e.recipe, "--model", e.user_dir), CLIExit,
-     r"holds neither a quanta saved model \(quanta_config.json\) nor a transformers model"),
-    ("cli-quantize-unknown-key", lambda e: cli(e, "quantize", e.write("r.yaml", f"model: {e.model_file}\nglobal: {{}}\n")),
+     r"mine.mlpackage' holds neither a quanta saved model"),
+    ("cli-quantize-unknown-key", lambda e: cli(e, "quantize", e.write("r.yaml", f"model: {e.model_ref}\nglobal: {{}}\n")),
      CLIExit, r"unknown key 'global'; did you mean 'global_config'"),
     ("cli-quantize-output-exists", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_dir), CLIExit,
      r"mine.mlpackage' already exists and was not written by quanta.*--overwrite"),
-    ("cli-quantize-output-is-file", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_file), CLIExit,
-     r"mine.pt' exists and is not a directory"),
-    ("cli-quantize-output-under-file", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_file / "q.pt"), CLIExit,
+    ("cli-quantize-pickle-output-exists", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_file, "--format", "pickle"),
+     CLIExit, r"mine.pt' already exists and was not written by quanta.*--overwrite"),
+    ("cli-quantize-output-under-file", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_file / "q"), CLIExit,
      r"cannot create the folder"),
-    ("cli-quantize-output-is-folder", lambda e: cli(e, "quantize", e.recipe, "--format", "pickle", "-o", e.user_dir),
-     CLIExit,
-     r"is a directory; a file goes there"),
-    ("cli-quantize-report-exists", lambda e: cli(e, "quantize", e.recipe, "-o", "q.pt", "--report", e.user_file),
+    ("cli-quantize-output-is-a-file", lambda e: cli(e, "quantize", e.recipe, "-o", e.user_file), CLIExit,
+     r"mine.pt' exists and is not a directory"),
+    ("cli-quantize-report-exists", lambda e: cli(e, "quantize", e.recipe, "-o", "q", "--report", e.user_file),
      CLIExit, r"mine.pt' already exists"),
     ("cli-quantize-export-dest-exists", lambda e: cli(e, "quantize", e.write(
-        "r.yaml", f"model: {e.model_file}\nexport: {{format: coreml, path: {e.user_dir}}}\n"), "-o", "q.pt"), CLIExit,
+        "r.yaml", f"model: {e.model_ref}\nexport: {{format: coreml, path: {e.user_dir}}}\n"), "-o", "q"), CLIExit,
      r"mine.mlpackage' already exists"),
-    ("cli-export-shape-not-int", lambda e: cli(e, "export", e.qmodel_file, "-o", "q.mlpackage", "--input-shape", "1,abc"),
+    ("cli-export-shape-not-int", lambda e: cli(e, "export", e.qsaved, "-o", "q.mlpackage", "--input-shape", "1,abc"),
      CLIExit, r"--input-shape '1,abc': 'abc' is not a positive integer"),
-    ("cli-export-shape-zero", lambda e: cli(e, "export", e.qmodel_file, "-o", "q.mlpackage", "--input-shape", "0,16"),
+    ("cli-export-shape-zero", lambda e: cli(e, "export", e.qsaved, "-o", "q.mlpackage", "--input-shape", "0,16"),
      CLIExit, r"'0' is not a positive integer"),
-    ("cli-export-shape-rejected", lambda e: cli(e, "export", e.qmodel_file, "-o", "q.mlpackage", "--input-shape", "1,99"),
+    ("cli-export-shape-rejected", lambda e: cli(e, "export", e.qsaved, "-o", "q.mlpackage", "--input-shape", "1,99"),
      CLIExit, r"the example input .*\(1, 99\).*does not fit the model"),
-    ("cli-export-never-quantized", lambda e: cli(e, "export", e.model_file, "-o", "q.mlpackage", "--input-shape", "1,16"),
+    ("cli-export-never-quantized", lambda e: cli(e, "export", e.saved, "-o", "q.mlpackage", "--input-shape", "1,16"),
      CLIExit, r"never quantized.*--allow-float"),
-    ("cli-export-onto-users-folder", lambda e: cli(e, "export", e.qmodel_file, "-o", e.user_dir, "--input-shape", "1,16"),
+    ("cli-export-onto-users-folder", lambda e: cli(e, "export", e.qsaved, "-o", e.user_dir, "--input-shape", "1,16"),
      CLIExit, r"--overwrite"),
-    ("cli-export-model-missing", lambda e: cli(e, "export", "nope.pt", "-o", "q.mlpackage"), CLIExit,
-     r"model: 'nope.pt' is not an example"),
-    ("cli-export-model-junk", lambda e: cli(e, "export", e.write("junk.pt", b"\x00" * 64), "-o", "q.mlpackage"),
-     CLIExit, r"junk.pt' is a pickle file"),
-    ("cli-export-unknown-format", lambda e: cli(e, "export", e.qmodel_file, "-o", "q.x", "--format", "onnx"),
+    ("cli-export-model-missing", lambda e: cli(e, "export", "nope", "-o", "q.mlpackage"), CLIExit,
+     r"model: 'nope' is not"),
+    ("cli-export-model-pickle", lambda e: cli(e, "export", e.write("junk.pt", b"\x00" * 64), "-o", "q.mlpackage"),
+     CLIExit, r"is a pickle file"),
+    ("cli-export-saved-dir-damaged", lambda e: cli(e, "export", _damaged_saved(e), "-o", "q.mlpackage"), CLIExit,
+     r"quanta_config.json"),
+    ("cli-export-unknown-format", lambda e: cli(e, "export", e.qsaved, "-o", "q.x", "--format", "onnx"),
      CLIExit, r"no exporter plugin named 'onnx'"),
-    ("cli-export-bad-target", lambda e: cli(e, "export", e.qmodel_file, "-o", "q.mlpackage", "--target", "iOS15"),
+    ("cli-export-bad-target", lambda e: cli(e, "export", e.qsaved, "-o", "q.mlpackage", "--target", "iOS15"),
      CLIExit, r"argument --target: invalid choice: 'iOS15' \(choose from 'iOS16'"),
     ("cli-verify-corrupt-package", lambda e: cli(e, "verify", e.damaged(truncate(SPEC, 700)), "--against",
-                                                 e.qmodel_file), CLIExit, r"truncated or corrupt"),
-    ("cli-verify-against-missing", lambda e: cli(e, "verify", e.pkg, "--against", "nope.pt"), CLIExit,
-     r"--against: 'nope.pt' is not an example"),
+                                                 e.qsaved), CLIExit, r"truncated or corrupt"),
+    ("cli-verify-against-missing", lambda e: cli(e, "verify", e.pkg, "--against", "nope"), CLIExit,
+     r"--against: 'nope' is not"),
     ("cli-describe-unknown", lambda e: cli(e, "describe", "scheme", "afine"), CLIExit, r"did you mean 'affine'"),
     ("cli-describe-bad-kind", lambda e: cli(e, "describe", "schem", "affine"), CLIExit, r"invalid choice: 'schem'"),
     ("cli-no-command", lambda e: cli(e), CLIExit, r"the following arguments are required: COMMAND"),
@@ -496,9 +497,10 @@ def _scramble_weights(path: Path) -> None:
     (path / WEIGHTS).write_bytes(bytes(data))
 
 
-def _state_dict_file(env) -> Path:
-    path = env.make(env.root / "sd.pt")
-    torch.save(env.model.state_dict(), path)
+def _damaged_saved(env) -> Path:
+    path = env.make(env.root / "damaged_saved")
+    shutil.copytree(env.qsaved, path)
+    (path / "quanta_config.json").write_text("{")
     return path
 
 

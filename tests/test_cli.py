@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 
@@ -31,6 +32,10 @@ def test_plan_describe_and_errors(tmp_path):
     assert out.returncode == 0 and "3 of 3 weights would be quantized" in out.stdout
     out = _run("describe", "observer", "percentile")
     assert out.returncode == 0 and "percentile: float = 99.99" in out.stdout
+    assert "observer: {name: percentile, percentile: ...}" in out.stdout
+    assert "ranges_carry_non_finite = False" in out.stdout
+    out = _run("describe", "exporter", "coreml")
+    assert "suffix = .mlpackage" in out.stdout and "grids = affine" in out.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: digits\nglobal_config: {granularity: per_blok}\n")
     out = _run("plan", str(bad))
@@ -75,12 +80,20 @@ def _main(*args, cwd=None):
 
 @pytest.fixture
 def model_recipe(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    torch.save(model, tmp_path / "m.pt")
+    (tmp_path / "netdef.py").write_text(NETDEF)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {tmp_path / 'm.pt'}\nglobal_config: {{dtype: int8}}\n")
+    recipe.write_text(f"model: {tmp_path / 'netdef.py'}:build\nglobal_config: {{dtype: int8}}\n")
     return recipe
+
+
+#: A model named as ``file.py:function`` (quanta never unpickles models).
+NETDEF = """import torch
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+"""
 
 
 def test_help_imports_no_torch_and_prints_no_noise():
@@ -91,6 +104,7 @@ def test_help_imports_no_torch_and_prints_no_noise():
     assert "exit status: 0 done, 1 internal or plugin error, 2 usage or input error, 130 interrupted" in out.stdout
 
 
+@pytest.mark.slow  # a fresh process importing torch (and coremltools for the export)
 def test_plugins_prints_no_third_party_noise():
     out = _run("plugins")
     assert out.returncode == 0 and "coreml" in out.stdout
@@ -123,19 +137,29 @@ def quanta_registry_kinds():
 def test_results_on_stdout_messages_on_stderr_and_quiet(model_recipe, tmp_path):
     status, out, err = _main("plan", model_recipe)
     assert status == 0 and "2 of 2 weights would be quantized" in out and "loading model" in err
-    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "-q")
+    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q", "-q")
     assert status == 0 and err == "" and "2 layers quantized" in out
-    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q.pt")  # quanta's own file: replaced
-    assert status == 0 and "[2/2] layers" in err and "wrote" in err and "wrote" not in out
+    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q")  # quanta's own output: replaced
+    assert status == 0 and "[2/2] rtn layers" in err and "wrote" in err and "wrote" not in out
 
 
 def test_own_output_is_replaced_but_a_users_file_needs_overwrite(model_recipe, tmp_path):
-    user = tmp_path / "mine.pt"
+    import quanta
+
+    user = tmp_path / "mine.pt"  # a pickle output (--format pickle) onto a user's file
     user.write_bytes(b"mine")
-    status, _, err = _main("quantize", model_recipe, "-o", user)
+    status, _, err = _main("quantize", model_recipe, "-o", user, "--format", "pickle")
     assert status == 2 and user.read_bytes() == b"mine" and "--overwrite" in err
-    status, _, err = _main("quantize", model_recipe, "-o", user, "--overwrite")
-    assert status == 0 and len(quanta_records(torch.load(user, weights_only=False))) == 2
+    status, _, err = _main("quantize", model_recipe, "-o", user, "--format", "pickle", "--overwrite")
+    assert status == 0 and len(quanta_records(torch.load(user, weights_only=False))) == 2  # noqa: S614 (test)
+    assert _main("quantize", model_recipe, "-o", user, "--format", "pickle")[0] == 0  # now quanta's own file
+    folder = tmp_path / "mine"  # a saved directory (the default format) onto a user's folder
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    status, _, err = _main("quantize", model_recipe, "-o", folder)
+    assert status == 2 and (folder / "notes.txt").read_text() == "mine" and "--overwrite" in err
+    assert _main("quantize", model_recipe, "-o", folder, "--overwrite")[0] == 0
+    assert len(quanta.records(quanta.load(folder))) == 2 and not (folder / "notes.txt").exists()
 
 
 def quanta_records(model):
@@ -171,18 +195,18 @@ def test_internal_errors_exit_1_and_interrupts_130(register_plugin, model_recipe
     register_plugin(_failing_algorithm(exc))
     recipe = tmp_path / "f.yaml"
     recipe.write_text(model_recipe.read_text() + "algorithm: failing-algo\n")
-    got, out, err = _main("quantize", recipe, "-o", tmp_path / "q.pt")
+    got, out, err = _main("quantize", recipe, "-o", tmp_path / "q")
     assert got == status and text in err and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1
-    assert not (tmp_path / "q.pt").exists() and not list(tmp_path.glob(".q.pt.*"))
-    got, _, err = _main("quantize", recipe, "-o", tmp_path / "q.pt", "--debug")
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.*"))
+    got, _, err = _main("quantize", recipe, "-o", tmp_path / "q", "--debug")
     assert got == status and "Traceback" in err
 
 
 def test_html_report_has_one_bar_per_layer(model_recipe, tmp_path):
     from html.parser import HTMLParser
 
-    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "--report", tmp_path / "r.html")
+    status, out, err = _main("quantize", model_recipe, "-o", tmp_path / "q", "--report", tmp_path / "r.html")
     assert status == 0, err
     page = (tmp_path / "r.html").read_text()
 
@@ -205,12 +229,13 @@ def test_html_report_has_one_bar_per_layer(model_recipe, tmp_path):
     assert "script" not in parser.tags and "svg" in parser.tags
     assert "global_config" in page and "2 layers quantized with &#x27;rtn&#x27;" in page or "2 layers quantized" in page
     # rerunning replaces quanta's own report; a user's page needs --overwrite
-    assert _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "--report", tmp_path / "r.html")[0] == 0
+    assert _main("quantize", model_recipe, "-o", tmp_path / "q", "--report", tmp_path / "r.html")[0] == 0
     (tmp_path / "user.html").write_text("<p>mine</p>")
-    assert _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "--report", tmp_path / "user.html")[0] == 2
+    assert _main("quantize", model_recipe, "-o", tmp_path / "q", "--report", tmp_path / "user.html")[0] == 2
     assert (tmp_path / "user.html").read_text() == "<p>mine</p>"
 
 
+@pytest.mark.slow  # a fresh process importing torch (and coremltools for the export)
 def test_quantizing_a_torch_model_does_not_import_coremltools():
     code = ("import sys, torch, quanta\n"
             "m = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
@@ -224,10 +249,54 @@ def test_quantizing_a_torch_model_does_not_import_coremltools():
     assert "Failed to load" not in out.stderr
 
 
+@pytest.mark.slow  # a fresh process importing torch (and coremltools for the export)
 def test_export_cli_writes_atomically_and_prints_the_path(model_recipe, tmp_path):
-    assert _main("quantize", model_recipe, "-o", tmp_path / "q.pt", "-q")[0] == 0
-    status, out, err = _main("export", tmp_path / "q.pt", "-o", tmp_path / "q.mlpackage", "--input-shape", "1,16")
+    assert _main("quantize", model_recipe, "-o", tmp_path / "q", "-q")[0] == 0
+    status, out, err = _main("export", tmp_path / "q", "-o", tmp_path / "q.mlpackage", "--input-shape", "1,16")
     assert status == 0 and out.strip().endswith("q.mlpackage"), err
     assert (tmp_path / "q.mlpackage" / ".quanta").is_file()
     assert "Failed to load" not in err and "Converting" not in err  # third-party noise hidden
     assert not list(tmp_path.glob(".q.mlpackage.*"))
+
+
+def _run_with_tty_stderr(args, env_extra=None, cwd=None):
+    """Run ``quanta`` with stderr on a pseudo-terminal (as in an interactive shell); returns (status, stderr)."""
+    import os
+    import pty
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    env = {**os.environ, **(env_extra or {})}
+    if "NO_COLOR" not in (env_extra or {}):
+        env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "quanta.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=slave, env=env, cwd=cwd)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_terminal_gets_a_progress_bar_and_colour_unless_no_color(model_recipe, tmp_path):
+    status, err = _run_with_tty_stderr(["plan", tmp_path / "missing.yaml"])
+    assert status == 2 and "\x1b[31;1merror\x1b[0m" in err
+    status, err = _run_with_tty_stderr(["plan", tmp_path / "missing.yaml"], {"NO_COLOR": "1"})
+    assert status == 2 and "quanta: error: recipe file" in err and "\x1b[" not in err
+    status, err = _run_with_tty_stderr(["quantize", model_recipe, "-o", tmp_path / "q"])
+    assert status == 0, err
+    assert "\r" in err and "rtn layers" in err and "2/2" in err  # a tqdm bar redrawn in place, not lines
+    assert "[1/2]" not in err  # the plain-line form is for pipes and files

@@ -38,7 +38,7 @@ def test_new_ones_and_diff_convert_and_match_torch(tmp_path):
     from quanta.plugins.coreml import torch_ops
 
     ids = torch.tensor([[3, 4, 5, 9, 10, 2], [0, 1, 2, 3, 7, 8]])
-    path = quanta.export(NewOnesDiff(), tmp_path / "ops.mlpackage", example_inputs=(ids,))
+    path = quanta.export(NewOnesDiff(), tmp_path / "ops.mlpackage", example_inputs=(ids,), allow_float=True)
     assert set(torch_ops.registered()) == {"new_ones", "diff"}
     assert torch_ops.register() == torch_ops.registered()  # once
     figures = quanta.verify(path, NewOnesDiff(), example_inputs=(ids,))
@@ -61,7 +61,8 @@ def test_transformers_llama_converts_with_flexible_length(tmp_path):
     model = _tiny_llama()
     ids = torch.randint(0, 300, (1, 12))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    path = quanta.export(model, tmp_path / "llama.mlpackage", example_inputs=inputs, flexible_sequence_length=True)
+    path = quanta.export(model, tmp_path / "llama.mlpackage", example_inputs=inputs, flexible_sequence_length=True,
+                         allow_float=True)
     for n in (12, 5, 64):
         ids = torch.randint(0, 300, (1, n))
         figures = quanta.verify(path, model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})

@@ -88,3 +88,8 @@ def test_recipe_gptq_coreml_verify_from_the_cli(tmp_path):
     ids = torch.randint(2, 1024, (1, 37), generator=torch.Generator().manual_seed(0))
     figures = quanta.verify(tmp_path / "t.mlpackage", qmodel, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert figures["cosine"] > 0.9999 and figures["max_rel"] < 5e-3, figures
+    # `quanta verify` takes the token-id example inputs saved with the model
+    out = subprocess.run([sys.executable, "-m", "quanta.cli", "verify", str(tmp_path / "t.mlpackage"), "--against",
+                          str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0 and float(re.search(r"cosine: (\S+)", out.stdout)[1]) > 0.9999, out.stdout + out.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +55,22 @@ def _cmd_describe(args, console: Console) -> int:
     entry = registry.get(args.kind, args.name)
     print(f"{entry.kind} {entry.name!r} from {entry.distribution} {entry.version}: {entry.description}")
     fields = registry.describe(args.kind, args.name)
-    if not fields:
-        print("  (no options)")
+    print("options" + ("" if fields else ": none"))
     for f in fields:
         print(f"  {f.name}: {f.type} = {f.default}" + (f"\n      {f.doc}" if f.doc else ""))
+    if fields:
+        example = fields[0]
+        form = (f"{args.kind}: {{name: {entry.name}, {example.name}: ...}}" if args.kind in ("scheme", "observer")
+                else f"export: {{format: {entry.name}, {example.name}: ...}}" if args.kind == "exporter"
+                else f"{example.name}: ... (top level, in algorithm_config, or in a stage)" if args.kind == "algorithm"
+                else None)
+        if form:
+            print(f"  set in a recipe as {form}")
+    print("declares")
+    for attr, value in registry.capabilities(args.kind, args.name).items():
+        if isinstance(value, frozenset):
+            value = ", ".join(sorted(value))
+        print(f"  {attr} = {value}")
     return 0
 
 
@@ -83,24 +94,6 @@ def _cmd_plan(args, console: Console) -> int:
     return 0
 
 
-class _CountedData(Sequence):
-    """A list of calibration batches that advances a progress display as batches are read."""
-
-    def __init__(self, items: Sequence, progress):
-        self.items, self.progress = items, progress
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index):
-        return self.items[index]
-
-    def __iter__(self):
-        for item in self.items:
-            yield item
-            self.progress.step()
-
-
 def _progress_plugin(console: Console):
     import quanta
 
@@ -109,7 +102,9 @@ def _progress_plugin(console: Console):
 
         @quanta.hookimpl
         def run_started(self, algorithm, plan):
-            self.bar = console.progress(len(plan.selected), "layers", unit="layer")
+            if self.bar is not None:  # the previous stage's
+                self.bar.close()
+            self.bar = console.progress(len(plan.selected), f"{algorithm} layers", unit="layer")
 
         @quanta.hookimpl
         def layer_quantized(self, name, record, stats):
@@ -162,12 +157,7 @@ def _cmd_quantize(args, console: Console) -> int:
         check_destination(package, overwrite=args.overwrite, directory=True)
     console.info(f"quantizing with {recipe.algorithm!r} ...")
     with registry.plugin(_progress_plugin(console), name="quanta-cli-progress"):
-        if isinstance(data, Sequence) and not console.quiet:
-            with console.progress(len(data), "calibration batches read", unit="batch") as bar:
-                bar.every_line = False
-                qmodel = quanta.quantize(model, recipe, data=_CountedData(data, bar))
-        else:
-            qmodel = quanta.quantize(model, recipe, data=data)
+        qmodel = quanta.quantize(model, recipe, data=data)
     print(qmodel.quanta_report)
     if example:
         print(example.evaluate(model, qmodel))

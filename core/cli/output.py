@@ -30,6 +30,8 @@ class Console:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.color = self.tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+        # A bar needs a width: a terminal reporting 0 columns (some CI pseudo-terminals) gets lines.
+        self.bars = self.tty and _columns(self.stream) > 0
 
     def _paint(self, text: str, code: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.color else text
@@ -52,6 +54,13 @@ class Console:
         return Progress(self, total, desc, unit)
 
 
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 class Progress:
     """A tqdm bar on a terminal, else plain lines; nothing with ``--quiet``.
 
@@ -65,7 +74,7 @@ class Progress:
         self.count = 0
         self.start = time.perf_counter()
         self.bar = None
-        if not console.quiet and console.tty:
+        if not console.quiet and console.bars:
             from tqdm import tqdm
 
             # disable=False: the TQDM_DISABLE set for third-party bars must not hide ours.

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--against", metavar="MODEL", required=True,
                    help="the torch model to compare with: a saved directory, an example, or module:function")
     s.add_argument("--input-shape", metavar="SHAPE",
-                   help="example input shape(s), e.g. 1,3,32,32 (';' between inputs); default: the file's "
-                        "declared input shapes, seeded normal values")
+                   help="example input shape(s), e.g. 1,3,32,32 (';' between inputs); default: the example "
+                        "inputs saved with --against (token ids), else the file's declared shapes, seeded "
+                        "normal values")
     _common(s)
     return p
