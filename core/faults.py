@@ -3,7 +3,8 @@
 ``QUANTA_FAULT_DELAY="point:seconds[,point:seconds]"`` makes :func:`fault_delay` sleep at the
 named point. Points: ``model-file-written`` (the CLI's model file is complete in its temporary
 path, not yet renamed), ``package-staged`` (an exported package is complete in its staging folder,
-not yet swapped in). Unset (always, outside tests) it does nothing. It changes no behaviour besides
+not yet swapped in), ``model-dir-staged`` (a ``quanta.save`` directory is complete in its staging
+folder, not yet swapped in). Unset (always, outside tests) it does nothing. It changes no behaviour besides
 the pause: a test interrupting during it checks the real write path.
 """
 

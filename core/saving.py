@@ -31,6 +31,7 @@ import torch
 
 from .atomic import atomic_dir
 from .errors import QuantaError
+from .faults import fault_delay
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .record import QuantizedWeight, attach_record, declare_state, extra_state, records
 from .spec import QuantDtype, QuantSpec
@@ -406,6 +407,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
             else:
                 tokenizer.save_pretrained(str(staging))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
+        fault_delay("model-dir-staged")  # tests only: a signal lands while the new copy waits to be swapped in
     return Path(path)
 
 

@@ -109,6 +109,25 @@ def test_sigint_while_quantize_renames_keeps_the_previous_model(setup):
     assert not _leftovers(tmp)
 
 
+def test_sigint_while_a_saved_directory_is_swapped_in_keeps_the_previous_one(setup):
+    tmp = setup
+    _quantize(tmp, "r.yaml", "q")
+    before = _tree(tmp / "q")
+    proc = _start(["quantize", tmp / "r4.yaml", "-o", tmp / "q"], {"QUANTA_FAULT_DELAY": "model-dir-staged:60"})
+
+    def staged():
+        return any((p / "quanta_config.json").exists() for p in tmp.glob(".q.*.quanta-staging"))
+
+    assert _wait_for(staged, proc, timeout=300), proc.communicate()
+    time.sleep(0.3)  # inside the pause: the new directory is complete beside the destination
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert _tree(tmp / "q") == before
+    assert {str(r.spec.dtype) for r in quanta.records(quanta.load(tmp / "q")).values()} == {"int8"}
+    assert not _leftovers(tmp)
+
+
 @pytest.mark.parametrize("delay", [0.5, 3.5, 7.0])
 def test_sigint_at_any_moment_of_quantize_leaves_old_or_new(setup, delay):
     tmp = setup
