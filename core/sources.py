@@ -229,12 +229,7 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
     text = os.fspath(ref)
     if text in EXAMPLES:
         example = load_example(text)
-        tok = None
-        if text == "minilm":
-            from quanta.examples import minilm_path
-
-            tok = minilm_path()
-        return ModelSource(model=example.model, kind="example", example=example, tokenizer_dir=tok,
+        return ModelSource(model=example.model, kind="example", example=example, tokenizer_dir=example.tokenizer_dir,
                            rebuild=None if _is_transformers(example.model) else {"example": text},
                            example_inputs=example.example_inputs, data=example.data)
     path = Path(text)

@@ -82,6 +82,8 @@ class Example:
     data: list
     example_inputs: Any
     evaluate: Callable[[torch.nn.Module, torch.nn.Module], str]
+    #: the folder holding the model's tokenizer files (copied by ``quanta.save``), or None
+    tokenizer_dir: str | None = None
 
 
 def minilm_path() -> str:
@@ -124,7 +126,8 @@ def _minilm() -> Example:
     # token ids and mask by name, as the tokenizer gives them: the Core ML package gets int32 inputs
     # `input_ids` and `attention_mask` (token_type_ids are all zero here and left to their default)
     inputs = {k: data[0][k] for k in ("input_ids", "attention_mask")}
-    return Example(name="minilm", model=model, data=data, example_inputs=inputs, evaluate=evaluate)
+    return Example(name="minilm", model=model, data=data, example_inputs=inputs, evaluate=evaluate,
+                   tokenizer_dir=path)
 
 
 def _digits() -> Example:

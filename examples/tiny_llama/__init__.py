@@ -138,4 +138,5 @@ def example():
         fp, q = perplexity(fp_model, held_batches), perplexity(q_model, held_batches)
         return f"held-out perplexity over {len(held)} sentences: float {fp:.3f}, quantized {q:.3f}"
 
-    return Example(name="tiny-llama", model=model, data=data, example_inputs=first, evaluate=evaluate)
+    return Example(name="tiny-llama", model=model, data=data, example_inputs=first, evaluate=evaluate,
+                   tokenizer_dir=str(HERE))
