@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import yaml
 
 from quanta.compat.schemes import GPTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.errors import ConfigError
 from quanta.pipeline import quantize
 from quanta.compat.convert import annotate_for_coreml
+from quanta.recipe_yaml import read_yaml_mapping, require_mapping
 
 __all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
 
@@ -36,6 +36,7 @@ class ModuleGPTQConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ModuleGPTQConfig":
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         return cls(**config_dict)
 
     def as_dict(self) -> dict:
@@ -71,6 +72,7 @@ class LayerwiseCompressorConfig:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "LayerwiseCompressorConfig":
         """Build from coremltools' dict shape; unknown keys fail naming the nearest key."""
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         known = {f.name for f in attrs.fields(cls)}
         unknown = [k for k in config_dict if k not in known]
         if unknown:
@@ -84,8 +86,7 @@ class LayerwiseCompressorConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "LayerwiseCompressorConfig":
-        with open(path) as fh:
-            return cls.from_dict(yaml.safe_load(fh) or {})
+        return cls.from_dict(read_yaml_mapping(path, what=f"{cls.__name__} file"))
 
     def as_dict(self) -> dict:
         glob = _layer(self.global_config)

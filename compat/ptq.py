@@ -7,12 +7,12 @@ from collections import OrderedDict
 from typing import Any
 
 import attrs
-import yaml
 
 from quanta.compat.convert import annotate_for_coreml
 from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.pipeline import quantize
+from quanta.recipe_yaml import read_yaml_mapping, require_mapping
 
 __all__ = ["QuantizationScheme", "ModulePostTrainingQuantizerConfig", "PostTrainingQuantizerConfig",
            "PostTrainingQuantizer", "annotate_for_coreml"]
@@ -41,6 +41,7 @@ class ModulePostTrainingQuantizerConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ModulePostTrainingQuantizerConfig":
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         return cls(**config_dict)
 
     def as_layer_dict(self) -> dict:
@@ -74,6 +75,7 @@ class PostTrainingQuantizerConfig:
     def from_dict(cls, config_dict: dict) -> "PostTrainingQuantizerConfig":
         """Build from coremltools' dict shape. Unknown keys fail (with the nearest key) when the
         recipe is loaded; this checks the top level at once."""
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         data = dict(config_dict)
         cfg = cls(global_config=data.pop("global_config", None),
                   module_type_configs=dict(data.pop("module_type_configs", {}) or {}),
@@ -86,8 +88,7 @@ class PostTrainingQuantizerConfig:
     @classmethod
     def from_yaml(cls, path) -> "PostTrainingQuantizerConfig":
         """Read the same shape from a YAML file."""
-        with open(path) as fh:
-            return cls.from_dict(yaml.safe_load(fh) or {})
+        return cls.from_dict(read_yaml_mapping(path, what=f"{cls.__name__} file"))
 
     def as_dict(self) -> dict:
         out: dict[str, Any] = {"global_config": _layer(self.global_config)}

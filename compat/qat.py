@@ -21,12 +21,12 @@ from typing import Any
 
 import attrs
 import torch
-import yaml
 
 from quanta.compat.convert import annotate_for_coreml
 from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.errors import ConfigError, did_you_mean
 from quanta.quantizer import Quantizer
+from quanta.recipe_yaml import read_yaml_mapping, require_mapping
 
 __all__ = ["ModuleLinearQuantizerConfig", "LinearQuantizerConfig", "LinearQuantizer"]
 
@@ -78,6 +78,7 @@ class ModuleLinearQuantizerConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ModuleLinearQuantizerConfig":
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         names = [f.name for f in attrs.fields(cls)]
         for k in config_dict:
             if k not in names:
@@ -133,6 +134,7 @@ class LinearQuantizerConfig:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "LinearQuantizerConfig":
         """Build from coremltools' dict shape; unknown keys fail naming the key."""
+        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
         names = [f.name for f in attrs.fields(cls)]
         for k in config_dict:
             if k not in names:
@@ -144,8 +146,7 @@ class LinearQuantizerConfig:
     @classmethod
     def from_yaml(cls, path) -> "LinearQuantizerConfig":
         """Read the same shape from a YAML file (the seed's config works unchanged)."""
-        with open(path) as fh:
-            return cls.from_dict(yaml.safe_load(fh) or {})
+        return cls.from_dict(read_yaml_mapping(path, what=f"{cls.__name__} file"))
 
     def to_recipe_dict(self) -> dict:
         """The equivalent quanta recipe dict (algorithm ``qat``)."""

@@ -10,14 +10,13 @@ touched.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import attrs
-import yaml
 
 from .errors import ConfigError, PluginNotFoundError, did_you_mean
 from .options import make_config, option_names, parse_plugin_ref
+from .recipe_yaml import read_yaml_mapping
 from .spec import QuantSpec
 
 __all__ = ["Recipe", "load_recipe", "parse_layer_config", "LAYER_KEYS", "recipe_to_dict"]
@@ -204,14 +203,7 @@ def load_recipe(source: Any, *, algorithm: str | None = None) -> Recipe:
     if isinstance(source, Recipe):
         return source if algorithm is None or algorithm == source.algorithm else attrs.evolve(source, algorithm=algorithm)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"recipe file {str(path)!r} does not exist")
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"recipe file {str(path)!r} must hold a mapping at the top level")
-        return _from_dict(dict(data), algorithm)
+        return _from_dict(read_yaml_mapping(source), algorithm)
     if source is None:
         return _from_dict({}, algorithm)
     if hasattr(source, "as_dict") and callable(source.as_dict):

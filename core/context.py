@@ -106,7 +106,8 @@ class RunContext:
             original: the float weight before quantization (the row's error is ‖W−Ŵ‖/‖W‖ against it).
             extra: per-layer figures for the report (e.g. ``{"gptq_loss": 0.01}``).
             values: ``record.dequantize()`` when already computed (saves a pass over the weight).
-            sq_error / ref_sq: ‖W−Ŵ‖² and ‖W‖² when already known.
+            sq_error: ‖W−Ŵ‖² when already known (with ``ref_sq``).
+            ref_sq: ‖W‖² when already known (with ``sq_error``).
         Returns the :class:`quanta.LayerReport` row.
         """
         # The error is measured before writing: ``original`` may share the parameter's storage.

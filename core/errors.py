@@ -15,6 +15,12 @@ __all__ = [
     "QuantizationError",
     "DestinationError",
     "DestinationExistsError",
+    "DataError",
+    "DeviceError",
+    "ModelError",
+    "ExampleInputError",
+    "NotQuantizedError",
+    "CoreMLPackageError",
     "PluginError",
     "PluginWarning",
     "nearest",
@@ -98,6 +104,44 @@ class DestinationError(QuantaError, OSError):
 
 class DestinationExistsError(DestinationError, FileExistsError):
     """The destination exists and quanta did not write it: pass ``overwrite=True`` to replace it."""
+
+
+class DataError(QuantaError, ValueError):
+    """Calibration data is unusable: wrong type, shape or dtype for the model, NaN/inf, empty.
+
+    ``batch`` is the index of the offending batch (None when the problem is the whole data).
+    """
+
+    def __init__(self, message: str, batch: int | None = None):
+        self.batch = batch
+        super().__init__(message)
+
+
+class DeviceError(QuantaError, ValueError):
+    """A device was asked for that this machine or torch build does not have (``device='cuda'``
+    without CUDA, a GPU index past the last one, an unknown device string)."""
+
+
+class ModelError(QuantaError, ValueError):
+    """The model cannot be quantized as given: weights on the ``meta`` device, nothing a backend
+    can quantize, a path no backend reads."""
+
+
+class ExampleInputError(QuantaError, ValueError):
+    """An exporter's example input does not fit the model (wrong shape, dtype or type)."""
+
+
+class NotQuantizedError(QuantaError, ValueError):
+    """Exporting a model that holds no quanta records; pass ``allow_float=True`` to export float weights."""
+
+
+class CoreMLPackageError(QuantaError, ValueError):
+    """A path is not a readable Core ML package: no manifest, a corrupt or truncated spec or weight
+    file, an empty folder. ``path`` is the package path."""
+
+    def __init__(self, message: str, path: str | None = None):
+        self.path = path
+        super().__init__(message)
 
 
 class PluginError(QuantaError):

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from .errors import ConfigError
+from .export_checks import check_export
 from .guard import plugin_code
 from .options import make_config
 
@@ -35,14 +36,17 @@ def check_export_grids(model: Any, exporter) -> None:
 
 
 def export(model: Any, path: str | os.PathLike, format: str = "coreml", example_inputs: Any = None, *,
-           overwrite: bool = False, **options) -> str:
+           allow_float: bool = False, overwrite: bool = False, **options) -> str:
     """Write ``model`` (e.g. the result of ``quanta.quantize``) to ``path`` with exporter ``format``.
 
     ``example_inputs`` (a tensor, a tuple of tensors, or a dict of named tensors) is needed by
     tracing exporters such as ``coreml``; ``options`` are the exporter's options (its
     ``config_class`` fields, e.g. ``minimum_deployment_target="iOS18"`` for coreml), validated
     before any work. An existing ``path`` that quanta did not write is replaced only with
-    ``overwrite=True``. Returns the written path.
+    ``overwrite=True``. ``allow_float``: export a torch model that holds no quanta records
+    (refused otherwise: ``NotQuantizedError``). Before the exporter runs, the example input is
+    run through the model (``ExampleInputError``) and the destination is checked (writable, room
+    for the result: ``DestinationError``). Returns the written path.
     """
     try:
         entry = _registry().get("exporter", format)
@@ -51,6 +55,7 @@ def export(model: Any, path: str | os.PathLike, format: str = "coreml", example_
     config = make_config("exporter", format, options, "export")
     exporter = entry.obj if config is None else entry.obj.with_config(config)
     check_export_grids(model, exporter)
+    check_export(model, path, exporter, example_inputs, allow_float=allow_float, overwrite=overwrite)
     with plugin_code(exporter):
         exporter.check(model, example_inputs)
         return exporter.export(model, path, example_inputs=example_inputs, overwrite=overwrite)

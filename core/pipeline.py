@@ -11,7 +11,9 @@ from .config import Recipe, load_recipe
 from .context import RunContext
 from .errors import ConfigError, QuantizationError
 from .guard import fire_event, plugin_code
+from .model_checks import check_model
 from .planning import Plan, build_plan
+from .preflight import check_run
 from .report import Report
 from .weights import observer_for, scheme_for
 
@@ -101,6 +103,7 @@ def plan(model: Any, config: Any = None, *, backend: str | None = None) -> Plan:
     For a recipe with ``stages``, the plan of the last stage that quantizes (its ``stages``
     attribute lists every stage's plan)."""
     recipe = load_recipe(config)
+    check_model(model, need_values=False)
     entry = choose_backend(model, backend)
     plans = tuple(build_stage_plan(model, stage, entry, recipe.export) for stage in recipe.stage_recipes())
     last = plans[-1]
@@ -161,6 +164,7 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     also with ``inplace=True`` (every parameter, buffer and record any stage changed is restored).
     """
     recipe = load_recipe(config)
+    check_model(model)
     stages = recipe.stage_recipes()
     algorithms = _algorithms(recipe)
     backend_entry = choose_backend(model, backend)
@@ -182,6 +186,7 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     batches = materialize_data(data, limit)
     if any(algo.needs_data for algo in algorithms) and not batches:
         raise ConfigError("the calibration data is empty", "data")
+    check_run(model, plans[0], stages, algorithms, data, batches, device, limit)
 
     everything = len(stages) > 1 or any(algo.changes == "model" for algo in algorithms)
     all_units = [p.unit for p in plans[0].selected]

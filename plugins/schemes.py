@@ -130,6 +130,12 @@ class AffineScheme(Scheme):
         span = hi - lo
         scale = _safe_scale(span / (qmax - qmin))
         zero_point = (qmin * hi - qmax * lo) / torch.where(span > 0, span, torch.ones_like(span))
+        if not bool(torch.isfinite(zero_point).all()):
+            # float16 overflows qmin * hi for ranges past ~500: those groups are computed in float32
+            # (elsewhere the float16 operation order is kept: it is coremltools' own).
+            lo32, hi32, span32 = lo.float(), hi.float(), span.float()
+            zp32 = (qmin * hi32 - qmax * lo32) / torch.where(span32 > 0, span32, torch.ones_like(span32))
+            zero_point = torch.where(torch.isfinite(zero_point), zero_point, zp32.to(zero_point.dtype))
         zero_point = torch.where(span > 0, zero_point, torch.full_like(span, float(max(qmin, 0))))
         return scale, torch.round(zero_point).clamp_(qmin, qmax)
 

@@ -6,14 +6,15 @@ first use (built-ins first, then the ``quanta`` entry-point group).
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .manager import ENTRY_POINT_GROUP, KINDS, FieldInfo, PluginEntry, PluginFailure, Registry
 
 __all__ = [
     "ENTRY_POINT_GROUP", "KINDS", "FieldInfo", "PluginEntry", "PluginFailure", "Registry",
     "default", "reset", "names", "get", "entries", "describe", "capabilities", "failures", "backends",
-    "register_plugin", "unregister_plugin", "plugin", "hook",
+    "register_plugin", "unregister_plugin", "plugin", "hook", "use",
 ]
 
 _default: Registry | None = None
@@ -32,6 +33,18 @@ def reset() -> Registry:
     global _default
     _default = None
     return default()
+
+
+@contextmanager
+def use(registry: Registry) -> Iterator[Registry]:
+    """Make ``registry`` the process-wide default for a block (tests: ``quanta.testing``); the
+    previous default is restored after, also on error."""
+    global _default
+    previous, _default = _default, registry
+    try:
+        yield registry
+    finally:
+        _default = previous
 
 
 def names(kind: str) -> list[str]:

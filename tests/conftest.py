@@ -1,4 +1,5 @@
-"""Shared fixtures: in-process plugin registration and the installed third-party test plugins."""
+"""Shared fixtures: the installed third-party test plugins. (``register_plugin``, ``quanta_registry``
+and the reference models come from quanta's own pytest plugin, ``quanta.testing.pytest_plugin``.)"""
 
 from __future__ import annotations
 
@@ -13,23 +14,6 @@ from quanta import registry
 
 HERE = Path(__file__).parent
 TEST_PLUGINS = {"quanta-pow2": HERE / "plugins" / "quanta_pow2", "quanta-broken": HERE / "plugins" / "quanta_broken"}
-
-
-@pytest.fixture
-def register_plugin():
-    """Register plugin objects for one test; every one is unregistered in ``finally``."""
-    added = []
-
-    def _register(obj, name=None):
-        registry.register_plugin(obj, name=name)
-        added.append(obj)
-        return obj
-
-    try:
-        yield _register
-    finally:
-        for obj in reversed(added):
-            registry.unregister_plugin(obj)
 
 
 def _pip(*args):

@@ -96,9 +96,22 @@ def test_gptq_quantizes_embedding_by_rtn_only_when_named():
     assert named.quanta_report.layers[0].extra["method"].startswith("rtn")
 
 
-def test_algorithms_without_a_declaration_take_every_type():
+def test_algorithms_without_a_declaration_take_every_type(register_plugin):
     from quanta.contracts import Algorithm
 
-    assert Algorithm.global_types is None
-    plan = quanta.plan(_Zoo(), {"algorithm": "calibrate", "global_config": {"dtype": "int8"}})
+    class Undeclared(Algorithm):  # (calibrate now declares the types its torch.fx session quantizes)
+        name, description = "undeclared_types", "declares no global_types"
+
+        def run(self, model, plan, data, context):
+            for layer in plan.selected:
+                context.quantize_layer(model, layer)
+
+    class Plugin:
+        @quanta.hookimpl
+        def register_algorithms(self, register):
+            register(Undeclared())
+
+    register_plugin(Plugin())
+    assert Algorithm.global_types is None and Undeclared.global_types is None
+    plan = quanta.plan(_Zoo(), {"algorithm": "undeclared_types", "global_config": {"dtype": "int8"}})
     assert "emb" in {p.name for p in plan.selected}

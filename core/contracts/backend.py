@@ -84,7 +84,8 @@ class Backend(Plugin):
 
     @abc.abstractmethod
     def read_weight(self, model: Any, unit: Unit) -> torch.Tensor:
-        """The float weight of ``unit`` (shape ``unit.shape``), detached; may share storage."""
+        """The float weight of ``unit`` (shape ``unit.shape``), detached; may share storage. After
+        :meth:`write`, the written record's dequantized values (what the model computes with)."""
 
     @abc.abstractmethod
     def write(self, model: Any, unit: Unit, record: "QuantizedWeight", values: torch.Tensor | None = None) -> None:

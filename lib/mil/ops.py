@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from quanta.mil import ops_conv  # noqa: F401  (registers convolution and pooling)
+from quanta.mil import ops_index  # noqa: F401  (registers gather, gather_nd, band_part, cumsum, fill_like)
 from quanta.mil.optable import OPS, UnsupportedOpError, axis_shape as _axis_shape, op as _op, supported_ops, unsupported as _unsupported
 
 __all__ = ["UnsupportedOpError", "OPS", "supported_ops"]
@@ -328,7 +329,8 @@ def _concat(op, a):
     values, axis = a["values"], int(a["axis"])
     if a.get("interleave"):
         raise _unsupported(op, "concat with interleave=True")
-    return np.concatenate(values, axis=axis)
+    # scalars (shape arithmetic on a flexible program) concatenate as length-1 vectors, as in MIL
+    return np.concatenate([np.atleast_1d(v) for v in values], axis=axis)
 
 
 @_op("split")
@@ -368,16 +370,6 @@ def _slice_by_size(op, a):
         slice(int(b), None if int(s) == -1 else int(b) + int(s)) for b, s in zip(a["begin"], a["size"])
     )
     return x[index]
-
-
-@_op("gather")
-def _gather(op, a):
-    x, indices, axis = a["x"], a["indices"].astype(np.int64), int(a.get("axis", 0))
-    batch_dims = int(a.get("batch_dims") or 0)
-    indices = np.where(indices < 0, indices + x.shape[axis], indices)
-    if batch_dims:
-        raise _unsupported(op, "gather with batch_dims > 0")
-    return np.take(x, indices, axis=axis)
 
 
 @_op("gather_along_axis")

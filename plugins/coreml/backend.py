@@ -27,6 +27,8 @@ from quanta.record import QuantizedWeight
 from quanta.weights import quantize_weight
 
 from . import targets
+from .ct_import import import_coremltools
+from .package_check import check_package
 
 __all__ = ["CoreMLBackend", "CoreMLWorkModel", "quantize_in_weight_dtype", "load_mlmodel"]
 
@@ -36,13 +38,12 @@ _IOS18 = 9
 
 def load_mlmodel(model):
     """An ``MLModel`` for a path or an MLModel (skipping the macOS-only compile on load)."""
-    import coremltools as ct
+    ct = import_coremltools()
 
     if isinstance(model, ct.models.MLModel):
         return model
     if isinstance(model, (str, os.PathLike)):
-        if not os.path.exists(model):
-            raise ConfigError(f"no Core ML package at {os.fspath(model)!r}", "model")
+        check_package(model)  # a clear CoreMLPackageError instead of coremltools' raw errors
         return ct.models.MLModel(os.fspath(model), skip_model_load=True)
     raise ConfigError(f"expected an .mlpackage path or a coremltools MLModel, got {type(model).__name__}", "model")
 
@@ -79,10 +80,21 @@ class CoreMLWorkModel:
                                                         skip_model_load=True)
         return self._built
 
-    def save(self, path) -> str:
-        """Save the quantized model as an ``.mlpackage``; returns the path."""
+    def save(self, path, overwrite: bool = False) -> str:
+        """Save the quantized model as an ``.mlpackage``; returns the path.
+
+        Written through ``quanta.atomic.atomic_dir``: an existing package quanta wrote is replaced,
+        any other existing path needs ``overwrite=True``, and a failure leaves ``path`` as it was.
+        """
+        from quanta.atomic import atomic_dir
+
         path = os.fspath(path)
-        self.to_mlmodel().save(path)
+        with atomic_dir(path, overwrite=overwrite) as staging:
+            written = staging / "model.mlpackage"
+            self.to_mlmodel().save(str(written))
+            for child in list(written.iterdir()):
+                child.rename(staging / child.name)
+            written.rmdir()
         return path
 
     def get_spec(self):
@@ -192,7 +204,9 @@ class CoreMLBackend(Backend):
         if isinstance(model, CoreMLWorkModel):
             return True
         if isinstance(model, (str, os.PathLike)):
-            return os.fspath(model).rstrip("/").endswith(".mlpackage")
+            # A folder is offered to this backend so that a broken package gets check_package's error.
+            path = os.fspath(model).rstrip("/")
+            return path.endswith((".mlpackage", ".mlmodel")) or os.path.isdir(path)
         ct = sys.modules.get("coremltools")  # an MLModel exists only once coremltools is imported
         return ct is not None and isinstance(model, ct.models.MLModel)
 
@@ -238,7 +252,11 @@ class CoreMLBackend(Backend):
         return CoreMLWorkModel(load_mlmodel(model))
 
     def read_weight(self, model, unit: Unit) -> torch.Tensor:
-        return torch.from_numpy(np.array(unit.handle.outputs[0].val, copy=True))
+        """The const's values, or once a record is written for it, the record's dequantized values
+        in the const's dtype (what the model computes with)."""
+        const = torch.from_numpy(np.array(unit.handle.outputs[0].val, copy=True))
+        record = model.records.get(unit.name) if isinstance(model, CoreMLWorkModel) else None
+        return const if record is None else record.dequantize().to(const.dtype).reshape(const.shape)
 
     def compute_dtype(self, model, unit: Unit) -> torch.dtype:
         """The dtype coremltools quantizes this weight in (the const's own, usually fp16)."""

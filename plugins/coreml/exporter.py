@@ -12,8 +12,8 @@ import copy
 import inspect
 import os
 import re
-import shutil
 import warnings
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -21,14 +21,18 @@ import numpy as np
 import torch
 
 import quanta
+from quanta.atomic import atomic_dir, check_destination
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Exporter
+from quanta.faults import fault_delay
 from quanta.record import records as _records
 
-from . import metadata, targets
+from . import metadata, targets, torch_ops
+from .ct_import import import_coremltools
+from .inputs import ExampleInputs, KeywordInputs, core_ml_dtype, example_inputs as normalize_inputs
 
 __all__ = ["CoreMLExporter", "CoreMLExportConfig", "stored_weights", "has_activation_quantization",
-           "conversion_pass_pipeline"]
+           "conversion_pass_pipeline", "core_ml_inputs", "max_sequence_length"]
 
 _PRECISIONS = ("float16", "float32")
 #: coremltools 9.0 pass that rewrites dequantize(s1) -> reshape -> quantize(s2) into a bare
@@ -49,7 +53,18 @@ class CoreMLExportConfig:
         default=True, metadata={"doc": "read the saved file back and raise unless every stored code equals quanta's"})
     input_names: tuple[str, ...] | None = attrs.field(
         default=None, converter=attrs.converters.optional(tuple),
-        metadata={"doc": "names of the model inputs (default: the forward() argument names)"})
+        metadata={"doc": "names of positional model inputs (default: the forward() argument names; "
+                         "a dict of example inputs is named by its keys)"})
+    flexible_sequence_length: bool | int = attrs.field(
+        default=False,
+        metadata={"doc": "False: fixed input shapes; True: axis 1 of every input ranges over 1.."
+                         "config.max_position_embeddings (ct.RangeDim); an int: that upper bound"})
+
+    @flexible_sequence_length.validator
+    def _check_flexible(self, _attr, value):
+        if not isinstance(value, bool) and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"must be true, false or a positive maximum length, got {value!r}",
+                              "flexible_sequence_length")
 
     @compute_precision.validator
     def _check_precision(self, _attr, value):
@@ -66,31 +81,54 @@ def conversion_pass_pipeline():
     return pipeline
 
 
-def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
-    if example_inputs is None:
-        raise ConfigError("the coreml exporter traces the model: pass example_inputs=<tensor or tuple of tensors>",
-                          "example_inputs")
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise ConfigError(f"expected a tensor or a tuple of tensors, got {type(example_inputs).__name__}", "example_inputs")
+def _expected_bytes(model: torch.nn.Module) -> int:
+    """An upper bound of the package size: every parameter and buffer at fp16 (the codes are smaller)."""
+    return sum(2 * t.numel() for t in (*model.parameters(), *model.buffers()))
 
 
-def _input_names(model, n: int, given) -> list[str]:
-    if given is not None:
-        if len(given) != n:
-            raise ConfigError(f"{len(given)} names for {n} inputs", "input_names")
-        return list(given)
+def _forward_names(model) -> list[str]:
     try:
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        names = [re.sub(r"\W", "_", p.name) for p in params[:n]]
+        params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
-        names = []
-    if len(names) != n or len(set(names)) != n:
-        names = [f"input_{i}" for i in range(n)]
-    return names
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def max_sequence_length(model) -> int | None:
+    """The longest sequence ``model`` takes, from a transformers-style ``config``
+    (``max_position_embeddings``, ``n_positions``, ``max_seq_len``), or None."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def core_ml_inputs(model, example: ExampleInputs, cfg: "CoreMLExportConfig") -> list:
+    """``ct.TensorType`` per example input: its name, Core ML dtype (int32 for token ids) and shape,
+    with a ``ct.RangeDim`` on axis 1 (the sequence) when ``flexible_sequence_length`` is set."""
+    ct = import_coremltools()
+
+    shapes = [tuple(int(d) for d in t.shape) for t in example.tensors]
+    flexible = cfg.flexible_sequence_length
+    if flexible is not False:
+        upper = flexible if not isinstance(flexible, bool) else max_sequence_length(model)
+        if upper is None:
+            raise ConfigError("the model has no config.max_position_embeddings: give the maximum, "
+                              "e.g. flexible_sequence_length: 512", "flexible_sequence_length")
+        short = [n for n, s in zip(example.names, shapes) if len(s) < 2]
+        if short:
+            raise ConfigError(f"a flexible sequence length varies axis 1 of every input; {short} have rank < 2",
+                              "flexible_sequence_length")
+        too_long = [n for n, s in zip(example.names, shapes) if s[1] > upper]
+        if too_long:
+            raise ConfigError(f"example inputs {too_long} are longer than the maximum {upper}",
+                              "flexible_sequence_length")
+        seq = ct.RangeDim(lower_bound=1, upper_bound=int(upper), default=shapes[0][1])
+        shapes = [(s[0], seq, *s[2:]) for s in shapes]
+    return [ct.TensorType(name=n, shape=ct.Shape(shape=s) if flexible is not False else s, dtype=core_ml_dtype(t))
+            for n, s, t in zip(example.names, shapes, example.tensors)]
 
 
 _ACT_QUANT_KINDS = ("aten::quantize_per_tensor", "aten::quantize_per_channel",
@@ -115,14 +153,17 @@ def _sanitize(name: str) -> str:
 
 
 def _match_ops(record_names, stored: dict) -> dict[str, str]:
-    """record name ("fc.weight") -> constexpr op name ("fc_weight_cast_fp16", "op_3_weight_to_fp16")."""
+    """record name ("fc.weight") -> constexpr op name ("fc_weight_cast_fp16", "op_3_weight_to_fp16",
+    or "model_fc_weight_cast_fp16" when traced through :class:`~.inputs.KeywordInputs`)."""
     out = {}
     for rname in record_names:
-        key = _sanitize(rname)
-        for op_name in stored:
-            base = re.sub(r"^(op|var)_", "", op_name) if not op_name.startswith(key) else op_name
-            if base == key or re.fullmatch(re.escape(key) + r"(_(cast|to)_fp(16|32))*(_quantized)?", base):
-                out[rname] = op_name
+        for key in (_sanitize(rname), _sanitize(f"model.{rname}")):
+            for op_name in stored:
+                base = re.sub(r"^(op|var)_", "", op_name) if not op_name.startswith(key) else op_name
+                if base == key or re.fullmatch(re.escape(key) + r"(_(cast|to)_fp(16|32))*(_quantized)?", base):
+                    out[rname] = op_name
+                    break
+            if rname in out:
                 break
     return out
 
@@ -191,45 +232,63 @@ class CoreMLExporter(Exporter):
     def export(self, model: torch.nn.Module, path, *, example_inputs=None, overwrite: bool = False) -> str:
         """Convert ``model`` and save it at ``path`` (``.mlpackage`` added when missing); returns the path.
 
-        ``example_inputs``: a tensor or tuple of tensors used for tracing (their shapes become the
-        model's fixed input shapes). Options: ``self.config``, a :class:`CoreMLExportConfig`.
-        Raises ConfigError for a target below what the model needs, and QuantizationError if
-        the saved codes were not quanta's (nothing is left at ``path`` then).
+        ``example_inputs``: a tensor or tuple of tensors (positional inputs) or a dict name ->
+        tensor (keyword inputs: the model is called ``model(**inputs)``), used for tracing; each
+        becomes a Core ML input of its name, its dtype (int32 for integer tensors such as token
+        ids, float32 otherwise) and its shape (axis 1 flexible with ``flexible_sequence_length``).
+        Options: ``self.config``, a :class:`CoreMLExportConfig`. Written through
+        ``quanta.atomic.atomic_dir``: an existing ``path`` not written by quanta needs
+        ``overwrite=True``. Raises ConfigError for a target below what the model needs, and
+        QuantizationError if the saved codes were not quanta's (``path`` is left as it was then).
         """
-        import coremltools as ct
+        ct = import_coremltools()
 
         cfg: CoreMLExportConfig = self.config
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"the coreml exporter writes torch models, got {type(model).__name__}", "model")
         targets.check_environment()
-        inputs = _as_tuple(example_inputs)
+        example = normalize_inputs(example_inputs, None if cfg.input_names else _forward_names(model))
+        if cfg.input_names is not None:
+            if len(cfg.input_names) != len(example.names):
+                raise ConfigError(f"{len(cfg.input_names)} names for {len(example.names)} inputs", "input_names")
+            example = ExampleInputs(tuple(cfg.input_names), example.tensors, example.keywords)
         path = os.fspath(path)
         if not path.rstrip("/").endswith(self.suffix):
             path = path.rstrip("/") + self.suffix
+        # Before converting: a destination that cannot be written fails now, not after minutes of work.
+        check_destination(path, overwrite=overwrite, directory=True, expected_bytes=_expected_bytes(model))
         recs = _records(model)
         work = copy.deepcopy(model).eval()
-        metadata.annotate(work)
+        wrapper = KeywordInputs(work, example.names if example.keywords else None, example.bool_positions()).eval()
+        metadata.annotate(wrapper)  # the model-level metadata buffer belongs on the traced root
+        torch_ops.register()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(work, inputs, check_trace=False)
+            traced = torch.jit.trace(wrapper, example.traced_tensors(), check_trace=False)
         act_quant = has_activation_quantization(traced)
         target = targets.choose_target(cfg.minimum_deployment_target, recs, act_quant)
-        names = _input_names(model, len(inputs), cfg.input_names)
-        ct_inputs = [ct.TensorType(name=n, shape=tuple(t.shape), dtype=np.float32) for n, t in zip(names, inputs)]
+        ct_inputs = core_ml_inputs(model, example, cfg)
+        taken = set(example.names)
+        ct_outputs = None
+        if len(set(wrapper.output_names)) == len(wrapper.output_names) and not taken & set(wrapper.output_names):
+            ct_outputs = [ct.TensorType(name=n) for n in wrapper.output_names]  # "logits", "last_hidden_state"
         precision = ct.precision.FLOAT16 if cfg.compute_precision == "float16" else ct.precision.FLOAT32
-        mlmodel = ct.convert(traced, inputs=ct_inputs, convert_to="mlprogram", minimum_deployment_target=target,
-                             compute_precision=precision, pass_pipeline=conversion_pass_pipeline())
+        mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
+                             minimum_deployment_target=target, compute_precision=precision,
+                             pass_pipeline=conversion_pass_pipeline())
         mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
         mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
-        if os.path.exists(path):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        mlmodel.save(path)
-        if cfg.check_codes and recs:
-            try:
-                check_stored_codes(path, recs)
-            except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
-                raise
+        # Saved into a staging folder and swapped in: the old package (or the user's folder) survives
+        # any failure or Ctrl-C, and a package failing the code check is never put in place.
+        with atomic_dir(path, overwrite=overwrite) as staging:
+            written = staging / "model.mlpackage"
+            mlmodel.save(str(written))
+            if cfg.check_codes and recs:
+                check_stored_codes(str(written), recs)
+            for child in list(written.iterdir()):
+                child.rename(staging / child.name)
+            written.rmdir()
+            fault_delay("package-staged")
         return path
 
     def verify(self, path, against, example_inputs=None) -> dict:

@@ -37,9 +37,9 @@ class CoreMLEnvironmentError(QuantaError, RuntimeError):
 
 
 def _ct():
-    import coremltools as ct
+    from .ct_import import import_coremltools
 
-    return ct
+    return import_coremltools()
 
 
 def parse_target(value: Any):

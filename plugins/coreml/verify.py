@@ -10,67 +10,92 @@ import torch
 
 from quanta.errors import ConfigError
 
+from .ct_import import import_coremltools
+from .inputs import flatten_outputs, torch_input
+from .package_check import check_package
+
 __all__ = ["verify_package", "package_inputs", "random_inputs"]
 
 
-def package_inputs(program) -> list[tuple[str, tuple[int, ...]]]:
-    """``[(name, shape)]`` of the ``main`` function's inputs, in declaration order."""
+def package_inputs(program) -> list[tuple[str, tuple]]:
+    """``[(name, shape)]`` of the ``main`` function's inputs, in declaration order (a flexible
+    dimension is left symbolic, not an int)."""
     func = program.functions["main"]
-    return [(name, tuple(int(d) for d in var.shape)) for name, var in func.inputs.items()]
+    return [(name, tuple(int(d) if isinstance(d, (int, np.integer)) else d for d in var.shape))
+            for name, var in func.inputs.items()]
+
+
+def _is_integer_input(var) -> bool:
+    from coremltools.converters.mil.mil import types
+
+    return types.is_int(var.dtype) or types.is_bool(var.dtype)
 
 
 def random_inputs(program, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded standard-normal float32 inputs of the program's declared input shapes."""
+    """Seeded standard-normal float32 inputs of the program's declared input shapes.
+
+    Raises ConfigError for an integer input (token ids: only the caller knows the vocabulary)
+    or a flexible shape: pass example inputs then."""
     rng = np.random.default_rng(seed)
     out = {}
+    func = program.functions["main"]
     for name, shape in package_inputs(program):
+        if _is_integer_input(func.inputs[name]):
+            raise ConfigError(f"input {name!r} is an integer input (token ids): pass example_inputs", "example_inputs")
         if not all(isinstance(d, int) and d > 0 for d in shape):
             raise ConfigError(f"input {name!r} has a flexible shape {shape}: pass example_inputs", "example_inputs")
         out[name] = rng.standard_normal(shape).astype(np.float32)
     return out
 
 
-def _named_inputs(program, example_inputs: Any) -> dict[str, np.ndarray]:
+def _tensor(v) -> torch.Tensor:
+    return v.detach().cpu() if isinstance(v, torch.Tensor) else torch_input(np.asarray(v))
+
+
+def _named_inputs(program, example_inputs: Any) -> tuple[dict[str, torch.Tensor], bool]:
+    """(name -> torch input in the package's input order, keywords?)."""
     names = [n for n, _ in package_inputs(program)]
     if example_inputs is None:
-        return random_inputs(program)
+        return {k: torch_input(v) for k, v in random_inputs(program).items()}, False
     if isinstance(example_inputs, Mapping):
-        return {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
-                for k, v in example_inputs.items()}
-    if isinstance(example_inputs, torch.Tensor) or isinstance(example_inputs, np.ndarray):
+        given = {k: _tensor(v) for k, v in example_inputs.items() if v is not None}
+        if set(given) != set(names):
+            raise ConfigError(f"example inputs {sorted(given)} do not match the package's inputs {names}",
+                              "example_inputs")
+        return {n: given[n] for n in names}, True
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
     values = list(example_inputs)
     if len(values) != len(names):
         raise ConfigError(f"{len(values)} example inputs for a model with inputs {names}", "example_inputs")
-    return {n: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
-            for n, v in zip(names, values)}
-
-
-def _flatten(out) -> list[np.ndarray]:
-    if isinstance(out, torch.Tensor):
-        return [out.detach().cpu().float().numpy()]
-    if isinstance(out, Mapping):
-        return [a for v in out.values() for a in _flatten(v)]
-    if isinstance(out, (tuple, list)):
-        return [a for v in out for a in _flatten(v)]
-    raise ConfigError(f"cannot compare a torch output of type {type(out).__name__}", "against")
+    return {n: _tensor(v) for n, v in zip(names, values)}, False
 
 
 def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_inputs: Any = None) -> dict:
     """Run the package at ``path`` and ``against`` on the same inputs; return the worst figures.
 
+    ``example_inputs``: a tensor or tuple (``against(*inputs)``), a dict name -> tensor
+    (``against(**inputs)``, names = the package's input names), or None (seeded normal inputs;
+    float inputs of fixed shape only). Integer inputs reach the runner as int32 and torch as int64.
+
     Returns ``{"max_abs", "max_rel", "cosine", "outputs": [names], "per_output": {name: figures}}``:
     ``max_abs``/``max_rel`` are the largest and ``cosine`` the smallest over the outputs.
     """
     from quanta.mil.program import load_program
-    from quanta.mil.runner import compare, run
+    from quanta.mil.runner import compare, declared_numpy_dtype, run
 
+    import_coremltools()
+    check_package(path)
     program = load_program(os.fspath(path))
-    inputs = _named_inputs(program, example_inputs)
-    got = run(program, inputs)
-    names = [n for n, _ in package_inputs(program)]
+    inputs, keywords = _named_inputs(program, example_inputs)
+    func = program.functions["main"]
+    # Each input with its own dtype: the runner gets the declared one (int32 token ids, fp32...),
+    # torch gets int64 for integer inputs (what nn.Embedding takes) and float32 otherwise.
+    got = run(program, {n: t.numpy().astype(declared_numpy_dtype(func.inputs[n])) for n, t in inputs.items()})
+    torch_inputs = {n: torch_input(t) for n, t in inputs.items()}
     with torch.no_grad():
-        ref = _flatten(against.eval()(*[torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names]))
+        out = against.eval()(**torch_inputs) if keywords else against.eval()(*torch_inputs.values())
+    ref = [t.detach().cpu().float().numpy() for t in flatten_outputs(out)]
     out_names = list(program.functions["main"].outputs)
     out_names = [v.name for v in out_names]
     if len(ref) != len(out_names):

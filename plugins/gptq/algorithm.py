@@ -8,12 +8,14 @@ Hessians ``H = 2/n Σ xᵀx`` of its Linear/Conv layers are accumulated in float
 block's inputs, the layers are solved with the GPTQ column solver, and the *quantized*
 block's outputs replace the cached inputs for the next block. Memory holds one block's
 activations. Layers outside the blocks are calibrated by a final pass of the (already
-quantized) model. Weights GPTQ cannot calibrate (Embedding, MultiheadAttention input
+quantized) model. Stateful keyword inputs (a decoder's key-value cache) are copied for every
+block call, so a cache filled by one call never reaches the next. Weights GPTQ cannot calibrate (Embedding, MultiheadAttention input
 projections, grouped convs, ConvTranspose) get round-to-nearest, said in the report.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Iterable
 
@@ -237,16 +239,19 @@ class GPTQ(Algorithm):
                 block.to(device)
                 if mine:
                     hooks = {m: _HessianHook(m, device) for m in mine}
-                    for args, kwargs in cache:
-                        block(*args, **kwargs)
-                    self._solve(model, mine, hooks, cfg, device, context)
+                    try:
+                        for args, kwargs in cache:
+                            block(*args, **_fresh_state(kwargs))
+                        self._solve(model, mine, hooks, cfg, device, context)
+                    finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
+                        _remove_hooks(hooks)
                     for m in mine:
                         del todo[m]
                 if name == blocks[-1][0]:
                     block.to(home)
                     break  # the last block's outputs feed nothing
                 for i, (args, kwargs) in enumerate(cache):  # quantized outputs feed the next block
-                    out = _first_tensor(block(*args, **kwargs))
+                    out = _first_tensor(block(*args, **_fresh_state(kwargs)))
                     cache[i] = ((out, *args[1:]), kwargs)
                 block.to(home)
             del cache
@@ -257,9 +262,12 @@ class GPTQ(Algorithm):
             home = _device_of(model)
             model.to(device)
             hooks = {m: _HessianHook(m, device) for m in todo}
-            for sample in samples:
-                call_model(model, to_device(sample, device))
-            self._solve(model, dict(todo), hooks, cfg, device, context)
+            try:
+                for sample in samples:
+                    call_model(model, to_device(sample, device))
+                self._solve(model, dict(todo), hooks, cfg, device, context)
+            finally:
+                _remove_hooks(hooks)
             model.to(home)
 
     def _solve(self, model, mine, hooks, cfg, device, context):
@@ -291,6 +299,30 @@ class GPTQ(Algorithm):
             values = result.weight.reshape(original.shape).to(original.device)
             context.write_layer(model, layer, record, original, values=values,
                                 extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp)})
+
+
+_PLAIN = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def _fresh_state(kwargs: dict) -> dict:
+    """``kwargs`` with every stateful object (not a tensor, number, string or container of them; e.g.
+    a transformers key-value cache that a decoder layer appends to) replaced by a copy, so each
+    call of a block sees the state the model's own forward gave it, never another call's."""
+    def fresh(v):
+        if isinstance(v, _PLAIN):
+            return v
+        if isinstance(v, (tuple, list)):
+            return type(v)(fresh(x) for x in v)
+        if isinstance(v, dict):
+            return {k: fresh(x) for k, x in v.items()}
+        return copy.deepcopy(v)
+
+    return {k: fresh(v) for k, v in kwargs.items()}
+
+
+def _remove_hooks(hooks: dict) -> None:
+    for hook in hooks.values():
+        hook.handle.remove()  # idempotent: hessian() removed the solved ones already
 
 
 def _contains(parent: nn.Module, module: nn.Module) -> bool:

@@ -1,0 +1,117 @@
+"""The argument parser of the ``quanta`` command (plain argparse: builds without importing torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["build_parser", "KINDS", "TARGETS", "EXPORT_FORMATS_HINT"]
+
+#: Plugin kinds (equal to ``quanta.registry.KINDS``; a test checks).
+KINDS = ("scheme", "observer", "algorithm", "backend", "exporter")
+#: Deployment targets the coreml exporter takes (equal to its ``targets.TARGETS`` names; a test checks).
+TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+EXPORT_FORMATS_HINT = "an exporter plugin name (built in: coreml; `quanta plugins --kind exporter` lists all)"
+
+_EPILOG = """exit status: 0 done, 1 internal or plugin error, 2 usage or input error, 130 interrupted.
+Results go to stdout; progress and messages to stderr. Set NO_COLOR to disable colour,
+QUANTA_DEBUG=1 (or --debug) to see tracebacks. Docs: docs/cli.md."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print only results and errors (no progress, no messages)")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show third-party warnings, log lines and progress bars (coremltools, torch)")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error (also QUANTA_DEBUG=1)")
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="MODEL",
+                   help="override the recipe's model: a built-in example (minilm, digits, ...), a directory written by "
+                        "quanta quantize / quanta.save, a transformers model directory, or module:function")
+
+
+def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing {what} that quanta did not write (quanta's own earlier output is "
+                        "always replaced; never a partial write either way)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``quanta`` command."""
+    p = argparse.ArgumentParser(prog="quanta", description="Quantize PyTorch and Core ML models for Apple devices.",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("plugins", help="list installed plugins (and those that failed to load)",
+                       description="List installed plugins: kind, name, distribution, version, description; "
+                                   "plugins that failed to load are listed with their error.")
+    s.add_argument("--kind", choices=KINDS, help=f"only this kind ({', '.join(KINDS)})")
+    s.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    _common(s)
+
+    s = sub.add_parser("describe", help="show a plugin's description and config fields",
+                       description="Show one plugin's description and config fields (type, default, doc).")
+    s.add_argument("kind", choices=KINDS, metavar="KIND", help=f"plugin kind: {', '.join(KINDS)}")
+    s.add_argument("name", metavar="NAME", help="plugin name, as `quanta plugins` lists it (e.g. gptq, mse)")
+    _common(s)
+
+    s = sub.add_parser("plan", help="dry run: which layer would get which spec, and why",
+                       description="Dry run of a recipe: a table of layers, the spec each would get and the rule "
+                                   "that chose it. Loads the model, changes nothing, writes nothing.")
+    s.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see docs/config.md)")
+    _model_arg(s)
+    _common(s)
+
+    s = sub.add_parser("quantize", help="run a recipe and write the quantized model",
+                       description="Run a recipe on its model and save the quantized model with quanta.save "
+                                   "(a directory, written atomically); the report table goes to stdout. Exports "
+                                   "too when the recipe has an `export:` section.")
+    s.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see docs/config.md)")
+    _model_arg(s)
+    s.add_argument("-o", "--output", metavar="PATH",
+                   help="where to write the quantized model (default: out/<recipe name>/, or "
+                        "out/<recipe name>.pt with --format pickle)")
+    s.add_argument("--format", choices=["quanta", "pickle"], default="quanta",
+                   help="quanta: a directory by quanta.save, safetensors + JSON (default); pickle: a torch.save "
+                        "file, which quanta never reads back")
+    s.add_argument("--report", metavar="HTML",
+                   help="also write a self-contained HTML report (recipe, per-layer error and size chart, totals)")
+    _overwrite(s, "output, report or package")
+    _common(s)
+
+    s = sub.add_parser("export", help="export a saved quantized model (e.g. to .mlpackage)",
+                       description="Export a saved quantized model with an exporter plugin. The "
+                                   "destination is checked before converting and written atomically.")
+    s.add_argument("model", metavar="MODEL", help="a directory written by `quanta quantize` / quanta.save (or "
+                                                  "another --model form: example, transformers directory, "
+                                                  "module:function)")
+    s.add_argument("-o", "--output", metavar="PATH", required=True,
+                   help="destination, e.g. model.mlpackage (the exporter's suffix is added when missing)")
+    s.add_argument("--format", default="coreml", metavar="FORMAT", help=f"{EXPORT_FORMATS_HINT}; default coreml")
+    s.add_argument("--input-shape", metavar="SHAPE", required=False,
+                   help="example input shape(s) for tracing, comma-separated, ';' between inputs: "
+                        "1,3,32,32 or 1,128;1,128 (float inputs; default: the inputs saved with the model)")
+    s.add_argument("--target", choices=TARGETS, metavar="TARGET",
+                   help=f"minimum deployment target: {', '.join(TARGETS)} (default: the lowest that stores the "
+                        "model's weights exactly)")
+    s.add_argument("--allow-float", action="store_true",
+                   help="export a model that was never quantized (float weights) instead of refusing it")
+    _overwrite(s, "destination")
+    _common(s)
+
+    s = sub.add_parser("verify", help="run an exported file with the reference runner and compare with a torch model",
+                       description="Run an exported file with the numpy reference runner and a torch model on the "
+                                   "same inputs; print the error figures.")
+    s.add_argument("path", metavar="PATH", help="exported file, e.g. model.mlpackage")
+    s.add_argument("--against", metavar="MODEL", required=True,
+                   help="the torch model to compare with: a saved directory, an example, or module:function")
+    s.add_argument("--input-shape", metavar="SHAPE",
+                   help="example input shape(s), e.g. 1,3,32,32 (';' between inputs); default: the example "
+                        "inputs saved with --against (token ids), else the file's declared shapes, seeded "
+                        "normal values")
+    _common(s)
+    return p

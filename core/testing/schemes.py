@@ -1,0 +1,181 @@
+"""``check_scheme``: the contract suite of ``quanta.contracts.Scheme``."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from quanta.contracts import GRIDS, Scheme
+from quanta.errors import ConfigError
+from quanta.spec import QuantDtype, QuantSpec
+
+from .failure import check, fail
+
+__all__ = ["check_scheme", "scheme_test_groups"]
+
+_ALL_DTYPES = tuple(QuantDtype(b, s) for b in range(2, 9) for s in (True, False))
+
+
+def scheme_test_groups(k: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values ``[G, k]`` whose rows are the cases a scheme must handle: normal, all zeros, one
+    constant (positive, negative), all positive, all negative, a huge and a tiny range, one outlier."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [
+        torch.randn(k, generator=gen),
+        torch.zeros(k),
+        torch.full((k,), 0.75),
+        torch.full((k,), -2.0),
+        torch.rand(k, generator=gen) + 0.1,
+        -torch.rand(k, generator=gen) - 0.1,
+        torch.randn(k, generator=gen) * 1e3,
+        torch.randn(k, generator=gen) * 1e-4,
+        torch.cat([torch.randn(k - 1, generator=gen) * 0.01, torch.tensor([5.0])]),
+    ]
+    return torch.stack(rows).to(dtype)
+
+
+def _storable(dtype: QuantDtype) -> tuple[int, int]:
+    if dtype.signed:
+        return -(1 << (dtype.bits - 1)), (1 << (dtype.bits - 1)) - 1
+    return 0, (1 << dtype.bits) - 1
+
+
+def _served(scheme: Scheme, dtypes: Iterable[QuantDtype]) -> list[QuantDtype]:
+    served = []
+    for dt in dtypes:
+        spec = QuantSpec(dtype=dt, scheme=scheme.name or "symmetric")
+        try:
+            scheme.check_spec(spec)
+        except ConfigError:
+            continue
+        except Exception as exc:
+            fail(scheme, f"check_spec({dt}) raised {type(exc).__name__}: {exc}; refuse a spec with quanta.ConfigError")
+        served.append(dt)
+    return served
+
+
+def _qparams(scheme, values, dtype, where):
+    lo, hi = values.amin(dim=1), values.amax(dim=1)
+    lo0, hi0 = lo.clone(), hi.clone()
+    out = scheme.qparams(lo, hi, dtype)
+    check(isinstance(out, tuple) and len(out) == 2, scheme, f"qparams() must return (scale, zero_point) {where}")
+    scale, zp = out
+    g = values.shape[0]
+    check(torch.equal(lo, lo0) and torch.equal(hi, hi0), scheme, f"qparams() modified min_val/max_val {where}")
+    check(isinstance(scale, torch.Tensor) and tuple(scale.shape) == (g,), scheme,
+          f"qparams() scale has shape {tuple(getattr(scale, 'shape', ()))}, expected ({g},) {where}")
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        fail(scheme, f"qparams() returned a zero, negative, NaN or inf scale for groups {rows} {where} "
+                     f"(ranges {[(float(lo[r]), float(hi[r])) for r in rows[:3]]}); an all-zero group needs a positive scale too")
+    qmin, qmax = scheme.quant_range(dtype)
+    if zp is not None:
+        check(isinstance(zp, torch.Tensor) and tuple(zp.shape) == (g,), scheme,
+              f"qparams() zero_point has shape {tuple(getattr(zp, 'shape', ()))}, expected ({g},) or None {where}")
+        check(bool(torch.isfinite(zp).all()) and torch.equal(zp, zp.round()), scheme,
+              f"qparams() zero_point must hold integers {where}, got {zp.tolist()[:4]}")
+        check(bool(((zp >= qmin) & (zp <= qmax)).all()), scheme,
+              f"qparams() zero_point outside quant_range {(qmin, qmax)} {where}: {zp.tolist()[:4]}")
+    return scale, zp
+
+
+def _check_dtype(scheme: Scheme, dtype: QuantDtype, float_dtype: torch.dtype) -> None:
+    where = f"for {dtype} in {str(float_dtype).replace('torch.', '')}"
+    qr = scheme.quant_range(dtype)
+    check(isinstance(qr, tuple) and len(qr) == 2 and all(isinstance(q, int) and not isinstance(q, bool) for q in qr),
+          scheme, f"quant_range({dtype}) must return two ints, got {qr!r}")
+    qmin, qmax = qr
+    smin, smax = _storable(dtype)
+    check(smin <= qmin < qmax <= smax, scheme,
+          f"quant_range({dtype}) = {qr} does not fit the dtype (it stores {smin}..{smax}) or is empty")
+
+    values = scheme_test_groups(dtype=float_dtype)
+    scale, zp = _qparams(scheme, values, dtype, where)
+    s2, z2 = scale[:, None], (None if zp is None else zp[:, None])
+
+    before = values.clone()
+    codes = scheme.quantize(values, s2, z2, dtype)
+    check(torch.equal(values, before), scheme, f"quantize() modified its input values {where}")
+    check(isinstance(codes, torch.Tensor) and codes.shape == values.shape, scheme,
+          f"quantize() returned shape {tuple(getattr(codes, 'shape', ()))}, expected {tuple(values.shape)} {where}")
+    check(codes.dtype.is_floating_point, scheme, f"quantize() must return codes as a float tensor, got {codes.dtype}")
+    check(bool(torch.isfinite(codes).all()) and torch.equal(codes, codes.round()), scheme,
+          f"quantize() returned non-integer codes {where}")
+    check(bool(((codes >= qmin) & (codes <= qmax)).all()), scheme,
+          f"quantize() codes outside quant_range {(qmin, qmax)} {where}: {codes.min().item()}..{codes.max().item()}")
+    far = scheme.quantize(values * 1000 + torch.sign(values) * 1e3, s2, z2, dtype)
+    check(bool(((far >= qmin) & (far <= qmax)).all()) and torch.equal(far, far.round()), scheme,
+          f"quantize() does not clamp values far outside the range to {(qmin, qmax)} {where}")
+
+    deq = scheme.dequantize(codes, s2, z2)
+    check(isinstance(deq, torch.Tensor) and deq.shape == values.shape, scheme,
+          f"dequantize() returned shape {tuple(getattr(deq, 'shape', ()))} {where}")
+    check(deq.dtype == float_dtype, scheme, f"dequantize() returned {deq.dtype}; compute in the inputs' dtype {where}")
+    check(bool(torch.isfinite(deq).all()), scheme, f"dequantize() returned NaN or inf {where}")
+    check(torch.equal(deq[1], torch.zeros_like(deq[1])), scheme,
+          f"an all-zero group does not come back as zeros {where}: {deq[1].tolist()[:4]}")
+    if scheme.grid == "affine":
+        affine = codes * s2 if z2 is None else (codes - z2) * s2
+        if not torch.allclose(deq, affine, rtol=1e-3 if float_dtype == torch.float16 else 1e-6, atol=0):
+            fail(scheme, f"declares grid = 'affine' but dequantize() is not (codes - zero_point) * scale {where} "
+                         f"(max difference {float((deq - affine).abs().max()):.3g}); declare grid = 'lut'")
+
+    # Grid points round-trip exactly: quantizing a dequantized value gives its code back.
+    again = scheme.quantize(deq, s2, z2, dtype)
+    if not torch.equal(again, codes):
+        n = int((again != codes).sum())
+        fail(scheme, f"round trip on grid points is not exact {where}: quantize(dequantize(codes)) differs from "
+                     f"codes in {n} of {codes.numel()} elements")
+    check(torch.equal(scheme.dequantize(again, s2, z2), deq), scheme,
+          f"dequantize(quantize(grid values)) differs from the grid values {where}")
+
+    # The in-place fast path gives what the plain methods give.
+    out = torch.full_like(values, 7.5)
+    res = scheme.quantize_into(values, s2, z2, dtype, out)
+    check(res is out or (isinstance(res, torch.Tensor) and res.data_ptr() == out.data_ptr()), scheme,
+          f"quantize_into() must return ``out`` {where}")
+    check(torch.equal(values, before), scheme, f"quantize_into() modified its input values {where}")
+    if not torch.equal(out, codes):
+        fail(scheme, f"quantize_into() differs from quantize() in {int((out != codes).sum())} elements {where}")
+    buf = codes.clone()
+    res = scheme.dequantize_(buf, s2, z2)
+    check(isinstance(res, torch.Tensor) and res.data_ptr() == buf.data_ptr(), scheme,
+          f"dequantize_() must return the tensor it overwrote {where}")
+    if not torch.equal(buf, deq):
+        fail(scheme, f"dequantize_() differs from dequantize() in {int((buf != deq).sum())} elements {where}")
+
+
+def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = None) -> None:
+    """Check ``scheme`` against the ``quanta.contracts.Scheme`` contract; raise AssertionError naming it.
+
+    For every dtype it serves (``dtypes``, default: int2..int8 and uint2..uint8, less those its
+    ``check_spec`` refuses with ``quanta.ConfigError``), in float32 and float16:
+
+    - ``quant_range`` gives two ints inside what the dtype stores;
+    - ``qparams`` gives a finite, positive scale ``[G]`` for every group (all-zero and constant
+      groups included) and an integer zero point within the range, without changing its inputs;
+    - ``quantize`` gives integer codes of the values' shape, clamped to the range, in a float
+      dtype, and leaves its input alone; values far out of range are clamped;
+    - ``dequantize`` computes in the inputs' float dtype, gives zeros for an all-zero group, and
+      grid points round-trip exactly (``quantize(dequantize(codes)) == codes``);
+    - a declared ``grid = "affine"`` really is ``(codes - zero_point) * scale``;
+    - the fast paths ``quantize_into``/``dequantize_`` equal ``quantize``/``dequantize``.
+    """
+    if not isinstance(scheme, Scheme):
+        raise AssertionError(f"{scheme!r} is not a quanta.contracts.Scheme (subclass it; docs/plugins.md)")
+    check(scheme.grid in GRIDS, scheme, f"declares grid {scheme.grid!r}; allowed: {', '.join(GRIDS)}")
+    from quanta.spec import parse_dtype
+
+    wanted = _ALL_DTYPES if dtypes is None else tuple(parse_dtype(d) for d in dtypes)
+    served = _served(scheme, wanted)
+    check(served, scheme, f"check_spec refuses every dtype tried ({', '.join(map(str, wanted))})")
+    for dtype in served:
+        for float_dtype in (torch.float32, torch.float16):
+            try:
+                _check_dtype(scheme, dtype, float_dtype)
+            except AssertionError:
+                raise
+            except Exception as exc:
+                fail(scheme, f"raised {type(exc).__name__}: {exc} (for {dtype} in {float_dtype})")

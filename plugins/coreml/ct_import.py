@@ -1,0 +1,33 @@
+"""Import coremltools once, quietly: only when a Core ML model or exporter is used.
+
+coremltools logs about ten lines when imported on Linux ("Failed to load _MLModelProxy ...",
+untested torch and scikit-learn versions) through its ``coremltools`` logger. None of them is
+actionable for quanta's users (quanta never calls the macOS-only runtime), so the first import
+runs with that logger raised to ERROR and Python warnings ignored; both are restored after. Later
+warnings from coremltools are left as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+__all__ = ["import_coremltools"]
+
+
+def import_coremltools():
+    """The ``coremltools`` module, imported without its import-time log lines and warnings."""
+    module = sys.modules.get("coremltools")
+    if module is not None:
+        return module
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import coremltools
+    finally:
+        logger.setLevel(level)
+    return coremltools

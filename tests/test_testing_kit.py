@@ -1,0 +1,251 @@
+"""The conformance kit catches broken plugins (a kit that cannot fail proves nothing), and its
+pytest plugin is installed, cheap to load and gives working fixtures."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import quanta
+from quanta import registry
+from quanta.contracts import Algorithm, Exporter, Observer
+from quanta.plugins.schemes import AffineScheme, SymmetricScheme
+from quanta.testing import (DATA_FORMS, check_algorithm, check_exporter, check_observer, check_scheme,
+                            isolated_registry, reference_model)
+
+
+class _Contribute:
+    def __init__(self, kind, obj):
+        self.kind, self.obj = kind, obj
+
+    @quanta.hookimpl
+    def register_algorithms(self, register):
+        if self.kind == "algorithm":
+            register(self.obj)
+
+    @quanta.hookimpl
+    def register_exporters(self, register):
+        if self.kind == "exporter":
+            register(self.obj)
+
+
+# -- schemes ------------------------------------------------------------------------------
+class ZeroScale(SymmetricScheme):
+    name = "zero_scale"
+
+    def qparams(self, min_val, max_val, dtype):
+        qmin, qmax = self.quant_range(dtype)
+        return torch.maximum(min_val.abs(), max_val.abs()) / qmax, None  # 0 for an all-zero group
+
+
+class Unclamped(SymmetricScheme):
+    name = "unclamped"
+
+    def quantize(self, values, scale, zero_point, dtype):
+        return torch.round(values / scale)
+
+
+class SlowFastDisagree(SymmetricScheme):
+    name = "fast_path_off_by_one"
+
+    def quantize_into(self, values, scale, zero_point, dtype, out):
+        return super().quantize_into(values, scale, zero_point, dtype, out).clamp_(-100, 100)
+
+
+class AffineClaimingLut(SymmetricScheme):
+    name = "claims_affine"
+
+    def dequantize(self, codes, scale, zero_point):
+        c = codes if zero_point is None else codes - zero_point
+        return torch.sign(c) * c.abs().pow(1.5) * scale  # not (codes - zero_point) * scale
+
+
+class WideRange(AffineScheme):
+    name = "wide_range"
+
+    def quant_range(self, dtype):
+        return -(1 << dtype.bits), (1 << dtype.bits)
+
+
+@pytest.mark.parametrize("scheme,pattern", [
+    (ZeroScale(), r"'zero_scale'.*zero, negative, NaN or inf scale for groups \[1\]"),
+    (Unclamped(), r"'unclamped'.*(does not clamp|codes outside quant_range)"),
+    (SlowFastDisagree(), r"quantize_into\(\) differs from quantize\(\)"),
+    (AffineClaimingLut(), r"declares grid = 'affine' but dequantize\(\) is not"),
+    (WideRange(), r"quant_range\(int2\) = \(-4, 4\) does not fit the dtype"),
+])
+def test_check_scheme_catches(scheme, pattern):
+    with pytest.raises(AssertionError, match=pattern):
+        check_scheme(scheme)
+
+
+# -- observers ----------------------------------------------------------------------------
+class GlobalMax(Observer):
+    name, description = "global_max", "one range for the whole tensor (rows not independent)"
+
+    def observe(self, values, spec, scheme):
+        hi = values.abs().max().expand(values.shape[0])
+        return -hi, hi
+
+
+class Clips(Observer):
+    name, description = "clips_in_place", "clamps its input in place"
+
+    def observe(self, values, spec, scheme):
+        values.clamp_(-1, 1)
+        return values.amin(1), values.amax(1)
+
+
+class ClaimsNonFinite(Observer):
+    name, description = "claims_non_finite", "nan-ignoring ranges, yet declares they carry NaN"
+    ranges_carry_non_finite = True
+
+    def observe(self, values, spec, scheme):
+        v = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        return v.amin(1), v.amax(1)
+
+
+@pytest.mark.parametrize("observer,pattern", [
+    (GlobalMax(), r"'global_max'.*two chunks differs"),
+    (Clips(), r"modified its input"),
+    (ClaimsNonFinite(), r"declares ranges_carry_non_finite = True but group 0"),
+])
+def test_check_observer_catches(observer, pattern):
+    with pytest.raises(AssertionError, match=pattern):
+        check_observer(observer)
+
+
+# -- algorithms ---------------------------------------------------------------------------
+class LeavesAHook(Algorithm):
+    name, description = "leaves_a_hook", "adds a forward hook and does not remove it on failure"
+
+    def run(self, model, plan, data, context):
+        first = plan.selected[0].unit.handle
+        first.register_forward_hook(lambda m, i, o: o)
+        for layer in plan.selected:
+            context.quantize_layer(model, layer)
+
+
+class Swallows(Algorithm):
+    name, description = "swallows_errors", "ignores a failing write"
+
+    def run(self, model, plan, data, context):
+        for layer in plan.selected:
+            try:
+                context.quantize_layer(model, layer)
+            except Exception:
+                pass
+
+
+class MisreportsError(Algorithm):
+    name, description = "misreports", "reports a made-up error"
+
+    def run(self, model, plan, data, context):
+        for layer in plan.selected:
+            w = context.read_weight(model, layer)
+            record = quanta.quantize_weight(w, layer.spec, channel_axis=layer.unit.channel_axis,
+                                            input_axis=layer.unit.input_axis)
+            context.write_layer(model, layer, record, w, sq_error=0.0, ref_sq=1.0)
+
+
+class SkipsDicts(Algorithm):
+    name, description = "skips_dicts", "calls model(batch) whatever the batch is"
+    needs_data = True
+
+    def run(self, model, plan, data, context):
+        for batch in data:
+            model(batch)
+        for layer in plan.selected:
+            context.quantize_layer(model, layer)
+
+
+@pytest.mark.parametrize("algorithm,pattern", [
+    (LeavesAHook(), r"after a failure mid-run with inplace=True: forward hooks changed"),
+    (Swallows(), r"quanta.quantize succeeded"),
+    (MisreportsError(), r"reports error 0 but its stored weight is"),
+    (SkipsDicts(), r"data as tuple: quanta.quantize raised"),
+])
+def test_check_algorithm_catches(algorithm, pattern, register_plugin):
+    register_plugin(_Contribute("algorithm", algorithm))
+    with pytest.raises(AssertionError, match=pattern):
+        check_algorithm(algorithm, models=("mlp",))
+
+
+def test_check_algorithm_needs_the_algorithm_registered():
+    with pytest.raises(AssertionError, match="is not registered"):
+        check_algorithm(LeavesAHook())
+
+
+# -- exporters ----------------------------------------------------------------------------
+class Partial(Exporter):
+    name, description, suffix = "partial", "writes straight onto the path, record by record", ".partial.txt"
+
+    def export(self, model, path, *, example_inputs=None, overwrite=False):
+        with open(path, "w") as f:  # no quanta.atomic: a failure halfway leaves half a file
+            f.write("quanta records\n")
+            for name, record in quanta.records(model).items():
+                f.write(f"{name} {record.codes.tolist()}\n")
+        return str(path)
+
+
+def _read_partial(path):
+    lines = open(path).read().splitlines()[1:]
+    return {name: torch.tensor(eval(codes)) for name, codes in (line.split(" ", 1) for line in lines)}
+
+
+def test_check_exporter_catches_partial_output_on_failure(register_plugin, tmp_path):
+    register_plugin(_Contribute("exporter", Partial()))
+    with pytest.raises(AssertionError, match=r"'partial'.*a failed export left output.*broken.partial.txt"):
+        check_exporter(Partial(), tmp_path, reread=_read_partial)
+
+
+# -- the pytest plugin and fixtures -------------------------------------------------------
+def test_the_pytest_plugin_is_an_installed_entry_point():
+    eps = [ep for ep in md.entry_points(group="pytest11") if ep.name == "quanta"]
+    assert eps and eps[0].value == "quanta.testing.pytest_plugin"
+
+
+def test_loading_the_pytest_plugin_imports_nothing_heavy():
+    code = ("import sys, quanta\nbefore = set(sys.modules)\nimport quanta.testing.pytest_plugin\n"
+            "print(sorted(m for m in set(sys.modules) - before if not m.startswith(('_pytest', 'pytest', 'py', "
+            "'iniconfig', 'pluggy', 'pygments', 'quanta.testing')) and '.' not in m and not m.startswith('_')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    added = eval(out.stdout)
+    assert not {"torch", "numpy", "coremltools", "attrs"} & set(added), added
+
+
+def test_quanta_registry_is_isolated_and_restored(quanta_registry):
+    assert registry.default() is quanta_registry
+    assert "rtn" in quanta_registry.names("algorithm")
+
+
+def test_isolated_registry_restores_the_default():
+    before = registry.default()
+    with isolated_registry() as fresh:
+        assert registry.default() is fresh and fresh is not before
+    assert registry.default() is before
+
+
+def test_register_plugin_fixture_unregisters(register_plugin):
+    register_plugin(_Contribute("algorithm", Swallows()))
+    assert "swallows_errors" in registry.names("algorithm")
+
+
+def test_register_plugin_fixture_unregistered_after_the_test():
+    assert "swallows_errors" not in registry.names("algorithm")
+
+
+@pytest.mark.parametrize("form", DATA_FORMS)
+def test_reference_models_run_on_every_data_form(form, calibration_data, reference_mlp, reference_cnn,
+                                                 reference_token_model):
+    from quanta.calibration import call_model
+
+    for name, model in (("mlp", reference_mlp), ("cnn", reference_cnn), ("token", reference_token_model)):
+        batches = list(calibration_data(name, form, n=2))
+        outs = [call_model(model, b) for b in batches]
+        assert len(outs) == 2 and all(torch.isfinite(o).all() for o in outs)
+    assert [type(m).__name__ for m in reference_model("cnn").modules()].count("BatchNorm2d") == 1
