@@ -130,7 +130,8 @@ def test_minilm_int4_saves_small_and_loads_exactly(tmp_path, no_pickle):
     rebuilt = quanta.load(out)  # from config.json, no model given
     _assert_same_model(qmodel, rebuilt)
     inputs = quanta.saving.load_example_inputs(out)
-    assert torch.equal(inputs[0], example.example_inputs[0])
+    assert inputs.keys() == example.example_inputs.keys()  # keyword inputs: input_ids, attention_mask
+    assert all(torch.equal(inputs[k], example.example_inputs[k]) for k in inputs)
 
 
 def test_tiny_llama_sharded_tied_affine(tmp_path, no_pickle):
