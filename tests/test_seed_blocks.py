@@ -187,18 +187,21 @@ def _run(block: str, namespace: dict) -> dict:
 
 
 def _import_lines(block: str) -> set[int]:
-    """Line numbers of the import statements (continuations included)."""
-    lines, out, inside = block.splitlines(), set(), False
-    for i, line in enumerate(lines):
-        if line.startswith(("import ", "from ")) or inside:
+    """Line numbers of the import statements (backslash and parenthesis continuations included)."""
+    out, continued, in_parens = set(), False, False
+    for i, line in enumerate(block.splitlines()):
+        text = line.rstrip()
+        if text.startswith(("import ", "from ")) or continued or in_parens:
             out.add(i)
-            inside = line.rstrip().endswith(("\\", "(")) or (inside and not line.rstrip().endswith(")"))
+            in_parens = (in_parens or text.endswith("(")) and not text.endswith(")")
+            continued = text.endswith("\\")
     return out
 
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS)
 def test_only_imports_differ_from_the_seed(block):
     imports = _import_lines(block)
+    assert all(block.splitlines()[i].strip() for i in imports)  # an import ends before the next blank line
     for i, line in enumerate(block.splitlines()):
         if i not in imports:
             assert "quanta" not in line, line
