@@ -96,6 +96,10 @@ class LayerwiseCompressorConfig:
                                "input_cacher": self.input_cacher, "calibration_nsamples": self.calibration_nsamples}
         if glob is not None:
             glob.pop("algorithm", None)
+        # coremltools' GPTQ defaults, pinned: quanta's own gptq defaults to act-order with static groups.
+        if glob is None or "use_activation_order_heuristic" not in glob:
+            out["use_activation_order_heuristic"] = False
+        out["static_groups"] = False
         if self.layers is not None:
             out["layers"] = [getattr(x, "__name__", x) if isinstance(x, str) else x for x in self.layers]
         if self.module_type_configs:

@@ -51,8 +51,10 @@ class GPTQConfig:
     hessian_dampening: float = attrs.field(default=0.01, metadata=_doc("dampening as a fraction of mean(diag(H))"))
     processing_group_size: int = attrs.field(default=128, metadata=_doc("columns per lazy batch update"))
     use_activation_order_heuristic: bool = attrs.field(
-        default=False, metadata=_doc("quantize columns by descending Hessian diagonal (act-order)"))
-    static_groups: bool = attrs.field(default=False, metadata=_doc("per-block qparams fitted up front on the float weight"))
+        default=True, metadata=_doc("quantize columns by descending Hessian diagonal (act-order; quanta.compat "
+                                    "keeps coremltools' False)"))
+    static_groups: bool = attrs.field(default=True, metadata=_doc(
+        "per-block qparams fitted up front on the float weight (quanta.compat keeps coremltools' False)"))
     input_cacher: str = attrs.field(
         default="default", metadata=_doc("'default' or 'gpt' (coremltools' names): both cache the first block's "
                                          "positional and keyword inputs"))
