@@ -60,7 +60,7 @@ def test_perplexity_fp32_below_gptq_below_rtn(shipped):
     gptq = tl.perplexity(quanta.quantize(model, {"algorithm": "gptq", "calibration_nsamples": 8, **INT4_G128},
                                          data=data), held)
     rtn = tl.perplexity(quanta.quantize(model, {"algorithm": "rtn", **INT4_G128}), held)
-    # measured (seed 0, shipped checkpoint): fp32 32.633, GPTQ 32.753, RTN 32.902
+    # measured (seed 0, shipped checkpoint): fp32 32.633, GPTQ 32.667 (act-order default), RTN 32.902
     assert fp < gptq < rtn, (fp, gptq, rtn)
     assert rtn - gptq > 0.1 and gptq < fp * 1.01, (fp, gptq, rtn)
 
