@@ -14,7 +14,7 @@ import warnings
 
 from quanta.errors import ConfigError
 
-__all__ = ["annotate_for_coreml", "TARGET_ATTRIBUTE"]
+__all__ = ["annotate_for_coreml", "TARGET_ATTRIBUTE", "CompressorResult"]
 
 #: The attribute set on an annotated model: the lowest ``ct.target`` that stores its weights.
 TARGET_ATTRIBUTE = "coreml_minimum_deployment_target"
@@ -56,3 +56,21 @@ def annotate_for_coreml(model, activation_quantization: bool = False):
                           f"weights (model.{TARGET_ATTRIBUTE} = ct.target.{name})", stacklevel=3)
     object.__setattr__(model, TARGET_ATTRIBUTE, target)
     return model
+
+
+class CompressorResult:
+    """What coremltools' compressors offer after ``compress()``: the quanta report and the Core ML
+    deployment target the result needs (shared by ``PostTrainingQuantizer`` and ``LayerwiseCompressor``)."""
+
+    _result = None
+
+    @property
+    def minimum_deployment_target(self):
+        """The lowest ``ct.target`` that stores the last ``compress()``'s weights compressed (or None)."""
+        return getattr(self._result, TARGET_ATTRIBUTE, None)
+
+    def report(self):
+        """The quanta :class:`~quanta.Report` of the last ``compress()``."""
+        if self._result is None:
+            raise RuntimeError("call compress() first")
+        return self._result.quanta_report

@@ -10,7 +10,7 @@ from quanta.compat.schemes import GPTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.errors import ConfigError
 from quanta.pipeline import quantize
-from quanta.compat.convert import annotate_for_coreml
+from quanta.compat.convert import CompressorResult, annotate_for_coreml
 from quanta.recipe_yaml import read_yaml_mapping, require_mapping
 
 __all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
@@ -120,7 +120,7 @@ def _strip(layer):
     return {k: v for k, v in layer.items() if k in ("weight_dtype", "granularity", "quantization_scheme", "block_size")}
 
 
-class LayerwiseCompressor:
+class LayerwiseCompressor(CompressorResult):
     """``LayerwiseCompressor(model, config).compress(dataloader, device=None, inplace=False)``.
 
     GPTQ on coremltools' 16-level grid; the result converts with plain ``ct.convert`` to compressed
@@ -141,13 +141,3 @@ class LayerwiseCompressor:
         self._result = quantize(self._model, self._recipe, data=dataloader, inplace=inplace, device=device)
         return annotate_for_coreml(self._result)
 
-    @property
-    def minimum_deployment_target(self):
-        """The lowest ``ct.target`` that stores the last ``compress()``'s weights compressed (or None)."""
-        return getattr(self._result, "coreml_minimum_deployment_target", None)
-
-    def report(self):
-        """The quanta :class:`~quanta.Report` of the last ``compress()``."""
-        if self._result is None:
-            raise RuntimeError("call compress() first")
-        return self._result.quanta_report

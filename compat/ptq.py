@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from quanta.compat.convert import annotate_for_coreml
+from quanta.compat.convert import CompressorResult, annotate_for_coreml
 from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
 from quanta.pipeline import quantize
@@ -106,7 +106,7 @@ class PostTrainingQuantizerConfig:
         return load_recipe({**self.as_dict(), "on_unsupported_layer": "skip"}, algorithm="rtn")
 
 
-class PostTrainingQuantizer:
+class PostTrainingQuantizer(CompressorResult):
     """``PostTrainingQuantizer(model, config).compress(inplace=False)``, as in coremltools.
 
     The returned model computes with the dequantized weights, carries quanta records and
@@ -131,13 +131,3 @@ class PostTrainingQuantizer:
         self._result = quantize(self._model, self._recipe, inplace=inplace)
         return annotate_for_coreml(self._result)
 
-    @property
-    def minimum_deployment_target(self):
-        """The lowest ``ct.target`` that stores the last ``compress()``'s weights compressed (or None)."""
-        return getattr(self._result, "coreml_minimum_deployment_target", None)
-
-    def report(self):
-        """The quanta :class:`~quanta.Report` of the last ``compress()``."""
-        if self._result is None:
-            raise RuntimeError("call compress() first")
-        return self._result.quanta_report
