@@ -8,10 +8,9 @@ import attrs
 
 from quanta.compat.schemes import GPTQ_GRID, pinned_scheme
 from quanta.config import load_recipe
-from quanta.errors import ConfigError
 from quanta.pipeline import quantize
 from quanta.compat.convert import CompressorResult, annotate_for_coreml
-from quanta.recipe_yaml import read_yaml_mapping, require_mapping
+from quanta.recipe_yaml import read_yaml_mapping, reject_unknown_keys, require_mapping
 
 __all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
 
@@ -73,13 +72,7 @@ class LayerwiseCompressorConfig:
     def from_dict(cls, config_dict: dict) -> "LayerwiseCompressorConfig":
         """Build from coremltools' dict shape; unknown keys fail naming the nearest key."""
         config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
-        known = {f.name for f in attrs.fields(cls)}
-        unknown = [k for k in config_dict if k not in known]
-        if unknown:
-            from quanta.errors import did_you_mean
-
-            raise ConfigError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} "
-                              f"(allowed: {', '.join(sorted(known))})", unknown[0])
+        reject_unknown_keys(config_dict, sorted(f.name for f in attrs.fields(cls)))
         cfg = cls(**config_dict)
         cfg.to_recipe()
         return cfg

@@ -26,7 +26,7 @@ from quanta.compat.convert import annotate_for_coreml
 from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.errors import ConfigError, did_you_mean
 from quanta.quantizer import Quantizer
-from quanta.recipe_yaml import read_yaml_mapping, require_mapping
+from quanta.recipe_yaml import read_yaml_mapping, reject_unknown_keys, require_mapping
 
 __all__ = ["ModuleLinearQuantizerConfig", "LinearQuantizerConfig", "LinearQuantizer"]
 
@@ -79,10 +79,7 @@ class ModuleLinearQuantizerConfig:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ModuleLinearQuantizerConfig":
         config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
-        names = [f.name for f in attrs.fields(cls)]
-        for k in config_dict:
-            if k not in names:
-                raise ConfigError(f"unknown key {k!r}{did_you_mean(k, names)} (allowed: {', '.join(names)})", k)
+        reject_unknown_keys(config_dict, [f.name for f in attrs.fields(cls)])
         return cls(**config_dict)
 
     def layer_dict(self) -> dict:
@@ -135,10 +132,7 @@ class LinearQuantizerConfig:
     def from_dict(cls, config_dict: dict) -> "LinearQuantizerConfig":
         """Build from coremltools' dict shape; unknown keys fail naming the key."""
         config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
-        names = [f.name for f in attrs.fields(cls)]
-        for k in config_dict:
-            if k not in names:
-                raise ConfigError(f"unknown key {k!r}{did_you_mean(k, names)} (allowed: {', '.join(names)})", k)
+        reject_unknown_keys(config_dict, [f.name for f in attrs.fields(cls)])
         cfg = cls(**config_dict)
         cfg.to_recipe_dict()  # validates every module config now
         return cfg

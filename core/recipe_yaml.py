@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
-__all__ = ["StrictLoader", "read_yaml", "read_yaml_mapping", "require_mapping"]
+__all__ = ["StrictLoader", "read_yaml", "read_yaml_mapping", "require_mapping", "reject_unknown_keys"]
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -76,13 +77,17 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "recipe file") -> dic
 def require_mapping(value: Any, what: str) -> dict:
     """``value`` as a dict, or ConfigError saying ``what`` must be a mapping and what it was."""
     if not isinstance(value, dict):
-        try:
-            from collections.abc import Mapping
-
-            if isinstance(value, Mapping):
-                return dict(value)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(value, Mapping):
+            return dict(value)
         raise ConfigError(f"{what} must be a mapping of keys (e.g. {{global_config: {{...}}}}), "
                           f"got a {type(value).__name__}")
     return value
+
+
+def reject_unknown_keys(mapping: Mapping, allowed: Iterable[str]) -> None:
+    """Raise ConfigError for the first key of ``mapping`` not in ``allowed``, naming it, the nearest
+    allowed key and all of them (in the order given)."""
+    allowed = list(allowed)
+    for k in mapping:
+        if k not in allowed:
+            raise ConfigError(f"unknown key {k!r}{did_you_mean(str(k), allowed)} (allowed: {', '.join(allowed)})", k)
