@@ -113,17 +113,19 @@ def check_data_container(data: Any) -> None:
         raise error
 
 
-def check_batches(model: Any, batches: Sequence, *, limit: int | None = None, reader: str = "the algorithm") -> None:
+def check_batches(model: Any, batches: Sequence, *, limit: int | None = None, reader: str = "the algorithm",
+                  forward: bool = True) -> None:
     """Check a list of calibration ``batches`` (as core read them) against ``model``.
 
     Structure and finiteness of every batch, the same inputs as batch 0, a dry forward of batch 0
     on a ``torch.nn.Module``; warns (:class:`CalibrationWarning`) when there are fewer batches than
-    ``limit``, the number ``reader`` would use. Raises :class:`DataError` naming the batch.
+    ``limit``, the number ``reader`` would use (``forward=False`` skips the dry forward). Raises
+    :class:`DataError` naming the batch.
     """
     if len(batches) == 0:
         raise DataError("calibration data is empty; pass at least one batch")
     reference = _check_batch(batches[0], 0, None)
-    _dry_forward_first(model, batches[0], True)
+    _dry_forward_first(model, batches[0], forward)
     for index, batch in enumerate(batches[1:], start=1):
         _check_batch(batch, index, reference)
     if limit is not None and len(batches) < limit:
@@ -236,16 +238,7 @@ def check_calibration_data(model: Any, data: Any, *, nsamples: int | None = None
     if isinstance(data, (torch.Tensor, Mapping)):
         data = [data]  # one batch
     if isinstance(data, Sequence):
-        if len(data) == 0:
-            raise DataError("calibration data is empty; pass at least one batch")
-        used = data if nsamples is None else data[:nsamples]
-        reference = _check_batch(used[0], 0, None)
-        _dry_forward_first(model, used[0], forward)
-        for index, batch in enumerate(used[1:], start=1):
-            _check_batch(batch, index, reference)
-        if nsamples is not None and len(data) < nsamples:
-            warnings.warn(f"calibration data has {len(data)} batch(es) but calibration_nsamples is {nsamples}: "
-                          f"using all {len(data)}", CalibrationWarning, stacklevel=3)
+        check_batches(model, data if nsamples is None else data[:nsamples], limit=nsamples, forward=forward)
         return data
     iterator = iter(data)
     one_shot = iterator is data

@@ -63,9 +63,8 @@ def check_example_inputs(model: torch.nn.Module, example_inputs: Any) -> None:
 def export_destination(path: str | os.PathLike, exporter: Any) -> str:
     """``path`` with the exporter's declared ``suffix`` added when missing (as exporters do)."""
     text = os.fspath(path).rstrip("/") or os.fspath(path)
-    suffix = getattr(exporter, "suffix", None)
-    if suffix and not text.endswith(suffix):
-        text += suffix
+    if exporter.suffix and not text.endswith(exporter.suffix):
+        text += exporter.suffix
     return text
 
 

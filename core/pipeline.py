@@ -186,7 +186,7 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     batches = materialize_data(data, limit)
     if any(algo.needs_data for algo in algorithms) and not batches:
         raise ConfigError("the calibration data is empty", "data")
-    check_run(model, plans[0], stages, algorithms, data, batches, device, limit)
+    check_run(model, plans[0], algorithms, data, batches, device, limit)
 
     everything = len(stages) > 1 or any(algo.changes == "model" for algo in algorithms)
     all_units = [p.unit for p in plans[0].selected]

@@ -3,8 +3,8 @@
 :func:`check_run` runs the checks of :mod:`quanta.model_checks` (quantizable weights, devices)
 and :mod:`quanta.data_checks` (calibration data) on the batches core has read (``batches``,
 at most ``limit``: the largest ``max_batches()`` of the recipe's algorithms). ``check_model``
-runs earlier, before a backend is chosen. A ``device`` field of an algorithm's config is
-checked like the ``device`` argument.
+runs earlier, before a backend is chosen. An algorithm with a device option of its own checks
+it in its ``validate`` (``quanta.model_checks.check_device``).
 """
 
 from __future__ import annotations
@@ -17,21 +17,19 @@ from .model_checks import check_device, check_units
 __all__ = ["check_run"]
 
 
-def check_run(model: Any, plan, stages: Sequence, algorithms: Sequence, data: Any, batches: list | None,
+def check_run(model: Any, plan, algorithms: Sequence, data: Any, batches: list | None,
               device: Any = None, limit: int | None = None) -> None:
     """Check the model, devices and calibration data of one ``quantize`` call.
 
-    ``plan`` is the first stage's plan; ``stages`` and ``algorithms`` the recipe's stages and
-    their configured algorithms; ``data`` what the caller passed and ``batches`` the list core
+    ``plan`` is the first stage's plan; ``algorithms`` the configured algorithms of the recipe's
+    stages; ``data`` what the caller passed and ``batches`` the list core
     read from it. Raises ``ModelError``, ``DeviceError`` or ``DataError`` before anything runs;
     warns (``CalibrationWarning``) when there are fewer batches than ``limit``.
     """
     check_units(plan, model)
     check_device(device)
-    for stage in stages:
-        check_device(getattr(stage.algorithm_config, "device", None))
-    if data is None or not any(getattr(a, "needs_data", False) for a in algorithms):
+    if data is None or not any(a.needs_data for a in algorithms):
         return
     check_data_container(data)
-    names = " -> ".join(getattr(a, "name", "?") for a in algorithms)
+    names = " -> ".join(a.name for a in algorithms)
     check_batches(model, batches or [], limit=limit, reader=f"algorithm {names!r}")

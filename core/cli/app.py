@@ -25,19 +25,10 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _plugin_error_class():
-    # quanta.PluginError (a QuantaError raised when plugin code fails) comes with the plugin
-    # contracts; until it exists every QuantaError is the user's.
-    from quanta import errors
-
-    return getattr(errors, "PluginError", None)
-
-
 def _status(exc: BaseException, console: Console) -> int:
-    from quanta.errors import QuantaError
+    from quanta.errors import PluginError, QuantaError
 
-    plugin_error = _plugin_error_class()
-    if plugin_error is not None and isinstance(exc, plugin_error):
+    if isinstance(exc, PluginError):  # plugin code failed: not the user's mistake
         console.error(_one_line(exc))
         return EXIT_INTERNAL
     if isinstance(exc, QuantaError):

@@ -27,6 +27,7 @@ from torch import nn
 import quanta
 from quanta.calibration import call_model, to_device
 from quanta.errors import ConfigError, QuantizationError
+from quanta.model_checks import check_device
 from quanta.contracts import Algorithm
 from quanta.qmath import scale_shape
 from quanta.record import QuantizedWeight
@@ -202,6 +203,7 @@ class GPTQ(Algorithm):
         return self.config.calibration_nsamples
 
     def validate(self, plan, recipe) -> None:
+        check_device(self.config.device)  # DeviceError before any work, as for quantize(device=...)
         for layer in plan.selected:
             if layer.spec.granularity is Granularity.per_tensor:
                 raise ConfigError(f"gptq supports per_channel and per_block, not per_tensor (layer {layer.name!r})",
