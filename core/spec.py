@@ -12,7 +12,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["QuantDtype", "Granularity", "QuantSpec", "parse_dtype"]
+__all__ = ["QuantDtype", "Granularity", "QuantSpec", "parse_dtype", "changed_options"]
 
 
 @attrs.frozen
@@ -94,15 +94,20 @@ def _to_granularity(value: Any) -> Granularity:
         ) from None
 
 
-def _options_text(config: Any) -> str:
+def changed_options(config: Any) -> dict[str, Any]:
+    """The fields of a plugin's options (an attrs instance, or None) that differ from their defaults."""
     if config is None:
-        return ""
+        return {}
     try:
         defaults = type(config)()
-    except TypeError:
+    except TypeError:  # a config class with required fields: show them all
         defaults = None
-    items = [f"{f.name}={getattr(config, f.name)}" for f in attrs.fields(type(config))
-             if f.init and (defaults is None or getattr(config, f.name) != getattr(defaults, f.name))]
+    return {f.name: getattr(config, f.name) for f in attrs.fields(type(config))
+            if f.init and (defaults is None or getattr(config, f.name) != getattr(defaults, f.name))}
+
+
+def _options_text(config: Any) -> str:
+    items = [f"{k}={v}" for k, v in changed_options(config).items()]
     return f"({', '.join(items)})" if items else ""
 
 

@@ -6,7 +6,7 @@ import abc
 import copy
 from typing import Any, ClassVar
 
-import attrs
+from quanta.spec import changed_options
 
 __all__ = ["Plugin"]
 
@@ -64,9 +64,4 @@ class Plugin(abc.ABC):
 
     def options(self) -> dict[str, Any]:
         """The options that differ from their defaults, as a dict (for reports and ``describe``)."""
-        cfg = self.config
-        if cfg is None:
-            return {}
-        defaults = self.config_class() if self.config_class is not None else None
-        return {f.name: getattr(cfg, f.name) for f in attrs.fields(type(cfg))
-                if f.init and (defaults is None or getattr(cfg, f.name) != getattr(defaults, f.name))}
+        return changed_options(self.config)
