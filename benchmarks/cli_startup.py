@@ -40,7 +40,7 @@ def main() -> None:
         "quanta plan --help": [quanta, "plan", "--help"],
         "python -c 'import torch' (for scale)": [sys.executable, "-c", "import torch"],
     }
-    torch_free = subprocess.run([sys.executable, "-c", "import sys\nfrom quanta.cli import main\ntry:\n main(['--help'])\n"
+    torch_free = subprocess.run([sys.executable, "-c", "import sys\nfrom quanta._cli import main\ntry:\n main(['--help'])\n"
                                  "except SystemExit:\n pass\nprint('torch' in sys.modules)"],
                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
     lines = [f"# quanta CLI start-up, {time.strftime('%Y-%m-%d')}, {platform.platform()}, "

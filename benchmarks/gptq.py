@@ -29,7 +29,7 @@ from torch import nn
 from quanta.plugins.gptq.hessian import accumulate_xtx, mirror_upper
 from quanta.plugins.gptq.solver import gptq_quantize
 from quanta.plugins.schemes import AffineScheme, SymmetricScheme
-from quanta.spec import QuantDtype
+from quanta._records.spec import QuantDtype
 
 
 class SchemeQuantizer:

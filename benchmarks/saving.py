@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import quanta
-from quanta.packing import pack_codes, unpack_codes
-from quanta.saving import saved_size_rule
+from quanta._records.packing import pack_codes, unpack_codes
+from quanta._files.saving import saved_size_rule
 
 MiB = 2**20
 

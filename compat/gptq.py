@@ -7,10 +7,10 @@ from typing import Any
 import attrs
 
 from quanta.compat.schemes import GPTQ_GRID, pinned_scheme
-from quanta.config import load_recipe
-from quanta.pipeline import quantize
+from quanta._recipes.recipe import load_recipe
+from quanta._run.pipeline import quantize
 from quanta.compat.convert import CompressorResult, annotate_for_coreml
-from quanta.recipe_yaml import read_yaml_mapping, reject_unknown_keys, require_mapping
+from quanta._recipes.yaml_reader import read_yaml_mapping, reject_unknown_keys, require_mapping
 
 __all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
 

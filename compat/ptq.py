@@ -10,9 +10,9 @@ import attrs
 
 from quanta.compat.convert import CompressorResult, annotate_for_coreml
 from quanta.compat.schemes import PTQ_GRID, pinned_scheme
-from quanta.config import load_recipe
-from quanta.pipeline import quantize
-from quanta.recipe_yaml import read_yaml_mapping, require_mapping
+from quanta._recipes.recipe import load_recipe
+from quanta._run.pipeline import quantize
+from quanta._recipes.yaml_reader import read_yaml_mapping, require_mapping
 
 __all__ = ["QuantizationScheme", "ModulePostTrainingQuantizerConfig", "PostTrainingQuantizerConfig",
            "PostTrainingQuantizer", "annotate_for_coreml"]

@@ -25,8 +25,8 @@ import torch
 from quanta.compat.convert import annotate_for_coreml
 from quanta.compat.schemes import PTQ_GRID, pinned_scheme
 from quanta.errors import ConfigError, did_you_mean
-from quanta.quantizer import Quantizer
-from quanta.recipe_yaml import read_yaml_mapping, reject_unknown_keys, require_mapping
+from quanta._run.quantizer import Quantizer
+from quanta._recipes.yaml_reader import read_yaml_mapping, reject_unknown_keys, require_mapping
 
 __all__ = ["ModuleLinearQuantizerConfig", "LinearQuantizerConfig", "LinearQuantizer"]
 

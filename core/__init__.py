@@ -14,7 +14,9 @@ Plugins: ``@quanta.hookimpl`` (see ``docs/plugins.md``); lookup: ``quanta.regist
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import (
+from quanta import _moved
+
+from quanta.errors import (
     ConfigError,
     CoreMLPackageError,
     DataError,
@@ -37,43 +39,48 @@ from .errors import (
 # Names below are imported on first use (PEP 562), so that ``import quanta`` and ``quanta --help``
 # do not import torch. Each maps to the module that defines it.
 _LAZY = {
-    "contracts": "contracts", "RunContext": "context", "Unit": "contracts",
-    "Recipe": "config", "load_recipe": "config",
-    "export": "exporting", "verify": "exporting",
-    "hookimpl": "hookspecs", "hookspec": "hookspecs",
-    "plan": "pipeline", "quantize": "pipeline",
-    "Plan": "planning", "PlannedLayer": "planning",
-    "Quantizer": "quantizer",
-    "QuantizedWeight": "record", "read_record": "record", "records": "record",
-    "LayerReport": "report", "Report": "report",
-    "Granularity": "spec", "QuantDtype": "spec", "QuantSpec": "spec",
-    "quantize_weight": "weights",
-    "save": "saving", "load": "saving", "SavedModelError": "saving",
+    "contracts": "quanta.contracts", "registry": "quanta.registry", "errors": "quanta.errors",
+    "record": "quanta.record", "testing": "quanta.testing",
+    "RunContext": "quanta._run.context", "Unit": "quanta.contracts",
+    "Recipe": "quanta._recipes.recipe", "load_recipe": "quanta._recipes.recipe",
+    "export": "quanta._run.exporting", "verify": "quanta._run.exporting",
+    "hookimpl": "quanta.contracts.hooks", "hookspec": "quanta.contracts.hooks",
+    "plan": "quanta._run.pipeline", "quantize": "quanta._run.pipeline",
+    "Plan": "quanta._recipes.planning", "PlannedLayer": "quanta._recipes.planning",
+    "Quantizer": "quanta._run.quantizer",
+    "QuantizedWeight": "quanta.record", "read_record": "quanta.record", "records": "quanta.record",
+    "LayerReport": "quanta._run.report", "Report": "quanta._run.report",
+    "Granularity": "quanta._records.spec", "QuantDtype": "quanta._records.spec", "QuantSpec": "quanta._records.spec",
+    "quantize_weight": "quanta._records.weights",
+    "save": "quanta._files.saving", "load": "quanta._files.saving", "SavedModelError": "quanta._files.saving",
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
-    from . import contracts
-    from .context import RunContext
-    from .contracts import Unit
-    from .config import Recipe, load_recipe
-    from .exporting import export, verify
-    from .hookspecs import hookimpl, hookspec
-    from .pipeline import plan, quantize
-    from .planning import Plan, PlannedLayer
-    from .quantizer import Quantizer
-    from .record import QuantizedWeight, read_record, records
-    from .report import LayerReport, Report
-    from .spec import Granularity, QuantDtype, QuantSpec
-    from .saving import SavedModelError, load, save
-    from .weights import quantize_weight
+    from quanta import contracts, errors, record, registry, testing
+    from quanta._run.context import RunContext
+    from quanta.contracts import Unit
+    from quanta._recipes.recipe import Recipe, load_recipe
+    from quanta._run.exporting import export, verify
+    from quanta.contracts.hooks import hookimpl, hookspec
+    from quanta._run.pipeline import plan, quantize
+    from quanta._recipes.planning import Plan, PlannedLayer
+    from quanta._run.quantizer import Quantizer
+    from quanta.record import QuantizedWeight, read_record, records
+    from quanta._run.report import LayerReport, Report
+    from quanta._records.spec import Granularity, QuantDtype, QuantSpec
+    from quanta._files.saving import SavedModelError, load, save
+    from quanta._records.weights import quantize_weight
 
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
+        moved = _moved.old_module(name)  # ``from quanta import config`` in a 0.1 plugin
+        if moved is not None:
+            return moved
         raise AttributeError(f"module 'quanta' has no attribute {name!r}")
-    imported = importlib.import_module(f"{__name__}.{module}")
-    value = imported if module == name else getattr(imported, name)
+    imported = importlib.import_module(module)
+    value = imported if module.rsplit(".", 1)[-1] == name else getattr(imported, name)
     globals()[name] = value
     return value
 

@@ -14,8 +14,8 @@ from typing import Iterator
 import attrs
 import torch
 
-from .qmath import from_groups, to_groups
-from .spec import QuantSpec
+from quanta._records.qmath import from_groups, to_groups
+from quanta._records.spec import QuantSpec
 
 __all__ = ["QuantizedWeight", "attach_record", "read_record", "records", "declare_state", "extra_state"]
 
@@ -26,7 +26,7 @@ class QuantizedWeight:
 
     Attributes:
         codes: integer codes, ``torch.int8`` (signed types) or ``torch.uint8``, the weight's shape.
-        scale: float32, ``scale_shape`` (the weight's rank; see ``quanta.qmath.scale_shape``).
+        scale: float32, ``scale_shape`` (the weight's rank; see ``quanta._records.qmath.scale_shape``).
         zero_point: same shape as ``scale`` and dtype as ``codes``, or None (symmetric signed).
         spec: the QuantSpec used (its scheme, with the scheme's options, dequantizes).
         block_sizes: per-axis block sizes (0 = whole axis), coremltools' convention.
@@ -59,8 +59,8 @@ class QuantizedWeight:
         ``scheme.dequantize(codes, scale, zero_point)`` per group, or ``scheme.dequantize_lut``
         when the record carries a lookup table. For the affine grid that is
         ``(codes - zero_point) * scale``."""
-        from .guard import plugin_code
-        from .weights import scheme_for
+        from quanta._run.guard import plugin_code
+        from quanta._records.weights import scheme_for
 
         scheme = scheme_for(self.spec)
         sizes = list(self.block_sizes)

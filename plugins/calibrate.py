@@ -28,7 +28,7 @@ from quanta.fx.options import (
     make_session,
     untraceable_field,
 )
-from quanta.calibration import call_model
+from quanta._run.calibration import call_model
 
 __all__ = ["CalibrateConfig", "Calibrate"]
 

@@ -36,12 +36,12 @@ import attrs
 import torch
 
 import quanta
-from quanta.atomic import atomic_dir
+from quanta._files.atomic import atomic_dir
 from quanta.errors import ConfigError, QuantizationError
-from quanta.packing import pack_codes
+from quanta._records.packing import pack_codes
 from quanta.contracts import Exporter
 from quanta.record import QuantizedWeight, records
-from quanta.saving import (DEFAULT_MAX_SHARD_BYTES, activation_quantization_sites, copy_tokenizer_files, tied_tensors, tokenizer_dir_of,
+from quanta._files.saving import (DEFAULT_MAX_SHARD_BYTES, activation_quantization_sites, copy_tokenizer_files, tied_tensors, tokenizer_dir_of,
                            transformers_config_of, write_shards)
 
 __all__ = ["CompressedTensorsExporter", "CompressedTensorsExportConfig", "pack_rows_int32", "SUPPORTED_BITS"]

@@ -16,8 +16,8 @@ import torch
 import quanta
 from quanta.contracts import Scheme
 from quanta.errors import ConfigError, did_you_mean
-from quanta.qmath import full_range, restricted_range
-from quanta.spec import QuantDtype
+from quanta._records.qmath import full_range, restricted_range
+from quanta._records.spec import QuantDtype
 
 __all__ = ["SymmetricConfig", "SymmetricScheme", "AffineScheme", "SYMMETRIC_GRIDS"]
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping
 import attrs
 import pluggy
 
-from quanta import hookspecs
+from quanta.contracts import hooks as hookspecs
 from quanta.contracts import GRIDS, KINDS as _KIND_TABLE, Algorithm
 from quanta.errors import (
     DuplicatePluginError,

@@ -1,4 +1,4 @@
-"""quanta.atomic: files and directories replace their destination whole or not at all."""
+"""quanta._files.atomic: files and directories replace their destination whole or not at all."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from quanta.atomic import MARKER, atomic_dir, atomic_file, check_destination, is_quanta_dir
+from quanta._files.atomic import MARKER, atomic_dir, atomic_file, check_destination, is_quanta_dir
 from quanta.errors import DestinationError, DestinationExistsError
 
 

@@ -4,7 +4,7 @@ Each case is a function of an :class:`Env` (a small torch model, its quantized c
 ``.mlpackage``, model files, a user's own files and folder, all under ``tmp_path``). The test
 asserts the error class, that the message names the cause (a pattern), that neither model's
 tensors changed, and that every file under ``tmp_path`` is byte for byte as before (and no file
-was added). CLI cases run ``quanta.cli.main`` in-process and expect exit status 2 and one line
+was added). CLI cases run ``quanta._cli.main`` in-process and expect exit status 2 and one line
 ``quanta: error: ...`` (argparse's own usage line for usage errors).
 """
 
@@ -133,7 +133,7 @@ class CLIExit(Exception):
 
 
 def cli(env: Env, *args: str) -> None:
-    from quanta.cli import main
+    from quanta._cli import main
 
     err, out = io.StringIO(), io.StringIO()
     cwd = os.getcwd()

@@ -13,7 +13,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def _run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "quanta.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "quanta._cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_quantize_example_recipe_prints_table_and_writes_model(tmp_path):
@@ -56,12 +56,12 @@ def test_minilm_example_recipe(tmp_path):
 # -- behaving like a Unix tool ---------------------------------------------------------------
 
 def _main(*args, cwd=None):
-    """Run ``quanta.cli.main`` in-process; returns (status, stdout, stderr)."""
+    """Run ``quanta._cli.main`` in-process; returns (status, stdout, stderr)."""
     import contextlib
     import io
     import os
 
-    from quanta.cli import main
+    from quanta._cli import main
 
     out, err = io.StringIO(), io.StringIO()
     old = os.getcwd()
@@ -97,7 +97,7 @@ def build():
 
 
 def test_help_imports_no_torch_and_prints_no_noise():
-    code = ("import sys\nfrom quanta.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom quanta._cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules and 'coremltools' not in sys.modules, 'imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stderr == "", out.stderr
@@ -112,8 +112,8 @@ def test_plugins_prints_no_third_party_noise():
 
 
 def test_every_argument_has_help_and_choices_are_listed():
-    from quanta.cli import build_parser
-    from quanta.cli.parser import KINDS, TARGETS
+    from quanta._cli import build_parser
+    from quanta._cli.parser import KINDS, TARGETS
     from quanta.plugins.coreml.targets import TARGETS as CT_TARGETS
 
     assert set(KINDS) == set(quanta_registry_kinds())
@@ -273,7 +273,7 @@ def _run_with_tty_stderr(args, env_extra=None, cwd=None):
     env = {**os.environ, **(env_extra or {})}
     if "NO_COLOR" not in (env_extra or {}):
         env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "quanta.cli", *map(str, args)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "quanta._cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=slave, env=env, cwd=cwd)
     os.close(slave)
     chunks = []

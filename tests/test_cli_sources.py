@@ -1,4 +1,4 @@
-"""`model:` and `data:` in recipes (quanta.sources) and the CLI's saved output, run as a user would."""
+"""`model:` and `data:` in recipes (quanta._files.sources) and the CLI's saved output, run as a user would."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import quanta
-from quanta.sources import SourceError, load_data, load_model
+from quanta._files.sources import SourceError, load_data, load_model
 
 ROOT = Path(__file__).parent.parent
 
 
 def _run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "quanta.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "quanta._cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 USER_MODULE = '''
@@ -158,7 +158,7 @@ def test_bad_sources_name_the_key_and_what_was_tried(tmp_path):
 
 
 def test_pickle_only_on_request_and_never_read_back(tmp_path, capsys):
-    from quanta.cli import main
+    from quanta._cli import main
 
     recipe = tmp_path / "tiny.yaml"
     (tmp_path / "tinymodel.py").write_text(USER_MODULE)
@@ -176,7 +176,7 @@ def test_pickle_only_on_request_and_never_read_back(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_recipe_export_to_compressed_tensors_beside_the_saved_model(tmp_path, capsys):
-    from quanta.cli import main
+    from quanta._cli import main
 
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("compressed_tensors")

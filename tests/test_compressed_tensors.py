@@ -39,8 +39,8 @@ def _expected(rec, dtype):
     """quanta's dequantized weight computed at the stored scale dtype."""
     codes = rec.codes.to(torch.int16)
     if rec.zero_point is not None:
-        codes = codes - quanta.qmath.expand_qparam(rec.zero_point.to(torch.int16), rec.shape)
-    return codes.to(dtype) * quanta.qmath.expand_qparam(rec.scale.to(dtype), rec.shape)
+        codes = codes - quanta._records.qmath.expand_qparam(rec.zero_point.to(torch.int16), rec.shape)
+    return codes.to(dtype) * quanta._records.qmath.expand_qparam(rec.scale.to(dtype), rec.shape)
 
 
 CONFIGS = [

@@ -11,7 +11,7 @@ import yaml
 
 import quanta
 from quanta import ConfigError, QuantizationError, QuantSpec, load_recipe, registry
-from quanta.config import recipe_to_dict
+from quanta._recipes.recipe import recipe_to_dict
 
 
 def _model():

@@ -92,7 +92,7 @@ def _same_state(model, saved):
 
 
 def test_kinds_table_feeds_hookspecs_and_registry():
-    from quanta.hookspecs import REGISTRATION_HOOKS
+    from quanta.contracts.hooks import REGISTRATION_HOOKS
 
     assert set(KINDS) == set(registry.KINDS) == set(REGISTRATION_HOOKS.values())
     for kind in KINDS.values():

@@ -76,7 +76,7 @@ def test_minilm_recipe_gptq_coreml_verify_from_the_cli(tmp_path):
     from pathlib import Path
 
     recipe = Path(__file__).resolve().parent.parent / "examples/recipes/minilm_gptq_int4.yaml"
-    out = subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", str(recipe), "-o",
+    out = subprocess.run([sys.executable, "-m", "quanta._cli", "quantize", str(recipe), "-o",
                           str(tmp_path / "m")], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr[-3000:]

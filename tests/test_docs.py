@@ -39,7 +39,7 @@ def _hooks() -> dict:
 
 
 def test_the_hook_list_comes_from_the_plugin_manager():
-    from quanta.hookspecs import EVENT_HOOKS, REGISTRATION_HOOKS
+    from quanta.contracts.hooks import EVENT_HOOKS, REGISTRATION_HOOKS
 
     assert set(_hooks()) == set(REGISTRATION_HOOKS) | set(EVENT_HOOKS)
 

@@ -11,7 +11,7 @@ import torch
 
 import quanta
 from quanta import registry
-from quanta.data_checks import CalibrationWarning, CheckedBatches, check_calibration_data
+from quanta._run.data_checks import CalibrationWarning, CheckedBatches, check_calibration_data
 from quanta.errors import DataError
 
 

@@ -1,6 +1,6 @@
 """Ctrl-C (a real SIGINT to a real ``quanta`` process) never leaves a partial file or loses the old one.
 
-Two kinds of runs per command. With ``QUANTA_FAULT_DELAY`` (test-only, :mod:`quanta.faults`) the
+Two kinds of runs per command. With ``QUANTA_FAULT_DELAY`` (test-only, :mod:`quanta._files.faults`) the
 process pauses at the riskiest instant, the new output complete beside the destination but not
 yet renamed or swapped in, and the signal lands exactly there: the previous output must be
 intact, no temporary file left, exit status 130. Without it, the signal lands at a spread of
@@ -40,7 +40,7 @@ def _tree(path: Path) -> dict[str, str]:
 
 def _start(args, env_extra=None, cwd=None) -> subprocess.Popen:
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "quanta.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "quanta._cli", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -80,7 +80,7 @@ def setup(tmp_path):
 
 
 def _quantize(tmp: Path, recipe: str, output: str, *extra) -> None:
-    out = subprocess.run([sys.executable, "-m", "quanta.cli", "quantize", tmp / recipe, "-o", tmp / output, "-q",
+    out = subprocess.run([sys.executable, "-m", "quanta._cli", "quantize", tmp / recipe, "-o", tmp / output, "-q",
                           *extra], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 

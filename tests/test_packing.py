@@ -1,4 +1,4 @@
-"""Bit packing of codes (quanta.packing): round trips, exact layout, sizes and range checks."""
+"""Bit packing of codes (quanta._records.packing): round trips, exact layout, sizes and range checks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quanta import packing
-from quanta.packing import PackingError, pack_codes, packed_nbytes, unpack_codes
+from quanta._records import packing
+from quanta._records.packing import PackingError, pack_codes, packed_nbytes, unpack_codes
 
 
 @st.composite

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import quanta
 from quanta import QuantSpec, QuantizationError
-from quanta.qmath import expand_qparam, from_groups, to_groups
-from quanta.weights import scheme_for
+from quanta._records.qmath import expand_qparam, from_groups, to_groups
+from quanta._records.weights import scheme_for
 
 specs = st.builds(
     lambda bits, signed, scheme, gran: QuantSpec(
@@ -107,7 +107,7 @@ def test_non_finite_weights_are_an_error_naming_the_layer(bad, word):
 @given(w=weights, spec=specs)
 def test_in_place_fast_path_equals_the_plain_contract(w, spec):
     scheme = quanta.registry.get("scheme", spec.scheme).obj
-    from quanta.qmath import to_groups
+    from quanta._records.qmath import to_groups
 
     groups = to_groups(w, spec.block_sizes(tuple(w.shape), 0, 1))
     lo, hi = torch.aminmax(groups, dim=1)

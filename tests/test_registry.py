@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import quanta
-from quanta import hookspecs, registry
+from quanta import registry
+from quanta.contracts import hooks as hookspecs
 from quanta.errors import DuplicatePluginError, PluginContractError, PluginNotFoundError
 from quanta.plugins.schemes import SymmetricScheme
 from quanta.registry import Registry

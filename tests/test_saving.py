@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import quanta
 from quanta.contracts import Scheme
-from quanta.saving import CONFIG_NAME, SavedModelError, unrestored_records
+from quanta._files.saving import CONFIG_NAME, SavedModelError, unrestored_records
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +36,7 @@ def _data_bytes(path: Path) -> int:
 
 
 def _rule_bytes(model: torch.nn.Module) -> int:
-    """The size rule, computed independently of quanta.saving: packed codes + scales and zero points
+    """The size rule, computed independently of quanta._files.saving: packed codes + scales and zero points
     in their dtypes + every other state-dict tensor once (tied tensors share storage)."""
     recs = quanta.records(model)
     total = 0
@@ -129,7 +129,7 @@ def test_minilm_int4_saves_small_and_loads_exactly(tmp_path, no_pickle):
     _assert_same_model(qmodel, loaded)
     rebuilt = quanta.load(out)  # from config.json, no model given
     _assert_same_model(qmodel, rebuilt)
-    inputs = quanta.saving.load_example_inputs(out)
+    inputs = quanta._files.saving.load_example_inputs(out)
     assert inputs.keys() == example.example_inputs.keys()  # keyword inputs: input_ids, attention_mask
     assert all(torch.equal(inputs[k], example.example_inputs[k]) for k in inputs)
 
@@ -322,7 +322,7 @@ def test_mismatches_are_refused_naming_the_tensor(tmp_path):
 
 
 def test_activation_quantized_models_are_refused_not_silently_saved_weight_only(tmp_path):
-    from quanta.saving import activation_quantization_sites
+    from quanta._files.saving import activation_quantization_sites
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()

@@ -185,7 +185,7 @@ class Partial(Exporter):
     name, description, suffix = "partial", "writes straight onto the path, record by record", ".partial.txt"
 
     def export(self, model, path, *, example_inputs=None, overwrite=False):
-        with open(path, "w") as f:  # no quanta.atomic: a failure halfway leaves half a file
+        with open(path, "w") as f:  # no quanta._files.atomic: a failure halfway leaves half a file
             f.write("quanta records\n")
             for name, record in quanta.records(model).items():
                 f.write(f"{name} {record.codes.tolist()}\n")
@@ -242,7 +242,7 @@ def test_register_plugin_fixture_unregistered_after_the_test():
 @pytest.mark.parametrize("form", DATA_FORMS)
 def test_reference_models_run_on_every_data_form(form, calibration_data, reference_mlp, reference_cnn,
                                                  reference_token_model):
-    from quanta.calibration import call_model
+    from quanta._run.calibration import call_model
 
     for name, model in (("mlp", reference_mlp), ("cnn", reference_cnn), ("token", reference_token_model)):
         batches = list(calibration_data(name, form, n=2))

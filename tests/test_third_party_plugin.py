@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("installed_test_plugins")
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "quanta.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "quanta._cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, check=False)
 
 

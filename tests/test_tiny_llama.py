@@ -67,7 +67,7 @@ def test_perplexity_fp32_below_gptq_below_rtn(shipped):
 
 @pytest.mark.slow
 def test_recipe_gptq_coreml_verify_from_the_cli(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "quanta.cli", "quantize",
+    out = subprocess.run([sys.executable, "-m", "quanta._cli", "quantize",
                           str(ROOT / "examples/recipes/tiny_llama_gptq_int4.yaml"), "-o", str(tmp_path / "t")],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_recipe_gptq_coreml_verify_from_the_cli(tmp_path):
     figures = quanta.verify(tmp_path / "t.mlpackage", qmodel, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert figures["cosine"] > 0.9999 and figures["max_rel"] < 5e-3, figures
     # `quanta verify` takes the token-id example inputs saved with the model
-    out = subprocess.run([sys.executable, "-m", "quanta.cli", "verify", str(tmp_path / "t.mlpackage"), "--against",
+    out = subprocess.run([sys.executable, "-m", "quanta._cli", "verify", str(tmp_path / "t.mlpackage"), "--against",
                           str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0 and float(re.search(r"cosine: (\S+)", out.stdout)[1]) > 0.9999, out.stdout + out.stderr

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 from .base import Plugin
 
 if TYPE_CHECKING:
-    from quanta.config import Recipe
-    from quanta.context import RunContext
-    from quanta.planning import Plan
+    from quanta._recipes.recipe import Recipe
+    from quanta._run.context import RunContext
+    from quanta._recipes.planning import Plan
 
 __all__ = ["Algorithm"]
 

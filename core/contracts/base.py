@@ -6,7 +6,7 @@ import abc
 import copy
 from typing import Any, ClassVar
 
-from quanta.spec import changed_options
+from quanta._records.spec import changed_options
 
 __all__ = ["Plugin"]
 

@@ -23,7 +23,7 @@ class Exporter(Plugin):
     #: The suffix of what it writes (``".mlpackage"``), or None; ``quanta.verify`` picks the
     #: exporter of a path by it.
     suffix: ClassVar[str | None] = None
-    #: True when the output is a directory (written with ``quanta.atomic.atomic_dir``).
+    #: True when the output is a directory (written with ``quanta._files.atomic.atomic_dir``).
     writes_directory: ClassVar[bool] = False
     #: Grids (see ``quanta.contracts.GRIDS``) this format can store; records of other grids are
     #: refused before anything is written.
@@ -38,7 +38,7 @@ class Exporter(Plugin):
 
         Options are in ``self.config`` (core passes a configured copy). ``example_inputs``: what
         a tracing exporter runs the model on (a tensor, tuple or dict of tensors). Write through
-        ``quanta.atomic`` so a failure or Ctrl-C leaves no partial output and an existing path
+        ``quanta._files.atomic`` so a failure or Ctrl-C leaves no partial output and an existing path
         that quanta did not write is replaced only with ``overwrite=True``. Core has checked the
         records' grids against ``grids`` before calling."""
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from quanta.spec import QuantSpec
+from quanta._records.spec import QuantSpec
 
 from .base import Plugin
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from quanta.spec import QuantDtype, QuantSpec
+from quanta._records.spec import QuantDtype, QuantSpec
 
 from .base import Plugin
 

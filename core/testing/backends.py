@@ -27,8 +27,8 @@ def _same(a: dict, b: dict) -> list[str]:
 
 
 def _record(backend, model, unit):
-    from quanta.spec import QuantSpec
-    from quanta.weights import quantize_weight
+    from quanta._records.spec import QuantSpec
+    from quanta._records.weights import quantize_weight
 
     weight = backend.read_weight(model, unit)
     return quantize_weight(weight, QuantSpec(dtype="int8"), channel_axis=unit.channel_axis,

@@ -55,7 +55,7 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
     import quanta
     from quanta import registry
     from quanta.errors import ConfigError, DestinationExistsError, QuantaError
-    from quanta.guard import plugin_code
+    from quanta._run.guard import plugin_code
 
     if not isinstance(exporter, Exporter):
         raise AssertionError(f"{exporter!r} is not a quanta.contracts.Exporter (subclass it; docs/plugins.md)")
@@ -106,7 +106,7 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
             by_suffix = quanta.verify(written, model, example_inputs=example_inputs)
             check(by_suffix.keys() == figures.keys(), exporter, "quanta.verify by suffix picked another exporter")
     if exporter.suffix:
-        from quanta.exporting import exporter_for_path
+        from quanta._run.exporting import exporter_for_path
 
         check(exporter_for_path(written).name == exporter.name, exporter,
               f"quanta.verify would pick exporter {exporter_for_path(written).name!r} for {written} "
@@ -141,7 +141,7 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
             pass
         except Exception as exc:
             fail(exporter, f"exporting onto an existing {existing_kind} raised {type(exc).__name__}: {exc}; "
-                           "expected quanta.DestinationExistsError (write through quanta.atomic)")
+                           "expected quanta.DestinationExistsError (write through quanta._files.atomic)")
         else:
             fail(exporter, f"replaced an existing {existing_kind} that quanta did not write without overwrite=True")
         check(_listing(root) == before, exporter, f"a refused export changed the existing {existing_kind} "

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from quanta.contracts import Observer, Scheme
-from quanta.spec import QuantSpec
+from quanta._records.spec import QuantSpec
 
 from .failure import check, fail
 from .schemes import scheme_test_groups

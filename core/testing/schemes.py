@@ -8,7 +8,7 @@ import torch
 
 from quanta.contracts import GRIDS, Scheme
 from quanta.errors import ConfigError
-from quanta.spec import QuantDtype, QuantSpec
+from quanta._records.spec import QuantDtype, QuantSpec
 
 from .failure import check, fail
 
@@ -166,7 +166,7 @@ def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = Non
     if not isinstance(scheme, Scheme):
         raise AssertionError(f"{scheme!r} is not a quanta.contracts.Scheme (subclass it; docs/plugins.md)")
     check(scheme.grid in GRIDS, scheme, f"declares grid {scheme.grid!r}; allowed: {', '.join(GRIDS)}")
-    from quanta.spec import parse_dtype
+    from quanta._records.spec import parse_dtype
 
     wanted = _ALL_DTYPES if dtypes is None else tuple(parse_dtype(d) for d in dtypes)
     served = _served(scheme, wanted)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quanta.qmath import from_groups, to_groups
-from quanta.spec import QuantDtype, QuantSpec
-from quanta.weights import observer_for, resolve_scheme, scheme_for
+from quanta._records.qmath import from_groups, to_groups
+from quanta._records.spec import QuantDtype, QuantSpec
+from quanta._records.weights import observer_for, resolve_scheme, scheme_for
 
 __all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "ConvBnQAT", "QAT_WEIGHTED", "to_qat_module"]

@@ -94,7 +94,7 @@ def _check_plugin(kind: str, name: str, key: str) -> None:
 def make_session(model, plan, recipe, backend, config: Any, milestones=None, context=None) -> ActivationSession:
     """Build an :class:`ActivationSession` from an algorithm config; validates names first.
 
-    With a ``context`` (``quanta.pipeline.RunContext``), each record is written through
+    With a ``context`` (``quanta._run.pipeline.RunContext``), each record is written through
     ``context.write_layer`` (report rows and ``layer_quantized`` events), and ``prepare``
     notes the parts left float in ``context.report``.
     """

@@ -18,7 +18,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from quanta.spec import QuantSpec
+from quanta._records.spec import QuantSpec
 
 from .fake_quant import ActivationFakeQuantize, ConvBnQAT, QAT_WEIGHTED, to_qat_module
 from .rules import ActivationRules

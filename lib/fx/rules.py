@@ -13,7 +13,7 @@ import attrs
 import torch
 from torch import nn
 
-from quanta.spec import QuantDtype, parse_dtype
+from quanta._records.spec import QuantDtype, parse_dtype
 
 __all__ = ["ActivationRules", "default_torch_rules"]
 

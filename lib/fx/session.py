@@ -13,11 +13,11 @@ import attrs
 import torch
 from torch import fx, nn
 
-from quanta.config import Recipe
+from quanta._recipes.recipe import Recipe
 from quanta.errors import ConfigError, QuantizationError
-from quanta.planning import Plan
+from quanta._recipes.planning import Plan
 from quanta.contracts import Unit
-from quanta.spec import QuantDtype, parse_dtype
+from quanta._records.spec import QuantDtype, parse_dtype
 
 from .convert import finalize_graph
 from .fake_quant import ActivationFakeQuantize

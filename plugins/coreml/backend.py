@@ -24,7 +24,7 @@ import quanta
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Backend, Unit
 from quanta.record import QuantizedWeight
-from quanta.weights import quantize_weight
+from quanta._records.weights import quantize_weight
 
 from . import targets
 from .ct_import import import_coremltools
@@ -83,10 +83,10 @@ class CoreMLWorkModel:
     def save(self, path, overwrite: bool = False) -> str:
         """Save the quantized model as an ``.mlpackage``; returns the path.
 
-        Written through ``quanta.atomic.atomic_dir``: an existing package quanta wrote is replaced,
+        Written through ``quanta._files.atomic.atomic_dir``: an existing package quanta wrote is replaced,
         any other existing path needs ``overwrite=True``, and a failure leaves ``path`` as it was.
         """
-        from quanta.atomic import atomic_dir
+        from quanta._files.atomic import atomic_dir
 
         path = os.fspath(path)
         with atomic_dir(path, overwrite=overwrite) as staging:

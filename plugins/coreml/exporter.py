@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 import quanta
-from quanta.atomic import atomic_dir, check_destination
+from quanta._files.atomic import atomic_dir, check_destination
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Exporter
-from quanta.faults import fault_delay
+from quanta._files.faults import fault_delay
 from quanta.record import records as _records
 
 from . import metadata, targets, torch_ops
@@ -237,7 +237,7 @@ class CoreMLExporter(Exporter):
         becomes a Core ML input of its name, its dtype (int32 for integer tensors such as token
         ids, float32 otherwise) and its shape (axis 1 flexible with ``flexible_sequence_length``).
         Options: ``self.config``, a :class:`CoreMLExportConfig`. Written through
-        ``quanta.atomic.atomic_dir``: an existing ``path`` not written by quanta needs
+        ``quanta._files.atomic.atomic_dir``: an existing ``path`` not written by quanta needs
         ``overwrite=True``. Raises ConfigError for a target below what the model needs, and
         QuantizationError if the saved codes were not quanta's (``path`` is left as it was then).
         """

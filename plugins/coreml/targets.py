@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from quanta.errors import ConfigError, QuantaError
-from quanta.spec import Granularity
+from quanta._records.spec import Granularity
 
 __all__ = ["TARGETS", "parse_target", "target_name", "weight_target", "required_target",
            "choose_target", "check_environment", "CoreMLEnvironmentError", "STORABLE_BITS"]

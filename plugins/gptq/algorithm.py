@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import quanta
-from quanta.calibration import call_model, to_device
+from quanta._run.calibration import call_model, to_device
 from quanta.errors import ConfigError, QuantizationError
-from quanta.model_checks import check_device
+from quanta._run.model_checks import check_device
 from quanta.contracts import Algorithm
-from quanta.qmath import scale_shape
+from quanta._records.qmath import scale_shape
 from quanta.record import QuantizedWeight
-from quanta.spec import Granularity
-from quanta.weights import check_finite, observer_for, scheme_for
+from quanta._records.spec import Granularity
+from quanta._records.weights import check_finite, observer_for, scheme_for
 
 from .hessian import accumulate_xtx, mirror_upper
 from .solver import gptq_quantize

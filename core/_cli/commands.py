@@ -1,0 +1,261 @@
+"""The commands of ``quanta``: plugins, describe, plan, quantize, export, verify.
+
+Each takes the parsed arguments and a :class:`~quanta._cli.output.Console`, prints results on
+stdout and returns the exit status. Errors are raised (``QuantaError`` subclasses for the
+user's mistakes) and turned into one line and a status by :mod:`quanta._cli.app`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from quanta.errors import ConfigError, ExampleInputError
+
+from quanta._cli.model_files import is_quanta_model_file, save_model_file
+from quanta._cli.output import Console
+
+__all__ = ["COMMANDS", "parse_shapes"]
+
+
+def _load_model(ref: Any, key: str = "model"):
+    """A ``quanta._files.sources.ModelSource`` from an example name, a saved or transformers directory, or
+    ``module:function`` (see docs/config.md); never unpickles."""
+    from quanta._files.sources import load_model
+
+    return load_model(ref, key)
+
+
+def _cmd_plugins(args, console: Console) -> int:
+    from quanta import registry
+
+    entries = registry.entries(args.kind)
+    failures = registry.failures()
+    if args.json:
+        out = [e.to_dict() for e in entries] + [
+            {"name": f.plugin, "kind": None, "description": None, "distribution": f.distribution,
+             "version": f.version, "error": f.error} for f in failures]
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = [("kind", "name", "distribution", "version", "description")]
+    rows += [(e.kind, e.name, e.distribution, e.version, e.description) for e in entries]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    for f in failures:
+        print(f"FAILED  {f.plugin} ({f.distribution or 'no distribution'} {f.version or ''}): {f.error}")
+    return 0
+
+
+def _cmd_describe(args, console: Console) -> int:
+    from quanta import registry
+
+    entry = registry.get(args.kind, args.name)
+    print(f"{entry.kind} {entry.name!r} from {entry.distribution} {entry.version}: {entry.description}")
+    fields = registry.describe(args.kind, args.name)
+    print("options" + ("" if fields else ": none"))
+    for f in fields:
+        print(f"  {f.name}: {f.type} = {f.default}" + (f"\n      {f.doc}" if f.doc else ""))
+    if fields:
+        example = fields[0]
+        form = (f"{args.kind}: {{name: {entry.name}, {example.name}: ...}}" if args.kind in ("scheme", "observer")
+                else f"export: {{format: {entry.name}, {example.name}: ...}}" if args.kind == "exporter"
+                else f"{example.name}: ... (top level, in algorithm_config, or in a stage)" if args.kind == "algorithm"
+                else None)
+        if form:
+            print(f"  set in a recipe as {form}")
+    print("declares")
+    for attr, value in registry.capabilities(args.kind, args.name).items():
+        if isinstance(value, frozenset):
+            value = ", ".join(sorted(value))
+        print(f"  {attr} = {value}")
+    return 0
+
+
+def _recipe_and_model(args, console: Console):
+    import quanta
+
+    recipe = quanta.load_recipe(args.recipe)
+    ref = args.model or recipe.model
+    if ref is None:
+        raise ConfigError("the recipe names no model: add `model: minilm` (an example), a model directory or "
+                          "`module:function`, or pass --model", "model")
+    console.info(f"loading model {ref!s} ...")
+    return recipe, _load_model(ref, "--model" if args.model else "model")
+
+
+def _cmd_plan(args, console: Console) -> int:
+    import quanta
+
+    recipe, source = _recipe_and_model(args, console)
+    print(quanta.plan(source.model, recipe))
+    return 0
+
+
+def _progress_plugin(console: Console):
+    import quanta
+
+    class Impl:
+        bar = None
+
+        @quanta.hookimpl
+        def run_started(self, algorithm, plan):
+            if self.bar is not None:  # the previous stage's
+                self.bar.close()
+            self.bar = console.progress(len(plan.selected), f"{algorithm} layers", unit="layer")
+
+        @quanta.hookimpl
+        def layer_quantized(self, name, record, stats):
+            if self.bar is None:
+                self.bar = console.progress(stats.total, "layers", unit="layer")
+            self.bar.step(name, f"{stats.spec:<28} err {stats.rel_error:7.3%}")
+
+        @quanta.hookimpl
+        def run_finished(self, report):
+            if self.bar is not None:
+                self.bar.close()
+
+    return Impl()
+
+
+def _model_bytes(model) -> int:
+    """An upper bound of a saved quantized model: float weights plus codes and scales."""
+    params = getattr(model, "parameters", None)
+    return sum(5 * p.numel() for p in params()) if callable(params) else 0
+
+
+def _cmd_quantize(args, console: Console) -> int:
+    import quanta
+    from quanta import registry
+    from quanta._files.atomic import check_destination
+    from quanta._run.export_checks import export_destination
+
+    from quanta._files.sources import load_data
+
+    recipe, source = _recipe_and_model(args, console)
+    example = source.example
+    model = source.model
+    data = load_data(recipe.data, source) if recipe.data is not None else source.data
+    pickle = args.format == "pickle"
+    stem = Path(args.recipe).stem
+    output = Path(args.output or (Path("out") / (f"{stem}.pt" if pickle else stem)))
+    # Every destination is checked before the run, so a bad path never costs a whole run.
+    check_destination(output, expected_bytes=_model_bytes(model), overwrite=args.overwrite,
+                      owned=is_quanta_model_file if pickle else None, directory=not pickle)
+    if args.report:
+        check_destination(args.report, overwrite=args.overwrite, owned=_is_quanta_report)
+    package = None
+    if recipe.export:
+        options = dict(recipe.export)
+        fmt = options.pop("format", "coreml")
+        exporter = registry.get("exporter", fmt).obj
+        # Beside the saved model, never onto it: an exporter without a suffix gets "<stem>-<format>".
+        beside = output.with_suffix("") if exporter.suffix else output.with_name(f"{output.with_suffix('').name}-{fmt}")
+        package = export_destination(options.pop("path", None) or beside, exporter)
+        check_destination(package, overwrite=args.overwrite, directory=True)
+    console.info(f"quantizing with {recipe.algorithm!r} ...")
+    with registry.plugin(_progress_plugin(console), name="quanta-cli-progress"):
+        qmodel = quanta.quantize(model, recipe, data=data)
+    print(qmodel.quanta_report)
+    if example:
+        print(example.evaluate(model, qmodel))
+    inputs = _example_inputs(source, data)
+    if pickle:
+        save_model_file(qmodel, output, overwrite=args.overwrite)
+    else:
+        output = Path(quanta.save(qmodel, output, rebuild=source.rebuild, example_inputs=inputs,
+                                  tokenizer=source.tokenizer_dir, overwrite=args.overwrite))
+    console.info(f"wrote {output}")
+    if args.report:
+        from quanta._run.report_html import write_report_html
+
+        write_report_html(qmodel.quanta_report, args.report, recipe=recipe, overwrite=args.overwrite)
+        console.info(f"wrote {args.report}")
+    if package is not None:
+        console.info(f"exporting to {package} with {fmt!r} ...")
+        started = time.perf_counter()
+        written = quanta.export(qmodel, package, format=fmt, example_inputs=inputs, overwrite=args.overwrite,
+                                **options)
+        console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
+        if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
+            f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
+            print(f"verified {written} against the quantized torch model on the example inputs: "
+                  f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}")
+    return 0
+
+
+def _example_inputs(source, data):
+    """What exporters trace with: the source's own example inputs, else the first calibration batch."""
+    import torch
+
+    if source.example_inputs is not None:
+        return source.example_inputs
+    first = data[0] if data else None
+    if isinstance(first, torch.Tensor):
+        return (first,)
+    if isinstance(first, (tuple, dict)) and all(isinstance(v, torch.Tensor)
+                                                for v in (first.values() if isinstance(first, dict) else first)):
+        return first
+    return None
+
+
+def _is_quanta_report(path: Path) -> bool:
+    from quanta._run.report_html import is_quanta_report
+
+    return is_quanta_report(path)
+
+
+def parse_shapes(text: str | None):
+    """``"1,3,32,32;1,10"`` -> a tuple of seeded standard-normal float tensors of those shapes (None: None)."""
+    if not text:
+        return None
+    shapes = []
+    for part in text.split(";"):
+        dims = [d.strip() for d in part.split(",")]
+        bad = [d for d in dims if not d.isdigit() or int(d) < 1]
+        if bad:
+            raise ExampleInputError(f"--input-shape {text!r}: {bad[0]!r} is not a positive integer; write each "
+                                    "input's dimensions as 1,3,32,32 and separate inputs with ';'")
+        shapes.append([int(d) for d in dims])
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(*s, generator=generator) for s in shapes)
+
+
+def _cmd_export(args, console: Console) -> int:
+    import quanta
+
+    inputs = parse_shapes(args.input_shape)
+    source = _load_model(args.model, "model")
+    model = source.model
+    if inputs is None:
+        inputs = source.example_inputs
+    options = {}
+    if args.target:
+        options["minimum_deployment_target"] = args.target
+    console.info(f"exporting {args.model} to {args.output} with {args.format!r} ...")
+    path = quanta.export(model, args.output, format=args.format, example_inputs=inputs,
+                         allow_float=args.allow_float, overwrite=args.overwrite, **options)
+    print(path)
+    console.info(f"wrote {path}")
+    return 0
+
+
+def _cmd_verify(args, console: Console) -> int:
+    import quanta
+
+    inputs = parse_shapes(args.input_shape)
+    source = _load_model(args.against, "--against")
+    if inputs is None:  # a saved directory carries the inputs it was exported with
+        inputs = source.example_inputs
+    result = quanta.verify(args.path, source.model, example_inputs=inputs)
+    for k, v in result.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+COMMANDS = {"plugins": _cmd_plugins, "describe": _cmd_describe, "plan": _cmd_plan, "quantize": _cmd_quantize,
+            "export": _cmd_export, "verify": _cmd_verify}

@@ -1,0 +1,263 @@
+"""``quanta.load``: read a directory written by ``quanta.save`` back into a model, exactly, without
+pickle (the format: :mod:`quanta._files.saved_format`; ``docs/saving.md``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+import torch
+
+from quanta._records.packing import unpack_codes
+from quanta.record import QuantizedWeight, attach_record, declare_state, records
+from quanta._files.saved_format import (CONFIG_NAME, EXAMPLE_INPUTS_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME, RECORD_SUFFIX,
+                           WEIGHTS_NAME, SavedModelError, dtype_name, spec_from_json, split_record_name, torch_dtype)
+
+__all__ = ["load", "read_config", "load_example_inputs", "unrestored_records"]
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The ``quanta_config.json`` of a saved directory, checked for format name and version."""
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME
+    if not path.is_dir():
+        raise SavedModelError(f"{str(path)!r} is not a directory saved by quanta.save")
+    if not cfg_path.is_file():
+        raise SavedModelError(f"{str(path)!r} has no {CONFIG_NAME}: not a model saved by quanta.save")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SavedModelError(f"cannot read {str(cfg_path)!r}: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise SavedModelError(f"{str(cfg_path)!r} is not a quanta model config (format {config.get('format')!r})")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SavedModelError(f"{str(path)!r} uses quanta format version {version!r}; this quanta reads version "
+                              f"{FORMAT_VERSION} (saved by quanta {config.get('quanta_version')})")
+    return config
+
+
+def _weight_files(path: Path) -> dict[str, str]:
+    """tensor key -> file name."""
+    from safetensors import safe_open
+
+    if (path / INDEX_NAME).is_file():
+        index = json.loads((path / INDEX_NAME).read_text())
+        missing = sorted({f for f in index["weight_map"].values() if not (path / f).is_file()})
+        if missing:
+            raise SavedModelError(f"shard {missing[0]!r} listed in {INDEX_NAME} is missing from {str(path)!r}")
+        return dict(index["weight_map"])
+    if not (path / WEIGHTS_NAME).is_file():
+        raise SavedModelError(f"{str(path)!r} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as fh:
+        return {k: WEIGHTS_NAME for k in fh.keys()}
+
+
+def _rebuild(path: Path, config: dict) -> torch.nn.Module:
+    rebuild = config.get("rebuild") or {}
+    if "transformers" in rebuild:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import transformers
+
+        cls = getattr(transformers, rebuild["transformers"], None)
+        if cls is None:
+            raise SavedModelError(f"transformers has no class {rebuild['transformers']!r} "
+                                  f"(installed transformers {transformers.__version__})", "rebuild")
+        hf_config = transformers.AutoConfig.from_pretrained(str(path))
+        return cls._from_config(hf_config).eval()
+    if "factory" in rebuild:
+        factory = rebuild["factory"]
+        from quanta._files.sources import import_callable
+
+        fn = import_callable(factory, "rebuild.factory")
+        model = fn(**(rebuild.get("kwargs") or {}))
+        if not isinstance(model, torch.nn.Module):
+            raise SavedModelError(f"{factory!r} returned a {type(model).__name__}, not a torch.nn.Module", "rebuild")
+        return model.eval()
+    if "example" in rebuild:
+        from quanta.examples import load_example
+
+        return load_example(rebuild["example"]).model
+    raise SavedModelError(f"{str(path)!r} does not record how to rebuild its model (a {config.get('model_class')}); "
+                          "pass model=<a fresh instance of that class> to quanta.load, or save it with "
+                          "quanta.save(..., rebuild={'factory': 'package.module:function'}) (the CLI records it when "
+                          "the recipe's model: names a function)")
+
+
+def _owner(model: torch.nn.Module, key: str, what: str) -> tuple[torch.nn.Module, str]:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        raise SavedModelError(f"the model has no layer {module_name!r} (the saved model has a {what} there); "
+                              "is it the same class and configuration as the saved one?", key) from None
+    return module, attr
+
+
+def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor, is_buffer: bool,
+                declared: bool = False) -> None:
+    module, attr = _owner(model, key, "buffer" if is_buffer else "parameter")
+    if declared:
+        declare_state(module, attr, value)  # state an algorithm declared: carried on as declared
+    elif attr in module._parameters and module._parameters[attr] is not None:
+        param = module._parameters[attr]
+        if tuple(param.shape) != tuple(value.shape):
+            raise SavedModelError(f"saved shape {tuple(value.shape)} differs from the model's {tuple(param.shape)}", key)
+        param.data = value.to(param.device)
+    elif attr in module._buffers:
+        old = module._buffers[attr]
+        if old is not None and tuple(old.shape) != tuple(value.shape):
+            raise SavedModelError(f"saved shape {tuple(value.shape)} differs from the model's {tuple(old.shape)}", key)
+        module._buffers[attr] = value.to(old.device) if old is not None else value
+    elif is_buffer:
+        module.register_buffer(attr, value)  # state a plugin added (extra state): restored as a buffer
+    else:
+        raise SavedModelError(f"the model has no parameter {attr!r} in layer {key.rpartition('.')[0]!r}", key)
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, strict: bool = True) -> torch.nn.Module:
+    """Load a directory written by :func:`save` into ``model`` (a fresh float instance of the same
+    class) or, when ``model`` is None, into a model rebuilt as the directory records.
+
+    Every record is restored exactly (codes, scale, zero point, spec, block sizes, axes) and its
+    parameter set to ``record.dequantize()`` in the parameter's dtype; every other tensor is set
+    to the saved one (its dtype kept); buffers the saved model had and the fresh one lacks (state a
+    plugin added) are registered. Raises :class:`SavedModelError` naming the tensor or layer for a
+    shape mismatch, a layer the model lacks, or (``strict``) a model tensor the file does not hold;
+    and for another format version; all before the model changes. Nothing is unpickled.
+    Returns the model.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = read_config(path)
+    files = _weight_files(path)
+    if model is None:
+        model = _rebuild(path, config)
+    elif not isinstance(model, torch.nn.Module):
+        raise SavedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}", "model")
+    rec_meta: dict = config.get("records") or {}
+    aliases: dict = config.get("aliases") or {}
+    buffer_keys = set(config.get("buffers") or [])
+    declared = set(config.get("extra_state") or [])
+    record_keys = {v["key"] for m in rec_meta.values() for v in m["tensors"].values() if v}
+    plain_keys = [k for k in files if k not in record_keys]
+    with ExitStack() as stack:
+        handles = {name: stack.enter_context(safe_open(str(path / name), "pt")) for name in sorted(set(files.values()))}
+
+        def tensor(key: str) -> torch.Tensor:
+            if key not in files:
+                raise SavedModelError(f"tensor missing from the saved directory {str(path)!r}", key)
+            return handles[files[key]].get_tensor(key)
+
+        _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys,
+                      lambda key: tuple(handles[files[key]].get_slice(key).get_shape()), strict)
+        for key in plain_keys:
+            _set_tensor(model, key, tensor(key), key in buffer_keys, key in declared)
+        for name, meta in rec_meta.items():
+            rec = _read_record(name, meta, tensor)
+            module, param = _owner(model, name, "quantized weight")
+            weight = getattr(module, param)
+            dtype = torch_dtype(meta.get("param_dtype", dtype_name(weight.dtype)))
+            if weight.dtype != dtype:  # the saved model's float type, not the fresh model's default
+                weight.data = torch.zeros((), dtype=dtype, device=weight.device).expand(weight.shape)
+            attach_record(module, param, rec.to(weight.device))  # records live where their layer does
+    if aliases:
+        state = model.state_dict(keep_vars=True)
+        for alias, canonical in aliases.items():
+            _set_tensor(model, alias, state[canonical].detach(), alias in buffer_keys)
+    return model
+
+
+def _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys, saved_shape, strict) -> None:
+    """Raise SavedModelError for the first mismatch between the saved directory and ``model``."""
+    state = model.state_dict(keep_vars=True)
+    for name, meta in rec_meta.items():
+        if name not in state:
+            module_name, param = split_record_name(name)
+            _owner(model, name, "quantized weight")
+            raise SavedModelError(f"the model's layer {module_name!r} has no parameter {param!r} "
+                                  "(the saved model quantized it)", name)
+        if tuple(state[name].shape) != tuple(meta["shape"]):
+            raise SavedModelError(f"saved quantized weight has shape {tuple(meta['shape'])}, the model's "
+                                  f"{tuple(state[name].shape)}", name)
+    for key in plain_keys:
+        if key in state:
+            shape = saved_shape(key)
+            if tuple(state[key].shape) != shape:
+                raise SavedModelError(f"saved shape {shape} differs from the model's {tuple(state[key].shape)}", key)
+        elif key in buffer_keys:
+            _owner(model, key, "buffer")
+        else:
+            _owner(model, key, "tensor")
+            raise SavedModelError("the model has no such parameter or buffer", key)
+    for alias in aliases:
+        if alias not in state:
+            _owner(model, alias, "tied tensor")
+    if strict:
+        restored = set(plain_keys) | set(rec_meta) | set(aliases) | record_keys
+        missing = [k for k in state if k not in restored and RECORD_SUFFIX not in k]
+        if missing:
+            raise SavedModelError(f"{len(missing)} tensors of the model are not in the saved directory "
+                                  f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                                  "is it the same class and configuration? (strict=False leaves them as they are)",
+                                  missing[0])
+
+
+#: Keys of a record's entry in quanta_config.json that are not QuantizedWeight fields.
+_RECORD_META = ("shape", "tensors", "param_dtype")
+
+
+def _read_record(name: str, meta: dict, tensor: Callable[[str], torch.Tensor]) -> QuantizedWeight:
+    fields = {f.name for f in attrs.fields(QuantizedWeight)}
+    kwargs: dict[str, Any] = {}
+    tensors = meta.get("tensors") or {}
+    unknown = sorted((set(meta) - set(_RECORD_META) | set(tensors)) - fields)
+    if unknown:
+        raise SavedModelError(f"record fields {unknown} are unknown to this quanta (saved by a newer one)", name)
+    for field, entry in tensors.items():
+        if entry is None:
+            kwargs[field] = None
+            continue
+        value = tensor(entry["key"])
+        shape = tuple(entry["shape"])
+        if "packed_bits" in entry:
+            value = unpack_codes(value, int(entry["packed_bits"]), shape, bool(entry["signed"]))
+        elif tuple(value.shape) != shape:
+            raise SavedModelError(f"stored {field} has shape {tuple(value.shape)}, {CONFIG_NAME} says {shape}", name)
+        kwargs[field] = value.to(torch_dtype(entry["dtype"]))
+    for field, value in meta.items():
+        if field in _RECORD_META:
+            continue
+        if field == "spec":
+            kwargs["spec"] = spec_from_json(value, name)
+        elif isinstance(value, list):
+            kwargs[field] = tuple(value)
+        else:
+            kwargs[field] = value
+    return QuantizedWeight(**kwargs)
+
+
+def load_example_inputs(path: str | os.PathLike) -> tuple | dict | None:
+    """The example inputs saved with a model (a tuple, or a dict for keyword inputs), or None."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / EXAMPLE_INPUTS_NAME
+    if not file.is_file():
+        return None
+    tensors = load_file(str(file))
+    if any(k.startswith("kw.") for k in tensors):
+        return {k[3:]: v for k, v in tensors.items()}
+    return tuple(tensors[f"arg.{i}"] for i in range(len(tensors)))
+
+
+def unrestored_records(model: torch.nn.Module, state_dict: dict) -> list[str]:
+    """Records in ``state_dict`` (a quantized model's) that ``model`` does not hold: the records a
+    plain ``model.load_state_dict(state_dict, strict=False)`` drops. Use :func:`load` instead."""
+    have = set(records(model))
+    found = sorted({k[: k.rindex(RECORD_SUFFIX)] for k in state_dict if k.endswith(RECORD_SUFFIX + "codes")})
+    return [name for name in found if name not in have]

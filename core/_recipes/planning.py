@@ -1,0 +1,154 @@
+"""The one resolver of per-layer settings, and ``Plan``: which layer gets which spec and why.
+
+Precedence (first match wins): exact name in ``module_name_configs``; then the first
+pattern there that matches (glob such as ``"encoder.*"``, or ``"re:<regex>"``, in the order
+written); then ``module_type_configs`` by the layer's class, most specific class first; then
+``global_config``. A match whose value is None leaves the layer unquantized.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any, Iterable
+
+import attrs
+
+from quanta._recipes.recipe import Recipe
+from quanta.errors import ConfigError, QuantizationError, did_you_mean
+from quanta.contracts import Unit
+from quanta._records.spec import QuantSpec
+
+__all__ = ["PlannedLayer", "Plan", "resolve", "build_plan"]
+
+
+@attrs.frozen(kw_only=True)
+class PlannedLayer:
+    """One weight in the plan: the unit, its spec (None = left float) and the reason."""
+
+    unit: Unit
+    spec: QuantSpec | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.unit.name
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """The dry-run result of a recipe on a model: one PlannedLayer per quantizable weight."""
+
+    algorithm: str
+    backend: str
+    layers: tuple[PlannedLayer, ...]
+    #: for a recipe with ``stages``: every stage's plan, in order (this plan is the last one's).
+    stages: tuple["Plan", ...] = ()
+
+    @property
+    def selected(self) -> list[PlannedLayer]:
+        """Layers that will be quantized."""
+        return [p for p in self.layers if p.spec is not None]
+
+    def table(self) -> str:
+        """A text table: layer, type, shape, spec, reason (one table per stage for a staged recipe)."""
+        if self.stages:
+            return "\n\n".join(f"stage {i + 1} of {len(self.stages)}: {p.algorithm}\n{p._table()}"
+                                for i, p in enumerate(self.stages))
+        return self._table()
+
+    def _table(self) -> str:
+        rows = [("layer", "type", "shape", "spec", "why")]
+        for p in self.layers:
+            rows.append((p.name, p.unit.module_type, "x".join(map(str, p.unit.shape)),
+                         p.spec.describe() if p.spec else "float (skipped)", p.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"{len(self.selected)} of {len(self.layers)} weights would be quantized with {self.algorithm!r} "
+                     f"({self.backend} backend)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _type_name(key: Any) -> str:
+    return key.__name__ if isinstance(key, type) else str(key)
+
+
+def resolve(unit: Unit, recipe: Recipe) -> tuple[QuantSpec | None, str]:
+    """The spec for ``unit`` under ``recipe`` and a short reason (see the module docstring)."""
+    names = recipe.module_name_configs
+    if unit.name in names:
+        return names[unit.name], f"module_name_configs[{unit.name!r}]"
+    for pattern, spec in names.items():
+        if pattern != unit.name and _name_matches(pattern, unit.name):
+            return spec, f"module_name_configs[{pattern!r}]"
+    by_type = {_type_name(k): v for k, v in recipe.module_type_configs.items()}
+    for cls_name in unit.type_mro:
+        if cls_name in by_type:
+            return by_type[cls_name], f"module_type_configs[{cls_name!r}]"
+    if recipe.global_config is not None:
+        return recipe.global_config, "global_config"
+    return None, "no config applies"
+
+
+def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_names: Iterable[str] = (),
+               all_type_names: Iterable[str] = (), global_types: tuple[str, ...] | None = None) -> Plan:
+    """Resolve every unit and validate it; raise before anything is modified.
+
+    ``global_types`` (the algorithm's declared ``global_types``) limits which module types
+    ``global_config`` applies to; other types are quantized only when a type or name config
+    names them.
+
+    Raises ConfigError for a name/type key that matches nothing in the model (with the
+    nearest name), and QuantizationError naming the layer for a spec that cannot apply
+    (e.g. a block size that does not divide the input axis).
+    """
+    units = list(units)
+    known_names = set(all_module_names) | {u.name for u in units}
+    for pattern in recipe.module_name_configs:
+        if pattern in known_names:
+            continue
+        if not any(_name_matches(pattern, n) for n in known_names):
+            raise ConfigError(f"matches no module of the model{did_you_mean(pattern, sorted(known_names))}",
+                              f"module_name_configs[{pattern!r}]")
+    known_types = set(all_type_names) | {t for u in units for t in u.type_mro}
+    for key in recipe.module_type_configs:
+        tname = _type_name(key)
+        if tname not in known_types:
+            raise ConfigError(f"no module of type {tname!r} in the model{did_you_mean(tname, sorted(known_types))}",
+                              f"module_type_configs[{tname!r}]")
+    layers = []
+    for unit in units:
+        spec, reason = resolve(unit, recipe)
+        if spec is not None and reason == "global_config" and global_types is not None \
+                and not set(unit.type_mro) & set(global_types):
+            layers.append(PlannedLayer(unit=unit, spec=None, reason=(
+                f"{unit.module_type} is not quantized by global_config under {recipe.algorithm!r} (its types: "
+                f"{', '.join(global_types)}); name it in module_type_configs to quantize it")))
+            continue
+        if spec is not None:
+            if spec.weight_threshold is not None and unit.numel < spec.weight_threshold:
+                layers.append(PlannedLayer(unit=unit, spec=None,
+                                           reason=f"{unit.numel} elements < weight_threshold {spec.weight_threshold}"))
+                continue
+            try:
+                spec.block_sizes(unit.shape, unit.channel_axis, unit.input_axis, unit.name)
+            except QuantizationError as exc:
+                why = f"{str(exc).split(': ', 1)[1]} (spec from {reason})"
+                if recipe.on_unsupported_layer == "skip":
+                    layers.append(PlannedLayer(unit=unit, spec=None, reason=f"unsupported, left float: {why}"))
+                    continue
+                raise QuantizationError(why + "; set on_unsupported_layer: skip to leave such layers float",
+                                        unit.name) from None
+        layers.append(PlannedLayer(unit=unit, spec=spec, reason=reason if spec is not None else f"{reason} is null"
+                                   if reason != "no config applies" else reason))
+    return Plan(algorithm=recipe.algorithm, backend=backend, layers=tuple(layers))

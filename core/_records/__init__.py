@@ -1,0 +1,1 @@
+"""Records and their math: ``QuantSpec``, grouping, quantizing one weight, bit packing."""

@@ -1,0 +1,214 @@
+"""Quantizing one weight tensor with a spec, through the scheme and observer plugins."""
+
+from __future__ import annotations
+
+import torch
+
+from quanta.errors import QuantizationError
+from quanta._run.guard import plugin_code
+from quanta._records.qmath import empty, from_groups, scale_shape, to_groups
+from quanta.record import QuantizedWeight
+from quanta._records.spec import QuantSpec
+
+__all__ = ["quantize_weight", "quantize_weight_with_values", "check_finite", "resolve_scheme", "resolve_observer",
+           "scheme_for", "observer_for", "check_observed_range"]
+
+
+def resolve_scheme(name: str):
+    """The scheme implementation registered as ``name`` (with its default options)."""
+    from quanta import registry
+
+    return registry.get("scheme", name).obj
+
+
+def resolve_observer(name: str):
+    """The observer implementation registered as ``name`` (with its default options)."""
+    from quanta import registry
+
+    return registry.get("observer", name).obj
+
+
+def scheme_for(spec: QuantSpec):
+    """The scheme ``spec`` names, configured with ``spec.scheme_config`` (a ``quanta.contracts.Scheme``)."""
+    scheme = resolve_scheme(spec.scheme)
+    return scheme if spec.scheme_config is None else scheme.with_config(spec.scheme_config)
+
+
+def observer_for(spec: QuantSpec):
+    """The observer ``spec`` names, configured with ``spec.observer_config``."""
+    observer = resolve_observer(spec.observer)
+    return observer if spec.observer_config is None else observer.with_config(spec.observer_config)
+
+
+def check_observed_range(observer, lo, hi, n_groups: int, layer: str | None = None) -> None:
+    """Check an observer's result: ``[G]`` tensors with ``min <= max`` where finite. Raises
+    PluginError naming the observer (and ``layer``) otherwise; non-finite ranges are left to the
+    NaN/inf check, which names the weight's bad values."""
+    from quanta.errors import PluginError
+    from quanta._run.guard import plugin_distribution
+
+    problem = None
+    if not (isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor)):
+        problem = f"observe() must return two tensors, got {type(lo).__name__} and {type(hi).__name__}"
+    elif tuple(lo.shape) != (n_groups,) or tuple(hi.shape) != (n_groups,):
+        problem = f"observe() returned shapes {tuple(lo.shape)} and {tuple(hi.shape)}; expected ({n_groups},) each"
+    elif bool((lo > hi).any()):
+        problem = f"observe() returned min > max for {int((lo > hi).sum())} of {n_groups} groups"
+    if problem:
+        raise PluginError("observer", observer.name, plugin_distribution("observer", observer.name), ValueError(problem), layer)
+
+
+def check_finite(weight: torch.Tensor, layer: str | None = None) -> None:
+    """Raise QuantizationError naming ``layer`` if ``weight`` holds NaN or inf.
+
+    One reduction (``aminmax`` propagates NaN and inf) on the fast path; counts only on error.
+    """
+    if not weight.dtype.is_floating_point:
+        raise QuantizationError(f"expected a floating-point weight, got {weight.dtype}", layer)
+    if weight.numel() == 0:
+        return
+    lo, hi = torch.aminmax(weight)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
+    n_nan = int(torch.isnan(weight).sum())
+    n_inf = int(torch.isinf(weight).sum())
+    raise QuantizationError(f"weight has {n_nan} NaN and {n_inf} inf values; quantization needs finite weights", layer)
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    channel_axis: int = 0,
+    input_axis: int = 1,
+    layer: str | None = None,
+    scheme=None,
+    observer=None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of one weight.
+
+    Args:
+        weight: float tensor of any shape (``[out, in, *kernel]`` for linear/conv layers).
+        spec: dtype, scheme, granularity, block size and observer.
+        channel_axis / input_axis: output and input axes of ``weight`` (ConvTranspose: 1 and 0).
+        layer: name used in error messages.
+        scheme / observer: implementations to use instead of looking ``spec``'s names up.
+        compute_dtype: the float type the math runs in (float32; Core ML consts use their own fp16,
+            as coremltools does, so that codes agree bit for bit).
+
+    Returns a :class:`QuantizedWeight` whose ``codes`` have ``weight``'s shape and whose
+    ``scale``/``zero_point`` have ``scale_shape`` (scales stored as float32).
+    Computation runs on ``weight``'s device.
+    """
+    return quantize_weight_with_values(weight, spec, channel_axis=channel_axis, input_axis=input_axis,
+                                       layer=layer, scheme=scheme, observer=observer, compute_dtype=compute_dtype)[0]
+
+
+def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, layer=None, scheme=None,
+                                observer=None, compute_dtype=torch.float32):
+    """Like :func:`quantize_weight`, also returning the dequantized weight and the squared norms.
+
+    Returns ``(record, dequantized [weight's shape, compute dtype], (‖W − Ŵ‖², ‖W‖²))``.
+    Every step is a whole-tensor torch op on the grouped ``[G, K]`` view (no copy for Linear
+    weights). Fresh memory is the expensive part on CPU (page faults), so only what is kept
+    is allocated: one float buffer that becomes the dequantized weight, and the codes. Schemes
+    work in that buffer through ``quantize_into``/``dequantize_`` (in place for the built-ins;
+    the contract's defaults copy ``quantize``/``dequantize`` results into it).
+    """
+    scheme = scheme or scheme_for(spec)
+    observer = observer or observer_for(spec)
+    w = weight.detach().to(compute_dtype)
+    shape = tuple(w.shape)
+    sizes = spec.block_sizes(shape, channel_axis, input_axis, layer)
+    groups = to_groups(w, sizes)
+    if not observer.ranges_carry_non_finite:
+        check_finite(w, layer)  # this observer's ranges may hide NaN/inf (e.g. percentile)
+    storage = spec.dtype.torch_storage
+    values, codes, scale, zero_point, (sq_err, ref_sq) = _quantize_in_chunks(
+        groups, spec, scheme, observer, storage, w, layer)
+    qshape = scale_shape(shape, sizes)
+    record = QuantizedWeight(
+        codes=from_groups(codes, shape, sizes),
+        scale=scale.reshape(qshape).to(torch.float32),
+        zero_point=None if zero_point is None else zero_point.reshape(qshape).to(storage),
+        spec=spec,
+        grid=scheme.grid,
+        block_sizes=tuple(sizes),
+        channel_axis=channel_axis,
+        input_axis=input_axis,
+    )
+    return record, from_groups(values, shape, sizes), (sq_err, ref_sq)
+
+
+#: Elements per chunk of the fused quantize -> codes -> dequantize -> error pass (about 4 MiB of
+#: float32: every step of a chunk finds its data in cache).
+_FUSED_CHUNK = 1 << 20
+
+
+def _check_range(lo, hi, w, layer) -> None:
+    # minmax ranges carry any NaN/inf of their groups: the full check runs only on failure.
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        check_finite(w, layer)
+
+
+def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer):
+    """The in-place fast path over row chunks of the ``[G, K]`` view: observe, qparams,
+    quantize, codes, dequantize and error for one chunk while it is in cache.
+
+    Observers and schemes are per-group, so chunking by whole groups changes no result.
+    Returns ``(values, codes, scale [G], zero_point [G] or None, (Σ(values − groups)², Σ groups²))``;
+    ``values`` and ``codes`` are the only large allocations.
+    """
+    n_groups, k = groups.shape
+    device = groups.device
+    values = empty(groups.shape, groups.dtype, device)
+    codes = empty(groups.shape, storage, device)
+    scale = torch.empty(n_groups, dtype=groups.dtype, device=device)
+    zero_point = None
+    rows = max(1, _FUSED_CHUNK // max(k, 1))
+    scratch = torch.empty((min(rows, n_groups), k), dtype=torch.float32, device=device)
+    err = torch.zeros((), dtype=torch.float64, device=device)
+    ref = torch.zeros((), dtype=torch.float64, device=device)
+    for r0 in range(0, n_groups, rows):  # a loop over chunks, each step vectorised
+        g, v = groups[r0:r0 + rows], values[r0:r0 + rows]
+        with plugin_code(observer, layer):
+            lo, hi = observer.observe(g, spec, scheme)
+        check_observed_range(observer, lo, hi, g.shape[0], layer)
+        _check_range(lo, hi, w, layer)
+        with plugin_code(scheme, layer):
+            s, z = scheme.qparams(lo, hi, spec.dtype)
+        _check_qparams(scheme, s, z, g.shape[0], layer)
+        scale[r0:r0 + rows] = s
+        if z is not None:
+            if zero_point is None:
+                zero_point = torch.empty(n_groups, dtype=groups.dtype, device=device)
+            zero_point[r0:r0 + rows] = z
+            z = z[:, None]
+        s = s[:, None]
+        with plugin_code(scheme, layer):
+            scheme.quantize_into(g, s, z, spec.dtype, v)
+            codes[r0:r0 + rows].copy_(v)
+            scheme.dequantize_(v, s, z)
+        diff = scratch[: g.shape[0]]
+        torch.sub(v, g, out=diff)
+        flat, gf = diff.reshape(-1), g.reshape(-1).float()
+        err += torch.dot(flat, flat)
+        ref += torch.dot(gf, gf)
+    return values, codes, scale, zero_point, (float(err), float(ref))
+
+
+def _check_qparams(scheme, scale, zero_point, n_groups: int, layer) -> None:
+    # The contract: a finite, positive scale for every group (all-zero groups included).
+    from quanta.errors import PluginError
+    from quanta._run.guard import plugin_distribution
+
+    problem = None
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (n_groups,):
+        problem = f"qparams() returned a scale of shape {tuple(getattr(scale, 'shape', ()))}; expected ({n_groups},)"
+    elif not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        problem = "qparams() returned a zero, negative, NaN or inf scale"
+    elif zero_point is not None and (not isinstance(zero_point, torch.Tensor) or tuple(zero_point.shape) != (n_groups,)):
+        problem = f"qparams() returned a zero point of shape {tuple(getattr(zero_point, 'shape', ()))}; expected ({n_groups},)"
+    if problem:
+        raise PluginError("scheme", scheme.name, plugin_distribution("scheme", scheme.name), ValueError(problem), layer)

@@ -1,0 +1,142 @@
+"""``RunContext``: what an algorithm gets besides the model and the plan (the documented,
+typed run-time API of algorithm plugins)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import attrs
+import torch
+
+from quanta._run.calibration import call_model, to_device
+from quanta._recipes.recipe import Recipe
+from quanta._run.guard import fire_event, plugin_code
+from quanta._recipes.planning import Plan, PlannedLayer
+from quanta.record import QuantizedWeight
+from quanta._run.report import LayerReport, Report
+from quanta._records.weights import quantize_weight_with_values
+
+__all__ = ["RunContext"]
+
+
+@attrs.define(kw_only=True, eq=False)
+class RunContext:
+    """The run-time surface of one algorithm stage.
+
+    Attributes:
+        recipe: the :class:`quanta.Recipe` of this stage (its algorithm, options, layer configs).
+        plan: the :class:`quanta.Plan` being run (``plan.selected``: the layers to quantize).
+        backend: the backend plugin object (a ``quanta.contracts.Backend``) the model belongs to.
+        report: the run's :class:`quanta.Report`; put run-level figures in ``report.stats``
+            (also reachable as ``context.stats``) and per-layer ones in ``write_layer(extra=...)``.
+        device: the torch device the user asked computation to run on, or None (where the weights are).
+        data: the calibration batches, materialized once for every stage (a list), or None.
+        algorithm: the algorithm plugin object running (errors inside it name it).
+    """
+
+    recipe: Recipe
+    plan: Plan
+    backend: Any
+    report: Report
+    device: Any = None
+    data: list | None = None
+    algorithm: Any = None
+    _done: int = attrs.field(default=0, alias="_done")
+
+    @property
+    def config(self) -> Any:
+        """The algorithm's options: an instance of its ``config_class`` (None when it has none)."""
+        return self.algorithm.config if self.algorithm is not None else self.recipe.algorithm_config
+
+    @property
+    def stats(self) -> dict:
+        """Run-level figures shown under the report table (``report.stats``)."""
+        return self.report.stats
+
+    def batches(self, device: Any = None) -> Iterator[Any]:
+        """The calibration batches in order, each moved to ``device`` (default: ``self.device``,
+        else left where they are). Every stage of a recipe sees the same batches."""
+        target = device if device is not None else self.device
+        for batch in self.data or ():
+            yield batch if target is None else to_device(batch, target)
+
+    def to_device(self, batch: Any, device: Any = None) -> Any:
+        """``batch`` with every tensor inside (mappings, tuples, lists) moved to ``device``
+        (default ``self.device``)."""
+        target = device if device is not None else self.device
+        return batch if target is None else to_device(batch, target)
+
+    def call(self, model: Any, batch: Any) -> Any:
+        """Run ``model`` on one batch: ``model(**batch)`` for a mapping, ``model(*batch)`` for a
+        tuple or list, ``model(batch)`` for a tensor (``quanta._run.calibration.call_model``)."""
+        return call_model(model, batch)
+
+    def read_weight(self, model: Any, layer: PlannedLayer) -> torch.Tensor:
+        """The float weight of a planned layer, through the backend."""
+        with plugin_code(self.backend, layer.name):
+            return self.backend.read_weight(model, layer.unit)
+
+    def quantize_layer(self, model: Any, layer: PlannedLayer, weight: torch.Tensor | None = None) -> QuantizedWeight:
+        """Round-to-nearest quantize one planned layer with its spec and write it back.
+
+        ``weight`` replaces the model's own weight as the input (e.g. after a scaling); the
+        report's error is then left to the caller. Returns the record written."""
+        original = self.read_weight(model, layer)
+        w = original if weight is None else weight
+        if self.device is not None:
+            w = w.to(self.device)
+        unit = layer.unit
+        with plugin_code(self.backend, unit.name):
+            compute_dtype = self.backend.compute_dtype(model, unit)
+        record, values, (sq_err, ref_sq) = quantize_weight_with_values(
+            w, layer.spec, channel_axis=unit.channel_axis, input_axis=unit.input_axis, layer=unit.name,
+            compute_dtype=compute_dtype)
+        if weight is not None:  # the error is reported against the model's own weight
+            sq_err, ref_sq = None, None
+        self.write_layer(model, layer, record.to(original.device), original, values=values.to(original.device),
+                         sq_error=sq_err, ref_sq=ref_sq)
+        return record
+
+    def write_layer(self, model: Any, layer: PlannedLayer, record: QuantizedWeight, original: torch.Tensor,
+                    extra: dict | None = None, values: torch.Tensor | None = None, sq_error: float | None = None,
+                    ref_sq: float | None = None) -> LayerReport:
+        """Write ``record`` for ``layer`` through the backend, add its report row and fire ``layer_quantized``.
+
+        Args:
+            original: the float weight before quantization (the row's error is ‖W−Ŵ‖/‖W‖ against it).
+            extra: per-layer figures for the report (e.g. ``{"gptq_loss": 0.01}``).
+            values: ``record.dequantize()`` when already computed (saves a pass over the weight).
+            sq_error: ‖W−Ŵ‖² when already known (with ``ref_sq``).
+            ref_sq: ‖W‖² when already known (with ``sq_error``).
+        Returns the :class:`quanta.LayerReport` row.
+        """
+        # The error is measured before writing: ``original`` may share the parameter's storage.
+        if values is None:
+            values = record.dequantize().to(original.device)
+        if sq_error is None or ref_sq is None:
+            ref = original.detach().to(torch.float32)
+            ref_sq = float(torch.linalg.vector_norm(ref)) ** 2
+            sq_error = float(torch.nn.functional.mse_loss(values.float(), ref.reshape(values.shape), reduction="sum"))
+        err = (sq_error / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+        numel = original.numel()
+        with plugin_code(self.backend, layer.name):
+            self.backend.write(model, layer.unit, record, values)
+        self._done += 1
+        row = LayerReport(name=layer.name, module_type=layer.unit.module_type, shape=layer.unit.shape,
+                          spec=layer.spec.describe(), reason=layer.reason, rel_error=err,
+                          bits=layer.spec.dtype.bits, bytes=record.nbytes(), float_bytes=2 * numel,
+                          index=self._done, total=len(self.plan.selected), extra=dict(extra or {}))
+        self.report.layers.append(row)
+        fire_event("layer_quantized", name=layer.name, record=record, stats=row)
+        return row
+
+    def add_state(self, model: Any, module: str, name: str, value: torch.Tensor) -> None:
+        """Store extra state besides the weights (an input scale, a smoothing vector) as ``name`` on
+        the module called ``module``, declared so that ``inplace`` restore removes it and saving and
+        exporting carry it (torch backend: ``quanta.record.declare_state``)."""
+        with plugin_code(self.backend, module):
+            self.backend.add_state(model, module, name, value)
+
+    def reset_progress(self) -> None:
+        """Start the layer count of report rows again (``quanta.Quantizer.finalize`` reruns)."""
+        self._done = 0

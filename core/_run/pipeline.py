@@ -1,0 +1,232 @@
+"""``quanta.quantize`` and ``quanta.plan``: run a recipe on a model through the registry."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from typing import Any, Mapping
+
+from quanta._recipes.recipe import Recipe, load_recipe
+from quanta._run.context import RunContext
+from quanta.errors import ConfigError, QuantizationError
+from quanta._run.guard import fire_event, plugin_code
+from quanta._run.model_checks import check_model
+from quanta._recipes.planning import Plan, build_plan
+from quanta._run.preflight import check_run
+from quanta._run.report import Report
+from quanta._records.weights import observer_for, scheme_for
+
+__all__ = ["quantize", "plan", "choose_backend", "build_stage_plan", "materialize_data", "RunContext"]
+
+
+def _registry():
+    from quanta import registry
+
+    return registry
+
+
+def choose_backend(model: Any, name: str | None = None):
+    """The backend entry for ``model``: the one named, else the first (by declared ``priority``)
+    whose ``accepts(model)`` is true."""
+    reg = _registry()
+    if name is not None:
+        try:
+            return reg.get("backend", name)
+        except KeyError as exc:
+            raise ConfigError(str(exc), "backend") from None
+    for entry in reg.backends():
+        with plugin_code(entry.obj):
+            accepted = entry.obj.accepts(model)
+        if accepted:
+            return entry
+    raise ConfigError(f"no backend accepts a {type(model).__module__}.{type(model).__name__} "
+                      f"(backends: {', '.join(reg.names('backend'))}); pass a torch.nn.Module, a Core ML "
+                      f"model or the path of an .mlpackage")
+
+
+def _check_grids(the_plan: Plan, backend_entry, export: dict | None) -> None:
+    """Refuse, at plan time, a layer whose scheme's grid the backend (or the recipe's exporter) cannot store."""
+    reg = _registry()
+    exporter = reg.get("exporter", export.get("format", "coreml")).obj if export else None
+    for layer in the_plan.selected:
+        grid = scheme_for(layer.spec).grid
+        if grid not in backend_entry.obj.grids:
+            raise ConfigError(f"layer {layer.name!r}: scheme {layer.spec.scheme!r} has a {grid!r} grid, which the "
+                              f"{backend_entry.name!r} backend cannot store (it stores: "
+                              f"{', '.join(sorted(backend_entry.obj.grids))})", "scheme")
+        if exporter is not None and grid not in exporter.grids:
+            raise ConfigError(f"layer {layer.name!r}: scheme {layer.spec.scheme!r} has a {grid!r} grid, which the "
+                              f"{exporter.name!r} exporter cannot store (it stores: "
+                              f"{', '.join(sorted(exporter.grids))}); choose another scheme or export format",
+                              "export.format")
+
+
+def _check_specs(the_plan: Plan) -> None:
+    """Let each scheme and observer refuse the specs it cannot serve (once per distinct spec)."""
+    seen = set()
+    for layer in the_plan.selected:
+        spec = layer.spec
+        if spec in seen:
+            continue
+        seen.add(spec)
+        for plugin in (scheme_for(spec), observer_for(spec)):
+            with plugin_code(plugin, layer.name):
+                try:
+                    plugin.check_spec(spec)
+                except ConfigError as exc:
+                    raise ConfigError(f"{plugin.kind} {plugin.name!r} refuses {spec.describe()} (layer "
+                                      f"{layer.name!r}, {layer.reason}): {exc}", exc.key) from None
+
+
+def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: dict | None = None) -> Plan:
+    """The validated plan of one stage: units from the backend, specs resolved, every spec
+    checked by its scheme and observer and every grid by the backend and exporter."""
+    backend = backend_entry.obj
+    with plugin_code(backend):
+        units = backend.units(model)
+        names = backend.module_names(model)
+        types = backend.type_names(model)
+    algorithm = _registry().get("algorithm", recipe.algorithm).obj
+    global_types = algorithm.global_types
+    if isinstance(global_types, Mapping):  # per backend name; a backend not listed takes every type
+        global_types = global_types.get(backend_entry.name)
+    the_plan = build_plan(units, recipe, backend_entry.name, names, types, global_types=global_types)
+    _check_specs(the_plan)
+    _check_grids(the_plan, backend_entry, export)
+    return the_plan
+
+
+def plan(model: Any, config: Any = None, *, backend: str | None = None) -> Plan:
+    """Dry run: which layer gets which spec and why. Validates everything, modifies nothing.
+
+    For a recipe with ``stages``, the plan of the last stage that quantizes (its ``stages``
+    attribute lists every stage's plan)."""
+    recipe = load_recipe(config)
+    check_model(model, need_values=False)
+    entry = choose_backend(model, backend)
+    plans = tuple(build_stage_plan(model, stage, entry, recipe.export) for stage in recipe.stage_recipes())
+    last = plans[-1]
+    return last if len(plans) == 1 else Plan(algorithm=last.algorithm, backend=last.backend, layers=last.layers,
+                                             stages=plans)
+
+
+def materialize_data(data: Any, limit: int | None) -> list | None:
+    """Calibration data as a list of batches, read once (a generator is consumed once), at most
+    ``limit`` batches. A bare tensor is one batch."""
+    if data is None:
+        return None
+    import torch
+
+    if isinstance(data, (torch.Tensor, dict)):
+        return [data]
+    try:
+        it = iter(data)
+    except TypeError:
+        raise ConfigError(f"calibration data must be an iterable of batches (a list or DataLoader of tensors, "
+                          f"tuples or dicts), got {type(data).__name__}", "data") from None
+    return list(it if limit is None else itertools.islice(it, limit))
+
+
+def _algorithms(recipe: Recipe):
+    reg = _registry()
+    out = []
+    for stage in recipe.stage_recipes():
+        entry = reg.get("algorithm", stage.algorithm)
+        obj = entry.obj if stage.algorithm_config is None else entry.obj.with_config(stage.algorithm_config)
+        out.append(obj)
+    return out
+
+
+def _has_records(model: Any) -> bool:
+    import torch
+
+    from quanta.record import records
+
+    return isinstance(model, torch.nn.Module) and bool(records(model))
+
+
+def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool = False,
+             backend: str | None = None, device: Any = None) -> Any:
+    """Quantize ``model`` with a recipe and return the quantized model.
+
+    Args:
+        model: a ``torch.nn.Module`` (or any model a backend plugin accepts, e.g. Core ML).
+        config: a recipe dict, YAML path, :class:`Recipe`, or a coremltools-style config dict.
+        data: calibration data for algorithms that need it (list/DataLoader/generator of tensors,
+            tuples or dicts); read once, and every stage sees the same batches.
+        inplace: modify ``model`` itself. Otherwise ``model`` is never modified.
+        backend: backend plugin name (default: the first, by priority, that accepts the model).
+        device: torch device for the computation (default: where the weights are).
+
+    Returns the quantized model; ``result.quanta_report`` is a :class:`Report`. Everything
+    is validated before any weight changes; on any failure ``model`` is left untouched,
+    also with ``inplace=True`` (every parameter, buffer and record any stage changed is restored).
+    """
+    recipe = load_recipe(config)
+    check_model(model)
+    stages = recipe.stage_recipes()
+    algorithms = _algorithms(recipe)
+    backend_entry = choose_backend(model, backend)
+    impl = backend_entry.obj
+    for stage, algo in zip(stages, algorithms):
+        if algo.needs_data and data is None:
+            raise ConfigError(f"algorithm {stage.algorithm!r} needs calibration data: pass data=[...]", "data")
+    if not algorithms[0].composes_with_records and _has_records(model):
+        raise QuantizationError(
+            f"the model already holds quanta records (it was quantized before); algorithm "
+            f"{stages[0].algorithm!r} would quantize its dequantized weights again. Start from the float model, "
+            f"or use an algorithm that composes with records")
+    plans = [build_stage_plan(model, stage, backend_entry, recipe.export) for stage in stages]
+    for stage, algo, the_plan in zip(stages, algorithms, plans):
+        with plugin_code(algo):
+            algo.validate(the_plan, stage)
+    limits = [algo.max_batches() for algo in algorithms if algo.needs_data or data is not None]
+    limit = None if not limits or any(n is None for n in limits) else max(limits)
+    batches = materialize_data(data, limit)
+    if any(algo.needs_data for algo in algorithms) and not batches:
+        raise ConfigError("the calibration data is empty", "data")
+    check_run(model, plans[0], algorithms, data, batches, device, limit)
+
+    everything = len(stages) > 1 or any(algo.changes == "model" for algo in algorithms)
+    all_units = [p.unit for p in plans[0].selected]
+    if inplace:
+        target = model
+        with plugin_code(impl):
+            snapshot = impl.snapshot(model, all_units, everything=everything)
+    else:
+        share = tuple(all_units) if len(stages) == 1 and algorithms[0].shares_float_weights else ()
+        with plugin_code(impl):
+            target = impl.copy(model, share=share)
+        snapshot = None
+
+    for p in plans[0].layers:
+        if p.spec is None and p.reason.startswith("unsupported"):
+            warnings.warn(f"layer {p.name!r}: {p.reason}", stacklevel=2)
+    name = " -> ".join(s.algorithm for s in stages)
+    report = Report(algorithm=name, skipped=[(p.name, p.reason) for p in plans[-1].layers if p.spec is None])
+    start = time.perf_counter()
+    try:
+        for i, (stage, algo) in enumerate(zip(stages, algorithms)):
+            # Units must point into the model being transformed: plan again on the working copy,
+            # and after an earlier stage (which may have changed the model).
+            the_plan = plans[i] if (inplace and i == 0) else build_stage_plan(target, stage, backend_entry,
+                                                                               recipe.export)
+            ctx = RunContext(recipe=stage, plan=the_plan, backend=impl, report=report, device=device,
+                             data=batches, algorithm=algo)
+            fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
+            with plugin_code(algo):
+                result = algo.run(target, the_plan, batches, ctx)
+            if result is not None:
+                target = result
+    except BaseException:
+        if snapshot is not None:
+            impl.restore(model, snapshot)
+        raise
+    report.seconds = time.perf_counter() - start
+    try:
+        target.quanta_report = report
+    except (AttributeError, TypeError):  # a model type that takes no attributes
+        pass
+    fire_event("run_finished", report=report)
+    return target
