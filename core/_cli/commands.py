@@ -74,9 +74,64 @@ def _cmd_describe(args, console: Console) -> int:
     return 0
 
 
+def _input_paths(*refs: Any) -> list[str]:
+    """The files and folders a run reads, from recipe/CLI references: existing paths, and the
+    files of ``module:function`` code (already imported by then). quanta never writes onto them."""
+    import os
+    import sys
+    from collections.abc import Mapping
+
+    out: list[str] = []
+    for ref in refs:
+        if isinstance(ref, Mapping):
+            out += _input_paths(*(ref.get(k) for k in ("path", "factory", "tokenizer")))
+            continue
+        if not isinstance(ref, (str, os.PathLike)) or not os.fspath(ref):
+            continue
+        text = os.fspath(ref)
+        if os.path.lexists(text):
+            out.append(text)
+            continue
+        module = text.rpartition(":")[0] if ":" in text else ""
+        if module and os.path.lexists(module):
+            out.append(module)
+        elif module:
+            stem = Path(module).stem
+            for name in (module, f"quanta_user_{stem}"):
+                file = getattr(sys.modules.get(name), "__file__", None)
+                if file:
+                    out.append(file)
+                    break
+    return out
+
+
+def _check_output_paths(output: Path, package: str | None, fmt: str | None) -> None:
+    """The saved model and the exported package must be different, un-nested paths."""
+    if package is None:
+        return
+    import os
+
+    a, b = Path(os.path.realpath(output)), Path(os.path.realpath(package))
+    if a == b or a in b.parents or b in a.parents:
+        raise ConfigError(f"export.path {package!r} and the saved model's path {str(output)!r} (-o) are the same "
+                          f"or nested; the {fmt!r} package would replace or change the saved model: give "
+                          "export.path a path of its own", "export.path")
+
+
+def _check_input_file(path: Any, what: str) -> None:
+    """Refuse a device or FIFO given where a file goes (reading /dev/zero never ends)."""
+    from quanta._files.kinds import not_regular_message
+
+    if isinstance(path, str) and path:
+        message = not_regular_message(path, what)
+        if message:
+            raise ConfigError(message)
+
+
 def _recipe_and_model(args, console: Console):
     import quanta
 
+    _check_input_file(args.recipe, "recipe file")
     recipe = quanta.load_recipe(args.recipe)
     ref = args.model or recipe.model
     if ref is None:
@@ -134,6 +189,9 @@ def _cmd_quantize(args, console: Console) -> int:
 
     from quanta._files.sources import load_data
 
+    if args.output == "":
+        raise ConfigError("the output path is empty; give a folder such as out/model (or leave -o out for "
+                          "the default, out/<recipe name>)", "--output")
     recipe, source = _recipe_and_model(args, console)
     example = source.example
     model = source.model
@@ -141,11 +199,13 @@ def _cmd_quantize(args, console: Console) -> int:
     pickle = args.format == "pickle"
     stem = Path(args.recipe).stem
     output = Path(args.output or (Path("out") / (f"{stem}.pt" if pickle else stem)))
-    # Every destination is checked before the run, so a bad path never costs a whole run.
+    # Every destination is checked before the run, so a bad path never costs a whole run; none may be
+    # (or hold, or lie inside) what the run reads.
+    inputs = _input_paths(args.recipe, args.model or recipe.model, recipe.data, source.tokenizer_dir)
     check_destination(output, expected_bytes=_model_bytes(model), overwrite=args.overwrite,
-                      owned=is_quanta_model_file if pickle else None, directory=not pickle)
+                      owned=is_quanta_model_file if pickle else None, directory=not pickle, inputs=inputs)
     if args.report:
-        check_destination(args.report, overwrite=args.overwrite, owned=_is_quanta_report)
+        check_destination(args.report, overwrite=args.overwrite, owned=_is_quanta_report, inputs=[*inputs, output])
     package = None
     if recipe.export:
         options = dict(recipe.export)
@@ -153,8 +213,12 @@ def _cmd_quantize(args, console: Console) -> int:
         exporter = registry.get("exporter", fmt).obj
         # Beside the saved model, never onto it: an exporter without a suffix gets "<stem>-<format>".
         beside = output.with_suffix("") if exporter.suffix else output.with_name(f"{output.with_suffix('').name}-{fmt}")
-        package = export_destination(options.pop("path", None) or beside, exporter)
-        check_destination(package, overwrite=args.overwrite, directory=True)
+        given = options.pop("path", None)
+        if not given and export_destination(beside, exporter) == str(output):  # -o x.mlpackage
+            beside = output.with_name(f"{output.with_suffix('').name}-{fmt}")
+        package = export_destination(given or beside, exporter)
+        _check_output_paths(output, package, fmt)
+        check_destination(package, overwrite=args.overwrite, directory=True, inputs=inputs)
     console.info(f"quantizing with {recipe.algorithm!r} ...")
     with registry.plugin(_progress_plugin(console), name="quanta-cli-progress"):
         qmodel = quanta.quantize(model, recipe, data=data)
@@ -228,11 +292,22 @@ def parse_shapes(text: str | None):
 def _cmd_export(args, console: Console) -> int:
     import quanta
 
+    from quanta import registry
+    from quanta._files.atomic import check_destination
+    from quanta._run.export_checks import export_destination
+
     inputs = parse_shapes(args.input_shape)
+    _check_input_file(args.model, "model")
     source = _load_model(args.model, "model")
     model = source.model
     if inputs is None:
         inputs = source.example_inputs
+    exporter = registry.get("exporter", args.format).obj
+    # Never onto (or into, or around) the model it reads: checked before any conversion (the
+    # existing-destination rule is quanta.export's own check, with --overwrite).
+    dest = export_destination(args.output, exporter) if args.output else args.output
+    check_destination(dest, overwrite=True, directory=bool(exporter.writes_directory),
+                      inputs=_input_paths(args.model, source.tokenizer_dir))
     options = {}
     if args.target:
         options["minimum_deployment_target"] = args.target
@@ -248,6 +323,7 @@ def _cmd_verify(args, console: Console) -> int:
     import quanta
 
     inputs = parse_shapes(args.input_shape)
+    _check_input_file(args.path, "the file to verify")
     source = _load_model(args.against, "--against")
     if inputs is None:  # a saved directory carries the inputs it was exported with
         inputs = source.example_inputs

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import attrs
 import torch
 
+from quanta._files.kinds import not_regular_message
 from quanta.errors import ConfigError, did_you_mean
 
 __all__ = ["ModelSource", "load_model", "load_data", "import_callable", "SourceError"]
@@ -233,6 +234,9 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
                            rebuild=None if _is_transformers(example.model) else {"example": text},
                            example_inputs=example.example_inputs, data=example.data)
     path = Path(text)
+    special = not_regular_message(path, key)
+    if special:
+        raise SourceError(special, key)
     if path.is_dir():
         return _from_directory(path, None, key)
     if path.is_file():
@@ -353,6 +357,9 @@ def load_data(ref: Any, source: ModelSource | None = None, key: str = "data") ->
     text = os.fspath(ref)
     path = Path(text)
     nsamples = _positive(options, "nsamples", None, key)
+    special = not_regular_message(path, key)
+    if special:
+        raise SourceError(special, key)
     if path.is_file():
         if path.suffix == ".safetensors":
             return _tensor_batches(path, options, key)

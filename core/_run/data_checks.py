@@ -12,7 +12,7 @@ The rules, in the order they are checked:
   batch index (and the input).
 - Every batch has the same structure and dtypes as batch 0.
 - Batch 0 runs through the model in memory (a dry forward in eval mode, no gradients, the model
-  unchanged): a batch of the wrong shape or dtype is refused naming ``calibration batch 0`` and the
+  unchanged: what its forward writes is put back): a batch of the wrong shape or dtype is refused naming ``calibration batch 0`` and the
   model's first layer, instead of failing deep inside an algorithm.
 - Fewer batches than the algorithm will use (``calibration_nsamples``) is a warning giving both
   numbers, never an error.
@@ -77,15 +77,15 @@ def _model_device(model: torch.nn.Module) -> torch.device | None:
 def dry_forward(model: torch.nn.Module, inputs: Any) -> None:
     """Run ``model`` once on ``inputs`` (a calibration item) in eval mode without gradients and
     restore its training flag. Raises whatever the model raises. The model's weights, buffers
-    (BatchNorm running statistics included: eval mode) and mode are left as they were."""
+    (BatchNorm running statistics included), attributes and mode are left as they were, also when
+    its forward changes them (:func:`quanta._run.state_guard.untouched`)."""
+    from quanta._run.state_guard import untouched
+
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with untouched(model):  # what forward writes (counters, running buffers, weights) is put back
+        model.eval()
         with torch.no_grad():
             call_model(model, to_device(inputs, device) if device is not None else inputs)
-    finally:
-        model.train(was_training)
 
 
 def _bare_data_error(data: Any) -> DataError | None:
