@@ -227,3 +227,174 @@ def test_checks_leave_a_stateful_model_as_it_was():
     assert calls_after == calls == 0 and history_after == history == [] and not hasattr(model, "note")
     assert all(torch.equal(tensors[k], after[k]) for k in tensors)
     assert model.training  # the mode too
+
+
+# -- faults: interrupts swallowed by a converter, killed runs, full disks ----------------------
+
+class _SwallowingExporter(quanta.contracts.Exporter):
+    """Converts like coremltools does in places: a bare ``except:`` around work that Ctrl-C hits."""
+
+    name = "swallows-ctrl-c"
+    description = "test exporter whose conversion swallows KeyboardInterrupt"
+    writes_directory = True
+
+    def export(self, model, path, *, example_inputs=None, overwrite=False):
+        import signal
+
+        from quanta._files.atomic import atomic_dir
+
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the conversion
+            for _ in range(1000):
+                pass
+        except:  # noqa: E722 - what the converter does
+            pass
+        with atomic_dir(path, overwrite=overwrite) as staging:
+            (staging / "model.bin").write_text("converted")
+        return os.fspath(path)
+
+
+class _Contribute:
+    def __init__(self, obj):
+        self.obj = obj
+
+    @quanta.hookimpl
+    def register_exporters(self, register):
+        register(self.obj)
+
+
+def test_ctrl_c_swallowed_inside_an_exporter_is_raised_again(tmp_path):
+    from quanta import registry
+
+    qmodel = quanta.quantize(torch.nn.Sequential(torch.nn.Linear(8, 8)), {"global_config": {"dtype": "int8"}})
+    with registry.plugin(_Contribute(_SwallowingExporter()), name="swallowing-exporter"):
+        with pytest.raises(KeyboardInterrupt):
+            quanta.export(qmodel, tmp_path / "out", format="swallows-ctrl-c")
+    assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == []
+
+
+def _start(args, env_extra=None, cwd=None):
+    import subprocess
+    import sys
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "quanta._cli", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _staged(folder: Path, name: str):
+    def ready():
+        return any(p.name.startswith(f".{name}.") and p.name.endswith(".quanta-staging")
+                   and (p / "quanta_config.json").exists() for p in folder.iterdir())
+    return ready
+
+
+def _wait_for(predicate, proc, timeout=180.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".quanta-" in p.name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "double-SIGINT"])
+def test_killed_terminated_and_twice_interrupted_runs(tmp_path, how):
+    """SIGKILL leaves a staging folder that the next run removes; SIGTERM cleans up like Ctrl-C
+    (exit 143); a second Ctrl-C while the first is cleaning up prints no traceback and leaves nothing."""
+    import signal
+    import time
+
+    (tmp_path / "netdef.py").write_text(NETDEF)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tmp_path / 'netdef.py'}:build\n" + RTN)
+    delay = "model-dir-staged:120,staging-cleanup:4" if how == "double-SIGINT" else "model-dir-staged:120"
+    proc = _start(["quantize", recipe, "-o", tmp_path / "out"], {"QUANTA_FAULT_DELAY": delay}, cwd=tmp_path)
+    try:
+        assert _wait_for(_staged(tmp_path, "out"), proc), proc.communicate()[1]
+        if how == "SIGKILL":
+            proc.kill()
+        elif how == "SIGTERM":
+            proc.terminate()
+        else:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.5)  # now in the staging-cleanup pause
+            proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "out").exists()
+    if how == "SIGKILL":
+        assert len(_leftovers(tmp_path)) == 1
+        with pytest.warns(UserWarning, match="interrupted earlier run"):
+            check_destination(tmp_path / "out", directory=True)
+        assert _leftovers(tmp_path) == []
+        return
+    assert "Traceback" not in err, err
+    assert proc.returncode == (143 if how == "SIGTERM" else 130), err
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_leftover_of_a_live_run_is_left_alone_and_a_lost_backup_is_put_back(tmp_path):
+    live = tmp_path / f".out.{os.getpid()}.abc123.quanta-staging"
+    live.mkdir()
+    check_destination(tmp_path / "out", directory=True)
+    assert live.exists()
+    backup = tmp_path / ".out.999999999.abc123.quanta-backup"  # no such process
+    backup.mkdir()
+    (backup / "model.safetensors").write_text("the previous copy")
+    with pytest.warns(UserWarning, match="put back"):
+        check_destination(tmp_path / "out", directory=True)
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "the previous copy"
+
+
+def test_a_file_over_the_size_limit_is_one_clear_line(tmp_path):
+    """EFBIG, for real: RLIMIT_FSIZE in a subprocess (Python ignores SIGXFSZ, so the write fails)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, sys, torch, quanta
+from quanta.errors import DestinationError
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+try:
+    quanta.save(model, {str(tmp_path / 'out')!r})
+except DestinationError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3, out.stderr
+    assert "cannot write" in out.stdout and str(tmp_path / "out") in out.stdout and "bytes" in out.stdout
+    assert "ulimit -f" in out.stdout
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_is_one_clear_line(tmp_path):
+    """ENOSPC, for real, on a 1 MiB tmpfs (skipped where mounting is not allowed)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        (mnt / "previous").mkdir()
+        model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))  # ~2 MiB of float32
+        with pytest.raises(DestinationError, match=r"no space left.*MiB.*bytes.*free") as info:
+            quanta.save(model, mnt / "out")
+        assert str(mnt / "out") in str(info.value)
+        assert not (mnt / "out").exists() and _leftovers(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

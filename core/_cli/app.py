@@ -2,22 +2,25 @@
 
 Exit status: 0 done; 2 the user's error (a ``QuantaError`` other than a plugin failure, or a
 usage error) printed as ``quanta: error: ...``; 1 an internal error or a plugin's failure (one
-line naming it); 130 interrupted (Ctrl-C: every write is atomic, so nothing partial is left).
+line naming it); 130 interrupted (Ctrl-C: every write is atomic, so nothing partial is left);
+143 terminated (SIGTERM, handled as Ctrl-C is).
 ``--debug`` or ``QUANTA_DEBUG=1`` prints the traceback as well.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from quanta._cli.output import Console, quiet_third_parties
 from quanta._cli.parser import build_parser
 
-__all__ = ["main", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USER", "EXIT_INTERRUPTED"]
+__all__ = ["main", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USER", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 def _one_line(exc: BaseException) -> str:
@@ -39,20 +42,45 @@ def _status(exc: BaseException, console: Console) -> int:
     return EXIT_INTERNAL
 
 
+def _terminate(signum, frame):
+    from quanta._files.interrupts import Terminated
+
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``quanta`` command; returns the exit status."""
+    """Entry point of the ``quanta`` command; returns the exit status.
+
+    SIGTERM is handled as Ctrl-C is (every staging folder removed; exit 143). Once interrupted,
+    further Ctrl-Cs are ignored while quanta reports and exits (no traceback); run as the
+    process's command (``argv`` None) that lasts until the process ends, called in-process the
+    previous handlers are restored on return.
+    """
     args = build_parser().parse_args(argv)  # usage errors exit 2 with argparse's own one line
     debug = getattr(args, "debug", False) or os.environ.get("QUANTA_DEBUG", "").strip().lower() in ("1", "true", "yes")
     console = Console(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
-    from quanta._cli.commands import COMMANDS
-
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    if in_main_thread and saved[signal.SIGTERM] == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        with quiet_third_parties(console):
-            return COMMANDS[args.command](args, console)
-    except KeyboardInterrupt:
-        if debug:
-            traceback.print_exc()
-        console.error("interrupted; nothing partial was written")
+        try:
+            from quanta._cli.commands import COMMANDS
+
+            with quiet_third_parties(console):
+                return COMMANDS[args.command](args, console)
+        except KeyboardInterrupt as exc:
+            if in_main_thread:  # the run is over: a second Ctrl-C must not interrupt the report
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if debug:
+                traceback.print_exc()
+            from quanta._files.interrupts import Terminated
+
+            terminated = isinstance(exc, Terminated)
+            console.error(f"{'terminated' if terminated else 'interrupted'}; nothing partial was written")
+            return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second signal while the first was being handled
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # stdout closed early (``quanta plugins | head``): not an error; keep Python from complaining.
@@ -63,3 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return _status(exc, console)
+    finally:
+        if argv is not None:  # called in-process: give the caller its handlers back
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)

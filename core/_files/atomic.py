@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from quanta._files.faults import fault_delay
+from quanta._files.interrupts import raise_if_interrupted
 from quanta._files.ownership import (MARKER, check_protected, describe_entries, foreign_entries, is_quanta_dir,
                                      marker_content)
 from quanta.errors import DestinationError, DestinationExistsError
@@ -250,12 +251,12 @@ def disk_error(exc: BaseException, dest: str | os.PathLike, written: int = 0,
         free = None
     need = max(expected_bytes or 0, written)
     needed = (f"about {need / 2**20:.1f} MiB ({need} bytes) are needed" if expected_bytes
-              else f"more than the {written / 2**20:.1f} MiB ({written} bytes) written when it failed are needed")
+              else f"more than the {written} bytes written when it failed are needed")
     if code == errno.EFBIG:
         return DestinationError(
             f"cannot write {str(dest)!r}: {_DISK_ERRNOS[code]} (the file-size limit, `ulimit -f`, or the file "
             f"system's maximum); {needed}. Nothing was written; raise the limit or choose another disk")
-    room = f", {free / 2**20:.1f} MiB free" if free is not None else ""
+    room = f", {free} bytes free" if free is not None else ""
     return DestinationError(f"cannot write {str(dest)!r}: {_DISK_ERRNOS[code]} on its disk; {needed}{room}. "
                             "Nothing was written (any earlier copy is kept); free space or choose another path")
 
@@ -292,6 +293,7 @@ def atomic_file(dest: str | os.PathLike, *, overwrite: bool = False, owned: Owne
     try:
         try:
             yield tmp
+            raise_if_interrupted()
             if not tmp.exists():
                 raise DestinationError(f"nothing was written for {str(dest)!r}")
             with open(tmp, "rb+") as fh:
@@ -358,6 +360,7 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = False, expected_byt
     try:
         try:
             yield staging
+            raise_if_interrupted()  # a Ctrl-C the writer's library swallowed: keep the old copy
             _write_marker(staging)
             _fsync_tree(staging)
         except Exception as exc:

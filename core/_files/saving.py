@@ -308,7 +308,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
         "extra_state": sorted(extra_state(model)),
         "example_inputs": sorted(examples) if examples else None,
     }
-    with atomic_dir(path, overwrite=overwrite) as staging:
+    with atomic_dir(path, overwrite=overwrite, expected_bytes=sum(i.nbytes for i in items)) as staging:
         write_shards([(i.key, i.nbytes, i.produce) for i in items], staging, max_shard_bytes)
         if examples:
             _save_tensors_file(examples, staging / EXAMPLE_INPUTS_NAME)

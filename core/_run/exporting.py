@@ -9,6 +9,7 @@ from typing import Any
 from quanta.errors import ConfigError
 from quanta._run.export_checks import check_export
 from quanta._run.guard import plugin_code
+from quanta._files.interrupts import honour_interrupts
 from quanta._recipes.options import make_config
 
 __all__ = ["export", "verify", "exporter_for_path", "check_export_grids"]
@@ -56,7 +57,9 @@ def export(model: Any, path: str | os.PathLike, format: str = "coreml", example_
     exporter = entry.obj if config is None else entry.obj.with_config(config)
     check_export_grids(model, exporter)
     check_export(model, path, exporter, example_inputs, allow_float=allow_float, overwrite=overwrite)
-    with plugin_code(exporter):
+    # A Ctrl-C inside the exporter is honoured even where the converter swallows it (coremltools'
+    # bare ``except:``): remembered, and raised again when the exporter returns.
+    with honour_interrupts(), plugin_code(exporter):
         exporter.check(model, example_inputs)
         return exporter.export(model, path, example_inputs=example_inputs, overwrite=overwrite)
 

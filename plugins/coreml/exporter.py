@@ -280,7 +280,7 @@ class CoreMLExporter(Exporter):
         mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
         # Saved into a staging folder and swapped in: the old package (or the user's folder) survives
         # any failure or Ctrl-C, and a package failing the code check is never put in place.
-        with atomic_dir(path, overwrite=overwrite) as staging:
+        with atomic_dir(path, overwrite=overwrite, expected_bytes=_expected_bytes(model)) as staging:
             written = staging / "model.mlpackage"
             mlmodel.save(str(written))
             if cfg.check_codes and recs:
