@@ -398,3 +398,65 @@ def test_a_full_disk_is_one_clear_line(tmp_path):
         assert not (mnt / "out").exists() and _leftovers(mnt) == []
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# -- quanta verify fails loudly ---------------------------------------------------------------
+
+VERIFY_NETS = """import torch
+
+
+def _net(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+
+
+def same():
+    return _net(0)
+
+
+def other():
+    return _net(1)
+
+
+class _Inf(torch.nn.Module):
+    def forward(self, x):
+        return _net(0)(x) * float("inf")
+
+
+def infinite():
+    return _Inf()
+"""
+
+
+@pytest.mark.slow
+def test_verify_fails_loudly_on_a_miss_and_on_non_finite_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(VERIFY_NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import nets
+
+    x = torch.randn(1, 16)
+    qmodel = quanta.quantize(nets.same(), {"global_config": {"dtype": "int8"}})
+    pkg = quanta.export(qmodel, tmp_path / "m.mlpackage", example_inputs=(x,))
+    manifest = Path(pkg) / "Manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+
+    good = quanta.verify(pkg, qmodel, (x,))
+    assert good["passed"] and good["failures"] == []
+    assert manifest.stat().st_mtime_ns == stamp  # read only: the manifest is not rewritten
+    bad = quanta.verify(pkg, nets.other(), (x,))
+    assert not bad["passed"] and "tolerance 0.05" in bad["failures"][0] and "min_cosine 0.99" in bad["failures"][1]
+    assert quanta.verify(pkg, nets.other(), (x,), tolerance=100, min_cosine=-1)["passed"]
+    with pytest.raises(quanta.ConfigError, match="min_cosine must be a number from -1 to 1"):
+        quanta.verify(pkg, qmodel, (x,), min_cosine=2)
+
+    status, out, err = _main("verify", pkg, "--against", "nets.py:other", "--input-shape", "1,16")
+    assert status == 3 and "passed: False" in out and "does not match" in err, err
+    status, out, err = _main("verify", pkg, "--against", "nets.py:infinite", "--input-shape", "1,16")
+    assert status == 3 and "not finite" in err, err
+    status, out, err = _main("verify", pkg, "--against", "nets.py:same", "--input-shape", "1,16")
+    assert status == 0 and "passed: True" in out, err  # the float model vs its int8 package: within 0.05
+    status, out, err = _main("verify", pkg, "--against", "nets.py:same", "--input-shape", "1,16",
+                             "--tolerance", "1e-9", "--min-cosine", "0.9")
+    assert status == 3 and "max_rel" in err and "tolerance 1e-09" in err, err
+    assert manifest.stat().st_mtime_ns == stamp

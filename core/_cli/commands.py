@@ -17,7 +17,10 @@ from quanta.errors import ConfigError, ExampleInputError
 from quanta._cli.model_files import is_quanta_model_file, save_model_file
 from quanta._cli.output import Console
 
-__all__ = ["COMMANDS", "parse_shapes"]
+__all__ = ["COMMANDS", "parse_shapes", "EXIT_MISMATCH"]
+
+#: Exit status of ``verify`` (and of ``quantize``'s verify step) when the file misses the tolerance.
+EXIT_MISMATCH = 3
 
 
 def _load_model(ref: Any, key: str = "model"):
@@ -245,8 +248,14 @@ def _cmd_quantize(args, console: Console) -> int:
         console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
         if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
-            print(f"verified {written} against the quantized torch model on the example inputs: "
-                  f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}")
+            figures = f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}"
+            if not f["passed"]:
+                print(f"NOT verified: {written} differs from the quantized torch model on the example inputs: "
+                      f"{figures}")
+                console.error(f"{written} was written but does not match the quantized torch model: "
+                              f"{'; '.join(f['failures'])} (defaults: docs/cli.md, 'quanta verify')")
+                return EXIT_MISMATCH
+            print(f"verified {written} against the quantized torch model on the example inputs: {figures}")
     return 0
 
 
@@ -327,9 +336,13 @@ def _cmd_verify(args, console: Console) -> int:
     source = _load_model(args.against, "--against")
     if inputs is None:  # a saved directory carries the inputs it was exported with
         inputs = source.example_inputs
-    result = quanta.verify(args.path, source.model, example_inputs=inputs)
+    result = quanta.verify(args.path, source.model, example_inputs=inputs, tolerance=args.tolerance,
+                           min_cosine=args.min_cosine)
     for k, v in result.items():
         print(f"{k}: {v}")
+    if not result["passed"]:
+        console.error(f"{args.path} does not match {args.against}: {'; '.join(result['failures'])}")
+        return EXIT_MISMATCH
     return 0
 
 

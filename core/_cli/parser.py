@@ -12,9 +12,27 @@ KINDS = ("scheme", "observer", "algorithm", "backend", "exporter")
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
 EXPORT_FORMATS_HINT = "an exporter plugin name (built in: coreml; `quanta plugins --kind exporter` lists all)"
 
-_EPILOG = """exit status: 0 done, 1 internal or plugin error, 2 usage or input error, 130 interrupted.
+_EPILOG = """exit status: 0 done, 1 internal or plugin error, 2 usage or input error, 3 verification failed,
+130 interrupted, 143 terminated.
 Results go to stdout; progress and messages to stderr. Set NO_COLOR to disable colour,
 QUANTA_DEBUG=1 (or --debug) to see tracebacks. Docs: docs/cli.md."""
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number")
+    return value
+
+
+def _cosine(text: str) -> float:
+    value = _non_negative(text.lstrip("-")) * (-1 if text.startswith("-") else 1)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cosine (from -1 to 1)")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -113,5 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input shape(s), e.g. 1,3,32,32 (';' between inputs); default: the example "
                         "inputs saved with --against (token ids), else the file's declared shapes, seeded "
                         "normal values")
+    s.add_argument("--tolerance", type=_non_negative, metavar="REL", default=None,
+                   help="largest max_rel (max |file - torch| / max |torch|) each output may have (default 0.05)")
+    s.add_argument("--min-cosine", type=_cosine, metavar="COS", default=None,
+                   help="smallest cosine similarity each output must have (default 0.99); any inf or NaN "
+                        "fails; a miss exits 3")
     _common(s)
     return p

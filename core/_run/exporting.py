@@ -12,7 +12,8 @@ from quanta._run.guard import plugin_code
 from quanta._files.interrupts import honour_interrupts
 from quanta._recipes.options import make_config
 
-__all__ = ["export", "verify", "exporter_for_path", "check_export_grids"]
+__all__ = ["export", "verify", "exporter_for_path", "check_export_grids", "verification_failures",
+           "DEFAULT_TOLERANCE", "DEFAULT_MIN_COSINE"]
 
 
 def _registry():
@@ -74,11 +75,57 @@ def exporter_for_path(path: str | os.PathLike):
                       f"(exporters: {', '.join(_registry().names('exporter'))}); pass format=")
 
 
-def verify(path: str | os.PathLike, against: Any, example_inputs: Any = None, format: str | None = None) -> dict:
+#: Default largest ``max_rel`` (max |file - torch| / max |torch|) of each output for ``verify`` to pass.
+DEFAULT_TOLERANCE = 0.05
+#: Default smallest cosine similarity of each output for ``verify`` to pass.
+DEFAULT_MIN_COSINE = 0.99
+
+
+def verification_failures(figures: dict, tolerance: float | None = None,
+                          min_cosine: float | None = None) -> list[str]:
+    """Why ``figures`` (what an exporter's ``verify`` returns) miss the tolerance, one text per
+    output and figure; ``[]`` when every output passes.
+
+    An output passes when its ``max_rel`` (max |file - torch| / max |torch|) is at most
+    ``tolerance`` (default :data:`DEFAULT_TOLERANCE`, 0.05), its ``cosine`` at least
+    ``min_cosine`` (default :data:`DEFAULT_MIN_COSINE`, 0.99) and every figure is finite (an
+    inf or NaN output fails). Figures without ``per_output`` are taken as one output.
+    """
+    import math
+
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    min_cosine = DEFAULT_MIN_COSINE if min_cosine is None else float(min_cosine)
+    per = figures.get("per_output") or {"output": figures}
+    out = []
+    for name, f in per.items():
+        max_abs, max_rel, cosine = (float(f.get(k, math.nan)) for k in ("max_abs", "max_rel", "cosine"))
+        if not all(math.isfinite(v) for v in (max_abs, max_rel, cosine)):
+            out.append(f"output {name!r} is not finite (max_abs {max_abs:.3g}, max_rel {max_rel:.3g}, cosine "
+                       f"{cosine:.3g}): inf or NaN in the file's or the torch model's output")
+            continue
+        if max_rel > tolerance:
+            out.append(f"output {name!r}: max_rel {max_rel:.3g} > tolerance {tolerance:g}")
+        if cosine < min_cosine:
+            out.append(f"output {name!r}: cosine {cosine:.6f} < min_cosine {min_cosine:g}")
+    return out
+
+
+def verify(path: str | os.PathLike, against: Any, example_inputs: Any = None, format: str | None = None, *,
+           tolerance: float | None = None, min_cosine: float | None = None) -> dict:
     """Run the file at ``path`` (with the exporter's reference runner) and ``against`` (a torch
-    model) on ``example_inputs``; returns error figures (``max_abs``, ``max_rel``, ``cosine``, ...)."""
+    model) on ``example_inputs``; returns error figures (``max_abs``, ``max_rel``, ``cosine``, ...)
+    plus ``passed`` (bool) and ``failures`` (texts), judged per output by
+    :func:`verification_failures` (``tolerance``: largest ``max_rel``, default 0.05;
+    ``min_cosine``: default 0.99; any inf or NaN fails). The file is only read."""
     entry = _registry().get("exporter", format) if format else exporter_for_path(path)
     if not entry.obj.can_verify:
         raise ConfigError(f"exporter {entry.name!r} cannot verify files")
+    for name, value, low, high in (("tolerance", tolerance, 0.0, float("inf")), ("min_cosine", min_cosine, -1.0, 1.0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not low <= value <= high):
+            raise ConfigError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}", name)
     with plugin_code(entry.obj):
-        return entry.obj.verify(path, against, example_inputs=example_inputs)
+        figures = dict(entry.obj.verify(path, against, example_inputs=example_inputs))
+    failures = verification_failures(figures, tolerance, min_cosine)
+    figures.update(passed=not failures, failures=failures)
+    return figures

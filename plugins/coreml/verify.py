@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -71,6 +72,34 @@ def _named_inputs(program, example_inputs: Any) -> tuple[dict[str, torch.Tensor]
     return {n: _tensor(v) for n, v in zip(names, values)}, False
 
 
+@contextmanager
+def _read_only(path: str | os.PathLike) -> Iterator[None]:
+    """Leave the package as it was: coremltools' package reader rewrites ``Manifest.json`` (same
+    bytes, new timestamp) when it opens a package; its bytes and times are put back."""
+    manifest = os.path.join(os.fspath(path), "Manifest.json")
+    try:
+        before = os.stat(manifest)
+        with open(manifest, "rb") as fh:
+            content = fh.read()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            after = os.stat(manifest)
+            if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size):
+                with open(manifest, "rb") as fh:
+                    changed = fh.read() != content
+                if changed:
+                    with open(manifest, "wb") as fh:
+                        fh.write(content)
+                os.utime(manifest, ns=(before.st_atime_ns, before.st_mtime_ns))
+        except OSError:
+            pass
+
+
 def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_inputs: Any = None) -> dict:
     """Run the package at ``path`` and ``against`` on the same inputs; return the worst figures.
 
@@ -86,7 +115,8 @@ def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_in
 
     import_coremltools()
     check_package(path)
-    program = load_program(os.fspath(path))
+    with _read_only(path):
+        program = load_program(os.fspath(path))
     inputs, keywords = _named_inputs(program, example_inputs)
     func = program.functions["main"]
     # Each input with its own dtype: the runner gets the declared one (int32 token ids, fp32...),
