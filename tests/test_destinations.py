@@ -460,3 +460,54 @@ def test_verify_fails_loudly_on_a_miss_and_on_non_finite_outputs(tmp_path, monke
                              "--tolerance", "1e-9", "--min-cosine", "0.9")
     assert status == 3 and "max_rel" in err and "tolerance 1e-09" in err, err
     assert manifest.stat().st_mtime_ns == stamp
+
+
+# -- clear errors and warnings instead of silent results or crashes ----------------------------
+
+def test_a_weight_threshold_above_every_layer_warns(recwarn):
+    from quanta._run.preflight import NothingQuantizedWarning
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    with pytest.warns(NothingQuantizedWarning, match=r"no layer will be quantized.*largest layer has 256 elements"):
+        quanta.quantize(model, {"global_config": {"dtype": "int8", "weight_threshold": 10**9}})
+
+
+def test_an_empty_recipe_file_is_refused(tmp_path):
+    empty = tmp_path / "recipe.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(quanta.ConfigError, match="recipe.yaml' is empty"):
+        quanta.load_recipe(empty)
+    with pytest.raises(quanta.ConfigError, match="is empty"):
+        quanta.quantize(torch.nn.Linear(4, 4), empty)
+
+
+def test_a_huge_calibration_nsamples_reads_all_the_data():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    data = [torch.randn(2, 16) for _ in range(3)]
+    with pytest.warns(UserWarning, match="3 batch"):
+        q = quanta.quantize(model, {"algorithm": "gptq", "calibration_nsamples": 10**30,
+                                    "global_config": {"dtype": "int8"}}, data=data)
+    assert len(quanta.records(q)) == 1
+
+
+def test_non_utf8_text_data_is_a_clear_error(tmp_path):
+    from quanta._files.sources import SourceError, load_data
+
+    bad = tmp_path / "calib.txt"
+    bad.write_bytes(b"a fine line\n\xff\xfe not utf-8\n")
+    with pytest.raises(SourceError, match=r"calib.txt' is not UTF-8 text: byte 12 \(line 2\)"):
+        load_data(str(bad))
+
+
+@pytest.mark.slow
+def test_text_data_with_the_shipped_decoder(tmp_path):
+    """``data: calib.txt`` with ``model: tiny-llama`` (what ``quanta quantize`` loads): its tokenizer
+    has no padding token, so the model config's pad_token_id pads; the batches fit the model."""
+    from quanta._files.sources import load_data, load_model
+    from quanta._run.data_checks import check_calibration_data
+
+    (tmp_path / "calib.txt").write_text("The cat sat on the mat.\nA much longer second line of calibration text.\n")
+    source = load_model("tiny-llama")
+    (batch,) = load_data(str(tmp_path / "calib.txt"), source)
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
+    check_calibration_data(source.model, [batch])

@@ -270,10 +270,21 @@ def _positive(options: Mapping, name: str, default: int | None, key: str) -> int
     return value
 
 
+def _read_utf8(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise SourceError(f"{str(path)!r} is not UTF-8 text: byte {exc.start} (line {line}) is "
+                          f"{exc.object[exc.start:exc.start + 1]!r} ({exc.reason}); save the file as UTF-8", key) from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {str(path)!r}: {exc.strerror or exc}", key) from None
+
+
 def _read_texts(path: Path, field: str, key: str) -> list[str]:
     if path.suffix in _JSONL_SUFFIXES:
         texts = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(_read_utf8(path, key).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -289,10 +300,25 @@ def _read_texts(path: Path, field: str, key: str) -> list[str]:
                 raise SourceError(f"{str(path)!r} line {n} has no string field {field!r} (found: {found}); "
                                   "set data.field", key)
         return texts
-    return [line for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in _read_utf8(path, key).splitlines() if line.strip()]
 
 
-def _tokenize(texts: list[str], tokenizer_dir: str | None, options: Mapping, key: str) -> list:
+def _set_padding(tokenizer, model: Any) -> bool:
+    """Give ``tokenizer`` a padding token if it has none: its end-of-text token, else the model
+    config's ``pad_token_id``. False when neither exists (then samples are not padded)."""
+    if tokenizer.pad_token is not None:
+        return True
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        return True
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if isinstance(pad_id, int) and 0 <= pad_id < len(tokenizer):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+        return tokenizer.pad_token is not None
+    return False
+
+
+def _tokenize(texts: list[str], tokenizer_dir: str | None, options: Mapping, key: str, model: Any = None) -> list:
     if tokenizer_dir is None:
         raise SourceError("text data needs a tokenizer, and the model directory has none: "
                           "add `tokenizer: DIR` (a folder with tokenizer files) under data", key)
@@ -303,10 +329,10 @@ def _tokenize(texts: list[str], tokenizer_dir: str | None, options: Mapping, key
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as exc:
         raise SourceError(f"cannot load a tokenizer from {tokenizer_dir!r}: {type(exc).__name__}: {exc}", key) from exc
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     max_length = _positive(options, "max_length", 128, key)
     batch_size = _positive(options, "batch_size", 8, key)
+    if not _set_padding(tokenizer, model):
+        batch_size = 1  # no padding token anywhere: one unpadded sample per batch
     return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt"))
             for i in range(0, len(texts), batch_size)]
@@ -368,7 +394,7 @@ def load_data(ref: Any, source: ModelSource | None = None, key: str = "data") ->
             if not texts:
                 raise SourceError(f"{text!r} holds no text", key)
             tok = options.get("tokenizer") or (source.tokenizer_dir if source else None)
-            return _tokenize(texts[:nsamples or 128], tok, options, key)
+            return _tokenize(texts[:nsamples or 128], tok, options, key, source.model if source else None)
         raise SourceError(f"{text!r}: unknown data file type {path.suffix!r} (allowed: .txt, .jsonl, "
                           ".safetensors, or 'module:function')", key)
     if _is_callable_ref(text) or "factory" in options:

@@ -203,7 +203,11 @@ def load_recipe(source: Any, *, algorithm: str | None = None) -> Recipe:
     if isinstance(source, Recipe):
         return source if algorithm is None or algorithm == source.algorithm else attrs.evolve(source, algorithm=algorithm)
     if isinstance(source, (str, os.PathLike)):
-        return _from_dict(read_yaml_mapping(source), algorithm)
+        data = read_yaml_mapping(source)
+        if not data:  # an empty file is a mistake (a wrong path, a failed write), never "all defaults"
+            raise ConfigError(f"recipe file {os.fspath(source)!r} is empty; write at least one setting, e.g. "
+                              "`global_config: {weight_dtype: int8}` (pass {} in Python for all defaults)")
+        return _from_dict(data, algorithm)
     if source is None:
         return _from_dict({}, algorithm)
     if hasattr(source, "as_dict") and callable(source.as_dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 import warnings
 from typing import Any, Mapping
@@ -125,7 +126,8 @@ def materialize_data(data: Any, limit: int | None) -> list | None:
     except TypeError:
         raise ConfigError(f"calibration data must be an iterable of batches (a list or DataLoader of tensors, "
                           f"tuples or dicts), got {type(data).__name__}", "data") from None
-    return list(it if limit is None else itertools.islice(it, limit))
+    # A limit past what islice takes (calibration_nsamples: 1e30) reads everything, as None does.
+    return list(it if limit is None or limit >= sys.maxsize else itertools.islice(it, limit))
 
 
 def _algorithms(recipe: Recipe):

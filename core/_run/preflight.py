@@ -9,12 +9,34 @@ it in its ``validate`` (``quanta._run.model_checks.check_device``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 from quanta._run.data_checks import check_batches, check_data_container
 from quanta._run.model_checks import check_device, check_units
 
-__all__ = ["check_run"]
+__all__ = ["check_run", "warn_if_nothing_selected", "NothingQuantizedWarning"]
+
+
+class NothingQuantizedWarning(UserWarning):
+    """The recipe selects no layer: the run would return the model with every weight still float."""
+
+
+def warn_if_nothing_selected(plan) -> None:
+    """Warn (:class:`NothingQuantizedWarning`) when ``plan`` quantizes no layer, saying why: a
+    ``weight_threshold`` above every layer's size (naming the largest), or the skip reasons."""
+    if plan.selected or not plan.layers:
+        return
+    reasons = [layer.reason for layer in plan.layers]
+    if all("weight_threshold" in r for r in reasons):
+        sizes = [int(r.split(" elements", 1)[0]) for r in reasons if r.split(" elements", 1)[0].isdigit()]
+        largest = f" (the largest layer has {max(sizes)} elements)" if sizes else ""
+        why = f"the weight_threshold is above every layer's size{largest}; lower it"
+    else:
+        shown = "; ".join(f"{layer.name!r}: {layer.reason}" for layer in plan.layers[:3])
+        why = f"every layer is skipped ({shown}{'; ...' if len(plan.layers) > 3 else ''}); check the recipe"
+    warnings.warn(f"no layer will be quantized: {why}. The result would hold only float weights",
+                  NothingQuantizedWarning, stacklevel=4)
 
 
 def check_run(model: Any, plan, algorithms: Sequence, data: Any, batches: list | None,
@@ -27,6 +49,7 @@ def check_run(model: Any, plan, algorithms: Sequence, data: Any, batches: list |
     warns (``CalibrationWarning``) when there are fewer batches than ``limit``.
     """
     check_units(plan, model)
+    warn_if_nothing_selected(plan)
     check_device(device)
     if data is None or not any(a.needs_data for a in algorithms):
         return
