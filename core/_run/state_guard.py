@@ -53,8 +53,8 @@ class _CopyBeforeWrite(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        schema = func._schema
-        for i, arg in enumerate(schema.arguments):
+        schema = getattr(func, "_schema", None)
+        for i, arg in enumerate(schema.arguments if schema is not None else ()):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 value = kwargs[arg.name] if arg.name in kwargs else (args[i] if i < len(args) else None)
                 for item in (value if isinstance(value, (list, tuple)) else (value,)):
