@@ -1,5 +1,5 @@
 """Attributing failures to plugins: :func:`plugin_code` wraps calls into plugin code, and
-:func:`fire_event` broadcasts an event hook so that one failing listener cannot stop a run.
+:func:`fire_event` broadcasts an event hook through pluggy (each listener isolated by the registry).
 
 An unexpected exception raised inside a plugin becomes a :class:`~quanta.errors.PluginError`
 naming the plugin's kind, name, distribution and (where known) the layer, with the original
@@ -10,11 +10,10 @@ wrapped.
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from quanta.errors import PluginError, PluginWarning, QuantaError
+from quanta.errors import PluginError, QuantaError
 
 __all__ = ["plugin_code", "fire_event", "plugin_distribution"]
 
@@ -48,18 +47,13 @@ def plugin_code(plugin: Any, layer: str | None = None) -> Iterator[None]:
 
 
 def fire_event(hook_name: str, **kwargs: Any) -> None:
-    """Call every implementation of the event hook ``hook_name`` with ``kwargs``.
+    """Call the event hook ``hook_name`` with ``kwargs`` through pluggy.
 
-    An implementation that raises is reported as a :class:`~quanta.errors.PluginWarning` naming
-    its plugin; the others still run and the caller goes on.
+    The registry registers every event-hook implementation isolated (``quanta.registry``): one
+    that raises is reported as a :class:`~quanta.errors.PluginWarning` naming its plugin; the
+    others still run and the caller goes on. Hook wrappers and ``QUANTA_TRACE_PLUGINS=1``
+    tracing see the call like any pluggy hook call.
     """
     from quanta import registry
 
-    reg = registry.default()
-    caller = getattr(reg.hook, hook_name)  # hook names are ours, from quanta.contracts.hooks
-    for impl in reversed(caller.get_hookimpls()):  # pluggy's own call order
-        try:
-            impl.function(*[kwargs[a] for a in impl.argnames])
-        except Exception as exc:  # isolate: an event listener never stops the run
-            warnings.warn(f"plugin {impl.plugin_name!r} failed in its {hook_name} hook and was skipped: "
-                          f"{type(exc).__name__}: {exc}", PluginWarning, stacklevel=2)
+    getattr(registry.default().hook, hook_name)(**kwargs)  # hook names are ours, from quanta.contracts.hooks
