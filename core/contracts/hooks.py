@@ -29,8 +29,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 REGISTRATION_HOOKS = {kind.hook: kind.name for kind in KINDS.values()}
 #: The event hooks (1:N broadcasts; a failing implementation is skipped with a warning).
 EVENT_HOOKS = ("run_started", "layer_quantized", "run_finished")
-#: Hooks of the ``quanta`` command.
-CLI_HOOKS = ("add_cli_options",)
+#: Hooks of the ``quanta`` command and of recipes: plugin options, example models.
+CLI_HOOKS = ("add_cli_options", "example_models")
 
 
 class Registrar:
@@ -167,4 +167,16 @@ def add_cli_options(command: str, group: argparse._ArgumentGroup) -> None:
     --help``, which loads no plugin). For ``export``, the value of every option a plugin adds
     (when given) is passed to the exporter as the option named by its ``dest``.
     Return values are ignored.
+    """
+
+
+@hookspec
+def example_models() -> dict[str, Callable[[], Any]]:
+    """Offer example models by name: a recipe's ``model: <name>``, ``quanta quantize --model <name>``.
+
+    Returns a mapping of name -> a function with no arguments returning an example: an object
+    with ``model`` (the ``torch.nn.Module``), ``data`` (calibration batches or None),
+    ``example_inputs``, ``tokenizer_dir`` and ``evaluate`` (``quanta.examples.Example``).
+    Fires whenever a name is resolved; build nothing until the function is called. The
+    built-in examples (``minilm``, ``digits``, ``tiny-llama``) come from ``quanta.examples``.
     """
