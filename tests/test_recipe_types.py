@@ -187,3 +187,12 @@ def test_no_control_flow_on_message_text():
         for pattern in (r"reason\.startswith\(", r"reason [!=]= \"", r"str\(exc\)\.split\(", r"message\.startswith\("):
             offenders += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert offenders == []
+
+
+def test_saved_specs_read_plugin_options_through_the_same_structuring():
+    from quanta._files.saved_format import SavedModelError, spec_from_json
+
+    spec = spec_from_json({"scheme": "symmetric", "scheme_config": {"version": 1, "grid": "full"}}, "0.weight")
+    assert spec.scheme_config.grid == "full"
+    with pytest.raises(SavedModelError, match=r"unknown option 'gird' for scheme 'symmetric'.*did you mean 'grid'"):
+        spec_from_json({"scheme": "symmetric", "scheme_config": {"gird": "full"}}, "0.weight")
