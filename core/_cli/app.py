@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     process's command (``argv`` None) that lasts until the process ends, called in-process the
     previous handlers are restored on return.
     """
-    args = build_parser().parse_args(argv)  # usage errors exit 2 with argparse's own one line
+    standalone = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)  # usage errors exit 2 with argparse's own one line
     debug = getattr(args, "debug", False) or os.environ.get("QUANTA_DEBUG", "").strip().lower() in ("1", "true", "yes")
     console = Console(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -92,6 +94,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         return _status(exc, console)
     finally:
-        if argv is not None:  # called in-process: give the caller its handlers back
+        if not standalone:  # called in-process: give the caller its handlers back
             for signum, handler in saved.items():
                 signal.signal(signum, handler)

@@ -15,8 +15,6 @@ from typing import Any
 
 import yaml
 
-from quanta._files.kinds import not_regular_message
-
 from quanta.errors import ConfigError, did_you_mean
 
 __all__ = ["StrictLoader", "read_yaml", "read_yaml_mapping", "require_mapping", "reject_unknown_keys"]
@@ -49,9 +47,9 @@ def read_yaml(path: str | os.PathLike, what: str = "recipe file") -> Any:
     error or a duplicate key.
     """
     path = Path(path)
-    special = not_regular_message(path, what)
-    if special:
-        raise ConfigError(special)
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/zero, a FIFO: reading never ends
+        raise ConfigError(f"{what} {str(path)!r} is not a regular file (a device, pipe or socket); give the path "
+                          "of a YAML file")
     if not path.is_file():
         kind = "a folder" if path.is_dir() else "missing"
         raise ConfigError(f"{what} {str(path)!r} is {kind}; pass the path of a YAML file")
