@@ -143,20 +143,33 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
 
 
 class _Tensors:
-    """Memory-mapped reads of a checkpoint's tensors, one open handle per shard."""
+    """Reads of a checkpoint's tensors from memory-mapped safetensors files. Files are opened for
+    one :meth:`reading` block and closed after it, so the pages read for a block leave the
+    process's memory with it."""
 
     def __init__(self, source: CheckpointSource, dtype: torch.dtype):
         self.source, self.dtype = source, dtype
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator["_Tensors"]:
+        self._handles = {}
+        try:
+            yield self
+        finally:
+            self._handles = None  # safe_open handles unmap their file when dropped
 
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
+        if self._handles is None:
+            raise RuntimeError("_Tensors.get outside reading()")
         name = self.source.weight_map[key]
         if name not in self._handles:
             self._handles[name] = safe_open(str(self.source.path / name), "pt")
         t = self._handles[name].get_tensor(key)
-        return t.to(self.dtype) if t.is_floating_point() else t
+        # A copy in the compute dtype: nothing keeps a view of the mapped file.
+        return t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
 
 
 @contextlib.contextmanager
@@ -178,6 +191,23 @@ def _params_on_meta() -> Iterator[None]:
 
 def _materialize(module: nn.Module, prefix: str, tensors: _Tensors) -> None:
     """Fill ``module``'s meta parameters (and stored buffers) from the checkpoint, keys ``prefix + name``."""
+    with tensors.reading():
+        _fill(module, prefix, tensors)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+
+
+def _release(module: nn.Module) -> None:
+    """Put ``module``'s parameters back on the ``meta`` device (their memory is freed)."""
+    for sub in module.modules():
+        for pname, param in list(sub._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                sub._parameters[pname] = nn.Parameter(param.detach().to("meta"), requires_grad=False)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+
+
+def _fill(module: nn.Module, prefix: str, tensors: _Tensors) -> None:
     for mname, sub in module.named_modules():
         base = f"{prefix}{mname}." if mname else prefix
         for pname, param in list(sub._parameters.items()):
@@ -545,8 +575,6 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
     for i, s in enumerate(stand_ins):
         blocks[i] = s
     _materialize(model, "", tensors)  # everything outside the blocks
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     left = _meta_left(model)
     if left:
         raise ModelError(f"checkpoint {str(ckpt.path)!r} lacks tensor {left[0]!r}")
@@ -568,6 +596,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
             acts.set(i, args[0])
             kwargs_of.append({"_quanta_extra_args": tuple(args[1:]), **kwargs})
         first.captured.clear()
+        _release(model)  # the layers outside the blocks are read again for the last pass
         if state["done"]:  # resume: the next block's inputs as the last run left them
             from safetensors.torch import load_file
 
@@ -624,6 +653,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
 
         # The layers outside the blocks, by one pass in which the first stand-in replays the last
         # block's outputs (the in-memory gptq's final pass computes exactly these).
+        _materialize(model, "", tensors)
         if needs_data:
             first.replay = {}
             structure = state.get("_last_structure", "tensor")
