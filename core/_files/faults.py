@@ -5,7 +5,8 @@ named point. Points: ``model-file-written`` (the CLI's model file is complete in
 path, not yet renamed), ``package-staged`` (an exported package is complete in its staging folder,
 not yet swapped in), ``model-dir-staged`` (a ``quanta.save`` directory is complete in its staging
 folder, not yet swapped in), ``staging-cleanup`` (a staging folder is about to be removed
-after a failure or Ctrl-C). Unset (always, outside tests) it does nothing. It changes no behaviour besides
+after a failure or Ctrl-C), ``block-checkpointed`` (an out-of-core run kept a finished block in its
+checkpoint directory). Unset (always, outside tests) it does nothing. It changes no behaviour besides
 the pause: a test interrupting during it checks the real write path.
 """
 
