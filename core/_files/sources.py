@@ -324,7 +324,7 @@ def load_data(ref: Any, source: ModelSource | None = None, key: str = "data") ->
             if not texts:
                 raise SourceError(f"{text!r} holds no text", key)
             tok = options.get("tokenizer") or (source.tokenizer_dir if source else None)
-            return _tokenize(texts[:nsamples or 128], tok, options, key, source.model if source else None)
+            return _tokenize(texts[:nsamples or 128], tok, options, key, getattr(source, "model", None))
         raise SourceError(f"{text!r}: unknown data file type {path.suffix!r} (allowed: .txt, .jsonl, "
                           ".safetensors, or 'module:function')", key)
     if _is_callable_ref(text) or "factory" in options:
