@@ -181,8 +181,14 @@ def _cmd_quantize(args, console: Console) -> int:
         console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
         if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
-            print(f"verified {written} against the quantized torch model on the example inputs: "
-                  f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}")
+            figures = f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}"
+            if not f.get("within_tolerance", True):  # "verified" means within the exporter's tolerance
+                console.error(f"{written} does NOT match the quantized torch model on the example inputs: {figures} "
+                              f"(tolerance: cosine >= {f.get('min_cosine')}); the package was written but is "
+                              "not verified")
+                return 1  # EXIT_INTERNAL: the export, not the user's recipe, fell short
+            within = f" (tolerance: cosine >= {f['min_cosine']})" if "min_cosine" in f else ""
+            print(f"verified {written} against the quantized torch model on the example inputs: {figures}{within}")
     return 0
 
 

@@ -12,6 +12,7 @@ import copy
 import inspect
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,13 @@ from quanta.record import records as _records
 
 from . import metadata, targets, torch_ops
 from .ct_import import import_coremltools
+from .overflow import find_fp16_overflow
 from .inputs import ExampleInputs, KeywordInputs, core_ml_dtype, example_inputs as normalize_inputs
 
 __all__ = ["CoreMLExporter", "CoreMLExportConfig", "stored_weights", "has_activation_quantization",
            "conversion_pass_pipeline", "core_ml_inputs", "max_sequence_length"]
 
-_PRECISIONS = ("float16", "float32")
+_PRECISIONS = ("auto", "float16", "float32")
 #: coremltools 9.0 pass that rewrites dequantize(s1) -> reshape -> quantize(s2) into a bare
 #: reshape without checking s1 == s2: wrong numbers for W8A8 models (COREML_FACTS.md).
 UNSAFE_PASSES = ("common::int_op_canonicalization",)
@@ -48,7 +50,9 @@ class CoreMLExportConfig:
         default=None, converter=targets.parse_target,
         metadata={"doc": "ct.target or 'iOS16'/'iOS17'/'iOS18'/'macOS13'..; None = lowest that fits the model"})
     compute_precision: str = attrs.field(
-        default="float16", metadata={"doc": "'float16' (Core ML default) or 'float32' (fp32 activations and scales)"})
+        default="auto", metadata={"doc": "'auto': float16, or float32 when the float16 program overflows on the example "
+                                         "inputs (a warning says so); 'float16' (an overflow is refused); 'float32' "
+                                         "(fp32 activations and scales)"})
     check_codes: bool = attrs.field(
         default=True, metadata={"doc": "read the saved file back and raise unless every stored code equals quanta's"})
     input_names: tuple[str, ...] | None = attrs.field(
@@ -272,12 +276,18 @@ class CoreMLExporter(Exporter):
         ct_outputs = None
         if len(set(wrapper.output_names)) == len(wrapper.output_names) and not taken & set(wrapper.output_names):
             ct_outputs = [ct.TensorType(name=n) for n in wrapper.output_names]  # "logits", "last_hidden_state"
-        precision = ct.precision.FLOAT16 if cfg.compute_precision == "float16" else ct.precision.FLOAT32
-        mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
-                             minimum_deployment_target=target, compute_precision=precision,
-                             pass_pipeline=conversion_pass_pipeline())
-        mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
-        mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
+
+        def convert(precision: str):
+            mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
+                                 minimum_deployment_target=target,
+                                 compute_precision=getattr(ct.precision, precision.upper()),
+                                 pass_pipeline=conversion_pass_pipeline())
+            mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
+            mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
+            return mlmodel
+
+        precision = "float32" if cfg.compute_precision == "float32" else "float16"
+        mlmodel = convert(precision)
         # Saved into a staging folder and swapped in: the old package (or the user's folder) survives
         # any failure or Ctrl-C, and a package failing the code check is never put in place.
         with atomic_dir(path, overwrite=overwrite) as staging:
@@ -285,6 +295,19 @@ class CoreMLExporter(Exporter):
             mlmodel.save(str(written))
             if cfg.check_codes and recs:
                 check_stored_codes(str(written), recs)
+            if precision == "float16":
+                overflow = find_fp16_overflow(written, model, example_inputs)
+                if overflow is not None and cfg.compute_precision == "float16":
+                    raise ConfigError(f"{overflow.describe()}; nothing was written. Export with "
+                                      "compute_precision: float32 (or auto, the default, which does so)",
+                                      "compute_precision")
+                if overflow is not None:
+                    warnings.warn(f"{overflow.describe()}: exported with compute_precision float32 instead "
+                                  "(fp32 activations; set compute_precision to silence this)", stacklevel=2)
+                    shutil.rmtree(written)
+                    convert("float32").save(str(written))
+                    if cfg.check_codes and recs:
+                        check_stored_codes(str(written), recs)
             for child in list(written.iterdir()):
                 child.rename(staging / child.name)
             written.rmdir()
