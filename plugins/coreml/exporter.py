@@ -266,7 +266,7 @@ class CoreMLExporter(Exporter):
         wrapper = KeywordInputs(work, example.names if example.keywords else None, example.bool_positions()).eval()
         metadata.annotate(wrapper)  # the model-level metadata buffer belongs on the traced root
         torch_ops.register()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch_ops.gqa_expanded():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(wrapper, example.traced_tensors(), check_trace=False)
         act_quant = has_activation_quantization(traced)
