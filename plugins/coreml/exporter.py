@@ -34,9 +34,11 @@ from .overflow import find_fp16_overflow
 from .inputs import ExampleInputs, KeywordInputs, core_ml_dtype, example_inputs as normalize_inputs
 
 __all__ = ["CoreMLExporter", "CoreMLExportConfig", "stored_weights", "has_activation_quantization",
-           "conversion_pass_pipeline", "core_ml_inputs", "max_sequence_length"]
+           "conversion_pass_pipeline", "core_ml_inputs", "max_sequence_length", "is_token_model"]
 
 _PRECISIONS = ("auto", "float16", "float32")
+#: The largest batch of a flexible batch dimension (``flexible_batch: true``): ML programs need a bound.
+MAX_FLEXIBLE_BATCH = 64
 #: coremltools 9.0 pass that rewrites dequantize(s1) -> reshape -> quantize(s2) into a bare
 #: reshape without checking s1 == s2: wrong numbers for W8A8 models (COREML_FACTS.md).
 UNSAFE_PASSES = ("common::int_op_canonicalization",)
@@ -59,16 +61,22 @@ class CoreMLExportConfig:
         default=None, converter=attrs.converters.optional(tuple),
         metadata={"doc": "names of positional model inputs (default: the forward() argument names; "
                          "a dict of example inputs is named by its keys)"})
-    flexible_sequence_length: bool | int = attrs.field(
-        default=False,
-        metadata={"doc": "False: fixed input shapes; True: axis 1 of every input ranges over 1.."
+    flexible_sequence_length: bool | int | str = attrs.field(
+        default="auto",
+        metadata={"doc": "'auto': flexible for a token model (integer inputs, a config.max_position_embeddings), "
+                         "else fixed; False: fixed input shapes; True: axis 1 of every input ranges over 1.."
                          "config.max_position_embeddings (ct.RangeDim); an int: that upper bound"})
+    flexible_batch: bool | int | str = attrs.field(
+        default="auto",
+        metadata={"doc": "'auto': flexible for a token model (as flexible_sequence_length), else fixed; False: the "
+                         "example's batch size; True: axis 0 of every input ranges over 1..64 (Core ML needs "
+                         "a bound); an int: 1..that"})
 
     @flexible_sequence_length.validator
-    def _check_flexible(self, _attr, value):
-        if not isinstance(value, bool) and not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"must be true, false or a positive maximum length, got {value!r}",
-                              "flexible_sequence_length")
+    @flexible_batch.validator
+    def _check_flexible(self, attribute, value):
+        if value != "auto" and not isinstance(value, bool) and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"must be 'auto', true, false or a positive maximum, got {value!r}", attribute.name)
 
     @compute_precision.validator
     def _check_precision(self, _attr, value):
@@ -109,13 +117,32 @@ def max_sequence_length(model) -> int | None:
     return None
 
 
+def is_token_model(model, example: ExampleInputs) -> bool:
+    """Whether ``model`` takes token ids: every example input is an integer or bool tensor of rank
+    2 or more (ids, masks) and the model's config gives a maximum sequence length."""
+    return (max_sequence_length(model) is not None and all(
+        t.dim() >= 2 and (t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()))
+        for t in example.tensors))
+
+
 def core_ml_inputs(model, example: ExampleInputs, cfg: "CoreMLExportConfig") -> list:
     """``ct.TensorType`` per example input: its name, Core ML dtype (int32 for token ids) and shape,
-    with a ``ct.RangeDim`` on axis 1 (the sequence) when ``flexible_sequence_length`` is set."""
+    with a ``ct.RangeDim`` on axis 1 (the sequence) when ``flexible_sequence_length`` is set and on
+    axis 0 (the batch) when ``flexible_batch`` is ('auto': both for a token model)."""
     ct = import_coremltools()
 
     shapes = [tuple(int(d) for d in t.shape) for t in example.tensors]
+    token_model = is_token_model(model, example)
     flexible = cfg.flexible_sequence_length
+    if flexible == "auto":
+        flexible = token_model
+    batch = token_model if cfg.flexible_batch == "auto" else cfg.flexible_batch
+    if batch is not False:
+        if any(len(s) < 1 for s in shapes):
+            raise ConfigError("a flexible batch varies axis 0 of every input; a scalar input has none", "flexible_batch")
+        max_rows = MAX_FLEXIBLE_BATCH if batch is True else int(batch)
+        if any(s[0] > max_rows for s in shapes):
+            raise ConfigError(f"the example batch is larger than the maximum {max_rows}", "flexible_batch")
     if flexible is not False:
         upper = flexible if not isinstance(flexible, bool) else max_sequence_length(model)
         if upper is None:
@@ -131,7 +158,11 @@ def core_ml_inputs(model, example: ExampleInputs, cfg: "CoreMLExportConfig") -> 
                               "flexible_sequence_length")
         seq = ct.RangeDim(lower_bound=1, upper_bound=int(upper), default=shapes[0][1])
         shapes = [(s[0], seq, *s[2:]) for s in shapes]
-    return [ct.TensorType(name=n, shape=ct.Shape(shape=s) if flexible is not False else s, dtype=core_ml_dtype(t))
+    if batch is not False:
+        rows = ct.RangeDim(lower_bound=1, upper_bound=max_rows, default=shapes[0][0])
+        shapes = [(rows, *s[1:]) for s in shapes]
+    flexible_any = flexible is not False or batch is not False
+    return [ct.TensorType(name=n, shape=ct.Shape(shape=s) if flexible_any else s, dtype=core_ml_dtype(t))
             for n, s, t in zip(example.names, shapes, example.tensors)]
 
 
