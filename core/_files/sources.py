@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import attrs
 import torch
 
+from quanta._run.calibration import take_samples
 from quanta.errors import ConfigError, did_you_mean
 
 __all__ = ["ModelSource", "load_model", "load_data", "import_callable", "SourceError"]
@@ -373,6 +374,6 @@ def load_data(ref: Any, source: ModelSource | None = None, key: str = "data") ->
             raise SourceError(f"{text!r} raised {type(exc).__name__}: {exc}", key) from exc
         if not batches:
             raise SourceError(f"{text!r} returned no batches", key)
-        return batches[:nsamples] if nsamples else batches
+        return take_samples(batches, nsamples)  # samples are rows, as for files: whole batches until nsamples
     raise SourceError(f"no file {text!r} (in {os.getcwd()}) and not 'module:function'; expected a text/JSONL/"
                       "safetensors file or 'module:function'", key)

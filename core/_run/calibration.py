@@ -2,6 +2,13 @@
 
 A calibration item is a tensor (one positional input), a tuple or list (positional inputs)
 or a mapping (keyword inputs, e.g. a Hugging Face tokenizer's batch).
+
+**Samples.** Everywhere in quanta a *sample* is one row of a batch (one text, one image, one
+sequence: the batch's leading dimension, :func:`count_samples`), and a batch holds one or
+more samples. ``data: {nsamples: 128, batch_size: 8}`` reads 128 texts in 16 batches;
+``calibration_nsamples: 128`` (gptq) and ``nsamples`` (calibrate) read whole batches until
+they have 128 samples (:func:`take_samples`). ``quanta.compat`` keeps coremltools' meaning
+(``calibration_nsamples`` dataloader items).
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["call_model", "to_device"]
+__all__ = ["call_model", "to_device", "count_samples", "take_samples"]
 
 
 def call_model(model: Any, batch: Any):
@@ -32,3 +39,27 @@ def to_device(obj: Any, device) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
+
+
+def count_samples(batch: Any) -> int:
+    """The samples in one calibration item: the leading dimension of its first tensor (1 for a
+    0-d tensor or an item without tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, (torch.Tensor, Mapping, tuple, list)):
+            return count_samples(value)
+    return 1
+
+
+def take_samples(batches, n: int | None) -> list:
+    """Whole batches from ``batches`` until they hold at least ``n`` samples (all when None, or
+    when there are fewer). Reads no further than needed (a generator is left after the last)."""
+    out, seen = [], 0
+    for batch in batches:
+        if n is not None and seen >= n:
+            break
+        out.append(batch)
+        seen += count_samples(batch)
+    return out

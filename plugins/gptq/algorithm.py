@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quanta
-from quanta._run.calibration import call_model, to_device
+from quanta._run.calibration import call_model, take_samples, to_device
 from quanta.errors import ConfigError, QuantizationError
 from quanta._run.model_checks import check_device
 from quanta.contracts import Algorithm
@@ -56,7 +56,8 @@ def _doc(text: str) -> dict:
 class GPTQConfig:
     """Options of the ``gptq`` algorithm (coremltools' names where they exist)."""
 
-    calibration_nsamples: int = attrs.field(default=128, metadata=_doc("calibration samples (batches) used"))
+    calibration_nsamples: int = attrs.field(default=128, metadata=_doc(
+        "calibration samples (rows of the batches; whole batches are read until there are this many)"))
     hessian_dampening: float = attrs.field(default=0.01, metadata=_doc("dampening as a fraction of mean(diag(H))"))
     processing_group_size: int = attrs.field(default=128, metadata=_doc("columns per lazy batch update"))
     use_activation_order_heuristic: bool = attrs.field(
@@ -241,7 +242,7 @@ class GPTQ(Algorithm):
     global_types = {"torch": ("Conv2d", "Linear")}
 
     def max_batches(self) -> int:
-        """``calibration_nsamples``: GPTQ reads at most that many batches."""
+        """``calibration_nsamples``: GPTQ reads at most that many batches (each holds one sample or more)."""
         return self.config.calibration_nsamples
 
     def validate(self, plan, recipe) -> None:
@@ -439,11 +440,7 @@ def _nbytes(obj) -> int:
 
 
 def _take(data, n: int) -> list:
-    out = []
-    for sample in data:
-        out.append(sample)
-        if len(out) >= n:
-            break
+    out = take_samples(data, n)  # whole batches until n samples (rows)
     if not out:
         raise ConfigError("calibration data is empty", "data")
     return out
