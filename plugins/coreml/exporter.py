@@ -29,7 +29,7 @@ from quanta._files.faults import fault_delay
 from quanta.record import records as _records
 
 from . import metadata, targets, torch_ops
-from .ct_import import import_coremltools
+from .ct_import import import_coremltools, quiet_conversion
 from .overflow import find_fp16_overflow
 from .inputs import ExampleInputs, KeywordInputs, core_ml_dtype, example_inputs as normalize_inputs
 
@@ -55,6 +55,8 @@ class CoreMLExportConfig:
         default="auto", metadata={"doc": "'auto': float16, or float32 when the float16 program overflows on the example "
                                          "inputs (a warning says so); 'float16' (an overflow is refused); 'float32' "
                                          "(fp32 activations and scales)"})
+    verbose: bool = attrs.field(
+        default=False, metadata={"doc": "show coremltools' progress bars and log lines while converting"})
     check_codes: bool = attrs.field(
         default=True, metadata={"doc": "read the saved file back and raise unless every stored code equals quanta's"})
     input_names: tuple[str, ...] | None = attrs.field(
@@ -309,10 +311,11 @@ class CoreMLExporter(Exporter):
             ct_outputs = [ct.TensorType(name=n) for n in wrapper.output_names]  # "logits", "last_hidden_state"
 
         def convert(precision: str):
-            mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
-                                 minimum_deployment_target=target,
-                                 compute_precision=getattr(ct.precision, precision.upper()),
-                                 pass_pipeline=conversion_pass_pipeline())
+            with quiet_conversion(cfg.verbose):
+                mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
+                                     minimum_deployment_target=target,
+                                     compute_precision=getattr(ct.precision, precision.upper()),
+                                     pass_pipeline=conversion_pass_pipeline())
             mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
             mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
             return mlmodel
