@@ -82,7 +82,8 @@ def _recipe_and_model(args, console: Console):
     if ref is None:
         raise ConfigError("the recipe names no model: add `model: minilm` (an example), a model directory or "
                           "`module:function`, or pass --model", "model")
-    console.info(f"loading model {ref!s} ...")
+    shown = next((ref[k] for k in ("path", "factory", "example") if ref.get(k)), ref) if isinstance(ref, dict) else ref
+    console.info(f"loading model {shown!s} ...")
     return recipe, _load_model(ref, "--model" if args.model else "model")
 
 
