@@ -234,3 +234,20 @@ def test_loading_line_prints_the_model_reference_not_a_dict(tmp_path, capsys):
     assert main(["plan", str(recipe)]) == 0
     err = capsys.readouterr().err
     assert "loading model quanta.examples.own_model:build ..." in err and "{" not in err
+
+
+def test_a_plugin_offers_an_example_model(register_plugin):
+    from quanta.examples import Example
+
+    class TwoLayers:
+        @quanta.hookimpl
+        def example_models(self):
+            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            return {"two-layers": lambda: Example(name="two-layers", model=model, data=[torch.randn(4, 8)],
+                                                  example_inputs=(torch.randn(1, 8),), evaluate=lambda f, q: "")}
+
+    register_plugin(TwoLayers())
+    source = load_model("two-layers")
+    assert source.kind == "example" and source.rebuild == {"example": "two-layers"}
+    with pytest.raises(SourceError, match=r"did you mean 'two-layers'"):
+        load_model("two-layer")

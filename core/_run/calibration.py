@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from quanta._files.samples import count_samples, take_samples  # noqa: F401 - re-exported: data and algorithms share them
+
 __all__ = ["call_model", "to_device", "count_samples", "take_samples"]
 
 
@@ -40,26 +42,3 @@ def to_device(obj: Any, device) -> Any:
         return type(obj)(to_device(v, device) for v in obj)
     return obj
 
-
-def count_samples(batch: Any) -> int:
-    """The samples in one calibration item: the leading dimension of its first tensor (1 for a
-    0-d tensor or an item without tensors)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for value in values:
-        if isinstance(value, (torch.Tensor, Mapping, tuple, list)):
-            return count_samples(value)
-    return 1
-
-
-def take_samples(batches, n: int | None) -> list:
-    """Whole batches from ``batches`` until they hold at least ``n`` samples (all when None, or
-    when there are fewer). Reads no further than needed (a generator is left after the last)."""
-    out, seen = [], 0
-    for batch in batches:
-        if n is not None and seen >= n:
-            break
-        out.append(batch)
-        seen += count_samples(batch)
-    return out
