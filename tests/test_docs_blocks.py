@@ -65,17 +65,26 @@ def mlp():
             "recipe": {"global_config": {"dtype": "int8"}}}
 
 
-def tiny_llama():
+def tiny_llama(layers: int = 1):
     """A small random Llama (grouped-query attention: 4 query heads, 2 key/value heads; an
     ``lm_head``) as ``model``, token ids ``x`` [1, 8], and calibration ``batches``."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(1)
     return {"model": model, "x": torch.randint(0, 256, (1, 8), generator=g),
             "batches": [torch.randint(0, 256, (2, 16), generator=g) for _ in range(4)]}
+
+
+def llama_checkpoint():
+    """The :func:`tiny_llama` model saved as a transformers checkpoint at ``path/to/checkpoint``,
+    a ``recipe.yaml`` (int4 RTN) and calibration ``batches``."""
+    names = tiny_llama(layers=2)  # blocks: a ModuleList of layers
+    names["model"].save_pretrained("path/to/checkpoint")
+    Path("recipe.yaml").write_text("global_config: {dtype: int4, granularity: per_block, block_size: 32}\n")
+    return {"batches": names["batches"]}
 
 
 def tiny_llama_quantized():
@@ -160,7 +169,7 @@ def gptq_solver():
             "quantizer": PluginQuantizer(QuantSpec(dtype="int4", granularity="per_block", block_size=128))}
 
 
-FIXTURES = {f.__name__: f for f in (mlp, tiny_llama, tiny_llama_quantized, qat_cnn, quantized_package,
+FIXTURES = {f.__name__: f for f in (mlp, tiny_llama, llama_checkpoint, tiny_llama_quantized, qat_cnn, quantized_package,
                                     float_package, sentence_encoder, gptq_solver)}
 
 
