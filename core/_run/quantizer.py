@@ -21,7 +21,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
 
 from quanta._recipes.recipe import Recipe, load_recipe
 from quanta.errors import ConfigError, QuantizationError
@@ -37,12 +36,9 @@ DEFAULT_ALGORITHM = "qat"
 
 def _recipe(config: Any, algorithm: str | None) -> Recipe:
     if isinstance(config, (str, os.PathLike)):
-        if not os.path.isfile(config):
-            raise ConfigError(f"recipe file {str(config)!r} does not exist")
-        with open(config) as fh:
-            config = yaml.safe_load(fh) or {}
-        if not isinstance(config, Mapping):
-            raise ConfigError("a recipe file must hold a mapping at the top level")
+        from quanta._recipes.yaml_reader import read_yaml_mapping
+
+        config = read_yaml_mapping(config)  # strict: duplicate keys and aliases refused, size bounded
     if algorithm is None and (config is None or isinstance(config, Mapping)):
         data = dict(config or {})
         gc = data.get("global_config")
