@@ -174,7 +174,7 @@ def test_pickle_only_on_request_and_never_read_back(tmp_path, capsys):
     assert main(["export", str(tmp_path / "t.pt"), "-o", str(tmp_path / "t.mlpackage")]) == 2
     assert "does not unpickle" in capsys.readouterr().err
     assert main(["quantize", str(recipe), "-o", str(tmp_path / "t")]) == 0
-    loaded = quanta.load(tmp_path / "t")
+    loaded = quanta.load(tmp_path / "t", factory=f"{tmp_path / 'tinymodel.py'}:build")  # the code: the user's
     assert type(loaded).__name__ == "TinyLM" and len(quanta.records(loaded)) == 2
 
 

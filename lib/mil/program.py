@@ -54,7 +54,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
     check_tree(path, "Core ML package", error)
     manifest = inside(path, "Manifest.json", "file", error)
-    data = read_json(manifest, "Manifest.json", error)
+    def damaged(message: str, name: str | None = None) -> CoreMLPackageError:
+        return error(f"Manifest.json is not a valid package manifest ({message}); the package is damaged: export "
+                     "or convert it again")
+
+    data = read_json(manifest, "the file", damaged)
     entries = data.get("itemInfoEntries") if isinstance(data, dict) else None
     if isinstance(entries, dict):
         for item in entries.values():
