@@ -440,3 +440,21 @@ def test_inconsistent_tied_weights_are_refused(tmp_path, quantized):
     match = r"two records|a record for each" if len(quantized) == 2 else r"differs from this record's values"
     with pytest.raises(SavedModelError, match=match):
         quanta.load(out, Twin(tied=True))
+
+
+def test_example_inputs_with_other_names_are_a_clear_error(tmp_path, qmodel):
+    out = quanta.save(qmodel, tmp_path / "download", example_inputs=torch.randn(1, 16))
+    save_file({"arg.7": torch.zeros(1, 16)}, str(out / "example_inputs.safetensors"))
+    with pytest.raises(SavedModelError, match=r"example inputs must be named arg.0"):
+        quanta._files.saving.load_example_inputs(out)
+
+
+def test_a_hugging_face_cache_snapshot_may_link_to_its_blobs(tmp_path, qmodel):
+    """The one allowed link out: snapshots/<rev>/x -> ../../blobs/<hash>, as huggingface_hub lays out its cache."""
+    repo = tmp_path / "models--me--tiny"
+    snapshot = quanta.save(qmodel, repo / "snapshots" / "abc123")
+    (repo / "blobs").mkdir()
+    shutil.move(str(snapshot / "model.safetensors"), repo / "blobs" / "f00d")
+    (snapshot / "model.safetensors").symlink_to(Path("..") / ".." / "blobs" / "f00d")
+    loaded = quanta.load(snapshot, _net())
+    assert torch.equal(quanta.records(loaded)["0.weight"].codes, quanta.records(qmodel)["0.weight"].codes)

@@ -284,8 +284,14 @@ def load_example_inputs(path: str | os.PathLike) -> tuple | dict | None:
         raise SavedModelError(f"{EXAMPLE_INPUTS_NAME} in {str(path)!r} is not a readable safetensors file: {exc}",
                               EXAMPLE_INPUTS_NAME) from None
     if any(k.startswith("kw.") for k in tensors):
+        if not all(k.startswith("kw.") for k in tensors):
+            raise SavedModelError("example inputs mix keyword (kw.*) and positional (arg.*) tensors", EXAMPLE_INPUTS_NAME)
         return {k[3:]: v for k, v in tensors.items()}
-    return tuple(tensors[f"arg.{i}"] for i in range(len(tensors)))
+    expected = [f"arg.{i}" for i in range(len(tensors))]
+    if sorted(tensors) != sorted(expected):
+        raise SavedModelError(f"example inputs must be named {', '.join(expected[:3])}...; found "
+                              f"{', '.join(sorted(tensors)[:3])}", EXAMPLE_INPUTS_NAME)
+    return tuple(tensors[k] for k in expected)
 
 
 def unrestored_records(model: torch.nn.Module, state_dict: dict) -> list[str]:

@@ -283,6 +283,9 @@ def load_model(ref: Any, key: str = "model", *, factory: Any = None, trust_remot
     if not isinstance(ref, (str, os.PathLike)):
         raise SourceError(f"expected {forms}; got a {type(ref).__name__}", key)
     text = os.fspath(ref)
+    if factory is not None and not Path(text).is_dir():
+        raise SourceError(f"a factory (--factory) builds the model of a directory saved by quanta.save; {text!r} is "
+                          "not a directory", key)
     if text in EXAMPLES:
         example = load_example(text)
         return ModelSource(model=example.model, kind="example", example=example, tokenizer_dir=example.tokenizer_dir,
