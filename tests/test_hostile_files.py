@@ -149,6 +149,8 @@ def test_the_users_factory_or_an_explicit_opt_in_builds_the_model(tmp_path, save
     (tmp_path / "r.yaml").write_text("global_config: {dtype: int8}\n")
     status, err = cli("plan", tmp_path / "r.yaml", "--model", saved, "--factory", "netdef.py:build", cwd=tmp_path)
     assert status == 0, err
+    status, err = cli("plan", tmp_path / "r.yaml", "--model", saved, "--trust-remote-code", cwd=tmp_path)
+    assert status == 0 and "trust_remote_code: importing and calling" in err, err
     # A recipe gives the code the same way: {path: DIR, factory: ...}.
     source = load_model({"path": str(saved), "factory": ref, "kwargs": {"hidden": 8}})
     assert source.kind == "saved" and len(quanta.records(source.model)) == 2
@@ -338,6 +340,12 @@ def test_duplicate_json_keys_are_refused(tmp_path, sharded, where):
                     else text.replace('"weight_map": {', '"weight_map": {"0.bias": "x", ', 1))
     with pytest.raises(SavedModelError, match=r"names the key '(format|0.bias)' twice"):
         quanta.load(sharded, _net())
+
+
+def test_deeply_nested_json_is_a_clear_error(saved):
+    (saved / CONFIG_NAME).write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(SavedModelError, match=r"nested too deeply"):
+        quanta.load(saved, _net())
 
 
 def test_safetensors_header_larger_than_the_file_is_refused(tmp_path, qmodel):
