@@ -285,7 +285,8 @@ def load_example_inputs(path: str | os.PathLike) -> tuple | dict | None:
                               EXAMPLE_INPUTS_NAME) from None
     if any(k.startswith("kw.") for k in tensors):
         if not all(k.startswith("kw.") for k in tensors):
-            raise SavedModelError("example inputs mix keyword (kw.*) and positional (arg.*) tensors", EXAMPLE_INPUTS_NAME)
+            raise SavedModelError("example inputs mix keyword (kw.*) and positional (arg.*) tensors",
+                                  EXAMPLE_INPUTS_NAME)
         return {k[3:]: v for k, v in tensors.items()}
     expected = [f"arg.{i}" for i in range(len(tensors))]
     if sorted(tensors) != sorted(expected):
