@@ -67,7 +67,7 @@ def _call(fn: Callable, ref: str, kwargs: dict, where: str) -> torch.nn.Module:
 
 
 def _user_factory(factory: Any, rebuild: dict) -> torch.nn.Module:
-    from quanta._files.sources import import_callable
+    from quanta._files.references import import_callable
 
     if callable(factory):
         ref, fn = getattr(factory, "__qualname__", repr(factory)), factory
@@ -80,7 +80,7 @@ def _user_factory(factory: Any, rebuild: dict) -> torch.nn.Module:
 
 
 def _recorded_factory(path: Path, rebuild: dict, trust_remote_code: bool) -> torch.nn.Module:
-    from quanta._files.sources import import_callable
+    from quanta._files.references import import_callable
 
     factory, kwargs = rebuild.get("factory"), rebuild.get("kwargs") or {}
     if not isinstance(factory, str) or not isinstance(kwargs, dict):
@@ -163,12 +163,9 @@ def rebuild_model(path: str | os.PathLike, config: dict, *, factory: Any = None,
     if "factory" in rebuild:
         return _recorded_factory(path, rebuild, trust_remote_code)
     if "example" in rebuild:
-        from quanta.examples import EXAMPLES, load_example
+        from quanta._files.references import load_example
 
-        if rebuild["example"] not in EXAMPLES:
-            raise SavedModelError(f"unknown built-in example {rebuild['example']!r} "
-                                  f"(available: {', '.join(EXAMPLES)})", "rebuild")
-        return load_example(rebuild["example"]).model
+        return load_example(str(rebuild["example"]), "rebuild.example").model
     raise SavedModelError(f"{str(path)!r} does not record how to rebuild its model (a {config.get('model_class')}); "
                           "pass model=<a fresh instance of that class> or factory='module:function' to quanta.load "
                           "(--factory on the command line), or save it with quanta.save(..., rebuild={'factory': "

@@ -60,7 +60,7 @@ def read_yaml(path: str | os.PathLike, what: str = "recipe file") -> Any:
     if not path.is_file():
         kind = "a folder" if path.is_dir() else "missing"
         raise ConfigError(f"{what} {str(path)!r} is {kind}; pass the path of a YAML file")
-    from quanta._files.untrusted import check_size
+    from quanta._limits import check_size
 
     check_size(path, what, lambda message, name=None: ConfigError(message))
     try:
