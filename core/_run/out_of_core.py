@@ -113,7 +113,13 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         import transformers
     except ImportError:  # pragma: no cover - transformers is in the examples extra
         raise ModelError("out-of-core quantization reads transformers checkpoints: pip install transformers") from None
-    raw = json.loads((root / "config.json").read_text())
+    from quanta._files.untrusted import check_tree, read_json
+
+    def error(message: str, name: str | None = None) -> ModelError:
+        return ModelError(message)
+
+    check_tree(root, "checkpoint directory", error)  # no link out of it (docs/security.md)
+    raw = read_json(root / "config.json", "config.json", error)  # bounded, no key twice
     if isinstance(raw, dict) and raw.get("auto_map"):
         raise ModelError(f"{str(root)!r} names its own model code (config.json auto_map); quanta builds only "
                          "architectures transformers implements, and runs no code a checkpoint ships")
@@ -127,8 +133,8 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         raise ModelError(f"{str(root)!r}: config.json names architecture {arch!r}, which transformers "
                          f"{transformers.__version__} does not have")
     if (root / INDEX_NAME).is_file():
-        index = json.loads((root / INDEX_NAME).read_text())
-        weight_map = dict(index.get("weight_map") or {})
+        index = read_json(root / INDEX_NAME, INDEX_NAME, error)
+        weight_map = dict((index.get("weight_map") if isinstance(index, dict) else None) or {})
     elif (root / "model.safetensors").is_file():
         from safetensors import safe_open
 
