@@ -232,9 +232,8 @@ def _cmd_export(args, console: Console) -> int:
     model = source.model
     if inputs is None:
         inputs = source.example_inputs
-    options = {}
-    if args.target:
-        options["minimum_deployment_target"] = args.target
+    # options plugins added to `quanta export` (add_cli_options hook), when given
+    options = {dest: getattr(args, dest) for dest in args.plugin_options if getattr(args, dest) is not None}
     console.info(f"exporting {args.model} to {args.output} with {args.format!r} ...")
     path = quanta.export(model, args.output, format=args.format, example_inputs=inputs,
                          allow_float=args.allow_float, overwrite=args.overwrite, **options)

@@ -18,7 +18,7 @@ from quanta._run.model_checks import check_model
 from quanta._recipes.planning import Decision, Plan, build_plan
 from quanta._run.preflight import check_run
 from quanta._run.report import Report
-from quanta._records.weights import observer_for, scheme_for
+from quanta._run.weights import observer_for, scheme_for
 
 __all__ = ["quantize", "plan", "choose_backend", "build_stage_plan", "materialize_data", "RunContext"]
 

@@ -8,6 +8,7 @@ import attrs
 
 from quanta.errors import ConfigError, PluginNotFoundError
 
+from .observers import streaming_observer
 from .session import (
     ACTIVATION_SITES,
     UNTRACEABLE_MODES,
@@ -105,8 +106,6 @@ def make_session(model, plan, recipe, backend, config: Any, milestones=None, con
     _check_plugin("scheme", scheme, "activation_scheme")
     _check_plugin("observer", config.activation_observer, "activation_observer")
     if dtype is not None:
-        from quanta.plugins.activation_observers import streaming_observer
-
         streaming_observer(config.activation_observer)  # raises ConfigError if it cannot stream
     options = ActivationOptions(dtype=dtype, scheme=scheme, observer=config.activation_observer,
                                 averaging_constant=config.averaging_constant, milestones=milestones,
