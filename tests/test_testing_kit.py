@@ -130,6 +130,32 @@ class LeavesAHook(Algorithm):
             context.quantize_layer(model, layer)
 
 
+class LeaksCalibrationHook(Algorithm):
+    name, description = "leaks_calibration_hook", "observes inputs with a pre-hook and never removes it"
+    needs_data = True
+    changes = "model"
+
+    def run(self, model, plan, data, context):
+        seen = []
+        plan.selected[-1].unit.handle.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        for batch in context.batches():
+            context.call(model, batch)
+        for layer in plan.selected:
+            context.quantize_layer(model, layer)
+
+
+class ChangesAnAttribute(Algorithm):
+    name, description = "changes_an_attribute", "changes what the model computes through a plain attribute"
+    changes = "model"
+
+    def run(self, model, plan, data, context):
+        for layer in plan.selected:
+            context.quantize_layer(model, layer)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.eps = 0.5  # not a tensor: neither declared nor saved, so lost on load
+
+
 class Swallows(Algorithm):
     name, description = "swallows_errors", "ignores a failing write"
 
@@ -164,7 +190,9 @@ class SkipsDicts(Algorithm):
 
 
 @pytest.mark.parametrize("algorithm,pattern", [
-    (LeavesAHook(), r"after a failure mid-run with inplace=True: forward hooks changed"),
+    (LeavesAHook(), r"keeps a forward hook '.*LeavesAHook.run.<locals>.<lambda>' on module '0'"),
+    (LeaksCalibrationHook(), r"keeps a forward pre hook .* on module '3'.*context.add_transform"),
+    (ChangesAnAttribute(), r"after quanta.save -> quanta.load the model computes something else"),
     (Swallows(), r"quanta.quantize succeeded"),
     (MisreportsError(), r"reports error 0 but its stored weight is"),
     (SkipsDicts(), r"data as tuple: quanta.quantize raised"),

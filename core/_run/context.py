@@ -137,6 +137,15 @@ class RunContext:
         with plugin_code(self.backend, module):
             self.backend.add_state(model, module, name, value)
 
+    def add_transform(self, model: Any, module: str, kind: str, name: str, value: torch.Tensor) -> None:
+        """Make the module called ``module`` compute a forward transform ``kind`` (a key of
+        ``quanta.record.TRANSFORMS``: ``"input_mul"`` for an input scale, ``"output_add"`` for an
+        output shift, ...) with ``value`` stored as declared state ``name``. Unlike a hook an
+        algorithm registers itself, it is part of the model: ``inplace`` restore removes it,
+        ``quanta.save``/``quanta.load`` carry it and a traced export computes it."""
+        with plugin_code(self.backend, module):
+            self.backend.add_transform(model, module, kind, name, value)
+
     def reset_progress(self) -> None:
         """Start the layer count of report rows again (``quanta.Quantizer.finalize`` reruns)."""
         self._done = 0

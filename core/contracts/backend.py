@@ -58,7 +58,7 @@ class Backend(Plugin):
     Required: :meth:`accepts`, :meth:`units`, :meth:`copy`, :meth:`read_weight`, :meth:`write`,
     :meth:`snapshot`, :meth:`restore`. Declared: ``priority``, ``grids``. Optional:
     :meth:`module_names`, :meth:`type_names`, :meth:`compute_dtype`, :meth:`add_state`,
-    :meth:`activation_rules`.
+    :meth:`add_transform`, :meth:`activation_rules`.
     """
 
     kind: ClassVar[str] = "backend"
@@ -120,6 +120,13 @@ class Backend(Plugin):
         from quanta.errors import ConfigError
 
         raise ConfigError(f"backend {self.name!r} cannot hold extra state ({module}.{name})")
+
+    def add_transform(self, model: Any, module: str, kind: str, name: str, value: torch.Tensor) -> None:
+        """Make ``module`` compute the forward transform ``kind`` (a key of
+        ``quanta.record.TRANSFORMS``, e.g. ``"input_mul"``) with ``value`` stored as extra state
+        ``name``, so restore, save, load and export carry both. Default: refuse."""
+        from quanta.errors import ConfigError
+        raise ConfigError(f"backend {self.name!r} cannot hold forward transforms ({module}: {kind} {name})")
 
     def activation_rules(self) -> Any:
         """What this backend quantizes for activations (``quanta.fx.ActivationRules``), or None
