@@ -122,3 +122,32 @@ def test_npz_exporter_options(register_plugin, tmp_path):
         assert np.array_equal(archive["0.weight.codes"], quanta.records(q)["0.weight"].codes.numpy())
     with pytest.raises(ConfigError, match=r"export.compresed.*did you mean 'compressed'"):
         quanta.load_recipe({"export": {"format": "npz", "compresed": False}})
+
+
+@pytest.fixture
+def kmeans(register_plugin):
+    return register_plugin(_load("kmeans_lut_scheme"))
+
+
+def test_kmeans_lut_scheme_passes_the_kit(kmeans):
+    check_scheme(kmeans.KMeansScheme(), dtypes=["uint2", "uint3", "uint4", "int4"])
+
+
+def test_kmeans_lut_scheme_fills_its_table_without_a_companion_algorithm(kmeans, tmp_path):
+    model = reference_model("mlp")
+    rtn = {"global_config": {"dtype": "uint3", "scheme": "affine", "granularity": "per_channel"}}
+    recipe = {"global_config": {"dtype": "uint3", "scheme": {"name": "kmeans", "iterations": 12},
+                                "granularity": "per_channel"}}
+    q = quanta.quantize(model, recipe)
+    for key, record in quanta.records(q).items():
+        assert record.grid == "lut" and record.lut.shape == (record.shape[0], 8)  # one 8-level table per channel
+        assert torch.equal(q.get_submodule(key.rsplit(".", 1)[0]).weight, record.dequantize())
+    affine = quanta.quantize(model, rtn)
+    for mine, theirs in zip(q.quanta_report.layers, affine.quanta_report.layers):
+        assert mine.rel_error < theirs.rel_error  # its own levels beat uniform ones
+    loaded = quanta.load(quanta.save(q, tmp_path / "m"), reference_model("mlp"))
+    assert torch.equal(quanta.records(loaded)["0.weight"].lut, quanta.records(q)["0.weight"].lut)
+    x = calibration_data("mlp", "list", n=1)[0]
+    assert torch.equal(loaded(x), q(x))
+    with pytest.raises(ConfigError, match=r"scheme 'kmeans' refuses int4.*use an unsigned dtype"):
+        quanta.plan(model, {"global_config": {"dtype": "int4", "scheme": "kmeans"}})

@@ -71,7 +71,33 @@ class WideRange(AffineScheme):
         return -(1 << dtype.bits), (1 << dtype.bits)
 
 
+class IgnoresLutScale(SymmetricScheme):
+    name = "ignores_lut_scale"
+
+    def dequantize_lut(self, codes, lut, scale):
+        return torch.gather(lut.to(scale.dtype), 1, codes.long())  # forgets "* scale"
+
+
+class ZeroTable(AffineScheme):
+    name = "zero_table"
+    grid = "lut"
+
+    def lut(self, values, spec):  # a table that ignores the values: every weight becomes 0
+        return torch.zeros(values.shape[0], 1 << (spec.dtype.bits - spec.dtype.signed), dtype=values.dtype)
+
+
+class OnlyPerBlock(SymmetricScheme):
+    name = "only_per_block"
+
+    def check_spec(self, spec):
+        if spec.granularity.value != "per_block":
+            raise quanta.ConfigError("only per_block", "granularity")
+
+
 @pytest.mark.parametrize("scheme,pattern", [
+    (IgnoresLutScale(), r"dequantize_lut\(codes, lut, scale\) is not lut\[codes\] \* scale in float32: relative error"),
+    (ZeroTable(), r"quantizing a weight for \w+ zero_table per_tensor.*relative error 100.0%"),
+    (OnlyPerBlock(), r"check_spec refuses every dtype tried .* with the spec int8 .*only per_block.*pass spec="),
     (ZeroScale(), r"'zero_scale'.*zero, negative, NaN or inf scale for groups \[1\]"),
     (Unclamped(), r"'unclamped'.*(does not clamp|codes outside quant_range)"),
     (SlowFastDisagree(), r"quantize_into\(\) differs from quantize\(\)"),
