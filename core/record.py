@@ -18,7 +18,7 @@ from quanta._records.qmath import from_groups, to_groups
 from quanta._records.spec import QuantSpec
 
 __all__ = ["QuantizedWeight", "attach_record", "read_record", "records", "declare_state", "extra_state",
-           "TRANSFORMS", "DeclaredTransform", "declare_transform", "transforms", "undeclared_hooks"]
+           "remove_state", "TRANSFORMS", "DeclaredTransform", "declare_transform", "transforms", "undeclared_hooks"]
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -184,6 +184,30 @@ def declare_state(module: torch.nn.Module, name: str, value: torch.Tensor) -> No
     declared = tuple(getattr(module, "_quanta_state", ()))
     if name not in declared:
         module._quanta_state = declared + (name,)
+
+
+def remove_state(module: torch.nn.Module, name: str) -> None:
+    """Remove state ``name`` declared on ``module`` with :func:`declare_state`, and every declared
+    transform using it (``context.add_state(..., temporary=True)`` state at the end of a run).
+    A parameter an algorithm added to an empty slot leaves the slot empty again."""
+    from quanta.errors import ConfigError
+
+    declared = tuple(getattr(module, "_quanta_state", ()))
+    if name not in declared:
+        raise ConfigError(f"{type(module).__name__} has no declared state {name!r} (declared: "
+                          f"{', '.join(declared) or 'none'})", name)
+    for kind, state in tuple(getattr(module, "_quanta_transforms", ())):
+        if state == name:
+            for attr in ("_forward_pre_hooks", "_forward_hooks"):
+                hooks = getattr(module, attr)
+                for key in [k for k, h in hooks.items() if isinstance(h, DeclaredTransform) and h.state == name]:
+                    del hooks[key]
+    module._quanta_transforms = tuple(t for t in getattr(module, "_quanta_transforms", ()) if t[1] != name)
+    if name in module._parameters:
+        module._parameters[name] = None
+    else:
+        module._buffers.pop(name, None)
+    module._quanta_state = tuple(n for n in declared if n != name)
 
 
 def _state_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:

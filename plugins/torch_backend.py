@@ -15,7 +15,7 @@ from torch import nn
 import quanta
 from quanta.contracts import Backend, Unit
 from quanta.errors import ConfigError
-from quanta.record import attach_record, declare_state, declare_transform
+from quanta.record import attach_record, declare_state, declare_transform, remove_state
 
 __all__ = ["TorchBackend", "SUPPORTED_TYPES"]
 
@@ -99,6 +99,14 @@ class TorchBackend(Backend):
         except AttributeError:
             raise ConfigError(f"no module named {module!r} in the model", "module") from None
         declare_state(target, name, value)
+
+    def remove_state(self, model: nn.Module, module: str, name: str) -> None:
+        """Remove declared state ``name`` of submodule ``module`` (``quanta.record.remove_state``)."""
+        try:
+            target = model.get_submodule(module) if module else model
+        except AttributeError:
+            raise ConfigError(f"no module named {module!r} in the model", "module") from None
+        remove_state(target, name)
 
     def add_transform(self, model: nn.Module, module: str, kind: str, name: str, value: torch.Tensor) -> None:
         """Declare ``value`` as state ``name`` of submodule ``module`` and the forward transform

@@ -377,3 +377,56 @@ def test_observer_results_are_checked(register_plugin):
         warnings.simplefilter("error")
         with pytest.raises(PluginError, match=r"observer plugin 'backwards_test'.*layer '0'.*min > max"):
             quanta.quantize(_mlp(), {"global_config": {"observer": "backwards_test"}})
+
+
+# -- stages see the float model; temporary state ------------------------------------------------
+
+
+class _Stage(Algorithm):
+    """A test stage recording what the run-time API shows it."""
+
+    name, description = "float_reader", "reads the float model in a later stage (test)"
+    changes = "model"
+    seen: dict = {}
+
+    def run(self, model, plan, data, context):
+        layer = plan.selected[0]
+        _Stage.seen["float"] = context.read_float_weight(layer).clone()
+        _Stage.seen["current"] = context.read_weight(model, layer).clone()
+        _Stage.seen["outputs"] = context.float_outputs(layer) if data else None
+        context.add_state(model, layer.name, "scratch", torch.ones(3), temporary=True)
+        context.add_transform(model, layer.name, "output_add", "scratch_shift", torch.zeros(1))
+        context.add_state(model, layer.name, "kept", torch.ones(2))
+        _Stage.seen["during"] = set(quanta.record.extra_state(model))
+
+
+class _Contributes:
+    def __init__(self, obj):
+        self.obj = obj
+
+    @quanta.hookimpl
+    def register_algorithms(self, register):
+        register(self.obj)
+
+
+def test_a_later_stage_reads_float_weights_and_outputs_and_temporary_state_is_removed(register_plugin):
+    from quanta.errors import ConfigError
+    from quanta.testing import calibration_data, reference_model
+
+    register_plugin(_Contributes(_Stage()))
+    model = reference_model("mlp")
+    data = calibration_data("mlp", "list")
+    q = quanta.quantize(model, {"stages": ["rtn", "float_reader"], "global_config": {"dtype": "int4"}}, data=data)
+    assert torch.equal(_Stage.seen["float"], model[0].weight.detach())  # the float weight, not the quantized one
+    assert torch.equal(_Stage.seen["current"], quanta.records(q)["0.weight"].dequantize())
+    with torch.no_grad():
+        assert all(torch.equal(out, model[0](batch)) for out, batch in zip(_Stage.seen["outputs"], data))
+    assert _Stage.seen["during"] == {"0.scratch", "0.scratch_shift", "0.kept"}
+    assert set(quanta.record.extra_state(q)) == {"0.kept", "0.scratch_shift"}  # temporary state removed
+    assert not hasattr(q[0], "scratch")
+    assert quanta.record.transforms(q) == {"0": (("output_add", "scratch_shift"),)}
+    quanta.record.remove_state(q[0], "scratch_shift")  # a transform goes with its state
+    assert not q[0]._forward_hooks and quanta.record.transforms(q) == {}
+    assert not model[0]._forward_hooks and not hasattr(model[0], "kept")  # the user's model untouched
+    with pytest.raises(ConfigError, match=r"reads the float model.*declare reads_float = True"):
+        quanta.quantize(reference_model("mlp"), {"stages": ["rtn", "float_reader"]}, data=data, inplace=True)

@@ -229,6 +229,22 @@ def test_check_algorithm_catches(algorithm, pattern, register_plugin):
         check_algorithm(algorithm, models=("mlp",))
 
 
+class NudgesQuantizedWeights(Algorithm):
+    name, description = "nudges_weights", "a later stage that changes quantized weights behind their records"
+    changes = "model"
+
+    def run(self, model, plan, data, context):
+        with torch.no_grad():
+            for layer in plan.selected:
+                getattr(layer.unit.handle, layer.unit.param).add_(1e-3)  # the record no longer matches
+
+
+def test_check_algorithm_runs_earlier_stages_for_a_later_stage(register_plugin):
+    register_plugin(_Contribute("algorithm", NudgesQuantizedWeights()))
+    with pytest.raises(AssertionError, match=r"'nudges_weights'.*layer '0''s parameter differs from its record"):
+        check_algorithm(NudgesQuantizedWeights(), models=("mlp",), before=["rtn"])
+
+
 def test_check_algorithm_needs_the_algorithm_registered():
     with pytest.raises(AssertionError, match="is not registered"):
         check_algorithm(LeavesAHook())

@@ -312,7 +312,7 @@ def _staged(data: dict, algorithm: str | None) -> Recipe:
     its own, and carries its own algorithm and options."""
     stages_raw = data.pop("stages")
     if not isinstance(stages_raw, (list, tuple)) or not stages_raw:
-        raise ConfigError("expected a non-empty list of stages, e.g. [{algorithm: rtn}]", "stages")
+        raise ConfigError("expected a non-empty list of stages, e.g. [{algorithm: rtn}] or [act_scale, gptq]", "stages")
     if algorithm is not None or data.get("algorithm") is not None or data.get("algorithm_config") is not None:
         raise ConfigError("a recipe with stages names its algorithms inside the stages; remove the top-level "
                           "'algorithm'/'algorithm_config'", "stages")
@@ -321,6 +321,8 @@ def _staged(data: dict, algorithm: str | None) -> Recipe:
     stages = []
     for i, raw in enumerate(stages_raw):
         key = f"stages[{i}]"
+        if isinstance(raw, str):  # a plain name: the algorithm with its defaults (stages: [rtn, bias_correction])
+            raw = {"algorithm": raw}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"expected a mapping with an 'algorithm', got {raw!r}", key)
         if not isinstance(raw.get("algorithm"), str):

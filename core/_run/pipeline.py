@@ -200,6 +200,14 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
             target = impl.copy(model, share=share)
         snapshot = None
 
+    # Every stage may read the float model: the user's (untouched without inplace), or a copy kept
+    # for an inplace run whose stages declare reads_float. State marked temporary is removed at the end.
+    float_model = model if not inplace else None
+    if inplace and any(algo.reads_float for algo in algorithms):
+        with plugin_code(impl):
+            float_model = impl.copy(model)
+    temporary: list = []
+    float_cache: dict = {}
     for p in plans[0].layers:
         if p.spec is None and p.reason.startswith("unsupported"):
             warnings.warn(f"layer {p.name!r}: {p.reason}", stacklevel=2)
@@ -213,12 +221,14 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
             the_plan = plans[i] if (inplace and i == 0) else build_stage_plan(target, stage, backend_entry,
                                                                                recipe.export)
             ctx = RunContext(recipe=stage, plan=the_plan, backend=impl, report=report, device=device,
-                             data=batches, algorithm=algo)
+                             data=batches, algorithm=algo, float_model=float_model, temporary=temporary,
+                             float_cache=float_cache)
             fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
             with plugin_code(algo):
                 result = algo.run(target, the_plan, batches, ctx)
             if result is not None:
                 target = result
+        ctx.end_run(target)
     except BaseException:
         if snapshot is not None:
             impl.restore(model, snapshot)

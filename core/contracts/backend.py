@@ -58,7 +58,7 @@ class Backend(Plugin):
     Required: :meth:`accepts`, :meth:`units`, :meth:`copy`, :meth:`read_weight`, :meth:`write`,
     :meth:`snapshot`, :meth:`restore`. Declared: ``priority``, ``grids``. Optional:
     :meth:`module_names`, :meth:`type_names`, :meth:`compute_dtype`, :meth:`add_state`,
-    :meth:`add_transform`, :meth:`activation_rules`.
+    :meth:`remove_state`, :meth:`add_transform`, :meth:`activation_rules`.
     """
 
     kind: ClassVar[str] = "backend"
@@ -120,6 +120,13 @@ class Backend(Plugin):
         from quanta.errors import ConfigError
 
         raise ConfigError(f"backend {self.name!r} cannot hold extra state ({module}.{name})")
+
+    def remove_state(self, model: Any, module: str, name: str) -> None:
+        """Remove extra state ``name`` of ``module`` added with :meth:`add_state` (and any transform
+        using it): core calls it when a run ends for state a stage marked temporary. Default: refuse."""
+        from quanta.errors import ConfigError
+        raise ConfigError(f"backend {self.name!r} cannot remove extra state ({module}.{name}): "
+                          "temporary state needs a backend that implements remove_state")
 
     def add_transform(self, model: Any, module: str, kind: str, name: str, value: torch.Tensor) -> None:
         """Make ``module`` compute the forward transform ``kind`` (a key of

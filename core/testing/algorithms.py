@@ -111,7 +111,18 @@ def _record_key(layer) -> str:
     return name if name == param or name.endswith("." + param) else f"{name}.{param}"
 
 
-def _check_result(algorithm, model, result, plan, what: str) -> None:
+def _checked_layers(model, recipe) -> list:
+    """The layers every stage of ``recipe`` plans (one stage: its plan's ``selected``): with other
+    stages around it, a stage that quantizes nothing itself may plan layers no quantizing stage takes."""
+    import quanta
+
+    the_plan = quanta.plan(model, recipe)
+    plans = the_plan.stages or (the_plan,)
+    names = set.intersection(*({layer.name for layer in p.selected} for p in plans))
+    return [layer for layer in plans[-1].selected if layer.name in names]
+
+
+def _check_result(algorithm, model, result, selected, what: str) -> None:
     from quanta.record import records
 
     report = getattr(result, "quanta_report", None)
@@ -119,7 +130,7 @@ def _check_result(algorithm, model, result, plan, what: str) -> None:
     rows = {r.name: r for r in report.layers}
     recs = records(result)
     float_params = dict(model.named_parameters())
-    for layer in plan.selected:
+    for layer in selected:
         check(layer.name in rows, algorithm, f"{what}: planned layer {layer.name!r} has no report row "
                                               f"(write it with context.write_layer / quantize_layer)")
         key = _record_key(layer)
@@ -216,8 +227,7 @@ def check_algorithm(algorithm: Algorithm, models: tuple[str, ...] = ("mlp", "cnn
                 fail(algorithm, f"{what}: quanta.quantize raised {type(exc).__name__}: {exc}")
             assert_same_model_state(model, saved, f"{algorithm.kind} {algorithm.name!r} {what}: the user's model "
                                                   f"(inplace=False)")
-            the_plan = quanta.plan(model, recipe_)
-            _check_result(algorithm, model, result, the_plan, what)
+            _check_result(algorithm, model, result, _checked_layers(model, recipe_), what)
             results[form] = result
             if len(results) == 1:
                 _check_whole(algorithm, name, result, what)
