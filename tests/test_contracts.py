@@ -430,3 +430,61 @@ def test_a_later_stage_reads_float_weights_and_outputs_and_temporary_state_is_re
     assert not model[0]._forward_hooks and not hasattr(model[0], "kept")  # the user's model untouched
     with pytest.raises(ConfigError, match=r"reads the float model.*declare reads_float = True"):
         quanta.quantize(reference_model("mlp"), {"stages": ["rtn", "float_reader"]}, data=data, inplace=True)
+
+
+# -- exporters write where core tells them ---------------------------------------------------------
+
+
+class _StagedText(Exporter):
+    name, description, suffix = "staged_text", "writes its records as text at core's staging path (test)", ".rec"
+    staged = True
+    fail = False
+
+    def export(self, model, path, *, example_inputs=None, overwrite=False):
+        with open(path, "w") as f:  # plainly: core owns the rename
+            f.write("\n".join(f"{n} {r.codes.sum().item()}" for n, r in quanta.records(model).items()))
+            if self.fail:
+                raise RuntimeError("disk full halfway")
+        return str(path)
+
+
+class _ContributesExporter:
+    def __init__(self, obj):
+        self.obj = obj
+
+    @quanta.hookimpl
+    def register_exporters(self, register):
+        register(self.obj)
+
+
+def test_a_staged_exporter_replaces_its_own_file_never_a_users_and_leaves_nothing_on_failure(register_plugin,
+                                                                                               tmp_path):
+    from quanta.errors import DestinationExistsError
+    from quanta._files.staging import file_marker, is_quanta_file
+    from quanta.testing import reference_model
+
+    exporter = _StagedText()
+    register_plugin(_ContributesExporter(exporter))
+    q = quanta.quantize(reference_model("mlp"), {})
+    out = quanta.export(q, tmp_path / "m", format="staged_text")
+    assert out == str(tmp_path / "m.rec") and is_quanta_file(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.rec.quanta", "m.rec"]  # the file and its sidecar
+    assert quanta.export(q, tmp_path / "m.rec", format="staged_text") == out  # a re-export replaces quanta's own
+    (tmp_path / "m.rec").write_text("the user's own file now")  # the sidecar no longer matches
+    with pytest.raises(DestinationExistsError, match="not written by quanta"):
+        quanta.export(q, tmp_path / "m.rec", format="staged_text")
+    assert (tmp_path / "m.rec").read_text() == "the user's own file now"
+    exporter.fail = True
+    try:
+        with pytest.raises(PluginError, match="disk full halfway"):
+            quanta.export(q, tmp_path / "m.rec", format="staged_text", overwrite=True)
+    finally:
+        exporter.fail = False
+    assert (tmp_path / "m.rec").read_text() == "the user's own file now"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.rec.quanta", "m.rec"]  # no staging folder left
+    file_marker(tmp_path / "m.rec").unlink()
+    with pytest.raises(PluginError, match="disk full"):
+        exporter.fail = True
+        quanta.export(q, tmp_path / "new.rec", format="staged_text")
+    exporter.fail = False
+    assert not (tmp_path / "new.rec").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.rec"]

@@ -267,6 +267,23 @@ def _read_partial(path):
     return {name: torch.tensor(eval(codes)) for name, codes in (line.split(" ", 1) for line in lines)}
 
 
+class RefusesItsOwnOutput(Exporter):
+    name, description, suffix = "own_output", "writes atomically but cannot recognise its own file", ".own.txt"
+
+    def export(self, model, path, *, example_inputs=None, overwrite=False):
+        with quanta.atomic_file(path, overwrite=overwrite) as tmp:  # no owned=: its own file looks like a user's
+            tmp.write_text("quanta records\n" + "".join(f"{n} {r.codes.tolist()}\n"
+                                                        for n, r in quanta.records(model).items()))
+        return str(path)
+
+
+def test_check_exporter_catches_an_exporter_that_cannot_replace_its_own_output(register_plugin, tmp_path):
+    register_plugin(_Contribute("exporter", RefusesItsOwnOutput()))
+    with pytest.raises(AssertionError, match=r"'own_output'.*re-exporting onto its own earlier output model.own.txt "
+                                             r"was refused.*declare staged = True"):
+        check_exporter(RefusesItsOwnOutput(), tmp_path, reread=_read_partial)
+
+
 def test_check_exporter_catches_partial_output_on_failure(register_plugin, tmp_path):
     register_plugin(_Contribute("exporter", Partial()))
     with pytest.raises(AssertionError, match=r"'partial'.*a failed export left output.*broken.partial.txt"):

@@ -83,4 +83,7 @@ def check_export(model: Any, path: str | os.PathLike, exporter: Any, example_inp
         expected = None
     dest = export_destination(path, exporter)
     directory = bool(exporter.writes_directory)
-    check_destination(dest, overwrite=overwrite, directory=directory, expected_bytes=expected)
+    from quanta._files.staging import is_quanta_file  # a file core staged carries an ownership sidecar
+
+    check_destination(dest, overwrite=overwrite, directory=directory, expected_bytes=expected,
+                      owned=is_quanta_file if exporter.staged else None)

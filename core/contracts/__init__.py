@@ -44,7 +44,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
           "training_loop")),
     Kind("backend", Backend, "register_backends", "a model representation quanta can quantize", ("priority", "grids")),
     Kind("exporter", Exporter, "register_exporters", "writes a quantized model to a file format",
-         ("suffix", "writes_directory", "grids", "can_verify")),
+         ("suffix", "writes_directory", "grids", "can_verify", "staged")),
 )}
 
 
