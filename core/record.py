@@ -139,8 +139,17 @@ def read_record(module: torch.nn.Module, param: str = "weight") -> QuantizedWeig
 
 
 def records(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
-    """Every record in ``model``, keyed ``"<module name>.<param>"``."""
-    return dict(_iter_records(model))
+    """Every record in ``model``, keyed ``"<module name>.<param>"``. A model that is not a torch
+    module is asked through its backend (``Backend.records``; a backend that cannot list records
+    says so with a ``quanta.ConfigError``)."""
+    if isinstance(model, torch.nn.Module):
+        return dict(_iter_records(model))
+    from quanta._run.guard import plugin_code
+    from quanta._run.pipeline import choose_backend
+
+    backend = choose_backend(model).obj
+    with plugin_code(backend):
+        return dict(backend.records(model))
 
 
 def _iter_records(model: torch.nn.Module) -> Iterator[tuple[str, QuantizedWeight]]:

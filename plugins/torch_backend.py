@@ -15,7 +15,7 @@ from torch import nn
 import quanta
 from quanta.contracts import Backend, Unit
 from quanta.errors import ConfigError
-from quanta.record import attach_record, declare_state, declare_transform, remove_state
+from quanta.record import attach_record, declare_state, declare_transform, records, remove_state
 
 __all__ = ["TorchBackend", "SUPPORTED_TYPES"]
 
@@ -99,6 +99,16 @@ class TorchBackend(Backend):
         except AttributeError:
             raise ConfigError(f"no module named {module!r} in the model", "module") from None
         declare_state(target, name, value)
+
+    def records(self, model: nn.Module) -> dict:
+        """Every record on the model's modules (``quanta.record.records``)."""
+        return records(model)
+
+    def save(self, model: nn.Module, path, *, overwrite: bool = False, **options):
+        """``quanta._files.saving.save``: safetensors + ``quanta_config.json``."""
+        from quanta._files.saving import save
+
+        return save(model, path, overwrite=overwrite, **options)
 
     def remove_state(self, model: nn.Module, module: str, name: str) -> None:
         """Remove declared state ``name`` of submodule ``module`` (``quanta.record.remove_state``)."""

@@ -488,3 +488,63 @@ def test_a_staged_exporter_replaces_its_own_file_never_a_users_and_leaves_nothin
         quanta.export(q, tmp_path / "new.rec", format="staged_text")
     exporter.fail = False
     assert not (tmp_path / "new.rec").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.rec"]
+
+
+# -- backends beyond torch ---------------------------------------------------------------------------
+
+
+def test_a_non_torch_backend_goes_through_records_save_export_and_the_kit(register_plugin, tmp_path):
+    import numpy as np
+
+    from _array_backend import ArrayModel, ArrayPlugin
+    from quanta.errors import NotQuantizedError
+    from quanta.testing import check_backend, check_exporter
+
+    register_plugin(ArrayPlugin())
+    model = ArrayModel()
+    check_backend(registry.get("backend", "arrays").obj, model)
+    q = quanta.quantize(model, {"global_config": {"dtype": "int4"}})
+    assert sorted(quanta.records(q)) == ["w1", "w2"] and quanta.records(model) == {}  # through Backend.records
+    x = torch.randn(3, 8)
+    assert float((q(x) - model(x)).norm() / model(x).norm()) < 0.2  # int4 per channel
+    with pytest.raises(ConfigError, match=r"algorithm 'gptq' \(.*\) serves models of the torch backend\(s\) only; "
+                                          r"this model belongs to backend 'arrays'"):
+        quanta.plan(model, {"algorithm": "gptq"})
+    with pytest.raises(ConfigError, match=r"serves models of the torch backend"):
+        quanta.quantize(model, {"algorithm": "gptq"}, data=[torch.randn(2, 8)])
+    with pytest.raises(ConfigError, match=r"backend 'arrays' cannot save its models with quanta.save.*quanta.export"):
+        quanta.save(q, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+    npz = _load_docs_example("npz_exporter")
+    register_plugin(npz)
+    with pytest.raises(NotQuantizedError, match=r"backend 'arrays' lists no records.*allow_float=True"):
+        quanta.export(model, tmp_path / "float.npz", format="npz")
+    out = quanta.export(q, tmp_path / "q.npz", format="npz")
+    with np.load(out) as archive:
+        assert np.array_equal(archive["w1.codes"], quanta.records(q)["w1"].codes.numpy())
+    check_exporter(npz.NpzExporter(), tmp_path / "kit", model=q, reread=npz.read_npz)
+
+
+def test_a_backend_can_refuse_inplace_early(register_plugin):
+    from _array_backend import ArrayBackend, ArrayModel, ArrayPlugin
+
+    class NoInplace(ArrayBackend):
+        supports_inplace = False
+
+    register_plugin(ArrayPlugin(NoInplace()))
+    model = ArrayModel()
+    with pytest.raises(ConfigError, match=r"backend 'arrays' cannot quantize its models in place"):
+        quanta.quantize(model, {}, inplace=True)
+    assert model.records == {}
+
+
+def _load_docs_example(stem: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "docs" / "examples" / f"{stem}.py"
+    spec = importlib.util.spec_from_file_location(f"docs_example_{stem}_contracts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

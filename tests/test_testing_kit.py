@@ -250,6 +250,25 @@ def test_check_algorithm_needs_the_algorithm_registered():
         check_algorithm(LeavesAHook())
 
 
+# -- backends -----------------------------------------------------------------------------
+def test_check_backend_catches_a_restore_that_keeps_records():
+    from _array_backend import ArrayBackend, ArrayModel
+
+    from quanta.testing import check_backend
+
+    class KeepsRecords(ArrayBackend):
+        name = "keeps_records"
+
+        def restore(self, model, snapshot):
+            weights, _records = snapshot
+            model.weights = {k: v.clone() for k, v in weights.items()}  # forgets to restore the records
+
+    check_backend(ArrayBackend(), ArrayModel())
+    with pytest.raises(AssertionError, match=r"'keeps_records'.*restore\(snapshot\(everything=False\)\) left records "
+                                             r"behind: \['w1', 'w2'\]"):
+        check_backend(KeepsRecords(), ArrayModel())
+
+
 # -- exporters ----------------------------------------------------------------------------
 class Partial(Exporter):
     name, description, suffix = "partial", "writes straight onto the path, record by record", ".partial.txt"

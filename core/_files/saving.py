@@ -283,7 +283,8 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
     Returns the directory written. Written atomically (``quanta._files.atomic.atomic_dir``).
     """
     if not isinstance(model, torch.nn.Module):
-        raise SavedModelError(f"quanta.save takes a torch.nn.Module, got {type(model).__name__}")
+        return _save_through_backend(model, path, overwrite=overwrite, rebuild=rebuild, example_inputs=example_inputs,
+                                     tokenizer=tokenizer)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise SavedModelError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}", "max_shard_bytes")
     sites = activation_quantization_sites(model)
@@ -329,6 +330,23 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
         fault_delay("model-dir-staged")  # tests only: a signal lands while the new copy waits to be swapped in
     return Path(path)
+
+
+def _save_through_backend(model: Any, path, *, overwrite: bool, **options) -> Path:
+    """``quanta.save`` of a model that is not a torch module: its backend's ``save`` (a backend
+    that cannot save says so, naming itself)."""
+    from quanta._run.guard import plugin_code
+    from quanta._run.pipeline import choose_backend
+    from quanta.errors import ConfigError
+
+    try:
+        backend = choose_backend(model).obj
+    except ConfigError as exc:
+        raise SavedModelError(f"quanta.save takes a torch.nn.Module or a model a backend accepts: {exc}", "model") from None
+    given = {k: v for k, v in options.items() if v is not None}
+    with plugin_code(backend):
+        written = backend.save(model, path, overwrite=overwrite, **given)
+    return Path(written if written is not None else path)
 
 
 def check_carriable(model: torch.nn.Module) -> None:

@@ -17,7 +17,7 @@ from quanta._run.preflight import check_run
 from quanta._run.report import Report
 from quanta._records.weights import observer_for, scheme_for
 
-__all__ = ["quantize", "plan", "choose_backend", "build_stage_plan", "materialize_data", "RunContext"]
+__all__ = ["quantize", "plan", "choose_backend", "check_serves", "build_stage_plan", "materialize_data", "RunContext"]
 
 
 def _registry():
@@ -79,6 +79,21 @@ def _check_specs(the_plan: Plan) -> None:
                                       f"{layer.name!r}, {layer.reason}): {exc}", exc.key) from None
 
 
+def check_serves(algorithm, backend_entry) -> None:
+    """Refuse, at plan time, an algorithm that declares the backends it serves (``backends``) on
+    a model of another backend, naming both plugins and their distributions."""
+    served = algorithm.backends
+    backend = backend_entry.obj
+    if served is None or backend_entry.name in served or (backend.family is not None and backend.family in served):
+        return
+    from quanta._run.guard import plugin_distribution
+
+    raise ConfigError(f"algorithm {algorithm.name!r} ({plugin_distribution('algorithm', algorithm.name)}) serves "
+                      f"models of the {', '.join(sorted(served))} backend(s) only; this model belongs to backend "
+                      f"{backend_entry.name!r} ({backend_entry.distribution}). Choose an algorithm that serves it "
+                      f"(e.g. rtn) or convert the model", "algorithm")
+
+
 def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: dict | None = None) -> Plan:
     """The validated plan of one stage: units from the backend, specs resolved, every spec
     checked by its scheme and observer and every grid by the backend and exporter."""
@@ -88,6 +103,7 @@ def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: dict | N
         names = backend.module_names(model)
         types = backend.type_names(model)
     algorithm = _registry().get("algorithm", recipe.algorithm).obj
+    check_serves(algorithm, backend_entry)
     global_types = algorithm.global_types
     if isinstance(global_types, Mapping):  # per backend name; a backend not listed takes every type
         global_types = global_types.get(backend_entry.name)
@@ -169,6 +185,10 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     algorithms = _algorithms(recipe)
     backend_entry = choose_backend(model, backend)
     impl = backend_entry.obj
+    if inplace and not impl.supports_inplace:
+        raise ConfigError(f"backend {backend_entry.name!r} cannot quantize its models in place (it declares "
+                          "supports_inplace = False); call quanta.quantize without inplace=True and use the "
+                          "returned model", "inplace")
     for stage, algo in zip(stages, algorithms):
         if algo.needs_data and data is None:
             raise ConfigError(f"algorithm {stage.algorithm!r} needs calibration data: pass data=[...]", "data")

@@ -65,6 +65,7 @@ def failing_backend(fail_after: int = 1):
         name = _FAILING
         description = "torch backend whose write fails after the first layers (quanta.testing)"
         priority = -1000  # never chosen unless named
+        family = "torch"  # algorithms serving torch models serve it too
 
         def __init__(self):
             self.writes = 0
