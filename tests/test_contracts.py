@@ -548,3 +548,62 @@ def _load_docs_example(stem: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# -- plugins written for quanta 0.1 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source,pattern", [
+    ("class Old(Algorithm):\n name = 'old'; description = 'd'; replaces_weights_only = True\n"
+     " def run(self, model, plan, data, context): pass",
+     r"Old is written for quanta 0.1: it declares 'replaces_weights_only'.*declare shares_float_weights = True"),
+    ("class Old(Exporter):\n name = 'old'; description = 'd'\n def export(self, model, path, **options): pass",
+     r"export\(self, model, path, \*\*options\) is the 0.1 signature; write export\(self, model, path, \*, "
+     r"example_inputs=None, overwrite=False\)"),
+    ("class Old(Exporter):\n name = 'old'; description = 'd'\n"
+     " def export(self, model, path, *, example_inputs=None, overwrite=False): pass\n"
+     " def verify(self, path, against, example_inputs=None): return {}",
+     r"defines verify\(\) but does not declare can_verify = True"),
+    ("class Old(Algorithm):\n name = 'old'; description = 'd'\n def run(self, model, plan, data, context): pass\n"
+     " def session(self, model, plan, recipe, backend, context): pass",
+     r"defines session\(\) but does not declare training_loop = True"),
+])
+def test_what_a_0_1_plugin_relied_on_is_refused_when_its_class_is_defined(source, pattern):
+    with pytest.raises(PluginContractError, match=pattern + r".*Updating a plugin"):
+        exec(source, {"Algorithm": Algorithm, "Exporter": Exporter})
+
+
+def test_a_subclass_of_a_builtin_scheme_without_options_of_its_own_works(register_plugin):
+    from quanta.plugins.schemes import SymmetricScheme
+    from quanta.testing import check_scheme, reference_model
+
+    class Pow2Symmetric(SymmetricScheme):  # a 0.1 plugin: no options of its own
+        name, description, config_class = "pow2_symmetric", "symmetric with power-of-two scales", None
+
+        def qparams(self, min_val, max_val, dtype):
+            scale, zero_point = super().qparams(min_val, max_val, dtype)  # reads self.config.grid
+            return torch.exp2(torch.ceil(torch.log2(scale))), zero_point
+
+    class Contributes:
+        @quanta.hookimpl
+        def register_schemes(self, register):
+            register(Pow2Symmetric())
+
+    register_plugin(Contributes())
+    assert Pow2Symmetric().config == SymmetricScheme.config_class() and Pow2Symmetric().options() == {}
+    check_scheme(Pow2Symmetric())
+    q = quanta.quantize(reference_model("mlp"), {"global_config": {"scheme": "pow2_symmetric", "dtype": "int4"}})
+    scale = quanta.records(q)["0.weight"].scale
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)
+
+
+def test_quanta_plugin_resolves_whatever_was_imported_first():
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "import quanta\n"
+            "class NpzLike(quanta.plugin.Exporter):\n"
+            "    name, description, staged = 'npz_like', 'd', True\n"
+            "    def export(self, model, path, *, example_inputs=None, overwrite=False): pass\n"
+            "assert quanta.plugin.Exporter is quanta.contracts.Exporter\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
