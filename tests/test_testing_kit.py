@@ -110,6 +110,30 @@ def test_check_scheme_catches(scheme, pattern):
 
 
 # -- observers ----------------------------------------------------------------------------
+class SharedClipRatio(Observer):
+    name, description = "shared_clip", "an MSE clip search choosing one ratio for all rows together"
+
+    def observe(self, values, spec, scheme):
+        lo, hi = values.amin(dim=1), values.amax(dim=1)
+        best, best_err = 1.0, None
+        for ratio in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5):  # one ratio for every row: rows are not independent
+            s, z = scheme.qparams(lo * ratio, hi * ratio, spec.dtype)
+            z = None if z is None else z[:, None]
+            err = float(((scheme.dequantize(scheme.quantize(values, s[:, None], z, spec.dtype), s[:, None], z)
+                          - values) ** 2).sum())
+            if best_err is None or err < best_err:
+                best, best_err = ratio, err
+        return lo * best, hi * best
+
+
+def test_check_observer_tries_low_bit_widths_by_default():
+    from quanta._records.spec import QuantSpec
+
+    check_observer(SharedClipRatio(), spec=QuantSpec(dtype="int8"))  # at int8 one ratio (1.0) fits every row
+    with pytest.raises(AssertionError, match=r"'shared_clip'.*rows in two chunks differs .* for int4"):
+        check_observer(SharedClipRatio())
+
+
 class GlobalMax(Observer):
     name, description = "global_max", "one range for the whole tensor (rows not independent)"
 
