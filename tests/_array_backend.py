@@ -27,6 +27,14 @@ class ArrayBackend(Backend):
     name = "arrays"
     description = "named weight tensors without nn.Module (an ONNX-style test backend)"
     priority = 20
+    suffixes = (".arrays",)  # a safetensors file of the weights (the CLI loads it through load())
+
+    def load(self, path):
+        from safetensors.torch import load_file
+
+        model = ArrayModel()
+        model.weights = dict(load_file(str(path)))
+        return model
 
     def accepts(self, model):
         return isinstance(model, ArrayModel)

@@ -526,6 +526,20 @@ def test_a_non_torch_backend_goes_through_records_save_export_and_the_kit(regist
     check_exporter(npz.NpzExporter(), tmp_path / "kit", model=q, reread=npz.read_npz)
 
 
+def test_the_cli_loads_a_model_file_through_the_backend_declaring_its_suffix(register_plugin, tmp_path):
+    from safetensors.torch import save_file
+
+    from _array_backend import ArrayModel, ArrayPlugin
+    from quanta._files.sources import load_model
+
+    register_plugin(ArrayPlugin())
+    save_file(ArrayModel(seed=3).weights, str(tmp_path / "m.arrays"))
+    source = load_model(str(tmp_path / "m.arrays"))
+    assert source.kind == "backend" and isinstance(source.model, ArrayModel)
+    assert torch.equal(source.model.weights["w1"], ArrayModel(seed=3).weights["w1"])
+    assert [layer.name for layer in quanta.plan(source.model, {}).selected] == ["w1", "w2"]
+
+
 def test_a_backend_can_refuse_inplace_early(register_plugin):
     from _array_backend import ArrayBackend, ArrayModel, ArrayPlugin
 

@@ -51,7 +51,8 @@ class ModelSource:
 
     Attributes:
         model: the ``torch.nn.Module``.
-        kind: ``"example"``, ``"saved"``, ``"transformers"`` or ``"factory"``.
+        kind: ``"example"``, ``"saved"``, ``"transformers"``, ``"factory"`` or ``"backend"`` (a
+            file a backend plugin loads, e.g. ``.onnx``; then ``model`` is that backend's model).
         rebuild: what ``quanta.save(..., rebuild=)`` records so ``quanta.load`` can rebuild the model
             (None for transformers models: their ``config.json`` is enough).
         example: the ``quanta.examples.Example`` for a built-in example, else None.
@@ -233,6 +234,9 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
                            rebuild=None if _is_transformers(example.model) else {"example": text},
                            example_inputs=example.example_inputs, data=example.data)
     path = Path(text)
+    through_backend = _from_backend(path, key) if path.exists() else None
+    if through_backend is not None:
+        return through_backend
     if path.is_dir():
         return _from_directory(path, None, key)
     if path.is_file():
@@ -244,6 +248,21 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
         return _from_factory(text, None, key)
     raise SourceError(f"{text!r} is not {forms}{did_you_mean(text, EXAMPLES)} "
                       f"(no such directory in {os.getcwd()})", key)
+
+
+def _from_backend(path: Path, key: str) -> ModelSource | None:
+    """A model file or directory whose suffix a backend plugin declares (``Backend.suffixes``),
+    loaded by that backend (``Backend.load``); None when no backend declares the suffix."""
+    from quanta import registry
+    from quanta._run.guard import plugin_code
+
+    name = path.name
+    for entry in registry.backends():
+        if any(name.endswith(suffix) for suffix in entry.obj.suffixes):
+            with plugin_code(entry.obj):
+                model = entry.obj.load(str(path))
+            return ModelSource(model=model, kind="backend")
+    return None
 
 
 def _is_transformers(model) -> bool:

@@ -43,7 +43,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          ("needs_data", "changes", "composes_with_records", "shares_float_weights", "global_types", "backends", "reads_float",
           "training_loop")),
     Kind("backend", Backend, "register_backends", "a model representation quanta can quantize",
-         ("priority", "grids", "family", "supports_inplace")),
+         ("priority", "grids", "family", "supports_inplace", "suffixes")),
     Kind("exporter", Exporter, "register_exporters", "writes a quantized model to a file format",
          ("suffix", "writes_directory", "grids", "can_verify", "staged")),
 )}

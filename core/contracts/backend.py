@@ -58,8 +58,8 @@ class Backend(Plugin):
     Required: :meth:`accepts`, :meth:`units`, :meth:`copy`, :meth:`read_weight`, :meth:`write`,
     :meth:`snapshot`, :meth:`restore`. Declared: ``priority``, ``grids``. Optional:
     :meth:`module_names`, :meth:`type_names`, :meth:`compute_dtype`, :meth:`add_state`,
-    :meth:`records`, :meth:`save`, :meth:`remove_state`, :meth:`add_transform`,
-    :meth:`activation_rules`. Declared besides: ``family``, ``supports_inplace``.
+    :meth:`load`, :meth:`records`, :meth:`save`, :meth:`remove_state`, :meth:`add_transform`,
+    :meth:`activation_rules`. Declared besides: ``family``, ``supports_inplace``, ``suffixes``.
     """
 
     kind: ClassVar[str] = "backend"
@@ -73,6 +73,9 @@ class Backend(Plugin):
     #: False when ``quanta.quantize(..., inplace=True)`` cannot modify this backend's models in
     #: place: such a call is refused before any work, naming the backend.
     supports_inplace: ClassVar[bool] = True
+    #: File or directory suffixes of the models :meth:`load` reads (``(".onnx",)``): the CLI's
+    #: ``model:``/``--model`` path with one of them is loaded through this backend.
+    suffixes: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def accepts(self, model: Any) -> bool:
@@ -127,6 +130,13 @@ class Backend(Plugin):
         from quanta.errors import ConfigError
 
         raise ConfigError(f"backend {self.name!r} cannot hold extra state ({module}.{name})")
+
+    def load(self, path: Any) -> Any:
+        """The model stored at ``path`` (a file or directory with one of ``suffixes``), for the
+        CLI's model loading. Default: refuse, saying so."""
+        from quanta.errors import ConfigError
+        raise ConfigError(f"backend {self.name!r} declares suffixes {self.suffixes} but cannot load models "
+                          "(it implements no Backend.load)", "model")
 
     def records(self, model: Any) -> dict[str, "QuantizedWeight"]:
         """Every record ``model`` holds, keyed by unit name (``quanta.records`` on a model of this
