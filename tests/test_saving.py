@@ -455,3 +455,24 @@ def test_declared_transforms_are_checked_and_every_kind_round_trips(tmp_path):
     with pytest.raises(SavedModelError, match=r"'fc'.*unknown transform \['input_pow', 's0'\]"):
         quanta.load(out, fresh)
     assert torch.equal(fresh.fc.weight, before) and not fresh.fc._forward_pre_hooks
+
+
+@pytest.mark.slow
+def test_a_declared_transform_survives_save_load_and_core_ml_export(tmp_path, register_plugin):
+    """The issue's reload bug: act_scale's input scale lost on load made the exported package
+    compute something else (max_abs inf). Declared, it is loaded back and traced into the package."""
+    from quanta.testing import calibration_data, reference_model
+
+    register_plugin(_load_example("act_scale_algorithm"))
+    q = quanta.quantize(reference_model("mlp"), {"stages": ["act_scale", "rtn"], "global_config": {"dtype": "int8"}},
+                        data=calibration_data("mlp"))
+    loaded = quanta.load(quanta.save(q, tmp_path / "saved"), reference_model("mlp"))
+    x = torch.randn(2, 64)
+    package = quanta.export(loaded, tmp_path / "m.mlpackage", example_inputs=(x,))
+    figures = quanta.verify(package, q, example_inputs=(x,))
+    assert math.isfinite(figures["max_abs"]) and figures["cosine"] > 0.9999
+    bare = quanta.load(tmp_path / "saved", reference_model("mlp"))
+    for module in bare.modules():  # what 0.1 loaded: the weights without the input scale
+        module._forward_pre_hooks.clear()
+    with torch.no_grad():
+        assert float((bare(x) - q(x)).abs().max()) > 100 * figures["max_abs"]
