@@ -60,8 +60,8 @@ class QuantizedWeight:
         ``scheme.dequantize(codes, scale, zero_point)`` per group, or ``scheme.dequantize_lut``
         when the record carries a lookup table. For the affine grid that is
         ``(codes - zero_point) * scale``."""
-        from quanta._run.guard import plugin_code
-        from quanta._records.weights import scheme_for
+        from quanta.registry.guard import plugin_code
+        from quanta.registry.lookup import scheme_for
 
         scheme = scheme_for(self.spec)
         sizes = list(self.block_sizes)
@@ -144,10 +144,10 @@ def records(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
     says so with a ``quanta.ConfigError``)."""
     if isinstance(model, torch.nn.Module):
         return dict(_iter_records(model))
-    from quanta._run.guard import plugin_code
-    from quanta._run.pipeline import choose_backend
+    from quanta.registry.guard import plugin_code
+    from quanta.registry.lookup import backend_for
 
-    backend = choose_backend(model).obj
+    backend = backend_for(model).obj
     with plugin_code(backend):
         return dict(backend.records(model))
 

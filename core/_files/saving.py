@@ -249,16 +249,15 @@ _ACTIVATION_QUANT_FUNCTIONS = (torch.quantize_per_tensor, torch.quantize_per_cha
 def activation_quantization_sites(model: torch.nn.Module) -> list[str]:
     """Where ``model`` quantizes activations in a way its tensors do not hold: ``torch.fx`` graph
     nodes calling ``torch.quantize_per_tensor``/``_per_channel`` (quanta's calibrate/qat
-    ``finalize`` bakes activation scales into the graph) and fake-quantize modules (names)."""
-    from quanta.fx.fake_quant import ActivationFakeQuantize
-
+    ``finalize`` bakes activation scales into the graph) and modules that declare
+    ``quantizes_activations = True`` (``quanta.fx``'s activation fake-quantizers), by name."""
     sites = []
     for name, module in model.named_modules():
         if isinstance(module, torch.fx.GraphModule):
             prefix = f"{name}." if name else ""
             sites += [prefix + node.name for node in module.graph.nodes
                       if node.op == "call_function" and node.target in _ACTIVATION_QUANT_FUNCTIONS]
-        if isinstance(module, ActivationFakeQuantize):
+        if getattr(type(module), "quantizes_activations", False) is True:
             sites.append(name)
     return sites
 
@@ -335,12 +334,12 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
 def _save_through_backend(model: Any, path, *, overwrite: bool, **options) -> Path:
     """``quanta.save`` of a model that is not a torch module: its backend's ``save`` (a backend
     that cannot save says so, naming itself)."""
-    from quanta._run.guard import plugin_code
-    from quanta._run.pipeline import choose_backend
+    from quanta.registry.guard import plugin_code
+    from quanta.registry.lookup import backend_for
     from quanta.errors import ConfigError
 
     try:
-        backend = choose_backend(model).obj
+        backend = backend_for(model).obj
     except ConfigError as exc:
         raise SavedModelError(f"quanta.save takes a torch.nn.Module or a model a backend accepts: {exc}", "model") from None
     given = {k: v for k, v in options.items() if v is not None}

@@ -179,7 +179,7 @@ def _test_weight() -> torch.Tensor:
 
 def _check_records(scheme: Scheme, spec: QuantSpec) -> None:
     """Quantize a weight with ``spec`` (a granularity and bit width) as core does and bound the error."""
-    from quanta._records.weights import observer_for, quantize_weight_with_values
+    from quanta._run.weights import observer_for, quantize_weight_with_values
 
     where = f"for {spec.describe()}"
     try:
