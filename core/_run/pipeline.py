@@ -210,12 +210,13 @@ def _read_batches(algorithms: list, data: Any) -> tuple[list | None, int | None]
     return batches, limit
 
 
-def _prepare(model: Any, recipe: Recipe, data: Any, backend: str | None, device: Any) -> _Run:
+def _prepare(model: Any, recipe: Recipe, data: Any, backend: str | None, device: Any, inplace: bool = False) -> _Run:
     """Validate the whole call (recipe, model, algorithms, every stage's plan, data) and plan each stage once."""
     check_model(model)
     stages = recipe.stage_recipes()
     algorithms = _algorithms(recipe)
     backend_entry = choose_backend(model, backend)
+    _check_inplace(backend_entry, inplace)
     _check_algorithms(model, stages, algorithms, data)
     plans = tuple(build_stage_plan(model, stage, backend_entry, recipe.export) for stage in stages)
     for stage, algo, the_plan in zip(stages, algorithms, plans):
@@ -292,9 +293,7 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     is validated before any weight changes; on any failure ``model`` is left untouched,
     also with ``inplace=True`` (every parameter, buffer and record any stage changed is restored).
     """
-    recipe = load_recipe(config)
-    _check_inplace(choose_backend(model, backend), inplace)
-    run = _prepare(model, recipe, data, backend, device)
+    run = _prepare(model, load_recipe(config), data, backend, device, inplace)
     target, snapshot = _working_model(model, run, inplace)
     _warn_unsupported(run.plans[0])
     report = Report(algorithm=run.name, skipped=[(p.name, p.reason) for p in run.plans[-1].layers if p.spec is None])
