@@ -65,9 +65,10 @@ def export(model: Any, path: str | os.PathLike, format: str = "coreml", example_
     check_export(model, path, exporter, example_inputs, allow_float=allow_float, overwrite=overwrite)
     # A Ctrl-C inside the exporter is honoured even where the converter swallows it (coremltools'
     # bare ``except:``): remembered, and raised again when the exporter returns.
-    with honour_interrupts(), plugin_code(exporter):
-        exporter.check(model, example_inputs)
-    return run_exporter(exporter, model, path, example_inputs=example_inputs, overwrite=overwrite)
+    with honour_interrupts():
+        with plugin_code(exporter):
+            exporter.check(model, example_inputs)
+        return run_exporter(exporter, model, path, example_inputs=example_inputs, overwrite=overwrite)
 
 
 def run_exporter(exporter, model: Any, path: str | os.PathLike, *, example_inputs: Any = None,
