@@ -16,7 +16,8 @@ coremltools-private objects (``_qat``/``_fused``/``_quantized`` module classes,
 on Linux (macOS-only: they run ``MLModel.predict``) are excluded with that reason.
 
 The only change to coremltools' helper modules: ``torchvision`` (needed by the MNIST dataset
-fixture only, which no in-scope test uses) is stubbed when it is not installed.
+fixture only, which no in-scope test uses) and ``PIL`` (imported by a coremltools helper module,
+used by no in-scope test) are stubbed when they are not installed.
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ except ImportError:  # only the MNIST dataset fixture needs it; no in-scope test
     tv.datasets = types.SimpleNamespace()
     tv.transforms = types.SimpleNamespace()
     sys.modules["torchvision"] = tv
+try:
+    import PIL  # noqa: F401
+except ImportError:  # imported by a coremltools test helper module; no in-scope test opens an image
+    pil = types.ModuleType("PIL")
+    pil.Image = types.ModuleType("PIL.Image")
+    sys.modules["PIL"] = pil
+    sys.modules["PIL.Image"] = pil.Image
 '''
 
 _RECORDER = '''

@@ -211,3 +211,34 @@ def qat_recipe(config) -> dict:
     if names:
         out["module_name_configs"] = names
     return out
+
+
+# ------------------------------------------------------------------ coremltools.optimize.coreml
+
+
+def coreml_layer(cfg, key: str = "config") -> dict | None:
+    """coremltools' ``OpLinearQuantizerConfig`` -> a quanta layer dict for the ``coreml`` backend."""
+    if cfg is None:
+        return None
+    from coremltools.converters.mil.mil import types as mil_types
+
+    mode = str(cfg.mode).lower()
+    if mode not in ("linear_symmetric", "linear"):
+        raise ConfigError(f"mode {cfg.mode!r} is not supported (supported: linear_symmetric, linear)", f"{key}.mode")
+    dtype = cfg.dtype if isinstance(cfg.dtype, str) else mil_types.builtin_to_string(cfg.dtype)
+    granularity = getattr(cfg.granularity, "name", cfg.granularity)
+    out: dict[str, Any] = {
+        "scheme": pinned_scheme("symmetric", PTQ_GRID) if mode == "linear_symmetric" else "affine",
+        "dtype": dtype, "granularity": str(granularity).lower()}
+    if out["granularity"] == "per_block":
+        block = cfg.block_size
+        if isinstance(block, (tuple, list)):
+            sizes = [int(b) for b in block]
+            # coremltools' per-axis form on a rank-2 weight: (output block, input block); 0 = whole axis.
+            block = sizes[1] if len(sizes) == 2 and sizes[0] in (0, 1) else tuple(sizes)
+        out["block_size"] = block
+    if cfg.weight_threshold is not None:
+        # coremltools quantizes weights with *more* than weight_threshold elements;
+        # quanta skips weights with *fewer* than its threshold.
+        out["weight_threshold"] = int(cfg.weight_threshold) + 1
+    return out

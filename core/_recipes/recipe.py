@@ -124,7 +124,9 @@ def parse_layer_config(raw: Any, key: str, algo_fields: set[str] | None = None, 
             elif field == "scheme":
                 v = str(getattr(v, "value", v))
             if field == "block_size" and isinstance(v, (tuple, list)):
-                v = _block_size_from_tuple(v, path)
+                out_block, v = _block_sizes_from_tuple(v, path)
+                if out_block is not None:
+                    kwargs["output_block_size"] = out_block
             if field in kwargs and kwargs[field] != v:
                 raise ConfigError(f"conflicts with another key setting {field!r} ({kwargs[field]!r})", path)
             kwargs[field] = v
@@ -170,14 +172,15 @@ def _plugin_option_hint(k: str, raw: Mapping) -> str:
     return ""
 
 
-def _block_size_from_tuple(value, path):
-    # coremltools' tuple form (output_block, input_block); quanta blocks the input axis only.
+def _block_sizes_from_tuple(value, path):
+    # coremltools' tuple form: (input_block,) or (output_block, input_block); 0/1 on the output axis = one
+    # scale row per output channel. Returns (output_block_size or None, block_size).
     vals = list(value)
     if len(vals) == 1:
-        return vals[0]
-    if len(vals) == 2 and vals[0] in (0, 1):
-        return vals[1]
-    raise ConfigError(f"block_size {tuple(value)!r}: only blocks along the input axis are supported (an int, or (1, n))", path)
+        return None, vals[0]
+    if len(vals) == 2:
+        return (None if vals[0] in (0, 1) else vals[0]), vals[1]
+    raise ConfigError(f"block_size {tuple(value)!r}: give an int, (input_block,) or (output_block, input_block)", path)
 
 
 def _check_plugin(kind: str, name: str, key: str) -> None:
