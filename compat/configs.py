@@ -223,13 +223,16 @@ class LayerwiseCompressorConfig(_QuantaErrors, _CtLayerwiseCompressorConfig):
 
     @classmethod
     def from_dict(cls, config_dict):
-        """coremltools' ``from_dict``, plus one thing coremltools' documentation shows and coremltools 9.0
-        rejects: ``weight_dtype`` as a bit count (``4``) means ``"uint4"`` (GPTQ's 16-level grid)."""
+        """coremltools' ``from_dict``, plus two things coremltools 9.0 rejects: ``weight_dtype`` as a bit
+        count (``4``, as coremltools' documentation writes it) means ``"uint4"`` (GPTQ's 16-level grid),
+        and a module config without ``algorithm`` (a KeyError in coremltools) is ``"gptq"``."""
         config_dict = _require_mapping(config_dict, f"a {cls.__name__} dict")
 
         def bits(layer):
-            if isinstance(layer, dict) and type(layer.get("weight_dtype")) is int:
-                return {**layer, "weight_dtype": f"uint{layer['weight_dtype']}"}
+            if isinstance(layer, dict):
+                layer = {"algorithm": "gptq", **layer}
+                if type(layer.get("weight_dtype")) is int:
+                    layer["weight_dtype"] = f"uint{layer['weight_dtype']}"
             return layer
 
         data = dict(config_dict)
