@@ -244,7 +244,7 @@ def _load_baseline() -> dict:
 
 
 def measure(files: list[tuple[str, str]], kexpr: str | None = None, timeout: float = 3600,
-            verbose: bool = True, refresh: bool = False) -> list[dict]:
+            verbose: bool = True, refresh: bool = False, baseline_only: bool = False) -> list[dict]:
     """Run each file through quanta.compat (and with coremltools, unless its outcomes are in the
     stored baseline, ``benchmarks/results/coremltools_tests_baseline.json``); one summary per file."""
     rows = []
@@ -263,11 +263,14 @@ def measure(files: list[tuple[str, str]], kexpr: str | None = None, timeout: flo
             else:
                 ct_res, ct_s, ct_tail = run_tree(base, rel, selector, None, timeout)
                 if ct_res:
-                    baseline[key] = {"seconds": round(ct_s, 1), "results": ct_res}
-                    BASELINE.write_text(json.dumps(baseline, indent=0, sort_keys=True))
+                    stored = _load_baseline()  # another run may have stored other files meanwhile
+                    stored[key] = baseline[key] = {"seconds": round(ct_s, 1), "results": ct_res}
+                    atomic_write_text(BASELINE, json.dumps(stored, indent=0, sort_keys=True))
+            if baseline_only:
+                continue
             q_res, q_s, q_tail = run_tree(compat, rel, selector, kexpr, timeout)
             if kexpr and q_res:  # a subset: count only what the -k expression selected
-                ct_res = {k: v for k, v in ct_res.items() if k in q_res}
+                ct_res = {k: v for k, v in ct_res.items() if q_res.get(k, {}).get("outcome", "unrun") != "unrun"}
             row = summarize(key, ct_res, q_res)
             row.update(rewritten_lines=rewritten.get(rel, 0), seconds_coremltools=ct_s,
                        seconds_compat=round(q_s, 1))
@@ -390,11 +393,14 @@ def main(argv=None) -> int:
     parser.add_argument("-k", dest="kexpr", help="pytest -k expression (a subset: results are not written)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per pytest run")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--baseline-only", action="store_true", help="only run coremltools itself (store outcomes)")
     parser.add_argument("--refresh-baseline", action="store_true",
                         help="run coremltools itself again instead of reading the stored baseline")
     args = parser.parse_args(argv)
     files = [f for f in FILES if not args.files or any(s in f[0] for s in args.files)]
-    rows = measure(files, args.kexpr, args.timeout, refresh=args.refresh_baseline)
+    rows = measure(files, args.kexpr, args.timeout, refresh=args.refresh_baseline, baseline_only=args.baseline_only)
+    if args.baseline_only:
+        return 0
     print(table(rows))
     print(failing_list(rows))
     for r in rows:
