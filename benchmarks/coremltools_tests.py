@@ -11,8 +11,7 @@ and between the markers of ``docs/compat.md``.
 
 Counted ("in scope"): tests that pass with coremltools on this machine and do not use
 coremltools-private objects (``_qat``/``_fused``/``_quantized`` module classes,
-``_QConfigMappingBuilder``, ``_mod_activations``, the private ``_quant.Quantizer``, private
-``_utils`` helpers that inspect coremltools' prepared model). Tests that coremltools skips
+``_QConfigMappingBuilder``, ``_mod_activations``, the private ``_quant.Quantizer``). Tests that coremltools skips
 on Linux (macOS-only: they run ``MLModel.predict``) are excluded with that reason.
 
 The only change to coremltools' helper modules: ``torchvision`` (needed by the MNIST dataset
@@ -70,14 +69,12 @@ PRIVATE_TOKENS = {
     "_QConfigMappingBuilder": "coremltools-private _QConfigMappingBuilder",
     "_mod_activations": "coremltools-private backend config (_mod_activations)",
     "Quantizer(": "coremltools-private layerwise_compression._quant.Quantizer",
-    "is_activation_post_process": "coremltools' prepared-model internals (activation_post_process observers)",
-    "find_module(": "coremltools' prepared-model internals (find_module)",
 }
 #: Private tokens per file (a token only counts in the file whose private import binds it).
 PRIVATE_BY_FILE = {
     "torch/quantization/test_quantizer.py": ["_qat."],
     "torch/quantization/test_configure.py": ["_qat.", "_fused.", "_quantized.", "_QConfigMappingBuilder",
-                                             "_mod_activations", "is_activation_post_process", "find_module("],
+                                             "_mod_activations"],
     "torch/layerwise_compression/test_algorithms.py": ["Quantizer("],
 }
 
