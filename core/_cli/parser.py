@@ -38,10 +38,35 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                         "quanta quantize / quanta.save, a transformers model directory, or module:function")
 
 
+def _code_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model code (a downloaded directory is data; see docs/security.md)")
+    g.add_argument("--factory", metavar="MODULE:FUNCTION",
+                   help="the function that builds the model a saved directory holds weights for (file.py:function "
+                        "or package.module:function); called with the kwargs the directory records when it names "
+                        "the same function. quanta never runs a function a directory names by itself")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="run the code a saved directory or transformers folder names (its recorded factory, its "
+                        "auto_map code), printed before it runs; only for directories whose author you trust")
+
+
 def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace an existing {what} that quanta did not write (quanta's own earlier output is "
                         "always replaced; never a partial write either way)")
+
+
+def _byte_count(text: str) -> int:
+    """``512M``, ``2G``, ``1.5GB`` or a plain number of bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (raw[:-1], raw[-1]) if raw and raw[-1] in units else (raw, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 2G or a number of bytes)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    return int(value)
 
 
 def _command(argv: list[str] | None) -> str | None:
@@ -95,6 +120,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                    "that chose it. Loads the model, changes nothing, writes nothing.")
     s.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see docs/config.md)")
     _model_arg(s)
+    _code_args(s)
     _common(s)
 
     s = sub.add_parser("quantize", help="run a recipe and write the quantized model",
@@ -103,6 +129,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                    "too when the recipe has an `export:` section.")
     s.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see docs/config.md)")
     _model_arg(s)
+    _code_args(s)
     s.add_argument("-o", "--output", metavar="PATH",
                    help="where to write the quantized model (default: out/<recipe name>/, or "
                         "out/<recipe name>.pt with --format pickle)")
@@ -111,6 +138,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "file, which quanta never reads back")
     s.add_argument("--report", metavar="HTML",
                    help="also write a self-contained HTML report (recipe, per-layer error and size chart, totals)")
+    s.add_argument("--out-of-core", action="store_true",
+                   help="quantize a transformers checkpoint directory (the recipe's model) block by block, never "
+                        "holding the whole float model in memory (docs/large-models.md)")
+    s.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="with --out-of-core: keep each finished block in DIR; the same command after a crash "
+                        "resumes after the last finished block")
+    s.add_argument("--activation-budget", metavar="BYTES", type=_byte_count,
+                   help="with --out-of-core: bytes of cached activations kept in memory (e.g. 512M, 2G); the "
+                        "rest go to disk")
     _overwrite(s, "output, report or package")
     _common(s)
 
@@ -128,6 +164,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "1,3,32,32 or 1,128;1,128 (float inputs; default: the inputs saved with the model)")
     s.add_argument("--allow-float", action="store_true",
                    help="export a model that was never quantized (float weights) instead of refusing it")
+    _code_args(s)
     _overwrite(s, "destination")
     _common(s)
     _plugin_options(s, "export", load=command == "export")
@@ -142,5 +179,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="example input shape(s), e.g. 1,3,32,32 (';' between inputs); default: the example "
                         "inputs saved with --against (token ids), else the file's declared shapes, seeded "
                         "normal values")
+    _code_args(s)
     _common(s)
     return p
