@@ -13,7 +13,7 @@ import torch
 
 from quanta._records.packing import unpack_codes
 from quanta.record import QuantizedWeight, attach_record, declare_state, records
-from quanta._files.saved_format import (CONFIG_NAME, EXAMPLE_INPUTS_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME, RECORD_SUFFIX,
+from quanta._files.saved_format import (CONFIG_NAME, EXAMPLE_INPUTS_NAME, FORMAT, INDEX_NAME, READABLE_VERSIONS, RECORD_SUFFIX,
                            WEIGHTS_NAME, SavedModelError, dtype_name, spec_from_json, split_record_name, torch_dtype)
 from quanta._files.rebuilding import rebuild_model
 from quanta._files.saved_checks import check_metadata, check_record, check_shards, check_tie_values, check_ties
@@ -35,9 +35,9 @@ def read_config(path: str | os.PathLike) -> dict:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise SavedModelError(f"{str(cfg_path)!r} is not a quanta model config (format {found!r})")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SavedModelError(f"{str(path)!r} uses quanta format version {version!r}; this quanta reads version "
-                              f"{FORMAT_VERSION} (saved by quanta {config.get('quanta_version')})")
+    if version not in READABLE_VERSIONS:
+        raise SavedModelError(f"{str(path)!r} uses quanta format version {version!r}; this quanta reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))} (saved by quanta {config.get('quanta_version')})")
     return config
 
 
@@ -150,9 +150,10 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
                 raise SavedModelError(f"tensor missing from the saved directory {str(path)!r}", key)
             return handles[files[key]].get_tensor(key)
 
-        _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys,
+        _check_layout(model, rec_meta, aliases, buffer_keys | declared, record_keys, plain_keys,
                       lambda key: tuple(handles[files[key]].get_slice(key).get_shape()), strict)
         recs = _read_records(model, rec_meta, plain_keys, tensor)  # all checked before the model changes
+        saved_transforms = _check_transforms(model, config.get("transforms") or {}, declared)
         for key in plain_keys:
             _set_tensor(model, key, tensor(key), key in buffer_keys, key in declared)
         for name, meta in rec_meta.items():
@@ -167,7 +168,40 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
         state = model.state_dict(keep_vars=True)
         for alias, canonical in aliases.items():
             _set_tensor(model, alias, state[canonical].detach(), alias in buffer_keys)
+    _restore_transforms(model, saved_transforms)
     return model
+
+
+def _check_transforms(model: torch.nn.Module, saved: dict, declared: set) -> list[tuple[torch.nn.Module, str, str]]:
+    """The declared transforms of a saved directory, checked against ``model`` before it changes:
+    ``[(module, kind, state)]``. Raises SavedModelError naming the module for an unknown kind, a
+    missing layer or a state the directory does not declare."""
+    from quanta.record import TRANSFORMS
+
+    out = []
+    if not isinstance(saved, dict):
+        raise SavedModelError(f"'transforms' in {CONFIG_NAME} must map module names to lists", "transforms")
+    for module_name, entries in saved.items():
+        module, _ = _owner(model, f"{module_name}.x" if module_name else "x", "declared transform")
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in TRANSFORMS):
+                raise SavedModelError(f"unknown transform {entry!r} (this quanta knows: {', '.join(TRANSFORMS)}; "
+                                      "saved by a newer quanta?)", module_name)
+            kind, state = entry
+            key = f"{module_name}.{state}" if module_name else state
+            if key not in declared:
+                raise SavedModelError(f"transform {kind!r} uses state {state!r}, which the directory does not "
+                                      "declare", module_name)
+            out.append((module, kind, state))
+    return out
+
+
+def _restore_transforms(model: torch.nn.Module, saved: list[tuple[torch.nn.Module, str, str]]) -> None:
+    """Register the declared transforms again (their states are already restored and declared)."""
+    from quanta.record import declare_transform
+
+    for module, kind, state in saved:
+        declare_transform(module, kind, state)
 
 
 def _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys, saved_shape, strict) -> None:

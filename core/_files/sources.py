@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import attrs
 import torch
 
+from quanta._files.samples import take_samples
 from quanta.errors import ConfigError, did_you_mean
 from quanta._files.references import SourceError, example_models, import_callable
 
@@ -55,7 +56,8 @@ class ModelSource:
 
     Attributes:
         model: the ``torch.nn.Module``.
-        kind: ``"example"``, ``"saved"``, ``"transformers"`` or ``"factory"``.
+        kind: ``"example"``, ``"saved"``, ``"transformers"``, ``"factory"`` or ``"backend"`` (a
+            file a backend plugin loads, e.g. ``.onnx``; then ``model`` is that backend's model).
         rebuild: what ``quanta.save(..., rebuild=)`` records so ``quanta.load`` can rebuild the model
             (None for transformers models: their ``config.json`` is enough).
         example: the ``quanta.examples.Example`` for a built-in example, else None.
@@ -222,6 +224,9 @@ def load_model(ref: Any, key: str = "model", *, factory: Any = None, trust_remot
                            rebuild=None if _is_transformers(example.model) else {"example": text},
                            example_inputs=example.example_inputs, data=example.data)
     path = Path(text)
+    through_backend = _from_backend(path, key) if path.exists() else None
+    if through_backend is not None:
+        return through_backend
     if path.is_dir():
         return _from_directory(path, None, key, factory, trust_remote_code)
     if path.is_file():
@@ -248,6 +253,21 @@ def _bound(ref: Any, kwargs: Any, key: str):
 
     build.__qualname__ = str(ref).rpartition(":")[2]
     return build
+
+
+def _from_backend(path: Path, key: str) -> ModelSource | None:
+    """A model file or directory whose suffix a backend plugin declares (``Backend.suffixes``),
+    loaded by that backend (``Backend.load``); None when no backend declares the suffix."""
+    from quanta import registry
+    from quanta.registry.guard import plugin_code
+
+    name = path.name
+    for entry in registry.backends():
+        if any(name.endswith(suffix) for suffix in entry.obj.suffixes):
+            with plugin_code(entry.obj):
+                model = entry.obj.load(str(path))
+            return ModelSource(model=model, kind="backend")
+    return None
 
 
 def _is_transformers(model) -> bool:
@@ -380,6 +400,6 @@ def load_data(ref: Any, source: ModelSource | None = None, key: str = "data") ->
             raise SourceError(f"{text!r} raised {type(exc).__name__}: {exc}", key) from exc
         if not batches:
             raise SourceError(f"{text!r} returned no batches", key)
-        return batches[:nsamples] if nsamples else batches
+        return take_samples(batches, nsamples)  # samples are rows, as for files: whole batches until nsamples
     raise SourceError(f"no file {text!r} (in {os.getcwd()}) and not 'module:function'; expected a text/JSONL/"
                       "safetensors file or 'module:function'", key)

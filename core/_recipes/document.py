@@ -143,7 +143,7 @@ def canonical(data: Mapping, algorithm: str | None = None, default_algorithm: st
         return _canonical_stage(data, algorithm, default_algorithm)
     stages = data["stages"]
     if not isinstance(stages, (list, tuple)) or not stages:
-        raise ConfigError("expected a non-empty list of stages, e.g. [{algorithm: rtn}]", "stages")
+        raise ConfigError("expected a non-empty list of stages, e.g. [{algorithm: rtn}] or [act_scale, gptq]", "stages")
     if algorithm is not None or data.get("algorithm") is not None or data.get("algorithm_config") is not None:
         raise ConfigError("a recipe with stages names its algorithms inside the stages; remove the top-level "
                           "'algorithm'/'algorithm_config'", "stages")
@@ -153,6 +153,8 @@ def canonical(data: Mapping, algorithm: str | None = None, default_algorithm: st
     inherited = {k: data.pop(k) for k in _INHERITED if k in data}
     out = []
     for i, raw in enumerate(stages):
+        if isinstance(raw, str):  # a plain name: the algorithm with its defaults (stages: [rtn, bias_correction])
+            raw = {"algorithm": raw}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"expected a mapping with an 'algorithm', got {raw!r}", f"stages[{i}]")
         if not isinstance(raw.get("algorithm"), str):
