@@ -5,8 +5,10 @@ Port coremltools code by changing only its imports::
     from quanta.compat import PostTrainingQuantizer, PostTrainingQuantizerConfig
     import quanta.compat as cto            # cto.coreml.linear_quantize_weights(...)
 
-No logic lives here: each class translates its config to a quanta recipe and calls
-``quanta.quantize`` (or ``quanta.Quantizer``). Names resolve lazily from the submodules below.
+No logic lives here: the config classes are coremltools' own (``quanta.compat.configs``), each
+compressor translates its config to a quanta recipe at one boundary (``quanta.compat.recipes``)
+and calls ``quanta.quantize`` (or ``quanta.Quantizer``). Names resolve lazily from the submodules
+below. See docs/compat.md for what passes of coremltools' own tests.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import importlib
 _NAMES = {
     # data-free PTQ (coremltools.optimize.torch.quantization)
     "PostTrainingQuantizer": "ptq", "PostTrainingQuantizerConfig": "ptq",
-    "ModulePostTrainingQuantizerConfig": "ptq", "QuantizationScheme": "ptq",
+    "ModulePostTrainingQuantizerConfig": "ptq", "QuantizationScheme": "configs",
+    "QuantizationGranularity": "configs", "ObserverType": "configs",
     # GPTQ (coremltools.optimize.torch.layerwise_compression)
     "LayerwiseCompressor": "gptq", "LayerwiseCompressorConfig": "gptq", "ModuleGPTQConfig": "gptq",
+    "GPTQ": "gptq", "LayerwiseCompressionAlgorithmConfig": "gptq", "ModuleSparseGPTConfig": "gptq",
     # QAT / W8A8 calibration (coremltools.optimize.torch.quantization)
     "LinearQuantizer": "qat", "LinearQuantizerConfig": "qat", "ModuleLinearQuantizerConfig": "qat",
 }
-_SUBMODULES = ("coreml", "ptq", "gptq", "qat")
+_SUBMODULES = ("coreml", "ptq", "gptq", "qat", "configs", "recipes")
 
 __all__ = sorted(_NAMES) + list(_SUBMODULES)
 

@@ -1,7 +1,10 @@
 """coremltools.optimize.coreml's names over quanta's ``coreml`` backend.
 
 ``import quanta.compat as cto`` then ``cto.coreml.OpLinearQuantizerConfig``,
-``cto.coreml.OptimizationConfig``, ``cto.coreml.linear_quantize_weights(model, config)``.
+``cto.coreml.OptimizationConfig``, ``cto.coreml.linear_quantize_weights(model, config)``,
+``cto.coreml.decompress_weights(model)`` and ``cto.coreml.get_weights_metadata(model)``.
+``OpLinearQuantizerConfig`` is coremltools' own class (its fields, defaults, ``nbits`` and
+validation); it becomes a quanta layer config in :func:`quanta.compat.recipes.coreml_layer`.
 For the built-in modes the result's stored weights equal coremltools' own output: the same
 ops are selected (coremltools' eligibility and axes, ``weight_threshold`` counted the same
 way) and codes are computed in the weights' own dtype (fp16), as coremltools does.
@@ -15,68 +18,26 @@ from typing import Any
 import attrs
 import numpy as np
 
-from quanta.compat.schemes import PTQ_GRID, pinned_scheme
+from coremltools.optimize.coreml import OpLinearQuantizerConfig
+
+from quanta.compat.recipes import coreml_layer
 from quanta.errors import ConfigError, did_you_mean
 
-__all__ = ["OpLinearQuantizerConfig", "OptimizationConfig", "linear_quantize_weights", "experimental"]
+__all__ = ["OpLinearQuantizerConfig", "OptimizationConfig", "linear_quantize_weights", "decompress_weights",
+           "get_weights_metadata", "experimental"]
 
 
-def _text(value: Any) -> Any:
+def _layer(value: Any, key: str = "config"):
     if value is None:
         return None
-    value = getattr(value, "value", value)
-    if isinstance(value, type):
-        try:
-            from coremltools.converters.mil.mil import types as mil_types
-
-            return mil_types.builtin_to_string(value)
-        except Exception:  # not a MIL builtin: numpy/torch dtypes are parsed by quanta
-            return value
-    return value
-
-
-@attrs.define(kw_only=True)
-class OpLinearQuantizerConfig:
-    """coremltools' ``OpLinearQuantizerConfig``: ``mode`` ("linear_symmetric" or "linear"), ``dtype``
-    ("int8", "uint8", "int4", "uint4"), ``granularity`` ("per_tensor", "per_channel", "per_block"),
-    ``block_size`` and ``weight_threshold`` (weights with at most this many elements stay float)."""
-
-    mode: str = "linear_symmetric"
-    dtype: Any = "int8"
-    granularity: Any = "per_channel"
-    block_size: Any = None
-    weight_threshold: int | None = 2048
-
-    @classmethod
-    def from_dict(cls, config_dict: dict) -> "OpLinearQuantizerConfig":
-        return cls(**config_dict)
-
-    def as_layer_dict(self) -> dict:
-        mode = str(_text(self.mode)).lower()
-        # linear_symmetric is coremltools' restricted grid (int4 -7..7), pinned against quanta's default.
-        scheme = {"linear_symmetric": pinned_scheme("symmetric", PTQ_GRID), "linear": "affine"}.get(mode)
-        out = {"mode": mode} if scheme is None else {"scheme": scheme}
-        out.update({"dtype": _text(self.dtype), "granularity": str(_text(self.granularity)).lower()})
-        if out["granularity"] == "per_block":
-            out["block_size"] = self.block_size
-        if self.weight_threshold is not None:
-            # coremltools quantizes weights with *more* than weight_threshold elements;
-            # quanta skips weights with *fewer* than its threshold.
-            out["weight_threshold"] = int(self.weight_threshold) + 1
-        return out
-
-
-def _layer(value: Any):
-    if value is None:
-        return None
-    if isinstance(value, OpLinearQuantizerConfig):
-        return value.as_layer_dict()
     if isinstance(value, dict):
-        return OpLinearQuantizerConfig(**value).as_layer_dict()
-    fields = ("mode", "dtype", "granularity", "block_size", "weight_threshold")
-    if all(hasattr(value, f) for f in fields):  # coremltools' own config object
-        return OpLinearQuantizerConfig(**{f: getattr(value, f) for f in fields}).as_layer_dict()
-    raise ConfigError(f"expected an OpLinearQuantizerConfig, got {type(value).__name__}", "config")
+        try:
+            value = OpLinearQuantizerConfig(**value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc), key) from None
+    if all(hasattr(value, f) for f in ("mode", "dtype", "granularity", "block_size", "weight_threshold")):
+        return coreml_layer(value, key)
+    raise ConfigError(f"expected an OpLinearQuantizerConfig, got {type(value).__name__}", key)
 
 
 @attrs.define(kw_only=True)
@@ -100,7 +61,7 @@ class OptimizationConfig:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "OptimizationConfig":
         def conv(v):
-            return None if v is None else OpLinearQuantizerConfig.from_dict(dict(v))
+            return None if v is None else OpLinearQuantizerConfig(**dict(v))
 
         return cls(global_config=conv(config_dict.get("global_config")),
                    op_type_configs={k: conv(v) for k, v in (config_dict.get("op_type_configs") or {}).items()},
@@ -292,3 +253,21 @@ def _linear_quantize_activations(mlmodel, config, sample_data, calibration_op_gr
 
 experimental = _pytypes.SimpleNamespace(linear_quantize_activations=_linear_quantize_activations,
                                         OpActivationLinearQuantizerConfig=OpActivationLinearQuantizerConfig)
+
+
+def decompress_weights(mlmodel):
+    """coremltools' ``decompress_weights``: a new MLModel whose linearly quantized weights are float
+    consts again (quanta's dequantization; palettized or sparse weights are refused naming the op)."""
+    from quanta.plugins.coreml.decompress import decompress_weights as _decompress
+
+    return _decompress(mlmodel)
+
+
+def get_weights_metadata(mlmodel, weight_threshold: int = 2048):
+    """coremltools' ``get_weights_metadata``: ``{const name: CoreMLWeightMetaData}`` for the float weights
+    with more than ``weight_threshold`` elements (value, sparsity, unique values, consuming ops)."""
+    from quanta.plugins.coreml.decompress import weights_metadata
+
+    if isinstance(weight_threshold, bool) or not isinstance(weight_threshold, int) or weight_threshold < 0:
+        raise ConfigError(f"must be a non-negative int, got {weight_threshold!r}", "weight_threshold")
+    return weights_metadata(mlmodel, weight_threshold)

@@ -1,116 +1,30 @@
-"""coremltools' ``LayerwiseCompressor`` (GPTQ) names over ``quanta.quantize`` (algorithm ``gptq``)."""
+"""coremltools' ``LayerwiseCompressor`` (GPTQ) over ``quanta.quantize`` (algorithm ``gptq``).
+
+The config classes are coremltools' own (:mod:`quanta.compat.configs`): ``ModuleGPTQConfig``,
+``LayerwiseCompressorConfig``, ``LayerwiseCompressionAlgorithmConfig`` (``get_class`` /
+``register``) and ``ModuleSparseGPTConfig``, which builds but is refused when a compressor uses
+it (quanta has no pruning; it is never replaced by GPTQ). The config becomes a quanta recipe in
+:func:`quanta.compat.recipes.gptq_recipe`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import torch
 
-import attrs
-
-from quanta.compat.schemes import GPTQ_GRID, pinned_scheme
-from quanta._recipes.recipe import load_recipe
-from quanta._run.pipeline import quantize
+import quanta
+from quanta.compat.configs import (
+    LayerwiseCompressionAlgorithmConfig,
+    LayerwiseCompressorConfig,
+    ModuleGPTQConfig,
+    ModuleSparseGPTConfig,
+)
 from quanta.compat.convert import CompressorResult, annotate_for_coreml
-from quanta._recipes.yaml_reader import read_yaml_mapping, reject_unknown_keys, require_mapping
+from quanta.compat.ptq import as_config
+from quanta.compat.recipes import gptq_recipe
+from quanta.errors import ConfigError
 
-__all__ = ["ModuleGPTQConfig", "LayerwiseCompressorConfig", "LayerwiseCompressor"]
-
-#: coremltools' ModuleGPTQConfig defaults (note: uint8, symmetric, per-channel).
-_GPTQ_DEFAULTS = {"weight_dtype": "uint8", "granularity": "per_channel", "quantization_scheme": "symmetric"}
-
-
-@attrs.define(kw_only=True)
-class ModuleGPTQConfig:
-    """Per-module GPTQ options with coremltools' names and defaults. ``weight_dtype`` also
-    accepts a bit count (``4``), as coremltools' documentation shows."""
-
-    algorithm: str = "gptq"
-    weight_dtype: Any = "uint8"
-    granularity: Any = "per_channel"
-    quantization_scheme: Any = "symmetric"
-    block_size: Any = None
-    enable_normal_float: bool = False
-    hessian_dampening: float = 0.01
-    use_activation_order_heuristic: bool = False
-    processing_group_size: int = 128
-
-    @classmethod
-    def from_dict(cls, config_dict: dict) -> "ModuleGPTQConfig":
-        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
-        return cls(**config_dict)
-
-    def as_dict(self) -> dict:
-        out = attrs.asdict(self)
-        if out["block_size"] is None:
-            del out["block_size"]
-        out["quantization_scheme"] = pinned_scheme(out["quantization_scheme"], GPTQ_GRID)
-        return out
-
-
-def _layer(value):
-    if value is None:
-        return None
-    if isinstance(value, ModuleGPTQConfig):
-        return value.as_dict()
-    out = {**_GPTQ_DEFAULTS, **dict(value)}
-    out["quantization_scheme"] = pinned_scheme(out["quantization_scheme"], GPTQ_GRID)  # coremltools' 16 levels
-    return out
-
-
-@attrs.define(kw_only=True)
-class LayerwiseCompressorConfig:
-    """``global_config``, ``module_type_configs``, ``module_name_configs``, ``layers``,
-    ``input_cacher`` and ``calibration_nsamples``, as in coremltools."""
-
-    global_config: Any = None
-    module_type_configs: dict = attrs.field(factory=dict)
-    module_name_configs: dict = attrs.field(factory=dict)
-    layers: Any = None
-    input_cacher: str = "default"
-    calibration_nsamples: int = 128
-
-    @classmethod
-    def from_dict(cls, config_dict: dict) -> "LayerwiseCompressorConfig":
-        """Build from coremltools' dict shape; unknown keys fail naming the nearest key."""
-        config_dict = require_mapping(config_dict, f"a {cls.__name__} dict")
-        reject_unknown_keys(config_dict, sorted(f.name for f in attrs.fields(cls)))
-        cfg = cls(**config_dict)
-        cfg.to_recipe()
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, path) -> "LayerwiseCompressorConfig":
-        return cls.from_dict(read_yaml_mapping(path, what=f"{cls.__name__} file"))
-
-    def as_dict(self) -> dict:
-        glob = _layer(self.global_config)
-        if glob is None and not self.module_type_configs and not self.module_name_configs:
-            glob = _layer({})
-        out: dict[str, Any] = {"algorithm": "gptq", "global_config": glob,
-                               "input_cacher": self.input_cacher, "calibration_nsamples": self.calibration_nsamples}
-        if glob is not None:
-            glob.pop("algorithm", None)
-        # coremltools' GPTQ defaults, pinned: quanta's own gptq defaults to act-order with static groups.
-        if glob is None or "use_activation_order_heuristic" not in glob:
-            out["use_activation_order_heuristic"] = False
-        out["static_groups"] = False
-        if self.layers is not None:
-            out["layers"] = [getattr(x, "__name__", x) if isinstance(x, str) else x for x in self.layers]
-        if self.module_type_configs:
-            out["module_type_configs"] = {k: _strip(_layer(v)) for k, v in self.module_type_configs.items()}
-        if self.module_name_configs:
-            out["module_name_configs"] = {k: _strip(_layer(v)) for k, v in self.module_name_configs.items()}
-        return out
-
-    def to_recipe(self):
-        """The equivalent quanta recipe (algorithm ``gptq``; unsupported layers left float, as coremltools)."""
-        return load_recipe({**self.as_dict(), "on_unsupported_layer": "skip"})
-
-
-def _strip(layer):
-    # Per-layer GPTQ knobs are global in quanta; keep only the layer's quantization keys.
-    if layer is None:
-        return None
-    return {k: v for k, v in layer.items() if k in ("weight_dtype", "granularity", "quantization_scheme", "block_size")}
+__all__ = ["ModuleGPTQConfig", "ModuleSparseGPTConfig", "LayerwiseCompressionAlgorithmConfig",
+           "LayerwiseCompressorConfig", "LayerwiseCompressor", "GPTQ"]
 
 
 class LayerwiseCompressor(CompressorResult):
@@ -121,12 +35,9 @@ class LayerwiseCompressor(CompressorResult):
     """
 
     def __init__(self, model, config: LayerwiseCompressorConfig | dict | None = None):
-        if config is None:
-            config = LayerwiseCompressorConfig()
-        elif isinstance(config, dict):
-            config = LayerwiseCompressorConfig.from_dict(config)
-        self._model, self._config = model, config
-        self._recipe = config.to_recipe()
+        self._model = model
+        self._config = as_config(config, LayerwiseCompressorConfig)
+        self._recipe = quanta.load_recipe(gptq_recipe(self._config))
         self._result = None
 
     def compress(self, dataloader, device: str | None = None, inplace: bool = False):
@@ -135,11 +46,10 @@ class LayerwiseCompressor(CompressorResult):
         As in coremltools, ``calibration_nsamples`` counts the dataloader's items (quanta's own
         recipes count samples, the rows of the batches): the first that many items are used."""
         data, rows = _first_items(dataloader, self._config.calibration_nsamples)
-        recipe = self._recipe if rows is None else load_recipe(
-            {**self._config.as_dict(), "on_unsupported_layer": "skip", "calibration_nsamples": rows})
-        self._result = quantize(self._model, recipe, data=data, inplace=inplace, device=device)
+        recipe = self._recipe if rows is None else quanta.load_recipe(
+            {**gptq_recipe(self._config), "calibration_nsamples": rows})
+        self._result = quanta.quantize(self._model, recipe, data=data, inplace=inplace, device=device)
         return annotate_for_coreml(self._result)
-
 
 
 def _first_items(dataloader, n: int):
@@ -154,7 +64,9 @@ def _first_items(dataloader, n: int):
     from quanta._run.calibration import count_samples
     from quanta._run.data_checks import CalibrationWarning
 
-    if dataloader is None or isinstance(dataloader, (torch.Tensor, dict, str, bytes)):
+    import numpy as np
+
+    if dataloader is None or isinstance(dataloader, (torch.Tensor, np.ndarray, dict, str, bytes)):
         return dataloader, None
     try:
         items = list(itertools.islice(iter(dataloader), n))
@@ -166,3 +78,41 @@ def _first_items(dataloader, n: int):
         warnings.warn(f"calibration data has {len(items)} batch(es) but calibration_nsamples is {n} (coremltools "
                       f"counts dataloader items): using all {len(items)}", CalibrationWarning, stacklevel=3)
     return items, sum(count_samples(b) for b in items)
+
+
+class GPTQ:
+    """coremltools' per-layer ``GPTQ(layer, config)``: ``add_batch(inp, out)`` for each calibration
+    batch, then ``compress()`` quantizes ``layer`` in place (quanta's ``gptq`` on the batches seen)
+    and ``cleanup()`` drops them.
+
+    Raises ``ValueError`` (a :class:`quanta.ConfigError`) at construction when ``block_size`` does
+    not divide the layer's input channels, as coremltools does.
+    """
+
+    def __init__(self, layer: torch.nn.Module, config: ModuleGPTQConfig):
+        if not isinstance(config, ModuleGPTQConfig):
+            raise ConfigError(f"expected a ModuleGPTQConfig, got {type(config).__name__}", "config")
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.dim() < 2:
+            raise ConfigError(f"GPTQ needs a layer with a weight of rank >= 2, got {type(layer).__name__}", "layer")
+        columns = weight.flatten(1).shape[1]
+        if config.block_size is not None and columns % config.block_size:
+            raise ConfigError(f"block size {config.block_size} does not divide the {columns} input channels of "
+                              f"{type(layer).__name__}", "block_size")
+        self._layer, self._config, self._inputs = layer, config, []
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """Record one batch of the layer's inputs (``out`` is accepted and unused)."""
+        self._inputs.append(inp.detach())
+
+    def compress(self) -> None:
+        """Quantize the layer in place from the batches seen."""
+        if not self._inputs:
+            raise ConfigError("compress() before any add_batch(): GPTQ needs the layer's inputs", "add_batch")
+        recipe = gptq_recipe(LayerwiseCompressorConfig(global_config=self._config))
+        quanta.quantize(self._layer, recipe, data=list(self._inputs), inplace=True)
+        annotate_for_coreml(self._layer)
+
+    def cleanup(self) -> None:
+        """Forget the recorded inputs."""
+        self._inputs = []

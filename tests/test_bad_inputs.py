@@ -249,7 +249,7 @@ CASES = [
     ("calibrate-wrong-shape", lambda e: quanta.quantize(e.model, {"algorithm": "calibrate"}, data=[torch.randn(2, 5)]),
      DataError, r"calibration batch 0 .*does not fit"),
     ("compat-gptq-bare-tensor", lambda e: __import__("quanta.compat", fromlist=["x"]).LayerwiseCompressor(
-        e.model, {"global_config": {"weight_dtype": "int8"}}).compress(np.zeros((8, 16))), DataError, r"bare numpy"),
+        e.model, {"global_config": {"weight_dtype": "uint8"}}).compress(np.zeros((8, 16))), DataError, r"bare numpy"),
     # -- devices and the model (API) --
     ("device-cuda-without-cuda", lambda e: quanta.quantize(e.model, {}, device="cuda"), DeviceError,
      r"device 'cuda' asked for, but .*use device='cpu'"),

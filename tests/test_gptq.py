@@ -52,7 +52,7 @@ def test_seed_snippet_through_compat():
     # --- end ---
     report = quantizer.report()
     assert [r.name for r in report.layers] == ["2"]
-    assert report.layers[0].extra["method"] == "gptq" and report.layers[0].spec == "int4 symmetric(grid=full) per_block(128)"
+    assert report.layers[0].extra["method"] == "gptq" and report.layers[0].spec == "uint4 symmetric(grid=full) per_block(128)"
     assert dict(report.skipped)["0"].startswith("unsupported")  # 64 inputs, block 128: float, as coremltools
     assert "2.weight" in quanta.records(compressed_model)
 

@@ -285,11 +285,13 @@ def test_block_4_layerwise_compressor_and_plain_convert():
     qmodel = ns["compressed_model"]
     recs = quanta.records(qmodel)
     assert set(recs) == {"0.weight", "2.weight"}
-    assert int(min(r.codes.min() for r in recs.values())) == -8  # coremltools' 16-level GPTQ grid
+    # coremltools' 16-level GPTQ grid: weight_dtype 4 is "uint4" (codes 0..15, zero point 8), as coremltools means it
+    assert int(min(r.codes.min() for r in recs.values())) == 0
+    assert all(int(r.zero_point.min()) == int(r.zero_point.max()) == 8 for r in recs.values())
     assert qmodel.coreml_minimum_deployment_target == ct.target.iOS18
     mlmodel = _convert(qmodel, torch.randn(1, 128), ct.target.iOS18)
     assert _check_stored(mlmodel, qmodel) == 2
-    assert all(w.op_type == "constexpr_blockwise_shift_scale" and w.dtype == "int4"
+    assert all(w.op_type == "constexpr_blockwise_shift_scale" and w.dtype == "uint4"
                for w in read_compressed_weights(mlmodel).values())
 
 

@@ -78,7 +78,9 @@ def structure_layer(raw: Any, type_: Any = QuantSpec) -> QuantSpec | None:
         elif field == "scheme":
             v = str(getattr(v, "value", v))  # coremltools' QuantizationScheme enum
         if field == "block_size" and isinstance(v, (tuple, list)):
-            v = _block_size_from_tuple(v, k)
+            out_block, v = _block_sizes_from_tuple(v, k)
+            if out_block is not None:
+                fields["output_block_size"] = out_block
         if field in fields and fields[field] != v:
             raise ConfigError(f"conflicts with another key setting {field!r} ({fields[field]!r})", k)
         fields[field], written[field] = v, k
@@ -140,15 +142,15 @@ def _plugin_option_hint(k: str, raw: Mapping) -> str:
     return ""
 
 
-def _block_size_from_tuple(value: Any, key: str) -> int:
-    # coremltools' tuple form (output_block, input_block); quanta blocks the input axis only.
+def _block_sizes_from_tuple(value: Any, key: str) -> tuple[int | None, Any]:
+    # coremltools' tuple form: (input_block,) or (output_block, input_block); 0/1 on the output axis = one
+    # scale row per output channel. Returns (output_block_size or None, block_size).
     vals = list(value)
     if len(vals) == 1:
-        return vals[0]
-    if len(vals) == 2 and vals[0] in (0, 1):
-        return vals[1]
-    raise ConfigError(f"block_size {tuple(value)!r}: only blocks along the input axis are supported (an int, or (1, n))",
-                      key)
+        return None, vals[0]
+    if len(vals) == 2:
+        return (None if vals[0] in (0, 1) else vals[0]), vals[1]
+    raise ConfigError(f"block_size {tuple(value)!r}: give an int, (input_block,) or (output_block, input_block)", key)
 
 
 def _check_plugin(kind: str, name: str, key: str) -> None:

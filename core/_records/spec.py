@@ -139,6 +139,10 @@ class QuantSpec:
     axis: int | None = attrs.field(
         default=None, metadata=_doc("output-channel axis; None lets the backend choose (0, or 1 for ConvTranspose)")
     )
+    output_block_size: int | None = attrs.field(
+        default=None, metadata=_doc("per_block only: output channels sharing one scale (a 2-D block with "
+                                    "block_size; None = 1, one scale row per output channel)")
+    )
     observer: str = attrs.field(default="minmax", metadata=_doc("observer plugin name choosing the range: 'minmax', 'mse', 'percentile'"))
     scheme_config: Any = attrs.field(
         default=None, metadata=_doc("the scheme's options (an instance of its config_class), None for its defaults"))
@@ -161,6 +165,16 @@ class QuantSpec:
                 "block_size",
             )
 
+    @output_block_size.validator
+    def _check_output_block_size(self, _attr, value):
+        if value is None:
+            return
+        if self.granularity is not Granularity.per_block:
+            raise ConfigError(f"output_block_size={value!r} is only allowed with granularity 'per_block' "
+                              f"(got {self.granularity.value!r})", "output_block_size")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ConfigError(f"output_block_size must be a positive integer, got {value!r}", "output_block_size")
+
     @weight_threshold.validator
     def _check_threshold(self, _attr, value):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
@@ -169,6 +183,8 @@ class QuantSpec:
     def describe(self) -> str:
         """Short human form, e.g. ``"int4 symmetric(grid=full) per_block(32) mse"``."""
         gran = f"per_block({self.block_size})" if self.granularity is Granularity.per_block else self.granularity.value
+        if self.output_block_size not in (None, 1):
+            gran = f"per_block({self.output_block_size}x{self.block_size})"
         obs = "" if self.observer == "minmax" and self.observer_config is None else \
             f" {self.observer}{_options_text(self.observer_config)}"
         return f"{self.dtype} {self.scheme}{_options_text(self.scheme_config)} {gran}{obs}"
@@ -201,4 +217,11 @@ class QuantSpec:
                     layer,
                 )
             sizes[input_axis] = self.block_size
+            n_out, out_block = shape[axis], self.output_block_size or 1
+            if out_block > 1:
+                if n_out % out_block != 0:
+                    raise QuantizationError(
+                        f"output_block_size {out_block} does not divide the output axis (size {n_out}) of weight "
+                        f"{tuple(shape)}; or use per_channel for this layer", layer)
+                sizes[axis] = out_block
         return sizes

@@ -252,6 +252,9 @@ class GPTQ(Algorithm):
             if layer.spec.granularity is Granularity.per_tensor:
                 raise ConfigError(f"gptq supports per_channel and per_block, not per_tensor (layer {layer.name!r})",
                                   "granularity")
+            if layer.spec.output_block_size not in (None, 1):
+                raise ConfigError(f"gptq blocks the input axis only; output_block_size {layer.spec.output_block_size} "
+                                  f"(a 2-D block) is not supported (layer {layer.name!r})", "block_size")
 
     def run(self, model, plan, data, context) -> None:
         cfg: GPTQConfig = self.config
