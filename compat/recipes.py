@@ -186,7 +186,7 @@ def qat_options(cfg, key: str) -> dict:
 
 def qat_recipe(config) -> dict:
     """``LinearQuantizerConfig`` -> a quanta ``qat`` recipe dict."""
-    from quanta.compat.configs import ModuleLinearQuantizerConfig
+    from coremltools.optimize.torch.quantization.quantization_config import ModuleLinearQuantizerConfig
 
     glob = config.global_config or ModuleLinearQuantizerConfig()
     options = qat_options(glob, "global_config")
