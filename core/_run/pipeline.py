@@ -190,12 +190,12 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
 
     everything = len(stages) > 1 or any(algo.changes == "model" for algo in algorithms)
     all_units = [p.unit for p in plans[0].selected]
+    share = tuple(all_units) if len(stages) == 1 and algorithms[0].shares_float_weights else ()
     if inplace:
         target = model
         with plugin_code(impl):
-            snapshot = impl.snapshot(model, all_units, everything=everything)
+            snapshot = impl.snapshot(model, all_units, everything=everything, share=share)
     else:
-        share = tuple(all_units) if len(stages) == 1 and algorithms[0].shares_float_weights else ()
         with plugin_code(impl):
             target = impl.copy(model, share=share)
         snapshot = None

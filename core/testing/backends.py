@@ -46,7 +46,8 @@ def check_backend(backend: Backend, model: Any) -> None:
       original's weights untouched;
     - write/read round trip: after ``write(copy, unit, record)``, ``read_weight`` gives
       ``record.dequantize()`` in the weight's dtype;
-    - ``snapshot``/``restore`` (``everything`` False and True) bring every weight back exactly;
+    - ``snapshot``/``restore`` (``everything`` False, with and without ``share``, and True) bring
+      every weight back exactly;
     - a declared ``priority`` is an int and ``grids`` a non-empty frozenset of ``GRIDS``;
       ``compute_dtype`` is a float dtype.
     """
@@ -103,11 +104,11 @@ def _check(backend: Backend, model: Any) -> None:
             check(torch.equal(got, want), backend, f"write/read round trip: after write(), read_weight({u.name!r}) is "
                                                    "not the record's dequantized values")
 
-    for everything in (False, True):
+    for everything, shared in ((False, False), (False, True), (True, False)):
         work = backend.copy(model)
         work_units = backend.units(work)
         before = _weights(backend, work, work_units)
-        snap = backend.snapshot(work, work_units, everything=everything)
+        snap = backend.snapshot(work, work_units, everything=everything, share=tuple(work_units) if shared else ())
         for u in work_units:
             backend.write(work, u, _record(backend, work, u))
         backend.restore(work, snap)
