@@ -3,6 +3,7 @@ pickle (the format: :mod:`quanta._files.saved_format`; ``docs/saving.md``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from contextlib import ExitStack
@@ -57,7 +58,9 @@ def _weight_files(path: Path) -> dict[str, str]:
         return {k: WEIGHTS_NAME for k in fh.keys()}
 
 
-def _rebuild(path: Path, config: dict) -> torch.nn.Module:
+def _rebuild(path: Path, config: dict, empty: bool = True) -> torch.nn.Module:
+    """The model ``config`` records how to build; ``empty``: transformers classes get their
+    parameters on the meta device (see :func:`_parameters_on_meta`)."""
     rebuild = config.get("rebuild") or {}
     if "transformers" in rebuild:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,7 +71,13 @@ def _rebuild(path: Path, config: dict) -> torch.nn.Module:
             raise SavedModelError(f"transformers has no class {rebuild['transformers']!r} "
                                   f"(installed transformers {transformers.__version__})", "rebuild")
         hf_config = transformers.AutoConfig.from_pretrained(str(path))
-        return cls._from_config(hf_config).eval()
+        if not empty:
+            return cls._from_config(hf_config).eval()
+        with _parameters_on_meta():  # no random init
+            model = cls._from_config(hf_config).eval()
+            if callable(getattr(model, "tie_weights", None)):
+                model.tie_weights()  # init_weights, skipped, also ties (lm_head to the embedding)
+        return model
     if "factory" in rebuild:
         factory = rebuild["factory"]
         from quanta._files.sources import import_callable
@@ -86,6 +95,56 @@ def _rebuild(path: Path, config: dict) -> torch.nn.Module:
                           "pass model=<a fresh instance of that class> to quanta.load, or save it with "
                           "quanta.save(..., rebuild={'factory': 'package.module:function'}) (the CLI records it when "
                           "the recipe's model: names a function)")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory, no random init) and
+    their buffers where they would be (non-persistent buffers such as rotary frequencies are
+    computed, not saved). :func:`_materialize` then gives the parameters real, uninitialised
+    memory for the file's values to replace."""
+    original = torch.nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register_parameter
+    try:
+        with _transformers_no_init():
+            yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _transformers_no_init():
+    """transformers' own switch that skips ``init_weights`` (which would still walk every meta
+    parameter), or nothing where this transformers has none."""
+    import sys
+
+    init = sys.modules.get("transformers.initialization")
+    no_init = getattr(init, "no_init_weights", None)
+    return no_init() if no_init is not None else contextlib.nullcontext()
+
+
+def _materialize(model: torch.nn.Module) -> None:
+    """Replace every meta parameter of ``model`` by an uninitialised CPU one (tied parameters
+    stay tied). ``torch.empty`` reserves memory without touching it: the load's values then
+    replace it, so building the model costs no pass over its weights."""
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                         requires_grad=param.requires_grad)
+                module._parameters[name] = made[id(param)]
+
+
+def _unrestored_parameters(model: torch.nn.Module, restored: set[str]) -> list[str]:
+    """Parameters of ``model`` no saved tensor will fill (only with ``strict=False``)."""
+    return [k for k, _ in model.named_parameters(remove_duplicate=False) if k not in restored]
 
 
 def _owner(model: torch.nn.Module, key: str, what: str) -> tuple[torch.nn.Module, str]:
@@ -136,7 +195,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
     path = Path(path)
     config = read_config(path)
     files = _weight_files(path)
-    if model is None:
+    rebuilt = model is None
+    if rebuilt:
         model = _rebuild(path, config)
     elif not isinstance(model, torch.nn.Module):
         raise SavedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}", "model")
@@ -156,6 +216,11 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
 
         _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys,
                       lambda key: tuple(handles[files[key]].get_slice(key).get_shape()), strict)
+        if rebuilt and any(p.is_meta for p in model.parameters()):
+            if _unrestored_parameters(model, set(plain_keys) | set(rec_meta) | set(aliases)):
+                model = _rebuild(path, config, empty=False)  # strict=False: what the file lacks keeps its init
+            else:
+                _materialize(model)
         for key in plain_keys:
             _set_tensor(model, key, tensor(key), key in buffer_keys, key in declared)
         for name, meta in rec_meta.items():
