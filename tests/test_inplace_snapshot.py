@@ -38,3 +38,21 @@ def test_inplace_rtn_equals_copy_mode():
     assert same is model
     for a, b in zip(copied.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_gptq_shares_float_weights_and_leaves_the_model_untouched():
+    """gptq's working copy shares the float weights (no copy); dead inputs (a zero column of
+    the calibration data) must not be zeroed in the user's weights."""
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randn(8, 64) for _ in range(2)]
+    for x in data:
+        x[:, :4] = 0  # four inputs never fire
+    out = quanta.quantize(model, {"algorithm": "gptq", "global_config": {"dtype": "int4", "block_size": 32,
+                                                                          "granularity": "per_block"}}, data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(out[0].weight, model[0].weight)
+    same = quanta.quantize(model, {"algorithm": "gptq", "global_config": {"dtype": "int4", "block_size": 32,
+                                                                           "granularity": "per_block"}}, data,
+                           inplace=True)
+    assert same is model and torch.equal(same[0].weight, out[0].weight)

@@ -195,6 +195,9 @@ class GPTQ(Algorithm):
     description = "GPTQ: Hessian-based, layer-wise weight quantization from calibration data"
     config_class = GPTQConfig
     needs_data = True
+    #: Weights are read (forwards, the solver works on its own copies) and replaced through the
+    #: backend, never written in place: the working copy shares the float weights' storage.
+    shares_float_weights = True
     #: What coremltools' LayerwiseCompressor quantizes from its global_config.
     global_types = {"torch": ("Conv2d", "Linear")}
 
@@ -242,10 +245,17 @@ class GPTQ(Algorithm):
                 home = _device_of(block)
                 block.to(device)
                 if mine:
+                    # A block that is itself the only layer (a Sequential's Linear): its Hessian needs
+                    # only the cached inputs, not a forward through it.
+                    direct = list(mine) == [block] and not block._forward_pre_hooks and all(
+                        not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) for args, kwargs in cache)
                     hooks = {m: _HessianHook(m, device) for m in mine}
                     try:
                         for args, kwargs in cache:
-                            block(*args, **_fresh_state(kwargs))
+                            if direct:
+                                hooks[block]._hook(block, args)
+                            else:
+                                block(*args, **_fresh_state(kwargs))
                         self._solve(model, mine, hooks, cfg, device, context)
                     finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
                         _remove_hooks(hooks)
