@@ -52,6 +52,8 @@ _LAZY = {
     "LayerReport": "quanta._run.report", "Report": "quanta._run.report",
     "Granularity": "quanta._records.spec", "QuantDtype": "quanta._records.spec", "QuantSpec": "quanta._records.spec",
     "quantize_weight": "quanta._records.weights",
+    "scheme_for": "quanta._records.weights", "observer_for": "quanta._records.weights",
+    "atomic_file": "quanta._files.atomic", "atomic_dir": "quanta._files.atomic",
     "save": "quanta._files.saving", "load": "quanta._files.saving", "SavedModelError": "quanta._files.saving",
 }
 
@@ -69,7 +71,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from quanta._run.report import LayerReport, Report
     from quanta._records.spec import Granularity, QuantDtype, QuantSpec
     from quanta._files.saving import SavedModelError, load, save
-    from quanta._records.weights import quantize_weight
+    from quanta._files.atomic import atomic_dir, atomic_file
+    from quanta._records.weights import observer_for, quantize_weight, scheme_for
 
 
 def __getattr__(name: str):
@@ -95,6 +98,7 @@ __all__ = [
     "quantize", "plan", "Quantizer", "export", "verify", "save", "load", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
     "Report", "LayerReport", "hookimpl", "hookspec", "contracts", "RunContext", "Unit",
+    "registry", "errors", "record", "testing", "scheme_for", "observer_for", "atomic_file", "atomic_dir",
     "QuantaError", "ConfigError", "PluginNotFoundError", "PluginLoadError", "PluginContractError", "PluginError",
     "PluginWarning",
     "DuplicatePluginError", "QuantizationError", "DestinationError", "DestinationExistsError",

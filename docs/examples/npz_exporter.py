@@ -6,7 +6,7 @@ import attrs
 import numpy as np
 
 import quanta
-from quanta._files.atomic import atomic_file
+from quanta import atomic_file
 from quanta.contracts import Exporter
 from quanta.errors import ConfigError
 
