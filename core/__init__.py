@@ -51,8 +51,8 @@ _LAZY = {
     "QuantizedWeight": "quanta.record", "read_record": "quanta.record", "records": "quanta.record",
     "LayerReport": "quanta._run.report", "Report": "quanta._run.report",
     "Granularity": "quanta._records.spec", "QuantDtype": "quanta._records.spec", "QuantSpec": "quanta._records.spec",
-    "quantize_weight": "quanta._records.weights",
-    "scheme_for": "quanta._records.weights", "observer_for": "quanta._records.weights",
+    "quantize_weight": "quanta._run.weights",
+    "scheme_for": "quanta._run.weights", "observer_for": "quanta._run.weights",
     "atomic_file": "quanta._files.atomic", "atomic_dir": "quanta._files.atomic",
     "save": "quanta._files.saving", "load": "quanta._files.saving", "SavedModelError": "quanta._files.saving",
 }
@@ -72,7 +72,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from quanta._records.spec import Granularity, QuantDtype, QuantSpec
     from quanta._files.saving import SavedModelError, load, save
     from quanta._files.atomic import atomic_dir, atomic_file
-    from quanta._records.weights import observer_for, quantize_weight, scheme_for
+    from quanta._run.weights import observer_for, quantize_weight, scheme_for
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ from types import ModuleType
 MOVED = {
     "config": "_recipes.recipe", "options": "_recipes.options", "recipe_yaml": "_recipes.yaml_reader",
     "planning": "_recipes.planning",
-    "spec": "_records.spec", "qmath": "_records.qmath", "weights": "_records.weights",
+    "spec": "_records.spec", "qmath": "_records.qmath", "weights": "_run.weights",
     "packing": "_records.packing",
     "pipeline": "_run.pipeline", "context": "_run.context", "quantizer": "_run.quantizer",
     "guard": "_run.guard", "calibration": "_run.calibration", "preflight": "_run.preflight",

@@ -59,8 +59,8 @@ class QuantizedWeight:
         ``scheme.dequantize(codes, scale, zero_point)`` per group, or ``scheme.dequantize_lut``
         when the record carries a lookup table. For the affine grid that is
         ``(codes - zero_point) * scale``."""
-        from quanta._run.guard import plugin_code
-        from quanta._records.weights import scheme_for
+        from quanta.registry.guard import plugin_code
+        from quanta.registry.lookup import scheme_for
 
         scheme = scheme_for(self.spec)
         sizes = list(self.block_sizes)

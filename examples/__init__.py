@@ -18,7 +18,10 @@ from typing import Any, Callable
 import attrs
 import torch
 
+from quanta.contracts.hooks import hookimpl
 from quanta.errors import ConfigError, did_you_mean
+
+from .common import Example, corpus_sentences
 
 __all__ = ["Example", "EXAMPLES", "load_example", "SENTENCES", "corpus_sentences", "minilm_path", "mean_pool"]
 
@@ -56,34 +59,6 @@ SENTENCES = [
     "Solar panels convert sunlight directly into electricity.",
     "Don't forget to bring an umbrella, it looks like rain.",
 ]
-
-
-def corpus_sentences() -> list[str]:
-    """About a thousand real English sentences from the Python language reference that ships
-    with CPython (``pydoc_data.topics``), in a fixed order: offline calibration and evaluation text."""
-    import re
-
-    from pydoc_data import topics
-
-    text = re.sub(r"\s+", " ", " ".join(topics.topics[k] for k in sorted(topics.topics)))
-    sentences = re.split(r"(?<=[.!?])\s+", text)
-    return [s for s in sentences
-            if 40 <= len(s) <= 200 and re.match(r"^[A-Z][a-z]", s) and not re.search(r"[{}\[\]=<>:_*`|\\]", s)]
-
-
-@attrs.frozen(kw_only=True)
-class Example:
-    """A built-in example: ``model``, calibration ``data`` (list of inputs), ``example_inputs``
-    for exporters (a tuple of tensors, or a dict of keyword inputs such as ``input_ids`` and
-    ``attention_mask``), and ``evaluate(float_model, quantized_model) -> str``."""
-
-    name: str
-    model: torch.nn.Module
-    data: list
-    example_inputs: Any
-    evaluate: Callable[[torch.nn.Module, torch.nn.Module], str]
-    #: the folder holding the model's tokenizer files (copied by ``quanta.save``), or None
-    tokenizer_dir: str | None = None
 
 
 def minilm_path() -> str:
@@ -178,3 +153,9 @@ def load_example(name: str) -> Example:
         raise ConfigError(f"unknown example {name!r}{did_you_mean(name, EXAMPLES)} (available: {', '.join(EXAMPLES)})",
                           "model")
     return EXAMPLES[name]()
+
+
+@hookimpl
+def example_models() -> dict[str, Callable[[], Example]]:
+    """The built-in examples, offered to ``quanta`` commands and recipes by name (``model: minilm``)."""
+    return dict(EXAMPLES)

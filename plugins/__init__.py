@@ -16,4 +16,5 @@ BUILTIN_PLUGINS = (
     "quanta.plugins.coreml.exporter",
     "quanta.plugins.compressed_tensors",
     "quanta.plugins.coreml.backend",
+    "quanta.examples",  # the example models (example_models hook)
 )

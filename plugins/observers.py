@@ -12,6 +12,24 @@ from quanta.errors import ConfigError
 __all__ = ["MinMaxObserver", "MSEObserver", "PercentileObserver"]
 
 
+class StreamingMinMax(torch.nn.Module):
+    """Running minimum and maximum over every batch seen. ``forward(x)``: any shape, returns None."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    @property
+    def observed(self) -> bool:
+        return bool(torch.isfinite(self.min_val))
+
+    def forward(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(x.detach())
+        torch.minimum(self.min_val, lo.float(), out=self.min_val)
+        torch.maximum(self.max_val, hi.float(), out=self.max_val)
+
+
 class MinMaxObserver(Observer):
     """The exact minimum and maximum of each group (what coremltools uses)."""
 
@@ -22,6 +40,10 @@ class MinMaxObserver(Observer):
     def observe(self, values, spec, scheme):
         # Two reductions: torch.aminmax along rows is several times slower on CPU.
         return values.amin(dim=1), values.amax(dim=1)
+
+    def streaming(self, spec=None) -> torch.nn.Module:
+        """For activations: the running minimum and maximum over every batch seen."""
+        return StreamingMinMax()
 
 
 @attrs.frozen(kw_only=True)

@@ -1,33 +1,46 @@
-"""The plugin registry: a pluggy PluginManager plus lookup of contributions by kind and name."""
+"""The plugin registry: a pluggy PluginManager plus lookup of contributions by kind and name.
+
+Every hook goes through pluggy. The registration hooks are historic (pytest's ``call_historic``
+pattern): the registry calls each once, with a :class:`~quanta.contracts.hooks.Registrar`, and
+pluggy replays that call for each plugin as it is registered. ``check_pending`` refuses a hook
+implementation whose name no spec has, naming the nearest hook. Event-hook implementations are
+isolated as pluggy registers them, so a failing listener becomes a ``PluginWarning``.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
 import os
-import re
 import threading
+import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from functools import wraps
+from typing import Any, Callable, Iterator
 
 import attrs
 import pluggy
 
 from quanta.contracts import hooks as hookspecs
-from quanta.contracts import GRIDS, KINDS as _KIND_TABLE, Algorithm
+from quanta.contracts import KINDS as _KIND_TABLE
+from quanta.contracts.hooks import Registrar
 from quanta.errors import (
     DuplicatePluginError,
     PluginContractError,
     PluginLoadError,
     PluginNotFoundError,
+    PluginWarning,
+    did_you_mean,
 )
+
+from .checks import abstract_contributions, check_contract, incomplete
+from .tracing import trace_hook_calls, tracing_requested
 
 __all__ = ["KINDS", "PluginEntry", "FieldInfo", "PluginFailure", "Registry", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "quanta"
 #: The plugin kind names, from the one table of kinds (``quanta.contracts.KINDS``).
 KINDS = tuple(_KIND_TABLE)
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 
 
 @attrs.frozen(kw_only=True)
@@ -44,7 +57,7 @@ class PluginEntry:
     distribution: str
     version: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": self.kind, "description": self.description,
             "plugin": self.plugin, "distribution": self.distribution, "version": self.version,
@@ -71,7 +84,7 @@ class PluginFailure:
     version: str | None
     error: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"plugin": self.plugin, "distribution": self.distribution, "version": self.version, "error": self.error}
 
 
@@ -82,22 +95,65 @@ def _quanta_version() -> str:
         return "0+unknown"
 
 
+def _isolated(function: Callable[..., Any], hook_name: str, plugin_name: str) -> Callable[..., Any]:
+    """``function`` (an event-hook implementation) with its exceptions turned into a PluginWarning."""
+    @wraps(function)
+    def isolated(*args: Any, **kwargs: Any) -> None:
+        try:
+            function(*args, **kwargs)
+        except Exception as exc:  # isolate: an event listener never stops the run
+            warnings.warn(f"plugin {plugin_name!r} failed in its {hook_name} hook and was skipped: "
+                          f"{type(exc).__name__}: {exc}", PluginWarning, stacklevel=2)
+    return isolated
+
+
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's PluginManager whose event-hook implementations are isolated as they register:
+    pluggy calls each through a guard, so one failing listener cannot stop the others or the run."""
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        plugin_name = super().register(plugin, name)
+        if plugin_name is not None:
+            for hook_name in hookspecs.EVENT_HOOKS:
+                for impl in getattr(self.hook, hook_name).get_hookimpls():
+                    if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                        impl.function = _isolated(impl.function, hook_name, plugin_name)
+        return plugin_name
+
+
+@attrs.define
+class _Adding:
+    """The plugin being registered: where its contributions come from, and what it added so far."""
+
+    plugin: str
+    distribution: str
+    version: str
+    added: list[PluginEntry] = attrs.Factory(list)
+
+
 class Registry:
     """Holds the PluginManager and every contribution, keyed by kind then name.
 
     Loading is lazy and happens once, on first lookup: the built-ins of
     ``quanta.plugins.BUILTIN_PLUGINS``, then the entry-point group ``quanta`` unless
     ``QUANTA_DISABLE_PLUGIN_AUTOLOAD=1``; ``QUANTA_PLUGINS=a,b`` loads only those entry points.
+    ``QUANTA_TRACE_PLUGINS=1`` prints every hook call to stderr.
     """
 
-    def __init__(self, autoload: bool | None = None):
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+    def __init__(self, autoload: bool | None = None) -> None:
+        self.pm = _PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        if tracing_requested():
+            trace_hook_calls(self.pm)
         self._autoload = autoload
         self._entries: dict[str, dict[str, PluginEntry]] = {k: {} for k in KINDS}
         self._failures: list[PluginFailure] = []
         self._loaded = False
         self._lock = threading.RLock()
+        self._adding: _Adding | None = None
+        for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
+            # Historic: pluggy replays this call for every plugin registered from now on.
+            getattr(self.pm.hook, hook_name).call_historic(kwargs={"register": Registrar(kind, self._contribute)})
 
     # -- loading -----------------------------------------------------------------------
     def ensure_loaded(self) -> None:
@@ -159,42 +215,72 @@ class Registry:
                    version: str = "") -> str:
         """Register a plugin object (module or instance with ``@hookimpl`` functions).
 
-        Its registration hooks are called at once; if any contribution breaks a contract or
-        duplicates a name, nothing of this plugin stays registered and the error is raised.
-        Returns the plugin name.
+        pluggy calls its registration hooks at once (they are historic); if any contribution
+        breaks a contract or duplicates a name, or the plugin implements a hook that does not
+        exist, nothing of this plugin stays registered and the error is raised. Returns the
+        plugin name.
         """
         self.ensure_loaded()  # built-ins first, so duplicates are caught (no-op while loading)
         with self._lock:
-            plugin_name = self.pm.register(obj, name=name)
-            if plugin_name is None:
-                raise PluginContractError(f"plugin {name or obj!r} is already registered or blocked")
-            added: list[PluginEntry] = []
+            plugin_name = name or self.pm.get_canonical_name(obj)
+            if self.pm.is_registered(obj) or self.pm.has_plugin(plugin_name) or self.pm.is_blocked(plugin_name):
+                raise PluginContractError(f"plugin {plugin_name!r} is already registered or blocked")
+            adding = self._adding = _Adding(plugin_name, distribution, version)
             try:
-                for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
-                    for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                        if impl.plugin is not obj:
-                            continue
-
-                        def register(contribution, _kind=kind):
-                            entry = self._check(_kind, contribution, plugin_name, distribution, version)
-                            self._entries[_kind][entry.name] = entry
-                            added.append(entry)
-
-                        try:
-                            impl.function(register=register)
-                        except TypeError as exc:
-                            if "abstract" not in str(exc):
-                                raise
-                            raise PluginContractError(
-                                f"plugin {plugin_name!r} (distribution {distribution}) registered an incomplete "
-                                f"{kind}: {exc}; implement every abstract method of quanta.contracts."
-                                f"{_KIND_TABLE[kind].base.__name__} (docs/plugins.md)") from None
-            except BaseException:
-                for entry in added:
+                self.pm.register(obj, name=plugin_name)
+                self.pm.check_pending()
+            except BaseException as exc:
+                for entry in adding.added:
                     self._entries[entry.kind].pop(entry.name, None)
-                self.pm.unregister(obj)
+                problem = self._registration_problem(obj, plugin_name, distribution, exc)
+                if self.pm.is_registered(obj):
+                    self.pm.unregister(obj)
+                if problem is not None:
+                    raise problem from (None if isinstance(exc, pluggy.PluginValidationError) else exc)
                 raise
+            finally:
+                self._adding = None
             return plugin_name
+
+    def _contribute(self, kind: str, contribution: Any) -> None:
+        """What a :class:`Registrar` calls: check ``contribution`` and add it for the plugin being registered."""
+        adding = self._adding
+        if adding is None:
+            raise PluginContractError(f"register() for a {kind} was called outside a registration hook; "
+                                      "call it inside register_schemes(register) and the like")
+        where = f"plugin {adding.plugin!r} (distribution {adding.distribution})"
+        description = check_contract(kind, contribution, where)
+        existing = self._entries[kind].get(contribution.name)
+        if existing is not None:
+            raise DuplicatePluginError(
+                f"{kind} {contribution.name!r} from {where} duplicates the one from plugin {existing.plugin!r} "
+                f"(distribution {existing.distribution}); rename one of them")
+        entry = PluginEntry(kind=kind, name=contribution.name, description=description,
+                            config_class=contribution.config_class, obj=contribution, plugin=adding.plugin,
+                            distribution=adding.distribution, version=adding.version or "")
+        self._entries[kind][entry.name] = entry
+        adding.added.append(entry)
+
+    def _registration_problem(self, obj: Any, plugin_name: str, distribution: str,
+                              exc: BaseException) -> PluginContractError | None:
+        """The PluginContractError that explains why registering ``obj`` failed, or None to re-raise ``exc``."""
+        where = f"plugin {plugin_name!r} (distribution {distribution})"
+        if isinstance(exc, pluggy.PluginValidationError):
+            known = sorted(name for name in dir(self.pm.hook) if not name.startswith("_")
+                           and getattr(self.pm.hook, name).has_spec())
+            unknown = sorted(caller.name for caller in (self.pm.get_hookcallers(obj) or [])
+                             if not caller.has_spec())
+            if unknown:
+                return PluginContractError(
+                    f"{where} implements the hook {unknown[0]!r}, which quanta does not have"
+                    f"{did_you_mean(unknown[0], known)} (hooks: {', '.join(known)}; docs/plugins.md)")
+            return PluginContractError(f"{where}: {' '.join(str(exc).split())}")
+        if isinstance(exc, TypeError):
+            candidates = abstract_contributions(exc.__traceback__)
+            if candidates:
+                kind, classes = next(iter(candidates.items()))
+                return incomplete(where, kind, classes)
+        return None
 
     def remove_plugin(self, obj_or_name: Any) -> None:
         """Unregister a plugin and every contribution it made."""
@@ -216,36 +302,6 @@ class Registry:
             yield plugin_name
         finally:
             self.remove_plugin(obj)
-
-    def _check(self, kind, contribution, plugin, distribution, version) -> PluginEntry:
-        where = f"plugin {plugin!r} (distribution {distribution})"
-        base = _KIND_TABLE[kind].base
-        if not isinstance(contribution, base):
-            raise PluginContractError(
-                f"{where} registered {contribution!r} as a {kind}, but it is not an instance of a subclass of "
-                f"quanta.contracts.{base.__name__}. Since quanta 0.2 every contribution subclasses its kind's "
-                f"class, which declares the required and optional methods: write "
-                f"`class MyPlugin(quanta.contracts.{base.__name__})` (docs/plugins.md, 'Updating a plugin')")
-        name = contribution.name
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise PluginContractError(f"{where} registered a {kind} without a valid 'name' (got {name!r})")
-        desc = contribution.description
-        if not isinstance(desc, str) or not desc.strip():
-            raise PluginContractError(f"{where}: {kind} {name!r} needs a one-line 'description'")
-        config_class = contribution.config_class
-        if config_class is not None and not (isinstance(config_class, type) and attrs.has(config_class)):
-            raise PluginContractError(f"{where}: {kind} {name!r} config_class must be an attrs class")
-        problem = _declared_problem(kind, contribution)
-        if problem:
-            raise PluginContractError(f"{where}: {kind} {name!r} {problem}")
-        existing = self._entries[kind].get(name)
-        if existing is not None:
-            raise DuplicatePluginError(
-                f"{kind} {name!r} from {where} duplicates the one from plugin {existing.plugin!r} "
-                f"(distribution {existing.distribution}); rename one of them"
-            )
-        return PluginEntry(kind=kind, name=name, description=desc.strip().splitlines()[0], config_class=config_class,
-                           obj=contribution, plugin=plugin, distribution=distribution, version=version or "")
 
     # -- lookup ---------------------------------------------------------------------------
     def _kind(self, kind: str) -> dict[str, PluginEntry]:
@@ -308,40 +364,8 @@ class Registry:
         return {attr: getattr(entry.obj, attr) for attr in _KIND_TABLE[kind].declared}
 
     @property
-    def hook(self):
+    def hook(self) -> pluggy.HookRelay:
         """The pluggy hook relay, for firing event hooks: ``registry.hook.layer_quantized(...)``."""
         self.ensure_loaded()
         return self.pm.hook
 
-
-def _declared_problem(kind: str, c: Any) -> str | None:
-    """What is wrong with the declared capabilities of contribution ``c`` of ``kind``, or None."""
-    def bad_grids(grids):
-        return not isinstance(grids, frozenset) or not grids or not grids <= set(GRIDS)
-
-    if kind == "scheme" and c.grid not in GRIDS:
-        return f"declares grid {c.grid!r}; allowed: {', '.join(GRIDS)}"
-    if kind == "backend":
-        if isinstance(c.priority, bool) or not isinstance(c.priority, int):
-            return f"priority must be an int, got {c.priority!r}"
-        if bad_grids(c.grids):
-            return f"grids must be a non-empty frozenset of {', '.join(GRIDS)}, got {c.grids!r}"
-    if kind == "exporter":
-        if c.suffix is not None and not (isinstance(c.suffix, str) and c.suffix.startswith(".")):
-            return f"suffix must be None or a string starting with '.', got {c.suffix!r}"
-        if bad_grids(c.grids):
-            return f"grids must be a non-empty frozenset of {', '.join(GRIDS)}, got {c.grids!r}"
-    if kind == "algorithm":
-        if c.changes not in ("weights", "model"):
-            return f"declares changes={c.changes!r}; allowed: 'weights', 'model'"
-        if c.training_loop and type(c).session is Algorithm.session:
-            return "declares training_loop = True but does not implement session()"
-        def type_names(value) -> bool:
-            return isinstance(value, tuple) and all(isinstance(t, str) for t in value)
-
-        types = c.global_types
-        if types is not None and not (type_names(types) or (
-                isinstance(types, Mapping) and all(isinstance(k, str) and type_names(v) for k, v in types.items()))):
-            return (f"global_types must be None, a tuple of type names or a mapping of backend name -> tuple, "
-                    f"got {types!r}")
-    return None

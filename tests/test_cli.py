@@ -113,12 +113,10 @@ def test_plugins_prints_no_third_party_noise():
 
 def test_every_argument_has_help_and_choices_are_listed():
     from quanta._cli import build_parser
-    from quanta._cli.parser import KINDS, TARGETS
-    from quanta.plugins.coreml.targets import TARGETS as CT_TARGETS
+    from quanta._cli.parser import KINDS
 
     assert set(KINDS) == set(quanta_registry_kinds())
-    assert set(TARGETS) == {n for pair in CT_TARGETS.values() for n in pair}
-    parser = build_parser()
+    parser = build_parser(["export"])  # export's --target comes from the coreml exporter plugin
     subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     for name, sub in subparsers.choices.items():
         for action in sub._actions:

@@ -223,3 +223,20 @@ def test_transformers_and_saved_directories_as_model_sources(tmp_path):
         (tmp_path / "empty").mkdir()
         load_model(str(tmp_path / "empty"))
 
+
+
+def test_a_plugin_offers_an_example_model(register_plugin):
+    from quanta.examples import Example
+
+    class TwoLayers:
+        @quanta.hookimpl
+        def example_models(self):
+            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            return {"two-layers": lambda: Example(name="two-layers", model=model, data=[torch.randn(4, 8)],
+                                                  example_inputs=(torch.randn(1, 8),), evaluate=lambda f, q: "")}
+
+    register_plugin(TwoLayers())
+    source = load_model("two-layers")
+    assert source.kind == "example" and source.rebuild == {"example": "two-layers"}
+    with pytest.raises(SourceError, match=r"did you mean 'two-layers'"):
+        load_model("two-layer")

@@ -122,3 +122,18 @@ def test_npz_exporter_options(register_plugin, tmp_path):
         assert np.array_equal(archive["0.weight.codes"], quanta.records(q)["0.weight"].codes.numpy())
     with pytest.raises(ConfigError, match=r"export.compresed.*did you mean 'compressed'"):
         quanta.load_recipe({"export": {"format": "npz", "compresed": False}})
+
+
+def test_npz_exporter_adds_its_cli_option(register_plugin, tmp_path, capsys):
+    from quanta._cli import main
+
+    register_plugin(_load("npz_exporter"))
+    q = quanta.quantize(reference_model("mlp"), {})
+    saved = quanta.save(q, tmp_path / "saved", rebuild={"factory": "quanta.testing:reference_model",
+                                                         "kwargs": {"name": "mlp"}},
+                        example_inputs=torch.zeros(1, 64))
+    assert main(["-q", "export", str(saved), "-o", str(tmp_path / "m.npz"), "--format", "npz", "--no-compress"]) == 0
+    with open(tmp_path / "m.npz", "rb") as f:  # np.savez (stored), not np.savez_compressed (deflated)
+        import zipfile
+
+        assert {i.compress_type for i in zipfile.ZipFile(f).infolist()} == {zipfile.ZIP_STORED}

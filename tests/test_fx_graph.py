@@ -9,7 +9,7 @@ from torch import fx, nn
 import quanta
 from quanta.fx import ActivationFakeQuantize, ConvBnQAT, WeightFakeQuantize
 from quanta.fx.rules import ActivationRules
-from quanta._records.weights import quantize_weight
+from quanta._run.weights import quantize_weight
 
 from _fx_helpers import DigitsCNN, ResidualNet
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import quanta
 from quanta import QuantSpec, QuantizationError
 from quanta._records.qmath import expand_qparam, from_groups, to_groups
-from quanta._records.weights import scheme_for
+from quanta._run.weights import scheme_for
 
 specs = st.builds(
     lambda bits, signed, scheme, gran: QuantSpec(

@@ -204,3 +204,117 @@ def test_one_plugin_contributes_every_kind(register_plugin, small_model, tmp_pat
     path = quanta.export(q, tmp_path / "m.codes.pt", format="codes_pt")
     assert torch.equal(torch.load(path)["3.weight"][0], rec.codes)
     assert [f.name for f in registry.describe("algorithm", "first_n")] == ["n"]
+
+
+# -- hooks through pluggy ----------------------------------------------------------------------
+
+def test_a_misspelled_hook_is_refused_naming_the_right_one():
+    class Misspelled:
+        @quanta.hookimpl
+        def register_scheme(self, register):  # the hook is register_schemes
+            register(_Pow3())
+
+    with pytest.raises(PluginContractError, match=r"'register_scheme'.*did you mean 'register_schemes'"):
+        registry.register_plugin(Misspelled(), name="misspelled")
+    assert "pow3" not in registry.names("scheme")
+    assert registry.default().pm.get_plugin("misspelled") is None
+
+
+def test_a_hook_with_a_wrong_argument_is_refused():
+    class WrongArgs:
+        @quanta.hookimpl
+        def register_schemes(self, registrar):
+            registrar(_Pow3())
+
+    with pytest.raises(PluginContractError, match=r"'wrong-args'.*registrar"):
+        registry.register_plugin(WrongArgs(), name="wrong-args")
+    assert "pow3" not in registry.names("scheme")
+
+
+def test_registration_hooks_are_historic_pluggy_calls_with_a_typed_registrar(register_plugin):
+    from quanta.contracts.hooks import Registrar
+
+    got = {}
+
+    class Typed:
+        @quanta.hookimpl
+        def register_schemes(self, register):
+            got["register"] = register
+            register.add_scheme(_Pow3())
+            register.add_observer(_HalfObserver())  # any kind, through the typed methods
+
+    caller = registry.default().pm.hook.register_schemes
+    assert caller.is_historic()
+    register_plugin(Typed(), name="typed")
+    assert isinstance(got["register"], Registrar) and got["register"].kind == "scheme"
+    assert registry.get("scheme", "pow3").plugin == "typed" and registry.get("observer", "half").plugin == "typed"
+    with pytest.raises(PluginContractError, match="outside a registration hook"):
+        got["register"](_Pow3())
+
+
+class _HalfObserver(quanta.contracts.Observer):
+    name, description = "half", "half the min/max range"
+
+    def observe(self, values, spec, scheme):
+        lo, hi = torch.aminmax(values, dim=1)
+        return lo / 2, hi / 2
+
+
+def test_a_failing_listener_is_isolated_and_wrappers_see_event_calls(register_plugin, small_model):
+    from quanta.errors import PluginWarning
+
+    seen = []
+
+    class Broken:
+        @quanta.hookimpl
+        def run_finished(self, report):
+            raise RuntimeError("listener bug")
+
+    class Fine:
+        @quanta.hookimpl
+        def run_finished(self, report):
+            seen.append("fine")
+
+    class Wrapper:
+        @quanta.hookimpl(wrapper=True)
+        def run_finished(self, report):
+            seen.append("before")
+            result = yield
+            seen.append("after")
+            return result
+
+    register_plugin(Fine(), name="fine")
+    register_plugin(Broken(), name="broken-listener")
+    register_plugin(Wrapper(), name="wrapper")
+    with pytest.warns(PluginWarning, match=r"'broken-listener' failed in its run_finished hook.*listener bug"):
+        quanta.quantize(small_model, {"global_config": {}})
+    assert seen == ["before", "fine", "after"]
+
+
+def test_trace_env_prints_every_hook_call(monkeypatch, capsys, small_model):
+    monkeypatch.setenv("QUANTA_TRACE_PLUGINS", "1")
+    monkeypatch.setenv("QUANTA_DISABLE_PLUGIN_AUTOLOAD", "1")
+    with registry.use(Registry()):
+        quanta.quantize(small_model, {"global_config": {}})
+    err = capsys.readouterr().err
+    assert "quanta hook: register_schemes(register=<quanta Registrar for schemes>) -> quanta.plugins.schemes" in err
+    assert "quanta hook: run_started(algorithm='rtn'" in err
+    assert err.count("quanta hook: layer_quantized(name=") == 3
+    assert "quanta hook: run_finished(report=" in err
+
+
+def test_plugins_add_cli_options_to_export(register_plugin):
+    from quanta._cli import build_parser
+
+    class NpzOptions:
+        @quanta.hookimpl
+        def add_cli_options(self, command, group):
+            if command == "export":
+                group.add_argument("--no-compress", dest="compressed", action="store_const", const=False,
+                                   help="npz: store uncompressed")
+
+    register_plugin(NpzOptions(), name="npz-options")
+    args = build_parser(["export"]).parse_args(["export", "m", "-o", "x.npz", "--no-compress", "--target", "iOS18"])
+    assert set(args.plugin_options) == {"minimum_deployment_target", "compressed"}
+    assert (args.compressed, args.minimum_deployment_target) == (False, "iOS18")
+    assert build_parser(["plan"]).parse_args(["plan", "r.yaml"]).command == "plan"  # no plugin loaded for it

@@ -14,7 +14,7 @@ from quanta import ConfigError, QuantSpec
 from quanta._recipes.recipe import load_recipe, recipe_to_dict
 from quanta.plugins.schemes import SymmetricConfig, SymmetricScheme
 from quanta._records.qmath import to_groups
-from quanta._records.weights import quantize_weight_with_values, scheme_for
+from quanta._run.weights import quantize_weight_with_values, scheme_for
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 

@@ -41,7 +41,8 @@ def _status(exc: BaseException, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``quanta`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)  # usage errors exit 2 with argparse's own one line
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)  # usage errors exit 2 with argparse's own one line
     debug = getattr(args, "debug", False) or os.environ.get("QUANTA_DEBUG", "").strip().lower() in ("1", "true", "yes")
     console = Console(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     from quanta._cli.commands import COMMANDS

@@ -1,15 +1,20 @@
-"""The argument parser of the ``quanta`` command (plain argparse: builds without importing torch)."""
+"""The argument parser of the ``quanta`` command (plain argparse: builds without importing torch).
+
+Plugins add options to a subcommand through the ``add_cli_options`` hook (the Core ML
+exporter's ``--target``). Only the parser of a command that takes plugin options (``export``)
+loads the plugins, so ``quanta --help`` and the other commands' parsers import no plugin.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["build_parser", "KINDS", "TARGETS", "EXPORT_FORMATS_HINT"]
+__all__ = ["build_parser", "KINDS", "EXPORT_FORMATS_HINT", "PLUGIN_OPTION_COMMANDS"]
 
 #: Plugin kinds (equal to ``quanta.registry.KINDS``; a test checks).
 KINDS = ("scheme", "observer", "algorithm", "backend", "exporter")
-#: Deployment targets the coreml exporter takes (equal to its ``targets.TARGETS`` names; a test checks).
-TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+#: Subcommands whose options plugins extend through the ``add_cli_options`` hook.
+PLUGIN_OPTION_COMMANDS = ("export",)
 EXPORT_FORMATS_HINT = "an exporter plugin name (built in: coreml; `quanta plugins --kind exporter` lists all)"
 
 _EPILOG = """exit status: 0 done, 1 internal or plugin error, 2 usage or input error, 130 interrupted.
@@ -39,8 +44,34 @@ def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
                         "always replaced; never a partial write either way)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``quanta`` command."""
+def _command(argv: list[str] | None) -> str | None:
+    """The subcommand ``argv`` names (its first word that is not an option), or None."""
+    return next((a for a in argv or () if not a.startswith("-")), None)
+
+
+def _plugin_options(p: argparse.ArgumentParser, command: str, load: bool) -> None:
+    """Add the group of options that plugins contribute to ``command`` (through pluggy's
+    ``add_cli_options`` hook, when ``load``); ``args.plugin_options`` lists their dests."""
+    group = p.add_argument_group("options from plugins",
+                                 "added by installed plugins (the add_cli_options hook); each is passed to the "
+                                 "exporter as the option of that name")
+    dests: list[str] = []
+    if load:
+        from quanta import registry
+
+        before = len(group._group_actions)
+        registry.hook().add_cli_options(command=command, group=group)
+        dests = [action.dest for action in group._group_actions[before:]]
+    p.set_defaults(plugin_options=tuple(dests))
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``quanta`` command.
+
+    ``argv`` (the arguments about to be parsed) tells which subcommand runs: when it is one of
+    ``PLUGIN_OPTION_COMMANDS``, the plugins are loaded and add their options to it.
+    """
+    command = _command(argv)
     p = argparse.ArgumentParser(prog="quanta", description="Quantize PyTorch and Core ML models for Apple devices.",
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
@@ -95,13 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-shape", metavar="SHAPE", required=False,
                    help="example input shape(s) for tracing, comma-separated, ';' between inputs: "
                         "1,3,32,32 or 1,128;1,128 (float inputs; default: the inputs saved with the model)")
-    s.add_argument("--target", choices=TARGETS, metavar="TARGET",
-                   help=f"minimum deployment target: {', '.join(TARGETS)} (default: the lowest that stores the "
-                        "model's weights exactly)")
     s.add_argument("--allow-float", action="store_true",
                    help="export a model that was never quantized (float weights) instead of refusing it")
     _overwrite(s, "destination")
     _common(s)
+    _plugin_options(s, "export", load=command == "export")
 
     s = sub.add_parser("verify", help="run an exported file with the reference runner and compare with a torch model",
                        description="Run an exported file with the numpy reference runner and a torch model on the "

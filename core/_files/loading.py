@@ -80,7 +80,7 @@ def _rebuild(path: Path, config: dict, empty: bool = True) -> torch.nn.Module:
         return model
     if "factory" in rebuild:
         factory = rebuild["factory"]
-        from quanta._files.sources import import_callable
+        from quanta._files.references import import_callable
 
         fn = import_callable(factory, "rebuild.factory")
         model = fn(**(rebuild.get("kwargs") or {}))
@@ -88,9 +88,9 @@ def _rebuild(path: Path, config: dict, empty: bool = True) -> torch.nn.Module:
             raise SavedModelError(f"{factory!r} returned a {type(model).__name__}, not a torch.nn.Module", "rebuild")
         return model.eval()
     if "example" in rebuild:
-        from quanta.examples import load_example
+        from quanta._files.references import load_example
 
-        return load_example(rebuild["example"]).model
+        return load_example(rebuild["example"], "rebuild.example").model
     raise SavedModelError(f"{str(path)!r} does not record how to rebuild its model (a {config.get('model_class')}); "
                           "pass model=<a fresh instance of that class> to quanta.load, or save it with "
                           "quanta.save(..., rebuild={'factory': 'package.module:function'}) (the CLI records it when "

@@ -249,16 +249,15 @@ _ACTIVATION_QUANT_FUNCTIONS = (torch.quantize_per_tensor, torch.quantize_per_cha
 def activation_quantization_sites(model: torch.nn.Module) -> list[str]:
     """Where ``model`` quantizes activations in a way its tensors do not hold: ``torch.fx`` graph
     nodes calling ``torch.quantize_per_tensor``/``_per_channel`` (quanta's calibrate/qat
-    ``finalize`` bakes activation scales into the graph) and fake-quantize modules (names)."""
-    from quanta.fx.fake_quant import ActivationFakeQuantize
-
+    ``finalize`` bakes activation scales into the graph) and modules that declare
+    ``quantizes_activations = True`` (``quanta.fx``'s activation fake-quantizers), by name."""
     sites = []
     for name, module in model.named_modules():
         if isinstance(module, torch.fx.GraphModule):
             prefix = f"{name}." if name else ""
             sites += [prefix + node.name for node in module.graph.nodes
                       if node.op == "call_function" and node.target in _ACTIVATION_QUANT_FUNCTIONS]
-        if isinstance(module, ActivationFakeQuantize):
+        if getattr(type(module), "quantizes_activations", False) is True:
             sites.append(name)
     return sites
 

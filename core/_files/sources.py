@@ -32,6 +32,7 @@ import attrs
 import torch
 
 from quanta.errors import ConfigError, did_you_mean
+from quanta._files.references import SourceError, example_models, import_callable
 
 __all__ = ["ModelSource", "load_model", "load_data", "import_callable", "SourceError"]
 
@@ -39,10 +40,6 @@ _MODEL_KEYS = ("example", "path", "factory", "kwargs", "class")
 _DATA_KEYS = ("path", "factory", "kwargs", "max_length", "nsamples", "batch_size", "field", "tokenizer")
 _TEXT_SUFFIXES = (".txt", ".text")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-
-class SourceError(ConfigError):
-    """A recipe's ``model:`` or ``data:`` cannot be loaded; names the key and what was tried."""
 
 
 @attrs.frozen(kw_only=True)
@@ -67,73 +64,6 @@ class ModelSource:
     tokenizer_dir: str | None = None
     example_inputs: Any = None
     data: list | None = None
-
-
-def _file_module(file: Path, key: str):
-    name = f"quanta_user_{file.stem}"
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise SourceError(f"cannot import {str(file)!r} as a Python module", key)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # classes defined there must be findable by name
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[name]
-        raise SourceError(f"importing {str(file)!r} failed: {type(exc).__name__}: {exc}", key) from exc
-    return module
-
-
-def _import_module(module_name: str, ref: str, key: str):
-    cwd = os.getcwd()
-    added = False
-    try:
-        while True:
-            try:
-                return importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                ours = module_name == exc.name or module_name.startswith(f"{exc.name}.")
-                if not ours:  # the user's module imports something missing
-                    raise SourceError(f"importing {module_name!r} (for {ref!r}) failed: {exc}", key) from exc
-                if cwd in sys.path:
-                    raise SourceError(f"no module {module_name!r} (for {ref!r}) on sys.path or in the current "
-                                      f"directory {cwd}", key) from None
-                sys.path.insert(0, cwd)
-                added = True
-            except Exception as exc:
-                raise SourceError(f"importing {module_name!r} (for {ref!r}) failed: {type(exc).__name__}: {exc}",
-                                  key) from exc
-    except SourceError:
-        if added:
-            sys.path.remove(cwd)
-        raise
-
-
-def import_callable(ref: str, key: str = "model"):
-    """The object named by ``"package.module:function"`` or ``"path/to/file.py:function"``.
-
-    A module not found on ``sys.path`` is looked for in the current directory too. Raises
-    :class:`SourceError` naming ``key`` and what was tried.
-    """
-    module_name, sep, attr = str(ref).rpartition(":")
-    if not sep or not module_name or not attr:
-        raise SourceError(f"expected 'module:function' or 'file.py:function', got {ref!r}", key)
-    if module_name.endswith(".py"):
-        file = Path(module_name)
-        if not file.is_file():
-            raise SourceError(f"no Python file {module_name!r} (for {ref!r}; current directory {os.getcwd()})", key)
-        module = _file_module(file.resolve(), key)
-    else:
-        module = _import_module(module_name, ref, key)
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            public = [n for n in dir(module) if not n.startswith("_")]
-            raise SourceError(f"{module_name!r} has no {attr!r}{did_you_mean(attr, public)}", key)
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise SourceError(f"{ref!r} is a {type(obj).__name__}, not a function", key)
-    return obj
 
 
 def _is_callable_ref(text: str) -> bool:
@@ -168,7 +98,8 @@ def _from_factory(ref: str, kwargs: Mapping | None, key: str) -> ModelSource:
 
 
 def _from_directory(directory: Path, cls_name: str | None, key: str) -> ModelSource:
-    from quanta._files.saving import CONFIG_NAME, load, load_example_inputs, read_config
+    from quanta._files.loading import load, load_example_inputs, read_config
+    from quanta._files.saved_format import CONFIG_NAME
 
     tok = str(directory) if _has_tokenizer(directory) else None
     if (directory / CONFIG_NAME).is_file():
@@ -202,8 +133,7 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
 
     Raises :class:`SourceError` naming ``key``, the forms accepted and what was tried.
     """
-    from quanta.examples import EXAMPLES, load_example
-
+    EXAMPLES = example_models()
     forms = (f"an example ({', '.join(EXAMPLES)}), a quanta saved directory, a transformers model directory, "
              "or 'module:function'")
     if isinstance(ref, Mapping):
@@ -228,7 +158,7 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
         raise SourceError(f"expected {forms}; got a {type(ref).__name__}", key)
     text = os.fspath(ref)
     if text in EXAMPLES:
-        example = load_example(text)
+        example = EXAMPLES[text]()
         return ModelSource(model=example.model, kind="example", example=example, tokenizer_dir=example.tokenizer_dir,
                            rebuild=None if _is_transformers(example.model) else {"example": text},
                            example_inputs=example.example_inputs, data=example.data)

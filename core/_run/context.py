@@ -14,7 +14,7 @@ from quanta._run.guard import fire_event, plugin_code
 from quanta._recipes.planning import Plan, PlannedLayer
 from quanta.record import QuantizedWeight
 from quanta._run.report import LayerReport, Report
-from quanta._records.weights import quantize_weight_with_values
+from quanta._run.weights import quantize_weight_with_values
 
 __all__ = ["RunContext"]
 

@@ -38,7 +38,8 @@ class Kind:
 #: The plugin kinds, in the order they are listed.
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("scheme", Scheme, "register_schemes", "how float values map to integer codes and back", ("grid",)),
-    Kind("observer", Observer, "register_observers", "which range a tensor gets", ("ranges_carry_non_finite",)),
+    Kind("observer", Observer, "register_observers", "which range a tensor gets",
+         ("ranges_carry_non_finite", "streaming_options")),
     Kind("algorithm", Algorithm, "register_algorithms", "how a whole model is transformed",
          ("needs_data", "changes", "composes_with_records", "shares_float_weights", "global_types", "training_loop")),
     Kind("backend", Backend, "register_backends", "a model representation quanta can quantize", ("priority", "grids")),

@@ -28,6 +28,9 @@ class Observer(Plugin):
     #: True when a group holding NaN or inf always gets a non-finite range (exact min/max do),
     #: so core can skip its own NaN/inf scan of the weight; False (the default) keeps the scan.
     ranges_carry_non_finite: ClassVar[bool] = False
+    #: The keyword options :meth:`streaming` takes (e.g. ``{"averaging_constant"}``); the
+    #: activation path passes only these, so it never special-cases an observer by name.
+    streaming_options: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
     def observe(self, values: torch.Tensor, spec: QuantSpec, scheme: "Scheme") -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,5 +48,6 @@ class Observer(Plugin):
     def streaming(self, spec: QuantSpec | None = None, **options: Any) -> torch.nn.Module | None:
         """A fresh ``nn.Module`` tracking an activation's range batch by batch (its forward takes a
         tensor; attributes ``min_val``/``max_val``), or None when this observer has no streaming
-        form. Used by the activation-quantization algorithms (``calibrate``, ``qat``)."""
+        form. Used by the activation-quantization algorithms (``calibrate``, ``qat``), which pass
+        only the options named in ``streaming_options``."""
         return None

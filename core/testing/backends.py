@@ -28,7 +28,7 @@ def _same(a: dict, b: dict) -> list[str]:
 
 def _record(backend, model, unit):
     from quanta._records.spec import QuantSpec
-    from quanta._records.weights import quantize_weight
+    from quanta._run.weights import quantize_weight
 
     weight = backend.read_weight(model, unit)
     return quantize_weight(weight, QuantSpec(dtype="int8"), channel_axis=unit.channel_axis,

@@ -61,3 +61,10 @@ def read_npz(path) -> dict:
 @quanta.hookimpl
 def register_exporters(register):
     register(NpzExporter())
+
+
+@quanta.hookimpl
+def add_cli_options(command, group):
+    if command == "export":
+        group.add_argument("--no-compress", dest="compressed", action="store_const", const=False,
+                           help="npz: store the arrays uncompressed")

@@ -42,7 +42,7 @@ HELD_OUT_EVERY = 10
 def split_sentences() -> tuple[list[str], list[str]]:
     """``(calibration, held_out)``: :func:`quanta.examples.corpus_sentences` with every tenth
     sentence held out (for perplexity); the rest serve as calibration sentences."""
-    from quanta.examples import corpus_sentences
+    from quanta.examples.common import corpus_sentences
 
     sentences = corpus_sentences()
     held = [s for i, s in enumerate(sentences) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
@@ -125,7 +125,7 @@ def example():
     """The ``tiny-llama`` :class:`~quanta.examples.Example`: model, 8 calibration batches of
     training sentences, a dict of token-id example inputs for export, and an ``evaluate`` that
     prints held-out perplexity of the float and the quantized model."""
-    from quanta.examples import Example
+    from quanta.examples.common import Example
 
     tokenizer = load_tokenizer()
     model = load_model()

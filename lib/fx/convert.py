@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from quanta.errors import QuantizationError
 from quanta.record import QuantizedWeight
-from quanta._records.weights import quantize_weight
+from quanta._run.weights import quantize_weight
 
 from .fake_quant import QAT_WEIGHTED, ActivationFakeQuantize, ConvBnQAT
 

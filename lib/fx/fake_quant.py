@@ -15,7 +15,7 @@ from torch import nn
 
 from quanta._records.qmath import from_groups, to_groups
 from quanta._records.spec import QuantDtype, QuantSpec
-from quanta._records.weights import observer_for, resolve_scheme, scheme_for
+from quanta._run.weights import observer_for, resolve_scheme, scheme_for
 
 __all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "ConvBnQAT", "QAT_WEIGHTED", "to_qat_module"]
@@ -144,6 +144,9 @@ class ActivationFakeQuantize(nn.Module):
     ``observer_enabled`` and ``fake_quant_enabled``. ``forward(x)``: any shape, same shape out.
     ``site`` names the op whose output (or input) this is, for messages.
     """
+
+    #: Declares that this module quantizes activations (saving refuses it: its tensors do not hold that).
+    quantizes_activations = True
 
     def __init__(self, observer: nn.Module, scheme_name: str, dtype: QuantDtype, site: str = ""):
         super().__init__()

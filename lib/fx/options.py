@@ -8,6 +8,7 @@ import attrs
 
 from quanta.errors import ConfigError, PluginNotFoundError
 
+from .observers import streaming_observer
 from .session import (
     ACTIVATION_SITES,
     UNTRACEABLE_MODES,
@@ -25,7 +26,7 @@ def _check_dtype(_inst, attribute, value):
     try:
         parse_activation_dtype(value)
     except ConfigError as exc:
-        raise ConfigError(str(exc).split(": ", 1)[-1], attribute.name) from None
+        raise ConfigError(exc.detail, attribute.name) from None
 
 
 def _check_name(_inst, attribute, value):
@@ -105,8 +106,6 @@ def make_session(model, plan, recipe, backend, config: Any, milestones=None, con
     _check_plugin("scheme", scheme, "activation_scheme")
     _check_plugin("observer", config.activation_observer, "activation_observer")
     if dtype is not None:
-        from quanta.plugins.activation_observers import streaming_observer
-
         streaming_observer(config.activation_observer)  # raises ConfigError if it cannot stream
     options = ActivationOptions(dtype=dtype, scheme=scheme, observer=config.activation_observer,
                                 averaging_constant=config.averaging_constant, milestones=milestones,

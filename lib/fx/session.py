@@ -22,6 +22,7 @@ from quanta._records.spec import QuantDtype, parse_dtype
 from .convert import finalize_graph
 from .fake_quant import ActivationFakeQuantize
 from .milestones import apply_state, state_at
+from .observers import streaming_observer
 from .partial import WEIGHTED_LEAF_NAME, FloatPart, TracedPart, capture_calls, find_parts, share_structure
 from .prepare import fuse_conv_bn, insert_activation_quantizers, propagate_shapes, swap_weighted
 from .rules import ActivationRules
@@ -151,10 +152,8 @@ class ActivationSession:
 
     # -- prepare ------------------------------------------------------------------------------
     def _make_quantizer(self, site: str) -> ActivationFakeQuantize:
-        from quanta.plugins.activation_observers import streaming_observer
-
-        options = {} if self.options.observer == "minmax" else {"averaging_constant": self.options.averaging_constant}
-        observer = streaming_observer(self.options.observer, None, **options)
+        observer = streaming_observer(self.options.observer, None,
+                                      averaging_constant=self.options.averaging_constant)
         return ActivationFakeQuantize(observer, self.options.scheme, self.options.dtype, site)
 
     def _rewrite(self, gm: fx.GraphModule, inputs: tuple, part: TracedPart | None = None) -> bool:

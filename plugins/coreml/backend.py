@@ -24,7 +24,7 @@ import quanta
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Backend, Unit
 from quanta.record import QuantizedWeight
-from quanta._records.weights import quantize_weight
+from quanta._run.weights import quantize_weight
 
 from . import targets
 from .ct_import import import_coremltools

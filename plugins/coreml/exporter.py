@@ -8,6 +8,7 @@ program back and check that every record's codes are stored exactly, or raise.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import inspect
 import os
@@ -24,6 +25,7 @@ import quanta
 from quanta._files.atomic import atomic_dir, check_destination
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Exporter
+from quanta.contracts.hooks import Registrar
 from quanta._files.faults import fault_delay
 from quanta.record import records as _records
 
@@ -304,5 +306,15 @@ class CoreMLExporter(Exporter):
 
 
 @quanta.hookimpl
-def register_exporters(register):
+def register_exporters(register: Registrar) -> None:
     register(CoreMLExporter())
+
+
+@quanta.hookimpl
+def add_cli_options(command: str, group: argparse._ArgumentGroup) -> None:
+    """``quanta export --target``: the exporter's ``minimum_deployment_target``."""
+    if command == "export":
+        names = sorted(n for pair in targets.TARGETS.values() for n in pair)
+        group.add_argument("--target", dest="minimum_deployment_target", choices=names, metavar="TARGET",
+                           help=f"coreml: minimum deployment target: {', '.join(names)} (default: the lowest "
+                                "that stores the model's weights exactly)")

@@ -32,7 +32,7 @@ from quanta.contracts import Algorithm
 from quanta._records.qmath import scale_shape
 from quanta.record import QuantizedWeight
 from quanta._records.spec import Granularity
-from quanta._records.weights import check_finite, observer_for, scheme_for
+from quanta._run.weights import check_finite, observer_for, scheme_for
 
 from .hessian import accumulate_xtx, mirror_upper
 from .solver import gptq_quantize

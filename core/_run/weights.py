@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from quanta.errors import QuantizationError
-from quanta._run.guard import plugin_code
+from quanta.registry.guard import plugin_code, plugin_distribution
+from quanta.registry.lookup import observer_for, resolve_observer, resolve_scheme, scheme_for
 from quanta._records.qmath import empty, from_groups, scale_shape, to_groups
 from quanta.record import QuantizedWeight
 from quanta._records.spec import QuantSpec
@@ -14,38 +15,11 @@ __all__ = ["quantize_weight", "quantize_weight_with_values", "check_finite", "re
            "scheme_for", "observer_for", "check_observed_range"]
 
 
-def resolve_scheme(name: str):
-    """The scheme implementation registered as ``name`` (with its default options)."""
-    from quanta import registry
-
-    return registry.get("scheme", name).obj
-
-
-def resolve_observer(name: str):
-    """The observer implementation registered as ``name`` (with its default options)."""
-    from quanta import registry
-
-    return registry.get("observer", name).obj
-
-
-def scheme_for(spec: QuantSpec):
-    """The scheme ``spec`` names, configured with ``spec.scheme_config`` (a ``quanta.contracts.Scheme``)."""
-    scheme = resolve_scheme(spec.scheme)
-    return scheme if spec.scheme_config is None else scheme.with_config(spec.scheme_config)
-
-
-def observer_for(spec: QuantSpec):
-    """The observer ``spec`` names, configured with ``spec.observer_config``."""
-    observer = resolve_observer(spec.observer)
-    return observer if spec.observer_config is None else observer.with_config(spec.observer_config)
-
-
 def check_observed_range(observer, lo, hi, n_groups: int, layer: str | None = None) -> None:
     """Check an observer's result: ``[G]`` tensors with ``min <= max`` where finite. Raises
     PluginError naming the observer (and ``layer``) otherwise; non-finite ranges are left to the
     NaN/inf check, which names the weight's bad values."""
     from quanta.errors import PluginError
-    from quanta._run.guard import plugin_distribution
 
     problem = None
     if not (isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor)):
@@ -201,7 +175,6 @@ def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer):
 def _check_qparams(scheme, scale, zero_point, n_groups: int, layer) -> None:
     # The contract: a finite, positive scale for every group (all-zero groups included).
     from quanta.errors import PluginError
-    from quanta._run.guard import plugin_distribution
 
     problem = None
     if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (n_groups,):

@@ -1,0 +1,37 @@
+"""The scheme and observer plugins a ``QuantSpec`` names, looked up in the default registry."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from quanta._records.spec import QuantSpec
+    from quanta.contracts import Observer, Scheme
+
+__all__ = ["resolve_scheme", "resolve_observer", "scheme_for", "observer_for"]
+
+
+def resolve_scheme(name: str) -> Scheme:
+    """The scheme implementation registered as ``name`` (with its default options)."""
+    from quanta.registry import get
+
+    return get("scheme", name).obj
+
+
+def resolve_observer(name: str) -> Observer:
+    """The observer implementation registered as ``name`` (with its default options)."""
+    from quanta.registry import get
+
+    return get("observer", name).obj
+
+
+def scheme_for(spec: QuantSpec) -> Scheme:
+    """The scheme ``spec`` names, configured with ``spec.scheme_config`` (a ``quanta.contracts.Scheme``)."""
+    scheme = resolve_scheme(spec.scheme)
+    return scheme if spec.scheme_config is None else scheme.with_config(spec.scheme_config)
+
+
+def observer_for(spec: QuantSpec) -> Observer:
+    """The observer ``spec`` names, configured with ``spec.observer_config``."""
+    observer = resolve_observer(spec.observer)
+    return observer if spec.observer_config is None else observer.with_config(spec.observer_config)
