@@ -188,11 +188,17 @@ def tokenizer_dir_of(model: torch.nn.Module) -> str | None:
 
 
 def copy_tokenizer_files(source: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer files found in ``source`` (tokenizer.json, vocab.txt, ...) into ``directory``."""
+    """Copy the tokenizer files found in ``source`` (tokenizer.json, vocab.txt, ...) into ``directory``.
+
+    A file that is a symlink leading out of ``source`` is refused (SavedModelError naming it), so a
+    link to a private file is never copied into a model that is then published."""
+    from quanta._files.untrusted import inside
+
     source, staging = Path(source), Path(directory)
     copied = []
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
+            inside(source, name, "tokenizer file", SavedModelError)
             shutil.copyfile(source / name, staging / name)
             copied.append(name)
     return copied

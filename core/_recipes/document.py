@@ -85,6 +85,7 @@ class RecipeDocument(StageDocument):
     export: ExportConfig | None = None
     model: Any = None
     data: Any = None
+    checkpoint_dir: str | None = None
     stages: tuple[StageDocument, ...] = ()
 
 

@@ -260,7 +260,11 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     is validated before any weight changes; on any failure ``model`` is left untouched,
     also with ``inplace=True`` (every parameter, buffer and record any stage changed is restored).
     """
-    run = _prepare(model, load_recipe(config), data, backend, device)
+    recipe = load_recipe(config)
+    if recipe.checkpoint_dir is not None:
+        raise ConfigError("checkpoint_dir applies to out-of-core runs (quanta.quantize_checkpoint, "
+                          "`quanta quantize --out-of-core`); remove it to quantize a model in memory", "checkpoint_dir")
+    run = _prepare(model, recipe, data, backend, device)
     target, snapshot = _working_model(model, run, inplace)
     _warn_unsupported(run.plans[0])
     report = Report(algorithm=run.name, skipped=[(p.name, p.reason) for p in run.plans[-1].layers if p.spec is None])
