@@ -1,10 +1,14 @@
 """GPTQ quality on the real all-MiniLM-L6-v2: quanta GPTQ vs RTN vs coremltools' GPTQ.
 
-Run by hand: ``python benchmarks/gptq_minilm.py [--eval 256] [--calib 128]``. Calibration and
-evaluation sentences are disjoint slices of real English text shipped with CPython
+Run by hand: ``python benchmarks/gptq_minilm.py [--eval 256] [--calib 128] [--repeats 1] [--threads 1]``.
+Calibration and evaluation sentences are disjoint slices of real English text shipped with CPython
 (``quanta.examples.corpus_sentences``). Prints, per setting and method, the mean and minimum
 cosine of mean-pooled sentence embeddings to fp32, nearest-neighbour agreement with fp32
-(fraction of sentences whose nearest other sentence is unchanged), and wall time.
+(fraction of sentences whose nearest other sentence is unchanged), and wall time: every method
+runs in this one process, one after the other within each repetition (median over
+``--repeats``), so times compare within the file only. ``quanta gptq matched`` uses coremltools'
+settings (no act-order); ``quanta gptq`` quanta's defaults (act-order, static groups). Writes
+``results/gptq_minilm.txt``.
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ import argparse
 import copy
 import logging
 import os
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import quanta
-from quanta._run.calibration import count_samples  # calibration_nsamples counts samples (rows)
 from quanta.examples import corpus_sentences, mean_pool, minilm_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 
 def _batches(tokenizer, sentences, size):
@@ -53,7 +61,10 @@ def main() -> None:
     p.add_argument("--no-coremltools", action="store_true")
     p.add_argument("--settings", default="block128,channel")
     p.add_argument("--methods", default="", help="comma-separated subset of the method names to run")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     from transformers import AutoModel, AutoTokenizer
 
@@ -67,23 +78,23 @@ def main() -> None:
     # accepts (it rejects int4/int8); every method uses the same grid.
     settings = {"block128": {"weight_dtype": "uint4", "granularity": "per_block", "block_size": 128},
                 "channel": {"weight_dtype": "uint4", "granularity": "per_channel"}}
-    print(f"{len(calib) * 8} calibration / {ref.shape[0]} evaluation sentences; torch threads {torch.get_num_threads()}")
-    print(f"{'setting':<10} {'method':<34} {'mean cos':>9} {'min cos':>8} {'NN agree':>9} {'time s':>7}")
+    lines = harness.header(f"python benchmarks/gptq_minilm.py --eval {args.eval} --calib {args.calib} --repeats "
+                           f"{args.repeats} --threads {args.threads}" + (" --no-coremltools" if args.no_coremltools else ""),
+                           args.threads, "all methods in one process, in turn within each repetition; time = median")
+    lines.append(f"{len(calib) * 8} calibration / {ref.shape[0]} evaluation sentences")
+    lines.append(f"{'setting':<10} {'method':<34} {'mean cos':>9} {'min cos':>8} {'NN agree':>9} {'time s':>7}")
+    print("\n".join(lines), flush=True)
     for name in args.settings.split(","):
         glob = settings[name]
+        gptq = {"algorithm": "gptq", "global_config": glob, "module_type_configs": {"Embedding": None},
+                "calibration_nsamples": len(calib)}
         runs = {
             "rtn": lambda: quanta.quantize(model, {"global_config": glob, "module_type_configs": {"Embedding": None}}),
-            "quanta gptq": lambda: quanta.quantize(
-                model, {"algorithm": "gptq", "global_config": glob, "module_type_configs": {"Embedding": None},
-                        "calibration_nsamples": sum(map(count_samples, calib))}, data=calib),
-            "quanta gptq act-order": lambda: quanta.quantize(
-                model, {"algorithm": "gptq", "global_config": glob, "module_type_configs": {"Embedding": None},
-                        "calibration_nsamples": sum(map(count_samples, calib)), "use_activation_order_heuristic": True,
-                        "static_groups": True}, data=calib),
-            "quanta gptq act-order mse": lambda: quanta.quantize(
-                model, {"algorithm": "gptq", "global_config": {**glob, "observer": "mse"},
-                        "module_type_configs": {"Embedding": None}, "calibration_nsamples": sum(map(count_samples, calib)),
-                        "use_activation_order_heuristic": True, "static_groups": True}, data=calib),
+            "quanta gptq matched": lambda: quanta.quantize(
+                model, {**gptq, "use_activation_order_heuristic": False, "static_groups": False}, data=calib),
+            "quanta gptq": lambda: quanta.quantize(model, gptq, data=calib),
+            "quanta gptq mse": lambda: quanta.quantize(
+                model, {**gptq, "global_config": {**glob, "observer": "mse"}}, data=calib),
         }
         if not args.no_coremltools:
             def run_ct():
@@ -92,7 +103,7 @@ def main() -> None:
 
                 cfg = LayerwiseCompressorConfig.from_dict({
                     "global_config": {"algorithm": "gptq", **glob}, "input_cacher": "gpt",
-                    "calibration_nsamples": sum(map(count_samples, calib)),
+                    "calibration_nsamples": len(calib),
                     # coremltools walks top-level children unless told the layer list (the pooler,
                     # which does not affect mean-pooled embeddings, then stays float)
                     "layers": [r"encoder\.layer\.\d+"]})
@@ -103,18 +114,34 @@ def main() -> None:
 
             runs["coremltools gptq"] = run_ct
         wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
-        for method, fn in runs.items():
-            if wanted and method not in wanted:
+        times: dict[str, list[float]] = {}
+        quality: dict[str, tuple] = {}
+        for _ in range(args.repeats):
+            for method, fn in runs.items():
+                if wanted and method not in wanted:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    q = fn()
+                except Exception as exc:  # report and go on: one failing method must not hide the others
+                    quality[method] = f"failed: {type(exc).__name__}: {exc}"
+                    continue
+                times.setdefault(method, []).append(time.perf_counter() - t0)
+                quality[method] = scores(ref, embed(q, evals))
+                del q
+        for method, sc in quality.items():
+            if isinstance(sc, str):
+                lines.append(f"{name:<10} {method:<34} {sc}")
                 continue
-            t0 = time.perf_counter()
-            try:
-                q = fn()
-            except Exception as exc:  # report and go on: one failing method must not hide the others
-                print(f"{name:<10} {method:<34} failed: {type(exc).__name__}: {exc}")
-                continue
-            dt = time.perf_counter() - t0
-            mean, low, agree = scores(ref, embed(q, evals))
-            print(f"{name:<10} {method:<34} {mean:9.4f} {low:8.4f} {agree:9.3f} {dt:7.1f}", flush=True)
+            mean, low, agree = sc
+            lines.append(f"{name:<10} {method:<34} {mean:9.4f} {low:8.4f} {agree:9.3f} "
+                         f"{statistics.median(times[method]):7.1f}")
+            print(lines[-1], flush=True)
+        if "coremltools gptq" in times and "quanta gptq matched" in times:
+            lines.append(f"{name:<10} time coremltools gptq / quanta gptq matched: "
+                         f"{statistics.median(times['coremltools gptq']) / statistics.median(times['quanta gptq matched']):.2f}x")
+    lines.append(harness.footer())
+    harness.write("gptq_minilm.txt", lines)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,32 @@
-"""Training-step time: float vs quanta QAT vs coremltools' LinearQuantizer, same model, same run.
+"""QAT training-step time: float vs quanta QAT vs coremltools' LinearQuantizer, interleaved step by step.
 
-    python benchmarks/qat.py [--steps 20] [--batch 32] [--width 32] [--device cpu]
+    python benchmarks/qat.py [--steps 30] [--batch 32] [--threads 1]
 
-Both quantizers run with observers and fake quantization on (the costly QAT phase), int8
-per-channel weights and 8-bit activations. Prints ms per step and the ratios to float.
-Target: quanta ≤ 1.25× float and no slower than coremltools.
+Models: ``Net`` (conv-bn-relu x4 with a residual add, 32x32 images), ``CNN`` (conv-relu-pool x2,
+two linears, 28x28) and ``MLP`` (Linear 784-512-512-10). Both quantizers run with observers
+and fake quantization on (the costly QAT phase), int8 per-channel weights and 8-bit
+activations. The three trainers of a model take turns one step at a time, so load on a shared
+machine falls on all of them alike; the figure is the median step. Goal: quanta <= 1.25x float.
+Writes ``results/qat_cpu.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+GOAL = 1.25
 
 
 class Net(nn.Module):
@@ -42,78 +54,107 @@ class Net(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def time_steps(model, x, y, steps, after_step=None, warmup=3):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
-    def one():
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step()
 
-    for _ in range(warmup):
-        one()
-    times = []
-    for _ in range(steps):
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 10))
+
+
+MODELS = {"Net": (Net, (3, 32, 32)), "CNN": (cnn, (1, 28, 28)), "MLP": (mlp, (1, 28, 28))}
+
+
+class Trainer:
+    """One SGD step at a time on ``model`` (``after_step``: the quantizer's ``step``)."""
+
+    def __init__(self, model, x, y, after_step=None):
+        self.model, self.x, self.y, self.after = model, x, y, after_step
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> None:
         t = time.perf_counter()
-        one()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]  # median
+        loss = self.loss_fn(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.after is not None:
+            self.after()
+        if record:
+            self.times.append(time.perf_counter() - t)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
+def trainers(name: str, batch: int) -> tuple[dict[str, Trainer], dict[str, float]]:
+    factory, shape = MODELS[name]
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 10, (args.batch,))
-    base = Net(args.width)
-
-    import copy
+    base = factory()
+    x = torch.randn(batch, *shape)
+    y = torch.randint(0, 10, (batch,))
+    out, prepare = {"float": Trainer(copy.deepcopy(base), x, y)}, {}
 
     import quanta
 
-    results = {}
-    results["float"] = time_steps(copy.deepcopy(base), x, y, args.steps)
-
+    t = time.perf_counter()
     q = quanta.Quantizer(copy.deepcopy(base), {"global_config": {"milestones": [0, 0, 10**9, 10**9]},
                                                "activation_dtype": "uint8"})
     gm = q.prepare(example_inputs=x[:1], inplace=True)
+    prepare["quanta qat"] = time.perf_counter() - t
     q.step()
-    results["quanta qat"] = time_steps(gm, x, y, args.steps, q.step)
-
+    out["quanta qat"] = Trainer(gm, x, y, q.step)
     try:
         from coremltools.optimize.torch.quantization import LinearQuantizer, LinearQuantizerConfig
 
+        t = time.perf_counter()
         cfg = LinearQuantizerConfig.from_dict({"global_config": {"quantization_scheme": "symmetric",
                                                                  "milestones": [0, 0, 10**9, 10**9]}})
         ctq = LinearQuantizer(copy.deepcopy(base), cfg)
         ct_model = ctq.prepare(example_inputs=(x[:1],), inplace=True)
+        prepare["coremltools LinearQuantizer"] = time.perf_counter() - t
         ctq.step()
-        results["coremltools LinearQuantizer"] = time_steps(ct_model, x, y, args.steps, ctq.step)
+        out["coremltools LinearQuantizer"] = Trainer(ct_model, x, y, ctq.step)
     except Exception as exc:  # coremltools missing or failing on this torch
-        print(f"coremltools LinearQuantizer unavailable: {type(exc).__name__}: {exc}")
+        print(f"coremltools LinearQuantizer unavailable on {name}: {type(exc).__name__}: {exc}")
+    return out, prepare
 
-    print(f"model: Net(width={args.width}), batch {args.batch}x3x{args.size}x{args.size}, "
-          f"threads {torch.get_num_threads()}, median of {args.steps} steps")
-    f = results["float"]
-    for name, t in results.items():
-        print(f"  {name:30s} {1000 * t:8.2f} ms/step   {t / f:5.2f}x float")
-    if "coremltools LinearQuantizer" in results:
-        print(f"  quanta / coremltools: {results['quanta qat'] / results['coremltools LinearQuantizer']:.2f}x")
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    lines = harness.header(f"python benchmarks/qat.py --steps {args.steps} --batch {args.batch} --threads "
+                           f"{args.threads}", args.threads,
+                           f"trainers take turns step by step; median of {args.steps} steps after 3 warm-up "
+                           f"steps; goal: quanta qat <= {GOAL}x float")
+    results = {}
+    for name in args.models.split(","):
+        ts, prepare = trainers(name, args.batch)
+        for _ in range(3):
+            for tr in ts.values():
+                tr.step(record=False)
+        for _ in range(args.steps):
+            for tr in ts.values():
+                tr.step()
+        med = {k: statistics.median(tr.times) for k, tr in ts.items()}
+        results[name] = med
+        lines.append(f"{name}: batch {args.batch}x{'x'.join(map(str, MODELS[name][1]))}")
+        for k, t in med.items():
+            extra = f"   prepare {prepare[k]:.2f} s" if k in prepare else ""
+            lines.append(f"  {k:30s} {1000 * t:8.2f} ms/step   {t / med['float']:5.2f}x float{extra}")
+        if "coremltools LinearQuantizer" in med:
+            lines.append(f"  quanta / coremltools: {med['quanta qat'] / med['coremltools LinearQuantizer']:.2f}x")
+    lines.append(harness.footer())
+    harness.write("qat_cpu.txt", lines)
     return results
 
 

@@ -1,69 +1,139 @@
-"""RTN speed: quanta vs coremltools' PostTrainingQuantizer on Llama-7B-shaped layers.
+"""RTN speed through ``quanta.quantize`` vs coremltools' PostTrainingQuantizer, first call and warm.
 
-Run by hand: ``python benchmarks/rtn.py [--repeat 3]``. Prints each case's time for both,
-the ratio (coremltools / quanta), and checks the results are bit-identical.
+    python benchmarks/rtn.py [--layers 8] [--dim 4096] [--repeats 3] [--threads 1]
+
+Model: ``--layers`` bias-free Linear(dim, dim). Cases: int8 per-channel and int4 per-block-32.
+Tools, each in its own fresh process, alternating tool by tool within every repetition:
+coremltools ``PostTrainingQuantizer(...).compress()`` (copies the model, as quanta does),
+``quanta.quantize(model, cfg)`` (copy mode) and ``quanta.quantize(model, cfg, inplace=True)``.
+Each process times its first call and then 2 warm calls. Writes ``results/rtn_cpu.txt``.
+
+The dequantized weights are compared bit for bit (0.0 and -0.0 differ): int8 through
+``quanta.quantize`` and int4 through ``quanta.compat`` (quanta's own int4 symmetric default uses
+16 levels where coremltools' PTQ uses 15, so ``quanta.quantize`` int4 differs by design).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-import quanta
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # nn.Linear weight shapes (out, in)
 CASES = {
     "int8 per-channel": {"weight_dtype": "int8", "granularity": "per_channel"},
     "int4 per-block-32": {"weight_dtype": "int4", "granularity": "per_block", "block_size": 32},
 }
+TOOLS = ("coremltools", "quanta", "quanta inplace")
 
 
-def _model():
-    torch.manual_seed(0)
-    layers = []
-    for out_f, in_f in SHAPES:
-        lin = torch.nn.Linear(in_f, out_f, bias=False)
-        layers.append(lin)
-    return torch.nn.Sequential(*layers).requires_grad_(False)
+def build(layers: int, dim: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(dim, dim, bias=False) for _ in range(layers)])
+    with torch.no_grad():
+        for lin in model:
+            lin.weight.copy_(torch.randn(dim, dim, generator=gen) * 0.02)
+    return model.requires_grad_(False)
 
 
-def _best(fn, repeat):
-    times = []
-    result = None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
+def _call(tool: str, case: str):
+    cfg = {"global_config": CASES[case]}
+    if tool == "coremltools":
+        from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+
+        return lambda model: PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict(cfg)).compress()
+    import quanta
+
+    return lambda model: quanta.quantize(model, cfg, inplace=tool == "quanta inplace")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+def run_worker(args) -> None:
+    torch.set_num_threads(args.threads)
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+    fn = _call(args.tool, args.case)  # imports coremltools / quanta before the clock starts
+    model = build(args.layers, args.dim)
+    if args.tool == "quanta inplace":  # every call needs a float model of its own
+        first = [model]
+        result = harness.time_calls(fn, 3, setup=lambda: first.pop() if first else build(args.layers, args.dim))
+    else:
+        result = harness.time_calls(lambda _: fn(model), 3)
+    print(json.dumps(result))
 
-    model = _model()
-    print(f"torch threads: {torch.get_num_threads()}; layers: {SHAPES}")
-    print(f"{'case':<20} {'coremltools s':>14} {'quanta s':>10} {'speed-up':>9}  identical")
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32)
+
+
+def identity_lines(layers: int, dim: int) -> list[str]:
+    """Bitwise comparison of the dequantized weights (and -0.0 counts), in this process."""
+    import quanta
+    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+    from quanta.compat import PostTrainingQuantizer as CompatPTQ
+    from quanta.compat import PostTrainingQuantizerConfig as CompatConfig
+
+    model = build(layers, dim)
+    lines = []
     for case, glob in CASES.items():
         cfg = {"global_config": glob}
+        ref = PostTrainingQuantizer(copy.deepcopy(model), PostTrainingQuantizerConfig.from_dict(cfg)).compress()
+        ours = {"quanta.quantize": quanta.quantize(model, cfg),
+                "quanta.compat": CompatPTQ(model, CompatConfig.from_dict(cfg)).compress()}
+        for how, out in ours.items():
+            same = all(torch.equal(_bits(a.weight), _bits(b.weight)) for a, b in zip(ref, out))
+            neg = sum(int((torch.signbit(m.weight) & (m.weight == 0)).sum()) for m in out)
+            lines.append(f"{case:<18} {how:<16} bit-identical to coremltools: {same}; -0.0 weights: {neg}")
+        del ref, ours
+    return lines
 
-        def run_ct():
-            # compress() copies the model itself (inplace=False), as quanta.quantize does
-            return PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict(cfg)).compress()
 
-        def run_quanta():
-            return quanta.quantize(model, cfg)
-
-        t_ct, ref = _best(run_ct, args.repeat)
-        t_q, ours = _best(run_quanta, args.repeat)
-        identical = all(torch.equal(ref[i].weight, ours[i].weight) for i in range(len(SHAPES)))
-        print(f"{case:<20} {t_ct:14.3f} {t_q:10.3f} {t_ct / t_q:8.2f}x  {identical}")
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tool", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    lines = harness.header(f"python benchmarks/rtn.py --layers {args.layers} --dim {args.dim} --repeats "
+                           f"{args.repeats} --threads {args.threads}", args.threads,
+                           f"{args.layers} x Linear({args.dim}, {args.dim}); each tool in fresh processes, "
+                           f"alternating; first call, then median of 2 warm calls; medians over {args.repeats} "
+                           "repetitions; peak = RSS above the model's, first call")
+    runs = {(c, t): [] for c in CASES for t in TOOLS}
+    for _ in range(args.repeats):
+        for case in CASES:
+            for tool in TOOLS:
+                runs[case, tool].append(harness.worker(__file__, ["--tool", tool, "--case", case, "--layers",
+                                                                  str(args.layers), "--dim", str(args.dim),
+                                                                  "--threads", str(args.threads)]))
+    lines.append(f"{'case':<18} {'tool':<15} {'first s':>8} {'warm s':>8} {'peak MiB':>9}   "
+                 f"{'first: ct/tool':>14} {'warm: ct/tool':>13}")
+    for case in CASES:
+        ct = runs[case, "coremltools"]
+        ct_first, ct_warm = harness.median([r["first_s"] for r in ct]), harness.median([r["warm_s"] for r in ct])
+        for tool in TOOLS:
+            rs = runs[case, tool]
+            first, warm = harness.median([r["first_s"] for r in rs]), harness.median([r["warm_s"] for r in rs])
+            peak = harness.median([r["peak_mib"] for r in rs])
+            lines.append(f"{case:<18} {tool:<15} {first:8.2f} {warm:8.2f} {peak:9.0f}   {ct_first / first:13.2f}x "
+                         f"{ct_warm / warm:12.2f}x")
+        q, qi = runs[case, "quanta"], runs[case, "quanta inplace"]
+        lines.append(f"{case:<18} inplace / copy mode: first {harness.median([r['first_s'] for r in qi]) / harness.median([r['first_s'] for r in q]):.2f}x, "
+                     f"warm {harness.median([r['warm_s'] for r in qi]) / harness.median([r['warm_s'] for r in q]):.2f}x")
+    lines += identity_lines(args.layers, args.dim)
+    lines.append(harness.footer())
+    harness.write("rtn_cpu.txt", lines)
 
 
 if __name__ == "__main__":

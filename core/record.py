@@ -14,7 +14,7 @@ from typing import Iterator
 import attrs
 import torch
 
-from quanta._records.qmath import from_groups, to_groups
+from quanta._records.qmath import empty, from_groups, to_groups
 from quanta._records.spec import QuantSpec
 
 __all__ = ["QuantizedWeight", "attach_record", "read_record", "records", "declare_state", "extra_state",
@@ -65,14 +65,18 @@ class QuantizedWeight:
 
         scheme = scheme_for(self.spec)
         sizes = list(self.block_sizes)
-        codes = to_groups(self.codes.to(torch.float32), sizes)
+        grouped = to_groups(self.codes, sizes)
+        # One fresh float buffer (numpy-backed on CPU: huge pages, fewer first-touch faults) that
+        # the scheme dequantizes in place; the built-ins make no other allocation.
+        codes = empty(grouped.shape, torch.float32, grouped.device)
+        codes.copy_(grouped)
         scale = self.scale.reshape(-1, 1).to(torch.float32)
         with plugin_code(scheme, None):
             if self.lut is not None:
                 values = scheme.dequantize_lut(codes, self.lut.reshape(scale.shape[0], -1), scale)
             else:
                 zp = None if self.zero_point is None else self.zero_point.reshape(-1, 1).to(torch.float32)
-                values = scheme.dequantize(codes, scale, zp)
+                values = scheme.dequantize_(codes, scale, zp)
         return from_groups(values.to(torch.float32), self.shape, sizes)
 
     def nbytes(self, scale_bytes: int = 2) -> int:

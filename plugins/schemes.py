@@ -93,8 +93,8 @@ class SymmetricScheme(Scheme):
         qmin, qmax = self.quant_range(dtype)
         codes = torch.div(values, scale).round_()  # one allocation; the rest in place
         if zero_point is not None:
-            codes.add_(zero_point)
-        return codes.clamp_(qmin, qmax)
+            return codes.add_(zero_point).clamp_(qmin, qmax)
+        return codes.clamp_(qmin, qmax).add_(0.0)  # -0.0 -> 0.0: a zero code dequantizes to 0.0
 
     def dequantize(self, codes, scale, zero_point):
         return (codes - zero_point) * scale if zero_point is not None else codes * scale
@@ -104,8 +104,10 @@ class SymmetricScheme(Scheme):
         qmin, qmax = self.quant_range(dtype)
         torch.div(values, scale, out=out).round_()
         if zero_point is not None:
-            out.add_(zero_point)
-        return out.clamp_(qmin, qmax)
+            return out.add_(zero_point).clamp_(qmin, qmax)
+        # round() keeps the sign of a small negative value (-0.0); adding 0.0 clears it, so the
+        # dequantized weight holds 0.0 where coremltools' (integer codes times scale) does.
+        return out.clamp_(qmin, qmax).add_(0.0)
 
     def dequantize_(self, codes, scale, zero_point):
         """In-place fast path of :meth:`dequantize` (overwrites ``codes``)."""

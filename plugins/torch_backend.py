@@ -127,16 +127,22 @@ class TorchBackend(Backend):
             raise ConfigError(f"no module named {module!r} in the model", "module") from None
         declare_transform(target, kind, name, value)
 
-    def snapshot(self, model, units, everything: bool = False):
+    def snapshot(self, model, units, everything: bool = False, share: tuple = ()):
         """Clones of what may change: the weights of ``units`` and their records; with
-        ``everything``, every parameter, buffer, hook, submodule and record of the model."""
+        ``everything``, every parameter, buffer, hook, submodule and record of the model.
+
+        A weight of a unit in ``share`` is only ever replaced (``write`` gives the parameter new
+        storage), so the snapshot keeps a reference to it: no copy, and ``inplace=True`` costs
+        what copy mode costs."""
         if not everything:
+            shared = {id(getattr(u.handle, u.param)) for u in share}
             saved = []
             for u in units:
                 m = u.handle
+                weight = getattr(m, u.param)
+                kept = weight.detach() if id(weight) in shared else weight.detach().clone()
                 buffers = {k: v for k, v in m._buffers.items() if k.startswith(u.param + "_quanta_")}
-                saved.append((m, u.param, getattr(m, u.param).detach().clone(), dict(buffers),
-                              dict(getattr(m, "_quanta_meta", {}))))
+                saved.append((m, u.param, kept, dict(buffers), dict(getattr(m, "_quanta_meta", {}))))
             return ("weights", saved)
         modules = []
         for m in model.modules():

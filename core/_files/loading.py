@@ -3,6 +3,7 @@ pickle (the format: :mod:`quanta._files.saved_format`; ``docs/saving.md``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -73,6 +74,70 @@ def _tensor_keys(path: Path, name: str) -> list[str]:
         raise SavedModelError(f"{name!r} in {str(path)!r} is not a readable safetensors file: {exc}", name) from None
 
 
+def _rebuild_empty(path, config, factory, trust_remote_code) -> torch.nn.Module:
+    """:func:`rebuild_model`, a transformers class built with its parameters on the meta device
+    (see :func:`_parameters_on_meta`); other rebuilds as they are."""
+    rebuild = config.get("rebuild") or {}
+    empty = factory is None and isinstance(rebuild, dict) and "transformers" in rebuild
+    if not empty:
+        return rebuild_model(path, config, factory=factory, trust_remote_code=trust_remote_code)
+    with _parameters_on_meta():  # no random init
+        model = rebuild_model(path, config, factory=factory, trust_remote_code=trust_remote_code)
+        if callable(getattr(model, "tie_weights", None)):
+            model.tie_weights()  # init_weights, skipped, also ties (lm_head to the embedding)
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory, no random init) and
+    their buffers where they would be (non-persistent buffers such as rotary frequencies are
+    computed, not saved). :func:`_materialize` then gives the parameters real, uninitialised
+    memory for the file's values to replace."""
+    original = torch.nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register_parameter
+    try:
+        with _transformers_no_init():
+            yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _transformers_no_init():
+    """transformers' own switch that skips ``init_weights`` (which would still walk every meta
+    parameter), or nothing where this transformers has none."""
+    import sys
+
+    init = sys.modules.get("transformers.initialization")
+    no_init = getattr(init, "no_init_weights", None)
+    return no_init() if no_init is not None else contextlib.nullcontext()
+
+
+def _materialize(model: torch.nn.Module) -> None:
+    """Replace every meta parameter of ``model`` by an uninitialised CPU one (tied parameters
+    stay tied). ``torch.empty`` reserves memory without touching it: the load's values then
+    replace it, so building the model costs no pass over its weights."""
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                         requires_grad=param.requires_grad)
+                module._parameters[name] = made[id(param)]
+
+
+def _unrestored_parameters(model: torch.nn.Module, restored: set[str]) -> list[str]:
+    """Parameters of ``model`` no saved tensor will fill (only with ``strict=False``)."""
+    return [k for k, _ in model.named_parameters(remove_duplicate=False) if k not in restored]
+
+
 def _owner(model: torch.nn.Module, key: str, what: str) -> tuple[torch.nn.Module, str]:
     module_name, _, attr = key.rpartition(".")
     try:
@@ -132,8 +197,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
     check_tree(path, "saved directory", SavedModelError)
     files = _weight_files(path)
     check_metadata(config, files)
-    if model is None:
-        model = rebuild_model(path, config, factory=factory, trust_remote_code=trust_remote_code)
+    rebuilt = model is None
+    if rebuilt:
+        model = _rebuild_empty(path, config, factory, trust_remote_code)
     elif not isinstance(model, torch.nn.Module):
         raise SavedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}", "model")
     rec_meta: dict = config.get("records") or {}
@@ -152,6 +218,12 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
 
         _check_layout(model, rec_meta, aliases, buffer_keys | declared, record_keys, plain_keys,
                       lambda key: tuple(handles[files[key]].get_slice(key).get_shape()), strict)
+        if rebuilt and any(p.is_meta for p in model.parameters()):
+            if _unrestored_parameters(model, set(plain_keys) | set(rec_meta) | set(aliases)):
+                # strict=False: what the file lacks keeps its init
+                model = rebuild_model(path, config, factory=factory, trust_remote_code=trust_remote_code)
+            else:
+                _materialize(model)
         recs = _read_records(model, rec_meta, plain_keys, tensor)  # all checked before the model changes
         saved_transforms = _check_transforms(model, config.get("transforms") or {}, declared)
         for key in plain_keys:

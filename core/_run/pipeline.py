@@ -233,11 +233,12 @@ def _prepare(model: Any, recipe: Recipe, data: Any, backend: str | None, device:
 def _working_model(model: Any, run: _Run, inplace: bool) -> tuple[Any, Any]:
     """``(target, snapshot)``: the model itself and what restores it (``inplace``), or a copy and None."""
     units = [p.unit for p in run.plans[0].selected]
+    # Weights the algorithm only ever replaces: shared by the copy, kept by reference in the snapshot.
+    share = tuple(units) if len(run.stages) == 1 and run.algorithms[0].shares_float_weights else ()
     with plugin_code(run.backend):
         if inplace:
             everything = len(run.stages) > 1 or any(algo.changes == "model" for algo in run.algorithms)
-            return model, run.backend.snapshot(model, units, everything=everything)
-        share = tuple(units) if len(run.stages) == 1 and run.algorithms[0].shares_float_weights else ()
+            return model, run.backend.snapshot(model, units, everything=everything, share=share)
         return run.backend.copy(model, share=share), None
 
 

@@ -103,9 +103,11 @@ class Backend(Plugin):
         (``values`` = ``record.dequantize()`` when the caller has it)."""
 
     @abc.abstractmethod
-    def snapshot(self, model: Any, units: list[Unit], everything: bool = False) -> Any:
+    def snapshot(self, model: Any, units: list[Unit], everything: bool = False, share: tuple[Unit, ...] = ()) -> Any:
         """Whatever :meth:`restore` needs to undo writes to ``units`` (``everything=True``: to undo
-        any change to any parameter, buffer, hook, submodule or record of the model)."""
+        any change to any parameter, buffer, hook, submodule or record of the model). Weights of
+        the units in ``share`` are only ever replaced, never written in place (as in :meth:`copy`):
+        the snapshot may keep a reference to them instead of a clone."""
 
     @abc.abstractmethod
     def restore(self, model: Any, snapshot: Any) -> None:

@@ -56,8 +56,9 @@ def check_backend(backend: Backend, model: Any) -> None:
       original's weights untouched;
     - write/read round trip: after ``write(copy, unit, record)``, ``read_weight`` gives
       ``record.dequantize()`` in the weight's dtype;
-    - ``snapshot``/``restore`` (``everything`` False and True) bring every weight back exactly,
-      and leave no record behind (``records`` after restore, for a backend that lists records);
+    - ``snapshot``/``restore`` (``everything`` False, with and without ``share``, and True) bring
+      every weight back exactly, and leave no record behind (``records`` after restore, for a
+      backend that lists records);
     - ``records`` (when implemented) lists one record per unit written;
     - a declared ``priority`` is an int and ``grids`` a non-empty frozenset of ``GRIDS``;
       ``compute_dtype`` is a float dtype.
@@ -119,11 +120,11 @@ def _check(backend: Backend, model: Any) -> None:
             check(len(held) == len(work_units), backend, f"records() lists {len(held)} records after "
                                                          f"{len(work_units)} units were written")
 
-    for everything in (False, True):
+    for everything, shared in ((False, False), (False, True), (True, False)):
         work = backend.copy(model)
         work_units = backend.units(work)
         before = _weights(backend, work, work_units)
-        snap = backend.snapshot(work, work_units, everything=everything)
+        snap = backend.snapshot(work, work_units, everything=everything, share=tuple(work_units) if shared else ())
         for u in work_units:
             backend.write(work, u, _record(backend, work, u))
         backend.restore(work, snap)

@@ -281,7 +281,7 @@ class CoreMLBackend(Backend):
         model.records[unit.name] = record
         model._built = None
 
-    def snapshot(self, model, units, everything: bool = False):
+    def snapshot(self, model, units, everything: bool = False, share: tuple = ()):
         if not isinstance(model, CoreMLWorkModel):
             raise ConfigError("Core ML models are quantized into a new model; inplace=True is not supported",
                               "inplace")

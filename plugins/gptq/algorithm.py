@@ -239,6 +239,9 @@ class GPTQ(Algorithm):
     config_class = GPTQConfig
     needs_data = True
     backends = frozenset({"torch"})  # walks torch modules itself: refused at plan time on other backends
+    #: Weights are read (forwards, the solver works on its own copies) and replaced through the
+    #: backend, never written in place: the working copy shares the float weights' storage.
+    shares_float_weights = True
     #: What coremltools' LayerwiseCompressor quantizes from its global_config.
     global_types = {"torch": ("Conv2d", "Linear")}
 
@@ -302,11 +305,18 @@ class GPTQ(Algorithm):
                 home = _device_of(block)
                 block.to(device)
                 if mine:
+                    # A block that is itself the only layer (a Sequential's Linear): its Hessian needs
+                    # only the cached inputs, not a forward through it.
+                    direct = list(mine) == [block] and not block._forward_pre_hooks and all(
+                        not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) for args, kwargs in cache)
                     hooks = attach_hooks(block, [(m, l.unit.param) for m, l in mine.items()],
                                          lambda m, **kw: _HessianHook(m, device, **kw))
                     try:
                         for args, kwargs in cache:
-                            block(*args, **_fresh_state(kwargs))
+                            if direct:
+                                hooks[block]._hook(block, args)
+                            else:
+                                block(*args, **_fresh_state(kwargs))
                         self._solve(model, mine, hooks, cfg, device, context)
                     finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
                         _remove_hooks(hooks)
