@@ -114,7 +114,7 @@ def attach_record(module: torch.nn.Module, param: str, record: QuantizedWeight,
             del module._buffers[param + suffix]
     meta = dict(getattr(module, "_quanta_meta", {}))
     meta[param] = (record.spec, tuple(record.block_sizes), record.channel_axis, record.input_axis, record.grid)
-    module._quanta_meta = meta
+    setattr(module, "_quanta_meta", meta)  # plain attribute (nn.Module's setattr types it as a tensor)
 
 
 def read_record(module: torch.nn.Module, param: str = "weight") -> QuantizedWeight | None:
@@ -124,9 +124,12 @@ def read_record(module: torch.nn.Module, param: str = "weight") -> QuantizedWeig
         return None
     spec, block_sizes, channel_axis, input_axis, grid = meta
     buffers = module._buffers
+    codes, scale = buffers[param + "_quanta_codes"], buffers[param + "_quanta_scale"]
+    if codes is None or scale is None:
+        return None
     return QuantizedWeight(
-        codes=buffers[param + "_quanta_codes"],
-        scale=buffers[param + "_quanta_scale"],
+        codes=codes,
+        scale=scale,
         zero_point=buffers.get(param + "_quanta_zero_point"),
         spec=spec,
         block_sizes=block_sizes,
@@ -157,7 +160,7 @@ def declare_state(module: torch.nn.Module, name: str, value: torch.Tensor) -> No
     module.register_buffer(name, value)
     declared = tuple(getattr(module, "_quanta_state", ()))
     if name not in declared:
-        module._quanta_state = declared + (name,)
+        setattr(module, "_quanta_state", declared + (name,))
 
 
 def extra_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

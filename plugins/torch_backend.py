@@ -7,6 +7,8 @@ the modules as buffers (see ``quanta.record``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import copy
 
 import torch
@@ -61,7 +63,7 @@ class TorchBackend(Backend):
                 out.append(Unit(name, type(module).__name__, mro, "weight", w.shape, 0, 1, module))
         return out
 
-    def activation_rules(self):
+    def activation_rules(self) -> Any:
         """What this backend quantizes for activations (``quanta.fx.rules.ActivationRules``):
         Linear/Conv outputs and inputs, add/mul/matmul/cat; conv+bn(+relu), linear+relu and add+relu
         fuse; activations are int8 or uint8, per tensor."""
@@ -98,7 +100,7 @@ class TorchBackend(Backend):
             raise ConfigError(f"no module named {module!r} in the model", "module") from None
         declare_state(target, name, value)
 
-    def snapshot(self, model, units, everything: bool = False):
+    def snapshot(self, model, units, everything: bool = False) -> Any:
         """Clones of what may change: the weights of ``units`` and their records; with
         ``everything``, every parameter, buffer, hook, submodule and record of the model."""
         if not everything:
@@ -150,5 +152,5 @@ class TorchBackend(Backend):
 
 
 @quanta.hookimpl
-def register_backends(register):
+def register_backends(register) -> None:
     register(TorchBackend())

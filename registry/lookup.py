@@ -15,14 +15,16 @@ def resolve_scheme(name: str) -> Scheme:
     """The scheme implementation registered as ``name`` (with its default options)."""
     from quanta.registry import get
 
-    return get("scheme", name).obj
+    obj: Scheme = get("scheme", name).obj
+    return obj
 
 
 def resolve_observer(name: str) -> Observer:
     """The observer implementation registered as ``name`` (with its default options)."""
     from quanta.registry import get
 
-    return get("observer", name).obj
+    obj: Observer = get("observer", name).obj
+    return obj
 
 
 def scheme_for(spec: QuantSpec) -> Scheme:

@@ -26,7 +26,7 @@ def _same(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def _record(backend, model, unit):
+def _record(backend, model, unit) -> Any:
     from quanta._records.spec import QuantSpec
     from quanta._run.weights import quantize_weight
 
@@ -114,6 +114,6 @@ def _check(backend: Backend, model: Any) -> None:
         changed = _same(before, _weights(backend, work, backend.units(work)))
         check(not changed, backend, f"restore(snapshot(everything={everything})) did not bring back {changed[:3]}")
         if isinstance(work, torch.nn.Module):
-            from quanta.record import records
+            from quanta.record import records as records_of
 
-            check(not records(work), backend, f"restore(snapshot(everything={everything})) left records behind")
+            check(not records_of(work), backend, f"restore(snapshot(everything={everything})) left records behind")

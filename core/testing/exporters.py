@@ -16,7 +16,7 @@ from .failure import check, fail
 __all__ = ["check_exporter"]
 
 
-def _quantized_mlp():
+def _quantized_mlp() -> Any:
     import quanta
 
     from .models import reference_model
@@ -70,7 +70,7 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
     suffix = exporter.suffix or ""
     fmt = exporter.name
 
-    def export(path, **kw):
+    def export(path, **kw) -> str:
         return quanta.export(model, path, format=fmt, example_inputs=example_inputs, **kw)
 
     # 1. a plain export
@@ -150,7 +150,7 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
     # 5. a failure mid-write leaves nothing behind
     before = _listing(root)
     broken = root / f"broken{suffix}"
-    exporting = exporter.with_config(None) if exporter.config_class is not None else exporter
+    exporting: Exporter = exporter.with_config(None) if exporter.config_class is not None else exporter
     try:
         with plugin_code(exporting):
             exporting.export(_Unexportable(model, exporting), broken, example_inputs=example_inputs)
@@ -168,7 +168,7 @@ class _Unexportable(torch.nn.Module):
     ``state_dict`` and ``named_modules`` (which ``quanta.records`` walks) raise when called from
     a method of ``exporter`` (core's checks before the export still see a normal model)."""
 
-    def __init__(self, inner, exporter):
+    def __init__(self, inner, exporter) -> None:
         super().__init__()
         self.inner = inner
         object.__setattr__(self, "_exporter", exporter)
@@ -181,18 +181,18 @@ class _Unexportable(torch.nn.Module):
             frame = frame.f_back
         return False
 
-    def _maybe_fail(self):
+    def _maybe_fail(self) -> None:
         if self._from_exporter():
             raise RuntimeError("injected failure while exporting (quanta.testing)")
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> Any:
         self._maybe_fail()
         return self.inner(*args, **kwargs)
 
-    def state_dict(self, *args, **kwargs):
+    def state_dict(self, *args, **kwargs) -> Any:
         self._maybe_fail()
         return super().state_dict(*args, **kwargs)
 
-    def named_modules(self, *args, **kwargs):
+    def named_modules(self, *args, **kwargs) -> Any:
         self._maybe_fail()
         return super().named_modules(*args, **kwargs)

@@ -9,6 +9,8 @@ warnings from coremltools are left as they are.
 
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 import sys
 import warnings
@@ -16,7 +18,7 @@ import warnings
 __all__ = ["import_coremltools"]
 
 
-def import_coremltools():
+def import_coremltools() -> Any:
     """The ``coremltools`` module, imported without its import-time log lines and warnings."""
     module = sys.modules.get("coremltools")
     if module is not None:

@@ -63,18 +63,18 @@ class CoreMLExportConfig:
                          "config.max_position_embeddings (ct.RangeDim); an int: that upper bound"})
 
     @flexible_sequence_length.validator
-    def _check_flexible(self, _attr, value):
+    def _check_flexible(self, _attr, value) -> None:
         if not isinstance(value, bool) and not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"must be true, false or a positive maximum length, got {value!r}",
                               "flexible_sequence_length")
 
     @compute_precision.validator
-    def _check_precision(self, _attr, value):
+    def _check_precision(self, _attr, value) -> None:
         if value not in _PRECISIONS:
             raise ConfigError(f"must be one of {', '.join(_PRECISIONS)}, got {value!r}", "compute_precision")
 
 
-def conversion_pass_pipeline():
+def conversion_pass_pipeline() -> Any:
     """coremltools' default pass pipeline without the passes known to corrupt W8A8 models."""
     import coremltools as ct
 
@@ -227,7 +227,7 @@ class CoreMLExporter(Exporter):
         compressed weights. Returns ``model``."""
         return metadata.annotate(model)
 
-    def plan_target(self, model: torch.nn.Module, minimum_deployment_target=None, has_activation_quant: bool = False):
+    def plan_target(self, model: torch.nn.Module, minimum_deployment_target=None, has_activation_quant: bool = False) -> Any:
         """The ``ct.target`` an export would use (ConfigError if the requested one is too low)."""
         return targets.choose_target(minimum_deployment_target, _records(model), has_activation_quant)
 

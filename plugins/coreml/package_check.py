@@ -17,6 +17,8 @@ Reading is done with the protobuf classes coremltools ships (no model compile, a
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import os
 import struct
@@ -58,7 +60,7 @@ def _manifest_root(path: Path) -> Path:
     return spec_path
 
 
-def _parse_spec(path: Path, spec_path: Path):
+def _parse_spec(path: Path, spec_path: Path) -> Any:
     from google.protobuf.message import DecodeError
 
     from .ct_import import import_coremltools

@@ -11,11 +11,13 @@ coremltools already translates keeps coremltools' own translation.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 __all__ = ["TRANSLATIONS", "register", "registered"]
 
-_state = {"done": False, "registered": ()}
+_state: dict[str, Any] = {"done": False, "registered": ()}
 
 
 def _inputs(context, node) -> list:
@@ -23,7 +25,7 @@ def _inputs(context, node) -> list:
     return [context[name] if name else None for name in node.inputs]
 
 
-def _torch_dtype_code(var):
+def _torch_dtype_code(var) -> Any:
     """The numpy dtype for a torch ``ScalarType`` code held by ``var`` (``None`` when not given)."""
     from coremltools.converters.mil.frontend.torch.utils import NUM_TO_NUMPY_DTYPE
 
@@ -32,7 +34,7 @@ def _torch_dtype_code(var):
     return NUM_TO_NUMPY_DTYPE[int(var.val)]
 
 
-def new_ones(context, node):
+def new_ones(context, node) -> None:
     """``x.new_ones(size, dtype=...)``: a tensor of ones of ``size`` (dtype given, else x's)."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil.types import nptype_from_builtin
@@ -52,7 +54,7 @@ def new_ones(context, node):
     context.add(_cast_to(ones, dtype, node.name))
 
 
-def _cast_to(value, dtype, name):
+def _cast_to(value, dtype, name) -> Any:
     from coremltools.converters.mil import Builder as mb
 
     if np.dtype(dtype) == np.bool_:
@@ -62,7 +64,7 @@ def _cast_to(value, dtype, name):
     return mb.identity(x=value, name=name)
 
 
-def diff(context, node):
+def diff(context, node) -> None:
     """``torch.diff(x, n=1, dim=-1, prepend=None, append=None)``: ``x[..., 1:] - x[..., :-1]``
     along ``dim`` after concatenating ``prepend``/``append``; ``n`` > 1 repeats it."""
     from coremltools.converters.mil import Builder as mb

@@ -63,7 +63,7 @@ class GPTQConfig:
     device: Any = attrs.field(default=None, metadata=_doc("torch device for the computation (default: the model's)"))
     enable_normal_float: bool = attrs.field(default=False, metadata=_doc("coremltools' NF mode (not supported)"))
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         if not isinstance(self.calibration_nsamples, int) or self.calibration_nsamples < 1:
             raise ConfigError(f"must be a positive integer, got {self.calibration_nsamples!r}", "calibration_nsamples")
         if not isinstance(self.processing_group_size, int) or self.processing_group_size < 1:
@@ -80,20 +80,20 @@ class GPTQConfig:
 class PluginQuantizer:
     """Adapts a scheme and an observer plugin to the solver's ``fit/quantize/dequantize`` contract."""
 
-    def __init__(self, spec):
+    def __init__(self, spec) -> None:
         self.spec = spec
         self.scheme = scheme_for(spec)
         self.observer = observer_for(spec)
 
-    def fit(self, w):
+    def fit(self, w) -> Any:
         lo, hi = self.observer.observe(w, self.spec, self.scheme)
         scale, zp = self.scheme.qparams(lo, hi, self.spec.dtype)
         return scale[:, None], (None if zp is None else zp[:, None])
 
-    def quantize(self, w, scale, zero_point):
+    def quantize(self, w, scale, zero_point) -> torch.Tensor:
         return self.scheme.quantize(w, scale, zero_point, self.spec.dtype)
 
-    def dequantize(self, codes, scale, zero_point):
+    def dequantize(self, codes, scale, zero_point) -> torch.Tensor:
         return self.scheme.dequantize(codes, scale, zero_point)
 
 
@@ -101,7 +101,7 @@ class _Stop(Exception):
     """Raised by the input cacher's hook to end a forward pass early."""
 
 
-def _first_tensor(out):
+def _first_tensor(out) -> Any:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)):
@@ -118,7 +118,7 @@ def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tu
     if names:
         import re
 
-        out = []
+        out: list[tuple[str, nn.Module]] = []
         for pattern in names:
             hits = [n for n in modules if (re.fullmatch(pattern[3:], n) if pattern.startswith("re:") else n == pattern)]
             if not hits:
@@ -158,14 +158,14 @@ class _HessianHook:
     count quanta's GPTQ gives coremltools' weights.
     """
 
-    def __init__(self, module: nn.Module, device):
+    def __init__(self, module: nn.Module, device) -> None:
         self.module = module
-        cols = module.weight[0].numel()
+        cols = module.get_parameter("weight")[0].numel()
         self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
         self.samples = 0
         self.handle = module.register_forward_pre_hook(self._hook)
 
-    def _hook(self, module, args):
+    def _hook(self, module, args) -> None:
         x = args[0].detach()
         self.samples += x.shape[0] if x.dim() > 2 else 1
         if isinstance(module, nn.Linear):
@@ -230,7 +230,7 @@ class GPTQ(Algorithm):
         finally:
             model.train(was_training)
 
-    def _run_blocks(self, model, todo, samples, cfg, device, context):
+    def _run_blocks(self, model, todo, samples, cfg, device, context) -> None:
         blocks = find_blocks(model, cfg.layers)
         block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
         if blocks and blocks[0][1] is not model and block_modules:
@@ -274,7 +274,7 @@ class GPTQ(Algorithm):
                 _remove_hooks(hooks)
             model.to(home)
 
-    def _solve(self, model, mine, hooks, cfg, device, context):
+    def _solve(self, model, mine, hooks, cfg, device, context) -> None:
         for module, layer in mine.items():
             hessian = hooks[module].hessian()
             original = module.weight.detach()
@@ -312,7 +312,7 @@ def _fresh_state(kwargs: dict) -> dict:
     """``kwargs`` with every stateful object (not a tensor, number, string or container of them; e.g.
     a transformers key-value cache that a decoder layer appends to) replaced by a copy, so each
     call of a block sees the state the model's own forward gave it, never another call's."""
-    def fresh(v):
+    def fresh(v) -> Any:
         if isinstance(v, _PLAIN):
             return v
         if isinstance(v, (tuple, list)):
@@ -333,7 +333,7 @@ def _contains(parent: nn.Module, module: nn.Module) -> bool:
     return any(m is module for m in parent.modules())
 
 
-def _device_of(module: nn.Module):
+def _device_of(module: nn.Module) -> Any:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -359,11 +359,11 @@ def _take(data, n: int) -> list:
     return out
 
 
-def _cache_inputs(model, first_block, samples, device):
+def _cache_inputs(model, first_block, samples, device) -> Any:
     """Run the model until ``first_block`` for each sample; keep its (args, kwargs) on ``device``."""
     cache = []
 
-    def hook(module, args, kwargs):
+    def hook(module, args, kwargs) -> None:
         cache.append((to_device(tuple(args), device), to_device(dict(kwargs), device)))
         raise _Stop
 
@@ -383,5 +383,5 @@ def _cache_inputs(model, first_block, samples, device):
 
 
 @quanta.hookimpl
-def register_algorithms(register):
+def register_algorithms(register) -> None:
     register(GPTQ())
