@@ -86,6 +86,9 @@ class TorchBackend(Backend):
             memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
         return copy.deepcopy(model, memo)
 
+    def module_of(self, model: nn.Module, unit: Unit) -> nn.Module:
+        return unit.handle
+
     def read_weight(self, model, unit: Unit) -> torch.Tensor:
         return getattr(unit.handle, unit.param).detach()
 

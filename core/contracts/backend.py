@@ -129,6 +129,12 @@ class Backend(Plugin):
 
         raise ConfigError(f"backend {self.name!r} cannot hold extra state ({module}.{name})")
 
+    def module_of(self, model: Any, unit: Unit) -> Any:
+        """The framework module that computes ``unit`` (a ``torch.nn.Module`` for a torch model),
+        for algorithms that observe a layer's inputs (GPTQ's Hessians) through
+        ``RunContext.module``; None (the default) when the representation has no such module."""
+        return None
+
     def activation_rules(self) -> Any:
         """What this backend quantizes for activations (``quanta.fx.ActivationRules``), or None
         when it does no activation quantization."""

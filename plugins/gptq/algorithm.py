@@ -213,12 +213,11 @@ class GPTQ(Algorithm):
         cfg: GPTQConfig = self.config
         device = torch.device(cfg.device or context.device or next(model.parameters()).device)
         samples = _take(data, cfg.calibration_nsamples)
-        todo = {layer.unit.handle: layer for layer in plan.selected}
+        todo = {context.module(model, layer): layer for layer in plan.selected}
         for module, layer in list(todo.items()):
             reason = _calibratable(module)
             if reason is not None or layer.unit.param != "weight":
-                context.quantize_layer(model, layer)
-                context.report.layers[-1].extra["method"] = f"rtn ({reason or 'attention projection'})"
+                context.quantize_layer(model, layer, extra={"method": f"rtn ({reason or 'attention projection'})"})
                 del todo[module]
         if not todo:
             return
@@ -260,8 +259,8 @@ class GPTQ(Algorithm):
                 block.to(home)
             del cache
             # Accounting, not sampling: the cache is the only activation storage between blocks.
-            context.report.stats["gptq_blocks"] = len(blocks)
-            context.report.stats["gptq_peak_cached_activation_bytes"] = peak
+            context.stats["gptq_blocks"] = len(blocks)
+            context.stats["gptq_peak_cached_activation_bytes"] = peak
         if todo:  # layers outside the blocks (heads, poolers): one pass of the quantized model
             home = _device_of(model)
             model.to(device)
