@@ -47,10 +47,11 @@ class QuantaError(Exception):
 
 
 class ConfigError(QuantaError, ValueError):
-    """A recipe or layer config is invalid. ``key`` is the dotted path of the offending key."""
+    """A recipe or layer config is invalid. ``key`` is the dotted path of the offending key;
+    ``detail`` is the message without it (so a caller can name a longer path)."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
-        self.key = key
+        self.key, self.detail = key, message
         super().__init__(f"{key}: {message}" if key else message)
 
 
@@ -91,10 +92,11 @@ class DuplicatePluginError(PluginContractError):
 
 
 class QuantizationError(QuantaError, ValueError):
-    """A weight or layer cannot be quantized as asked (NaN weights, bad block size, ...)."""
+    """A weight or layer cannot be quantized as asked (NaN weights, bad block size, ...).
+    ``layer`` names the layer; ``detail`` is the message without it."""
 
     def __init__(self, message: str, layer: str | None = None) -> None:
-        self.layer = layer
+        self.layer, self.detail = layer, message
         super().__init__(f"layer {layer!r}: {message}" if layer else message)
 
 

@@ -147,13 +147,12 @@ def _cmd_quantize(args, console: Console) -> int:
     if args.report:
         check_destination(args.report, overwrite=args.overwrite, owned=_is_quanta_report)
     package = None
-    if recipe.export:
-        options = dict(recipe.export)
-        fmt = options.pop("format", "coreml")
+    if recipe.export is not None:
+        fmt = recipe.export.format
         exporter = registry.get("exporter", fmt).obj
         # Beside the saved model, never onto it: an exporter without a suffix gets "<stem>-<format>".
         beside = output.with_suffix("") if exporter.suffix else output.with_name(f"{output.with_suffix('').name}-{fmt}")
-        package = export_destination(options.pop("path", None) or beside, exporter)
+        package = export_destination(recipe.export.path or beside, exporter)
         check_destination(package, overwrite=args.overwrite, directory=True)
     console.info(f"quantizing with {recipe.algorithm!r} ...")
     with registry.plugin(_progress_plugin(console), name="quanta-cli-progress"):
@@ -177,7 +176,7 @@ def _cmd_quantize(args, console: Console) -> int:
         console.info(f"exporting to {package} with {fmt!r} ...")
         started = time.perf_counter()
         written = quanta.export(qmodel, package, format=fmt, example_inputs=inputs, overwrite=args.overwrite,
-                                **options)
+                                config=recipe.export.config)
         console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
         if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)

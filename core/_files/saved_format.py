@@ -9,6 +9,7 @@ import enum
 import attrs
 import torch
 
+from quanta._recipes.structure import plugin_config
 from quanta.errors import QuantaError
 from quanta.record import QuantizedWeight
 from quanta._records.spec import QuantDtype, QuantSpec
@@ -59,21 +60,19 @@ def spec_to_json(spec: QuantSpec) -> dict:
 
 
 def spec_from_json(data: dict, where: str) -> QuantSpec:
-    from quanta import registry
-
     fields = {f.name for f in attrs.fields(QuantSpec)}
     unknown = sorted(set(data) - fields)
     if unknown:
         raise SavedModelError(f"the saved spec has fields {unknown} this quanta does not know; "
                               "it was written by a newer quanta", where)
     kwargs = dict(data)
-    for name, value in data.items():
-        # Options of a plugin (``scheme_config`` of scheme ``spec.scheme``) go back through its config class.
-        kind = name.removesuffix("_config")
-        if name.endswith("_config") and isinstance(value, dict) and kind in data:
-            config_class = registry.get(kind, data[kind]).config_class
-            kwargs[name] = config_class(**value) if config_class is not None else None
     try:
+        for name, value in data.items():
+            # Options of a plugin (``scheme_config`` of scheme ``spec.scheme``) go back through the
+            # one structuring of plugin options (unknown keys refused, older versions upgraded).
+            kind = name.removesuffix("_config")
+            if name.endswith("_config") and isinstance(value, dict) and kind in data:
+                kwargs[name] = plugin_config(kind, data[kind], value)
         return QuantSpec(**kwargs)
     except QuantaError as exc:
         raise SavedModelError(f"saved spec is invalid: {exc}", where) from None

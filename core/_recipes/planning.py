@@ -8,27 +8,58 @@ written); then ``module_type_configs`` by the layer's class, most specific class
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import re
 from typing import Any, Iterable
 
 import attrs
 
+from quanta._recipes.document import OnUnsupported
 from quanta._recipes.recipe import Recipe
 from quanta.errors import ConfigError, QuantizationError, did_you_mean
 from quanta.contracts import Unit
 from quanta._records.spec import QuantSpec
 
-__all__ = ["PlannedLayer", "Plan", "resolve", "build_plan"]
+__all__ = ["PlannedLayer", "Plan", "Rule", "Decision", "resolve", "build_plan"]
+
+
+class Rule(enum.Enum):
+    """Which part of a recipe chose a layer's config (the precedence of the module docstring)."""
+
+    name = "module_name_configs (exact name)"
+    pattern = "module_name_configs (pattern)"
+    type = "module_type_configs"
+    global_config = "global_config"
+    none = "no config applies"
+
+
+class Decision(enum.Enum):
+    """What the plan does with a layer; ``PlannedLayer.reason`` says it in words."""
+
+    #: quantized with the spec the rule chose
+    quantize = "quantize"
+    #: no name, type or global config applies
+    no_config = "no config applies"
+    #: the config that applies is null
+    config_null = "config is null"
+    #: global_config applies, but the algorithm takes no such type from it (``global_types``)
+    not_global_type = "type not taken from global_config"
+    #: fewer elements than the spec's ``weight_threshold``
+    below_threshold = "below weight_threshold"
+    #: the spec cannot apply (``on_unsupported_layer: skip``): left float, with a warning
+    unsupported = "unsupported"
 
 
 @attrs.frozen(kw_only=True)
 class PlannedLayer:
-    """One weight in the plan: the unit, its spec (None = left float) and the reason."""
+    """One weight in the plan: the unit, its spec (None = left float), the reason in words and
+    the typed ``decision`` (what code should test, never the reason's text)."""
 
     unit: Unit
     spec: QuantSpec | None
     reason: str
+    decision: Decision = Decision.quantize
 
     @property
     def name(self) -> str:
@@ -72,6 +103,22 @@ class Plan:
     def __str__(self) -> str:
         return self.table()
 
+    def bound_to(self, units: Iterable[Unit]) -> "Plan":
+        """This plan on another copy of the model: each layer's unit replaced by the unit with the
+        same name and parameter among ``units`` (what the backend enumerates on the copy). Specs
+        and reasons stay as planned. Raises QuantizationError naming a layer the copy lacks or
+        whose weight changed shape."""
+        by_key = {(u.name, u.param): u for u in units}
+        layers = []
+        for layer in self.layers:
+            unit = by_key.get((layer.unit.name, layer.unit.param))
+            if unit is None or tuple(unit.shape) != tuple(layer.unit.shape):
+                raise QuantizationError(f"the model being quantized no longer has the planned weight "
+                                        f"{layer.unit.param!r} of shape {tuple(layer.unit.shape)} (an earlier "
+                                        f"stage changed it)", layer.name)
+            layers.append(attrs.evolve(layer, unit=unit))
+        return attrs.evolve(self, layers=tuple(layers))
+
 
 def _name_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
@@ -83,21 +130,69 @@ def _type_name(key: Any) -> str:
     return key.__name__ if isinstance(key, type) else str(key)
 
 
-def resolve(unit: Unit, recipe: Recipe) -> tuple[QuantSpec | None, str]:
-    """The spec for ``unit`` under ``recipe`` and a short reason (see the module docstring)."""
+def _match(unit: Unit, recipe: Recipe) -> tuple[QuantSpec | None, Rule, str]:
+    """The spec for ``unit``, the rule that chose it and its words (``"module_name_configs['x']"``)."""
     names = recipe.module_name_configs
     if unit.name in names:
-        return names[unit.name], f"module_name_configs[{unit.name!r}]"
+        return names[unit.name], Rule.name, f"module_name_configs[{unit.name!r}]"
     for pattern, spec in names.items():
         if pattern != unit.name and _name_matches(pattern, unit.name):
-            return spec, f"module_name_configs[{pattern!r}]"
+            return spec, Rule.pattern, f"module_name_configs[{pattern!r}]"
     by_type = {_type_name(k): v for k, v in recipe.module_type_configs.items()}
     for cls_name in unit.type_mro:
         if cls_name in by_type:
-            return by_type[cls_name], f"module_type_configs[{cls_name!r}]"
+            return by_type[cls_name], Rule.type, f"module_type_configs[{cls_name!r}]"
     if recipe.global_config is not None:
-        return recipe.global_config, "global_config"
-    return None, "no config applies"
+        return recipe.global_config, Rule.global_config, "global_config"
+    return None, Rule.none, Rule.none.value
+
+
+def resolve(unit: Unit, recipe: Recipe) -> tuple[QuantSpec | None, str]:
+    """The spec for ``unit`` under ``recipe`` and a short reason (see the module docstring)."""
+    spec, _rule, reason = _match(unit, recipe)
+    return spec, reason
+
+
+def _check_keys(recipe: Recipe, units: list[Unit], all_module_names: Iterable[str], all_type_names: Iterable[str]):
+    """Refuse a name or type key that matches nothing in the model, naming the nearest."""
+    known_names = set(all_module_names) | {u.name for u in units}
+    for pattern in recipe.module_name_configs:
+        if pattern in known_names:
+            continue
+        if not any(_name_matches(pattern, n) for n in known_names):
+            raise ConfigError(f"matches no module of the model{did_you_mean(pattern, sorted(known_names))}",
+                              f"module_name_configs[{pattern!r}]")
+    known_types = set(all_type_names) | {t for u in units for t in u.type_mro}
+    for key in recipe.module_type_configs:
+        tname = _type_name(key)
+        if tname not in known_types:
+            raise ConfigError(f"no module of type {tname!r} in the model{did_you_mean(tname, sorted(known_types))}",
+                              f"module_type_configs[{tname!r}]")
+
+
+def _plan_layer(unit: Unit, recipe: Recipe, global_types: tuple[str, ...] | None) -> PlannedLayer:
+    spec, rule, reason = _match(unit, recipe)
+    if spec is None:
+        decision = Decision.no_config if rule is Rule.none else Decision.config_null
+        return PlannedLayer(unit=unit, spec=None, reason=reason if rule is Rule.none else f"{reason} is null",
+                            decision=decision)
+    if rule is Rule.global_config and global_types is not None and not set(unit.type_mro) & set(global_types):
+        return PlannedLayer(unit=unit, spec=None, decision=Decision.not_global_type, reason=(
+            f"{unit.module_type} is not quantized by global_config under {recipe.algorithm!r} (its types: "
+            f"{', '.join(global_types)}); name it in module_type_configs to quantize it"))
+    if spec.weight_threshold is not None and unit.numel < spec.weight_threshold:
+        return PlannedLayer(unit=unit, spec=None, decision=Decision.below_threshold,
+                            reason=f"{unit.numel} elements < weight_threshold {spec.weight_threshold}")
+    try:
+        spec.block_sizes(unit.shape, unit.channel_axis, unit.input_axis, unit.name)
+    except QuantizationError as exc:
+        why = f"{exc.detail} (spec from {reason})"
+        if recipe.on_unsupported_layer == OnUnsupported.skip:
+            return PlannedLayer(unit=unit, spec=None, decision=Decision.unsupported,
+                                reason=f"unsupported, left float: {why}")
+        raise QuantizationError(why + "; set on_unsupported_layer: skip to leave such layers float",
+                                unit.name) from None
+    return PlannedLayer(unit=unit, spec=spec, reason=reason)
 
 
 def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_names: Iterable[str] = (),
@@ -113,42 +208,6 @@ def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_n
     (e.g. a block size that does not divide the input axis).
     """
     units = list(units)
-    known_names = set(all_module_names) | {u.name for u in units}
-    for pattern in recipe.module_name_configs:
-        if pattern in known_names:
-            continue
-        if not any(_name_matches(pattern, n) for n in known_names):
-            raise ConfigError(f"matches no module of the model{did_you_mean(pattern, sorted(known_names))}",
-                              f"module_name_configs[{pattern!r}]")
-    known_types = set(all_type_names) | {t for u in units for t in u.type_mro}
-    for key in recipe.module_type_configs:
-        tname = _type_name(key)
-        if tname not in known_types:
-            raise ConfigError(f"no module of type {tname!r} in the model{did_you_mean(tname, sorted(known_types))}",
-                              f"module_type_configs[{tname!r}]")
-    layers = []
-    for unit in units:
-        spec, reason = resolve(unit, recipe)
-        if spec is not None and reason == "global_config" and global_types is not None \
-                and not set(unit.type_mro) & set(global_types):
-            layers.append(PlannedLayer(unit=unit, spec=None, reason=(
-                f"{unit.module_type} is not quantized by global_config under {recipe.algorithm!r} (its types: "
-                f"{', '.join(global_types)}); name it in module_type_configs to quantize it")))
-            continue
-        if spec is not None:
-            if spec.weight_threshold is not None and unit.numel < spec.weight_threshold:
-                layers.append(PlannedLayer(unit=unit, spec=None,
-                                           reason=f"{unit.numel} elements < weight_threshold {spec.weight_threshold}"))
-                continue
-            try:
-                spec.block_sizes(unit.shape, unit.channel_axis, unit.input_axis, unit.name)
-            except QuantizationError as exc:
-                why = f"{str(exc).split(': ', 1)[1]} (spec from {reason})"
-                if recipe.on_unsupported_layer == "skip":
-                    layers.append(PlannedLayer(unit=unit, spec=None, reason=f"unsupported, left float: {why}"))
-                    continue
-                raise QuantizationError(why + "; set on_unsupported_layer: skip to leave such layers float",
-                                        unit.name) from None
-        layers.append(PlannedLayer(unit=unit, spec=spec, reason=reason if spec is not None else f"{reason} is null"
-                                   if reason != "no config applies" else reason))
-    return Plan(algorithm=recipe.algorithm, backend=backend, layers=tuple(layers))
+    _check_keys(recipe, units, all_module_names, all_type_names)
+    layers = tuple(_plan_layer(unit, recipe, global_types) for unit in units)
+    return Plan(algorithm=recipe.algorithm, backend=backend, layers=layers)

@@ -36,23 +36,28 @@ def check_export_grids(model: Any, exporter) -> None:
 
 
 def export(model: Any, path: str | os.PathLike, format: str = "coreml", example_inputs: Any = None, *,
-           allow_float: bool = False, overwrite: bool = False, **options) -> str:
+           allow_float: bool = False, overwrite: bool = False, config: Any = None, **options) -> str:
     """Write ``model`` (e.g. the result of ``quanta.quantize``) to ``path`` with exporter ``format``.
 
     ``example_inputs`` (a tensor, a tuple of tensors, or a dict of named tensors) is needed by
-    tracing exporters such as ``coreml``; ``options`` are the exporter's options (its
-    ``config_class`` fields, e.g. ``minimum_deployment_target="iOS18"`` for coreml), validated
-    before any work. An existing ``path`` that quanta did not write is replaced only with
-    ``overwrite=True``. ``allow_float``: export a torch model that holds no quanta records
-    (refused otherwise: ``NotQuantizedError``). Before the exporter runs, the example input is
-    run through the model (``ExampleInputError``) and the destination is checked (writable, room
-    for the result: ``DestinationError``). Returns the written path.
+    tracing exporters such as ``coreml``; the exporter's options are either ``config`` (an
+    instance of its ``config_class``, e.g. a recipe's ``recipe.export.config``) or ``options``
+    (its fields as keywords, e.g. ``minimum_deployment_target="iOS18"`` for coreml), validated
+    before any work; the exporter receives them as its ``self.config``. An existing ``path``
+    that quanta did not write is replaced only with ``overwrite=True``. ``allow_float``: export a
+    torch model that holds no quanta records (refused otherwise: ``NotQuantizedError``). Before
+    the exporter runs, the example input is run through the model (``ExampleInputError``) and the
+    destination is checked (writable, room for the result: ``DestinationError``). Returns the
+    written path.
     """
     try:
         entry = _registry().get("exporter", format)
     except KeyError as exc:
         raise ConfigError(str(exc), "format") from None
-    config = make_config("exporter", format, options, "export")
+    if config is not None and options:
+        raise ConfigError(f"pass the exporter's options either as config= or as keywords, not both "
+                          f"(got config= and {', '.join(options)})", "config")
+    config = make_config("exporter", format, config if config is not None else options, "export")
     exporter = entry.obj if config is None else entry.obj.with_config(config)
     check_export_grids(model, exporter)
     check_export(model, path, exporter, example_inputs, allow_float=allow_float, overwrite=overwrite)

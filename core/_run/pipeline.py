@@ -7,12 +7,15 @@ import time
 import warnings
 from typing import Any, Mapping
 
+import attrs
+
+from quanta._recipes.document import ExportConfig
 from quanta._recipes.recipe import Recipe, load_recipe
 from quanta._run.context import RunContext
 from quanta.errors import ConfigError, QuantizationError
 from quanta._run.guard import fire_event, plugin_code
 from quanta._run.model_checks import check_model
-from quanta._recipes.planning import Plan, build_plan
+from quanta._recipes.planning import Decision, Plan, build_plan
 from quanta._run.preflight import check_run
 from quanta._run.report import Report
 from quanta._run.weights import observer_for, scheme_for
@@ -45,10 +48,10 @@ def choose_backend(model: Any, name: str | None = None):
                       f"model or the path of an .mlpackage")
 
 
-def _check_grids(the_plan: Plan, backend_entry, export: dict | None) -> None:
+def _check_grids(the_plan: Plan, backend_entry, export: ExportConfig | None) -> None:
     """Refuse, at plan time, a layer whose scheme's grid the backend (or the recipe's exporter) cannot store."""
     reg = _registry()
-    exporter = reg.get("exporter", export.get("format", "coreml")).obj if export else None
+    exporter = reg.get("exporter", export.format).obj if export is not None else None
     for layer in the_plan.selected:
         grid = scheme_for(layer.spec).grid
         if grid not in backend_entry.obj.grids:
@@ -79,7 +82,7 @@ def _check_specs(the_plan: Plan) -> None:
                                       f"{layer.name!r}, {layer.reason}): {exc}", exc.key) from None
 
 
-def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: dict | None = None) -> Plan:
+def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: ExportConfig | None = None) -> Plan:
     """The validated plan of one stage: units from the backend, specs resolved, every spec
     checked by its scheme and observer and every grid by the backend and exporter."""
     backend = backend_entry.obj
@@ -128,7 +131,8 @@ def materialize_data(data: Any, limit: int | None) -> list | None:
     return list(it if limit is None else itertools.islice(it, limit))
 
 
-def _algorithms(recipe: Recipe):
+def _algorithms(recipe: Recipe) -> list:
+    """Each stage's algorithm plugin, configured with the stage's options object."""
     reg = _registry()
     out = []
     for stage in recipe.stage_recipes():
@@ -144,6 +148,98 @@ def _has_records(model: Any) -> bool:
     from quanta.record import records
 
     return isinstance(model, torch.nn.Module) and bool(records(model))
+
+
+@attrs.frozen(kw_only=True)
+class _Run:
+    """Everything one ``quantize`` call validated before touching a weight: per stage its recipe,
+    algorithm and plan (planned once, on the user's model), and the calibration batches."""
+
+    stages: tuple[Recipe, ...]
+    algorithms: tuple[Any, ...]
+    plans: tuple[Plan, ...]
+    backend_entry: Any
+    batches: list | None
+
+    @property
+    def backend(self) -> Any:
+        return self.backend_entry.obj
+
+    @property
+    def name(self) -> str:
+        return " -> ".join(s.algorithm for s in self.stages)
+
+
+def _check_algorithms(model: Any, stages: tuple[Recipe, ...], algorithms: list, data: Any) -> None:
+    for stage, algo in zip(stages, algorithms):
+        if algo.needs_data and data is None:
+            raise ConfigError(f"algorithm {stage.algorithm!r} needs calibration data: pass data=[...]", "data")
+    if not algorithms[0].composes_with_records and _has_records(model):
+        raise QuantizationError(
+            f"the model already holds quanta records (it was quantized before); algorithm "
+            f"{stages[0].algorithm!r} would quantize its dequantized weights again. Start from the float model, "
+            f"or use an algorithm that composes with records")
+
+
+def _read_batches(algorithms: list, data: Any) -> tuple[list | None, int | None]:
+    """The calibration batches, read once (as many as the most any algorithm reads), and that limit."""
+    limits = [algo.max_batches() for algo in algorithms if algo.needs_data or data is not None]
+    limit = None if not limits or any(n is None for n in limits) else max(limits)
+    batches = materialize_data(data, limit)
+    if any(algo.needs_data for algo in algorithms) and not batches:
+        raise ConfigError("the calibration data is empty", "data")
+    return batches, limit
+
+
+def _prepare(model: Any, recipe: Recipe, data: Any, backend: str | None, device: Any) -> _Run:
+    """Validate the whole call (recipe, model, algorithms, every stage's plan, data) and plan each stage once."""
+    check_model(model)
+    stages = recipe.stage_recipes()
+    algorithms = _algorithms(recipe)
+    backend_entry = choose_backend(model, backend)
+    _check_algorithms(model, stages, algorithms, data)
+    plans = tuple(build_stage_plan(model, stage, backend_entry, recipe.export) for stage in stages)
+    for stage, algo, the_plan in zip(stages, algorithms, plans):
+        with plugin_code(algo):
+            algo.validate(the_plan, stage)
+    batches, limit = _read_batches(algorithms, data)
+    check_run(model, plans[0], algorithms, data, batches, device, limit)
+    return _Run(stages=stages, algorithms=tuple(algorithms), plans=plans, backend_entry=backend_entry,
+                batches=batches)
+
+
+def _working_model(model: Any, run: _Run, inplace: bool) -> tuple[Any, Any]:
+    """``(target, snapshot)``: the model itself and what restores it (``inplace``), or a copy and None."""
+    units = [p.unit for p in run.plans[0].selected]
+    with plugin_code(run.backend):
+        if inplace:
+            everything = len(run.stages) > 1 or any(algo.changes == "model" for algo in run.algorithms)
+            return model, run.backend.snapshot(model, units, everything=everything)
+        share = tuple(units) if len(run.stages) == 1 and run.algorithms[0].shares_float_weights else ()
+        return run.backend.copy(model, share=share), None
+
+
+def _run_stages(target: Any, model: Any, run: _Run, report: Report, device: Any) -> Any:
+    """Run every stage on ``target``, each with its plan bound to the model as it is by then."""
+    for i, (stage, algo, planned) in enumerate(zip(run.stages, run.algorithms, run.plans)):
+        the_plan = planned
+        if i > 0 or target is not model:  # units must point into the model being transformed
+            with plugin_code(run.backend):
+                the_plan = planned.bound_to(run.backend.units(target))
+        ctx = RunContext(recipe=stage, plan=the_plan, backend=run.backend, report=report, device=device,
+                         data=run.batches, algorithm=algo)
+        fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
+        with plugin_code(algo):
+            result = algo.run(target, the_plan, run.batches, ctx)
+        if result is not None:
+            target = result
+    return target
+
+
+def _warn_unsupported(the_plan: Plan) -> None:
+    for p in the_plan.layers:
+        if p.decision is Decision.unsupported:
+            warnings.warn(f"layer {p.name!r}: {p.reason}", stacklevel=3)
 
 
 def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool = False,
@@ -163,65 +259,16 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     is validated before any weight changes; on any failure ``model`` is left untouched,
     also with ``inplace=True`` (every parameter, buffer and record any stage changed is restored).
     """
-    recipe = load_recipe(config)
-    check_model(model)
-    stages = recipe.stage_recipes()
-    algorithms = _algorithms(recipe)
-    backend_entry = choose_backend(model, backend)
-    impl = backend_entry.obj
-    for stage, algo in zip(stages, algorithms):
-        if algo.needs_data and data is None:
-            raise ConfigError(f"algorithm {stage.algorithm!r} needs calibration data: pass data=[...]", "data")
-    if not algorithms[0].composes_with_records and _has_records(model):
-        raise QuantizationError(
-            f"the model already holds quanta records (it was quantized before); algorithm "
-            f"{stages[0].algorithm!r} would quantize its dequantized weights again. Start from the float model, "
-            f"or use an algorithm that composes with records")
-    plans = [build_stage_plan(model, stage, backend_entry, recipe.export) for stage in stages]
-    for stage, algo, the_plan in zip(stages, algorithms, plans):
-        with plugin_code(algo):
-            algo.validate(the_plan, stage)
-    limits = [algo.max_batches() for algo in algorithms if algo.needs_data or data is not None]
-    limit = None if not limits or any(n is None for n in limits) else max(limits)
-    batches = materialize_data(data, limit)
-    if any(algo.needs_data for algo in algorithms) and not batches:
-        raise ConfigError("the calibration data is empty", "data")
-    check_run(model, plans[0], algorithms, data, batches, device, limit)
-
-    everything = len(stages) > 1 or any(algo.changes == "model" for algo in algorithms)
-    all_units = [p.unit for p in plans[0].selected]
-    if inplace:
-        target = model
-        with plugin_code(impl):
-            snapshot = impl.snapshot(model, all_units, everything=everything)
-    else:
-        share = tuple(all_units) if len(stages) == 1 and algorithms[0].shares_float_weights else ()
-        with plugin_code(impl):
-            target = impl.copy(model, share=share)
-        snapshot = None
-
-    for p in plans[0].layers:
-        if p.spec is None and p.reason.startswith("unsupported"):
-            warnings.warn(f"layer {p.name!r}: {p.reason}", stacklevel=2)
-    name = " -> ".join(s.algorithm for s in stages)
-    report = Report(algorithm=name, skipped=[(p.name, p.reason) for p in plans[-1].layers if p.spec is None])
+    run = _prepare(model, load_recipe(config), data, backend, device)
+    target, snapshot = _working_model(model, run, inplace)
+    _warn_unsupported(run.plans[0])
+    report = Report(algorithm=run.name, skipped=[(p.name, p.reason) for p in run.plans[-1].layers if p.spec is None])
     start = time.perf_counter()
     try:
-        for i, (stage, algo) in enumerate(zip(stages, algorithms)):
-            # Units must point into the model being transformed: plan again on the working copy,
-            # and after an earlier stage (which may have changed the model).
-            the_plan = plans[i] if (inplace and i == 0) else build_stage_plan(target, stage, backend_entry,
-                                                                               recipe.export)
-            ctx = RunContext(recipe=stage, plan=the_plan, backend=impl, report=report, device=device,
-                             data=batches, algorithm=algo)
-            fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
-            with plugin_code(algo):
-                result = algo.run(target, the_plan, batches, ctx)
-            if result is not None:
-                target = result
+        target = _run_stages(target, model, run, report, device)
     except BaseException:
         if snapshot is not None:
-            impl.restore(model, snapshot)
+            run.backend.restore(model, snapshot)
         raise
     report.seconds = time.perf_counter() - start
     try:

@@ -21,9 +21,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from quanta._recipes.recipe import Recipe, load_recipe
+from quanta._recipes.yaml_reader import read_yaml_mapping
 from quanta.errors import ConfigError, QuantizationError
 from quanta._run.context import RunContext
 from quanta._run.guard import plugin_code
@@ -37,23 +36,12 @@ DEFAULT_ALGORITHM = "qat"
 
 def _recipe(config: Any, algorithm: str | None) -> Recipe:
     if isinstance(config, (str, os.PathLike)):
-        if not os.path.isfile(config):
-            raise ConfigError(f"recipe file {str(config)!r} does not exist")
-        with open(config) as fh:
-            config = yaml.safe_load(fh) or {}
-        if not isinstance(config, Mapping):
-            raise ConfigError("a recipe file must hold a mapping at the top level")
-    if algorithm is None and (config is None or isinstance(config, Mapping)):
-        data = dict(config or {})
-        gc = data.get("global_config")
-        named = data.get("algorithm") or (gc.get("algorithm") if isinstance(gc, Mapping) else None)
-        if not named:
-            algorithm = DEFAULT_ALGORITHM
+        config = read_yaml_mapping(config)  # the one strict reader: duplicate keys refused, as quantize does
+    if config is None or isinstance(config, Mapping):
         # As coremltools' LinearQuantizerConfig: without a global_config every supported layer
         # gets the default spec, and module_name_configs/module_type_configs refine it.
-        data.setdefault("global_config", {})
-        config = data
-    return load_recipe(config, algorithm=algorithm)
+        config = {"global_config": {}, **(config or {})}
+    return load_recipe(config, algorithm=algorithm, default_algorithm=DEFAULT_ALGORITHM)
 
 
 class Quantizer:

@@ -22,7 +22,12 @@ class Plugin(abc.ABC):
     - ``name``: the name recipes and lookups use (letters, digits, ``_ . -``; starts with a letter).
     - ``description``: one line shown by ``quanta plugins``.
     - ``config_class``: a frozen attrs class of the plugin's options, or None (no options). Give
-      each field ``metadata={"doc": "..."}``: ``quanta describe`` shows it.
+      each field ``metadata={"doc": "..."}``: ``quanta describe`` shows it. Recipes are structured
+      into it by quanta's one converter: unknown keys are refused, values reach the class as
+      written (its converters and validators check them). It may declare ``version`` (an int
+      class attribute, default 1): saved recipes write it beside the options, options written
+      for an older version load (through an optional classmethod ``upgrade(options, version)``
+      returning the options in today's form), a newer version is refused naming both.
 
     Options reach the plugin as ``self.config``: an instance of ``config_class`` (its defaults
     until configured). Core makes a configured copy with :meth:`with_config` for each distinct

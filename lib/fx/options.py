@@ -26,7 +26,7 @@ def _check_dtype(_inst, attribute, value):
     try:
         parse_activation_dtype(value)
     except ConfigError as exc:
-        raise ConfigError(str(exc).split(": ", 1)[-1], attribute.name) from None
+        raise ConfigError(exc.detail, attribute.name) from None
 
 
 def _check_name(_inst, attribute, value):
