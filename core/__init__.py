@@ -46,6 +46,7 @@ _LAZY = {
     "export": "quanta._run.exporting", "verify": "quanta._run.exporting",
     "hookimpl": "quanta.contracts.hooks", "hookspec": "quanta.contracts.hooks",
     "plan": "quanta._run.pipeline", "quantize": "quanta._run.pipeline",
+    "quantize_checkpoint": "quanta._run.out_of_core",
     "Plan": "quanta._recipes.planning", "PlannedLayer": "quanta._recipes.planning",
     "Quantizer": "quanta._run.quantizer",
     "QuantizedWeight": "quanta.record", "read_record": "quanta.record", "records": "quanta.record",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from quanta._recipes.recipe import Recipe, load_recipe
     from quanta._run.exporting import export, verify
     from quanta.contracts.hooks import hookimpl, hookspec
+    from quanta._run.out_of_core import quantize_checkpoint
     from quanta._run.pipeline import plan, quantize
     from quanta._recipes.planning import Plan, PlannedLayer
     from quanta._run.quantizer import Quantizer
@@ -95,7 +97,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "plan", "Quantizer", "export", "verify", "save", "load", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
+    "quantize", "plan", "quantize_checkpoint", "Quantizer", "export", "verify", "save", "load", "quantize_weight", "load_recipe", "Recipe", "Plan", "PlannedLayer",
     "QuantSpec", "QuantDtype", "Granularity", "QuantizedWeight", "read_record", "records",
     "Report", "LayerReport", "hookimpl", "hookspec", "contracts", "RunContext", "Unit",
     "registry", "errors", "record", "testing", "scheme_for", "observer_for", "atomic_file", "atomic_dir",

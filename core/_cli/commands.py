@@ -134,6 +134,12 @@ def _cmd_quantize(args, console: Console) -> int:
 
     from quanta._files.sources import load_data
 
+    if args.out_of_core:
+        from quanta._cli.out_of_core import quantize_out_of_core
+
+        return quantize_out_of_core(args, console)
+    if args.checkpoint_dir or args.activation_budget:
+        raise ConfigError("--checkpoint-dir and --activation-budget apply to --out-of-core runs", "--out-of-core")
     recipe, source = _recipe_and_model(args, console)
     example = source.example
     model = source.model

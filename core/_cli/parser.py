@@ -44,6 +44,20 @@ def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
                         "always replaced; never a partial write either way)")
 
 
+def _byte_count(text: str) -> int:
+    """``512M``, ``2G``, ``1.5GB`` or a plain number of bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (raw[:-1], raw[-1]) if raw and raw[-1] in units else (raw, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 2G or a number of bytes)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    return int(value)
+
+
 def _command(argv: list[str] | None) -> str | None:
     """The subcommand ``argv`` names (its first word that is not an option), or None."""
     return next((a for a in argv or () if not a.startswith("-")), None)
@@ -111,6 +125,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "file, which quanta never reads back")
     s.add_argument("--report", metavar="HTML",
                    help="also write a self-contained HTML report (recipe, per-layer error and size chart, totals)")
+    s.add_argument("--out-of-core", action="store_true",
+                   help="quantize a transformers checkpoint directory (the recipe's model) block by block, never "
+                        "holding the whole float model in memory (docs/large-models.md)")
+    s.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="with --out-of-core: keep each finished block in DIR; the same command after a crash "
+                        "resumes after the last finished block")
+    s.add_argument("--activation-budget", metavar="BYTES", type=_byte_count,
+                   help="with --out-of-core: bytes of cached activations kept in memory (e.g. 512M, 2G); the "
+                        "rest go to disk")
     _overwrite(s, "output, report or package")
     _common(s)
 

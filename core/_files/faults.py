@@ -4,7 +4,8 @@
 named point. Points: ``model-file-written`` (the CLI's model file is complete in its temporary
 path, not yet renamed), ``package-staged`` (an exported package is complete in its staging folder,
 not yet swapped in), ``model-dir-staged`` (a ``quanta.save`` directory is complete in its staging
-folder, not yet swapped in). Unset (always, outside tests) it does nothing. It changes no behaviour besides
+folder, not yet swapped in), ``block-checkpointed`` (an out-of-core run kept a finished block in its
+checkpoint directory). Unset (always, outside tests) it does nothing. It changes no behaviour besides
 the pause: a test interrupting during it checks the real write path.
 """
 

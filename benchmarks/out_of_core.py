@@ -1,0 +1,176 @@
+"""Out-of-core GPTQ of a Llama-shaped checkpoint larger than the memory it is quantized in.
+
+Run by hand: ``python benchmarks/out_of_core.py [--layers 16] [--samples 32] [--tokens 512]``.
+Writes a synthetic Llama checkpoint (hidden 2048, intermediate 5632, vocab 32000, random
+weights, fp32, one safetensors shard per block; about 3.3 GB at 16 layers) without ever building
+the model in memory, then quantizes it int4 per-block-128 with GPTQ through
+``quanta.quantize_checkpoint`` in a fresh process per run and records, for each run, the time,
+the child process's peak RSS and peak / checkpoint size:
+
+- ``plain``: no checkpoint directory;
+- ``checkpointed``: with a checkpoint directory (the overhead of keeping every block);
+- ``killed+resumed``: SIGKILLed after a random block (seeded), then resumed; its codes are
+  compared with the ``checkpointed`` run's, code for code.
+
+Results go to ``benchmarks/results/out_of_core_cpu.txt`` (with the thread count and load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "out_of_core_cpu.txt"
+
+RUN = textwrap.dedent("""
+    import json, resource, sys, time, torch
+    import quanta
+    src, out, ckpt, samples, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 32000, (1, tokens), generator=g)} for _ in range(samples)]
+    recipe = {"algorithm": "gptq", "calibration_nsamples": samples,
+              "global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 128}}
+    t = time.perf_counter()
+    quanta.quantize_checkpoint(src, recipe, data, output=out, checkpoint_dir=None if ckpt == "-" else ckpt,
+                               activation_budget=256 * 2**20, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps({"seconds": time.perf_counter() - t,
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+""")
+
+
+def write_checkpoint(path: Path, layers: int) -> int:
+    """A LlamaForCausalLM checkpoint with random weights, written one block at a time; returns bytes."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from quanta._run.out_of_core import _params_on_meta
+
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                                      vocab_size=32000, num_attention_heads=16, num_key_value_heads=4,
+                                      max_position_embeddings=2048, tie_word_embeddings=False)
+    config.architectures = ["LlamaForCausalLM"]
+    with _params_on_meta():
+        skeleton = transformers.LlamaForCausalLM(config)
+    path.mkdir(parents=True)
+    config.to_json_file(str(path / "config.json"))
+    groups: dict[str, dict] = {}
+    for key, p in skeleton.named_parameters():
+        part = key.split(".")[2] if key.startswith("model.layers.") else "outside"
+        groups.setdefault(part, {})[key] = tuple(p.shape)
+    g = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for part, shapes in groups.items():
+        name = f"model-{part}.safetensors"
+        tensors = {}
+        for key, shape in shapes.items():
+            t = torch.empty(shape)
+            if key.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0, 0.02, generator=g)
+            tensors[key] = t
+            total += t.numel() * 4
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+        del tensors
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": weight_map}))
+    return total
+
+
+def run(src: Path, out: Path, ckpt: str, samples: int, tokens: int, kill_after: int | None = None) -> dict:
+    """One quantization in a fresh process: seconds and peak RSS (``ru_maxrss`` of that child)."""
+    env = dict(os.environ)
+    if kill_after is not None:
+        env["QUANTA_FAULT_DELAY"] = "block-checkpointed:600"
+    proc = subprocess.Popen([sys.executable, "-c", RUN, str(src), str(out), ckpt, str(samples), str(tokens)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if kill_after is not None:
+        progress = Path(ckpt) / "quanta_progress.json"
+        while proc.poll() is None:
+            if progress.is_file() and json.loads(progress.read_text())["done"] >= kill_after:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.5)
+        proc.wait()
+        return {"killed_after_block": kill_after}
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"run failed:\n{stderr}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["log"] = stderr.strip().splitlines()[-1]
+    return result
+
+
+def same_codes(a: Path, b: Path) -> bool:
+    from safetensors import safe_open
+    import torch
+
+    index_a = json.loads((a / "model.safetensors.index.json").read_text())["weight_map"]
+    index_b = json.loads((b / "model.safetensors.index.json").read_text())["weight_map"]
+    if sorted(index_a) != sorted(index_b):
+        return False
+    for key in index_a:
+        with safe_open(str(a / index_a[key]), "pt") as fa, safe_open(str(b / index_b[key]), "pt") as fb:
+            if not torch.equal(fa.get_tensor(key), fb.get_tensor(key)):
+                return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--workdir", default=None, help="where the checkpoint is written (default: a temp dir)")
+    args = parser.parse_args()
+    import torch
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="quanta-ooc-"))
+    try:
+        src = work / "checkpoint"
+        t = time.perf_counter()
+        size = write_checkpoint(src, args.layers)
+        written = time.perf_counter() - t
+        plain = run(src, work / "out-plain", "-", args.samples, args.tokens)
+        checkpointed = run(src, work / "out-ckpt", str(work / "ckpt"), args.samples, args.tokens)
+        kill_after = random.Random(0).randrange(1, args.layers)
+        run(src, work / "out-resumed", str(work / "ckpt2"), args.samples, args.tokens, kill_after=kill_after)
+        resumed = run(src, work / "out-resumed", str(work / "ckpt2"), args.samples, args.tokens)
+        identical = same_codes(work / "out-ckpt", work / "out-resumed") and same_codes(work / "out-plain",
+                                                                                       work / "out-ckpt")
+        lines = [
+            "# benchmarks/out_of_core.py: GPTQ int4 per-block-128 out of core, Llama-shaped, random weights",
+            f"# {args.layers} layers, hidden 2048, intermediate 5632, vocab 32000, fp32; "
+            f"{args.samples} x {args.tokens} calibration tokens; activation budget 256 MiB",
+            f"# torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load average at end "
+            f"{os.getloadavg()[0]:.1f}; checkpoint written in {written:.0f} s",
+            f"checkpoint tensor bytes        {size / 2**30:.2f} GiB",
+        ]
+        for name, r in (("plain", plain), ("checkpointed", checkpointed), ("killed+resumed", resumed)):
+            lines.append(f"{name:<15} {r['seconds']:8.1f} s   peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB   "
+                         f"peak/size {r['peak_rss_bytes'] / size:.2f}")
+        lines.append(f"checkpointing overhead         {checkpointed['seconds'] / plain['seconds']:.2f}x the plain run")
+        lines.append(f"killed after block {kill_after}, resumed: codes identical to the uninterrupted runs: {identical}")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        RESULTS.write_text(text)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

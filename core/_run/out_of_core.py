@@ -1,0 +1,754 @@
+"""Out-of-core, layer-sequential quantization of a transformers checkpoint directory
+(``quanta.quantize_checkpoint``; ``quanta quantize --out-of-core``).
+
+The whole float model is never in memory. The model is built with its parameters on the
+``meta`` device (buffers such as rotary tables are real: they are computed, not stored); the
+layers outside the blocks (embeddings, final norm, head) are read from the checkpoint; the
+blocks (the children of the largest ``nn.ModuleList``, e.g. a decoder's layers) are replaced by
+light stand-ins. The calibration samples are run up to the first block and its inputs cached;
+then, block by block: the block's weights are read from the memory-mapped safetensors, the
+block is quantized by ``quanta.quantize`` under its full name (so a recipe's names and patterns
+apply as they do to the whole model), its tensors are written to the output as one shard, the
+quantized block's outputs become the next block's inputs, and the block is freed. The layers
+outside the blocks are quantized last, by one pass of the model in which the stand-ins replay
+the last block's outputs. This is the order the in-memory ``gptq`` algorithm follows, so the
+codes equal the in-memory path's, code for code.
+
+With a checkpoint directory, each finished block (its shard, the report rows, the next block's
+inputs) is kept atomically; the same call after a crash resumes after the last finished block.
+A checkpoint made for another model, recipe, calibration data or quanta version is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import attrs
+import torch
+from torch import nn
+
+from quanta._files.atomic import atomic_dir, check_destination
+from quanta._files.faults import fault_delay
+from quanta._files.saved_format import CONFIG_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME, SavedModelError
+from quanta._run.data_checks import CalibrationWarning
+from quanta.errors import ConfigError, ModelError, QuantaError
+
+__all__ = ["quantize_checkpoint", "CheckpointSource", "open_checkpoint", "CheckpointMismatchError", "PROGRESS_NAME"]
+
+#: The progress file of a checkpoint directory: fingerprint, finished blocks, records written.
+PROGRESS_NAME = "quanta_progress.json"
+_INPUTS_NAME = "quanta_next_inputs.safetensors"
+_SPILL_DIR = "quanta_activations"
+
+
+class CheckpointMismatchError(QuantaError, ValueError):
+    """A checkpoint directory was made for another model, recipe, calibration data or quanta version."""
+
+
+# ----------------------------------------------------------------------------- the source checkpoint
+
+
+@attrs.frozen
+class CheckpointSource:
+    """A transformers checkpoint directory: its config, model class and which file holds each tensor."""
+
+    path: Path
+    hf_config: Any
+    model_class: type
+    weight_map: dict  # tensor key -> file name (inside ``path``)
+
+    def tensor_bytes(self) -> int:
+        """Bytes of every tensor in the checkpoint's safetensors files (from their headers)."""
+        total = 0
+        for name in sorted(set(self.weight_map.values())):
+            total += _header(self.path / name)[1]
+        return total
+
+
+def _header(file: Path) -> tuple[bytes, int]:
+    """A safetensors file's JSON header bytes and the tensor bytes it describes."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if size <= 0 or size > 100_000_000:
+            raise ModelError(f"{str(file)!r} is not a safetensors file (header size {size})")
+        header = fh.read(size)
+    try:
+        entries = json.loads(header)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{str(file)!r} has an unreadable safetensors header: {exc}") from None
+    nbytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in entries.items() if k != "__metadata__")
+    return header, nbytes
+
+
+def _inside(root: Path, name: str, what: str) -> Path:
+    """``root / name``, refused when it would leave ``root`` (absolute, ``..``, a link out of it)."""
+    path = (root / name)
+    resolved = path.resolve()
+    if os.path.isabs(name) or not resolved.is_relative_to(root.resolve()):
+        raise ModelError(f"{what} {name!r} in {str(root)!r} points outside the checkpoint directory")
+    return path
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
+    """Read a transformers checkpoint directory's ``config.json`` and safetensors index, without weights.
+
+    Only architectures transformers itself implements are built (``trust_remote_code=False``): a
+    checkpoint whose config names its own code (``auto_map``) is refused.
+    """
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise ModelError(f"{str(root)!r} is not a transformers checkpoint directory (no config.json)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - transformers is in the examples extra
+        raise ModelError("out-of-core quantization reads transformers checkpoints: pip install transformers") from None
+    raw = json.loads((root / "config.json").read_text())
+    if isinstance(raw, dict) and raw.get("auto_map"):
+        raise ModelError(f"{str(root)!r} names its own model code (config.json auto_map); quanta builds only "
+                         "architectures transformers implements, and runs no code a checkpoint ships")
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{str(root)!r}: transformers cannot read its config.json: {exc}") from None
+    arch = (getattr(hf_config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ModelError(f"{str(root)!r}: config.json names architecture {arch!r}, which transformers "
+                         f"{transformers.__version__} does not have")
+    if (root / INDEX_NAME).is_file():
+        index = json.loads((root / INDEX_NAME).read_text())
+        weight_map = dict(index.get("weight_map") or {})
+    elif (root / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(root / "model.safetensors"), "pt") as fh:
+            weight_map = {k: "model.safetensors" for k in fh.keys()}
+    else:
+        raise ModelError(f"{str(root)!r} has no model.safetensors or {INDEX_NAME} (out-of-core reads safetensors)")
+    for name in set(weight_map.values()):
+        if not _inside(root, name, "shard").is_file():
+            raise ModelError(f"shard {name!r} listed in {INDEX_NAME} is missing from {str(root)!r}")
+    return CheckpointSource(root, hf_config, cls, weight_map)
+
+
+class _Tensors:
+    """Reads of a checkpoint's tensors from memory-mapped safetensors files. Files are opened for
+    one :meth:`reading` block and closed after it, so the pages read for a block leave the
+    process's memory with it."""
+
+    def __init__(self, source: CheckpointSource, dtype: torch.dtype):
+        self.source, self.dtype = source, dtype
+        self._handles: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator["_Tensors"]:
+        self._handles = {}
+        try:
+            yield self
+        finally:
+            self._handles = None  # safe_open handles unmap their file when dropped
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if self._handles is None:
+            raise RuntimeError("_Tensors.get outside reading()")
+        name = self.source.weight_map[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.source.path / name), "pt")
+        t = self._handles[name].get_tensor(key)
+        # A copy in the compute dtype: nothing keeps a view of the mapped file.
+        return t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Parameters created inside go to the ``meta`` device; buffers stay real (they are computed)."""
+    original = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _materialize(module: nn.Module, prefix: str, tensors: _Tensors) -> None:
+    """Fill ``module``'s meta parameters (and stored buffers) from the checkpoint, keys ``prefix + name``."""
+    with tensors.reading():
+        _fill(module, prefix, tensors)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+
+
+def _release(module: nn.Module) -> None:
+    """Put ``module``'s parameters back on the ``meta`` device (their memory is freed)."""
+    for sub in module.modules():
+        for pname, param in list(sub._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                sub._parameters[pname] = nn.Parameter(param.detach().to("meta"), requires_grad=False)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+
+
+def _fill(module: nn.Module, prefix: str, tensors: _Tensors) -> None:
+    for mname, sub in module.named_modules():
+        base = f"{prefix}{mname}." if mname else prefix
+        for pname, param in list(sub._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            key = base + pname
+            if key not in tensors.source.weight_map:
+                continue  # a tied weight, filled by tie_weights
+            value = tensors.get(key)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ModelError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model "
+                                 f"expects {tuple(param.shape)}")
+            sub._parameters[pname] = nn.Parameter(value, requires_grad=False)
+        for bname, buf in list(sub._buffers.items()):
+            key = base + bname
+            if buf is not None and key in tensors.source.weight_map and bname not in sub._non_persistent_buffers_set:
+                sub._buffers[bname] = tensors.get(key).to(buf.dtype)
+
+
+def _meta_left(module: nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters() if p.device.type == "meta"]
+
+
+def _blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The largest ``nn.ModuleList`` (by parameter count): the blocks processed one at a time
+    (the rule the ``gptq`` algorithm uses on a model in memory)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
+    if not lists:
+        raise ModelError(f"{type(model).__name__} has no list of blocks (an nn.ModuleList of layers) to process "
+                         "one at a time; quantize it in memory instead")
+    return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+
+
+# ----------------------------------------------------------------------------- stand-ins and scopes
+
+
+_PLAIN = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def _fresh(value):
+    """A copy of every stateful object (a key-value cache) inside ``value``; tensors and plain values as they are."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_fresh(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _key(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(t.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place in the model. The first one captures the block inputs (and stops the
+    forward) or, once every block is done, replays the last block's output for the sample whose
+    first-block input it receives; the others pass the hidden state through."""
+
+    def __init__(self, first: bool):
+        super().__init__()
+        self.first = first
+        self.mode = "capture"
+        self.captured: list[tuple[tuple, dict]] = []
+        self.replay: dict[bytes, Any] = {}
+
+    def forward(self, *args, **kwargs):
+        if not self.first or self.mode == "pass":
+            return args[0] if args else kwargs["hidden_states"]
+        if self.mode == "capture":
+            self.captured.append((tuple(args), dict(kwargs)))
+            raise _Stop
+        hidden = args[0] if args else kwargs["hidden_states"]
+        try:
+            return self.replay[_key(hidden)]
+        except KeyError:
+            raise ModelError("a sample reached the first block with inputs the calibration run did not see; "
+                             "out-of-core quantization needs the same calibration data throughout") from None
+
+
+class _Scope(nn.Module):
+    """A root module holding one block under its full name (``model.layers.3``), so the recipe's
+    layer names and patterns apply to it as to the whole model. Calibration items are
+    ``{"_quanta_args": (hidden, ...), **keyword inputs}``."""
+
+    def __init__(self, path: str, block: nn.Module):
+        super().__init__()
+        parts = path.split(".")
+        parent: nn.Module = self
+        for part in parts[:-1]:
+            child = nn.Module()
+            parent.add_module(part, child)
+            parent = child
+        parent.add_module(parts[-1], block)
+        self._block = [block]  # not a submodule a second time
+
+    def forward(self, _quanta_args=(), **kwargs):
+        return self._block[0](*_quanta_args, **_fresh(kwargs))
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    raise ModelError(f"cannot find the hidden state in a block output of type {type(out).__name__}")
+
+
+def _with_hidden(out, hidden):
+    """``out`` (a block's output) with its hidden state replaced."""
+    if isinstance(out, torch.Tensor):
+        return hidden
+    if isinstance(out, tuple):
+        return (hidden, *out[1:])
+    if isinstance(out, list):
+        return [hidden, *out[1:]]
+    raise ModelError(f"cannot replay a block output of type {type(out).__name__}")
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class _Activations:
+    """The hidden states between blocks, one per calibration sample; beyond ``budget`` bytes they
+    are kept in safetensors files under ``spill`` (memory-mapped when read back)."""
+
+    def __init__(self, budget: int | None, spill: Path):
+        self.budget, self.spill = budget, spill
+        self.items: list[Any] = []
+        self.in_memory = 0
+
+    def set(self, i: int, t: torch.Tensor) -> None:
+        t = t.detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        old = self.items[i] if i < len(self.items) else None
+        if isinstance(old, torch.Tensor):
+            self.in_memory -= old.numel() * old.element_size()
+        if self.budget is not None and self.in_memory + nbytes > self.budget:
+            from safetensors.torch import save_file
+
+            self.spill.mkdir(parents=True, exist_ok=True)
+            path = self.spill / f"sample-{i:06d}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            save_file({"hidden": t}, str(tmp))
+            os.replace(tmp, path)
+            value: Any = path
+        else:
+            value = t
+            self.in_memory += nbytes
+        if i < len(self.items):
+            self.items[i] = value
+        else:
+            self.items.append(value)
+
+    def get(self, i: int) -> torch.Tensor:
+        value = self.items[i]
+        if isinstance(value, Path):
+            from safetensors.torch import load_file
+
+            return load_file(str(value))["hidden"]
+        return value
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def nbytes(self) -> int:
+        return sum(self.get(i).numel() * self.get(i).element_size() if isinstance(v, Path) else
+                   v.numel() * v.element_size() for i, v in enumerate(self.items))
+
+
+# ----------------------------------------------------------------------------- fingerprints and progress
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _recipe_bytes(config: Any) -> bytes:
+    if config is None:
+        return b"null"
+    if isinstance(config, (str, os.PathLike)) and Path(config).is_file():
+        return Path(config).read_bytes()
+    if isinstance(config, dict):
+        return json.dumps(config, sort_keys=True, default=repr).encode()
+    return repr(config).encode()
+
+
+def _data_bytes(samples: list) -> bytes:
+    h = hashlib.sha256()
+
+    def feed(v):
+        if isinstance(v, torch.Tensor):
+            h.update(str((tuple(v.shape), v.dtype)).encode())
+            h.update(v.detach().contiguous().cpu().numpy().tobytes())
+        elif isinstance(v, dict):
+            for k in sorted(v):
+                h.update(str(k).encode())
+                feed(v[k])
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                feed(x)
+        else:
+            h.update(repr(v).encode())
+
+    for s in samples:
+        feed(s)
+    return h.digest()
+
+
+def _fingerprint(source: CheckpointSource, config: Any, samples: list, dtype: torch.dtype) -> dict:
+    from quanta import __version__
+
+    model = hashlib.sha256((source.path / "config.json").read_bytes())
+    for name in sorted(set(source.weight_map.values())):
+        header, nbytes = _header(source.path / name)
+        model.update(name.encode() + header + str(nbytes).encode())
+    return {"model": model.hexdigest(), "recipe": _sha(_recipe_bytes(config)), "data": _sha(_data_bytes(samples)),
+            "quanta_version": __version__, "dtype": str(dtype)}
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _calibration_limit(config: Any) -> tuple[Any, int | None, bool]:
+    """The recipe, how many calibration batches its algorithms read (None: all), and whether any needs data."""
+    import quanta
+    from quanta._run.pipeline import _algorithms
+
+    recipe = quanta.load_recipe(config if config is not None else {})
+    algorithms = _algorithms(recipe)
+    for algorithm in algorithms:
+        if getattr(algorithm.config, "layers", None):
+            raise ConfigError("out-of-core runs process the checkpoint's own blocks; remove the algorithm's "
+                              "'layers' option", "layers")
+    needs = any(a.needs_data for a in algorithms)
+    limits = [a.max_batches() for a in algorithms if a.needs_data]
+    limit = None if not limits or any(n is None for n in limits) else max(limits)
+    return recipe, limit, needs
+
+
+def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any = None, *,
+                        output: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None,
+                        activation_budget: int | None = None, dtype: torch.dtype = torch.float32,
+                        overwrite: bool = False, tokenizer: str | os.PathLike | None = None,
+                        progress: Callable[[str], None] | None = None) -> Path:
+    """Quantize a transformers checkpoint directory block by block, never holding the whole float model.
+
+    Args:
+        source: a directory with ``config.json`` and safetensors weights (``model.safetensors`` or
+            shards with ``model.safetensors.index.json``; fp32, fp16 or bf16; tied embeddings allowed).
+        config: a recipe (dict, YAML path or Recipe), as for :func:`quanta.quantize`.
+        data: calibration batches (dicts of ``input_ids``/``attention_mask``, tensors, tuples), read
+            once; only as many as the algorithm reads (``calibration_nsamples``) are run.
+        output: the directory to write, in ``quanta.save``'s format (``quanta.load`` reads it).
+        checkpoint_dir: keep each finished block there; a rerun with the same arguments after a
+            crash resumes after the last finished block. Removed when the run succeeds.
+        activation_budget: bytes of cached hidden states kept in memory; beyond it they are kept
+            on disk (in the checkpoint or staging directory). None: no limit.
+        dtype: the compute dtype the weights are read into (the in-memory equivalent is
+            ``from_pretrained(source, dtype=dtype)``).
+        overwrite: replace an existing ``output`` quanta did not write.
+        tokenizer: a directory whose tokenizer files are copied (default: ``source``'s).
+        progress: called with one line per finished block (time, peak memory, error summary).
+
+    Returns the output directory. Raises :class:`CheckpointMismatchError` when ``checkpoint_dir``
+    holds a checkpoint of another model, recipe, data or quanta version.
+    """
+    say = progress or (lambda line: None)
+    ckpt = open_checkpoint(source)
+    output = Path(output)
+    check_destination(output, expected_bytes=ckpt.tensor_bytes() // 4, overwrite=overwrite, directory=True)
+    recipe, limit, needs_data = _calibration_limit(config)
+    samples = _take(data, limit) if needs_data else []
+    if needs_data and limit is not None and len(samples) < limit:
+        warnings.warn(f"calibration data has {len(samples)} batch(es) but the algorithm reads up to {limit}: "
+                      f"using all {len(samples)}", CalibrationWarning, stacklevel=2)
+    fingerprint = _fingerprint(ckpt, config, samples, dtype)
+
+    work = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    progress_state: dict = {"fingerprint": fingerprint, "done": 0, "weight_map": {}, "records": {},
+                            "buffers": [], "extra_state": [], "aliases": {}, "report": []}
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        if (work / PROGRESS_NAME).is_file():
+            previous = json.loads((work / PROGRESS_NAME).read_text())
+            before = previous.get("fingerprint", {}) if isinstance(previous, dict) else {}
+            differ = [k for k in fingerprint if before.get(k) != fingerprint[k]]
+            if differ:
+                raise CheckpointMismatchError(
+                    f"checkpoint directory {str(work)!r} was made for another {', '.join(differ)} "
+                    f"({differ[0]}: {before.get(differ[0])!r}, now {fingerprint[differ[0]]!r}); use another "
+                    "directory, or remove it to start over")
+            progress_state = previous
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        staging = work if work is not None else Path(stack.enter_context(_scratch_dir(output)))
+        _run_blocks(ckpt, recipe, config, samples, needs_data, staging, progress_state, activation_budget, dtype,
+                    say, persist=work is not None)
+        _finish(ckpt, output, staging, progress_state, overwrite, tokenizer, persist=work is not None)
+    say(f"done in {time.perf_counter() - started:.1f} s, peak RSS {_peak_rss_bytes() / 2**20:.0f} MiB")
+    return output
+
+
+@contextlib.contextmanager
+def _scratch_dir(output: Path) -> Iterator[str]:
+    parent = output.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    path = parent / f".{output.name}.quanta-ooc-{os.getpid()}"
+    path.mkdir()
+    try:
+        yield str(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _take(data: Any, n: int | None) -> list:
+    if data is None:
+        raise ConfigError("this recipe's algorithm needs calibration data; pass data=", "data")
+    if isinstance(data, (torch.Tensor, dict)):
+        data = [data]
+    out = []
+    for sample in data:
+        out.append(sample)
+        if n is not None and len(out) >= n:
+            break
+    if not out:
+        raise ConfigError("calibration data is empty", "data")
+    return out
+
+
+def _call(model: nn.Module, sample: Any):
+    from quanta._run.calibration import call_model
+
+    return call_model(model, sample)
+
+
+def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state: dict, budget, dtype, say,
+                *, persist: bool) -> None:
+    import quanta
+
+    tensors = _Tensors(ckpt, dtype)
+    with _params_on_meta():
+        model = ckpt.model_class._from_config(ckpt.hf_config)
+    model.eval()
+    quanta.plan(model, recipe)  # the whole recipe against the whole model, before any weight is read
+    list_name, blocks = _blocks_of(model)
+    real = list(blocks)
+    stand_ins = [_StandIn(first=(i == 0)) for i in range(len(real))]
+    for i, s in enumerate(stand_ins):
+        blocks[i] = s
+    _materialize(model, "", tensors)  # everything outside the blocks
+    left = _meta_left(model)
+    if left:
+        raise ModelError(f"checkpoint {str(ckpt.path)!r} lacks tensor {left[0]!r}")
+
+    acts = _Activations(budget, staging / _SPILL_DIR)
+    kwargs_of: list[dict] = []
+    with torch.no_grad():
+        for sample in samples:  # the first block's inputs
+            try:
+                _call(model, sample)
+            except _Stop:
+                pass
+            else:
+                raise ModelError("the calibration forward never reached the first block")
+        first = stand_ins[0]
+        keys = []
+        for i, (args, kwargs) in enumerate(first.captured):
+            keys.append(_key(args[0]))
+            acts.set(i, args[0])
+            kwargs_of.append({"_quanta_extra_args": tuple(args[1:]), **kwargs})
+        first.captured.clear()
+        _release(model)  # the layers outside the blocks are read again for the last pass
+        if state["done"]:  # resume: the next block's inputs as the last run left them
+            from safetensors.torch import load_file
+
+            saved = load_file(str(staging / _INPUTS_NAME)) if needs_data else {}
+            for i in range(len(acts)):
+                acts.set(i, saved[f"sample.{i}"])
+            say(f"resuming after block {state['done']} of {len(real)}")
+
+        for index in range(state["done"], len(real)):
+            t0 = time.perf_counter()
+            path = f"{list_name}.{index}"
+            block = real[index]
+            _materialize(block, path + ".", tensors)
+            left = _meta_left(block)
+            if left:
+                raise ModelError(f"checkpoint {str(ckpt.path)!r} lacks tensor {path}.{left[0]!r}")
+            scope = _Scope(path, block)
+            part = _recipe_for_part(recipe, scope)
+            batches = [{"_quanta_args": (acts.get(i), *kw["_quanta_extra_args"]),
+                        **{k: v for k, v in kw.items() if k != "_quanta_extra_args"}}
+                       for i, kw in enumerate(kwargs_of)]
+            rows = []
+            if quanta.plan(scope, part).selected:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", CalibrationWarning)  # said once, before the first block
+                    quanta.quantize(scope, part, data=batches if needs_data else None, inplace=True)
+                rows = [_row(layer) for layer in scope.quanta_report.layers]
+            if needs_data and index < len(real) - 1:
+                for i, batch in enumerate(batches):
+                    acts.set(i, _first_tensor(_call(scope, batch)))
+            elif needs_data:  # the last block's outputs: what the head's calibration replays
+                outs = [_call(scope, batch) for batch in batches]
+                for i, out in enumerate(outs):
+                    acts.set(i, _first_tensor(out))
+                state["_last_structure"] = "tensor" if isinstance(outs[0], torch.Tensor) else "tuple"
+            del batches
+            _write_part(scope, staging, f"block-{index:05d}.safetensors", state)
+            real[index] = None
+            del scope, block
+            if persist:
+                if needs_data:
+                    _save_inputs(acts, staging / _INPUTS_NAME)
+                state["done"] = index + 1
+                state["report"] += rows
+                _write_json_atomic(staging / PROGRESS_NAME, state)
+                fault_delay("block-checkpointed")  # tests only: a kill lands between two blocks
+            else:
+                state["done"] = index + 1
+                state["report"] += rows
+            errors = [r["rel_error"] for r in rows if r.get("rel_error") is not None]
+            say(f"block {index + 1}/{len(real)} {path}: {len(rows)} layers, "
+                f"{time.perf_counter() - t0:.1f} s, peak RSS {_peak_rss_bytes() / 2**20:.0f} MiB"
+                + (f", rel error mean {sum(errors) / len(errors):.3%} max {max(errors):.3%}" if errors else ""))
+
+        # The layers outside the blocks, by one pass in which the first stand-in replays the last
+        # block's outputs (the in-memory gptq's final pass computes exactly these).
+        _materialize(model, "", tensors)
+        if needs_data:
+            first.replay = {}
+            structure = state.get("_last_structure", "tensor")
+            for i, key in enumerate(keys):
+                hidden = acts.get(i)
+                first.replay[key] = hidden if structure == "tensor" else (hidden,)
+            first.mode = "replay"
+        else:
+            first.mode = "pass"
+        rows = []
+        part = _recipe_for_part(recipe, model)
+        if quanta.plan(model, part).selected:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CalibrationWarning)
+                quanta.quantize(model, part, data=samples if needs_data else None, inplace=True)
+            rows = [_row(layer) for layer in model.quanta_report.layers]
+        state["report"] += rows
+        _write_part(model, staging, "outside-blocks.safetensors", state)
+
+
+def _recipe_for_part(recipe, part: nn.Module):
+    """``recipe`` without the name and type configs that match nothing in ``part`` (one block, or the
+    layers outside the blocks): the whole recipe was checked against the whole model, and a config
+    that matches nothing here changes nothing here."""
+    from quanta._recipes.planning import _name_matches, _type_name
+
+    names = {n for n, _ in part.named_modules()}
+    types = {cls.__name__ for m in part.modules() for cls in type(m).__mro__}
+
+    def trim(r):
+        return attrs.evolve(
+            r, module_name_configs={k: v for k, v in r.module_name_configs.items()
+                                    if k in names or any(_name_matches(k, n) for n in names)},
+            module_type_configs={k: v for k, v in r.module_type_configs.items() if _type_name(k) in types})
+
+    trimmed = trim(recipe)
+    if recipe.stages:
+        trimmed = attrs.evolve(trimmed, stages=tuple(trim(s) for s in recipe.stages))
+    return trimmed
+
+
+def _row(layer) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in layer.to_dict().items()}
+
+
+def _save_inputs(acts: _Activations, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({f"sample.{i}": acts.get(i) for i in range(len(acts))}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_part(module: nn.Module, staging: Path, file_name: str, state: dict) -> None:
+    """Write ``module``'s tensors as ``quanta.save`` would, into one shard of the output."""
+    from quanta._files.saving import _plan_items, _save_tensors_file
+
+    items, rec_meta, aliases, buffer_keys = _plan_items(module)
+    tensors = {item.key: item.produce() for item in items}
+    tmp = staging / (file_name + ".tmp")
+    _save_tensors_file(tensors, tmp)
+    os.replace(tmp, staging / file_name)
+    state["weight_map"].update({k: file_name for k in tensors})
+    state["records"].update(rec_meta)
+    state["aliases"].update(aliases)
+    state["buffers"] = sorted(set(state["buffers"]) | set(buffer_keys))
+    from quanta.record import extra_state
+
+    state["extra_state"] = sorted(set(state["extra_state"]) | set(extra_state(module)))
+
+
+def _finish(ckpt, output: Path, staging: Path, state: dict, overwrite: bool, tokenizer, *, persist: bool) -> None:
+    from quanta import __version__
+    from quanta._files.saving import copy_tokenizer_files
+
+    files = sorted(set(state["weight_map"].values()))
+    total = sum((staging / f).stat().st_size for f in files)
+    config = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "quanta_version": __version__,
+        "model_class": f"{ckpt.model_class.__module__}.{ckpt.model_class.__qualname__}",
+        "rebuild": {"transformers": ckpt.model_class.__name__}, "records": state["records"],
+        "aliases": state["aliases"], "buffers": state["buffers"], "extra_state": state["extra_state"],
+        "example_inputs": None,
+    }
+    with atomic_dir(output, overwrite=overwrite) as target:
+        for name in files:
+            shutil.copyfile(staging / name, target / name) if persist else os.replace(staging / name, target / name)
+        (target / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                     "weight_map": state["weight_map"]}, indent=2) + "\n")
+        ckpt.hf_config.to_json_file(str(target / "config.json"))
+        tok = Path(tokenizer) if tokenizer is not None else ckpt.path
+        names = copy_tokenizer_files(tok, target)
+        if names:
+            config["tokenizer_files"] = names
+        (target / "quanta_report.json").write_text(json.dumps({"layers": state["report"]}, indent=1) + "\n")
+        (target / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
+    if persist:
+        shutil.rmtree(staging, ignore_errors=True)

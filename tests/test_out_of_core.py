@@ -1,0 +1,194 @@
+"""Out-of-core quantization of a transformers checkpoint (``quanta.quantize_checkpoint``,
+``quanta quantize --out-of-core``): codes equal the in-memory path's, resume after SIGKILL."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import quanta
+from quanta.errors import ConfigError, ModelError
+
+transformers = pytest.importorskip("transformers")
+from quanta.examples import tiny_llama  # noqa: E402
+
+from quanta._run.out_of_core import PROGRESS_NAME, CheckpointMismatchError  # noqa: E402
+
+RTN = {"algorithm": "rtn", "global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 32},
+       "module_type_configs": {"Embedding": None}}
+GPTQ = {"algorithm": "gptq", "global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 64},
+        "calibration_nsamples": 3}
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    return tiny_llama.training_sentences()[:12]
+
+
+@pytest.fixture(scope="module")
+def data(sentences):
+    return tiny_llama.token_batches(tiny_llama.load_tokenizer(), sentences, batch_size=4)
+
+
+def write_checkpoint(directory: Path, dtype=torch.float32, max_shard_size=None, tied=False) -> Path:
+    """The shipped, trained tiny Llama as a transformers checkpoint directory (safetensors)."""
+    model = tiny_llama.load_model()
+    if tied:  # a config with tied embeddings, the head's trained weight in the embedding
+        config = transformers.LlamaConfig(**{**tiny_llama.MODEL_CONFIG, "tie_word_embeddings": True})
+        tied_model = transformers.LlamaForCausalLM(config)
+        state = dict(model.state_dict())
+        state["model.embed_tokens.weight"] = state["lm_head.weight"]
+        tied_model.load_state_dict(state)
+        model = tied_model
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(directory), **kwargs)
+    shutil.copyfile(tiny_llama.HERE / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "bos_token": "<s>"}))
+    return directory
+
+
+def in_memory(checkpoint: Path, recipe: dict, data) -> dict:
+    model = transformers.LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    return quanta.records(quanta.quantize(model, recipe, data=data if recipe["algorithm"] == "gptq" else None))
+
+
+def assert_same_codes(expected: dict, output: Path) -> None:
+    got = quanta.records(quanta.load(output))
+    assert sorted(got) == sorted(expected)
+    for name, rec in expected.items():
+        assert torch.equal(rec.codes, got[name].codes), name
+        assert torch.equal(rec.scale, got[name].scale), name
+
+
+@pytest.mark.parametrize("recipe", [RTN, GPTQ], ids=["rtn", "gptq"])
+def test_codes_equal_the_in_memory_path(tmp_path, data, recipe):
+    checkpoint = write_checkpoint(tmp_path / "src")
+    lines = []
+    out = quanta.quantize_checkpoint(checkpoint, recipe, data, output=tmp_path / "out", progress=lines.append)
+    assert_same_codes(in_memory(checkpoint, recipe, data), out)
+    assert sum(line.startswith("block ") for line in lines) == tiny_llama.MODEL_CONFIG["num_hidden_layers"]
+    assert "peak RSS" in lines[0]
+    report = json.loads((out / "quanta_report.json").read_text())["layers"]
+    assert len(report) == len(quanta.records(quanta.load(out)))
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_bf16_sharded_tied_checkpoint(tmp_path, data):
+    checkpoint = write_checkpoint(tmp_path / "src", dtype=torch.bfloat16, max_shard_size="1MB", tied=True)
+    assert (checkpoint / "model.safetensors.index.json").is_file()
+    out = quanta.quantize_checkpoint(checkpoint, GPTQ, data, output=tmp_path / "out")
+    assert_same_codes(in_memory(checkpoint, GPTQ, data), out)
+
+
+def test_activations_beyond_the_budget_go_to_disk(tmp_path, data):
+    checkpoint = write_checkpoint(tmp_path / "src")
+    work = tmp_path / "ckpt"
+    seen = []
+
+    def progress(line):
+        seen.append(sorted(p.name for p in (work / "quanta_activations").glob("*.safetensors"))
+                    if (work / "quanta_activations").is_dir() else [])
+
+    out = quanta.quantize_checkpoint(checkpoint, GPTQ, data, output=tmp_path / "out", checkpoint_dir=work,
+                                     activation_budget=1, progress=progress)
+    assert any(seen), "no activation was kept on disk with a 1-byte budget"
+    assert_same_codes(in_memory(checkpoint, GPTQ, data), out)
+    assert not work.exists(), "the checkpoint directory is removed after a successful run"
+
+
+def test_a_checkpoint_of_another_recipe_is_refused(tmp_path, data):
+    checkpoint = write_checkpoint(tmp_path / "src")
+    work = tmp_path / "ckpt"
+    work.mkdir()
+    (work / PROGRESS_NAME).write_text(json.dumps({"fingerprint": {"model": "x"}, "done": 1}))
+    with pytest.raises(CheckpointMismatchError, match="model"):
+        quanta.quantize_checkpoint(checkpoint, GPTQ, data, output=tmp_path / "out", checkpoint_dir=work)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refusals(tmp_path, data):
+    checkpoint = write_checkpoint(tmp_path / "src")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil.Model"}}))
+    with pytest.raises(ModelError, match="auto_map"):
+        quanta.quantize_checkpoint(checkpoint, RTN, output=tmp_path / "out")
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="calibration data"):
+        quanta.quantize_checkpoint(checkpoint, GPTQ, None, output=tmp_path / "out")
+    with pytest.raises(ModelError, match="not a transformers checkpoint"):
+        quanta.quantize_checkpoint(tmp_path, RTN, output=tmp_path / "out")
+
+
+RESUMABLE = textwrap.dedent("""
+    import sys, torch, quanta
+    from quanta.examples import tiny_llama
+    data = tiny_llama.token_batches(tiny_llama.load_tokenizer(), tiny_llama.training_sentences()[:12], batch_size=4)
+    recipe = {"algorithm": "gptq", "global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 64},
+              "calibration_nsamples": 3}
+    quanta.quantize_checkpoint(sys.argv[1], recipe, data, output=sys.argv[2], checkpoint_dir=sys.argv[3])
+""")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_codes_of_an_uninterrupted_run(tmp_path, data):
+    checkpoint = write_checkpoint(tmp_path / "src")
+    work, out = tmp_path / "ckpt", tmp_path / "out"
+    script = tmp_path / "run.py"
+    script.write_text(RESUMABLE)
+    env = {**os.environ, "QUANTA_FAULT_DELAY": "block-checkpointed:60"}
+    proc = subprocess.Popen([sys.executable, str(script), str(checkpoint), str(out), str(work)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (work / PROGRESS_NAME).is_file() and json.loads((work / PROGRESS_NAME).read_text())["done"] >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads((work / PROGRESS_NAME).read_text())["done"] == 1
+    assert not out.exists()
+    lines = []
+    quanta.quantize_checkpoint(checkpoint, GPTQ, data, output=out, checkpoint_dir=work, progress=lines.append)
+    assert lines[0].startswith("resuming after block 1 of 2"), lines
+    assert sum(line.startswith("block ") for line in lines) == 1
+    assert_same_codes(in_memory(checkpoint, GPTQ, data), out)
+
+
+@pytest.mark.slow
+def test_cli_out_of_core_with_text_data(tmp_path, sentences):
+    checkpoint = write_checkpoint(tmp_path / "src")
+    (tmp_path / "calib.txt").write_text("\n".join(sentences) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {checkpoint}\nalgorithm: gptq\ndata: {tmp_path / 'calib.txt'}\n"
+                      "global_config: {dtype: int4, granularity: per_block, block_size: 64}\n"
+                      "module_type_configs: {Embedding: null}\ncalibration_nsamples: 2\n")
+    result = subprocess.run([sys.executable, "-m", "quanta", "quantize", str(recipe), "--out-of-core",
+                             "-o", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                             "--activation-budget", "1M"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "block 2/2 model.layers.1" in result.stderr
+    assert "layers quantized" in result.stdout
+    loaded = quanta.load(tmp_path / "out")
+    assert len(quanta.records(loaded)) == 15  # 7 per block + lm_head
+    bad = subprocess.run([sys.executable, "-m", "quanta", "quantize", str(recipe), "--checkpoint-dir", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--out-of-core" in bad.stderr
+
+
+def test_python_m_quanta_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "quanta", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "quantize" in result.stdout
