@@ -48,10 +48,12 @@ class QuantaError(Exception):
 
 class ConfigError(QuantaError, ValueError):
     """A recipe or layer config is invalid. ``key`` is the dotted path of the offending key;
-    ``detail`` is the message without it (so a caller can name a longer path)."""
+    ``detail`` is the message without it (so a caller can name a longer path); ``others`` lists
+    further problems found in the same recipe as ``(key, detail)``."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
         self.key, self.detail = key, message
+        self.others: list[tuple[str | None, str]] = []
         super().__init__(f"{key}: {message}" if key else message)
 
 

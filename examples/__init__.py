@@ -84,8 +84,8 @@ def _minilm() -> Example:
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModel.from_pretrained(path, trust_remote_code=False).eval()
     data = [dict(tokenizer(SENTENCES[i:i + 4], padding=True, return_tensors="pt")) for i in range(0, len(SENTENCES), 4)]
 
     def evaluate(fp_model, q_model) -> str:

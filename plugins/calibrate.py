@@ -78,6 +78,7 @@ class Calibrate(Algorithm):
     description = "static W8A8 post-training quantization: activation observers over calibration data (torch.fx)"
     config_class = CalibrateConfig
     needs_data = True
+    backends = frozenset({"torch"})  # walks torch modules itself: refused at plan time on other backends
     training_loop = True
     #: The weights the torch.fx session quantizes (its rules' weighted modules): an Embedding or
     #: ConvTranspose under global_config would be planned and then silently left float.

@@ -60,6 +60,7 @@ class QAT(Algorithm):
     description = "quantization-aware training: torch.fx fake quantization of weights and activations, milestones"
     config_class = QATConfig
     needs_data = False
+    backends = frozenset({"torch"})  # walks torch modules itself: refused at plan time on other backends
     training_loop = True
     #: The weights the torch.fx session quantizes (its rules' weighted modules): an Embedding or
     #: ConvTranspose under global_config would be planned and then silently left float.

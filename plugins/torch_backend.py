@@ -17,13 +17,15 @@ from torch import nn
 import quanta
 from quanta.contracts import Backend, Unit
 from quanta.errors import ConfigError
-from quanta.record import attach_record, declare_state
+from quanta.record import attach_record, declare_state, declare_transform, records, remove_state
 
 __all__ = ["TorchBackend", "SUPPORTED_TYPES"]
 
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CONV_T, nn.Embedding, nn.MultiheadAttention)
 _MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+#: What quanta keeps on a module besides tensors and hooks: records' metadata, declared state, transforms.
+_QUANTA_ATTRS = ("_quanta_meta", "_quanta_state", "_quanta_transforms")
 
 
 def _mro_names(module: nn.Module) -> list[str]:
@@ -104,6 +106,34 @@ class TorchBackend(Backend):
         declare_state(target, name, value)
 
     def snapshot(self, model, units, everything: bool = False) -> Any:
+    def records(self, model: nn.Module) -> dict:
+        """Every record on the model's modules (``quanta.record.records``)."""
+        return records(model)
+
+    def save(self, model: nn.Module, path, *, overwrite: bool = False, **options):
+        """``quanta._files.saving.save``: safetensors + ``quanta_config.json``."""
+        from quanta._files.saving import save
+
+        return save(model, path, overwrite=overwrite, **options)
+
+    def remove_state(self, model: nn.Module, module: str, name: str) -> None:
+        """Remove declared state ``name`` of submodule ``module`` (``quanta.record.remove_state``)."""
+        try:
+            target = model.get_submodule(module) if module else model
+        except AttributeError:
+            raise ConfigError(f"no module named {module!r} in the model", "module") from None
+        remove_state(target, name)
+
+    def add_transform(self, model: nn.Module, module: str, kind: str, name: str, value: torch.Tensor) -> None:
+        """Declare ``value`` as state ``name`` of submodule ``module`` and the forward transform
+        ``kind`` using it (``quanta.record.declare_transform``: a hook save and load recreate)."""
+        try:
+            target = model.get_submodule(module) if module else model
+        except AttributeError:
+            raise ConfigError(f"no module named {module!r} in the model", "module") from None
+        declare_transform(target, kind, name, value)
+
+    def snapshot(self, model, units, everything: bool = False):
         """Clones of what may change: the weights of ``units`` and their records; with
         ``everything``, every parameter, buffer, hook, submodule and record of the model."""
         if not everything:
@@ -119,7 +149,7 @@ class TorchBackend(Backend):
             modules.append((m, {k: (p, None if p is None else p.detach().clone()) for k, p in m._parameters.items()},
                             {k: None if b is None else b.clone() for k, b in m._buffers.items()},
                             dict(m._modules), dict(m._forward_hooks), dict(m._forward_pre_hooks),
-                            {k: m.__dict__[k] for k in ("_quanta_meta", "_quanta_state") if k in m.__dict__}))
+                            {k: m.__dict__[k] for k in _QUANTA_ATTRS if k in m.__dict__}))
         return ("everything", modules)
 
     def restore(self, model, snapshot) -> None:
@@ -149,7 +179,7 @@ class TorchBackend(Backend):
             m._forward_hooks.update(hooks)
             m._forward_pre_hooks.clear()
             m._forward_pre_hooks.update(pre_hooks)
-            for k in ("_quanta_meta", "_quanta_state"):
+            for k in _QUANTA_ATTRS:
                 m.__dict__.pop(k, None)
             m.__dict__.update(attrs_)
 

@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from quanta._records.spec import QuantSpec
     from quanta.contracts import Observer, Scheme
 
-__all__ = ["resolve_scheme", "resolve_observer", "scheme_for", "observer_for"]
+__all__ = ["resolve_scheme", "resolve_observer", "scheme_for", "observer_for", "backend_for"]
 
 
 def resolve_scheme(name: str) -> Scheme:
@@ -37,3 +37,20 @@ def observer_for(spec: QuantSpec) -> Observer:
     """The observer ``spec`` names, configured with ``spec.observer_config``."""
     observer = resolve_observer(spec.observer)
     return observer if spec.observer_config is None else observer.with_config(spec.observer_config)
+
+
+def backend_for(model: Any):
+    """The entry of the backend for ``model``: the first (by declared ``priority``) whose
+    ``accepts(model)`` is true. Raises ``quanta.ConfigError`` naming the backends when none is."""
+    from quanta.errors import ConfigError
+    from quanta.registry import backends, names
+    from quanta.registry.guard import plugin_code
+
+    for entry in backends():
+        with plugin_code(entry.obj):
+            accepted = entry.obj.accepts(model)
+        if accepted:
+            return entry
+    raise ConfigError(f"no backend accepts a {type(model).__module__}.{type(model).__name__} "
+                      f"(backends: {', '.join(names('backend'))}); pass a torch.nn.Module, a Core ML "
+                      f"model or the path of an .mlpackage")

@@ -157,7 +157,8 @@ def test_own_output_is_replaced_but_a_users_file_needs_overwrite(model_recipe, t
     status, _, err = _main("quantize", model_recipe, "-o", folder)
     assert status == 2 and (folder / "notes.txt").read_text() == "mine" and "--overwrite" in err
     assert _main("quantize", model_recipe, "-o", folder, "--overwrite")[0] == 0
-    assert len(quanta.records(quanta.load(folder))) == 2 and not (folder / "notes.txt").exists()
+    netdef = f"{folder.parent / 'netdef.py'}:build"
+    assert len(quanta.records(quanta.load(folder, factory=netdef))) == 2 and not (folder / "notes.txt").exists()
 
 
 def quanta_records(model):
@@ -250,7 +251,8 @@ def test_quantizing_a_torch_model_does_not_import_coremltools():
 @pytest.mark.slow  # a fresh process importing torch (and coremltools for the export)
 def test_export_cli_writes_atomically_and_prints_the_path(model_recipe, tmp_path):
     assert _main("quantize", model_recipe, "-o", tmp_path / "q", "-q")[0] == 0
-    status, out, err = _main("export", tmp_path / "q", "-o", tmp_path / "q.mlpackage", "--input-shape", "1,16")
+    status, out, err = _main("export", tmp_path / "q", "-o", tmp_path / "q.mlpackage", "--input-shape", "1,16",
+                             "--factory", f"{tmp_path / 'netdef.py'}:build")
     assert status == 0 and out.strip().endswith("q.mlpackage"), err
     assert (tmp_path / "q.mlpackage" / ".quanta").is_file()
     assert "Failed to load" not in err and "Converting" not in err  # third-party noise hidden

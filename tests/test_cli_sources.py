@@ -64,15 +64,19 @@ def test_own_model_and_data_from_a_script_quantize_save_export(tmp_path):
     cfg = json.loads((saved / "quanta_config.json").read_text())
     assert cfg["rebuild"]["factory"].endswith("mymodel.py:build") and cfg["rebuild"]["kwargs"] == {"dim": 48}
     assert (saved / "example_inputs.safetensors").is_file()
-    # Another process, another directory: rebuilt from the recorded factory, no pickle.
+    # Another process, another directory: the recorded factory is only named, never run ...
     out = _run("export", str(saved), "--output", str(tmp_path / "mine.mlpackage"), cwd=ROOT)
+    assert out.returncode == 2 and "--factory" in out.stderr and "mymodel.py:build" in out.stderr
+    # ... the user gives it (called with the recorded kwargs), no pickle.
+    factory = f"{tmp_path / 'mymodel.py'}:build"
+    out = _run("export", str(saved), "--output", str(tmp_path / "mine.mlpackage"), "--factory", factory, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "mine.mlpackage").is_dir()
     # verify takes the saved directory too, and the inputs saved with it.
-    out = _run("verify", str(tmp_path / "mine.mlpackage"), "--against", str(saved), cwd=ROOT)
+    out = _run("verify", str(tmp_path / "mine.mlpackage"), "--against", str(saved), "--factory", factory, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split("cosine: ")[1].split()[0]) > 0.999
-    out = _run("plan", str(recipe), "--model", str(saved), cwd=tmp_path)
+    out = _run("plan", str(recipe), "--model", str(saved), "--factory", "mymodel.py:build", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "2 of 3 weights" in out.stdout
 
@@ -170,7 +174,7 @@ def test_pickle_only_on_request_and_never_read_back(tmp_path, capsys):
     assert main(["export", str(tmp_path / "t.pt"), "-o", str(tmp_path / "t.mlpackage")]) == 2
     assert "does not unpickle" in capsys.readouterr().err
     assert main(["quantize", str(recipe), "-o", str(tmp_path / "t")]) == 0
-    loaded = quanta.load(tmp_path / "t")
+    loaded = quanta.load(tmp_path / "t", factory=f"{tmp_path / 'tinymodel.py'}:build")  # the code: the user's
     assert type(loaded).__name__ == "TinyLM" and len(quanta.records(loaded)) == 2
 
 

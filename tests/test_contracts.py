@@ -377,3 +377,247 @@ def test_observer_results_are_checked(register_plugin):
         warnings.simplefilter("error")
         with pytest.raises(PluginError, match=r"observer plugin 'backwards_test'.*layer '0'.*min > max"):
             quanta.quantize(_mlp(), {"global_config": {"observer": "backwards_test"}})
+
+
+# -- stages see the float model; temporary state ------------------------------------------------
+
+
+class _Stage(Algorithm):
+    """A test stage recording what the run-time API shows it."""
+
+    name, description = "float_reader", "reads the float model in a later stage (test)"
+    changes = "model"
+    seen: dict = {}
+
+    def run(self, model, plan, data, context):
+        layer = plan.selected[0]
+        _Stage.seen["float"] = context.read_float_weight(layer).clone()
+        _Stage.seen["current"] = context.read_weight(model, layer).clone()
+        _Stage.seen["outputs"] = context.float_outputs(layer) if data else None
+        context.add_state(model, layer.name, "scratch", torch.ones(3), temporary=True)
+        context.add_transform(model, layer.name, "output_add", "scratch_shift", torch.zeros(1))
+        context.add_state(model, layer.name, "kept", torch.ones(2))
+        _Stage.seen["during"] = set(quanta.record.extra_state(model))
+
+
+class _Contributes:
+    def __init__(self, obj):
+        self.obj = obj
+
+    @quanta.hookimpl
+    def register_algorithms(self, register):
+        register(self.obj)
+
+
+def test_a_later_stage_reads_float_weights_and_outputs_and_temporary_state_is_removed(register_plugin):
+    from quanta.errors import ConfigError
+    from quanta.testing import calibration_data, reference_model
+
+    register_plugin(_Contributes(_Stage()))
+    model = reference_model("mlp")
+    data = calibration_data("mlp", "list")
+    q = quanta.quantize(model, {"stages": ["rtn", "float_reader"], "global_config": {"dtype": "int4"}}, data=data)
+    assert torch.equal(_Stage.seen["float"], model[0].weight.detach())  # the float weight, not the quantized one
+    assert torch.equal(_Stage.seen["current"], quanta.records(q)["0.weight"].dequantize())
+    with torch.no_grad():
+        assert all(torch.equal(out, model[0](batch)) for out, batch in zip(_Stage.seen["outputs"], data))
+    assert _Stage.seen["during"] == {"0.scratch", "0.scratch_shift", "0.kept"}
+    assert set(quanta.record.extra_state(q)) == {"0.kept", "0.scratch_shift"}  # temporary state removed
+    assert not hasattr(q[0], "scratch")
+    assert quanta.record.transforms(q) == {"0": (("output_add", "scratch_shift"),)}
+    quanta.record.remove_state(q[0], "scratch_shift")  # a transform goes with its state
+    assert not q[0]._forward_hooks and quanta.record.transforms(q) == {}
+    assert not model[0]._forward_hooks and not hasattr(model[0], "kept")  # the user's model untouched
+    with pytest.raises(ConfigError, match=r"reads the float model.*declare reads_float = True"):
+        quanta.quantize(reference_model("mlp"), {"stages": ["rtn", "float_reader"]}, data=data, inplace=True)
+
+
+# -- exporters write where core tells them ---------------------------------------------------------
+
+
+class _StagedText(Exporter):
+    name, description, suffix = "staged_text", "writes its records as text at core's staging path (test)", ".rec"
+    staged = True
+    fail = False
+
+    def export(self, model, path, *, example_inputs=None, overwrite=False):
+        with open(path, "w") as f:  # plainly: core owns the rename
+            f.write("\n".join(f"{n} {r.codes.sum().item()}" for n, r in quanta.records(model).items()))
+            if self.fail:
+                raise RuntimeError("disk full halfway")
+        return str(path)
+
+
+class _ContributesExporter:
+    def __init__(self, obj):
+        self.obj = obj
+
+    @quanta.hookimpl
+    def register_exporters(self, register):
+        register(self.obj)
+
+
+def test_a_staged_exporter_replaces_its_own_file_never_a_users_and_leaves_nothing_on_failure(register_plugin,
+                                                                                               tmp_path):
+    from quanta.errors import DestinationExistsError
+    from quanta._files.staging import file_marker, is_quanta_file
+    from quanta.testing import reference_model
+
+    exporter = _StagedText()
+    register_plugin(_ContributesExporter(exporter))
+    q = quanta.quantize(reference_model("mlp"), {})
+    out = quanta.export(q, tmp_path / "m", format="staged_text")
+    assert out == str(tmp_path / "m.rec") and is_quanta_file(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.rec.quanta", "m.rec"]  # the file and its sidecar
+    assert quanta.export(q, tmp_path / "m.rec", format="staged_text") == out  # a re-export replaces quanta's own
+    (tmp_path / "m.rec").write_text("the user's own file now")  # the sidecar no longer matches
+    with pytest.raises(DestinationExistsError, match="not written by quanta"):
+        quanta.export(q, tmp_path / "m.rec", format="staged_text")
+    assert (tmp_path / "m.rec").read_text() == "the user's own file now"
+    exporter.fail = True
+    try:
+        with pytest.raises(PluginError, match="disk full halfway"):
+            quanta.export(q, tmp_path / "m.rec", format="staged_text", overwrite=True)
+    finally:
+        exporter.fail = False
+    assert (tmp_path / "m.rec").read_text() == "the user's own file now"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.rec.quanta", "m.rec"]  # no staging folder left
+    file_marker(tmp_path / "m.rec").unlink()
+    with pytest.raises(PluginError, match="disk full"):
+        exporter.fail = True
+        quanta.export(q, tmp_path / "new.rec", format="staged_text")
+    exporter.fail = False
+    assert not (tmp_path / "new.rec").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.rec"]
+
+
+# -- backends beyond torch ---------------------------------------------------------------------------
+
+
+def test_a_non_torch_backend_goes_through_records_save_export_and_the_kit(register_plugin, tmp_path):
+    import numpy as np
+
+    from _array_backend import ArrayModel, ArrayPlugin
+    from quanta.errors import NotQuantizedError
+    from quanta.testing import check_backend, check_exporter
+
+    register_plugin(ArrayPlugin())
+    model = ArrayModel()
+    check_backend(registry.get("backend", "arrays").obj, model)
+    q = quanta.quantize(model, {"global_config": {"dtype": "int4"}})
+    assert sorted(quanta.records(q)) == ["w1", "w2"] and quanta.records(model) == {}  # through Backend.records
+    x = torch.randn(3, 8)
+    assert float((q(x) - model(x)).norm() / model(x).norm()) < 0.2  # int4 per channel
+    with pytest.raises(ConfigError, match=r"algorithm 'gptq' \(.*\) serves models of the torch backend\(s\) only; "
+                                          r"this model belongs to backend 'arrays'"):
+        quanta.plan(model, {"algorithm": "gptq"})
+    with pytest.raises(ConfigError, match=r"serves models of the torch backend"):
+        quanta.quantize(model, {"algorithm": "gptq"}, data=[torch.randn(2, 8)])
+    with pytest.raises(ConfigError, match=r"backend 'arrays' cannot save its models with quanta.save.*quanta.export"):
+        quanta.save(q, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+    npz = _load_docs_example("npz_exporter")
+    register_plugin(npz)
+    with pytest.raises(NotQuantizedError, match=r"backend 'arrays' lists no records.*allow_float=True"):
+        quanta.export(model, tmp_path / "float.npz", format="npz")
+    out = quanta.export(q, tmp_path / "q.npz", format="npz")
+    with np.load(out) as archive:
+        assert np.array_equal(archive["w1.codes"], quanta.records(q)["w1"].codes.numpy())
+    check_exporter(npz.NpzExporter(), tmp_path / "kit", model=q, reread=npz.read_npz)
+
+
+def test_the_cli_loads_a_model_file_through_the_backend_declaring_its_suffix(register_plugin, tmp_path):
+    from safetensors.torch import save_file
+
+    from _array_backend import ArrayModel, ArrayPlugin
+    from quanta._files.sources import load_model
+
+    register_plugin(ArrayPlugin())
+    save_file(ArrayModel(seed=3).weights, str(tmp_path / "m.arrays"))
+    source = load_model(str(tmp_path / "m.arrays"))
+    assert source.kind == "backend" and isinstance(source.model, ArrayModel)
+    assert torch.equal(source.model.weights["w1"], ArrayModel(seed=3).weights["w1"])
+    assert [layer.name for layer in quanta.plan(source.model, {}).selected] == ["w1", "w2"]
+
+
+def test_a_backend_can_refuse_inplace_early(register_plugin):
+    from _array_backend import ArrayBackend, ArrayModel, ArrayPlugin
+
+    class NoInplace(ArrayBackend):
+        supports_inplace = False
+
+    register_plugin(ArrayPlugin(NoInplace()))
+    model = ArrayModel()
+    with pytest.raises(ConfigError, match=r"backend 'arrays' cannot quantize its models in place"):
+        quanta.quantize(model, {}, inplace=True)
+    assert model.records == {}
+
+
+def _load_docs_example(stem: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "docs" / "examples" / f"{stem}.py"
+    spec = importlib.util.spec_from_file_location(f"docs_example_{stem}_contracts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- plugins written for quanta 0.1 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source,pattern", [
+    ("class Old(Algorithm):\n name = 'old'; description = 'd'; replaces_weights_only = True\n"
+     " def run(self, model, plan, data, context): pass",
+     r"Old is written for quanta 0.1: it declares 'replaces_weights_only'.*declare shares_float_weights = True"),
+    ("class Old(Exporter):\n name = 'old'; description = 'd'\n def export(self, model, path, **options): pass",
+     r"export\(self, model, path, \*\*options\) is the 0.1 signature; write export\(self, model, path, \*, "
+     r"example_inputs=None, overwrite=False\)"),
+    ("class Old(Exporter):\n name = 'old'; description = 'd'\n"
+     " def export(self, model, path, *, example_inputs=None, overwrite=False): pass\n"
+     " def verify(self, path, against, example_inputs=None): return {}",
+     r"defines verify\(\) but does not declare can_verify = True"),
+    ("class Old(Algorithm):\n name = 'old'; description = 'd'\n def run(self, model, plan, data, context): pass\n"
+     " def session(self, model, plan, recipe, backend, context): pass",
+     r"defines session\(\) but does not declare training_loop = True"),
+])
+def test_what_a_0_1_plugin_relied_on_is_refused_when_its_class_is_defined(source, pattern):
+    with pytest.raises(PluginContractError, match=pattern + r".*Updating a plugin"):
+        exec(source, {"Algorithm": Algorithm, "Exporter": Exporter})
+
+
+def test_a_subclass_of_a_builtin_scheme_without_options_of_its_own_works(register_plugin):
+    from quanta.plugins.schemes import SymmetricScheme
+    from quanta.testing import check_scheme, reference_model
+
+    class Pow2Symmetric(SymmetricScheme):  # a 0.1 plugin: no options of its own
+        name, description, config_class = "pow2_symmetric", "symmetric with power-of-two scales", None
+
+        def qparams(self, min_val, max_val, dtype):
+            scale, zero_point = super().qparams(min_val, max_val, dtype)  # reads self.config.grid
+            return torch.exp2(torch.ceil(torch.log2(scale))), zero_point
+
+    class Contributes:
+        @quanta.hookimpl
+        def register_schemes(self, register):
+            register(Pow2Symmetric())
+
+    register_plugin(Contributes())
+    assert Pow2Symmetric().config == SymmetricScheme.config_class() and Pow2Symmetric().options() == {}
+    check_scheme(Pow2Symmetric())
+    q = quanta.quantize(reference_model("mlp"), {"global_config": {"scheme": "pow2_symmetric", "dtype": "int4"}})
+    scale = quanta.records(q)["0.weight"].scale
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)
+
+
+def test_quanta_plugin_resolves_whatever_was_imported_first():
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "import quanta\n"
+            "class NpzLike(quanta.plugin.Exporter):\n"
+            "    name, description, staged = 'npz_like', 'd', True\n"
+            "    def export(self, model, path, *, example_inputs=None, overwrite=False): pass\n"
+            "assert quanta.plugin.Exporter is quanta.contracts.Exporter\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -137,3 +137,61 @@ def test_npz_exporter_adds_its_cli_option(register_plugin, tmp_path, capsys):
         import zipfile
 
         assert {i.compress_type for i in zipfile.ZipFile(f).infolist()} == {zipfile.ZIP_STORED}
+
+
+@pytest.fixture
+def kmeans(register_plugin):
+    return register_plugin(_load("kmeans_lut_scheme"))
+
+
+def test_kmeans_lut_scheme_passes_the_kit(kmeans):
+    check_scheme(kmeans.KMeansScheme(), dtypes=["uint2", "uint3", "uint4", "int4"])
+
+
+def test_kmeans_lut_scheme_fills_its_table_without_a_companion_algorithm(kmeans, tmp_path):
+    model = reference_model("mlp")
+    rtn = {"global_config": {"dtype": "uint3", "scheme": "affine", "granularity": "per_channel"}}
+    recipe = {"global_config": {"dtype": "uint3", "scheme": {"name": "kmeans", "iterations": 12},
+                                "granularity": "per_channel"}}
+    q = quanta.quantize(model, recipe)
+    for key, record in quanta.records(q).items():
+        assert record.grid == "lut" and record.lut.shape == (record.shape[0], 8)  # one 8-level table per channel
+        assert torch.equal(q.get_submodule(key.rsplit(".", 1)[0]).weight, record.dequantize())
+    affine = quanta.quantize(model, rtn)
+    for mine, theirs in zip(q.quanta_report.layers, affine.quanta_report.layers):
+        assert mine.rel_error < theirs.rel_error  # its own levels beat uniform ones
+    loaded = quanta.load(quanta.save(q, tmp_path / "m"), reference_model("mlp"))
+    assert torch.equal(quanta.records(loaded)["0.weight"].lut, quanta.records(q)["0.weight"].lut)
+    x = calibration_data("mlp", "list", n=1)[0]
+    assert torch.equal(loaded(x), q(x))
+    with pytest.raises(ConfigError, match=r"scheme 'kmeans' refuses int4.*use an unsigned dtype"):
+        quanta.plan(model, {"global_config": {"dtype": "int4", "scheme": "kmeans"}})
+
+
+@pytest.fixture
+def bias_correction(register_plugin):
+    return register_plugin(_load("bias_correction"))
+
+
+def test_bias_correction_runs_after_rtn_and_passes_the_kit(bias_correction):
+    check_algorithm(bias_correction.BiasCorrection(), models=("mlp", "token"), before=["rtn"])
+
+
+def test_bias_correction_reads_the_float_model_and_its_bias_travels(bias_correction, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    data = [torch.randn(8, 16) + 0.5 for _ in range(4)]
+    x = torch.randn(64, 16) + 0.5
+    recipe = {"global_config": {"dtype": "int2"}}
+    errors = {}
+    for stages in (["rtn"], ["rtn", "bias_correction"]):
+        q = quanta.quantize(model, {**recipe, "stages": stages}, data=data)
+        with torch.no_grad():
+            errors[len(stages)] = float((q(x) - model(x)).mean(dim=0).abs().mean())
+    assert errors[2] < 0.7 * errors[1]  # the mean output shift the quantization caused is mostly corrected
+    assert model[0].bias is None and isinstance(q[0].bias, torch.nn.Parameter)  # added on the copy only
+    loaded = quanta.load(quanta.save(q, tmp_path / "m"), torch.nn.Sequential(
+        torch.nn.Linear(16, 32, bias=False), torch.nn.ReLU(), torch.nn.Linear(32, 8)))
+    assert torch.equal(loaded(x), q(x))
+    inplace = quanta.quantize(model, {**recipe, "stages": ["rtn", "bias_correction"]}, data=data, inplace=True)
+    assert inplace is model and torch.equal(inplace(x), q(x))  # a float copy was kept: reads_float = True

@@ -124,7 +124,8 @@ def test_sigint_while_a_saved_directory_is_swapped_in_keeps_the_previous_one(set
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert _tree(tmp / "q") == before
-    assert {str(r.spec.dtype) for r in quanta.records(quanta.load(tmp / "q")).values()} == {"int8"}
+    loaded = quanta.load(tmp / "q", factory=f"{tmp / 'netdef.py'}:build")
+    assert {str(r.spec.dtype) for r in quanta.records(loaded).values()} == {"int8"}
     assert not _leftovers(tmp)
 
 
@@ -141,7 +142,8 @@ def test_sigint_at_any_moment_of_quantize_leaves_old_or_new(setup, delay):
     assert proc.returncode in DONE_OR_INTERRUPTED, err
     now = _tree(tmp / "q")
     if now != before:  # then it must be the complete new model
-        assert {str(r.spec.dtype) for r in quanta.records(quanta.load(tmp / "q")).values()} == {"int4"}
+        loaded = quanta.load(tmp / "q", factory=f"{tmp / 'netdef.py'}:build")
+        assert {str(r.spec.dtype) for r in quanta.records(loaded).values()} == {"int4"}
     if proc.returncode == 0:
         assert now != before
     assert not _leftovers(tmp)
@@ -149,7 +151,8 @@ def test_sigint_at_any_moment_of_quantize_leaves_old_or_new(setup, delay):
 
 def _export(tmp: Path, source: str, extra=None, env=None) -> subprocess.Popen:
     """``quanta export`` of a saved directory ``source`` onto ``q.mlpackage``."""
-    return _start(["export", tmp / source, "-o", tmp / "q.mlpackage", "--input-shape", "1,32", *(extra or [])], env)
+    return _start(["export", tmp / source, "-o", tmp / "q.mlpackage", "--input-shape", "1,32",
+                   "--factory", f"{tmp / 'netdef.py'}:build", *(extra or [])], env)
 
 
 def test_sigint_while_export_swaps_keeps_the_previous_package(setup):

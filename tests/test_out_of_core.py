@@ -192,3 +192,17 @@ def test_cli_out_of_core_with_text_data(tmp_path, sentences):
 def test_python_m_quanta_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "quanta", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "quantize" in result.stdout
+
+
+def test_recipe_checkpoint_dir_key(tmp_path, data):
+    checkpoint = write_checkpoint(tmp_path / "src")
+    work = tmp_path / "from-recipe"
+    seen = []
+    recipe = {**RTN, "checkpoint_dir": str(work)}
+    quanta.quantize_checkpoint(checkpoint, recipe, output=tmp_path / "out",
+                               progress=lambda line: seen.append(work.is_dir()))
+    assert seen[0] and not work.exists()  # used while running, removed after success
+    model = transformers.LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="out-of-core") as info:
+        quanta.quantize(model, recipe)
+    assert info.value.key == "checkpoint_dir"

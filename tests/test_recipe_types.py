@@ -65,6 +65,7 @@ def test_every_problem_is_keyed_and_the_rest_are_kept():
     ({"export": {"format": "coreml", "version": 99}}, "export.version", "written for version 99.*upgrade quanta"),
     ({"export": "coreml"}, "export", "expected a mapping such as"),
     ({"algorithm": 3}, "algorithm", "expected an algorithm name"),
+    ({"module_type_configs": {torch.nn.Linear: {"dtype": "int9"}}}, "module_type_configs.Linear.dtype", "unknown dtype"),
 ])
 def test_structuring_errors_name_the_key_path(recipe, key, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:

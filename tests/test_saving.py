@@ -361,3 +361,118 @@ def test_load_state_dict_strict_false_drops_records_and_unrestored_records_says_
     assert "fc.weight_quanta_codes" in result.unexpected_keys
     assert unrestored_records(fresh, qmodel.state_dict()) == ["conv.weight", "deconv.weight", "fc.weight"]
     assert unrestored_records(qmodel, qmodel.state_dict()) == []
+
+
+# -- a quantized model is whole: what an algorithm adds to the forward pass travels with it -------
+
+
+def _load_example(stem: str):
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "docs" / "examples" / f"{stem}.py"
+    spec = importlib.util.spec_from_file_location(f"docs_example_{stem}_saving", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("stages", [["act_scale", "rtn"], ["act_scale", "gptq"], ["rtn"], ["gptq"]])
+def test_save_load_computes_what_the_model_computed_for_builtins_and_the_docs_act_scale(stages, tmp_path,
+                                                                                          register_plugin):
+    from quanta.testing import calibration_data, reference_model
+
+    register_plugin(_load_example("act_scale_algorithm"))
+    model = reference_model("token")
+    data = calibration_data("token", "dict")
+    q = quanta.quantize(model, {"stages": [{"algorithm": s} for s in stages], "global_config": {"dtype": "int4"}},
+                        data=data)
+    out = quanta.save(q, tmp_path / "m")
+    loaded = quanta.load(out, reference_model("token"))
+    x = calibration_data("token", "list", n=1, seed=1)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    if "act_scale" in stages:
+        cfg = json.loads((out / CONFIG_NAME).read_text())
+        assert cfg["transforms"] == {"proj": [["input_mul", "input_scale"]], "head": [["input_mul", "input_scale"]]}
+        assert quanta.record.transforms(loaded) == {"proj": (("input_mul", "input_scale"),),
+                                                    "head": (("input_mul", "input_scale"),)}
+
+
+def test_save_refuses_an_undeclared_hook_before_writing_naming_module_and_hook(tmp_path):
+    model = quanta.quantize(ConvNet(), {"global_config": {"dtype": "int8"}})
+
+    def awq_scale(module, args):  # a 0.1 AWQ-style plugin's hook: code, not data
+        return (args[0] * 0.5,)
+
+    model.fc.register_forward_pre_hook(awq_scale)
+    with pytest.raises(SavedModelError, match=r"'fc'.*forward pre hook '.*awq_scale'.*context.add_transform"):
+        quanta.save(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_parameter_an_algorithm_adds_is_declared_and_recreated_on_load(tmp_path):
+    from quanta.errors import ConfigError
+    from quanta.record import declare_state, extra_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
+    q = quanta.quantize(model, {"global_config": {"dtype": "int8"}})
+    declare_state(q[0], "bias", torch.full((4,), 0.25))  # a bias on Linear(bias=False)
+    assert isinstance(q[0].bias, torch.nn.Parameter) and "0.bias" in extra_state(q)
+    out = quanta.save(q, tmp_path / "m")
+    torch.manual_seed(1)
+    loaded = quanta.load(out, torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False)))
+    assert isinstance(loaded[0].bias, torch.nn.Parameter)
+    x = torch.randn(3, 8)
+    assert torch.equal(loaded(x), q(x))
+    with pytest.raises(ConfigError, match=r"in_features: Linear already has an attribute 'in_features' \(a int\)"):
+        declare_state(q[0], "in_features", torch.ones(1))
+    with pytest.raises(ConfigError, match=r"weight: Linear already has a parameter 'weight' of shape \(4, 8\).*shape \(3,\)"):
+        declare_state(q[0], "weight", torch.ones(3))
+
+
+def test_declared_transforms_are_checked_and_every_kind_round_trips(tmp_path):
+    from quanta.errors import ConfigError
+    from quanta.record import TRANSFORMS, declare_transform
+
+    q = quanta.quantize(ConvNet(), {"global_config": {"dtype": "int8"}})
+    with pytest.raises(ConfigError, match=r"unknown transform kind 'input_mull'.*did you mean 'input_mul'"):
+        declare_transform(q.fc, "input_mull", "s", torch.ones(1))
+    with pytest.raises(ConfigError, match=r"state 'nowhere', which is not declared"):
+        declare_transform(q.fc, "input_mul", "nowhere")
+    for i, kind in enumerate(TRANSFORMS):
+        declare_transform(q.fc, kind, f"s{i}", torch.tensor(0.5 + i))
+    out = quanta.save(q, tmp_path / "m")
+    loaded = quanta.load(out, ConvNet())
+    x = torch.randn(2, 4, 8, 8)
+    plain = quanta.quantize(ConvNet(), {"global_config": {"dtype": "int8"}})
+    assert torch.equal(loaded(x), q(x)) and not torch.allclose(plain(x), q(x))
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    cfg["transforms"] = {"fc": [["input_pow", "s0"]]}
+    (out / CONFIG_NAME).write_text(json.dumps(cfg))
+    fresh = ConvNet()
+    before = fresh.fc.weight.clone()
+    with pytest.raises(SavedModelError, match=r"'fc'.*unknown transform \['input_pow', 's0'\]"):
+        quanta.load(out, fresh)
+    assert torch.equal(fresh.fc.weight, before) and not fresh.fc._forward_pre_hooks
+
+
+@pytest.mark.slow
+def test_a_declared_transform_survives_save_load_and_core_ml_export(tmp_path, register_plugin):
+    """The issue's reload bug: act_scale's input scale lost on load made the exported package
+    compute something else (max_abs inf). Declared, it is loaded back and traced into the package."""
+    from quanta.testing import calibration_data, reference_model
+
+    register_plugin(_load_example("act_scale_algorithm"))
+    q = quanta.quantize(reference_model("mlp"), {"stages": ["act_scale", "rtn"], "global_config": {"dtype": "int8"}},
+                        data=calibration_data("mlp"))
+    loaded = quanta.load(quanta.save(q, tmp_path / "saved"), reference_model("mlp"))
+    x = torch.randn(2, 64)
+    package = quanta.export(loaded, tmp_path / "m.mlpackage", example_inputs=(x,))
+    figures = quanta.verify(package, q, example_inputs=(x,))
+    assert math.isfinite(figures["max_abs"]) and figures["cosine"] > 0.9999
+    bare = quanta.load(tmp_path / "saved", reference_model("mlp"))
+    for module in bare.modules():  # what 0.1 loaded: the weights without the input scale
+        module._forward_pre_hooks.clear()
+    with torch.no_grad():
+        assert float((bare(x) - q(x)).abs().max()) > 100 * figures["max_abs"]

@@ -71,7 +71,33 @@ class WideRange(AffineScheme):
         return -(1 << dtype.bits), (1 << dtype.bits)
 
 
+class IgnoresLutScale(SymmetricScheme):
+    name = "ignores_lut_scale"
+
+    def dequantize_lut(self, codes, lut, scale):
+        return torch.gather(lut.to(scale.dtype), 1, codes.long())  # forgets "* scale"
+
+
+class ZeroTable(AffineScheme):
+    name = "zero_table"
+    grid = "lut"
+
+    def lut(self, values, spec):  # a table that ignores the values: every weight becomes 0
+        return torch.zeros(values.shape[0], 1 << (spec.dtype.bits - spec.dtype.signed), dtype=values.dtype)
+
+
+class OnlyPerBlock(SymmetricScheme):
+    name = "only_per_block"
+
+    def check_spec(self, spec):
+        if spec.granularity.value != "per_block":
+            raise quanta.ConfigError("only per_block", "granularity")
+
+
 @pytest.mark.parametrize("scheme,pattern", [
+    (IgnoresLutScale(), r"dequantize_lut\(codes, lut, scale\) is not lut\[codes\] \* scale in float32: relative error"),
+    (ZeroTable(), r"quantizing a weight for \w+ zero_table per_tensor.*relative error 100.0%"),
+    (OnlyPerBlock(), r"check_spec refuses every dtype tried .* with the spec int8 .*only per_block.*pass spec="),
     (ZeroScale(), r"'zero_scale'.*zero, negative, NaN or inf scale for groups \[1\]"),
     (Unclamped(), r"'unclamped'.*(does not clamp|codes outside quant_range)"),
     (SlowFastDisagree(), r"quantize_into\(\) differs from quantize\(\)"),
@@ -84,6 +110,30 @@ def test_check_scheme_catches(scheme, pattern):
 
 
 # -- observers ----------------------------------------------------------------------------
+class SharedClipRatio(Observer):
+    name, description = "shared_clip", "an MSE clip search choosing one ratio for all rows together"
+
+    def observe(self, values, spec, scheme):
+        lo, hi = values.amin(dim=1), values.amax(dim=1)
+        best, best_err = 1.0, None
+        for ratio in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5):  # one ratio for every row: rows are not independent
+            s, z = scheme.qparams(lo * ratio, hi * ratio, spec.dtype)
+            z = None if z is None else z[:, None]
+            err = float(((scheme.dequantize(scheme.quantize(values, s[:, None], z, spec.dtype), s[:, None], z)
+                          - values) ** 2).sum())
+            if best_err is None or err < best_err:
+                best, best_err = ratio, err
+        return lo * best, hi * best
+
+
+def test_check_observer_tries_low_bit_widths_by_default():
+    from quanta._records.spec import QuantSpec
+
+    check_observer(SharedClipRatio(), spec=QuantSpec(dtype="int8"))  # at int8 one ratio (1.0) fits every row
+    with pytest.raises(AssertionError, match=r"'shared_clip'.*rows in two chunks differs .* for int4"):
+        check_observer(SharedClipRatio())
+
+
 class GlobalMax(Observer):
     name, description = "global_max", "one range for the whole tensor (rows not independent)"
 
@@ -130,6 +180,32 @@ class LeavesAHook(Algorithm):
             context.quantize_layer(model, layer)
 
 
+class LeaksCalibrationHook(Algorithm):
+    name, description = "leaks_calibration_hook", "observes inputs with a pre-hook and never removes it"
+    needs_data = True
+    changes = "model"
+
+    def run(self, model, plan, data, context):
+        seen = []
+        plan.selected[-1].unit.handle.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        for batch in context.batches():
+            context.call(model, batch)
+        for layer in plan.selected:
+            context.quantize_layer(model, layer)
+
+
+class ChangesAnAttribute(Algorithm):
+    name, description = "changes_an_attribute", "changes what the model computes through a plain attribute"
+    changes = "model"
+
+    def run(self, model, plan, data, context):
+        for layer in plan.selected:
+            context.quantize_layer(model, layer)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.eps = 0.5  # not a tensor: neither declared nor saved, so lost on load
+
+
 class Swallows(Algorithm):
     name, description = "swallows_errors", "ignores a failing write"
 
@@ -164,7 +240,9 @@ class SkipsDicts(Algorithm):
 
 
 @pytest.mark.parametrize("algorithm,pattern", [
-    (LeavesAHook(), r"after a failure mid-run with inplace=True: forward hooks changed"),
+    (LeavesAHook(), r"keeps a forward hook '.*LeavesAHook.run.<locals>.<lambda>' on module '0'"),
+    (LeaksCalibrationHook(), r"keeps a forward pre hook .* on module '3'.*context.add_transform"),
+    (ChangesAnAttribute(), r"after quanta.save -> quanta.load the model computes something else"),
     (Swallows(), r"quanta.quantize succeeded"),
     (MisreportsError(), r"reports error 0 but its stored weight is"),
     (SkipsDicts(), r"data as tuple: quanta.quantize raised"),
@@ -175,9 +253,44 @@ def test_check_algorithm_catches(algorithm, pattern, register_plugin):
         check_algorithm(algorithm, models=("mlp",))
 
 
+class NudgesQuantizedWeights(Algorithm):
+    name, description = "nudges_weights", "a later stage that changes quantized weights behind their records"
+    changes = "model"
+
+    def run(self, model, plan, data, context):
+        with torch.no_grad():
+            for layer in plan.selected:
+                getattr(layer.unit.handle, layer.unit.param).add_(1e-3)  # the record no longer matches
+
+
+def test_check_algorithm_runs_earlier_stages_for_a_later_stage(register_plugin):
+    register_plugin(_Contribute("algorithm", NudgesQuantizedWeights()))
+    with pytest.raises(AssertionError, match=r"'nudges_weights'.*layer '0''s parameter differs from its record"):
+        check_algorithm(NudgesQuantizedWeights(), models=("mlp",), before=["rtn"])
+
+
 def test_check_algorithm_needs_the_algorithm_registered():
     with pytest.raises(AssertionError, match="is not registered"):
         check_algorithm(LeavesAHook())
+
+
+# -- backends -----------------------------------------------------------------------------
+def test_check_backend_catches_a_restore_that_keeps_records():
+    from _array_backend import ArrayBackend, ArrayModel
+
+    from quanta.testing import check_backend
+
+    class KeepsRecords(ArrayBackend):
+        name = "keeps_records"
+
+        def restore(self, model, snapshot):
+            weights, _records = snapshot
+            model.weights = {k: v.clone() for k, v in weights.items()}  # forgets to restore the records
+
+    check_backend(ArrayBackend(), ArrayModel())
+    with pytest.raises(AssertionError, match=r"'keeps_records'.*restore\(snapshot\(everything=False\)\) left records "
+                                             r"behind: \['w1', 'w2'\]"):
+        check_backend(KeepsRecords(), ArrayModel())
 
 
 # -- exporters ----------------------------------------------------------------------------
@@ -195,6 +308,23 @@ class Partial(Exporter):
 def _read_partial(path):
     lines = open(path).read().splitlines()[1:]
     return {name: torch.tensor(eval(codes)) for name, codes in (line.split(" ", 1) for line in lines)}
+
+
+class RefusesItsOwnOutput(Exporter):
+    name, description, suffix = "own_output", "writes atomically but cannot recognise its own file", ".own.txt"
+
+    def export(self, model, path, *, example_inputs=None, overwrite=False):
+        with quanta.atomic_file(path, overwrite=overwrite) as tmp:  # no owned=: its own file looks like a user's
+            tmp.write_text("quanta records\n" + "".join(f"{n} {r.codes.tolist()}\n"
+                                                        for n, r in quanta.records(model).items()))
+        return str(path)
+
+
+def test_check_exporter_catches_an_exporter_that_cannot_replace_its_own_output(register_plugin, tmp_path):
+    register_plugin(_Contribute("exporter", RefusesItsOwnOutput()))
+    with pytest.raises(AssertionError, match=r"'own_output'.*re-exporting onto its own earlier output model.own.txt "
+                                             r"was refused.*declare staged = True"):
+        check_exporter(RefusesItsOwnOutput(), tmp_path, reread=_read_partial)
 
 
 def test_check_exporter_catches_partial_output_on_failure(register_plugin, tmp_path):

@@ -20,12 +20,14 @@ from quanta._cli.output import Console
 __all__ = ["COMMANDS", "parse_shapes"]
 
 
-def _load_model(ref: Any, key: str = "model"):
+def _load_model(ref: Any, key: str = "model", args: Any = None):
     """A ``quanta._files.sources.ModelSource`` from an example name, a saved or transformers directory, or
-    ``module:function`` (see docs/config.md); never unpickles."""
+    ``module:function`` (see docs/config.md); never unpickles, never runs code a directory names
+    unless ``--trust-remote-code`` (``--factory`` gives the code of a saved directory's model)."""
     from quanta._files.sources import load_model
 
-    return load_model(ref, key)
+    return load_model(ref, key, factory=getattr(args, "factory", None),
+                      trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
 
 
 def _cmd_plugins(args, console: Console) -> int:
@@ -83,7 +85,7 @@ def _recipe_and_model(args, console: Console):
         raise ConfigError("the recipe names no model: add `model: minilm` (an example), a model directory or "
                           "`module:function`, or pass --model", "model")
     console.info(f"loading model {ref!s} ...")
-    return recipe, _load_model(ref, "--model" if args.model else "model")
+    return recipe, _load_model(ref, "--model" if args.model else "model", args)
 
 
 def _cmd_plan(args, console: Console) -> int:
@@ -234,7 +236,7 @@ def _cmd_export(args, console: Console) -> int:
     import quanta
 
     inputs = parse_shapes(args.input_shape)
-    source = _load_model(args.model, "model")
+    source = _load_model(args.model, "model", args)
     model = source.model
     if inputs is None:
         inputs = source.example_inputs
@@ -252,7 +254,7 @@ def _cmd_verify(args, console: Console) -> int:
     import quanta
 
     inputs = parse_shapes(args.input_shape)
-    source = _load_model(args.against, "--against")
+    source = _load_model(args.against, "--against", args)
     if inputs is None:  # a saved directory carries the inputs it was exported with
         inputs = source.example_inputs
     result = quanta.verify(args.path, source.model, example_inputs=inputs)

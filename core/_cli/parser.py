@@ -38,6 +38,17 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                         "quanta quantize / quanta.save, a transformers model directory, or module:function")
 
 
+def _code_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model code (a downloaded directory is data; see docs/security.md)")
+    g.add_argument("--factory", metavar="MODULE:FUNCTION",
+                   help="the function that builds the model a saved directory holds weights for (file.py:function "
+                        "or package.module:function); called with the kwargs the directory records when it names "
+                        "the same function. quanta never runs a function a directory names by itself")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="run the code a saved directory or transformers folder names (its recorded factory, its "
+                        "auto_map code), printed before it runs; only for directories whose author you trust")
+
+
 def _overwrite(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace an existing {what} that quanta did not write (quanta's own earlier output is "
@@ -109,6 +120,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                    "that chose it. Loads the model, changes nothing, writes nothing.")
     s.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see docs/config.md)")
     _model_arg(s)
+    _code_args(s)
     _common(s)
 
     s = sub.add_parser("quantize", help="run a recipe and write the quantized model",
@@ -117,6 +129,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                    "too when the recipe has an `export:` section.")
     s.add_argument("recipe", metavar="RECIPE", help="recipe YAML file (see docs/config.md)")
     _model_arg(s)
+    _code_args(s)
     s.add_argument("-o", "--output", metavar="PATH",
                    help="where to write the quantized model (default: out/<recipe name>/, or "
                         "out/<recipe name>.pt with --format pickle)")
@@ -151,6 +164,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "1,3,32,32 or 1,128;1,128 (float inputs; default: the inputs saved with the model)")
     s.add_argument("--allow-float", action="store_true",
                    help="export a model that was never quantized (float weights) instead of refusing it")
+    _code_args(s)
     _overwrite(s, "destination")
     _common(s)
     _plugin_options(s, "export", load=command == "export")
@@ -165,5 +179,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="example input shape(s), e.g. 1,3,32,32 (';' between inputs); default: the example "
                         "inputs saved with --against (token ids), else the file's declared shapes, seeded "
                         "normal values")
+    _code_args(s)
     _common(s)
     return p

@@ -3,7 +3,6 @@ pickle (the format: :mod:`quanta._files.saved_format`; ``docs/saving.md``)."""
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,8 +13,11 @@ import torch
 
 from quanta._records.packing import unpack_codes
 from quanta.record import QuantizedWeight, attach_record, declare_state, records
-from quanta._files.saved_format import (CONFIG_NAME, EXAMPLE_INPUTS_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME, RECORD_SUFFIX,
+from quanta._files.saved_format import (CONFIG_NAME, EXAMPLE_INPUTS_NAME, FORMAT, INDEX_NAME, READABLE_VERSIONS, RECORD_SUFFIX,
                            WEIGHTS_NAME, SavedModelError, dtype_name, spec_from_json, split_record_name, torch_dtype)
+from quanta._files.rebuilding import rebuild_model
+from quanta._files.saved_checks import check_metadata, check_record, check_shards, check_tie_values, check_ties
+from quanta._files.untrusted import check_tree, inside, read_json
 
 __all__ = ["load", "read_config", "load_example_inputs", "unrestored_records"]
 
@@ -28,64 +30,47 @@ def read_config(path: str | os.PathLike) -> dict:
         raise SavedModelError(f"{str(path)!r} is not a directory saved by quanta.save")
     if not cfg_path.is_file():
         raise SavedModelError(f"{str(path)!r} has no {CONFIG_NAME}: not a model saved by quanta.save")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SavedModelError(f"cannot read {str(cfg_path)!r}: {exc}") from None
+    config = read_json(inside(path, CONFIG_NAME, "file", SavedModelError), CONFIG_NAME, SavedModelError)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise SavedModelError(f"{str(cfg_path)!r} is not a quanta model config (format {config.get('format')!r})")
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise SavedModelError(f"{str(cfg_path)!r} is not a quanta model config (format {found!r})")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SavedModelError(f"{str(path)!r} uses quanta format version {version!r}; this quanta reads version "
-                              f"{FORMAT_VERSION} (saved by quanta {config.get('quanta_version')})")
+    if version not in READABLE_VERSIONS:
+        raise SavedModelError(f"{str(path)!r} uses quanta format version {version!r}; this quanta reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))} (saved by quanta {config.get('quanta_version')})")
     return config
 
 
 def _weight_files(path: Path) -> dict[str, str]:
-    """tensor key -> file name."""
-    from safetensors import safe_open
-
+    """tensor key -> file name; every file inside ``path``, every tensor in one file only."""
     if (path / INDEX_NAME).is_file():
-        index = json.loads((path / INDEX_NAME).read_text())
-        missing = sorted({f for f in index["weight_map"].values() if not (path / f).is_file()})
+        index = read_json(inside(path, INDEX_NAME, "file", SavedModelError), INDEX_NAME, SavedModelError)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise SavedModelError(f"{INDEX_NAME} in {str(path)!r} has no 'weight_map' object of tensor -> file name")
+        for name in sorted(set(weight_map.values())):
+            inside(path, name, f"shard listed in {INDEX_NAME}", SavedModelError)
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
             raise SavedModelError(f"shard {missing[0]!r} listed in {INDEX_NAME} is missing from {str(path)!r}")
-        return dict(index["weight_map"])
+        check_shards({name: _tensor_keys(path, name) for name in sorted(set(weight_map.values()))})
+        return dict(weight_map)
     if not (path / WEIGHTS_NAME).is_file():
         raise SavedModelError(f"{str(path)!r} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    with safe_open(str(path / WEIGHTS_NAME), "pt") as fh:
-        return {k: WEIGHTS_NAME for k in fh.keys()}
+    inside(path, WEIGHTS_NAME, "file", SavedModelError)
+    return {k: WEIGHTS_NAME for k in _tensor_keys(path, WEIGHTS_NAME)}
 
 
-def _rebuild(path: Path, config: dict) -> torch.nn.Module:
-    rebuild = config.get("rebuild") or {}
-    if "transformers" in rebuild:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import transformers
+def _tensor_keys(path: Path, name: str) -> list[str]:
+    """The tensor names in the header of the safetensors file ``name`` (safetensors checks every
+    shape and offset against the file's size; nothing is read past the header)."""
+    from safetensors import SafetensorError, safe_open
 
-        cls = getattr(transformers, rebuild["transformers"], None)
-        if cls is None:
-            raise SavedModelError(f"transformers has no class {rebuild['transformers']!r} "
-                                  f"(installed transformers {transformers.__version__})", "rebuild")
-        hf_config = transformers.AutoConfig.from_pretrained(str(path))
-        return cls._from_config(hf_config).eval()
-    if "factory" in rebuild:
-        factory = rebuild["factory"]
-        from quanta._files.references import import_callable
-
-        fn = import_callable(factory, "rebuild.factory")
-        model = fn(**(rebuild.get("kwargs") or {}))
-        if not isinstance(model, torch.nn.Module):
-            raise SavedModelError(f"{factory!r} returned a {type(model).__name__}, not a torch.nn.Module", "rebuild")
-        return model.eval()
-    if "example" in rebuild:
-        from quanta._files.references import load_example
-
-        return load_example(rebuild["example"], "rebuild.example").model
-    raise SavedModelError(f"{str(path)!r} does not record how to rebuild its model (a {config.get('model_class')}); "
-                          "pass model=<a fresh instance of that class> to quanta.load, or save it with "
-                          "quanta.save(..., rebuild={'factory': 'package.module:function'}) (the CLI records it when "
-                          "the recipe's model: names a function)")
+    try:
+        with safe_open(str(path / name), "pt") as fh:
+            return list(fh.keys())
+    except (SafetensorError, OSError) as exc:
+        raise SavedModelError(f"{name!r} in {str(path)!r} is not a readable safetensors file: {exc}", name) from None
 
 
 def _owner(model: torch.nn.Module, key: str, what: str) -> tuple[torch.nn.Module, str]:
@@ -119,25 +104,36 @@ def _set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor, is_buffer
         raise SavedModelError(f"the model has no parameter {attr!r} in layer {key.rpartition('.')[0]!r}", key)
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, strict: bool = True) -> torch.nn.Module:
+def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, strict: bool = True,
+         factory: Any = None, trust_remote_code: bool = False) -> torch.nn.Module:
     """Load a directory written by :func:`save` into ``model`` (a fresh float instance of the same
-    class) or, when ``model`` is None, into a model rebuilt as the directory records.
+    class) or, when ``model`` is None, into a model built by ``factory`` (a function, or
+    ``"module:function"``; called with the kwargs the directory records when it names the same
+    function) or rebuilt as the directory records: a built-in example or a transformers
+    architecture (``trust_remote_code=False``). A factory the directory records is never run
+    unless ``trust_remote_code=True`` (which prints what it runs); without it the error names the
+    factory so that you can pass it yourself. See ``docs/security.md``.
 
     Every record is restored exactly (codes, scale, zero point, spec, block sizes, axes) and its
     parameter set to ``record.dequantize()`` in the parameter's dtype; every other tensor is set
     to the saved one (its dtype kept); buffers the saved model had and the fresh one lacks (state a
     plugin added) are registered. Raises :class:`SavedModelError` naming the tensor or layer for a
     shape mismatch, a layer the model lacks, or (``strict``) a model tensor the file does not hold;
-    and for another format version; all before the model changes. Nothing is unpickled.
-    Returns the model.
+    and for another format version; all before the model changes. Nothing is unpickled, and
+    nothing outside ``path`` is read (a symlink, absolute or ``..`` name leading out is refused).
+    A directory quanta.save could not have written (non-finite scales, codes outside the spec's
+    range, a ``lut`` grid without a table, a tensor named twice, inconsistent tied weights) is a
+    SavedModelError naming the tensor. Returns the model.
     """
     from safetensors import safe_open
 
     path = Path(path)
     config = read_config(path)
+    check_tree(path, "saved directory", SavedModelError)
     files = _weight_files(path)
+    check_metadata(config, files)
     if model is None:
-        model = _rebuild(path, config)
+        model = rebuild_model(path, config, factory=factory, trust_remote_code=trust_remote_code)
     elif not isinstance(model, torch.nn.Module):
         raise SavedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}", "model")
     rec_meta: dict = config.get("records") or {}
@@ -154,12 +150,14 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
                 raise SavedModelError(f"tensor missing from the saved directory {str(path)!r}", key)
             return handles[files[key]].get_tensor(key)
 
-        _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys,
+        _check_layout(model, rec_meta, aliases, buffer_keys | declared, record_keys, plain_keys,
                       lambda key: tuple(handles[files[key]].get_slice(key).get_shape()), strict)
+        recs = _read_records(model, rec_meta, plain_keys, tensor)  # all checked before the model changes
+        saved_transforms = _check_transforms(model, config.get("transforms") or {}, declared)
         for key in plain_keys:
             _set_tensor(model, key, tensor(key), key in buffer_keys, key in declared)
         for name, meta in rec_meta.items():
-            rec = _read_record(name, meta, tensor)
+            rec = recs[name]
             module, param = _owner(model, name, "quantized weight")
             weight = getattr(module, param)
             dtype = torch_dtype(meta.get("param_dtype", dtype_name(weight.dtype)))
@@ -170,7 +168,40 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, *, stric
         state = model.state_dict(keep_vars=True)
         for alias, canonical in aliases.items():
             _set_tensor(model, alias, state[canonical].detach(), alias in buffer_keys)
+    _restore_transforms(model, saved_transforms)
     return model
+
+
+def _check_transforms(model: torch.nn.Module, saved: dict, declared: set) -> list[tuple[torch.nn.Module, str, str]]:
+    """The declared transforms of a saved directory, checked against ``model`` before it changes:
+    ``[(module, kind, state)]``. Raises SavedModelError naming the module for an unknown kind, a
+    missing layer or a state the directory does not declare."""
+    from quanta.record import TRANSFORMS
+
+    out = []
+    if not isinstance(saved, dict):
+        raise SavedModelError(f"'transforms' in {CONFIG_NAME} must map module names to lists", "transforms")
+    for module_name, entries in saved.items():
+        module, _ = _owner(model, f"{module_name}.x" if module_name else "x", "declared transform")
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in TRANSFORMS):
+                raise SavedModelError(f"unknown transform {entry!r} (this quanta knows: {', '.join(TRANSFORMS)}; "
+                                      "saved by a newer quanta?)", module_name)
+            kind, state = entry
+            key = f"{module_name}.{state}" if module_name else state
+            if key not in declared:
+                raise SavedModelError(f"transform {kind!r} uses state {state!r}, which the directory does not "
+                                      "declare", module_name)
+            out.append((module, kind, state))
+    return out
+
+
+def _restore_transforms(model: torch.nn.Module, saved: list[tuple[torch.nn.Module, str, str]]) -> None:
+    """Register the declared transforms again (their states are already restored and declared)."""
+    from quanta.record import declare_transform
+
+    for module, kind, state in saved:
+        declare_transform(module, kind, state)
 
 
 def _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys, saved_shape, strict) -> None:
@@ -208,6 +239,17 @@ def _check_layout(model, rec_meta, aliases, buffer_keys, record_keys, plain_keys
                                   missing[0])
 
 
+def _read_records(model, rec_meta: dict, plain_keys, tensor) -> dict[str, QuantizedWeight]:
+    """Every record, read and checked (values, ties) before anything is set on the model."""
+    recs = {}
+    for name, meta in rec_meta.items():
+        recs[name] = _read_record(name, meta, tensor)
+        check_record(name, recs[name])
+    for rec_name, plain_key in check_ties(model, rec_meta, plain_keys):
+        check_tie_values(rec_name, recs[rec_name], plain_key, tensor(plain_key))
+    return recs
+
+
 #: Keys of a record's entry in quanta_config.json that are not QuantizedWeight fields.
 _RECORD_META = ("shape", "tensors", "param_dtype")
 
@@ -226,6 +268,7 @@ def _read_record(name: str, meta: dict, tensor: Callable[[str], torch.Tensor]) -
         value = tensor(entry["key"])
         shape = tuple(entry["shape"])
         if "packed_bits" in entry:
+            _check_packed(name, value, entry, shape)
             value = unpack_codes(value, int(entry["packed_bits"]), shape, bool(entry["signed"]))
         elif tuple(value.shape) != shape:
             raise SavedModelError(f"stored {field} has shape {tuple(value.shape)}, {CONFIG_NAME} says {shape}", name)
@@ -242,6 +285,23 @@ def _read_record(name: str, meta: dict, tensor: Callable[[str], torch.Tensor]) -
     return QuantizedWeight(**kwargs)
 
 
+def _check_packed(name: str, value: torch.Tensor, entry: dict, shape: tuple) -> None:
+    """The stored packed bytes must be exactly what ``shape`` needs at ``packed_bits`` (checked
+    before unpacking allocates ``shape``)."""
+    bits = entry["packed_bits"]
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8 \
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise SavedModelError(f"packed codes need packed_bits 1..8 and a shape of sizes, got {bits!r} and {shape}",
+                              name)
+    numel = 1
+    for d in shape:
+        numel *= d
+    stored = value.numel() * value.element_size()
+    if stored != (numel * bits + 7) // 8:
+        raise SavedModelError(f"stored codes are {stored} bytes, but shape {shape} at {bits} bits needs "
+                              f"{(numel * bits + 7) // 8}", name)
+
+
 def load_example_inputs(path: str | os.PathLike) -> tuple | dict | None:
     """The example inputs saved with a model (a tuple, or a dict for keyword inputs), or None."""
     from safetensors.torch import load_file
@@ -249,10 +309,24 @@ def load_example_inputs(path: str | os.PathLike) -> tuple | dict | None:
     file = Path(path) / EXAMPLE_INPUTS_NAME
     if not file.is_file():
         return None
-    tensors = load_file(str(file))
+    inside(path, EXAMPLE_INPUTS_NAME, "file", SavedModelError)
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise SavedModelError(f"{EXAMPLE_INPUTS_NAME} in {str(path)!r} is not a readable safetensors file: {exc}",
+                              EXAMPLE_INPUTS_NAME) from None
     if any(k.startswith("kw.") for k in tensors):
+        if not all(k.startswith("kw.") for k in tensors):
+            raise SavedModelError("example inputs mix keyword (kw.*) and positional (arg.*) tensors",
+                                  EXAMPLE_INPUTS_NAME)
         return {k[3:]: v for k, v in tensors.items()}
-    return tuple(tensors[f"arg.{i}"] for i in range(len(tensors)))
+    expected = [f"arg.{i}" for i in range(len(tensors))]
+    if sorted(tensors) != sorted(expected):
+        raise SavedModelError(f"example inputs must be named {', '.join(expected[:3])}...; found "
+                              f"{', '.join(sorted(tensors)[:3])}", EXAMPLE_INPUTS_NAME)
+    return tuple(tensors[k] for k in expected)
 
 
 def unrestored_records(model: torch.nn.Module, state_dict: dict) -> list[str]:

@@ -14,13 +14,16 @@ from quanta.errors import QuantaError
 from quanta.record import QuantizedWeight
 from quanta._records.spec import QuantDtype, QuantSpec
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "EXAMPLE_INPUTS_NAME",
+__all__ = ["FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "READABLE_VERSIONS", "EXAMPLE_INPUTS_NAME",
            "DEFAULT_MAX_SHARD_BYTES", "TOKENIZER_FILES", "RECORD_SUFFIX", "TENSOR_FIELDS", "SavedModelError",
            "spec_to_json", "spec_from_json", "split_record_name", "record_tensor_fields", "dtype_name", "torch_dtype"]
 
 FORMAT = "quanta"
 #: Bumped whenever a saved directory changes in a way an older reader would misread.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this quanta reads. 2 added declared transforms (``transforms``) and declared
+#: parameters (``extra_state`` naming a parameter an algorithm added); a version-1 directory has neither.
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "quanta_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

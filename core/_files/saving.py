@@ -32,13 +32,13 @@ from quanta._files.atomic import atomic_dir
 from quanta._files.faults import fault_delay
 from quanta._files.loading import load, load_example_inputs, read_config, unrestored_records
 from quanta._records.packing import pack_codes, packed_nbytes
-from quanta.record import QuantizedWeight, extra_state, records
+from quanta.record import QuantizedWeight, extra_state, records, transforms, undeclared_hooks
 from quanta._files.saved_format import (CONFIG_NAME, DEFAULT_MAX_SHARD_BYTES, EXAMPLE_INPUTS_NAME, FORMAT, FORMAT_VERSION,
                            INDEX_NAME, RECORD_SUFFIX, TOKENIZER_FILES, WEIGHTS_NAME, SavedModelError, dtype_name,
                            record_tensor_fields, spec_to_json)
 
 # ``load`` and its helpers are re-exported: ``quanta._files.saving`` is the one module a caller needs.
-__all__ = ["save", "load", "read_config", "load_example_inputs", "unrestored_records", "saved_size_rule",
+__all__ = ["save", "check_carriable", "load", "read_config", "load_example_inputs", "unrestored_records", "saved_size_rule",
            "write_shards", "tied_tensors", "activation_quantization_sites", "tokenizer_dir_of", "copy_tokenizer_files",
            "transformers_config_of", "SavedModelError", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME",
            "DEFAULT_MAX_SHARD_BYTES"]
@@ -188,11 +188,17 @@ def tokenizer_dir_of(model: torch.nn.Module) -> str | None:
 
 
 def copy_tokenizer_files(source: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer files found in ``source`` (tokenizer.json, vocab.txt, ...) into ``directory``."""
+    """Copy the tokenizer files found in ``source`` (tokenizer.json, vocab.txt, ...) into ``directory``.
+
+    A file that is a symlink leading out of ``source`` is refused (SavedModelError naming it), so a
+    link to a private file is never copied into a model that is then published."""
+    from quanta._files.untrusted import inside
+
     source, staging = Path(source), Path(directory)
     copied = []
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
+            inside(source, name, "tokenizer file", SavedModelError)
             shutil.copyfile(source / name, staging / name)
             copied.append(name)
     return copied
@@ -282,7 +288,8 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
     Returns the directory written. Written atomically (``quanta._files.atomic.atomic_dir``).
     """
     if not isinstance(model, torch.nn.Module):
-        raise SavedModelError(f"quanta.save takes a torch.nn.Module, got {type(model).__name__}")
+        return _save_through_backend(model, path, overwrite=overwrite, rebuild=rebuild, example_inputs=example_inputs,
+                                     tokenizer=tokenizer)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise SavedModelError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}", "max_shard_bytes")
     sites = activation_quantization_sites(model)
@@ -291,6 +298,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
             f"the model quantizes activations ({len(sites)} sites, e.g. {sites[0]!r}) in its torch.fx graph, which "
             "a saved directory cannot hold yet (it holds tensors, not code); export it (quanta.export, e.g. "
             "coreml) or keep it with `quanta quantize --format pickle`", "model")
+    check_carriable(model)
     if rebuild is not None and not isinstance(rebuild, dict):
         raise SavedModelError("rebuild must be a dict such as {'factory': 'pkg.module:function'}", "rebuild")
     items, rec_meta, aliases, buffer_keys = _plan_items(model)
@@ -305,6 +313,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "rebuild": rebuild, "records": rec_meta, "aliases": aliases, "buffers": buffer_keys,
         "extra_state": sorted(extra_state(model)),
+        "transforms": {name: [list(t) for t in entries] for name, entries in transforms(model).items()},
         "example_inputs": sorted(examples) if examples else None,
     }
     with atomic_dir(path, overwrite=overwrite) as staging:
@@ -326,6 +335,39 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, rebuild: dict | Non
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
         fault_delay("model-dir-staged")  # tests only: a signal lands while the new copy waits to be swapped in
     return Path(path)
+
+
+def _save_through_backend(model: Any, path, *, overwrite: bool, **options) -> Path:
+    """``quanta.save`` of a model that is not a torch module: its backend's ``save`` (a backend
+    that cannot save says so, naming itself)."""
+    from quanta.registry.guard import plugin_code
+    from quanta.registry.lookup import backend_for
+    from quanta.errors import ConfigError
+
+    try:
+        backend = backend_for(model).obj
+    except ConfigError as exc:
+        raise SavedModelError(f"quanta.save takes a torch.nn.Module or a model a backend accepts: {exc}", "model") from None
+    given = {k: v for k, v in options.items() if v is not None}
+    with plugin_code(backend):
+        written = backend.save(model, path, overwrite=overwrite, **given)
+    return Path(written if written is not None else path)
+
+
+def check_carriable(model: torch.nn.Module) -> None:
+    """Refuse, before anything is written, what a saved directory cannot carry: a forward or
+    backward hook that is not a declared transform (``quanta.record.declare_transform``). A
+    directory holds data, not code, so such a hook would be silently lost and the loaded model
+    would compute something else. Raises :class:`SavedModelError` naming the module and the hook."""
+    hooks = undeclared_hooks(model)
+    if hooks:
+        module, kind, hook = hooks[0]
+        more = f" (and {len(hooks) - 1} more)" if len(hooks) > 1 else ""
+        raise SavedModelError(
+            f"module {module!r} has a {kind} {hook!r}{more} that is not a declared transform: a saved directory "
+            "holds data, not code, so the loaded model would compute without it. An algorithm declares what it "
+            "adds to the forward pass with context.add_transform(model, module, kind, name, value) "
+            "(quanta.record.TRANSFORMS); remove calibration hooks when done (docs/plugins.md)", module)
 
 
 def saved_size_rule(model: torch.nn.Module) -> int:

@@ -6,7 +6,14 @@
     - a transformers model directory (``config.json`` + weights), loaded offline;
     - ``module:function`` or ``path/to/file.py:function``: imported and called, returns an ``nn.Module``;
     - a mapping with options: ``{path: DIR, class: AutoModelForCausalLM}``,
-      ``{factory: "pkg.models:build", kwargs: {...}}``, ``{example: minilm}``.
+      ``{factory: "pkg.models:build", kwargs: {...}}``, ``{example: minilm}``, or
+      ``{path: SAVED_DIR, factory: "netdef.py:build"}`` (the factory builds the model the saved
+      directory's weights load into).
+
+A directory is data: nothing it names is imported or run (a saved directory's recorded factory
+only with ``trust_remote_code``; a transformers folder's ``auto_map`` code likewise), every file
+read from it stays inside it, and a model its ``config.json`` describes is sized against the
+memory budget before it is built (``docs/security.md``).
 
 ``data:`` is one of
     - a text file (``.txt``, one sample a line) or JSON Lines (``.jsonl``, a ``text`` field), tokenized
@@ -48,7 +55,8 @@ class ModelSource:
 
     Attributes:
         model: the ``torch.nn.Module``.
-        kind: ``"example"``, ``"saved"``, ``"transformers"`` or ``"factory"``.
+        kind: ``"example"``, ``"saved"``, ``"transformers"``, ``"factory"`` or ``"backend"`` (a
+            file a backend plugin loads, e.g. ``.onnx``; then ``model`` is that backend's model).
         rebuild: what ``quanta.save(..., rebuild=)`` records so ``quanta.load`` can rebuild the model
             (None for transformers models: their ``config.json`` is enough).
         example: the ``quanta.examples.Example`` for a built-in example, else None.
@@ -97,41 +105,83 @@ def _from_factory(ref: str, kwargs: Mapping | None, key: str) -> ModelSource:
     return ModelSource(model=model.eval(), kind="factory", rebuild=rebuild)
 
 
-def _from_directory(directory: Path, cls_name: str | None, key: str) -> ModelSource:
+def _check_hf_dir(directory: Path, key: str) -> None:
+    """Every file transformers may read from ``directory`` lies inside it (links, index shard names)."""
+    from quanta._files.untrusted import check_tree, inside, read_json
+
+    def error(message, name=None):
+        return SourceError(message, key)
+
+    check_tree(directory, "model folder", error)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = read_json(index, index.name, error)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise SourceError(f"{str(index)!r} has no 'weight_map' object of tensor -> file name", key)
+        for name in sorted({str(v) for v in weight_map.values()}):
+            inside(directory, name, f"shard listed in {index.name}", error)
+
+
+def _from_transformers_dir(directory: Path, cls_name: str | None, key: str, trust_remote_code: bool,
+                           tok: str | None) -> ModelSource:
+    from quanta._files.rebuilding import hf_config, hf_model_bytes
+
+    _offline()
+    try:
+        import transformers
+    except ImportError as exc:
+        raise SourceError(f"{str(directory)!r} is a transformers model directory; install transformers", key) from exc
+    cls = getattr(transformers, cls_name or "AutoModel", None) if str(cls_name or "AutoModel").isidentifier() else None
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise SourceError(f"transformers has no model class {cls_name!r}"
+                          f"{did_you_mean(str(cls_name), [n for n in dir(transformers) if n.startswith('Auto')])}",
+                          f"{key}.class")
+    _check_hf_dir(directory, key)
+
+    def error(message, name=None):
+        return SourceError(message, key)
+
+    config = hf_config(directory, trust_remote_code, error)
+    build = ((lambda: cls.from_config(config, trust_remote_code=trust_remote_code)) if hasattr(cls, "from_config")
+             else (lambda: cls._from_config(config)))
+    hf_model_bytes(build, f"the model in {str(directory)!r}", error)
+    try:
+        model = cls.from_pretrained(str(directory), config=config, trust_remote_code=trust_remote_code,
+                                    use_safetensors=True)
+    except Exception as exc:
+        raise SourceError(f"transformers could not load {str(directory)!r} with {cls.__name__}: "
+                          f"{type(exc).__name__}: {exc}", key) from exc
+    return ModelSource(model=model.eval(), kind="transformers", tokenizer_dir=tok)
+
+
+def _from_directory(directory: Path, cls_name: str | None, key: str, factory: Any = None,
+                    trust_remote_code: bool = False) -> ModelSource:
     from quanta._files.loading import load, load_example_inputs, read_config
     from quanta._files.saved_format import CONFIG_NAME
 
     tok = str(directory) if _has_tokenizer(directory) else None
     if (directory / CONFIG_NAME).is_file():
         config = read_config(directory)
-        model = load(directory)
+        model = load(directory, factory=factory, trust_remote_code=trust_remote_code)
         return ModelSource(model=model, kind="saved", rebuild=config.get("rebuild"), tokenizer_dir=tok,
                            example_inputs=load_example_inputs(directory))
+    if factory is not None:
+        raise SourceError(f"a factory builds the model of a directory saved by quanta.save ({CONFIG_NAME}); "
+                          f"{str(directory)!r} is not one", key)
     if (directory / "config.json").is_file():
-        _offline()
-        try:
-            import transformers
-        except ImportError as exc:
-            raise SourceError(f"{str(directory)!r} is a transformers model directory; install transformers", key) from exc
-        cls = getattr(transformers, cls_name or "AutoModel", None)
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            raise SourceError(f"transformers has no model class {cls_name!r}"
-                              f"{did_you_mean(str(cls_name), [n for n in dir(transformers) if n.startswith('Auto')])}",
-                              f"{key}.class")
-        try:
-            model = cls.from_pretrained(str(directory))
-        except Exception as exc:
-            raise SourceError(f"transformers could not load {str(directory)!r} with {cls.__name__}: "
-                              f"{type(exc).__name__}: {exc}", key) from exc
-        return ModelSource(model=model.eval(), kind="transformers", tokenizer_dir=tok)
+        return _from_transformers_dir(directory, cls_name, key, trust_remote_code, tok)
     raise SourceError(f"{str(directory)!r} holds neither a quanta saved model ({CONFIG_NAME}) nor a "
                       "transformers model (config.json)", key)
 
 
-def load_model(ref: Any, key: str = "model") -> ModelSource:
+def load_model(ref: Any, key: str = "model", *, factory: Any = None, trust_remote_code: bool = False) -> ModelSource:
     """Load the model a recipe's ``model:`` names (see the module docstring for the forms).
 
-    Raises :class:`SourceError` naming ``key``, the forms accepted and what was tried.
+    ``factory`` (a function or ``"module:function"``, the CLI's ``--factory``) builds the model a
+    saved directory's weights load into; ``trust_remote_code`` (``--trust-remote-code``) lets a
+    saved directory's recorded factory or a transformers folder's ``auto_map`` code run, printing
+    what runs. Raises :class:`SourceError` naming ``key``, the forms accepted and what was tried.
     """
     EXAMPLES = example_models()
     forms = (f"an example ({', '.join(EXAMPLES)}), a quanta saved directory, a transformers model directory, "
@@ -142,8 +192,15 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
             raise SourceError(f"unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), _MODEL_KEYS)} "
                               f"(allowed: {', '.join(_MODEL_KEYS)})", f"{key}.{unknown[0]}")
         given = [k for k in ("example", "path", "factory") if k in ref]
+        if given == ["path", "factory"]:  # the saved directory's weights, the user's code
+            directory = Path(str(ref["path"]))
+            if not directory.is_dir():
+                raise SourceError(f"no directory {str(directory)!r}", f"{key}.path")
+            return _from_directory(directory, None, key, _bound(ref["factory"], ref.get("kwargs"), key),
+                                   trust_remote_code)
         if len(given) != 1:
-            raise SourceError("give exactly one of example, path or factory", key)
+            raise SourceError("give exactly one of example, path or factory (or path with the factory that builds "
+                              "its model)", key)
         if "factory" in ref:
             return _from_factory(str(ref["factory"]), ref.get("kwargs"), key)
         if "example" in ref:
@@ -151,20 +208,26 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
         directory = Path(str(ref["path"]))
         if not directory.is_dir():
             raise SourceError(f"no directory {str(directory)!r}", f"{key}.path")
-        return _from_directory(directory, ref.get("class"), key)
+        return _from_directory(directory, ref.get("class"), key, factory, trust_remote_code)
     if isinstance(ref, torch.nn.Module):
         return ModelSource(model=ref, kind="module")
     if not isinstance(ref, (str, os.PathLike)):
         raise SourceError(f"expected {forms}; got a {type(ref).__name__}", key)
     text = os.fspath(ref)
+    if factory is not None and not Path(text).is_dir():
+        raise SourceError(f"a factory (--factory) builds the model of a directory saved by quanta.save; {text!r} is "
+                          "not a directory", key)
     if text in EXAMPLES:
         example = EXAMPLES[text]()
         return ModelSource(model=example.model, kind="example", example=example, tokenizer_dir=example.tokenizer_dir,
                            rebuild=None if _is_transformers(example.model) else {"example": text},
                            example_inputs=example.example_inputs, data=example.data)
     path = Path(text)
+    through_backend = _from_backend(path, key) if path.exists() else None
+    if through_backend is not None:
+        return through_backend
     if path.is_dir():
-        return _from_directory(path, None, key)
+        return _from_directory(path, None, key, factory, trust_remote_code)
     if path.is_file():
         if path.suffix in (".pt", ".pth", ".pkl", ".bin"):
             raise SourceError(f"{text!r} is a pickle file; quanta does not unpickle models (that runs code). "
@@ -174,6 +237,36 @@ def load_model(ref: Any, key: str = "model") -> ModelSource:
         return _from_factory(text, None, key)
     raise SourceError(f"{text!r} is not {forms}{did_you_mean(text, EXAMPLES)} "
                       f"(no such directory in {os.getcwd()})", key)
+
+
+def _bound(ref: Any, kwargs: Any, key: str):
+    """A factory named in a recipe, with its recipe kwargs bound (the recipe is the user's code)."""
+    if kwargs is None:
+        return str(ref)
+    if not isinstance(kwargs, Mapping):
+        raise SourceError(f"kwargs must be a mapping, got {type(kwargs).__name__}", f"{key}.kwargs")
+    fn = import_callable(str(ref), f"{key}.factory")
+
+    def build(**_recorded):
+        return fn(**dict(kwargs))
+
+    build.__qualname__ = str(ref).rpartition(":")[2]
+    return build
+
+
+def _from_backend(path: Path, key: str) -> ModelSource | None:
+    """A model file or directory whose suffix a backend plugin declares (``Backend.suffixes``),
+    loaded by that backend (``Backend.load``); None when no backend declares the suffix."""
+    from quanta import registry
+    from quanta.registry.guard import plugin_code
+
+    name = path.name
+    for entry in registry.backends():
+        if any(name.endswith(suffix) for suffix in entry.obj.suffixes):
+            with plugin_code(entry.obj):
+                model = entry.obj.load(str(path))
+            return ModelSource(model=model, kind="backend")
+    return None
 
 
 def _is_transformers(model) -> bool:
@@ -223,10 +316,13 @@ def _tokenize(texts: list[str], tokenizer_dir: str | None, options: Mapping, key
         raise SourceError("text data needs a tokenizer, and the model directory has none: "
                           "add `tokenizer: DIR` (a folder with tokenizer files) under data", key)
     _offline()
+    from quanta._files.untrusted import check_tree
+
+    check_tree(tokenizer_dir, "tokenizer folder", lambda message, name=None: SourceError(message, key))
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except Exception as exc:
         raise SourceError(f"cannot load a tokenizer from {tokenizer_dir!r}: {type(exc).__name__}: {exc}", key) from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -20,7 +20,7 @@ from cattrs.errors import ClassValidationError
 from cattrs.gen import make_dict_structure_fn, override
 
 import quanta._recipes.layers  # noqa: F401  (registers the QuantSpec hook)
-from quanta._recipes.layers import LAYER_KEYS
+from quanta._recipes.layers import LAYER_KEYS, GlobalConfig, algorithm_options
 from quanta._recipes.structure import config_error, converter, join_key, option_names, plugin_config
 from quanta._records.spec import QuantSpec
 from quanta.errors import ConfigError, PluginNotFoundError, did_you_mean
@@ -72,7 +72,7 @@ class StageDocument:
 
     algorithm: str = "rtn"
     algorithm_config: Any = None
-    global_config: QuantSpec | None = None
+    global_config: GlobalConfig | None = None
     module_type_configs: dict[ModuleType, QuantSpec | None] = attrs.field(factory=dict)
     module_name_configs: dict[str, QuantSpec | None] = attrs.field(factory=dict)
     on_unsupported_layer: OnUnsupported = OnUnsupported.error
@@ -85,6 +85,7 @@ class RecipeDocument(StageDocument):
     export: ExportConfig | None = None
     model: Any = None
     data: Any = None
+    checkpoint_dir: str | None = None
     stages: tuple[StageDocument, ...] = ()
 
 
@@ -142,7 +143,7 @@ def canonical(data: Mapping, algorithm: str | None = None, default_algorithm: st
         return _canonical_stage(data, algorithm, default_algorithm)
     stages = data["stages"]
     if not isinstance(stages, (list, tuple)) or not stages:
-        raise ConfigError("expected a non-empty list of stages, e.g. [{algorithm: rtn}]", "stages")
+        raise ConfigError("expected a non-empty list of stages, e.g. [{algorithm: rtn}] or [act_scale, gptq]", "stages")
     if algorithm is not None or data.get("algorithm") is not None or data.get("algorithm_config") is not None:
         raise ConfigError("a recipe with stages names its algorithms inside the stages; remove the top-level "
                           "'algorithm'/'algorithm_config'", "stages")
@@ -152,6 +153,8 @@ def canonical(data: Mapping, algorithm: str | None = None, default_algorithm: st
     inherited = {k: data.pop(k) for k in _INHERITED if k in data}
     out = []
     for i, raw in enumerate(stages):
+        if isinstance(raw, str):  # a plain name: the algorithm with its defaults (stages: [rtn, bias_correction])
+            raw = {"algorithm": raw}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"expected a mapping with an 'algorithm', got {raw!r}", f"stages[{i}]")
         if not isinstance(raw.get("algorithm"), str):
@@ -196,11 +199,14 @@ def _document_hook(cls: type):
     def structure_document(data: Any, _type: Any) -> Any:
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping, got {type(data).__name__}")
+        token = algorithm_options.set(tuple(_algorithm_options(data.get("algorithm"))))
         try:
             doc = base(data, cls)
         except ClassValidationError as exc:
             staged = cls is RecipeDocument and bool(data.get("stages"))
             raise config_error(exc, None, {cls: _unknown_key(cls, data.get("algorithm"), staged)}) from None
+        finally:
+            algorithm_options.reset(token)
         try:
             options = plugin_config("algorithm", doc.algorithm, doc.algorithm_config)
         except ConfigError as exc:

@@ -9,8 +9,9 @@ Registered as the :data:`~quanta._recipes.structure.converter`'s hook for ``Quan
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NewType
 
 import attrs
 from cattrs.errors import ClassValidationError
@@ -20,7 +21,14 @@ from quanta._recipes.structure import (config_error, converter, join_key, option
 from quanta._records.spec import QuantSpec
 from quanta.errors import ConfigError, PluginNotFoundError, did_you_mean
 
-__all__ = ["LAYER_KEYS", "structure_layer"]
+__all__ = ["LAYER_KEYS", "GlobalConfig", "structure_layer", "algorithm_options"]
+
+#: ``global_config``'s type: a layer config that may also hold the algorithm's options (hoisted
+#: out before structuring), so an unknown key there is compared with them too.
+GlobalConfig = NewType("GlobalConfig", QuantSpec)
+#: The option names of the algorithm whose stage is being structured (set by the stage's hook).
+algorithm_options: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("algorithm_options",
+                                                                                    default=())
 
 #: Keys of a layer config and the QuantSpec field each maps to (coremltools names included).
 LAYER_KEYS = {
@@ -44,7 +52,7 @@ def _registry():
     return registry
 
 
-def structure_layer(raw: Any, _type: Any = QuantSpec) -> QuantSpec | None:
+def structure_layer(raw: Any, type_: Any = QuantSpec) -> QuantSpec | None:
     """A QuantSpec from one layer config (a mapping, a QuantSpec, a coremltools config object, or
     None). ``weight_dtype: float32`` gives None (the layer stays float, as in coremltools).
     Raises ConfigError with the key as written, relative to the layer config."""
@@ -79,7 +87,7 @@ def structure_layer(raw: Any, _type: Any = QuantSpec) -> QuantSpec | None:
     try:
         spec = structure_as_written(fields, QuantSpec)
     except ClassValidationError as exc:
-        error = config_error(exc, None, {QuantSpec: lambda k, where: _unknown_layer_key(k, raw)})
+        error = config_error(exc, None, {QuantSpec: lambda k, where: _unknown_layer_key(k, raw, type_ is GlobalConfig)})
         # Name the key as the user wrote it (weight_dtype, quantization_scheme, ...).
         raise ConfigError(error.detail, written.get(error.key, error.key)) from None
     _check_plugin("scheme", spec.scheme, written.get("scheme", "scheme"))
@@ -108,8 +116,11 @@ def _plugin_ref(kind: str, value: Mapping, key: str) -> tuple[str, Any]:
         raise ConfigError(exc.detail, join_key(key, exc.key)) from None
 
 
-def _unknown_layer_key(k: str, raw: Mapping) -> ConfigError:
-    allowed = sorted(LAYER_KEYS)
+def _unknown_layer_key(k: str, raw: Mapping, in_global: bool) -> ConfigError:
+    options = algorithm_options.get()
+    if k in options:  # not hoisted: an algorithm option in a type or name config
+        return ConfigError("algorithm options can only be set in global_config or at the top level", k)
+    allowed = sorted(set(LAYER_KEYS) | (set(options) if in_global else set()))
     return ConfigError(f"unknown key {k!r}{_plugin_option_hint(k, raw)}{did_you_mean(str(k), allowed)} "
                        f"(allowed: {', '.join(allowed)})", k)
 
@@ -148,3 +159,4 @@ def _check_plugin(kind: str, name: str, key: str) -> None:
 
 
 converter.register_structure_hook(QuantSpec, structure_layer)
+converter.register_structure_hook(GlobalConfig, structure_layer)

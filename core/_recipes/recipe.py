@@ -48,6 +48,8 @@ class Recipe:
             ``"skip"`` leaves such layers float, with a warning and a line in the report
             (coremltools' behaviour, used by quanta.compat).
         model / data: what the CLI loads (an example name or a path), or None.
+        checkpoint_dir: where an out-of-core run (``quanta.quantize_checkpoint``, ``quanta quantize
+            --out-of-core``) keeps finished blocks so a rerun resumes, or None.
         stages: for a recipe that chains algorithms (``stages:``), one Recipe per stage, in order
             (each with its algorithm, options and layer configs); empty for a single algorithm.
     """
@@ -61,6 +63,7 @@ class Recipe:
     export: ExportConfig | None = attrs.field(default=None, converter=_export)
     model: Any = None
     data: Any = None
+    checkpoint_dir: str | None = None
     stages: tuple["Recipe", ...] = ()
 
     @property
@@ -83,7 +86,8 @@ def from_document(doc: RecipeDocument) -> Recipe:
     """The Recipe a structured document describes (a staged one mirrors its last stage's fields)."""
     stages = tuple(_stage(s) for s in doc.stages)
     base = stages[-1] if stages else _stage(doc)
-    return attrs.evolve(base, stages=stages, export=doc.export, model=doc.model, data=doc.data)
+    return attrs.evolve(base, stages=stages, export=doc.export, model=doc.model, data=doc.data,
+                        checkpoint_dir=doc.checkpoint_dir)
 
 
 def load_recipe(source: Any, *, algorithm: str | None = None, default_algorithm: str = "rtn") -> Recipe:
@@ -147,11 +151,12 @@ def recipe_to_dict(recipe: Recipe) -> dict:
         out["on_unsupported_layer"] = recipe.on_unsupported_layer.value
     if recipe.export is not None:
         out["export"] = _export_to_dict(recipe.export)
-    for k in ("model", "data"):
+    for k in ("model", "data", "checkpoint_dir"):
         if getattr(recipe, k) is not None:
             out[k] = getattr(recipe, k)
     if recipe.stages:
-        stages = [recipe_to_dict(attrs.evolve(stage, stages=(), export=None, model=None, data=None))
+        stages = [recipe_to_dict(attrs.evolve(stage, stages=(), export=None, model=None, data=None,
+                                              checkpoint_dir=None))
                   for stage in recipe.stages]
-        return {"stages": stages, **{k: out[k] for k in ("export", "model", "data") if k in out}}
+        return {"stages": stages, **{k: out[k] for k in ("export", "model", "data", "checkpoint_dir") if k in out}}
     return out

@@ -69,8 +69,10 @@ def join_key(*parts: Any) -> str | None:
             continue
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
+            continue
+        if isinstance(part, type):  # a module_type_configs key given as a class
+            part = part.__name__
+        out += f".{part}" if out else str(part)
     return out or None
 
 
@@ -113,7 +115,7 @@ def config_error(exc: BaseException, key: str | None = None,
                 errors.append(describe(extra, where))
         elif isinstance(leaf, ConfigError):
             errors.append(ConfigError(leaf.detail, join_key(where, leaf.key)))
-            errors += [ConfigError(detail, join_key(where, k)) for k, detail in getattr(leaf, "others", ())]
+            errors += [ConfigError(detail, join_key(where, k)) for k, detail in leaf.others]
         elif isinstance(leaf, PluginNotFoundError):
             errors.append(ConfigError(str(leaf), where))
         elif isinstance(leaf, QuantaError) or not isinstance(leaf, (TypeError, ValueError, AttributeError)):

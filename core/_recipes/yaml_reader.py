@@ -1,9 +1,11 @@
 """Reading recipe YAML files strictly (``quanta._recipes.yaml_reader``).
 
 ``yaml.safe_load`` keeps the last of two equal keys silently; :class:`StrictLoader` (a
-``yaml.SafeLoader`` subclass) refuses them naming the key and both lines. Syntax errors, a
-missing or unreadable file and a non-mapping top level become :class:`~quanta.errors.ConfigError`
-naming the file, the line and the column.
+``yaml.SafeLoader`` subclass) refuses them naming the key and both lines, and refuses aliases
+(``*name``: a few lines of anchors and aliases can expand to gigabytes, "billion laughs").
+A file above the metadata size limit (``QUANTA_MAX_METADATA_BYTES``, 64 MiB by default) is not
+read. Syntax errors, a missing or unreadable file and a non-mapping top level become
+:class:`~quanta.errors.ConfigError` naming the file, the line and the column.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ __all__ = ["StrictLoader", "read_yaml", "read_yaml_mapping", "require_mapping", 
 
 
 class StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that raises on a duplicate mapping key (anywhere in the document)."""
+    """``yaml.SafeLoader`` that raises on a duplicate mapping key and on an alias (anywhere in the document)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not allowed (quanta refuses YAML aliases: a few of them can "
+                            "expand a small file into gigabytes); write the value out", event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
@@ -50,6 +60,9 @@ def read_yaml(path: str | os.PathLike, what: str = "recipe file") -> Any:
     if not path.is_file():
         kind = "a folder" if path.is_dir() else "missing"
         raise ConfigError(f"{what} {str(path)!r} is {kind}; pass the path of a YAML file")
+    from quanta._limits import check_size
+
+    check_size(path, what, lambda message, name=None: ConfigError(message))
     try:
         with open(path, encoding="utf-8") as fh:
             return yaml.load(fh, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass

@@ -33,6 +33,11 @@ class RunContext:
         device: the torch device the user asked computation to run on, or None (where the weights are).
         data: the calibration batches, materialized once for every stage (a list), or None.
         algorithm: the algorithm plugin object running (errors inside it name it).
+        float_model: the model as it was before the first stage (read it through
+            :meth:`read_float_weight`, :meth:`float_inputs` and :meth:`float_outputs`), or None when
+            the run has none (``inplace=True`` and no stage declares ``reads_float``).
+        temporary: ``(module, name)`` of the state added with ``add_state(..., temporary=True)``
+            in any stage of this run; removed when the run ends (shared by the run's stages).
     """
 
     recipe: Recipe
@@ -42,7 +47,10 @@ class RunContext:
     device: Any = None
     data: list | None = None
     algorithm: Any = None
+    float_model: Any = None
+    temporary: list = attrs.field(factory=list)
     _done: int = attrs.field(default=0, alias="_done")
+    _float_cache: dict = attrs.field(factory=dict, alias="float_cache")
 
     @property
     def config(self) -> Any:
@@ -144,12 +152,100 @@ class RunContext:
         fire_event("layer_quantized", name=layer.name, record=record, stats=row)
         return row
 
-    def add_state(self, model: Any, module: str, name: str, value: torch.Tensor) -> None:
+    def add_state(self, model: Any, module: str, name: str, value: torch.Tensor, *, temporary: bool = False) -> None:
         """Store extra state besides the weights (an input scale, a smoothing vector) as ``name`` on
         the module called ``module``, declared so that ``inplace`` restore removes it and saving and
-        exporting carry it (torch backend: ``quanta.record.declare_state``)."""
+        exporting carry it (torch backend: ``quanta.record.declare_state``).
+
+        ``temporary=True``: state a later stage of this run reads (a statistic, a float copy) that
+        is not part of the result: core removes it (``Backend.remove_state``) when the run ends."""
         with plugin_code(self.backend, module):
             self.backend.add_state(model, module, name, value)
+        if temporary and (module, name) not in self.temporary:
+            self.temporary.append((module, name))
+
+    # -- the float model ---------------------------------------------------------------
+
+    def _float_unit(self, layer: PlannedLayer):
+        from quanta.errors import ConfigError
+
+        if self.float_model is None:
+            raise ConfigError(f"algorithm {getattr(self.algorithm, 'name', '?')!r} reads the float model, but this "
+                              "run keeps none: declare reads_float = True on the algorithm (core then keeps a float "
+                              "copy of an inplace=True model)", "reads_float")
+        units = self._float_cache.get("units")
+        if units is None:
+            with plugin_code(self.backend):
+                units = {u.name: u for u in self.backend.units(self.float_model)}
+            self._float_cache["units"] = units
+        if layer.name not in units:
+            raise ConfigError(f"layer {layer.name!r} is not in the float model (a stage replaced the model?)", "layer")
+        return units[layer.name]
+
+    def read_float_weight(self, layer: PlannedLayer) -> torch.Tensor:
+        """The weight of ``layer`` as it was before the first stage of the run (never quantized or
+        rescaled), through the backend; read only. Every stage can read it."""
+        unit = self._float_unit(layer)
+        with plugin_code(self.backend, layer.name):
+            return self.backend.read_weight(self.float_model, unit)
+
+    def float_inputs(self, layer: PlannedLayer) -> list[torch.Tensor]:
+        """The first input of ``layer``'s module in the float model, one tensor per calibration
+        batch (torch models; computed once per layer and cached for the run's stages)."""
+        return self._float_activations(layer)[0]
+
+    def float_outputs(self, layer: PlannedLayer) -> list[torch.Tensor]:
+        """The output of ``layer``'s module in the float model, one tensor per calibration batch
+        (torch models; computed once per layer and cached for the run's stages)."""
+        return self._float_activations(layer)[1]
+
+    def _float_activations(self, layer: PlannedLayer) -> tuple[list, list]:
+        from quanta.errors import ConfigError
+
+        key = ("activations", layer.name)
+        if key in self._float_cache:
+            return self._float_cache[key]
+        unit = self._float_unit(layer)
+        module = unit.handle
+        if not isinstance(module, torch.nn.Module):
+            raise ConfigError(f"float inputs and outputs need a torch model; the {self.backend.name!r} backend's "
+                              f"layer {layer.name!r} is not a torch module", "layer")
+        if not self.data:
+            raise ConfigError("float inputs and outputs need calibration data: pass data=[...] (declare "
+                              "needs_data = True)", "data")
+        inputs, outputs = [], []
+
+        def capture(_module, args, output):
+            inputs.append(args[0].detach() if args else None)
+            outputs.append(output.detach() if isinstance(output, torch.Tensor) else output)
+
+        handle = module.register_forward_hook(capture)
+        try:
+            with torch.no_grad():
+                for batch in self.batches():
+                    self.call(self.float_model, batch)
+        finally:
+            handle.remove()  # the float model is the user's: never leave a hook on it
+        self._float_cache[key] = (inputs, outputs)
+        return inputs, outputs
+
+    def add_transform(self, model: Any, module: str, kind: str, name: str, value: torch.Tensor) -> None:
+        """Make the module called ``module`` compute a forward transform ``kind`` (a key of
+        ``quanta.record.TRANSFORMS``: ``"input_mul"`` for an input scale, ``"output_add"`` for an
+        output shift, ...) with ``value`` stored as declared state ``name``. Unlike a hook an
+        algorithm registers itself, it is part of the model: ``inplace`` restore removes it,
+        ``quanta.save``/``quanta.load`` carry it and a traced export computes it."""
+        with plugin_code(self.backend, module):
+            self.backend.add_transform(model, module, kind, name, value)
+
+    def end_run(self, model: Any) -> None:
+        """Remove the state the run's stages marked temporary from ``model`` (the result) and drop
+        the float caches. Core calls it once, after the last stage succeeded."""
+        for module, name in self.temporary:
+            with plugin_code(self.backend, module):
+                self.backend.remove_state(model, module, name)
+        self.temporary.clear()
+        self._float_cache.clear()
 
     def reset_progress(self) -> None:
         """Start the layer count of report rows again (``quanta.Quantizer.finalize`` reruns)."""

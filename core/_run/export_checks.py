@@ -68,6 +68,29 @@ def export_destination(path: str | os.PathLike, exporter: Any) -> str:
     return text
 
 
+def check_quantized_through_backend(model: Any) -> None:
+    """``allow_float`` for a model that is not a torch module: its backend lists its records
+    (``Backend.records``); none, or a backend that cannot list them, is refused without ``allow_float``."""
+    from quanta.errors import ConfigError
+    from quanta._run.guard import plugin_code
+    from quanta._run.pipeline import choose_backend
+
+    try:
+        backend = choose_backend(model).obj
+    except ConfigError:
+        return  # no backend accepts it: the exporter says what it takes
+    try:
+        with plugin_code(backend):
+            held = backend.records(model)
+    except ConfigError as exc:
+        raise NotQuantizedError(f"quanta cannot tell whether this {type(model).__name__} is quantized: {exc}; pass "
+                                "allow_float=True (CLI: --allow-float) to export it as it is") from None
+    if not held:
+        raise NotQuantizedError(
+            f"the model holds no quantized weights (backend {backend.name!r} lists no records): quantize it first "
+            "with quanta.quantize, or pass allow_float=True (CLI: --allow-float) to export its float weights on purpose")
+
+
 def check_export(model: Any, path: str | os.PathLike, exporter: Any, example_inputs: Any = None, *,
                  allow_float: bool = False, overwrite: bool = False) -> None:
     """All checks of one ``quanta.export`` call, before the exporter runs (see the module docstring)."""
@@ -81,6 +104,11 @@ def check_export(model: Any, path: str | os.PathLike, exporter: Any, example_inp
         expected = sum(2 * t.numel() for t in (*model.parameters(), *model.buffers()))
     else:
         expected = None
+        if not allow_float:
+            check_quantized_through_backend(model)
     dest = export_destination(path, exporter)
     directory = bool(exporter.writes_directory)
-    check_destination(dest, overwrite=overwrite, directory=directory, expected_bytes=expected)
+    from quanta._files.staging import is_quanta_file  # a file core staged carries an ownership sidecar
+
+    check_destination(dest, overwrite=overwrite, directory=directory, expected_bytes=expected,
+                      owned=is_quanta_file if exporter.staged else None)

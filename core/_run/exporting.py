@@ -11,7 +11,7 @@ from quanta._run.export_checks import check_export
 from quanta._run.guard import plugin_code
 from quanta._recipes.options import make_config
 
-__all__ = ["export", "verify", "exporter_for_path", "check_export_grids"]
+__all__ = ["export", "run_exporter", "verify", "exporter_for_path", "check_export_grids"]
 
 
 def _registry():
@@ -63,7 +63,25 @@ def export(model: Any, path: str | os.PathLike, format: str = "coreml", example_
     check_export(model, path, exporter, example_inputs, allow_float=allow_float, overwrite=overwrite)
     with plugin_code(exporter):
         exporter.check(model, example_inputs)
-        return exporter.export(model, path, example_inputs=example_inputs, overwrite=overwrite)
+    return run_exporter(exporter, model, path, example_inputs=example_inputs, overwrite=overwrite)
+
+
+def run_exporter(exporter, model: Any, path: str | os.PathLike, *, example_inputs: Any = None,
+                 overwrite: bool = False) -> str:
+    """Call ``exporter.export``. For a ``staged`` exporter core owns the destination: the exporter
+    writes to a staging path (``quanta._files.staging.staged_output``), core renames it onto
+    ``path`` (with the exporter's suffix) and records ownership; the path written is returned."""
+    if not exporter.staged:
+        with plugin_code(exporter):
+            return exporter.export(model, path, example_inputs=example_inputs, overwrite=overwrite)
+    from quanta._files.staging import staged_output
+    from quanta._run.export_checks import export_destination
+
+    dest = export_destination(path, exporter)
+    with staged_output(dest, directory=bool(exporter.writes_directory), overwrite=overwrite) as target:
+        with plugin_code(exporter):
+            exporter.export(model, target, example_inputs=example_inputs, overwrite=True)
+    return dest
 
 
 def exporter_for_path(path: str | os.PathLike):

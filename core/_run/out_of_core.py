@@ -113,7 +113,13 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         import transformers
     except ImportError:  # pragma: no cover - transformers is in the examples extra
         raise ModelError("out-of-core quantization reads transformers checkpoints: pip install transformers") from None
-    raw = json.loads((root / "config.json").read_text())
+    from quanta._files.untrusted import check_tree, read_json
+
+    def error(message: str, name: str | None = None) -> ModelError:
+        return ModelError(message)
+
+    check_tree(root, "checkpoint directory", error)  # no link out of it (docs/security.md)
+    raw = read_json(root / "config.json", "config.json", error)  # bounded, no key twice
     if isinstance(raw, dict) and raw.get("auto_map"):
         raise ModelError(f"{str(root)!r} names its own model code (config.json auto_map); quanta builds only "
                          "architectures transformers implements, and runs no code a checkpoint ships")
@@ -127,8 +133,8 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         raise ModelError(f"{str(root)!r}: config.json names architecture {arch!r}, which transformers "
                          f"{transformers.__version__} does not have")
     if (root / INDEX_NAME).is_file():
-        index = json.loads((root / INDEX_NAME).read_text())
-        weight_map = dict(index.get("weight_map") or {})
+        index = read_json(root / INDEX_NAME, INDEX_NAME, error)
+        weight_map = dict((index.get("weight_map") if isinstance(index, dict) else None) or {})
     elif (root / "model.safetensors").is_file():
         from safetensors import safe_open
 
@@ -479,7 +485,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
             once; only as many as the algorithm reads (``calibration_nsamples``) are run.
         output: the directory to write, in ``quanta.save``'s format (``quanta.load`` reads it).
         checkpoint_dir: keep each finished block there; a rerun with the same arguments after a
-            crash resumes after the last finished block. Removed when the run succeeds.
+            crash resumes after the last finished block. Removed when the run succeeds. Default:
+            the recipe's ``checkpoint_dir`` key.
         activation_budget: bytes of cached hidden states kept in memory; beyond it they are kept
             on disk (in the checkpoint or staging directory). None: no limit.
         dtype: the compute dtype the weights are read into (the in-memory equivalent is
@@ -502,6 +509,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
                       f"using all {len(samples)}", CalibrationWarning, stacklevel=2)
     fingerprint = _fingerprint(ckpt, config, samples, dtype)
 
+    if checkpoint_dir is None:
+        checkpoint_dir = recipe.checkpoint_dir
     work = Path(checkpoint_dir) if checkpoint_dir is not None else None
     progress_state: dict = {"fingerprint": fingerprint, "done": 0, "weight_map": {}, "records": {},
                             "buffers": [], "extra_state": [], "aliases": {}, "report": []}
@@ -689,7 +698,7 @@ def _recipe_for_part(recipe, part: nn.Module):
                                     if k in names or any(_name_matches(k, n) for n in names)},
             module_type_configs={k: v for k, v in r.module_type_configs.items() if _type_name(k) in types})
 
-    trimmed = trim(recipe)
+    trimmed = attrs.evolve(trim(recipe), checkpoint_dir=None)  # this run's key, not the part's
     if recipe.stages:
         trimmed = attrs.evolve(trimmed, stages=tuple(trim(s) for s in recipe.stages))
     return trimmed

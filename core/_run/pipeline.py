@@ -20,7 +20,7 @@ from quanta._run.preflight import check_run
 from quanta._run.report import Report
 from quanta._run.weights import observer_for, scheme_for
 
-__all__ = ["quantize", "plan", "choose_backend", "build_stage_plan", "materialize_data", "RunContext"]
+__all__ = ["quantize", "plan", "choose_backend", "check_serves", "build_stage_plan", "materialize_data", "RunContext"]
 
 
 def _registry():
@@ -38,14 +38,9 @@ def choose_backend(model: Any, name: str | None = None):
             return reg.get("backend", name)
         except KeyError as exc:
             raise ConfigError(str(exc), "backend") from None
-    for entry in reg.backends():
-        with plugin_code(entry.obj):
-            accepted = entry.obj.accepts(model)
-        if accepted:
-            return entry
-    raise ConfigError(f"no backend accepts a {type(model).__module__}.{type(model).__name__} "
-                      f"(backends: {', '.join(reg.names('backend'))}); pass a torch.nn.Module, a Core ML "
-                      f"model or the path of an .mlpackage")
+    from quanta.registry.lookup import backend_for
+
+    return backend_for(model)
 
 
 def _check_grids(the_plan: Plan, backend_entry, export: ExportConfig | None) -> None:
@@ -82,6 +77,29 @@ def _check_specs(the_plan: Plan) -> None:
                                       f"{layer.name!r}, {layer.reason}): {exc}", exc.key) from None
 
 
+def check_serves(algorithm, backend_entry) -> None:
+    """Refuse, at plan time, an algorithm that declares the backends it serves (``backends``) on
+    a model of another backend, naming both plugins and their distributions."""
+    served = algorithm.backends
+    backend = backend_entry.obj
+    if served is None or backend_entry.name in served or (backend.family is not None and backend.family in served):
+        return
+    from quanta._run.guard import plugin_distribution
+
+    raise ConfigError(f"algorithm {algorithm.name!r} ({plugin_distribution('algorithm', algorithm.name)}) serves "
+                      f"models of the {', '.join(sorted(served))} backend(s) only; this model belongs to backend "
+                      f"{backend_entry.name!r} ({backend_entry.distribution}). Choose an algorithm that serves it "
+                      f"(e.g. rtn) or convert the model", "algorithm")
+
+
+def _check_inplace(backend_entry, inplace: bool) -> None:
+    """Refuse ``inplace=True`` before any work for a backend that declares it cannot honour it."""
+    if inplace and not backend_entry.obj.supports_inplace:
+        raise ConfigError(f"backend {backend_entry.name!r} cannot quantize its models in place (it declares "
+                          "supports_inplace = False); call quanta.quantize without inplace=True and use the "
+                          "returned model", "inplace")
+
+
 def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: ExportConfig | None = None) -> Plan:
     """The validated plan of one stage: units from the backend, specs resolved, every spec
     checked by its scheme and observer and every grid by the backend and exporter."""
@@ -91,6 +109,7 @@ def build_stage_plan(model: Any, recipe: Recipe, backend_entry, export: ExportCo
         names = backend.module_names(model)
         types = backend.type_names(model)
     algorithm = _registry().get("algorithm", recipe.algorithm).obj
+    check_serves(algorithm, backend_entry)
     global_types = algorithm.global_types
     if isinstance(global_types, Mapping):  # per backend name; a backend not listed takes every type
         global_types = global_types.get(backend_entry.name)
@@ -191,12 +210,13 @@ def _read_batches(algorithms: list, data: Any) -> tuple[list | None, int | None]
     return batches, limit
 
 
-def _prepare(model: Any, recipe: Recipe, data: Any, backend: str | None, device: Any) -> _Run:
+def _prepare(model: Any, recipe: Recipe, data: Any, backend: str | None, device: Any, inplace: bool = False) -> _Run:
     """Validate the whole call (recipe, model, algorithms, every stage's plan, data) and plan each stage once."""
     check_model(model)
     stages = recipe.stage_recipes()
     algorithms = _algorithms(recipe)
     backend_entry = choose_backend(model, backend)
+    _check_inplace(backend_entry, inplace)
     _check_algorithms(model, stages, algorithms, data)
     plans = tuple(build_stage_plan(model, stage, backend_entry, recipe.export) for stage in stages)
     for stage, algo, the_plan in zip(stages, algorithms, plans):
@@ -220,19 +240,33 @@ def _working_model(model: Any, run: _Run, inplace: bool) -> tuple[Any, Any]:
 
 
 def _run_stages(target: Any, model: Any, run: _Run, report: Report, device: Any) -> Any:
-    """Run every stage on ``target``, each with its plan bound to the model as it is by then."""
+    """Run every stage on ``target``, each with its plan bound to the model as it is by then.
+
+    Every stage may read the float model: the user's (untouched when ``target`` is a copy), or a
+    copy kept for an inplace run whose stages declare ``reads_float``. State a stage marked
+    temporary is removed once the last stage has run."""
+    float_model = model if target is not model else None
+    if float_model is None and any(algo.reads_float for algo in run.algorithms):
+        with plugin_code(run.backend):
+            float_model = run.backend.copy(model)
+    temporary: list = []
+    float_cache: dict = {}
+    ctx = None
     for i, (stage, algo, planned) in enumerate(zip(run.stages, run.algorithms, run.plans)):
         the_plan = planned
         if i > 0 or target is not model:  # units must point into the model being transformed
             with plugin_code(run.backend):
                 the_plan = planned.bound_to(run.backend.units(target))
         ctx = RunContext(recipe=stage, plan=the_plan, backend=run.backend, report=report, device=device,
-                         data=run.batches, algorithm=algo)
+                         data=run.batches, algorithm=algo, float_model=float_model, temporary=temporary,
+                         float_cache=float_cache)
         fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
         with plugin_code(algo):
             result = algo.run(target, the_plan, run.batches, ctx)
         if result is not None:
             target = result
+    if ctx is not None:
+        ctx.end_run(target)
     return target
 
 
@@ -259,7 +293,11 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     is validated before any weight changes; on any failure ``model`` is left untouched,
     also with ``inplace=True`` (every parameter, buffer and record any stage changed is restored).
     """
-    run = _prepare(model, load_recipe(config), data, backend, device)
+    recipe = load_recipe(config)
+    if recipe.checkpoint_dir is not None:
+        raise ConfigError("checkpoint_dir applies to out-of-core runs (quanta.quantize_checkpoint, "
+                          "`quanta quantize --out-of-core`); remove it to quantize a model in memory", "checkpoint_dir")
+    run = _prepare(model, recipe, data, backend, device, inplace)
     target, snapshot = _working_model(model, run, inplace)
     _warn_unsupported(run.plans[0])
     report = Report(algorithm=run.name, skipped=[(p.name, p.reason) for p in run.plans[-1].layers if p.spec is None])

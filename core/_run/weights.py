@@ -99,8 +99,17 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
     if not observer.ranges_carry_non_finite:
         check_finite(w, layer)  # this observer's ranges may hide NaN/inf (e.g. percentile)
     storage = spec.dtype.torch_storage
-    values, codes, scale, zero_point, (sq_err, ref_sq) = _quantize_in_chunks(
-        groups, spec, scheme, observer, storage, w, layer)
+    table = None
+    if scheme.grid == "lut":
+        if observer.ranges_carry_non_finite:
+            check_finite(w, layer)  # a table is computed from the values themselves
+        table = _quantize_with_table(groups, spec, scheme, storage, layer)
+    if table is not None:
+        values, codes, scale, zero_point, lut, (sq_err, ref_sq) = table
+    else:
+        lut = None
+        values, codes, scale, zero_point, (sq_err, ref_sq) = _quantize_in_chunks(
+            groups, spec, scheme, observer, storage, w, layer)
     qshape = scale_shape(shape, sizes)
     record = QuantizedWeight(
         codes=from_groups(codes, shape, sizes),
@@ -111,8 +120,59 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
         block_sizes=tuple(sizes),
         channel_axis=channel_axis,
         input_axis=input_axis,
+        lut=lut,
     )
     return record, from_groups(values, shape, sizes), (sq_err, ref_sq)
+
+
+def _quantize_with_table(groups, spec, scheme, storage, layer):
+    """The lookup-table path of a ``grid = "lut"`` scheme whose ``lut()`` gives a per-group table:
+    ``(values, codes, scale [G] (ones), None, lut [G, L] float32, (‖W − Ŵ‖², ‖W‖²))``, or None
+    when the scheme computes no table (its ``dequantize`` maps codes itself)."""
+    from quanta.errors import PluginError
+    from quanta._run.guard import plugin_distribution
+
+    def broken(problem):
+        return PluginError("scheme", scheme.name, plugin_distribution("scheme", scheme.name), ValueError(problem),
+                           layer)
+
+    n_groups, k = groups.shape
+    rows = max(1, _FUSED_CHUNK // max(k, 1))
+    # Codes are table indices 0..L-1: a signed dtype stores half as many non-negative codes.
+    levels = 1 << (spec.dtype.bits - (1 if spec.dtype.signed else 0))
+    tables, codes, values = [], [], []
+    for r0 in range(0, n_groups, rows):  # rows are independent: chunks bound the [G, K, L] distances
+        g = groups[r0:r0 + rows]
+        with plugin_code(scheme, layer):
+            table = scheme.lut(g, spec)
+        if table is None:
+            if r0 == 0:
+                return None
+            raise broken("lut() returned a table for the first rows and None for later ones")
+        if (not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != g.shape[0]
+                or not 1 <= table.shape[1] <= levels):
+            raise broken(f"lut() returned {tuple(getattr(table, 'shape', ()))}; expected ({g.shape[0]}, L) with "
+                         f"1 <= L <= {levels} (the non-negative codes of {spec.dtype})")
+        if not bool(torch.isfinite(table).all()):
+            raise broken("lut() returned a table holding NaN or inf")
+        table = table.to(groups.dtype)
+        with plugin_code(scheme, layer):
+            c = scheme.quantize_lut(g, table)
+        if (not isinstance(c, torch.Tensor) or c.shape != g.shape or not bool(torch.equal(c, c.round()))
+                or bool((c < 0).any()) or bool((c >= table.shape[1]).any())):
+            raise broken(f"quantize_lut() must return integer codes 0..{table.shape[1] - 1} of shape {tuple(g.shape)}")
+        with plugin_code(scheme, layer):
+            v = scheme.dequantize_lut(c, table, torch.ones((g.shape[0], 1), dtype=groups.dtype, device=groups.device))
+        tables.append(table)
+        codes.append(c)
+        values.append(v.to(groups.dtype))
+    width = max(t.shape[1] for t in tables)  # one width for the record: pad short tables with their last level
+    lut = torch.cat([torch.cat([t, t[:, -1:].expand(-1, width - t.shape[1])], dim=1) for t in tables])
+    values_ = torch.cat(values)
+    diff = (values_ - groups).double()
+    errors = (float((diff * diff).sum()), float((groups.double() ** 2).sum()))
+    scale = torch.ones(n_groups, dtype=groups.dtype, device=groups.device)
+    return values_, torch.cat(codes).to(storage), scale, None, lut.to(torch.float32), errors
 
 
 #: Elements per chunk of the fused quantize -> codes -> dequantize -> error pass (about 4 MiB of

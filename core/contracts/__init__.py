@@ -41,10 +41,12 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("observer", Observer, "register_observers", "which range a tensor gets",
          ("ranges_carry_non_finite", "streaming_options")),
     Kind("algorithm", Algorithm, "register_algorithms", "how a whole model is transformed",
-         ("needs_data", "changes", "composes_with_records", "shares_float_weights", "global_types", "training_loop")),
-    Kind("backend", Backend, "register_backends", "a model representation quanta can quantize", ("priority", "grids")),
+         ("needs_data", "changes", "composes_with_records", "shares_float_weights", "global_types", "backends", "reads_float",
+          "training_loop")),
+    Kind("backend", Backend, "register_backends", "a model representation quanta can quantize",
+         ("priority", "grids", "family", "supports_inplace", "suffixes")),
     Kind("exporter", Exporter, "register_exporters", "writes a quantized model to a file format",
-         ("suffix", "writes_directory", "grids", "can_verify")),
+         ("suffix", "writes_directory", "grids", "can_verify", "staged")),
 )}
 
 

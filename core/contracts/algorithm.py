@@ -20,7 +20,7 @@ class Algorithm(Plugin):
     stage quantizes it better (a scaling stage).
 
     Required: :meth:`run`. Declared: ``needs_data``, ``changes``, ``composes_with_records``,
-    ``shares_float_weights``, ``global_types``, ``training_loop``. Optional: :meth:`validate`,
+    ``shares_float_weights``, ``global_types``, ``backends``, ``reads_float``, ``training_loop``. Optional: :meth:`validate`,
     :meth:`max_batches`, :meth:`session`.
     """
 
@@ -44,6 +44,17 @@ class Algorithm(Plugin):
     #: does not list takes every type (type names differ between backends: the Core ML backend's
     #: units are op types such as ``linear``).
     global_types: ClassVar[tuple[str, ...] | Mapping[str, tuple[str, ...]] | None] = None
+    #: Names of the backends whose models this algorithm can transform (``frozenset({"torch"})``
+    #: for one that walks torch modules itself), or None: every backend (it works only through
+    #: the ``RunContext`` and backend methods). A recipe running it on another backend's model is
+    #: refused at plan time, naming both plugins. A backend declaring ``family = "torch"`` counts
+    #: as torch.
+    backends: ClassVar[frozenset[str] | None] = None
+    #: True when ``run`` reads the float model (``context.read_float_weight``, ``float_inputs``,
+    #: ``float_outputs``) in a run with ``inplace=True``: core then keeps a float copy of the model
+    #: for the run. Without ``inplace`` the user's model is the float model and every stage can
+    #: read it whatever this says.
+    reads_float: ClassVar[bool] = False
     #: True when the algorithm runs inside the user's training loop (``quanta.Quantizer``) and
     #: implements :meth:`session`.
     training_loop: ClassVar[bool] = False

@@ -66,7 +66,8 @@ class Backend(Plugin):
     Required: :meth:`accepts`, :meth:`units`, :meth:`copy`, :meth:`read_weight`, :meth:`write`,
     :meth:`snapshot`, :meth:`restore`. Declared: ``priority``, ``grids``. Optional:
     :meth:`module_names`, :meth:`type_names`, :meth:`compute_dtype`, :meth:`add_state`,
-    :meth:`activation_rules`.
+    :meth:`load`, :meth:`records`, :meth:`save`, :meth:`remove_state`, :meth:`add_transform`,
+    :meth:`activation_rules`. Declared besides: ``family``, ``supports_inplace``, ``suffixes``.
     """
 
     kind: ClassVar[str] = "backend"
@@ -74,6 +75,15 @@ class Backend(Plugin):
     priority: ClassVar[int] = 0
     #: Grids (see ``quanta.contracts.GRIDS``) whose records this backend can write.
     grids: ClassVar[frozenset[str]] = frozenset({"affine"})
+    #: The backend whose models this one handles, when it is a variant of another (a test double
+    #: of the torch backend declares ``"torch"``): an algorithm serving that backend serves it too.
+    family: ClassVar[str | None] = None
+    #: False when ``quanta.quantize(..., inplace=True)`` cannot modify this backend's models in
+    #: place: such a call is refused before any work, naming the backend.
+    supports_inplace: ClassVar[bool] = True
+    #: File or directory suffixes of the models :meth:`load` reads (``(".onnx",)``): the CLI's
+    #: ``model:``/``--model`` path with one of them is loaded through this backend.
+    suffixes: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def accepts(self, model: Any) -> bool:
@@ -134,6 +144,41 @@ class Backend(Plugin):
         for algorithms that observe a layer's inputs (GPTQ's Hessians) through
         ``RunContext.module``; None (the default) when the representation has no such module."""
         return None
+    def load(self, path: Any) -> Any:
+        """The model stored at ``path`` (a file or directory with one of ``suffixes``), for the
+        CLI's model loading. Default: refuse, saying so."""
+        from quanta.errors import ConfigError
+        raise ConfigError(f"backend {self.name!r} declares suffixes {self.suffixes} but cannot load models "
+                          "(it implements no Backend.load)", "model")
+
+    def records(self, model: Any) -> dict[str, "QuantizedWeight"]:
+        """Every record ``model`` holds, keyed by unit name (``quanta.records`` on a model of this
+        backend; ``quanta.export`` uses it to refuse a float model without ``allow_float``).
+        Default: refuse, saying so."""
+        from quanta.errors import ConfigError
+        raise ConfigError(f"backend {self.name!r} cannot list the records of its models (it implements no "
+                          "Backend.records)", "model")
+
+    def save(self, model: Any, path: Any, *, overwrite: bool = False, **options: Any) -> Any:
+        """Write ``model`` (with its records) to ``path`` for ``quanta.save``, returning the path
+        written (through ``quanta.atomic_dir``/``atomic_file``). Default: refuse, saying so."""
+        from quanta.errors import ConfigError
+        raise ConfigError(f"backend {self.name!r} cannot save its models with quanta.save (it implements no "
+                          "Backend.save); write it with quanta.export to a format its exporters support", "model")
+
+    def remove_state(self, model: Any, module: str, name: str) -> None:
+        """Remove extra state ``name`` of ``module`` added with :meth:`add_state` (and any transform
+        using it): core calls it when a run ends for state a stage marked temporary. Default: refuse."""
+        from quanta.errors import ConfigError
+        raise ConfigError(f"backend {self.name!r} cannot remove extra state ({module}.{name}): "
+                          "temporary state needs a backend that implements remove_state")
+
+    def add_transform(self, model: Any, module: str, kind: str, name: str, value: torch.Tensor) -> None:
+        """Make ``module`` compute the forward transform ``kind`` (a key of
+        ``quanta.record.TRANSFORMS``, e.g. ``"input_mul"``) with ``value`` stored as extra state
+        ``name``, so restore, save, load and export carry both. Default: refuse."""
+        from quanta.errors import ConfigError
+        raise ConfigError(f"backend {self.name!r} cannot hold forward transforms ({module}: {kind} {name})")
 
     def activation_rules(self) -> Any:
         """What this backend quantizes for activations (``quanta.fx.ActivationRules``), or None

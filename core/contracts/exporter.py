@@ -15,7 +15,7 @@ class Exporter(Plugin):
     """Writes a quantized model to a file or directory.
 
     Required: :meth:`export`. Declared: ``suffix``, ``writes_directory``, ``grids``,
-    ``can_verify``; options through ``config_class`` (validated when a recipe is loaded).
+    ``can_verify``, ``staged``; options through ``config_class`` (validated when a recipe is loaded).
     Optional: :meth:`verify`, :meth:`check`.
     """
 
@@ -30,6 +30,14 @@ class Exporter(Plugin):
     grids: ClassVar[frozenset[str]] = frozenset({"affine"})
     #: True when :meth:`verify` can run a written file.
     can_verify: ClassVar[bool] = False
+    #: True (recommended): core owns the destination. ``export`` gets a staging path to write
+    #: (a file path that does not exist yet, or an empty directory when ``writes_directory``) and
+    #: ``overwrite=True``; core renames the result onto the user's path atomically, marks it as
+    #: quanta's (a ``.<name>.quanta`` sidecar for a file, the ``.quanta`` marker in a directory)
+    #: so a re-export replaces it while a user's file needs ``overwrite=True``, and removes
+    #: everything on failure. False: ``export`` writes the user's path itself through
+    #: ``quanta._files.atomic``.
+    staged: ClassVar[bool] = False
 
     @abc.abstractmethod
     def export(self, model: Any, path: str | os.PathLike, *, example_inputs: Any = None,
@@ -37,10 +45,12 @@ class Exporter(Plugin):
         """Write ``model`` to ``path``; return the path written.
 
         Options are in ``self.config`` (core passes a configured copy). ``example_inputs``: what
-        a tracing exporter runs the model on (a tensor, tuple or dict of tensors). Write through
-        ``quanta._files.atomic`` so a failure or Ctrl-C leaves no partial output and an existing path
-        that quanta did not write is replaced only with ``overwrite=True``. Core has checked the
-        records' grids against ``grids`` before calling."""
+        a tracing exporter runs the model on (a tensor, tuple or dict of tensors). With
+        ``staged = True``, ``path`` is core's staging path: write exactly there, plainly (core
+        renames it into place and cleans up on failure). Otherwise write through
+        ``quanta._files.atomic`` so a failure or Ctrl-C leaves no partial output and an existing
+        path that quanta did not write is replaced only with ``overwrite=True``. Core has checked
+        the records' grids against ``grids`` before calling."""
 
     def check(self, model: Any, example_inputs: Any = None) -> None:
         """Refuse, before any work, a model this format cannot hold (raise a ``quanta.QuantaError``

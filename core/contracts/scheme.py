@@ -30,7 +30,9 @@ class Scheme(Plugin):
 
     Required: :meth:`quant_range`, :meth:`qparams`, :meth:`quantize`, :meth:`dequantize`.
     Declared: ``grid`` (``"affine"`` or ``"lut"``). Optional: :meth:`check_spec`, the in-place
-    fast paths :meth:`quantize_into`/:meth:`dequantize_` and :meth:`dequantize_lut`.
+    fast paths :meth:`quantize_into`/:meth:`dequantize_`, and for ``grid = "lut"`` schemes with a
+    per-group table computed from the values (k-means, palettization) :meth:`lut`,
+    :meth:`quantize_lut` and :meth:`dequantize_lut`.
     """
 
     kind: ClassVar[str] = "scheme"
@@ -85,7 +87,33 @@ class Scheme(Plugin):
         """:meth:`dequantize` overwriting ``codes``; returns it. Override for speed."""
         return codes.copy_(self.dequantize(codes, scale, zero_point))
 
+    def lut(self, values: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+        """For ``grid = "lut"``: the per-group lookup table ``[G, L]`` (``L <= 2 ** spec.dtype.bits``
+        levels, in ``values``' float dtype) computed from the values ``[G, K]`` it is about to
+        quantize (k-means clustering, palettization). Rows are independent (core calls it on
+        chunks of rows) and ``values`` must not be modified.
+
+        When it returns a table, core quantizes the weight with it: codes from :meth:`quantize_lut`,
+        values from :meth:`dequantize_lut` with scale 1, and the record carries the table
+        (``record.lut``; saved, restored, and dequantized through :meth:`dequantize_lut`).
+        ``qparams``/``quantize``/``dequantize`` and the observer are then not used for the weight.
+        The default, None, means no table: ``dequantize`` maps codes itself (NF4's fixed levels)."""
+        return None
+
+    def quantize_lut(self, values: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+        """Codes ``[G, K]`` (floats holding integers ``0 .. L - 1``) of ``values`` ``[G, K]`` given each
+        group's table ``lut`` ``[G, L]``. The default picks the nearest entry (by a sorted search,
+        so memory stays ``[G, K]`` whatever ``L``)."""
+        table, order = lut.to(values.dtype).sort(dim=1)  # [G, L] ascending, and where each entry was
+        if table.shape[1] == 1:
+            return torch.zeros_like(values)
+        midpoints = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()  # [G, L - 1] decision boundaries
+        position = torch.searchsorted(midpoints, values.contiguous())  # [G, K] index into the sorted table
+        return torch.gather(order, 1, position).to(values.dtype)
+
     def dequantize_lut(self, codes: torch.Tensor, lut: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Values of ``codes`` ``[G, K]`` that index a per-group lookup table ``lut`` ``[G, L]``,
-        times ``scale`` ``[G, 1]``: used for records that carry a table (palettization)."""
+        times ``scale`` ``[G, 1]``: used for records that carry a table (:meth:`lut`,
+        palettization). Must equal ``lut[g, codes[g, k]] * scale[g]`` (``quanta.testing.check_scheme``
+        checks it)."""
         return torch.gather(lut.to(scale.dtype), 1, codes.long()) * scale

@@ -27,8 +27,8 @@ def model_state(model: nn.Module) -> dict:
         "params": {k: id(p) for k, p in model.named_parameters()},
         "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
         "hooks": {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()},
-        "quanta": {n: (dict(getattr(m, "_quanta_meta", {})), tuple(getattr(m, "_quanta_state", ())))
-                   for n, m in model.named_modules()},
+        "quanta": {n: (dict(getattr(m, "_quanta_meta", {})), tuple(getattr(m, "_quanta_state", ())),
+                       tuple(getattr(m, "_quanta_transforms", ()))) for n, m in model.named_modules()},
     }
 
 
@@ -65,6 +65,7 @@ def failing_backend(fail_after: int = 1) -> Any:
         name = _FAILING
         description = "torch backend whose write fails after the first layers (quanta.testing)"
         priority = -1000  # never chosen unless named
+        family = "torch"  # algorithms serving torch models serve it too
 
         def __init__(self) -> None:
             self.writes = 0
@@ -88,15 +89,20 @@ def failing_backend(fail_after: int = 1) -> Any:
     return FailingPlugin()
 
 
-def _recipe_forms(name: str, options: Mapping[str, Any], base: Mapping[str, Any], then: str | None) -> dict:
-    def stages(first: dict) -> list:
-        return [first] + ([{"algorithm": then}] if then else [])
+def _recipe_forms(name: str, options: Mapping[str, Any], base: Mapping[str, Any], then: str | None,
+                  before: tuple[str, ...] = ()) -> dict:
+    """The recipe in each way of passing the algorithm's options: at the top level (or in its
+    stage), in ``algorithm_config``, and in ``stages``; ``before``/``then`` add stages around it."""
+    chained = bool(then or before)
 
-    forms = {"top-level": {**base, "stages": stages({"algorithm": name, **options})} if then
+    def stages(own: dict) -> list:
+        return [{"algorithm": b} for b in before] + [own] + ([{"algorithm": then}] if then else [])
+
+    forms = {"top-level": {**base, "stages": stages({"algorithm": name, **options})} if chained
              else {**base, "algorithm": name, **options}}
-    if not then:
+    if not chained:
         forms["algorithm_config"] = {**base, "algorithm": name, "algorithm_config": dict(options)}
-    forms["stages"] = {**base, "stages": stages({"algorithm": name, **options})} if not then else \
+    forms["stages"] = {**base, "stages": stages({"algorithm": name, **options})} if not chained else \
         {**base, "stages": stages({"algorithm": name, "algorithm_config": dict(options)})}
     return forms
 
@@ -106,7 +112,18 @@ def _record_key(layer) -> str:
     return name if name == param or name.endswith("." + param) else f"{name}.{param}"
 
 
-def _check_result(algorithm, model, result, plan, what: str) -> None:
+def _checked_layers(model, recipe) -> list:
+    """The layers every stage of ``recipe`` plans (one stage: its plan's ``selected``): with other
+    stages around it, a stage that quantizes nothing itself may plan layers no quantizing stage takes."""
+    import quanta
+
+    the_plan = quanta.plan(model, recipe)
+    plans = the_plan.stages or (the_plan,)
+    names = set.intersection(*({layer.name for layer in p.selected} for p in plans))
+    return [layer for layer in plans[-1].selected if layer.name in names]
+
+
+def _check_result(algorithm, model, result, selected, what: str) -> None:
     from quanta.record import records
 
     report = getattr(result, "quanta_report", None)
@@ -114,7 +131,7 @@ def _check_result(algorithm, model, result, plan, what: str) -> None:
     rows = {r.name: r for r in report.layers}  # type: ignore[union-attr]  # checked just above
     recs = records(result)
     float_params = dict(model.named_parameters())
-    for layer in plan.selected:
+    for layer in selected:
         check(layer.name in rows, algorithm, f"{what}: planned layer {layer.name!r} has no report row "
                                               f"(write it with context.write_layer / quantize_layer)")
         key = _record_key(layer)
@@ -151,7 +168,7 @@ def _run(algorithm, model, recipe, data, **kwargs) -> Any:
 
 def check_algorithm(algorithm: Algorithm, models: tuple[str, ...] = ("mlp", "cnn", "token"), *,
                     options: Mapping[str, Any] | None = None, recipe: Mapping[str, Any] | None = None,
-                    then: str | None = None) -> None:
+                    then: str | None = None, before: tuple[str, ...] | list[str] = ()) -> None:
     """Check ``algorithm`` (registered under its name) against the ``quanta.contracts.Algorithm``
     contract by running it through ``quanta.quantize`` on reference models (``models``: names from
     ``quanta.testing.REFERENCE_MODELS``); raise AssertionError naming it.
@@ -170,7 +187,10 @@ def check_algorithm(algorithm: Algorithm, models: tuple[str, ...] = ("mlp", "cnn
     - with ``inplace=True``, a backend whose ``write`` raises after the first layer leaves the
       model exactly as it was: parameters, buffers, modules, hooks, records, declared state;
     - options passed at the top level, in ``algorithm_config`` and in ``stages`` give the same
-      configuration and the same result.
+      configuration and the same result;
+    - the result holds no hook but declared transforms (no calibration hook left behind), and
+      ``quanta.save`` -> ``quanta.load`` into a fresh model gives a model computing exactly what
+      the result computes (a model quantizing activations, which ``quanta.save`` refuses, is skipped).
     """
     import quanta
     from quanta import registry
@@ -187,6 +207,7 @@ def check_algorithm(algorithm: Algorithm, models: tuple[str, ...] = ("mlp", "cnn
                                                           f"{type(registered).__name__}")
     options = dict(options or {})
     base = dict(recipe or {})
+    before = tuple(before or ())
     for name in models:
         model = reference_model(name)
         forms = ("list", "generator", "tuple", "dict") if algorithm.needs_data else (None,)
@@ -194,7 +215,7 @@ def check_algorithm(algorithm: Algorithm, models: tuple[str, ...] = ("mlp", "cnn
         results = {}
         for form in forms:
             data = None if form is None else calibration_data(name, form)
-            recipe_ = _recipe_forms(algorithm.name, options, base, then)["top-level"]
+            recipe_ = _recipe_forms(algorithm.name, options, base, then, before)["top-level"]
             what = f"on the {name!r} model" + (f" with data as {form}" if form else "")
             try:
                 result = quanta.quantize(model, recipe_, data=data)
@@ -207,13 +228,47 @@ def check_algorithm(algorithm: Algorithm, models: tuple[str, ...] = ("mlp", "cnn
                 fail(algorithm, f"{what}: quanta.quantize raised {type(exc).__name__}: {exc}")
             assert_same_model_state(model, saved, f"{algorithm.kind} {algorithm.name!r} {what}: the user's model "
                                                   f"(inplace=False)")
-            the_plan = quanta.plan(model, recipe_)
-            _check_result(algorithm, model, result, the_plan, what)
+            _check_result(algorithm, model, result, _checked_layers(model, recipe_), what)
             results[form] = result
+            if len(results) == 1:
+                _check_whole(algorithm, name, result, what)
         else:
             _check_same_results(algorithm, name, results)
-            _check_injected_failure(algorithm, name, _recipe_forms(algorithm.name, options, base, then)["top-level"])
-            _check_option_forms(algorithm, name, options, base, then, results[forms[0]])
+            _check_injected_failure(algorithm, name, _recipe_forms(algorithm.name, options, base, then, before)["top-level"])
+            _check_option_forms(algorithm, name, options, base, then, results[forms[0]], before)
+
+
+def _check_whole(algorithm, name: str, result, what: str) -> None:
+    """The result carries everything it computes with: no hook but declared transforms, and a
+    save -> load round trip into a fresh reference model computes exactly what it computes."""
+    import tempfile
+    from pathlib import Path
+
+    from quanta._files.saving import activation_quantization_sites, load, save
+    from quanta._run.calibration import call_model
+    from quanta.record import undeclared_hooks
+
+    hooks = undeclared_hooks(result)
+    if hooks:
+        module, kind, hook = hooks[0]
+        fail(algorithm, f"{what}: the result keeps a {kind} {hook!r} on module {module!r}: remove calibration "
+                        "hooks when done, and declare what the forward pass needs with context.add_transform "
+                        "(a hook is lost when the model is saved and loaded)")
+    if not isinstance(result, nn.Module) or activation_quantization_sites(result):
+        return  # quanta.save refuses activation-quantized graphs with a clear error (documented)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            save(result, Path(tmp) / "saved")
+            loaded = load(Path(tmp) / "saved", reference_model(name))
+        except Exception as exc:
+            fail(algorithm, f"{what}: quanta.save -> quanta.load of the result raised {type(exc).__name__}: {exc}")
+    x = calibration_data(name, "list", n=1, seed=1)[0]
+    with torch.no_grad():
+        want, got = call_model(result, x), call_model(loaded, x)
+    if not torch.equal(want, got):
+        fail(algorithm, f"{what}: after quanta.save -> quanta.load the model computes something else: max |difference| "
+                        f"{float((want - got).abs().max()):.3g} (state the algorithm added is not declared: use "
+                        "context.add_state / context.add_transform)")
 
 
 def _check_same_results(algorithm, name, results) -> None:
@@ -259,7 +314,7 @@ def _chain(exc) -> Any:
         exc = exc.__cause__ or exc.__context__
 
 
-def _check_option_forms(algorithm, name, options, base, then, reference) -> None:
+def _check_option_forms(algorithm, name, options, base, then, reference, before=()) -> None:
     import quanta
 
     cls = algorithm.config_class
@@ -274,9 +329,9 @@ def _check_option_forms(algorithm, name, options, base, then, reference) -> None
     model = reference_model(name)
     data = calibration_data(name, "list") if algorithm.needs_data else None
     ref_state = reference.state_dict()
-    for form, recipe in _recipe_forms(algorithm.name, options, base, then).items():
+    for form, recipe in _recipe_forms(algorithm.name, options, base, then, before).items():
         loaded = quanta.load_recipe(recipe)
-        stage = loaded.stage_recipes()[0]
+        stage = loaded.stage_recipes()[len(before)]
         got = stage.algorithm_config if stage.algorithm_config is not None else cls()
         check(got == expected, algorithm, f"options given {form} load as {got!r}, expected {expected!r}")
         if form == "top-level":

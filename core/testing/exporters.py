@@ -48,8 +48,11 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
     - ``quanta.export`` refuses an unknown option (``ConfigError`` naming it) before writing;
     - an existing file or directory that quanta did not write is refused without
       ``overwrite=True`` (``DestinationExistsError``) and left byte for byte intact;
-    - a failure during writing (a model it cannot trace) leaves no partial output and no
-      temporary file beside it;
+    - exporting again onto its own earlier output replaces it without ``overwrite`` (a staged
+      file gets core's ownership sidecar; a directory the ``.quanta`` marker);
+    - a failure during writing (a model it cannot trace; for ``staged`` exporters also a failure
+      after everything was written) leaves no partial output and no temporary file beside it,
+      for any model type (``model`` need not be a torch module: pass ``reread``);
     - ``suffix`` and ``verify`` agree: ``quanta.verify`` finds this exporter by the suffix.
     """
     import quanta
@@ -147,20 +150,61 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
         check(_listing(root) == before, exporter, f"a refused export changed the existing {existing_kind} "
                                                   f"{user} or left files beside it")
 
-    # 5. a failure mid-write leaves nothing behind
-    before = _listing(root)
+    # 5. a failure mid-write leaves nothing behind (through core, as quanta.export runs it)
+    from quanta._run.exporting import run_exporter
+
     broken = root / f"broken{suffix}"
-    exporting: Exporter = exporter.with_config(None) if exporter.config_class is not None else exporter
-    try:
-        with plugin_code(exporting):
-            exporting.export(_Unexportable(model, exporting), broken, example_inputs=example_inputs)
-    except Exception:
-        pass
-    else:
-        before = _listing(root)  # the exporter never walks the model: nothing to break
-    check(_listing(root) == before, exporter, f"a failed export left output or temporary files: "
-                                              f"{sorted(set(_listing(root)) - set(before))[:5]}")
+    exporting = exporter.with_config(None) if exporter.config_class is not None else exporter
+    if exporter.staged:  # core owns the destination: a failure after writing everything must leave nothing
+        before = _listing(root)
+        try:
+            run_exporter(_failing_after_writing(exporting), model, broken, example_inputs=example_inputs)
+        except Exception:
+            pass
+        else:
+            fail(exporter, "an export that raised after writing reported success")
+        check(_listing(root) == before, exporter, f"a staged export that failed left output or temporary files: "
+                                                  f"{sorted(set(_listing(root)) - set(before))[:5]}")
+    if isinstance(model, torch.nn.Module):  # a failure halfway through the exporter's own walk of the model
+        before = _listing(root)
+        try:
+            run_exporter(exporting, _Unexportable(model, exporting), broken, example_inputs=example_inputs)
+        except Exception:
+            pass
+        else:
+            before = _listing(root)  # the exporter never walks the model: nothing to break
+        check(_listing(root) == before, exporter, f"a failed export left output or temporary files: "
+                                                  f"{sorted(set(_listing(root)) - set(before))[:5]}")
+    # 6. a re-export replaces quanta's own earlier output (a directory's .quanta marker says so)
+    from quanta._files.atomic import is_quanta_dir
+
+    settled = _listing(root)
+    if not (exporter.writes_directory and is_quanta_dir(dest)):
+        try:
+            again = export(dest)
+        except DestinationExistsError as exc:
+            fail(exporter, f"re-exporting onto its own earlier output {dest.name} was refused ({exc}); declare "
+                           "staged = True (core then owns the destination and marks what it wrote)")
+        except Exception as exc:
+            fail(exporter, f"re-exporting onto its own earlier output raised {type(exc).__name__}: {exc}")
+        check(str(again) == str(dest) and set(_listing(root)) == set(settled), exporter,
+              f"re-exporting onto {dest.name} left other files: {sorted(set(_listing(root)) ^ set(settled))[:5]}")
+
     check(first.keys() <= _listing(root).keys(), exporter, "a later export removed an earlier output")
+
+
+def _failing_after_writing(exporter: Exporter) -> Exporter:
+    """A copy of ``exporter`` whose ``export`` raises after the real one has written everything."""
+    import copy
+
+    class FailsAfterWriting(type(exporter)):
+        def export(self, model, path, *, example_inputs=None, overwrite=False):
+            super().export(model, path, example_inputs=example_inputs, overwrite=overwrite)
+            raise RuntimeError("injected failure after writing (quanta.testing)")
+
+    failing = copy.copy(exporter)
+    failing.__class__ = FailsAfterWriting
+    return failing
 
 
 class _Unexportable(torch.nn.Module):

@@ -14,6 +14,9 @@ from .schemes import scheme_test_groups
 
 __all__ = ["check_observer"]
 
+#: The bit widths ``check_observer`` tries when no spec is given (per channel, the scheme's signed dtypes).
+_DEFAULT_DTYPES = ("int8", "int4", "int3", "int2")
+
 
 def _default_scheme() -> Scheme:
     from quanta import registry
@@ -42,7 +45,8 @@ def check_observer(observer: Observer, scheme: Scheme | None = None, spec: Quant
 
     On ``values`` ``[G, K]`` (default: rows of every awkward kind, see
     ``quanta.testing.scheme_test_groups``) with ``scheme`` (default: the built-in ``symmetric``)
-    and ``spec`` (default: int8 per-channel):
+    and ``spec`` (default: int8, int4, int3 and int2 per channel, each the scheme accepts; a clip
+    search that wrongly shares one ratio across rows may show only at low bit widths):
 
     - ``observe`` returns two tensors of shape ``[G]``, finite for finite input, ``min <= max``,
       and leaves its input unchanged;
@@ -58,32 +62,48 @@ def check_observer(observer: Observer, scheme: Scheme | None = None, spec: Quant
     if not isinstance(observer, Observer):
         raise AssertionError(f"{observer!r} is not a quanta.contracts.Observer (subclass it; docs/plugins.md)")
     scheme = scheme if scheme is not None else _default_scheme()
-    spec = spec if spec is not None else QuantSpec(dtype="int8", scheme=scheme.name, observer=observer.name or "minmax")
-    try:
-        observer.check_spec(spec)
-    except ConfigError:
-        fail(observer, f"check_spec refuses the default spec {spec.describe()}: pass a spec it serves (spec=...)")
-    except Exception as exc:
-        fail(observer, f"check_spec raised {type(exc).__name__}: {exc}; refuse with quanta.ConfigError")
+    if spec is not None:
+        specs = [spec]
+    else:  # low bit widths too: a search sharing one clip across rows may show only at int4 or int2
+        specs = [QuantSpec(dtype=dt, scheme=scheme.name, observer=observer.name or "minmax") for dt in _DEFAULT_DTYPES]
+    accepted = []
+    for one in specs:
+        try:
+            observer.check_spec(one)
+        except ConfigError as exc:
+            if spec is not None:
+                fail(observer, f"check_spec refuses the spec {one.describe()}: {exc}; pass a spec it serves (spec=...)")
+            continue
+        except Exception as exc:
+            fail(observer, f"check_spec raised {type(exc).__name__}: {exc}; refuse with quanta.ConfigError")
+        accepted.append(one)
+    check(accepted, observer, f"check_spec refuses every default spec ({', '.join(s.describe() for s in specs)}): "
+                              "pass a spec it serves (spec=...)")
     values = scheme_test_groups(k=64) if values is None else values
+    for one in accepted:
+        _check_spec_run(observer, values, one, scheme, QuantaError)
+
+
+def _check_spec_run(observer, values, spec, scheme, quanta_error) -> None:
+    where = f"for {spec.dtype}"
     try:
-        lo, hi = _observe(observer, values, spec, scheme, "on all rows")
+        lo, hi = _observe(observer, values, spec, scheme, f"on all rows {where}")
         check(bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()), observer,
-              "observe() returned a non-finite range for finite input")
+              f"observe() returned a non-finite range for finite input {where}")
         if bool((lo > hi).any()):
-            fail(observer, f"observe() returned min > max for groups {(lo > hi).nonzero().flatten().tolist()}")
+            fail(observer, f"observe() returned min > max for groups {(lo > hi).nonzero().flatten().tolist()} {where}")
         # Chunk independence: core observes chunks of rows.
         cut = values.shape[0] // 2
-        lo1, hi1 = _observe(observer, values[:cut].contiguous(), spec, scheme, "on the first rows")
-        lo2, hi2 = _observe(observer, values[cut:].contiguous(), spec, scheme, "on the last rows")
+        lo1, hi1 = _observe(observer, values[:cut].contiguous(), spec, scheme, f"on the first rows {where}")
+        lo2, hi2 = _observe(observer, values[cut:].contiguous(), spec, scheme, f"on the last rows {where}")
         if not (torch.equal(torch.cat([lo1, lo2]), lo) and torch.equal(torch.cat([hi1, hi2]), hi)):
-            fail(observer, "observing rows in two chunks differs from observing them all at once: rows must be "
-                           "independent (core observes a weight's groups in chunks)")
-        _check_non_finite(observer, values, spec, scheme, lo, hi, QuantaError)
+            fail(observer, f"observing rows in two chunks differs from observing them all at once {where}: rows "
+                           "must be independent (core observes a weight's groups in chunks)")
+        _check_non_finite(observer, values, spec, scheme, lo, hi, quanta_error)
     except AssertionError:
         raise
     except Exception as exc:
-        fail(observer, f"raised {type(exc).__name__}: {exc}")
+        fail(observer, f"raised {type(exc).__name__}: {exc} ({where})")
 
 
 def _check_non_finite(observer: Any, values, spec, scheme, lo, hi, quanta_error) -> None:

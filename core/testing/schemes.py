@@ -41,18 +41,29 @@ def _storable(dtype: QuantDtype) -> tuple[int, int]:
     return 0, (1 << dtype.bits) - 1
 
 
-def _served(scheme: Scheme, dtypes: Iterable[QuantDtype]) -> list[QuantDtype]:
-    served = []
+def _base_spec(scheme: Scheme, spec: QuantSpec | None) -> QuantSpec:
+    if spec is None:
+        return QuantSpec(dtype="int8", scheme=scheme.name or "symmetric")
+    check(isinstance(spec, QuantSpec), scheme, f"spec must be a quanta.QuantSpec, got {type(spec).__name__}")
+    return spec
+
+
+def _served(scheme: Scheme, dtypes: Iterable[QuantDtype], base: QuantSpec) -> tuple[list[QuantDtype], dict]:
+    """The dtypes whose specs (``base`` with that dtype) ``check_spec`` accepts, and why it refused the others."""
+    import attrs
+
+    served, refused = [], {}
     for dt in dtypes:
-        spec = QuantSpec(dtype=dt, scheme=scheme.name or "symmetric")
+        spec = attrs.evolve(base, dtype=dt)
         try:
             scheme.check_spec(spec)
-        except ConfigError:
+        except ConfigError as exc:
+            refused[str(dt)] = str(exc)
             continue
         except Exception as exc:
             fail(scheme, f"check_spec({dt}) raised {type(exc).__name__}: {exc}; refuse a spec with quanta.ConfigError")
         served.append(dt)
-    return served
+    return served, refused
 
 
 def _qparams(scheme, values, dtype, where) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,7 +158,84 @@ def _check_dtype(scheme: Scheme, dtype: QuantDtype, float_dtype: torch.dtype) ->
         fail(scheme, f"dequantize_() differs from dequantize() in {int((buf != deq).sum())} elements {where}")
 
 
-def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = None) -> None:
+def _granularity_specs(base: QuantSpec, dtype: QuantDtype) -> list[QuantSpec]:
+    import attrs
+
+    from quanta._records.spec import Granularity
+
+    return [attrs.evolve(base, dtype=dtype, granularity=Granularity.per_tensor, block_size=None),
+            attrs.evolve(base, dtype=dtype, granularity=Granularity.per_channel, block_size=None),
+            attrs.evolve(base, dtype=dtype, granularity=Granularity.per_block, block_size=16)]
+
+
+def _test_weight() -> torch.Tensor:
+    """A ``[16, 64]`` weight: normal rows of different magnitudes, one all-zero row, one outlier."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=gen) * torch.linspace(0.5, 2.0, 16)[:, None]
+    w[3] = 0.0
+    w[7, 5] = 4.0
+    return w
+
+
+def _check_records(scheme: Scheme, spec: QuantSpec) -> None:
+    """Quantize a weight with ``spec`` (a granularity and bit width) as core does and bound the error."""
+    from quanta._run.weights import observer_for, quantize_weight_with_values
+
+    where = f"for {spec.describe()}"
+    try:
+        observer = observer_for(spec)
+    except Exception:  # an observer this registry lacks: the built-in min/max
+        from quanta import registry
+
+        observer = registry.get("observer", "minmax").obj
+    w = _test_weight()
+    record, values, (sq_err, ref_sq) = quantize_weight_with_values(w, spec, scheme=scheme, observer=observer,
+                                                                   layer="quanta.testing")
+    check(bool(torch.isfinite(values).all()), scheme, f"quantizing a weight {where} gave NaN or inf values")
+    from quanta._records.spec import Granularity
+
+    if spec.granularity is not Granularity.per_tensor:  # the zero row is a group (or groups) of its own
+        check(torch.equal(values[3], torch.zeros_like(values[3])), scheme,
+              f"an all-zero row of a weight does not come back as zeros {where}")
+    bits = spec.dtype.bits
+    bound = 2.0 ** (3 - bits)  # 8 levels of error per step: far above any sound scheme, far below a broken one
+    err = float(torch.linalg.vector_norm(values - w) / torch.linalg.vector_norm(w))
+    if err > bound:
+        fail(scheme, f"quantizing a weight {where}: it comes back with relative error {err:.1%} "
+                     f"(bound for {bits} bits: {bound:.0%})")
+    if record.lut is not None:
+        from quanta._records.qmath import to_groups
+
+        codes = to_groups(record.codes.to(torch.float32), list(record.block_sizes))
+        lut = record.lut.reshape(codes.shape[0], -1)
+        check(lut.shape[1] <= (1 << bits), scheme, f"lut() gave {lut.shape[1]} levels {where}; at most {1 << bits}")
+        again = scheme.dequantize_lut(codes, lut, record.scale.reshape(-1, 1).to(torch.float32))
+        check(torch.equal(again, to_groups(values.to(torch.float32), list(record.block_sizes))), scheme,
+              f"dequantize_lut() of the record's codes and table differs from the values quantizing gave {where}")
+
+
+def _check_dequantize_lut(scheme: Scheme, float_dtype: torch.dtype) -> None:
+    """``dequantize_lut(codes, lut, scale)`` is ``lut[g, codes[g, k]] * scale[g]`` (records carrying a table)."""
+    gen = torch.Generator().manual_seed(2)
+    lut = torch.randn(6, 16, generator=gen).to(float_dtype)  # [G, L]
+    codes = torch.randint(0, 16, (6, 40), generator=gen).to(float_dtype)  # [G, K]
+    scale = (torch.rand(6, 1, generator=gen) * 3 + 0.25).to(float_dtype)  # [G, 1], not 1
+    want = torch.gather(lut, 1, codes.long()) * scale
+    got = scheme.dequantize_lut(codes, lut, scale)
+    where = f"in {str(float_dtype).replace('torch.', '')}"
+    check(isinstance(got, torch.Tensor) and got.shape == want.shape, scheme,
+          f"dequantize_lut() returned shape {tuple(getattr(got, 'shape', ()))}, expected {tuple(want.shape)} {where}")
+    err = float(torch.linalg.vector_norm((got.float() - want.float())) / torch.linalg.vector_norm(want.float()))
+    if err > (1e-3 if float_dtype == torch.float16 else 1e-6):
+        fail(scheme, f"dequantize_lut(codes, lut, scale) is not lut[codes] * scale {where}: relative error {err:.1%} "
+                     "(the scale must multiply every group's table values)")
+    check(torch.equal(scheme.quantize_lut(want / scale, lut).to(torch.float32),
+                      codes.to(torch.float32)) or float_dtype == torch.float16, scheme,
+          f"quantize_lut() does not give back the codes of table values {where}")
+
+
+def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = None, *,
+                 spec: QuantSpec | None = None) -> None:
     """Check ``scheme`` against the ``quanta.contracts.Scheme`` contract; raise AssertionError naming it.
 
     For every dtype it serves (``dtypes``, default: int2..int8 and uint2..uint8, less those its
@@ -161,7 +249,16 @@ def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = Non
     - ``dequantize`` computes in the inputs' float dtype, gives zeros for an all-zero group, and
       grid points round-trip exactly (``quantize(dequantize(codes)) == codes``);
     - a declared ``grid = "affine"`` really is ``(codes - zero_point) * scale``;
-    - the fast paths ``quantize_into``/``dequantize_`` equal ``quantize``/``dequantize``.
+    - the fast paths ``quantize_into``/``dequantize_`` equal ``quantize``/``dequantize``;
+    - ``dequantize_lut(codes, lut, scale)`` is ``lut[codes] * scale`` and ``quantize_lut`` gives
+      the codes of table values back;
+    - quantizing a weight as core does (``lut()`` tables included), per tensor, per channel and
+      per block, at every served bit width, gives finite values, zeros for a zero row (its own group), and a
+      relative error ``‖W − Ŵ‖ / ‖W‖`` within ``2 ** (3 - bits)``; a table record's ``dequantize_lut``
+      gives those values.
+
+    ``spec``: the spec the checks vary (dtype and granularity), for a scheme with options
+    (``scheme_config``) or one that serves only some specs; default int8 with this scheme.
     """
     if not isinstance(scheme, Scheme):
         raise AssertionError(f"{scheme!r} is not a quanta.contracts.Scheme (subclass it; docs/plugins.md)")
@@ -169,8 +266,13 @@ def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = Non
     from quanta._records.spec import parse_dtype
 
     wanted = _ALL_DTYPES if dtypes is None else tuple(parse_dtype(d) for d in dtypes)
-    served = _served(scheme, wanted)
-    check(served, scheme, f"check_spec refuses every dtype tried ({', '.join(map(str, wanted))})")
+    base = _base_spec(scheme, spec)
+    served, refused = _served(scheme, wanted, base)
+    if not served:
+        first = next(iter(refused.items()))
+        fail(scheme, f"check_spec refuses every dtype tried ({', '.join(map(str, wanted))}) with the spec "
+                     f"{base.describe()} (e.g. {first[0]}: {first[1]}); pass spec=quanta.QuantSpec(...) with the "
+                     "options and granularity it serves, or dtypes=[...]")
     for dtype in served:
         for float_dtype in (torch.float32, torch.float16):
             try:
@@ -179,3 +281,22 @@ def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = Non
                 raise
             except Exception as exc:
                 fail(scheme, f"raised {type(exc).__name__}: {exc} (for {dtype} in {float_dtype})")
+    for float_dtype in (torch.float32, torch.float16):
+        try:
+            _check_dequantize_lut(scheme, float_dtype)
+        except AssertionError:
+            raise
+        except Exception as exc:
+            fail(scheme, f"dequantize_lut/quantize_lut raised {type(exc).__name__}: {exc} (in {float_dtype})")
+    for dtype in served:
+        for granular in _granularity_specs(base, dtype):
+            try:
+                scheme.check_spec(granular)
+            except ConfigError:
+                continue  # a granularity it refuses at plan time is never quantized
+            try:
+                _check_records(scheme, granular)
+            except AssertionError:
+                raise
+            except Exception as exc:
+                fail(scheme, f"quantizing a weight for {granular.describe()} raised {type(exc).__name__}: {exc}")

@@ -8,9 +8,11 @@ stage. It quantizes nothing itself; chain it before a quantizing stage::
 For each planned Linear it measures the mean absolute input of every input channel over the
 calibration batches, scales the weight's columns up by ``s = mean|x| ** alpha`` (salient
 channels get finer steps once quantized) and divides the input by ``s`` at run time, so the
-float model computes the same function. ``1 / s`` is extra state: it is stored with
-``context.add_state`` (a declared buffer ``input_scale``), so ``inplace`` restore removes it
-and saving and exporting carry it.
+float model computes the same function. The division is part of the model, not a hook of its
+own: ``context.add_transform`` declares ``1 / s`` as state ``input_scale`` and the transform
+``input_mul`` that multiplies the layer's input by it, so ``inplace`` restore removes both,
+``quanta.save``/``quanta.load`` carry them and a traced export (Core ML) emits the ``mul``.
+(``quanta.save`` refuses a model holding a hook it cannot carry.)
 """
 
 from __future__ import annotations
@@ -34,11 +36,6 @@ class ActScaleConfig:
             raise ConfigError(f"must be a number in [0, 1], got {self.alpha!r}", "alpha")
 
 
-def scale_input(module, args):
-    """Forward pre-hook: the layer's input times its declared ``input_scale`` buffer ``[in]``."""
-    return (args[0] * module.input_scale,) + tuple(args[1:])
-
-
 class ActScale(Algorithm):
     """Per-input-channel scaling of Linear layers from calibration activations (AWQ-style)."""
 
@@ -46,7 +43,7 @@ class ActScale(Algorithm):
     description = "activation-aware per-channel scaling stage (chain it before gptq or rtn)"
     config_class = ActScaleConfig
     needs_data = True
-    changes = "model"  # weights change in place and hooks are added: core snapshots everything
+    changes = "model"  # weights change in place and transforms are added: core snapshots everything
 
     def run(self, model, plan, data, context):
         linears = [layer for layer in plan.selected if layer.unit.module_type == "Linear"]
@@ -77,8 +74,8 @@ class ActScale(Algorithm):
                 s = s / s.mean()  # [in], geometric scale kept near 1
                 module = layer.unit.handle
                 module.weight.mul_(s.to(module.weight))  # W' = W · diag(s)
-                context.add_state(model, layer.name, "input_scale", (1.0 / s).to(module.weight))
-                module.register_forward_pre_hook(scale_input)  # x' = x / s, so W' x' = W x
+                # x' = x * (1 / s), so W' x' = W x; declared, so it travels with the model
+                context.add_transform(model, layer.name, "input_mul", "input_scale", (1.0 / s).to(module.weight))
         context.stats["act_scale_layers"] = len(linears)
 
 

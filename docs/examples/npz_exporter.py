@@ -6,7 +6,6 @@ import attrs
 import numpy as np
 
 import quanta
-from quanta import atomic_file
 from quanta.contracts import Exporter
 from quanta.errors import ConfigError
 
@@ -32,6 +31,7 @@ class NpzExporter(Exporter):
     config_class = NpzConfig
     suffix = ".npz"
     grids = frozenset({"affine"})  # the archive stores no lookup table: refuse "lut" records
+    staged = True  # core hands export() a staging path and owns the rename and the ownership marker
 
     def export(self, model, path, *, example_inputs=None, overwrite=False):
         records = quanta.records(model)
@@ -44,11 +44,10 @@ class NpzExporter(Exporter):
             if record.zero_point is not None:
                 arrays[f"{name}.zero_point"] = record.zero_point.cpu().numpy()
         save = np.savez_compressed if self.config.compressed else np.savez
-        # atomic_file: a temporary beside `path`, renamed onto it only when complete; an existing
-        # file quanta did not write is replaced only with overwrite=True.
-        with atomic_file(path, overwrite=overwrite) as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                save(f, **arrays)
+        # `path` is core's staging path: write it plainly. Core renames it onto the user's path
+        # when export() returns, marks it as quanta's (so a re-export replaces it) and removes it
+        # if anything raises (nothing half-written is ever left at the user's path).
+        save(path, **arrays)
         return str(path)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "CompressedWeight",
     "load_program",
     "read_compressed_weights",
+    "read_manifest",
 ]
 
 WEIGHTS_DIR = "Data/com.apple.CoreML/weights"
@@ -38,6 +39,35 @@ def _program_class():
     return Program
 
 
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The ``Manifest.json`` of the ``.mlpackage`` at ``path``, read as untrusted data: within the
+    metadata size limit, no duplicate keys, every item's ``path`` inside the package's ``Data``
+    folder, and no symlink anywhere in the package leading out of it. Raises
+    :class:`~quanta.errors.CoreMLPackageError` naming the entry otherwise."""
+    from quanta.errors import CoreMLPackageError
+    from quanta._files.untrusted import check_tree, inside, read_json  # core's reading rules for foreign files
+
+    path = Path(path)
+
+    def error(message: str, name: str | None = None) -> CoreMLPackageError:
+        return CoreMLPackageError(f"{str(path)!r}: {message}" if str(path) not in message else message, str(path))
+
+    check_tree(path, "Core ML package", error)
+    manifest = inside(path, "Manifest.json", "file", error)
+    def damaged(message: str, name: str | None = None) -> CoreMLPackageError:
+        return error(f"Manifest.json is not a valid package manifest ({message}); the package is damaged: export "
+                     "or convert it again")
+
+    data = read_json(manifest, "the file", damaged)
+    entries = data.get("itemInfoEntries") if isinstance(data, dict) else None
+    if isinstance(entries, dict):
+        for item in entries.values():
+            rel = item.get("path") if isinstance(item, dict) else None
+            if rel is not None:
+                inside(path / "Data", rel, "Manifest.json item path", error)
+    return data
+
+
 def _load_package(path: Path):
     """The MIL program of the ``.mlpackage`` at ``path`` (weights are read eagerly)."""
     import coremltools as ct
@@ -45,6 +75,8 @@ def _load_package(path: Path):
 
     if not path.exists():
         raise FileNotFoundError(f"no Core ML package at {str(path)!r}")
+    if path.is_dir():
+        read_manifest(path)  # nothing outside the package is opened
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         raise ValueError(

@@ -6,7 +6,9 @@ weight file). :func:`check_package` reads the package's structure itself and rai
 :class:`~quanta.errors.CoreMLPackageError` naming the file at fault and the fix:
 
 - the path exists and is a folder (an ``.mlpackage`` is a folder, not a file);
-- ``Manifest.json`` exists, is JSON, and its ``rootModelIdentifier`` names an item whose file exists;
+- ``Manifest.json`` exists, is JSON (within the metadata size limit, no key twice), every item's
+  path and every symlink stays inside the package, and its ``rootModelIdentifier`` names an item
+  whose file exists;
 - the spec (``model.mlmodel``) parses as a Core ML ``Model`` protobuf and declares a model type;
 - for an ML program, every weight the program references (``@model_path/weights/weight.bin``
   at an offset) lies inside the weight file: its 64-byte blob header carries the 0xDEADBEEF
@@ -17,14 +19,12 @@ Reading is done with the protobuf classes coremltools ships (no model compile, a
 
 from __future__ import annotations
 
-from typing import Any
-
-import json
 import os
 import struct
 from pathlib import Path
 
 from quanta.errors import CoreMLPackageError
+from quanta._files.untrusted import inside
 
 __all__ = ["check_package", "BLOB_SENTINEL"]
 
@@ -45,8 +45,10 @@ def _manifest_root(path: Path) -> Path:
             raise _fail(path, "is an empty folder, not a Core ML package (no Manifest.json); pass the "
                               ".mlpackage folder that ct.convert(...).save() or quanta.export wrote")
         raise _fail(path, "has no Manifest.json, so it is not a Core ML package; pass an .mlpackage folder")
+    from quanta.mil.program import read_manifest
+
+    data = read_manifest(path)  # bounded, no duplicate keys, every item path and link inside the package
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
         root = data["rootModelIdentifier"]
         entry = data["itemInfoEntries"][root]
         rel = entry["path"]
@@ -104,7 +106,8 @@ def _check_weights(path: Path, spec_path: Path, spec) -> None:
     sizes: dict[Path, int] = {}
     for name, offset in refs:
         rel = name[len(_MODEL_PATH):] if name.startswith(_MODEL_PATH) else name
-        weight_file = spec_path.parent / rel
+        weight_file = inside(spec_path.parent, rel, "weight file the program names",
+                             lambda message, _name=None: _fail(path, message))
         if weight_file not in sizes:
             if not weight_file.is_file():
                 raise _fail(path, f"the program reads weights from {rel}, which is missing; the package is "

@@ -195,6 +195,7 @@ class GPTQ(Algorithm):
     description = "GPTQ: Hessian-based, layer-wise weight quantization from calibration data"
     config_class = GPTQConfig
     needs_data = True
+    backends = frozenset({"torch"})  # walks torch modules itself: refused at plan time on other backends
     #: What coremltools' LayerwiseCompressor quantizes from its global_config.
     global_types = {"torch": ("Conv2d", "Linear")}
 
