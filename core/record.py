@@ -9,7 +9,7 @@ exactly ``record.dequantize()``, so the module computes with the quantized value
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import attrs
 import torch
@@ -214,17 +214,18 @@ def remove_state(module: torch.nn.Module, name: str) -> None:
                 hooks = getattr(module, attr)
                 for key in [k for k, h in hooks.items() if isinstance(h, DeclaredTransform) and h.state == name]:
                     del hooks[key]
-    module._quanta_transforms = tuple(t for t in getattr(module, "_quanta_transforms", ()) if t[1] != name)
+    setattr(module, "_quanta_transforms", tuple(t for t in getattr(module, "_quanta_transforms", ()) if t[1] != name))
     if name in module._parameters:
         module._parameters[name] = None
     else:
         module._buffers.pop(name, None)
-    module._quanta_state = tuple(n for n in declared if n != name)
+    setattr(module, "_quanta_state", tuple(n for n in declared if n != name))
 
 
 def _state_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
     tensor = module._buffers.get(name)
-    return module._parameters[name] if tensor is None and name in module._parameters else tensor
+    found = module._parameters[name] if tensor is None and name in module._parameters else tensor
+    return found  # type: ignore[return-value]  # declared state: present by construction
 
 
 def extra_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -255,10 +256,10 @@ class DeclaredTransform:
     transform: it reads the declared state ``state`` of its module on every call. Save and load
     recognise it by its class; any other hook on a model is refused by ``quanta.save``."""
 
-    def __init__(self, kind: str, state: str):
+    def __init__(self, kind: str, state: str) -> None:
         self.kind, self.state = kind, state
 
-    def __call__(self, module, args, output=None):
+    def __call__(self, module, args, output=None) -> Any:
         s = getattr(module, self.state)
         if self.kind.startswith("input"):
             x = args[0]
@@ -295,7 +296,7 @@ def declare_transform(module: torch.nn.Module, kind: str, state: str, value: tor
         module.register_forward_pre_hook(hook)
     else:
         module.register_forward_hook(hook)
-    module._quanta_transforms = entries + ((kind, state),)
+    setattr(module, "_quanta_transforms", entries + ((kind, state),))
 
 
 def transforms(model: torch.nn.Module) -> dict[str, tuple[tuple[str, str], ...]]:

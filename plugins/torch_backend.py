@@ -105,12 +105,11 @@ class TorchBackend(Backend):
             raise ConfigError(f"no module named {module!r} in the model", "module") from None
         declare_state(target, name, value)
 
-    def snapshot(self, model, units, everything: bool = False) -> Any:
     def records(self, model: nn.Module) -> dict:
         """Every record on the model's modules (``quanta.record.records``)."""
         return records(model)
 
-    def save(self, model: nn.Module, path, *, overwrite: bool = False, **options):
+    def save(self, model: nn.Module, path, *, overwrite: bool = False, **options) -> Any:
         """``quanta._files.saving.save``: safetensors + ``quanta_config.json``."""
         from quanta._files.saving import save
 
@@ -133,7 +132,7 @@ class TorchBackend(Backend):
             raise ConfigError(f"no module named {module!r} in the model", "module") from None
         declare_transform(target, kind, name, value)
 
-    def snapshot(self, model, units, everything: bool = False):
+    def snapshot(self, model, units, everything: bool = False) -> Any:
         """Clones of what may change: the weights of ``units`` and their records; with
         ``everything``, every parameter, buffer, hook, submodule and record of the model."""
         if not everything:

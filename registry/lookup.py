@@ -39,7 +39,7 @@ def observer_for(spec: QuantSpec) -> Observer:
     return observer if spec.observer_config is None else observer.with_config(spec.observer_config)
 
 
-def backend_for(model: Any):
+def backend_for(model: Any) -> Any:
     """The entry of the backend for ``model``: the first (by declared ``priority``) whose
     ``accepts(model)`` is true. Raises ``quanta.ConfigError`` naming the backends when none is."""
     from quanta.errors import ConfigError

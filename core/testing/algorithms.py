@@ -262,7 +262,8 @@ def _check_whole(algorithm, name: str, result, what: str) -> None:
             loaded = load(Path(tmp) / "saved", reference_model(name))
         except Exception as exc:
             fail(algorithm, f"{what}: quanta.save -> quanta.load of the result raised {type(exc).__name__}: {exc}")
-    x = calibration_data(name, "list", n=1, seed=1)[0]
+    batches_: Any = calibration_data(name, "list", n=1, seed=1)
+    x = batches_[0]
     with torch.no_grad():
         want, got = call_model(result, x), call_model(loaded, x)
     if not torch.equal(want, got):

@@ -197,8 +197,10 @@ def _failing_after_writing(exporter: Exporter) -> Exporter:
     """A copy of ``exporter`` whose ``export`` raises after the real one has written everything."""
     import copy
 
-    class FailsAfterWriting(type(exporter)):
-        def export(self, model, path, *, example_inputs=None, overwrite=False):
+    base: Any = type(exporter)
+
+    class FailsAfterWriting(base):
+        def export(self, model, path, *, example_inputs=None, overwrite=False) -> str:
             super().export(model, path, example_inputs=example_inputs, overwrite=overwrite)
             raise RuntimeError("injected failure after writing (quanta.testing)")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 from quanta.errors import CoreMLPackageError
 from quanta._files.untrusted import inside
