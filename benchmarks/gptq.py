@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch import nn
 
+from quanta._run.calibration import count_samples  # calibration_nsamples counts samples (rows)
 from quanta.plugins.gptq.hessian import accumulate_xtx, mirror_upper
 from quanta.plugins.gptq.solver import gptq_quantize
 from quanta.plugins.schemes import AffineScheme, SymmetricScheme
@@ -166,7 +167,7 @@ def coremltools_gptq(model, calib, device, block_size):
         "global_config": {"algorithm": "gptq", "weight_dtype": "uint4", "granularity": "per_block",
                           "block_size": block_size},
         "input_cacher": "default",
-        "calibration_nsamples": len(calib),
+        "calibration_nsamples": sum(map(count_samples, calib)),
     })
     return LayerwiseCompressor(model, config).compress(calib, device=str(device), inplace=True)
 
@@ -295,7 +296,7 @@ def main(argv=None):
     if args.pipeline:
         import quanta
 
-        recipe = {"algorithm": "gptq", "calibration_nsamples": len(calib),
+        recipe = {"algorithm": "gptq", "calibration_nsamples": sum(map(count_samples, calib)),
                   "global_config": {"dtype": "uint4", "granularity": "per_block", "block_size": args.block_size}}
         with _tf32(args.tf32 and device.type == "cuda"):
             t, out = timed(lambda: quanta.quantize(model, recipe, data=calib, device=device), device)

@@ -18,6 +18,7 @@ import time
 import torch
 
 import quanta
+from quanta._run.calibration import count_samples  # calibration_nsamples counts samples (rows)
 from quanta.examples import corpus_sentences, mean_pool, minilm_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,14 +75,14 @@ def main() -> None:
             "rtn": lambda: quanta.quantize(model, {"global_config": glob, "module_type_configs": {"Embedding": None}}),
             "quanta gptq": lambda: quanta.quantize(
                 model, {"algorithm": "gptq", "global_config": glob, "module_type_configs": {"Embedding": None},
-                        "calibration_nsamples": len(calib)}, data=calib),
+                        "calibration_nsamples": sum(map(count_samples, calib))}, data=calib),
             "quanta gptq act-order": lambda: quanta.quantize(
                 model, {"algorithm": "gptq", "global_config": glob, "module_type_configs": {"Embedding": None},
-                        "calibration_nsamples": len(calib), "use_activation_order_heuristic": True,
+                        "calibration_nsamples": sum(map(count_samples, calib)), "use_activation_order_heuristic": True,
                         "static_groups": True}, data=calib),
             "quanta gptq act-order mse": lambda: quanta.quantize(
                 model, {"algorithm": "gptq", "global_config": {**glob, "observer": "mse"},
-                        "module_type_configs": {"Embedding": None}, "calibration_nsamples": len(calib),
+                        "module_type_configs": {"Embedding": None}, "calibration_nsamples": sum(map(count_samples, calib)),
                         "use_activation_order_heuristic": True, "static_groups": True}, data=calib),
         }
         if not args.no_coremltools:
@@ -91,7 +92,7 @@ def main() -> None:
 
                 cfg = LayerwiseCompressorConfig.from_dict({
                     "global_config": {"algorithm": "gptq", **glob}, "input_cacher": "gpt",
-                    "calibration_nsamples": len(calib),
+                    "calibration_nsamples": sum(map(count_samples, calib)),
                     # coremltools walks top-level children unless told the layer list (the pooler,
                     # which does not affect mean-pooled embeddings, then stays float)
                     "layers": [r"encoder\.layer\.\d+"]})

@@ -38,6 +38,7 @@ import warnings
 import torch
 
 import quanta
+from quanta._run.calibration import count_samples  # calibration_nsamples counts samples (rows)
 from quanta.examples import corpus_sentences, load_example, mean_pool, minilm_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,7 +122,7 @@ def part_minilm(args) -> None:
 
             cfg = LayerwiseCompressorConfig.from_dict({
                 "global_config": {"algorithm": "gptq", "weight_dtype": "uint4", **gran}, "input_cacher": "gpt",
-                "calibration_nsamples": len(calib), "layers": [r"encoder\.layer\.\d+"]})
+                "calibration_nsamples": sum(map(count_samples, calib)), "layers": [r"encoder\.layer\.\d+"]})
             return LayerwiseCompressor(copy.deepcopy(model), cfg).compress([b["input_ids"] for b in calib],
                                                                               device="cpu")
 
@@ -134,11 +135,11 @@ def part_minilm(args) -> None:
                 "coremltools": ct_gptq,
                 "quanta default": lambda: quanta.quantize(
                     model, {"algorithm": "gptq", "global_config": {"dtype": "int4", **gran},
-                            "calibration_nsamples": len(calib)}, data=calib),
+                            "calibration_nsamples": sum(map(count_samples, calib))}, data=calib),
                 # not a default: act-order with static groups, as llm-compressor's default
                 "quanta act-order": lambda: quanta.quantize(
                     model, {"algorithm": "gptq", "global_config": {"dtype": "int4", **gran},
-                            "calibration_nsamples": len(calib), "use_activation_order_heuristic": True,
+                            "calibration_nsamples": sum(map(count_samples, calib)), "use_activation_order_heuristic": True,
                             "static_groups": True}, data=calib),
             },
         }
@@ -215,7 +216,7 @@ def part_mlp(args) -> None:
             ours = LayerwiseCompressor(copy.deepcopy(model), LayerwiseCompressorConfig.from_dict(SEED_GPTQ)).compress(data)
             t2 = time.perf_counter()
             restricted = quanta.quantize(copy.deepcopy(model), {
-                "algorithm": "gptq", "calibration_nsamples": 16, "on_unsupported_layer": "skip",
+                "algorithm": "gptq", "calibration_nsamples": 512, "on_unsupported_layer": "skip",
                 "global_config": {"weight_dtype": 4, "granularity": "per_block", "block_size": 128,
                                   "scheme": {"name": "symmetric", "grid": "restricted"}}}, data=data)
         e_ct, e_q, e_r = (_output_error(m, model, data) for m in (theirs, ours, restricted))

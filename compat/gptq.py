@@ -130,7 +130,39 @@ class LayerwiseCompressor(CompressorResult):
         self._result = None
 
     def compress(self, dataloader, device: str | None = None, inplace: bool = False):
-        """Quantize with GPTQ on ``dataloader``'s samples; ``device`` is optional here."""
-        self._result = quantize(self._model, self._recipe, data=dataloader, inplace=inplace, device=device)
+        """Quantize with GPTQ on ``dataloader``'s samples; ``device`` is optional here.
+
+        As in coremltools, ``calibration_nsamples`` counts the dataloader's items (quanta's own
+        recipes count samples, the rows of the batches): the first that many items are used."""
+        data, rows = _first_items(dataloader, self._config.calibration_nsamples)
+        recipe = self._recipe if rows is None else load_recipe(
+            {**self._config.as_dict(), "on_unsupported_layer": "skip", "calibration_nsamples": rows})
+        self._result = quantize(self._model, recipe, data=data, inplace=inplace, device=device)
         return annotate_for_coreml(self._result)
 
+
+
+def _first_items(dataloader, n: int):
+    """coremltools' meaning of ``calibration_nsamples`` (items of the dataloader) on quanta's (rows):
+    ``(the first n items, the samples they hold)``; ``(dataloader, None)`` for what is not a
+    collection of batches (quanta.quantize reports it). Warns when there are fewer items."""
+    import itertools
+    import warnings
+
+    import torch
+
+    from quanta._run.calibration import count_samples
+    from quanta._run.data_checks import CalibrationWarning
+
+    if dataloader is None or isinstance(dataloader, (torch.Tensor, dict, str, bytes)):
+        return dataloader, None
+    try:
+        items = list(itertools.islice(iter(dataloader), n))
+    except TypeError:
+        return dataloader, None
+    if not items:
+        return items, None
+    if len(items) < n:
+        warnings.warn(f"calibration data has {len(items)} batch(es) but calibration_nsamples is {n} (coremltools "
+                      f"counts dataloader items): using all {len(items)}", CalibrationWarning, stacklevel=3)
+    return items, sum(count_samples(b) for b in items)

@@ -1,7 +1,7 @@
 """A user's own model and data, as a recipe names them (``examples/recipes/own_model.yaml``)::
 
     model: quanta.examples.own_model:build        # or my_project/model.py:build
-    data: {factory: quanta.examples.own_model:batches, nsamples: 8}
+    data: {factory: quanta.examples.own_model:batches, nsamples: 32}
 
 ``build()`` returns a small byte-level causal language model (a class defined here, not in
 transformers); ``batches()`` returns calibration batches of token ids ``[B, T]`` (int64) made

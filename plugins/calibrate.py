@@ -30,7 +30,7 @@ from quanta.fx.options import (
     make_session,
     untraceable_field,
 )
-from quanta._run.calibration import call_model
+from quanta._run.calibration import call_model, count_samples
 
 __all__ = ["CalibrateConfig", "Calibrate"]
 
@@ -45,7 +45,7 @@ class CalibrateConfig:
     averaging_constant: float = averaging_constant_field()
     activation_sites: str = activation_sites_field()
     nsamples: int | None = attrs.field(default=None, metadata={
-        "doc": "use at most this many calibration batches (null: all)"})
+        "doc": "use this many calibration samples (rows; whole batches until there are this many; null: all)"})
     untraceable: str = untraceable_field("submodules")
 
 
@@ -86,7 +86,7 @@ class Calibrate(Algorithm):
     changes = "model"  # the result is a rewritten graph with observers folded into quantize/dequantize pairs
 
     def max_batches(self) -> int | None:
-        """``nsamples``: at most that many calibration batches (None: all)."""
+        """``nsamples``: at most that many calibration batches (each holds one sample or more; None: all)."""
         return self.config.nsamples
 
     def session(self, model, plan, recipe, backend, context=None) -> Any:
@@ -105,10 +105,12 @@ class Calibrate(Algorithm):
         gm = session.prepare(example_inputs=first, inplace=True)
         with torch.no_grad():
             call_model(gm, first)
-            for i, batch in enumerate(batches, start=1):
-                if config.nsamples is not None and i >= config.nsamples:
+            seen = count_samples(first)
+            for batch in batches:
+                if config.nsamples is not None and seen >= config.nsamples:
                     break
                 call_model(gm, batch)
+                seen += count_samples(batch)
         return session.finalize(inplace=True)
 
 

@@ -88,3 +88,19 @@ def test_check_destination_kinds_and_permissions(tmp_path):
         check_destination(tmp_path / "big.bin", expected_bytes=1 << 60)
     with pytest.raises(DestinationError, match="cannot create the folder"):
         check_destination(tmp_path / "f" / "sub" / "x.bin")
+
+
+def test_written_folders_and_files_follow_the_umask(tmp_path):
+    import stat
+
+    from quanta._files.atomic import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as staging:
+            fd = os.open(staging / "private.bin", os.O_CREAT | os.O_WRONLY, 0o600)  # as tempfile leaves files
+            os.close(fd)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # was drwx------ (mkdtemp)
+    assert stat.S_IMODE((tmp_path / "out" / "private.bin").stat().st_mode) == 0o644

@@ -229,6 +229,17 @@ def test_transformers_and_saved_directories_as_model_sources(tmp_path):
 
 
 
+def test_loading_line_prints_the_model_reference_not_a_dict(tmp_path, capsys):
+    from quanta._cli.app import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {factory: quanta.examples.own_model:build, kwargs: {dim: 64}}\n"
+                      "global_config: {dtype: int8}\n")
+    assert main(["plan", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "loading model quanta.examples.own_model:build ..." in err and "{" not in err
+
+
 def test_a_plugin_offers_an_example_model(register_plugin):
     from quanta.examples import Example
 

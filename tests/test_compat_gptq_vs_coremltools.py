@@ -46,7 +46,7 @@ def test_seed_gptq_dict_matches_coremltools_on_digits():
         theirs = CtCompressor(copy.deepcopy(model), CtConfig.from_dict(ct_dict)).compress(data, device="cpu")
         ours = LayerwiseCompressor(copy.deepcopy(model), LayerwiseCompressorConfig.from_dict(SEED_GPTQ)).compress(data)
         restricted = quanta.quantize(copy.deepcopy(model), {
-            "algorithm": "gptq", "calibration_nsamples": 16, "on_unsupported_layer": "skip",
+            "algorithm": "gptq", "calibration_nsamples": 512, "on_unsupported_layer": "skip",
             "use_activation_order_heuristic": False, "static_groups": False,  # coremltools' settings but the grid
             "global_config": {"weight_dtype": 4, "granularity": "per_block", "block_size": 128,
                               "scheme": {"name": "symmetric", "grid": "restricted"}}}, data=data)

@@ -141,3 +141,16 @@ def test_block_size_equal_to_input_is_quantized_not_skipped():
     model = torch.nn.Sequential(torch.nn.Conv2d(32, 8, 3))
     q = quanta.quantize(model, {"global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 32}})
     assert tuple(quanta.records(q)["0.weight"].scale.shape) == (8, 1, 1, 1)
+
+
+def test_a_torch_type_the_model_lacks_is_a_warning_not_an_error():
+    import warnings
+
+    import quanta
+    from torch import nn
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = quanta.quantize(nn.Sequential(nn.Linear(8, 8)), {"global_config": {"dtype": "int8"}, "module_type_configs": {"Conv1d": None}})
+    assert any("module_type_configs['Conv1d']" in str(w.message) and "ignored" in str(w.message) for w in caught)
+    assert [r.name for r in q.quanta_report.layers] == ["0"]

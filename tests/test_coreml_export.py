@@ -201,3 +201,12 @@ def test_size_4096_int4_per_block_32_within_2_percent(tmp_path):
     ideal = 4096 * 4096 * 4 // 8 + (4096 * 4096 // 32) * 2  # codes + fp16 scales, no zero points
     assert size <= ideal * 1.02, (size, ideal)
     assert size >= ideal
+
+
+def test_coremltools_progress_bars_hidden_unless_verbose(tmp_path, capfd):
+    q = quanta.quantize(nn.Sequential(nn.Linear(32, 32)), {"global_config": {"dtype": "int8"}})
+    x = torch.randn(1, 32)
+    quanta.export(q, tmp_path / "quiet.mlpackage", example_inputs=(x,))
+    assert "Running MIL" not in capfd.readouterr().err
+    quanta.export(q, tmp_path / "loud.mlpackage", example_inputs=(x,), verbose=True)
+    assert "Running MIL" in capfd.readouterr().err

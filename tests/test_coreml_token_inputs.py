@@ -151,3 +151,25 @@ def test_bool_mask_becomes_an_int32_input_with_the_same_meaning(tmp_path):
     assert {t for t, _ in _input_types(path).values()} == {"INT32"}
     figures = quanta.verify(path, model, inputs)
     assert figures["cosine"] > 0.9999 and figures["max_rel"] < 5e-3, figures
+
+
+def test_token_model_is_flexible_in_batch_and_length_by_default_and_inputs_follow_forward(tmp_path):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = MaskedModel().eval()
+    model.config = SimpleNamespace(max_position_embeddings=32)  # a transformers-style config gives the bound
+    q = _quantized(model)
+    ids = torch.randint(0, 96, (4, 14))
+    path = quanta.export(q, tmp_path / "m.mlpackage",  # keywords given out of the forward() order
+                         example_inputs={"attention_mask": torch.ones_like(ids), "input_ids": ids})
+    types = _input_types(path)
+    assert list(types) == ["input_ids", "attention_mask"]
+    ranges = [(r.lowerBound, r.upperBound) for r in types["input_ids"][1].shapeRange.sizeRanges]
+    assert ranges == [(1, 64), (1, 32)]
+    ids = torch.randint(0, 96, (3, 5))  # another batch size and length than the example's
+    figures = quanta.verify(path, q, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert figures["within_tolerance"] and figures["cosine"] > 0.999, figures
+    fixed = quanta.export(q, tmp_path / "f.mlpackage", example_inputs={"input_ids": ids, "attention_mask": ids > 0},
+                          flexible_batch=False, flexible_sequence_length=False)
+    assert list(_input_types(fixed)["input_ids"][1].shape) == [3, 5]

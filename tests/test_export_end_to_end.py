@@ -33,7 +33,7 @@ def test_gptq_model_exports_exactly(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32))
     data = [torch.randn(16, 64) for _ in range(8)]
-    q = quanta.quantize(model, {"algorithm": "gptq", "calibration_nsamples": 8,
+    q = quanta.quantize(model, {"algorithm": "gptq", "calibration_nsamples": 8 * 16,
                                 "global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 32}},
                         data=data)
     x = torch.randn(4, 64)

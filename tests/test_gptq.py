@@ -61,7 +61,7 @@ def test_gptq_beats_rtn_on_output_error():
     model = _mlp()
     calib, held_out = _correlated(32), _correlated(8, seed=7)
     spec = {"dtype": "int4", "granularity": "per_block", "block_size": 32}
-    gptq = quanta.quantize(model, {"algorithm": "gptq", "global_config": spec, "calibration_nsamples": 32}, data=calib)
+    gptq = quanta.quantize(model, {"algorithm": "gptq", "global_config": spec, "calibration_nsamples": 32 * 32}, data=calib)
     rtn = quanta.quantize(model, {"global_config": spec})
     e_gptq, e_rtn = _out_err(gptq, model, held_out), _out_err(rtn, model, held_out)
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
@@ -105,7 +105,7 @@ def test_blocks_get_every_samples_keyword_inputs():
     data = [{"input_ids": torch.randint(0, 50, (4, 10)), "attention_mask": (torch.rand(4, 10) > 0.3).long()}
             for _ in range(6)]
     model.seen.clear()
-    q = quanta.quantize(model, {"algorithm": "gptq", "global_config": {"dtype": "int8"}, "calibration_nsamples": 6,
+    q = quanta.quantize(model, {"algorithm": "gptq", "global_config": {"dtype": "int8"}, "calibration_nsamples": 24,
                                 "module_type_configs": {"Embedding": {"dtype": "int8"}}}, data=data)
     assert q.seen and all(q.seen)  # the mask reached every block call, every sample (the copy ran)
     methods = {r.name: r.extra["method"] for r in q.quanta_report.layers}
@@ -122,7 +122,7 @@ def test_conv_per_block_gptq_records():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 1))
     data = [torch.randn(2, 16, 8, 8) for _ in range(4)]
-    q = quanta.quantize(model, {"algorithm": "gptq", "calibration_nsamples": 4,
+    q = quanta.quantize(model, {"algorithm": "gptq", "calibration_nsamples": 8,
                                 "global_config": {"dtype": "uint4", "scheme": "affine", "granularity": "per_block",
                                                   "block_size": 8}}, data=data)
     rec = quanta.records(q)["0.weight"]

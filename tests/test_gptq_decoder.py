@@ -10,7 +10,7 @@ import quanta
 
 transformers = pytest.importorskip("transformers")
 
-RECIPE = {"algorithm": "gptq", "calibration_nsamples": 4,
+RECIPE = {"algorithm": "gptq", "calibration_nsamples": 8,
           "global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 128},
           "module_type_configs": {"Embedding": None}}
 

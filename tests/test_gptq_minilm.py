@@ -29,7 +29,7 @@ def test_gptq_beats_rtn_on_minilm_embeddings():
     ref = _embed(example.model, evals)
     spec = {"dtype": "uint4", "granularity": "per_block", "block_size": 128}
     rtn = quanta.quantize(example.model, {"global_config": spec, "module_type_configs": {"Embedding": None}})
-    gptq = quanta.quantize(example.model, {"algorithm": "gptq", "global_config": spec, "calibration_nsamples": 8,
+    gptq = quanta.quantize(example.model, {"algorithm": "gptq", "global_config": spec, "calibration_nsamples": 64,
                                            "module_type_configs": {"Embedding": None}}, data=calib)
     cos_rtn = float((ref * _embed(rtn, evals)).sum(-1).mean())
     cos_gptq = float((ref * _embed(gptq, evals)).sum(-1).mean())

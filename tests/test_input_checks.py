@@ -23,15 +23,26 @@ def _net():
 GPTQ = {"algorithm": "gptq", "global_config": {"dtype": "int8"}}
 
 
-def test_fewer_batches_than_nsamples_warns_with_both_numbers():
-    data = [torch.randn(4, 16) for _ in range(3)]
-    with pytest.warns(CalibrationWarning, match=r"calibration data has 3 batch\(es\) but calibration_nsamples is 8"):
-        quanta.quantize(_net(), {**GPTQ, "calibration_nsamples": 8}, data=data)
-    with pytest.warns(CalibrationWarning, match=r"has 3 batch\(es\) but calibration_nsamples is 8"):  # streamed
-        quanta.quantize(_net(), {**GPTQ, "calibration_nsamples": 8}, data=iter(data))
+def test_fewer_samples_than_nsamples_warns_with_both_numbers():
+    data = [torch.randn(4, 16) for _ in range(3)]  # 12 samples (rows) in 3 batches
+    with pytest.warns(CalibrationWarning, match=r"calibration data has 12 sample\(s\) in 3 batch\(es\) but "
+                                                r"calibration_nsamples is 16"):
+        quanta.quantize(_net(), {**GPTQ, "calibration_nsamples": 16}, data=data)
+    with pytest.warns(CalibrationWarning, match=r"has 12 sample\(s\) in 3 batch\(es\) but calibration_nsamples is 16"):
+        quanta.quantize(_net(), {**GPTQ, "calibration_nsamples": 16}, data=iter(data))  # streamed
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
-        quanta.quantize(_net(), {**GPTQ, "calibration_nsamples": 3}, data=data)  # enough: no warning
+        quanta.quantize(_net(), {**GPTQ, "calibration_nsamples": 12}, data=data)  # enough: no warning
+
+
+def test_samples_are_rows_for_data_and_gptq():
+    from quanta._run.calibration import count_samples, take_samples
+
+    data = [torch.randn(4, 16) for _ in range(3)]
+    assert [count_samples(b) for b in ({"input_ids": data[0]}, (data[0], data[0]), data[0])] == [4, 4, 4]
+    assert len(take_samples(data, 5)) == 2 and len(take_samples(iter(data), None)) == 3
+    q = quanta.quantize(_net(), {**GPTQ, "calibration_nsamples": 8}, data=data)  # reads 2 batches: 8 samples
+    assert q.quanta_report.layers[0].extra["method"] == "gptq"
 
 
 def test_compat_warns_too():

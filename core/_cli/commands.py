@@ -84,7 +84,8 @@ def _recipe_and_model(args, console: Console):
     if ref is None:
         raise ConfigError("the recipe names no model: add `model: minilm` (an example), a model directory or "
                           "`module:function`, or pass --model", "model")
-    console.info(f"loading model {ref!s} ...")
+    shown = next((ref[k] for k in ("path", "factory", "example") if ref.get(k)), ref) if isinstance(ref, dict) else ref
+    console.info(f"loading model {shown!s} ...")
     return recipe, _load_model(ref, "--model" if args.model else "model", args)
 
 
@@ -188,8 +189,14 @@ def _cmd_quantize(args, console: Console) -> int:
         console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
         if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
-            print(f"verified {written} against the quantized torch model on the example inputs: "
-                  f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}")
+            figures = f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}"
+            if not f.get("within_tolerance", True):  # "verified" means within the exporter's tolerance
+                console.error(f"{written} does NOT match the quantized torch model on the example inputs: {figures} "
+                              f"(tolerance: cosine >= {f.get('min_cosine')}); the package was written but is "
+                              "not verified")
+                return 1  # EXIT_INTERNAL: the export, not the user's recipe, fell short
+            within = f" (tolerance: cosine >= {f['min_cosine']})" if "min_cosine" in f else ""
+            print(f"verified {written} against the quantized torch model on the example inputs: {figures}{within}")
     return 0
 
 

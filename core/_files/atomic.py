@@ -20,6 +20,7 @@ import ctypes.util
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,9 +146,29 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def _umask_modes() -> tuple[int, int]:
+    """(file mode, folder mode) that the user's umask gives new files and folders."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+def _unprivate(path: str, mode: int) -> None:
+    """Give ``path`` ``mode`` when tempfile left it private (0600 file, 0700 folder): what quanta
+    writes is created with the umask, as any file the user writes."""
+    try:
+        if stat.S_IMODE(os.stat(path).st_mode) in (0o600, 0o700):
+            os.chmod(path, mode)
+    except OSError:
+        pass
+
+
 def _fsync_tree(root: Path) -> None:
+    file_mode, dir_mode = _umask_modes()
     for dirpath, _dirs, files in os.walk(root):
+        _unprivate(dirpath, dir_mode)
         for f in files:
+            _unprivate(os.path.join(dirpath, f), file_mode)
             try:
                 with open(os.path.join(dirpath, f), "rb") as fh:
                     os.fsync(fh.fileno())

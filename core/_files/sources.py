@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import attrs
 import torch
 
+from quanta._files.samples import take_samples
 from quanta.errors import ConfigError, did_you_mean
 from quanta._files.references import SourceError, example_models, import_callable
 
@@ -399,6 +400,6 @@ def load_data(ref: Any, source: ModelSource | None = None, key: str = "data") ->
             raise SourceError(f"{text!r} raised {type(exc).__name__}: {exc}", key) from exc
         if not batches:
             raise SourceError(f"{text!r} returned no batches", key)
-        return batches[:nsamples] if nsamples else batches
+        return take_samples(batches, nsamples)  # samples are rows, as for files: whole batches until nsamples
     raise SourceError(f"no file {text!r} (in {os.getcwd()}) and not 'module:function'; expected a text/JSONL/"
                       "safetensors file or 'module:function'", key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import re
+import warnings
 from typing import Any, Iterable
 
 import attrs
@@ -166,8 +167,11 @@ def _check_keys(recipe: Recipe, units: list[Unit], all_module_names: Iterable[st
     for key in recipe.module_type_configs:
         tname = _type_name(key)
         if tname not in known_types:
-            raise ConfigError(f"no module of type {tname!r} in the model{did_you_mean(tname, sorted(known_types))}",
-                              f"module_type_configs[{tname!r}]")
+            message = f"no module of type {tname!r} in the model{did_you_mean(tname, sorted(known_types))}"
+            if _is_torch_module_type(tname):  # a real type this model lacks: the config is simply unused
+                warnings.warn(f"module_type_configs[{tname!r}]: {message}; the key is ignored", stacklevel=4)
+                continue
+            raise ConfigError(message, f"module_type_configs[{tname!r}]")
 
 
 def _plan_layer(unit: Unit, recipe: Recipe, global_types: tuple[str, ...] | None) -> PlannedLayer:
@@ -195,6 +199,16 @@ def _plan_layer(unit: Unit, recipe: Recipe, global_types: tuple[str, ...] | None
     return PlannedLayer(unit=unit, spec=spec, reason=reason)
 
 
+def _is_torch_module_type(name: str) -> bool:
+    """Whether ``name`` is a module class of ``torch.nn`` (``Conv1d``): a recipe naming one that the
+    model lacks is portable across models, not a typo."""
+    import sys
+
+    nn = getattr(sys.modules.get("torch"), "nn", None)  # a torch model means torch is imported already
+    cls = getattr(nn, name, None) if nn is not None else None
+    return isinstance(cls, type) and issubclass(cls, nn.Module)
+
+
 def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_names: Iterable[str] = (),
                all_type_names: Iterable[str] = (), global_types: tuple[str, ...] | None = None) -> Plan:
     """Resolve every unit and validate it; raise before anything is modified.
@@ -204,7 +218,7 @@ def build_plan(units: Iterable[Unit], recipe: Recipe, backend: str, all_module_n
     names them.
 
     Raises ConfigError for a name/type key that matches nothing in the model (with the
-    nearest name), and QuantizationError naming the layer for a spec that cannot apply
+    nearest name; a ``torch.nn`` type the model lacks, such as ``Conv1d``, only warns), and QuantizationError naming the layer for a spec that cannot apply
     (e.g. a block size that does not divide the input axis).
     """
     units = list(units)

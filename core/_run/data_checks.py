@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from quanta._run.calibration import call_model, to_device
+from quanta._run.calibration import call_model, count_samples, to_device
 from quanta.errors import DataError
 
 __all__ = ["check_calibration_data", "check_data_container", "check_batches", "CheckedBatches",
@@ -118,8 +118,8 @@ def check_batches(model: Any, batches: Sequence, *, limit: int | None = None, re
     """Check a list of calibration ``batches`` (as core read them) against ``model``.
 
     Structure and finiteness of every batch, the same inputs as batch 0, a dry forward of batch 0
-    on a ``torch.nn.Module``; warns (:class:`CalibrationWarning`) when there are fewer batches than
-    ``limit``, the number ``reader`` would use (``forward=False`` skips the dry forward). Raises
+    on a ``torch.nn.Module``; warns (:class:`CalibrationWarning`) when the batches hold fewer samples
+    (rows) than ``limit``, the number ``reader`` would use (``forward=False`` skips the dry forward). Raises
     :class:`DataError` naming the batch.
     """
     if len(batches) == 0:
@@ -128,9 +128,11 @@ def check_batches(model: Any, batches: Sequence, *, limit: int | None = None, re
     _dry_forward_first(model, batches[0], forward)
     for index, batch in enumerate(batches[1:], start=1):
         _check_batch(batch, index, reference)
-    if limit is not None and len(batches) < limit:
-        warnings.warn(f"calibration data has {len(batches)} batch(es) but calibration_nsamples is {limit} "
-                      f"({reader} reads up to {limit}): using all {len(batches)}", CalibrationWarning, stacklevel=3)
+    samples = sum(count_samples(b) for b in batches) if limit is not None else 0
+    if limit is not None and samples < limit:  # samples are rows: docs/config.md, "Samples"
+        warnings.warn(f"calibration data has {samples} sample(s) in {len(batches)} batch(es) but calibration_nsamples "
+                      f"is {limit} ({reader} reads up to {limit} samples): using all {samples}", CalibrationWarning,
+                      stacklevel=3)
 
 
 def _leaves(batch: Any, index: int) -> list[tuple[str, Any]]:
@@ -214,14 +216,14 @@ class CheckedBatches:
         for index, batch in enumerate(items):
             if index > 0:
                 _check_batch(batch, index, self.reference)
-            count += 1
+            count += count_samples(batch)
             yield batch
         _warn_count(count, self.nsamples)
 
 
 def _warn_count(count: int, nsamples: int | None) -> None:
     if nsamples is not None and count < nsamples:
-        warnings.warn(f"calibration data has {count} batch(es) but calibration_nsamples is {nsamples}: "
+        warnings.warn(f"calibration data has {count} sample(s) but calibration_nsamples is {nsamples}: "
                       f"using all {count}", CalibrationWarning, stacklevel=3)
 
 

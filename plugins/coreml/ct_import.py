@@ -9,13 +9,16 @@ warnings from coremltools are left as they are.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import logging
 import sys
 import warnings
+from contextlib import contextmanager
+from functools import partialmethod
+from typing import Iterator
 
-__all__ = ["import_coremltools"]
+__all__ = ["import_coremltools", "quiet_conversion"]
 
 
 def import_coremltools() -> Any:
@@ -33,3 +36,25 @@ def import_coremltools() -> Any:
     finally:
         logger.setLevel(level)
     return coremltools
+
+
+@contextmanager
+def quiet_conversion(verbose: bool = False) -> Iterator[None]:
+    """Within the block, unless ``verbose``: coremltools' progress bars (tqdm) are off and its
+    logger (``Tuple detected at graph output``...) shows errors only; both restored after. The
+    exporter converts inside it, so the Python API is as quiet as the CLI (option ``verbose``)."""
+    if verbose:
+        yield
+        return
+    import tqdm
+
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    init = tqdm.tqdm.__dict__["__init__"]
+    tqdm.tqdm.__init__ = partialmethod(init, disable=True)
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__init__ = init
+        logger.setLevel(level)

@@ -13,6 +13,7 @@ import copy
 import inspect
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,16 @@ from quanta._files.faults import fault_delay
 from quanta.record import records as _records
 
 from . import metadata, targets, torch_ops
-from .ct_import import import_coremltools
+from .ct_import import import_coremltools, quiet_conversion
+from .overflow import find_fp16_overflow
 from .inputs import ExampleInputs, KeywordInputs, core_ml_dtype, example_inputs as normalize_inputs
 
 __all__ = ["CoreMLExporter", "CoreMLExportConfig", "stored_weights", "has_activation_quantization",
-           "conversion_pass_pipeline", "core_ml_inputs", "max_sequence_length"]
+           "conversion_pass_pipeline", "core_ml_inputs", "max_sequence_length", "is_token_model"]
 
-_PRECISIONS = ("float16", "float32")
+_PRECISIONS = ("auto", "float16", "float32")
+#: The largest batch of a flexible batch dimension (``flexible_batch: true``): ML programs need a bound.
+MAX_FLEXIBLE_BATCH = 64
 #: coremltools 9.0 pass that rewrites dequantize(s1) -> reshape -> quantize(s2) into a bare
 #: reshape without checking s1 == s2: wrong numbers for W8A8 models (COREML_FACTS.md).
 UNSAFE_PASSES = ("common::int_op_canonicalization",)
@@ -50,23 +54,33 @@ class CoreMLExportConfig:
         default=None, converter=targets.parse_target,
         metadata={"doc": "ct.target or 'iOS16'/'iOS17'/'iOS18'/'macOS13'..; None = lowest that fits the model"})
     compute_precision: str = attrs.field(
-        default="float16", metadata={"doc": "'float16' (Core ML default) or 'float32' (fp32 activations and scales)"})
+        default="auto", metadata={"doc": "'auto': float16, or float32 when the float16 program overflows on the example "
+                                         "inputs (a warning says so); 'float16' (an overflow is refused); 'float32' "
+                                         "(fp32 activations and scales)"})
+    verbose: bool = attrs.field(
+        default=False, metadata={"doc": "show coremltools' progress bars and log lines while converting"})
     check_codes: bool = attrs.field(
         default=True, metadata={"doc": "read the saved file back and raise unless every stored code equals quanta's"})
     input_names: tuple[str, ...] | None = attrs.field(
         default=None, converter=attrs.converters.optional(tuple),
         metadata={"doc": "names of positional model inputs (default: the forward() argument names; "
                          "a dict of example inputs is named by its keys)"})
-    flexible_sequence_length: bool | int = attrs.field(
-        default=False,
-        metadata={"doc": "False: fixed input shapes; True: axis 1 of every input ranges over 1.."
+    flexible_sequence_length: bool | int | str = attrs.field(
+        default="auto",
+        metadata={"doc": "'auto': flexible for a token model (integer inputs, a config.max_position_embeddings), "
+                         "else fixed; False: fixed input shapes; True: axis 1 of every input ranges over 1.."
                          "config.max_position_embeddings (ct.RangeDim); an int: that upper bound"})
+    flexible_batch: bool | int | str = attrs.field(
+        default="auto",
+        metadata={"doc": "'auto': flexible for a token model (as flexible_sequence_length), else fixed; False: the "
+                         "example's batch size; True: axis 0 of every input ranges over 1..64 (Core ML needs "
+                         "a bound); an int: 1..that"})
 
     @flexible_sequence_length.validator
-    def _check_flexible(self, _attr, value) -> None:
-        if not isinstance(value, bool) and not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"must be true, false or a positive maximum length, got {value!r}",
-                              "flexible_sequence_length")
+    @flexible_batch.validator
+    def _check_flexible(self, attribute, value) -> None:
+        if value != "auto" and not isinstance(value, bool) and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"must be 'auto', true, false or a positive maximum, got {value!r}", attribute.name)
 
     @compute_precision.validator
     def _check_precision(self, _attr, value) -> None:
@@ -107,13 +121,32 @@ def max_sequence_length(model) -> int | None:
     return None
 
 
+def is_token_model(model, example: ExampleInputs) -> bool:
+    """Whether ``model`` takes token ids: every example input is an integer or bool tensor of rank
+    2 or more (ids, masks) and the model's config gives a maximum sequence length."""
+    return (max_sequence_length(model) is not None and all(
+        t.dim() >= 2 and (t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()))
+        for t in example.tensors))
+
+
 def core_ml_inputs(model, example: ExampleInputs, cfg: "CoreMLExportConfig") -> list:
     """``ct.TensorType`` per example input: its name, Core ML dtype (int32 for token ids) and shape,
-    with a ``ct.RangeDim`` on axis 1 (the sequence) when ``flexible_sequence_length`` is set."""
+    with a ``ct.RangeDim`` on axis 1 (the sequence) when ``flexible_sequence_length`` is set and on
+    axis 0 (the batch) when ``flexible_batch`` is ('auto': both for a token model)."""
     ct = import_coremltools()
 
     shapes = [tuple(int(d) for d in t.shape) for t in example.tensors]
+    token_model = is_token_model(model, example)
     flexible = cfg.flexible_sequence_length
+    if flexible == "auto":
+        flexible = token_model
+    batch = token_model if cfg.flexible_batch == "auto" else cfg.flexible_batch
+    if batch is not False:
+        if any(len(s) < 1 for s in shapes):
+            raise ConfigError("a flexible batch varies axis 0 of every input; a scalar input has none", "flexible_batch")
+        max_rows = MAX_FLEXIBLE_BATCH if batch is True else int(batch)
+        if any(s[0] > max_rows for s in shapes):
+            raise ConfigError(f"the example batch is larger than the maximum {max_rows}", "flexible_batch")
     if flexible is not False:
         upper = flexible if not isinstance(flexible, bool) else max_sequence_length(model)
         if upper is None:
@@ -123,13 +156,17 @@ def core_ml_inputs(model, example: ExampleInputs, cfg: "CoreMLExportConfig") -> 
         if short:
             raise ConfigError(f"a flexible sequence length varies axis 1 of every input; {short} have rank < 2",
                               "flexible_sequence_length")
-        too_long = [n for n, s in zip(example.names, shapes) if s[1] > upper]
+        too_long = [n for n, s in zip(example.names, shapes) if s[1] > upper]  # type: ignore[operator]  # upper is an int here
         if too_long:
             raise ConfigError(f"example inputs {too_long} are longer than the maximum {upper}",
                               "flexible_sequence_length")
         seq = ct.RangeDim(lower_bound=1, upper_bound=int(upper), default=shapes[0][1])
         shapes = [(s[0], seq, *s[2:]) for s in shapes]
-    return [ct.TensorType(name=n, shape=ct.Shape(shape=s) if flexible is not False else s, dtype=core_ml_dtype(t))
+    if batch is not False:
+        rows = ct.RangeDim(lower_bound=1, upper_bound=max_rows, default=shapes[0][0])
+        shapes = [(rows, *s[1:]) for s in shapes]
+    flexible_any = flexible is not False or batch is not False
+    return [ct.TensorType(name=n, shape=ct.Shape(shape=s) if flexible_any else s, dtype=core_ml_dtype(t))
             for n, s, t in zip(example.names, shapes, example.tensors)]
 
 
@@ -264,7 +301,7 @@ class CoreMLExporter(Exporter):
         wrapper = KeywordInputs(work, example.names if example.keywords else None, example.bool_positions()).eval()
         metadata.annotate(wrapper)  # the model-level metadata buffer belongs on the traced root
         torch_ops.register()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch_ops.gqa_expanded():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(wrapper, example.traced_tensors(), check_trace=False)
         act_quant = has_activation_quantization(traced)
@@ -274,12 +311,19 @@ class CoreMLExporter(Exporter):
         ct_outputs = None
         if len(set(wrapper.output_names)) == len(wrapper.output_names) and not taken & set(wrapper.output_names):
             ct_outputs = [ct.TensorType(name=n) for n in wrapper.output_names]  # "logits", "last_hidden_state"
-        precision = ct.precision.FLOAT16 if cfg.compute_precision == "float16" else ct.precision.FLOAT32
-        mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
-                             minimum_deployment_target=target, compute_precision=precision,
-                             pass_pipeline=conversion_pass_pipeline())
-        mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
-        mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
+
+        def convert(precision: str) -> Any:
+            with quiet_conversion(cfg.verbose):
+                mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
+                                     minimum_deployment_target=target,
+                                     compute_precision=getattr(ct.precision, precision.upper()),
+                                     pass_pipeline=conversion_pass_pipeline())
+            mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
+            mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
+            return mlmodel
+
+        precision = "float32" if cfg.compute_precision == "float32" else "float16"
+        mlmodel = convert(precision)
         # Saved into a staging folder and swapped in: the old package (or the user's folder) survives
         # any failure or Ctrl-C, and a package failing the code check is never put in place.
         with atomic_dir(path, overwrite=overwrite) as staging:
@@ -287,6 +331,19 @@ class CoreMLExporter(Exporter):
             mlmodel.save(str(written))
             if cfg.check_codes and recs:
                 check_stored_codes(str(written), recs)
+            if precision == "float16":
+                overflow = find_fp16_overflow(written, model, example_inputs)
+                if overflow is not None and cfg.compute_precision == "float16":
+                    raise ConfigError(f"{overflow.describe()}; nothing was written. Export with "
+                                      "compute_precision: float32 (or auto, the default, which does so)",
+                                      "compute_precision")
+                if overflow is not None:
+                    warnings.warn(f"{overflow.describe()}: exported with compute_precision float32 instead "
+                                  "(fp32 activations; set compute_precision to silence this)", stacklevel=2)
+                    shutil.rmtree(written)
+                    convert("float32").save(str(written))
+                    if cfg.check_codes and recs:
+                        check_stored_codes(str(written), recs)
             for child in list(written.iterdir()):
                 child.rename(staging / child.name)
             written.rmdir()

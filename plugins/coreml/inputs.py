@@ -75,7 +75,7 @@ def example_inputs(example: Any, positional_names=None) -> ExampleInputs:
     """Normalise ``example`` (tensor, tuple/list of tensors, or mapping name -> tensor).
 
     ``positional_names``: names for positional inputs (e.g. the ``forward()`` argument names);
-    a mapping's keys are its names. Raises ConfigError naming ``example_inputs`` otherwise.
+    a mapping's keys are its names, put in that order (the signature's), others after as given. Raises ConfigError naming ``example_inputs`` otherwise.
     """
     if example is None:
         raise ConfigError("the coreml exporter traces the model: pass example_inputs=<tensor, tuple of tensors "
@@ -85,6 +85,8 @@ def example_inputs(example: Any, positional_names=None) -> ExampleInputs:
         bad = [k for k, v in items if not isinstance(v, torch.Tensor)]
         if bad or not items:
             raise ConfigError(f"expected a dict of tensors; {bad or 'nothing'} given", "example_inputs")
+        order = {n: i for i, n in enumerate(positional_names or [])}  # the forward() signature's order
+        items.sort(key=lambda kv: order.get(str(kv[0]), len(order)))
         names = tuple(str(k) for k, _ in items)
         if any(not n.isidentifier() for n in names):
             raise ConfigError(f"dict keys must be the model's keyword argument names, got {list(names)}",

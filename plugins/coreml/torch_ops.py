@@ -11,11 +11,12 @@ coremltools already translates keeps coremltools' own translation.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["TRANSLATIONS", "register", "registered"]
+__all__ = ["TRANSLATIONS", "register", "registered", "gqa_expanded"]
 
 _state: dict[str, Any] = {"done": False, "registered": ()}
 
@@ -116,3 +117,38 @@ def register() -> tuple[str, ...]:
 def registered() -> tuple[str, ...]:
     """The names :func:`register` added to coremltools' registry (empty before it ran)."""
     return _state["registered"]
+
+
+def _repeat_heads(x, heads: int) -> Any:
+    """``x`` ``[..., kv_heads, L, D]`` with each head repeated to ``heads`` (transformers' ``repeat_kv``:
+    expand and reshape, which coremltools converts; ``repeat_interleave`` it does not)."""
+    kv = x.shape[-3]
+    expanded = x.unsqueeze(-3).expand(*x.shape[:-2], heads // kv, *x.shape[-2:])
+    return expanded.reshape(*x.shape[:-3], heads, *x.shape[-2:])
+
+
+@contextmanager
+def gqa_expanded() -> Iterator[None]:
+    """Within the block (the exporter's ``torch.jit.trace``), ``F.scaled_dot_product_attention(...,
+    enable_gqa=True)`` repeats the key/value heads itself and calls the plain attention.
+
+    transformers' Llama-style decoders pass ``enable_gqa=True`` (grouped-query attention: fewer
+    key/value heads than query heads) when no attention mask is given; coremltools 9.0's
+    translation ignores the flag and fails with ``Incompatible dim 1 in shapes (1, 4) vs. (1, 2)``.
+    Repeating the heads is what ``enable_gqa`` means; the traced graph then converts. Restored after.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *args, enable_gqa=False, **kwargs) -> Any:
+        if enable_gqa and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+            key, value = _repeat_heads(key, query.shape[-3]), _repeat_heads(value, query.shape[-3])
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original

@@ -14,7 +14,19 @@ from .ct_import import import_coremltools
 from .inputs import flatten_outputs, torch_input
 from .package_check import check_package
 
-__all__ = ["verify_package", "package_inputs", "random_inputs"]
+__all__ = ["verify_package", "package_inputs", "random_inputs", "MIN_COSINE", "within_tolerance"]
+
+#: The documented tolerance of ``verify`` against the quantized torch model: the package's outputs
+#: must have a cosine similarity of at least this with torch's (fp16 rounding stays far above it;
+#: an fp16 overflow or a wrong conversion falls below).
+MIN_COSINE = 0.99
+
+
+def within_tolerance(figures: Mapping[str, Any], min_cosine: float = MIN_COSINE) -> bool:
+    """Whether ``verify`` figures (``cosine``) are within the tolerance: cosine >= ``min_cosine``
+    (NaN, from a NaN in an output, never is)."""
+    cosine = float(figures["cosine"])
+    return cosine == cosine and cosine >= min_cosine
 
 
 def package_inputs(program) -> list[tuple[str, tuple]]:
@@ -78,8 +90,9 @@ def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_in
     (``against(**inputs)``, names = the package's input names), or None (seeded normal inputs;
     float inputs of fixed shape only). Integer inputs reach the runner as int32 and torch as int64.
 
-    Returns ``{"max_abs", "max_rel", "cosine", "outputs": [names], "per_output": {name: figures}}``:
-    ``max_abs``/``max_rel`` are the largest and ``cosine`` the smallest over the outputs.
+    Returns ``{"max_abs", "max_rel", "cosine", "outputs": [names], "per_output": {name: figures},
+    "min_cosine", "within_tolerance"}``: ``max_abs``/``max_rel`` are the largest and ``cosine`` the
+    smallest over the outputs; ``within_tolerance`` is ``cosine >= min_cosine`` (:data:`MIN_COSINE`).
     """
     from quanta.mil.program import load_program
     from quanta.mil.runner import compare, declared_numpy_dtype, run
@@ -101,7 +114,9 @@ def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_in
     if len(ref) != len(out_names):
         raise ConfigError(f"the torch model gives {len(ref)} outputs, the package {len(out_names)}", "against")
     per = {n: compare(got[n].astype(np.float32).reshape(r.shape), r) for n, r in zip(out_names, ref)}
-    return {"max_abs": max(f["max_abs"] for f in per.values()),
-            "max_rel": max(f["max_rel"] for f in per.values()),
-            "cosine": min(f["cosine"] for f in per.values()),
-            "outputs": out_names, "per_output": per}
+    figures = {"max_abs": max(f["max_abs"] for f in per.values()),
+               "max_rel": max(f["max_rel"] for f in per.values()),
+               "cosine": min(f["cosine"] for f in per.values()),
+               "outputs": out_names, "per_output": per, "min_cosine": MIN_COSINE}
+    figures["within_tolerance"] = within_tolerance(figures)
+    return figures

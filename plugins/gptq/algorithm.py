@@ -11,6 +11,13 @@ activations. Layers outside the blocks are calibrated by a final pass of the (al
 quantized) model. Stateful keyword inputs (a decoder's key-value cache) are copied for every
 block call, so a cache filled by one call never reaches the next. Weights GPTQ cannot calibrate (Embedding, MultiheadAttention input
 projections, grouped convs, ConvTranspose) get round-to-nearest, said in the report.
+
+No layer is quantized blind: ``nn.MultiheadAttention``'s ``out_proj`` (and a self-attention
+``in_proj_weight``), used through ``F.multi_head_attention_forward``, get their inputs captured
+(:mod:`.capture`); a layer the calibration data never reaches is refused before any weight
+changes (``uncalibrated: rtn`` quantizes it data-free instead). Input channels that never fire
+are reported per layer (``dead_inputs``); the reference GPTQ zeroes their weights
+(``dead_inputs: zero``, the default), ``dead_inputs: rtn`` keeps and rounds them.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quanta
-from quanta._run.calibration import call_model, to_device
+from quanta._run.calibration import call_model, take_samples, to_device
 from quanta.errors import ConfigError, QuantizationError
 from quanta._run.model_checks import check_device
 from quanta.contracts import Algorithm
@@ -34,6 +41,7 @@ from quanta.record import QuantizedWeight
 from quanta._records.spec import Granularity
 from quanta._run.weights import check_finite, observer_for, scheme_for
 
+from .capture import attach_hooks, dead_columns, no_fastpath, unreached
 from .hessian import accumulate_xtx, mirror_upper
 from .solver import gptq_quantize
 
@@ -48,7 +56,8 @@ def _doc(text: str) -> dict:
 class GPTQConfig:
     """Options of the ``gptq`` algorithm (coremltools' names where they exist)."""
 
-    calibration_nsamples: int = attrs.field(default=128, metadata=_doc("calibration samples (batches) used"))
+    calibration_nsamples: int = attrs.field(default=128, metadata=_doc(
+        "calibration samples (rows of the batches; whole batches are read until there are this many)"))
     hessian_dampening: float = attrs.field(default=0.01, metadata=_doc("dampening as a fraction of mean(diag(H))"))
     processing_group_size: int = attrs.field(default=128, metadata=_doc("columns per lazy batch update"))
     use_activation_order_heuristic: bool = attrs.field(
@@ -62,6 +71,12 @@ class GPTQConfig:
     layers: Any = attrs.field(default=None, metadata=_doc("block names or 're:' patterns to process (default: found)"))
     device: Any = attrs.field(default=None, metadata=_doc("torch device for the computation (default: the model's)"))
     enable_normal_float: bool = attrs.field(default=False, metadata=_doc("coremltools' NF mode (not supported)"))
+    uncalibrated: str = attrs.field(default="error", metadata=_doc(
+        "a layer the calibration data never reaches (dead branch, functional use): 'error' refuses before "
+        "any weight changes, 'rtn' quantizes it data-free (round-to-nearest)"))
+    dead_inputs: str = attrs.field(default="zero", metadata=_doc(
+        "input channels that are zero on all calibration data: 'zero' zeroes their weights (reference GPTQ, "
+        "coremltools), 'rtn' keeps and rounds them (data-free)"))
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.calibration_nsamples, int) or self.calibration_nsamples < 1:
@@ -72,6 +87,10 @@ class GPTQConfig:
             raise ConfigError(f"must be in [0, 1), got {self.hessian_dampening!r}", "hessian_dampening")
         if self.input_cacher not in ("default", "gpt"):
             raise ConfigError(f"unknown input cacher {self.input_cacher!r} (allowed: default, gpt)", "input_cacher")
+        if self.uncalibrated not in ("error", "rtn"):
+            raise ConfigError(f"unknown value {self.uncalibrated!r} (allowed: error, rtn)", "uncalibrated")
+        if self.dead_inputs not in ("zero", "rtn"):
+            raise ConfigError(f"unknown value {self.dead_inputs!r} (allowed: zero, rtn)", "dead_inputs")
         if self.enable_normal_float:
             raise ConfigError("normal-float (NF) quantization is not supported by quanta's gptq; use a scheme plugin",
                               "enable_normal_float")
@@ -147,6 +166,24 @@ def _calibratable(module: nn.Module) -> str | None:
     return f"{type(module).__name__} weights get no calibration inputs"
 
 
+def _calibratable_layer(layer: Any, module: nn.Module) -> str | None:
+    """None when GPTQ can calibrate this planned layer (computed by ``module``), else the reason it
+    gets round-to-nearest."""
+    if isinstance(module, nn.MultiheadAttention):
+        return None if layer.unit.param == "in_proj_weight" else "separate q/k/v projection weights"
+    return _calibratable(module)
+
+
+def _blind_error(names: list[str]) -> QuantizationError:
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    first = names[0]
+    return QuantizationError(
+        f"gptq: the calibration data never reaches layer(s) {shown} (a branch forward() does not take, or a "
+        f"weight used functionally): GPTQ would quantize them blind (zeroed). Nothing was changed. Either leave "
+        f"them float (module_name_configs: {{{first!r}: null}}) or quantize them data-free with round-to-nearest "
+        f"(gptq option uncalibrated: rtn)", first)
+
+
 class _HessianHook:
     """Accumulates ``Σ xᵀx`` (float32, upper blocks; mirrored once in :meth:`hessian`) and the
     sample count for one Linear/Conv module.
@@ -158,17 +195,23 @@ class _HessianHook:
     count quanta's GPTQ gives coremltools' weights.
     """
 
-    def __init__(self, module: nn.Module, device) -> None:
+    def __init__(self, module: nn.Module, device, weight: torch.Tensor | None = None, attach: bool = True) -> None:
         self.module = module
-        cols = module.get_parameter("weight")[0].numel()
+        cols = (module.get_parameter("weight") if weight is None else weight)[0].numel()
         self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
         self.samples = 0
-        self.handle = module.register_forward_pre_hook(self._hook)
+        # attach=False: fed through add() by an AttentionFeed, which sets the handle.
+        self.handle = module.register_forward_pre_hook(self._hook) if attach else None
 
     def _hook(self, module, args) -> None:
-        x = args[0].detach()
+        self.add(args[0])
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate one input ``x`` of the module (as its forward receives it)."""
+        module = self.module
+        x = x.detach()
         self.samples += x.shape[0] if x.dim() > 2 else 1
-        if isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d)):  # Linear, or an attention input projection
             x = x.reshape(-1, x.shape[-1])
         elif isinstance(module, nn.Conv1d):
             x = F.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), dilation=(module.dilation[0], 1),
@@ -184,7 +227,8 @@ class _HessianHook:
         accumulate_xtx(self.xtx, x)
 
     def hessian(self) -> torch.Tensor:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
         return mirror_upper(self.xtx).mul_(2.0 / max(self.samples, 1))
 
 
@@ -200,7 +244,7 @@ class GPTQ(Algorithm):
     global_types = {"torch": ("Conv2d", "Linear")}
 
     def max_batches(self) -> int:
-        """``calibration_nsamples``: GPTQ reads at most that many batches."""
+        """``calibration_nsamples``: GPTQ reads at most that many batches (each holds one sample or more)."""
         return self.config.calibration_nsamples
 
     def validate(self, plan, recipe) -> None:
@@ -214,21 +258,35 @@ class GPTQ(Algorithm):
         cfg: GPTQConfig = self.config
         device = torch.device(cfg.device or context.device or next(model.parameters()).device)
         samples = _take(data, cfg.calibration_nsamples)
-        todo = {context.module(model, layer): layer for layer in plan.selected}
-        for module, layer in list(todo.items()):
-            reason = _calibratable(module)
-            if reason is not None or layer.unit.param != "weight":
-                context.quantize_layer(model, layer, extra={"method": f"rtn ({reason or 'attention projection'})"})
-                del todo[module]
+        todo, rtn = {}, []
+        for layer in plan.selected:
+            module = context.module(model, layer)
+            reason = _calibratable_layer(layer, module)
+            if reason is None:
+                todo[module] = layer
+            else:
+                rtn.append((layer, reason))
+        # Before any weight changes: every layer GPTQ calibrates must receive inputs.
+        for module in unreached(model, todo, samples[0]):
+            if cfg.uncalibrated == "error":
+                raise _blind_error([todo[m].name for m in unreached(model, todo, samples[0])])
+            rtn.append((todo.pop(module), "no calibration inputs reach it; uncalibrated: rtn"))
+        for layer, reason in rtn:
+            context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
         if not todo:
             return
         was_training = model.training
         model.eval()
+        self._dead: list[Any] = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), no_fastpath():
                 self._run_blocks(model, todo, samples, cfg, device, context)
         finally:
             model.train(was_training)
+        if self._dead and cfg.dead_inputs == "zero":
+            listed = "; ".join(f"{name}: {n}" for name, n in self._dead)
+            warnings.warn(f"gptq: input channels that never fire on the calibration data, weights zeroed (set the "
+                          f"gptq option dead_inputs: rtn to quantize them data-free): {listed}", stacklevel=2)
 
     def _run_blocks(self, model, todo, samples, cfg, device, context) -> None:
         blocks = find_blocks(model, cfg.layers)
@@ -242,7 +300,8 @@ class GPTQ(Algorithm):
                 home = _device_of(block)
                 block.to(device)
                 if mine:
-                    hooks = {m: _HessianHook(m, device) for m in mine}
+                    hooks = attach_hooks(block, [(m, l.unit.param) for m, l in mine.items()],
+                                         lambda m, **kw: _HessianHook(m, device, **kw))
                     try:
                         for args, kwargs in cache:
                             block(*args, **_fresh_state(kwargs))
@@ -265,7 +324,8 @@ class GPTQ(Algorithm):
         if todo:  # layers outside the blocks (heads, poolers): one pass of the quantized model
             home = _device_of(model)
             model.to(device)
-            hooks = {m: _HessianHook(m, device) for m in todo}
+            hooks = attach_hooks(model, [(m, l.unit.param) for m, l in todo.items()],
+                                 lambda m, **kw: _HessianHook(m, device, **kw))
             try:
                 for sample in samples:
                     call_model(model, to_device(sample, device))
@@ -276,12 +336,16 @@ class GPTQ(Algorithm):
 
     def _solve(self, model, mine, hooks, cfg, device, context) -> None:
         for module, layer in mine.items():
-            hessian = hooks[module].hessian()
-            original = module.weight.detach()
+            hook = hooks[module]
+            hessian = hook.hessian()
+            if self._fallback(model, layer, hook, cfg, context):
+                continue
+            original = getattr(module, layer.unit.param).detach()
             check_finite(original, layer.name)
             w = original.to(device, torch.float32).reshape(original.shape[0], -1)
             spec = layer.spec
             per_col = original[0, 0].numel()  # kernel elements per input channel
+            dead = self._dead_inputs(layer, hessian, per_col, cfg)
             block = spec.block_size * per_col if spec.granularity is Granularity.per_block else None
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -302,7 +366,34 @@ class GPTQ(Algorithm):
             ).to(original.device)
             values = result.weight.reshape(original.shape).to(original.device)
             context.write_layer(model, layer, record, original, values=values,
-                                extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp)})
+                                extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp),
+                                       **dead})
+
+    def _fallback(self, model, layer, hook, cfg, context) -> bool:
+        """True when ``layer`` is not GPTQ-solved: no inputs reached it in this pass (refused, or
+        round-to-nearest with ``uncalibrated: rtn``), or a cross-attention ``in_proj_weight``."""
+        if hook.samples == 0:
+            if cfg.uncalibrated == "error":  # the pipeline restores the weights already written
+                raise _blind_error([layer.name])
+            reason = "no calibration inputs reach it; uncalibrated: rtn"
+        elif getattr(hook, "mixed", False):
+            reason = "cross-attention in_proj_weight: query, key and value differ"
+        else:
+            return False
+        context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
+        return True
+
+    def _dead_inputs(self, layer, hessian, per_col: int, cfg) -> dict:
+        """Count the layer's dead input channels for the report; with ``dead_inputs: rtn`` give
+        them a unit Hessian diagonal so the solver keeps (and rounds) their weights."""
+        n = dead_columns(hessian, per_col)
+        if not n:
+            return {}
+        self._dead.append((layer.name, n))
+        if cfg.dead_inputs == "rtn":
+            hessian.diagonal()[hessian.diagonal() == 0] = 1.0
+            return {"dead_inputs": f"{n} kept (rtn)"}
+        return {"dead_inputs": f"{n}: weights zeroed"}
 
 
 _PLAIN = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
@@ -326,7 +417,8 @@ def _fresh_state(kwargs: dict) -> dict:
 
 def _remove_hooks(hooks: dict) -> None:
     for hook in hooks.values():
-        hook.handle.remove()  # idempotent: hessian() removed the solved ones already
+        if hook.handle is not None:
+            hook.handle.remove()  # idempotent: hessian() removed the solved ones already
 
 
 def _contains(parent: nn.Module, module: nn.Module) -> bool:
@@ -349,11 +441,7 @@ def _nbytes(obj) -> int:
 
 
 def _take(data, n: int) -> list:
-    out = []
-    for sample in data:
-        out.append(sample)
-        if len(out) >= n:
-            break
+    out = take_samples(data, n)  # whole batches until n samples (rows)
     if not out:
         raise ConfigError("calibration data is empty", "data")
     return out

@@ -1,0 +1,98 @@
+"""fp16 overflow in an exported program: found on the example inputs, exported in float32
+(``compute_precision: auto``) or refused (``float16``), never reported verified below tolerance."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import quanta
+from quanta.errors import ConfigError
+
+pytest.importorskip("coremltools")
+
+MODEL_SOURCE = '''
+import torch
+from torch import nn
+
+
+class LargeActivations(nn.Module):
+    """An RMSNorm of activations in the thousands: its x ** 2 exceeds fp16's 65504."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
+        with torch.no_grad():
+            self.fc1.weight.mul_(2000)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def build():
+    return LargeActivations().eval()
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 32, generator=g) for _ in range(2)]
+'''
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("big")
+    (folder / "big_model.py").write_text(MODEL_SOURCE)
+    namespace: dict = {}
+    exec(compile(MODEL_SOURCE, str(folder / "big_model.py"), "exec"), namespace)
+    qmodel = quanta.quantize(namespace["build"](), {"algorithm": "rtn", "global_config": {"dtype": "int8"}})
+    return folder, qmodel, (namespace["batches"]()[0],)
+
+
+@pytest.mark.slow
+def test_overflow_exports_float32_by_default_and_is_refused_in_float16(big, tmp_path):
+    _, qmodel, x = big
+    with pytest.warns(UserWarning, match=r"float16 program overflows .* \(pow\).*compute_precision float32"):
+        path = quanta.export(qmodel, tmp_path / "auto.mlpackage", example_inputs=x)
+    figures = quanta.verify(path, qmodel, x)
+    assert figures["within_tolerance"] and figures["cosine"] > 0.9999, figures
+    with pytest.raises(ConfigError, match=r"compute_precision: float32") as err:
+        quanta.export(qmodel, tmp_path / "fp16.mlpackage", example_inputs=x, compute_precision="float16")
+    assert err.value.key == "compute_precision" and not (tmp_path / "fp16.mlpackage").exists()
+
+
+def test_tolerance_is_documented_and_checked():
+    from quanta.plugins.coreml.verify import MIN_COSINE, within_tolerance
+
+    assert within_tolerance({"cosine": MIN_COSINE}) and not within_tolerance({"cosine": 0.850358})
+    assert not within_tolerance({"cosine": float("nan")})
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "coreml.md")).read()
+    assert f"cosine >= {MIN_COSINE}" in doc
+
+
+@pytest.mark.slow
+def test_cli_never_calls_an_overflowing_package_verified(big, tmp_path):
+    folder, _, _ = big
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        model: {folder / 'big_model.py'}:build
+        data: {{factory: {folder / 'big_model.py'}:batches}}
+        algorithm: rtn
+        global_config: {{dtype: int8}}
+        export: {{format: coreml}}
+        """))
+    out = subprocess.run([sys.executable, "-m", "quanta._cli", "quantize", str(recipe)], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "overflows" in out.stderr and "compute_precision float32" in out.stderr
+    verified = re.search(r"verified .* cosine (\S+) \(tolerance: cosine >= (\S+)\)", out.stdout)
+    assert verified and float(verified[1]) >= float(verified[2].rstrip(")")), out.stdout

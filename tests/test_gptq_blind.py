@@ -1,0 +1,106 @@
+"""No layer is quantized blind by ``gptq``: nn.MultiheadAttention's functional weights are
+captured, unreached layers are refused before anything changes (or quantized data-free on
+request), and dead input channels are reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import quanta
+from quanta.errors import QuantizationError
+
+RECIPE = {"algorithm": "gptq", "global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 32}}
+
+
+def _tokens(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 12, 64, generator=g) for _ in range(n)]
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+def test_multihead_attention_out_proj_is_calibrated():
+    qmodel = quanta.quantize(_encoder(), RECIPE, data=_tokens())
+    rows = {r.name: r for r in qmodel.quanta_report.layers}
+    out_proj = rows["layers.0.self_attn.out_proj"]
+    assert out_proj.extra["method"] == "gptq" and out_proj.extra["gptq_loss"] > 0
+    others = [r.rel_error for n, r in rows.items() if "out_proj" not in n]
+    assert all(r.rel_error < 2 * max(others) for r in rows.values())  # comparable: not zeroed (was 100%)
+
+
+def test_multihead_attention_in_proj_weight_is_calibrated():
+    recipe = {**RECIPE, "module_type_configs": {"MultiheadAttention": {"dtype": "int4", "granularity": "per_block",
+                                                                       "block_size": 32}}}
+    qmodel = quanta.quantize(_encoder(), recipe, data=_tokens())
+    row = next(r for r in qmodel.quanta_report.layers if r.name == "layers.1.self_attn.in_proj_weight")
+    assert row.extra["method"] == "gptq" and row.rel_error < 0.2
+
+
+class _DeadBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(64, 64)
+        self.unused = nn.Linear(64, 64)  # forward() never takes this branch
+
+    def forward(self, x, extra=False):
+        return self.unused(self.fc(x)) if extra else self.fc(x)
+
+
+def test_unreached_layer_is_refused_before_anything_changes():
+    model = _DeadBranch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError) as err:
+        quanta.quantize(model, RECIPE, data=_tokens(), inplace=True)
+    message = str(err.value)
+    assert "'unused'" in message and "module_name_configs" in message and "uncalibrated: rtn" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unreached_layer_options():
+    left_float = quanta.quantize(_DeadBranch(), {**RECIPE, "module_name_configs": {"unused": None}}, data=_tokens())
+    assert [r.name for r in left_float.quanta_report.layers] == ["fc"]
+    rtn = quanta.quantize(_DeadBranch(), {**RECIPE, "uncalibrated": "rtn"}, data=_tokens())
+    row = next(r for r in rtn.quanta_report.layers if r.name == "unused")
+    assert row.extra["method"].startswith("rtn (no calibration inputs") and row.rel_error < 0.2
+
+
+class _DeadChannels(nn.Module):
+    """``fc2``'s inputs 0..2 never fire: their ReLU inputs are always negative."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64)
+        with torch.no_grad():
+            self.fc1.weight[:3] = 0
+            self.fc1.bias[:3] = -1
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_dead_input_channels_are_reported_and_can_be_kept():
+    with pytest.warns(UserWarning, match=r"never fire.*weights zeroed.*dead_inputs: rtn.*fc2: 3"):
+        zeroed = quanta.quantize(_DeadChannels(), RECIPE, data=_tokens())
+    row = next(r for r in zeroed.quanta_report.layers if r.name == "fc2")
+    assert row.extra["dead_inputs"] == "3: weights zeroed"
+    assert torch.count_nonzero(zeroed.fc2.weight[:, :3]) == 0
+    kept = quanta.quantize(_DeadChannels(), {**RECIPE, "dead_inputs": "rtn"}, data=_tokens())
+    kept_row = next(r for r in kept.quanta_report.layers if r.name == "fc2")
+    assert kept_row.extra["dead_inputs"] == "3 kept (rtn)"
+    assert kept_row.rel_error < row.rel_error and torch.count_nonzero(kept.fc2.weight[:, :3]) > 0
+
+
+def test_own_model_recipe_has_no_blind_layer():
+    from quanta.examples.own_model import batches, build
+
+    qmodel = quanta.quantize(build(), {**RECIPE, "module_type_configs": {"Embedding": None}}, data=batches(count=4))
+    errors = {r.name: r.rel_error for r in qmodel.quanta_report.layers}
+    assert "blocks.layers.0.self_attn.out_proj" in errors and max(errors.values()) < 0.2, errors
