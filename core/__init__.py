@@ -12,7 +12,7 @@ Plugins: ``@quanta.hookimpl`` (see ``docs/plugins.md``); lookup: ``quanta.regist
 """
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 from quanta import _moved
 
@@ -77,7 +77,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and readers
     from quanta._run.weights import observer_for, quantize_weight, scheme_for
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         moved = _moved.old_module(name)  # ``from quanta import config`` in a 0.1 plugin
@@ -90,7 +90,7 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 

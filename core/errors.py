@@ -51,7 +51,7 @@ class ConfigError(QuantaError, ValueError):
     ``detail`` is the message without it (so a caller can name a longer path); ``others`` lists
     further problems found in the same recipe as ``(key, detail)``."""
 
-    def __init__(self, message: str, key: str | None = None):
+    def __init__(self, message: str, key: str | None = None) -> None:
         self.key, self.detail = key, message
         self.others: list[tuple[str | None, str]] = []
         super().__init__(f"{key}: {message}" if key else message)
@@ -60,7 +60,7 @@ class ConfigError(QuantaError, ValueError):
 class PluginNotFoundError(QuantaError, KeyError):
     """No plugin of the given kind has that name. The message lists the nearest names."""
 
-    def __init__(self, kind: str, name: str, available: Iterable[str], failed: Iterable[str] = ()):
+    def __init__(self, kind: str, name: str, available: Iterable[str], failed: Iterable[str] = ()) -> None:
         self.kind, self.name = kind, name
         self.available = sorted(available)
         self.failed = list(failed)
@@ -79,7 +79,7 @@ class PluginNotFoundError(QuantaError, KeyError):
 class PluginLoadError(QuantaError):
     """A plugin failed to import or to register. Names the entry point and distribution."""
 
-    def __init__(self, plugin: str, distribution: str | None, error: BaseException | str):
+    def __init__(self, plugin: str, distribution: str | None, error: BaseException | str) -> None:
         self.plugin, self.distribution, self.error = plugin, distribution, error
         where = f" (distribution {distribution})" if distribution else ""
         super().__init__(f"plugin {plugin!r}{where} failed to load: {error}")
@@ -97,7 +97,7 @@ class QuantizationError(QuantaError, ValueError):
     """A weight or layer cannot be quantized as asked (NaN weights, bad block size, ...).
     ``layer`` names the layer; ``detail`` is the message without it."""
 
-    def __init__(self, message: str, layer: str | None = None):
+    def __init__(self, message: str, layer: str | None = None) -> None:
         self.layer, self.detail = layer, message
         super().__init__(f"layer {layer!r}: {message}" if layer else message)
 
@@ -116,7 +116,7 @@ class DataError(QuantaError, ValueError):
     ``batch`` is the index of the offending batch (None when the problem is the whole data).
     """
 
-    def __init__(self, message: str, batch: int | None = None):
+    def __init__(self, message: str, batch: int | None = None) -> None:
         self.batch = batch
         super().__init__(message)
 
@@ -143,7 +143,7 @@ class CoreMLPackageError(QuantaError, ValueError):
     """A path is not a readable Core ML package: no manifest, a corrupt or truncated spec or weight
     file, an empty folder. ``path`` is the package path."""
 
-    def __init__(self, message: str, path: str | None = None):
+    def __init__(self, message: str, path: str | None = None) -> None:
         self.path = path
         super().__init__(message)
 
@@ -157,7 +157,7 @@ class PluginError(QuantaError):
     """
 
     def __init__(self, kind: str, name: str, distribution: str | None, error: BaseException,
-                 layer: str | None = None):
+                 layer: str | None = None) -> None:
         self.kind, self.name, self.distribution, self.layer = kind, name, distribution, layer
         self.error = error
         self.during: list[str] = []

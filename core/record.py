@@ -9,7 +9,7 @@ exactly ``record.dequantize()``, so the module computes with the quantized value
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import attrs
 import torch
@@ -119,7 +119,7 @@ def attach_record(module: torch.nn.Module, param: str, record: QuantizedWeight,
             del module._buffers[param + suffix]
     meta = dict(getattr(module, "_quanta_meta", {}))
     meta[param] = (record.spec, tuple(record.block_sizes), record.channel_axis, record.input_axis, record.grid)
-    module._quanta_meta = meta
+    setattr(module, "_quanta_meta", meta)  # plain attribute (nn.Module's setattr types it as a tensor)
 
 
 def read_record(module: torch.nn.Module, param: str = "weight") -> QuantizedWeight | None:
@@ -129,9 +129,12 @@ def read_record(module: torch.nn.Module, param: str = "weight") -> QuantizedWeig
         return None
     spec, block_sizes, channel_axis, input_axis, grid = meta
     buffers = module._buffers
+    codes, scale = buffers[param + "_quanta_codes"], buffers[param + "_quanta_scale"]
+    if codes is None or scale is None:
+        return None
     return QuantizedWeight(
-        codes=buffers[param + "_quanta_codes"],
-        scale=buffers[param + "_quanta_scale"],
+        codes=codes,
+        scale=scale,
         zero_point=buffers.get(param + "_quanta_zero_point"),
         spec=spec,
         block_sizes=block_sizes,
@@ -196,7 +199,7 @@ def declare_state(module: torch.nn.Module, name: str, value: torch.Tensor) -> No
                           "declare the state under another name", name)
     declared = tuple(getattr(module, "_quanta_state", ()))
     if name not in declared:
-        module._quanta_state = declared + (name,)
+        setattr(module, "_quanta_state", declared + (name,))
 
 
 def remove_state(module: torch.nn.Module, name: str) -> None:
@@ -215,17 +218,18 @@ def remove_state(module: torch.nn.Module, name: str) -> None:
                 hooks = getattr(module, attr)
                 for key in [k for k, h in hooks.items() if isinstance(h, DeclaredTransform) and h.state == name]:
                     del hooks[key]
-    module._quanta_transforms = tuple(t for t in getattr(module, "_quanta_transforms", ()) if t[1] != name)
+    setattr(module, "_quanta_transforms", tuple(t for t in getattr(module, "_quanta_transforms", ()) if t[1] != name))
     if name in module._parameters:
         module._parameters[name] = None
     else:
         module._buffers.pop(name, None)
-    module._quanta_state = tuple(n for n in declared if n != name)
+    setattr(module, "_quanta_state", tuple(n for n in declared if n != name))
 
 
 def _state_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
     tensor = module._buffers.get(name)
-    return module._parameters[name] if tensor is None and name in module._parameters else tensor
+    found = module._parameters[name] if tensor is None and name in module._parameters else tensor
+    return found  # type: ignore[return-value]  # declared state: present by construction
 
 
 def extra_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -256,10 +260,10 @@ class DeclaredTransform:
     transform: it reads the declared state ``state`` of its module on every call. Save and load
     recognise it by its class; any other hook on a model is refused by ``quanta.save``."""
 
-    def __init__(self, kind: str, state: str):
+    def __init__(self, kind: str, state: str) -> None:
         self.kind, self.state = kind, state
 
-    def __call__(self, module, args, output=None):
+    def __call__(self, module, args, output=None) -> Any:
         s = getattr(module, self.state)
         if self.kind.startswith("input"):
             x = args[0]
@@ -296,7 +300,7 @@ def declare_transform(module: torch.nn.Module, kind: str, state: str, value: tor
         module.register_forward_pre_hook(hook)
     else:
         module.register_forward_hook(hook)
-    module._quanta_transforms = entries + ((kind, state),)
+    setattr(module, "_quanta_transforms", entries + ((kind, state),))
 
 
 def transforms(model: torch.nn.Module) -> dict[str, tuple[tuple[str, str], ...]]:

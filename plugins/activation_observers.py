@@ -10,6 +10,8 @@ streams as :class:`StreamingMinMax`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -25,7 +27,7 @@ class StreamingMovingAverageMinMax(StreamingMinMax):
     """Exponential moving average of each batch's min and max (torch's and coremltools' default
     activation observer): the first batch sets the range, later ones move it by ``averaging_constant``."""
 
-    def __init__(self, averaging_constant: float = 0.01):
+    def __init__(self, averaging_constant: float = 0.01) -> None:
         super().__init__()
         if not 0.0 < averaging_constant <= 1.0:
             raise ConfigError(f"must be in (0, 1], got {averaging_constant!r}", "averaging_constant")
@@ -52,10 +54,10 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     streaming_options = frozenset({"averaging_constant"})
 
-    def streaming(self, spec=None, averaging_constant: float = 0.01) -> nn.Module:
+    def streaming(self, spec: Any = None, averaging_constant: float = 0.01, **options: Any) -> nn.Module:
         return StreamingMovingAverageMinMax(averaging_constant)
 
 
 @quanta.hookimpl
-def register_observers(register):
+def register_observers(register) -> None:
     register(MovingAverageMinMaxObserver())

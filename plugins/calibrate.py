@@ -13,6 +13,8 @@ calibrated part by part (``untraceable: submodules``, the default here): see
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import torch
 
@@ -50,22 +52,22 @@ class CalibrateConfig:
 class _CalibrationSession:
     """Wraps an ActivationSession so ``Quantizer.step()`` is a no-op: observers are on from prepare."""
 
-    def __init__(self, inner):
+    def __init__(self, inner) -> None:
         self.inner = inner
 
-    def prepare(self, example_inputs=None, inplace=False):
+    def prepare(self, example_inputs=None, inplace=False) -> Any:
         gm = self.inner.prepare(example_inputs, inplace)
         self.inner.set_state(observers=True, fake_quant=False, bn_frozen=True)
         return gm
 
-    def step(self):
+    def step(self) -> None:
         if self.inner.gm is None:
             self.inner.step()  # raises "call prepare() first"
 
-    def finalize(self, model=None, inplace=False):
+    def finalize(self, model=None, inplace=False) -> Any:
         return self.inner.finalize(model, inplace)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name) -> Any:
         return getattr(self.inner, name)
 
 
@@ -87,11 +89,11 @@ class Calibrate(Algorithm):
         """``nsamples``: at most that many calibration batches (each holds one sample or more; None: all)."""
         return self.config.nsamples
 
-    def session(self, model, plan, recipe, backend, context=None):
+    def session(self, model, plan, recipe, backend, context=None) -> Any:
         config = self.config
         return _CalibrationSession(make_session(model, plan, recipe, backend, config, context=context))
 
-    def run(self, model, plan, data, context):
+    def run(self, model, plan, data, context) -> Any:
         config = self.config
         batches = iter(data)
         try:
@@ -113,5 +115,5 @@ class Calibrate(Algorithm):
 
 
 @quanta.hookimpl
-def register_algorithms(register):
+def register_algorithms(register) -> None:
     register(Calibrate())

@@ -62,12 +62,12 @@ class CompressedTensorsExportConfig:
         default=DEFAULT_MAX_SHARD_BYTES, metadata={"doc": "bytes per safetensors shard (an index file above it)"})
 
     @scale_dtype.validator
-    def _check_scale_dtype(self, _attr, value):
+    def _check_scale_dtype(self, _attr, value) -> None:
         if value is not None and value not in _SCALE_DTYPES:
             raise ConfigError(f"must be one of {', '.join(_SCALE_DTYPES)} or null, got {value!r}", "scale_dtype")
 
     @max_shard_bytes.validator
-    def _check_shard(self, _attr, value):
+    def _check_shard(self, _attr, value) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"must be a positive integer, got {value!r}", "max_shard_bytes")
 
@@ -204,7 +204,7 @@ class CompressedTensorsExporter(Exporter):
             cfg["quantization_config"] = quant_config
             (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
             generation = getattr(model, "generation_config", None)
-            if generation is not None and model.can_generate():
+            if generation is not None and getattr(model, "can_generate")():
                 generation.save_pretrained(str(staging))
             tok = tokenizer_dir_of(model)
             if tok is not None:
@@ -225,7 +225,10 @@ def _layer_tensors(module: str, rec: QuantizedWeight, args: dict, offset: int, s
         (f"{module}.weight_shape", 16, lambda: torch.tensor(rec.shape, dtype=torch.int64)),
     ]
     if not args["symmetric"]:
-        zp = lambda: rec.zero_point.detach().to(torch.int16).cpu() - offset  # noqa: E731
+        zero_point = rec.zero_point
+        if zero_point is None:
+            raise QuantizationError(f"{module}: an asymmetric record has no zero point", module)
+        zp = lambda: zero_point.detach().to(torch.int16).cpu() - offset  # noqa: E731
         if args["strategy"] == "tensor":
             items.append((f"{module}.weight_zero_point", 1, lambda: zp().reshape(1).to(torch.int8)))
         else:
@@ -236,5 +239,5 @@ def _layer_tensors(module: str, rec: QuantizedWeight, args: dict, offset: int, s
 
 
 @quanta.hookimpl
-def register_exporters(register):
+def register_exporters(register) -> None:
     register(CompressedTensorsExporter())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import torch
 
 import quanta
 from quanta.contracts import Observer
+from quanta._records.spec import QuantSpec
 from quanta.errors import ConfigError
 
 __all__ = ["MinMaxObserver", "MSEObserver", "PercentileObserver"]
@@ -15,8 +18,10 @@ __all__ = ["MinMaxObserver", "MSEObserver", "PercentileObserver"]
 class StreamingMinMax(torch.nn.Module):
     """Running minimum and maximum over every batch seen. ``forward(x)``: any shape, returns None."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
+        self.min_val: torch.Tensor
+        self.max_val: torch.Tensor
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
@@ -37,11 +42,11 @@ class MinMaxObserver(Observer):
     description = "exact per-group minimum and maximum (coremltools' behaviour)"
     ranges_carry_non_finite = True  # amin/amax propagate NaN and inf
 
-    def observe(self, values, spec, scheme):
+    def observe(self, values, spec, scheme) -> tuple[torch.Tensor, torch.Tensor]:
         # Two reductions: torch.aminmax along rows is several times slower on CPU.
         return values.amin(dim=1), values.amax(dim=1)
 
-    def streaming(self, spec=None) -> torch.nn.Module:
+    def streaming(self, spec: QuantSpec | None = None, **options: Any) -> torch.nn.Module:
         """For activations: the running minimum and maximum over every batch seen."""
         return StreamingMinMax()
 
@@ -54,7 +59,7 @@ class MSEConfig:
     min_ratio: float = attrs.field(default=0.5, metadata={"doc": "smallest fraction of the min/max range tried"})
     norm: float = attrs.field(default=2.0, metadata={"doc": "error exponent (2 = mean squared error)"})
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
             raise ConfigError(f"must be a positive integer, got {self.grid!r}", "grid")
         if not isinstance(self.min_ratio, (int, float)) or not 0 < self.min_ratio <= 1:
@@ -70,10 +75,10 @@ class MSEObserver(Observer):
     description = "clip search: per-group range shrink minimising the quantization error"
     config_class = MSEConfig
 
-    def __init__(self, config: MSEConfig | None = None):
+    def __init__(self, config: MSEConfig | None = None) -> None:
         self.config = config or MSEConfig()
 
-    def observe(self, values, spec, scheme):
+    def observe(self, values, spec, scheme) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         lo, hi = values.amin(dim=1), values.amax(dim=1)
         best_err = torch.full_like(lo, float("inf"))
@@ -99,7 +104,7 @@ class PercentileConfig:
 
     percentile: float = attrs.field(default=99.99, metadata={"doc": "upper percentile of each group kept (50-100)"})
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 50 <= self.percentile <= 100:
             raise ConfigError(f"must be a number in [50, 100], got {self.percentile!r}", "percentile")
@@ -112,10 +117,10 @@ class PercentileObserver(Observer):
     description = "per-group [100-p, p] percentile range, robust to outliers"
     config_class = PercentileConfig
 
-    def __init__(self, config: PercentileConfig | None = None):
+    def __init__(self, config: PercentileConfig | None = None) -> None:
         self.config = config or PercentileConfig()
 
-    def observe(self, values, spec, scheme):
+    def observe(self, values, spec, scheme) -> tuple[torch.Tensor, torch.Tensor]:
         k = values.shape[1]
         q = self.config.percentile / 100.0
         hi_idx = min(k, max(1, int(round(q * k))))
@@ -126,7 +131,7 @@ class PercentileObserver(Observer):
 
 
 @quanta.hookimpl
-def register_observers(register):
+def register_observers(register) -> None:
     register(MinMaxObserver())
     register(MSEObserver())
     register(PercentileObserver())

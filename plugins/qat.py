@@ -27,11 +27,11 @@ from quanta.fx.options import (
 __all__ = ["QATConfig", "QAT"]
 
 
-def _milestones(value: Any):
+def _milestones(value: Any) -> Any:
     return None if value is None else list(value) if isinstance(value, tuple) else value
 
 
-def _check(_inst, _attribute, value):
+def _check(_inst, _attribute, value) -> None:
     check_milestones(value, "milestones")
 
 
@@ -66,18 +66,18 @@ class QAT(Algorithm):
     #: ConvTranspose under global_config would be planned and then silently left float.
     global_types = {"torch": ("Linear", "Conv1d", "Conv2d", "Conv3d")}
 
-    def session(self, model, plan, recipe, backend, context=None):
+    def session(self, model, plan, recipe, backend, context=None) -> Any:
         """An ActivationSession for ``quanta.Quantizer`` (prepare / step / finalize)."""
         config = self.config
         milestones = check_milestones(config.milestones)
         return make_session(model, plan, recipe, backend, config, milestones=milestones, context=context)
 
-    def run(self, model, plan, data, context):
+    def run(self, model, plan, data, context) -> None:
         raise QuantizationError("algorithm 'qat' needs your training loop: use quanta.Quantizer(model, config) "
                                 "with prepare(example_inputs=...), step() per training step and finalize(); "
                                 "for one-shot W8A8 from calibration data use algorithm 'calibrate'")
 
 
 @quanta.hookimpl
-def register_algorithms(register):
+def register_algorithms(register) -> None:
     register(QAT())

@@ -30,5 +30,5 @@ class RTN(Algorithm):
 
 
 @quanta.hookimpl
-def register_algorithms(register):
+def register_algorithms(register) -> None:
     register(RTN())

@@ -80,7 +80,7 @@ class SymmetricScheme(Scheme):
             return full_range(dtype.bits, dtype.signed)
         return restricted_range(dtype.bits, dtype.signed)
 
-    def qparams(self, min_val, max_val, dtype):
+    def qparams(self, min_val, max_val, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         qmin, qmax = self.quant_range(dtype)
         max_abs = torch.maximum(min_val.abs(), max_val.abs())
         # qmax - qmin is 2^(b-1)·2 - 2 (restricted) or 2^b - 1 (full); the same ops as coremltools.
@@ -89,17 +89,17 @@ class SymmetricScheme(Scheme):
             return scale, None
         return scale, torch.full_like(scale, float((qmax + 1) // 2 if self.grid_for(dtype) == "full" else qmax // 2))
 
-    def quantize(self, values, scale, zero_point, dtype):
+    def quantize(self, values, scale, zero_point, dtype) -> torch.Tensor:
         qmin, qmax = self.quant_range(dtype)
         codes = torch.div(values, scale).round_()  # one allocation; the rest in place
         if zero_point is not None:
             return codes.add_(zero_point).clamp_(qmin, qmax)
         return codes.clamp_(qmin, qmax).add_(0.0)  # -0.0 -> 0.0: a zero code dequantizes to 0.0
 
-    def dequantize(self, codes, scale, zero_point):
+    def dequantize(self, codes, scale, zero_point) -> torch.Tensor:
         return (codes - zero_point) * scale if zero_point is not None else codes * scale
 
-    def quantize_into(self, values, scale, zero_point, dtype, out):
+    def quantize_into(self, values, scale, zero_point, dtype, out) -> torch.Tensor:
         """In-place fast path of :meth:`quantize`: writes the codes into ``out``."""
         qmin, qmax = self.quant_range(dtype)
         torch.div(values, scale, out=out).round_()
@@ -109,7 +109,7 @@ class SymmetricScheme(Scheme):
         # dequantized weight holds 0.0 where coremltools' (integer codes times scale) does.
         return out.clamp_(qmin, qmax).add_(0.0)
 
-    def dequantize_(self, codes, scale, zero_point):
+    def dequantize_(self, codes, scale, zero_point) -> torch.Tensor:
         """In-place fast path of :meth:`dequantize` (overwrites ``codes``)."""
         if zero_point is not None:
             codes.sub_(zero_point)
@@ -125,7 +125,7 @@ class AffineScheme(Scheme):
     def quant_range(self, dtype: QuantDtype) -> tuple[int, int]:
         return full_range(dtype.bits, dtype.signed)
 
-    def qparams(self, min_val, max_val, dtype):
+    def qparams(self, min_val, max_val, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         qmin, qmax = self.quant_range(dtype)
         lo = torch.minimum(min_val, torch.zeros_like(min_val))
         hi = torch.maximum(max_val, torch.zeros_like(max_val))
@@ -141,24 +141,24 @@ class AffineScheme(Scheme):
         zero_point = torch.where(span > 0, zero_point, torch.full_like(span, float(max(qmin, 0))))
         return scale, torch.round(zero_point).clamp_(qmin, qmax)
 
-    def quantize(self, values, scale, zero_point, dtype):
+    def quantize(self, values, scale, zero_point, dtype) -> torch.Tensor:
         qmin, qmax = self.quant_range(dtype)
         return torch.div(values, scale).round_().add_(zero_point).clamp_(qmin, qmax)
 
-    def dequantize(self, codes, scale, zero_point):
+    def dequantize(self, codes, scale, zero_point) -> torch.Tensor:
         return (codes - zero_point) * scale
 
-    def quantize_into(self, values, scale, zero_point, dtype, out):
+    def quantize_into(self, values, scale, zero_point, dtype, out) -> torch.Tensor:
         """In-place fast path of :meth:`quantize`: writes the codes into ``out``."""
         qmin, qmax = self.quant_range(dtype)
         return torch.div(values, scale, out=out).round_().add_(zero_point).clamp_(qmin, qmax)
 
-    def dequantize_(self, codes, scale, zero_point):
+    def dequantize_(self, codes, scale, zero_point) -> torch.Tensor:
         """In-place fast path of :meth:`dequantize` (overwrites ``codes``)."""
         return codes.sub_(zero_point).mul_(scale)
 
 
 @quanta.hookimpl
-def register_schemes(register):
+def register_schemes(register) -> None:
     register(SymmetricScheme())
     register(AffineScheme())

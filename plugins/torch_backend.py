@@ -7,6 +7,8 @@ the modules as buffers (see ``quanta.record``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import copy
 
 import torch
@@ -63,7 +65,7 @@ class TorchBackend(Backend):
                 out.append(Unit(name, type(module).__name__, mro, "weight", w.shape, 0, 1, module))
         return out
 
-    def activation_rules(self):
+    def activation_rules(self) -> Any:
         """What this backend quantizes for activations (``quanta.fx.rules.ActivationRules``):
         Linear/Conv outputs and inputs, add/mul/matmul/cat; conv+bn(+relu), linear+relu and add+relu
         fuse; activations are int8 or uint8, per tensor."""
@@ -86,6 +88,9 @@ class TorchBackend(Backend):
             memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
         return copy.deepcopy(model, memo)
 
+    def module_of(self, model: nn.Module, unit: Unit) -> nn.Module:
+        return unit.handle
+
     def read_weight(self, model, unit: Unit) -> torch.Tensor:
         return getattr(unit.handle, unit.param).detach()
 
@@ -104,7 +109,7 @@ class TorchBackend(Backend):
         """Every record on the model's modules (``quanta.record.records``)."""
         return records(model)
 
-    def save(self, model: nn.Module, path, *, overwrite: bool = False, **options):
+    def save(self, model: nn.Module, path, *, overwrite: bool = False, **options) -> Any:
         """``quanta._files.saving.save``: safetensors + ``quanta_config.json``."""
         from quanta._files.saving import save
 
@@ -127,7 +132,7 @@ class TorchBackend(Backend):
             raise ConfigError(f"no module named {module!r} in the model", "module") from None
         declare_transform(target, kind, name, value)
 
-    def snapshot(self, model, units, everything: bool = False, share: tuple = ()):
+    def snapshot(self, model, units, everything: bool = False, share: tuple = ()) -> Any:
         """Clones of what may change: the weights of ``units`` and their records; with
         ``everything``, every parameter, buffer, hook, submodule and record of the model.
 
@@ -185,5 +190,5 @@ class TorchBackend(Backend):
 
 
 @quanta.hookimpl
-def register_backends(register):
+def register_backends(register) -> None:
     register(TorchBackend())

@@ -6,8 +6,10 @@ first use (built-ins first, then the ``quanta`` entry-point group).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Iterator
+
+import pluggy
 
 from .manager import ENTRY_POINT_GROUP, KINDS, FieldInfo, PluginEntry, PluginFailure, Registry
 
@@ -92,11 +94,11 @@ def unregister_plugin(obj_or_name: Any) -> None:
     default().remove_plugin(obj_or_name)
 
 
-def plugin(obj: Any, name: str | None = None):
+def plugin(obj: Any, name: str | None = None) -> AbstractContextManager[str]:
     """Context manager registering ``obj`` for the duration of a block."""
     return default().plugin(obj, name=name)
 
 
-def hook():
+def hook() -> pluggy.HookRelay:
     """The pluggy hook relay of the default registry (fire event hooks through it)."""
     return default().hook

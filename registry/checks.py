@@ -18,7 +18,7 @@ __all__ = ["check_contract", "declared_problem", "incomplete", "abstract_contrib
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 
 
-def check_contract(kind: str, contribution: Any, where: str) -> str:
+def check_contract(kind: str, contribution: object, where: str) -> str:
     """Check ``contribution`` against the contract of ``kind``; return its one-line description.
 
     Raises ``PluginContractError`` naming ``where`` (the plugin and its distribution)."""
@@ -31,16 +31,17 @@ def check_contract(kind: str, contribution: Any, where: str) -> str:
             f"`class MyPlugin(quanta.contracts.{base.__name__})` (docs/plugins.md, 'Updating a plugin')")
     if inspect.isabstract(type(contribution)):
         raise incomplete(where, kind, [type(contribution)])
-    name = contribution.name
+    c: Any = contribution  # an instance of the kind's class: its declared attributes exist
+    name = c.name
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise PluginContractError(f"{where} registered a {kind} without a valid 'name' (got {name!r})")
-    desc = contribution.description
+    desc = c.description
     if not isinstance(desc, str) or not desc.strip():
         raise PluginContractError(f"{where}: {kind} {name!r} needs a one-line 'description'")
-    config_class = contribution.config_class
+    config_class = c.config_class
     if config_class is not None and not (isinstance(config_class, type) and attrs.has(config_class)):
         raise PluginContractError(f"{where}: {kind} {name!r} config_class must be an attrs class")
-    problem = declared_problem(kind, contribution)
+    problem = declared_problem(kind, c)
     if problem:
         raise PluginContractError(f"{where}: {kind} {name!r} {problem}")
     return desc.strip().splitlines()[0]
@@ -48,7 +49,8 @@ def check_contract(kind: str, contribution: Any, where: str) -> str:
 
 def incomplete(where: str, kind: str, classes: Iterable[type]) -> PluginContractError:
     """The error for contribution classes that leave abstract methods of their contract unimplemented."""
-    parts = [f"{c.__qualname__} (abstract methods left: {', '.join(sorted(c.__abstractmethods__))})" for c in classes]
+    parts = [f"{c.__qualname__} (abstract methods left: {', '.join(sorted(getattr(c, '__abstractmethods__', ())))})"
+             for c in classes]
     return PluginContractError(
         f"{where} registered an incomplete {kind}: {'; '.join(parts)}; implement every abstract method of "
         f"quanta.contracts.{_KIND_TABLE[kind].base.__name__} (docs/plugins.md)")

@@ -15,14 +15,16 @@ def resolve_scheme(name: str) -> Scheme:
     """The scheme implementation registered as ``name`` (with its default options)."""
     from quanta.registry import get
 
-    return get("scheme", name).obj
+    obj: Scheme = get("scheme", name).obj
+    return obj
 
 
 def resolve_observer(name: str) -> Observer:
     """The observer implementation registered as ``name`` (with its default options)."""
     from quanta.registry import get
 
-    return get("observer", name).obj
+    obj: Observer = get("observer", name).obj
+    return obj
 
 
 def scheme_for(spec: QuantSpec) -> Scheme:
@@ -37,7 +39,7 @@ def observer_for(spec: QuantSpec) -> Observer:
     return observer if spec.observer_config is None else observer.with_config(spec.observer_config)
 
 
-def backend_for(model: Any):
+def backend_for(model: Any) -> Any:
     """The entry of the backend for ``model``: the first (by declared ``priority``) whose
     ``accepts(model)`` is true. Raises ``quanta.ConfigError`` naming the backends when none is."""
     from quanta.errors import ConfigError

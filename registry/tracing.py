@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pluggy
 
@@ -29,13 +29,13 @@ def trace_hook_calls(pm: pluggy.PluginManager, write: Callable[[str], Any] | Non
     (default: stderr). Returns the function that stops tracing."""
     out = write or (lambda line: print(line, file=sys.stderr, flush=True))
 
-    def before(hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+    def before(hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
         args = ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
         plugins = ", ".join(impl.plugin_name for impl in reversed(impls)) or "no implementation"
         out(f"quanta hook: {hook_name}({args}) -> {plugins}")
 
     def after(outcome: pluggy.Result[Any], hook_name: str, impls: Sequence[pluggy.HookImpl],
-              kwargs: dict[str, Any]) -> None:
+              kwargs: Mapping[str, Any]) -> None:
         if outcome.exception is not None:
             out(f"quanta hook: {hook_name} raised {type(outcome.exception).__name__}: {outcome.exception}")
 

@@ -318,3 +318,27 @@ def test_plugins_add_cli_options_to_export(register_plugin):
     assert set(args.plugin_options) == {"minimum_deployment_target", "compressed"}
     assert (args.compressed, args.minimum_deployment_target) == (False, "iOS18")
     assert build_parser(["plan"]).parse_args(["plan", "r.yaml"]).command == "plan"  # no plugin loaded for it
+
+
+def test_algorithms_reach_layer_modules_through_the_context(register_plugin, small_model):
+    """RunContext.module (the backend's module_of) instead of a backend's private unit.handle;
+    quantize_layer(extra=...) instead of patching report rows."""
+    seen = {}
+
+    class Hooking(quanta.contracts.Algorithm):
+        name, description = "hooking", "round to nearest, noting each layer's module"
+
+        def run(self, model, plan, data, context):
+            for layer in plan.selected:
+                seen[layer.name] = context.module(model, layer)
+                context.quantize_layer(model, layer, extra={"method": "noted"})
+
+    class Plugin:
+        @quanta.hookimpl
+        def register_algorithms(self, register):
+            register(Hooking())
+
+    register_plugin(Plugin())
+    q = quanta.quantize(small_model, {"algorithm": "hooking", "global_config": {}})
+    assert seen == {"0": q[0], "3": q[3], "5": q[5]}
+    assert [row.extra for row in q.quanta_report.layers] == [{"method": "noted"}] * 3

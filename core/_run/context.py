@@ -15,6 +15,7 @@ from quanta._recipes.planning import Plan, PlannedLayer
 from quanta.record import QuantizedWeight
 from quanta._run.report import LayerReport, Report
 from quanta._run.weights import quantize_weight_with_values
+from quanta.errors import QuantizationError
 
 __all__ = ["RunContext"]
 
@@ -79,16 +80,29 @@ class RunContext:
         tuple or list, ``model(batch)`` for a tensor (``quanta._run.calibration.call_model``)."""
         return call_model(model, batch)
 
+    def module(self, model: Any, layer: PlannedLayer) -> Any:
+        """The module that computes a planned layer (``torch.nn.Module`` for torch models), through
+        the backend's ``module_of``: for algorithms that observe the layer's inputs. Raises
+        ``QuantizationError`` naming the layer when the backend has no module for it."""
+        with plugin_code(self.backend, layer.name):
+            module = self.backend.module_of(model, layer.unit)
+        if module is None:
+            raise QuantizationError(f"backend {self.backend.name!r} has no module for layer {layer.name!r}: this "
+                                    "algorithm observes layer inputs and needs one", layer.name)
+        return module
+
     def read_weight(self, model: Any, layer: PlannedLayer) -> torch.Tensor:
         """The float weight of a planned layer, through the backend."""
         with plugin_code(self.backend, layer.name):
             return self.backend.read_weight(model, layer.unit)
 
-    def quantize_layer(self, model: Any, layer: PlannedLayer, weight: torch.Tensor | None = None) -> QuantizedWeight:
+    def quantize_layer(self, model: Any, layer: PlannedLayer, weight: torch.Tensor | None = None,
+                       extra: dict | None = None) -> QuantizedWeight:
         """Round-to-nearest quantize one planned layer with its spec and write it back.
 
         ``weight`` replaces the model's own weight as the input (e.g. after a scaling); the
-        report's error is then left to the caller. Returns the record written."""
+        report's error is then left to the caller. ``extra``: per-layer figures for the report row
+        (e.g. ``{"method": "rtn (grouped conv)"}``). Returns the record written."""
         original = self.read_weight(model, layer)
         w = original if weight is None else weight
         if self.device is not None:
@@ -101,8 +115,8 @@ class RunContext:
             compute_dtype=compute_dtype)
         if weight is not None:  # the error is reported against the model's own weight
             sq_err, ref_sq = None, None
-        self.write_layer(model, layer, record.to(original.device), original, values=values.to(original.device),
-                         sq_error=sq_err, ref_sq=ref_sq)
+        self.write_layer(model, layer, record.to(original.device), original, extra=extra,
+                         values=values.to(original.device), sq_error=sq_err, ref_sq=ref_sq)
         return record
 
     def write_layer(self, model: Any, layer: PlannedLayer, record: QuantizedWeight, original: torch.Tensor,

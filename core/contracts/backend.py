@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import attrs
 import torch
 
 from .base import Plugin
+
+
+def _str_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
 
 if TYPE_CHECKING:
     from quanta.record import QuantizedWeight
@@ -33,9 +41,9 @@ class Unit:
 
     name: str
     module_type: str
-    type_mro: tuple[str, ...] = attrs.field(converter=tuple)
+    type_mro: tuple[str, ...] = attrs.field(converter=_str_tuple)
     param: str
-    shape: tuple[int, ...] = attrs.field(converter=tuple)
+    shape: tuple[int, ...] = attrs.field(converter=_int_tuple)
     channel_axis: int = 0
     input_axis: int = 1
     handle: Any = None
@@ -133,6 +141,11 @@ class Backend(Plugin):
 
         raise ConfigError(f"backend {self.name!r} cannot hold extra state ({module}.{name})")
 
+    def module_of(self, model: Any, unit: Unit) -> Any:
+        """The framework module that computes ``unit`` (a ``torch.nn.Module`` for a torch model),
+        for algorithms that observe a layer's inputs (GPTQ's Hessians) through
+        ``RunContext.module``; None (the default) when the representation has no such module."""
+        return None
     def load(self, path: Any) -> Any:
         """The model stored at ``path`` (a file or directory with one of ``suffixes``), for the
         CLI's model loading. Default: refuse, saying so."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import abc
 import copy
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from quanta._records.spec import changed_options
 
 __all__ = ["Plugin", "legacy_problems", "RENAMED_CAPABILITIES"]
 
+
+_P = TypeVar("_P", bound="Plugin")
 
 class Plugin(abc.ABC):
     """Base of the five plugin kinds. Subclass the kind's class (``quanta.contracts.Scheme``, ...),
@@ -70,7 +72,7 @@ class Plugin(abc.ABC):
     def config(self, value: Any) -> None:
         self.__dict__["_quanta_config"] = value
 
-    def with_config(self, config: Any) -> "Plugin":
+    def with_config(self: _P, config: Any) -> _P:
         """A copy of this plugin whose ``self.config`` is ``config`` (an instance of ``config_class``,
         or None for the defaults). The default makes a shallow copy; override it when the plugin
         keeps state derived from its options."""

@@ -15,7 +15,7 @@ Its names are imported on first use, so the pytest plugin costs nothing until a 
 """
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 # Imported on first use (PEP 562): the pytest plugin imports this package, and a test session
 # that never uses the kit must not pay for torch.
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .schemes import check_scheme, scheme_test_groups
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'quanta.testing' has no attribute {name!r}")
@@ -53,7 +53,7 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 

@@ -53,27 +53,27 @@ def assert_same_model_state(model: nn.Module, saved: dict, what: str = "the mode
         raise AssertionError(f"{what}: quanta records or declared state left behind")
 
 
-def failing_backend(fail_after: int = 1):
+def failing_backend(fail_after: int = 1) -> Any:
     """A plugin object contributing backend ``quanta_testing_failing_torch``: the built-in torch
     backend whose ``write`` raises ``RuntimeError("injected failure")`` after ``fail_after`` writes."""
     import quanta
     from quanta import registry
 
-    torch_backend = type(registry.get("backend", "torch").obj)
+    torch_backend: Any = type(registry.get("backend", "torch").obj)
 
-    class FailingTorchBackend(torch_backend):
+    class FailingTorchBackend(torch_backend):  # the registered torch backend's class
         name = _FAILING
         description = "torch backend whose write fails after the first layers (quanta.testing)"
         priority = -1000  # never chosen unless named
         family = "torch"  # algorithms serving torch models serve it too
 
-        def __init__(self):
+        def __init__(self) -> None:
             self.writes = 0
 
-        def accepts(self, model):
+        def accepts(self, model) -> bool:
             return False
 
-        def write(self, model, unit, record, values=None):
+        def write(self, model, unit, record, values=None) -> None:
             if self.writes >= fail_after:
                 raise RuntimeError(f"injected failure writing {unit.name!r} (quanta.testing)")
             self.writes += 1
@@ -83,7 +83,7 @@ def failing_backend(fail_after: int = 1):
         backend = FailingTorchBackend()
 
         @quanta.hookimpl
-        def register_backends(self, register):
+        def register_backends(self, register) -> None:
             register(self.backend)
 
     return FailingPlugin()
@@ -128,7 +128,7 @@ def _check_result(algorithm, model, result, selected, what: str) -> None:
 
     report = getattr(result, "quanta_report", None)
     check(report is not None, algorithm, f"{what}: the result has no quanta_report")
-    rows = {r.name: r for r in report.layers}
+    rows = {r.name: r for r in report.layers}  # type: ignore[union-attr]  # checked just above
     recs = records(result)
     float_params = dict(model.named_parameters())
     for layer in selected:
@@ -142,7 +142,7 @@ def _check_result(algorithm, model, result, selected, what: str) -> None:
               f"{what}: layer {layer.name!r} reports error {row.rel_error}")
         module, _, param = key.rpartition(".")
         weight = getattr(result.get_submodule(module), param)
-        deq = rec.dequantize().to(weight.dtype)
+        deq = rec.dequantize().to(weight.dtype)  # type: ignore[union-attr]  # a record of recs: never None
         check(torch.equal(weight.detach(), deq.reshape(weight.shape)), algorithm,
               f"{what}: layer {layer.name!r}'s parameter differs from its record's dequantize()")
         original = float_params.get(key)
@@ -155,7 +155,7 @@ def _check_result(algorithm, model, result, selected, what: str) -> None:
                   f"{err:.6g} from the float weight")
 
 
-def _run(algorithm, model, recipe, data, **kwargs):
+def _run(algorithm, model, recipe, data, **kwargs) -> Any:
     import quanta
 
     try:
@@ -262,7 +262,8 @@ def _check_whole(algorithm, name: str, result, what: str) -> None:
             loaded = load(Path(tmp) / "saved", reference_model(name))
         except Exception as exc:
             fail(algorithm, f"{what}: quanta.save -> quanta.load of the result raised {type(exc).__name__}: {exc}")
-    x = calibration_data(name, "list", n=1, seed=1)[0]
+    batches_: Any = calibration_data(name, "list", n=1, seed=1)
+    x = batches_[0]
     with torch.no_grad():
         want, got = call_model(result, x), call_model(loaded, x)
     if not torch.equal(want, got):
@@ -306,7 +307,7 @@ def _check_injected_failure(algorithm, name: str, recipe) -> None:
                                           "failure mid-run with inplace=True")
 
 
-def _chain(exc):
+def _chain(exc) -> Any:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -349,7 +350,7 @@ def _check_training_loop(algorithm, name: str, recipe) -> None:
 
     model = reference_model(name)
     saved = model_state(model)
-    batches = calibration_data(name, "list")
+    batches: Any = calibration_data(name, "list")
     try:
         q = quanta.Quantizer(model, recipe)
         prepared = q.prepare(example_inputs=(batches[0],))

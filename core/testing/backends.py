@@ -26,7 +26,7 @@ def _same(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def _record(backend, model, unit):
+def _record(backend, model, unit) -> Any:
     from quanta._records.spec import QuantSpec
     from quanta._run.weights import quantize_weight
 

@@ -16,7 +16,7 @@ from .failure import check, fail
 __all__ = ["check_exporter"]
 
 
-def _quantized_mlp():
+def _quantized_mlp() -> Any:
     import quanta
 
     from .models import reference_model
@@ -73,7 +73,7 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
     suffix = exporter.suffix or ""
     fmt = exporter.name
 
-    def export(path, **kw):
+    def export(path, **kw) -> str:
         return quanta.export(model, path, format=fmt, example_inputs=example_inputs, **kw)
 
     # 1. a plain export
@@ -197,8 +197,10 @@ def _failing_after_writing(exporter: Exporter) -> Exporter:
     """A copy of ``exporter`` whose ``export`` raises after the real one has written everything."""
     import copy
 
-    class FailsAfterWriting(type(exporter)):
-        def export(self, model, path, *, example_inputs=None, overwrite=False):
+    base: Any = type(exporter)
+
+    class FailsAfterWriting(base):
+        def export(self, model, path, *, example_inputs=None, overwrite=False) -> str:
             super().export(model, path, example_inputs=example_inputs, overwrite=overwrite)
             raise RuntimeError("injected failure after writing (quanta.testing)")
 
@@ -212,7 +214,7 @@ class _Unexportable(torch.nn.Module):
     ``state_dict`` and ``named_modules`` (which ``quanta.records`` walks) raise when called from
     a method of ``exporter`` (core's checks before the export still see a normal model)."""
 
-    def __init__(self, inner, exporter):
+    def __init__(self, inner, exporter) -> None:
         super().__init__()
         self.inner = inner
         object.__setattr__(self, "_exporter", exporter)
@@ -225,18 +227,18 @@ class _Unexportable(torch.nn.Module):
             frame = frame.f_back
         return False
 
-    def _maybe_fail(self):
+    def _maybe_fail(self) -> None:
         if self._from_exporter():
             raise RuntimeError("injected failure while exporting (quanta.testing)")
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> Any:
         self._maybe_fail()
         return self.inner(*args, **kwargs)
 
-    def state_dict(self, *args, **kwargs):
+    def state_dict(self, *args, **kwargs) -> Any:
         self._maybe_fail()
         return super().state_dict(*args, **kwargs)
 
-    def named_modules(self, *args, **kwargs):
+    def named_modules(self, *args, **kwargs) -> Any:
         self._maybe_fail()
         return super().named_modules(*args, **kwargs)

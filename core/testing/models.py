@@ -26,7 +26,7 @@ DATA_FORMS = ("list", "tuple", "dict", "generator")
 class MLP(nn.Sequential):
     """``Linear(64, 32) -> LayerNorm(32) -> ReLU -> Linear(32, 16)``; input ``[B, 64]``, output ``[B, 16]``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(nn.Linear(64, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 16))
 
 
@@ -35,7 +35,7 @@ class SmallCNN(nn.Module):
     input ``[B, 3, 12, 12]``, output ``[B, 10]``. The batch norm carries running statistics
     (buffers), so ``inplace`` restore is tested on buffers too."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(8)
@@ -52,7 +52,7 @@ class TokenModel(nn.Module):
     """``Embedding(100, 32) -> Linear(32, 32) -> ReLU -> Linear(32, 100)`` over token ids; input
     ``input_ids [B, T]`` (int64) and an optional ``attention_mask [B, T]``; output ``[B, T, 100]``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(100, 32)
         self.proj = nn.Linear(32, 32)

@@ -24,7 +24,7 @@ def _default_scheme() -> Scheme:
     return registry.get("scheme", "symmetric").obj
 
 
-def _observe(observer, values, spec, scheme, where):
+def _observe(observer, values, spec, scheme, where) -> tuple[torch.Tensor, torch.Tensor]:
     before = values.clone()
     out = observer.observe(values, spec, scheme)
     check(torch.equal(values, before) or (torch.isnan(before).any() and torch.equal(values.isnan(), before.isnan())),

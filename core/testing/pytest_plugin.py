@@ -17,11 +17,13 @@ Fixtures:
 
 from __future__ import annotations
 
+from typing import Any, Iterator, Callable
+
 import pytest
 
 
 @pytest.fixture
-def quanta_registry():
+def quanta_registry() -> Iterator[Any]:
     """A fresh registry (built-ins only) as the default for this test; the previous one after."""
     from quanta.testing import isolated_registry
 
@@ -30,13 +32,13 @@ def quanta_registry():
 
 
 @pytest.fixture
-def register_plugin():
+def register_plugin() -> Iterator[Callable[..., Any]]:
     """Register plugin objects for one test; every one is unregistered in ``finally``."""
     from quanta import registry
 
     added = []
 
-    def _register(obj, name=None):
+    def _register(obj, name=None) -> Any:
         registry.register_plugin(obj, name=name)
         added.append(obj)
         return obj
@@ -49,7 +51,7 @@ def register_plugin():
 
 
 @pytest.fixture
-def reference_mlp():
+def reference_mlp() -> Any:
     """The reference MLP (``Linear -> LayerNorm -> ReLU -> Linear``, input ``[B, 64]``)."""
     from quanta.testing import reference_model
 
@@ -57,7 +59,7 @@ def reference_mlp():
 
 
 @pytest.fixture
-def reference_cnn():
+def reference_cnn() -> Any:
     """The reference CNN (``Conv2d -> BatchNorm2d -> ReLU -> Conv2d -> Linear``, input ``[B, 3, 12, 12]``)."""
     from quanta.testing import reference_model
 
@@ -65,7 +67,7 @@ def reference_cnn():
 
 
 @pytest.fixture
-def reference_token_model():
+def reference_token_model() -> Any:
     """The reference token model (``Embedding -> Linear -> Linear``, input ids ``[B, T]``)."""
     from quanta.testing import reference_model
 
@@ -73,7 +75,7 @@ def reference_token_model():
 
 
 @pytest.fixture
-def calibration_data():
+def calibration_data() -> Callable[..., Any]:
     """A factory: ``calibration_data(model="mlp", form="list", n=4, batch_size=2, seed=0)``."""
     from quanta.testing import calibration_data as make
 

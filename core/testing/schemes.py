@@ -66,7 +66,7 @@ def _served(scheme: Scheme, dtypes: Iterable[QuantDtype], base: QuantSpec) -> tu
     return served, refused
 
 
-def _qparams(scheme, values, dtype, where):
+def _qparams(scheme, values, dtype, where) -> tuple[torch.Tensor, torch.Tensor | None]:
     lo, hi = values.amin(dim=1), values.amax(dim=1)
     lo0, hi0 = lo.clone(), hi.clone()
     out = scheme.qparams(lo, hi, dtype)

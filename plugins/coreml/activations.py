@@ -151,7 +151,7 @@ def _check_config(ct_config, program) -> None:
                               f"{where}.dtype")
 
 
-def _scale_check_pass():
+def _scale_check_pass() -> Any:
     """A graph pass run after coremltools' two: refuse a zero or non-finite activation scale.
 
     A tensor whose calibration range is [0, 0] (a dead relu) or overflowed fp16 would get
@@ -160,7 +160,7 @@ def _scale_check_pass():
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
     class _CheckActivationScales(AbstractGraphPass):
-        def apply(self, prog):
+        def apply(self, prog) -> None:
             for func in prog.functions.values():
                 for op in func.operations:
                     if op.op_type != "quantize":
@@ -198,7 +198,7 @@ def _passes(config, activation_stats) -> list:
     return passes
 
 
-def insert_quantize_dequantize(mlmodel, config, activation_stats: Mapping[str, Mapping[str, float]]):
+def insert_quantize_dequantize(mlmodel, config, activation_stats: Mapping[str, Mapping[str, float]]) -> Any:
     """Insert coremltools' activation ``quantize``/``dequantize`` pairs using given ranges; returns a new ``MLModel``.
 
     ``activation_stats``: ``{tensor: {"rmin", "rmax"}}`` as :func:`activation_ranges` returns
@@ -240,7 +240,7 @@ def insert_quantize_dequantize(mlmodel, config, activation_stats: Mapping[str, M
         ) from e
 
 
-def linear_quantize_activations(mlmodel, config, sample_data: Sequence[Mapping[str | None, np.ndarray]]):
+def linear_quantize_activations(mlmodel, config, sample_data: Sequence[Mapping[str | None, np.ndarray]]) -> Any:
     """Quantize the activations of a Core ML model to 8 bits; returns a new ``MLModel``.
 
     ``mlmodel``: an ML program ``MLModel`` or ``.mlpackage`` path (not modified).

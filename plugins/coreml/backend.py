@@ -14,6 +14,8 @@ records and builds a new MLModel on ``to_mlmodel()``/``save()``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import os
 import sys
 
@@ -36,7 +38,7 @@ _IOS16 = 7
 _IOS18 = 9
 
 
-def load_mlmodel(model):
+def load_mlmodel(model) -> Any:
     """An ``MLModel`` for a path or an MLModel (skipping the macOS-only compile on load)."""
     ct = import_coremltools()
 
@@ -48,7 +50,7 @@ def load_mlmodel(model):
     raise ConfigError(f"expected an .mlpackage path or a coremltools MLModel, got {type(model).__name__}", "model")
 
 
-def _load_program(mlmodel):
+def _load_program(mlmodel) -> Any:
     from coremltools.converters.mil.frontend.milproto import load as milproto_load
     from coremltools.models import utils as model_utils
 
@@ -64,14 +66,14 @@ class CoreMLWorkModel:
     until another record is written); ``save(path)`` writes it.
     """
 
-    def __init__(self, mlmodel):
+    def __init__(self, mlmodel) -> None:
         self.source = mlmodel
         self.program, self.specification_version = _load_program(mlmodel)
         self.records: dict[str, QuantizedWeight] = {}
         self._built = None
         self.quanta_report = None
 
-    def to_mlmodel(self):
+    def to_mlmodel(self) -> Any:
         """The quantized ``ct.models.MLModel`` (a new model; the source is untouched)."""
         if self._built is None:
             from coremltools.models import utils as model_utils
@@ -97,11 +99,11 @@ class CoreMLWorkModel:
             written.rmdir()
         return path
 
-    def get_spec(self):
+    def get_spec(self) -> Any:
         return self.to_mlmodel().get_spec()
 
 
-def _weight_ops(program):
+def _weight_ops(program) -> Any:
     for func in program.functions.values():
         yield from func.operations
 
@@ -144,7 +146,7 @@ def quantize_in_weight_dtype(weight: torch.Tensor, spec, *, channel_axis: int = 
                            compute_dtype=weight.dtype)
 
 
-def _write_records_pass(records: dict[str, QuantizedWeight]):
+def _write_records_pass(records: dict[str, QuantizedWeight]) -> Any:
     """A MIL graph pass replacing the named consts by constexpr ops carrying ``records``."""
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 
@@ -159,7 +161,7 @@ def _write_records_pass(records: dict[str, QuantizedWeight]):
 class _WriteRecords:
     records: dict[str, QuantizedWeight]
 
-    def _make(self, op, record: QuantizedWeight):
+    def _make(self, op, record: QuantizedWeight) -> Any:
         from coremltools.converters.mil.mil import types
         from coremltools.optimize import _utils as optimize_utils
         from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
@@ -174,11 +176,11 @@ class _WriteRecords:
                                             offset=offset, nbits=np.uint8(record.spec.dtype.bits))
         return linear_quantize_weights._create_constexpr_var(op, params)
 
-    def apply(self, prog):
+    def apply(self, prog) -> None:
         from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
         @block_context_manager
-        def apply_block(block):
+        def apply_block(block) -> None:
             for op in list(block.operations):
                 for b in op.blocks:
                     apply_block(b)
@@ -281,7 +283,7 @@ class CoreMLBackend(Backend):
         model.records[unit.name] = record
         model._built = None
 
-    def snapshot(self, model, units, everything: bool = False, share: tuple = ()):
+    def snapshot(self, model, units, everything: bool = False, share: tuple = ()) -> Any:
         if not isinstance(model, CoreMLWorkModel):
             raise ConfigError("Core ML models are quantized into a new model; inplace=True is not supported",
                               "inplace")
@@ -293,5 +295,5 @@ class CoreMLBackend(Backend):
 
 
 @quanta.hookimpl
-def register_backends(register):
+def register_backends(register) -> None:
     register(CoreMLBackend())

@@ -9,6 +9,8 @@ warnings from coremltools are left as they are.
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import logging
 import sys
 import warnings
@@ -19,7 +21,7 @@ from typing import Iterator
 __all__ = ["import_coremltools", "quiet_conversion"]
 
 
-def import_coremltools():
+def import_coremltools() -> Any:
     """The ``coremltools`` module, imported without its import-time log lines and warnings."""
     module = sys.modules.get("coremltools")
     if module is not None:

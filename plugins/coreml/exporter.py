@@ -78,17 +78,17 @@ class CoreMLExportConfig:
 
     @flexible_sequence_length.validator
     @flexible_batch.validator
-    def _check_flexible(self, attribute, value):
+    def _check_flexible(self, attribute, value) -> None:
         if value != "auto" and not isinstance(value, bool) and not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"must be 'auto', true, false or a positive maximum, got {value!r}", attribute.name)
 
     @compute_precision.validator
-    def _check_precision(self, _attr, value):
+    def _check_precision(self, _attr, value) -> None:
         if value not in _PRECISIONS:
             raise ConfigError(f"must be one of {', '.join(_PRECISIONS)}, got {value!r}", "compute_precision")
 
 
-def conversion_pass_pipeline():
+def conversion_pass_pipeline() -> Any:
     """coremltools' default pass pipeline without the passes known to corrupt W8A8 models."""
     import coremltools as ct
 
@@ -156,7 +156,7 @@ def core_ml_inputs(model, example: ExampleInputs, cfg: "CoreMLExportConfig") -> 
         if short:
             raise ConfigError(f"a flexible sequence length varies axis 1 of every input; {short} have rank < 2",
                               "flexible_sequence_length")
-        too_long = [n for n, s in zip(example.names, shapes) if s[1] > upper]
+        too_long = [n for n, s in zip(example.names, shapes) if s[1] > upper]  # type: ignore[operator]  # upper is an int here
         if too_long:
             raise ConfigError(f"example inputs {too_long} are longer than the maximum {upper}",
                               "flexible_sequence_length")
@@ -264,7 +264,7 @@ class CoreMLExporter(Exporter):
         compressed weights. Returns ``model``."""
         return metadata.annotate(model)
 
-    def plan_target(self, model: torch.nn.Module, minimum_deployment_target=None, has_activation_quant: bool = False):
+    def plan_target(self, model: torch.nn.Module, minimum_deployment_target=None, has_activation_quant: bool = False) -> Any:
         """The ``ct.target`` an export would use (ConfigError if the requested one is too low)."""
         return targets.choose_target(minimum_deployment_target, _records(model), has_activation_quant)
 
@@ -312,7 +312,7 @@ class CoreMLExporter(Exporter):
         if len(set(wrapper.output_names)) == len(wrapper.output_names) and not taken & set(wrapper.output_names):
             ct_outputs = [ct.TensorType(name=n) for n in wrapper.output_names]  # "logits", "last_hidden_state"
 
-        def convert(precision: str):
+        def convert(precision: str) -> Any:
             with quiet_conversion(cfg.verbose):
                 mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
                                      minimum_deployment_target=target,

@@ -28,11 +28,10 @@ __all__ = ["ExampleInputs", "KeywordInputs", "example_inputs", "flatten_outputs"
 def core_ml_dtype(t: torch.Tensor | np.ndarray) -> type:
     """The numpy dtype of the Core ML input for example tensor ``t``: ``np.int32`` for integer and
     bool tensors (Core ML has no int64 inputs), else ``np.float32``."""
-    dtype = t.dtype
     if isinstance(t, torch.Tensor):
-        is_int = not (dtype.is_floating_point or dtype.is_complex)
+        is_int = not (t.dtype.is_floating_point or t.dtype.is_complex)
     else:
-        is_int = np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_)
+        is_int = bool(np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.bool_))
     return np.int32 if is_int else np.float32
 
 
@@ -99,10 +98,10 @@ def example_inputs(example: Any, positional_names=None) -> ExampleInputs:
         raise ConfigError(f"expected a tensor, a tuple of tensors or a dict of tensors, got {type(example).__name__}",
                           "example_inputs")
     n = len(example)
-    names = [_sanitize(p) for p in (positional_names or [])][:n]
-    if len(names) != n or len(set(names)) != n:
-        names = [f"input_{i}" for i in range(n)]
-    return ExampleInputs(tuple(names), tuple(example), False)
+    given = [_sanitize(p) for p in (positional_names or [])][:n]
+    if len(given) != n or len(set(given)) != n:
+        given = [f"input_{i}" for i in range(n)]
+    return ExampleInputs(tuple(given), tuple(example), False)
 
 
 def output_names(out: Any, prefix: str = "") -> list[str]:
@@ -139,14 +138,14 @@ class KeywordInputs(torch.nn.Module):
     attribute, unchanged; after a call, ``output_names`` holds :func:`output_names` of its output.
     """
 
-    def __init__(self, model: torch.nn.Module, names: tuple[str, ...] | None, bool_positions: tuple[int, ...] = ()):
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...] | None, bool_positions: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.model = model
         self.names = names
         self.bool_positions = tuple(bool_positions)
         self.output_names: list[str] = []
 
-    def forward(self, *tensors):
+    def forward(self, *tensors) -> Any:
         """``(*tensors)`` in input order -> tuple of output tensors."""
         tensors = tuple(t != 0 if i in self.bool_positions else t for i, t in enumerate(tensors))
         out = self.model(**dict(zip(self.names, tensors))) if self.names else self.model(*tensors)

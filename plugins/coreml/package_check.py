@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 from quanta.errors import CoreMLPackageError
 from quanta._files.untrusted import inside
@@ -62,7 +63,7 @@ def _manifest_root(path: Path) -> Path:
     return spec_path
 
 
-def _parse_spec(path: Path, spec_path: Path):
+def _parse_spec(path: Path, spec_path: Path) -> Any:
     from google.protobuf.message import DecodeError
 
     from .ct_import import import_coremltools

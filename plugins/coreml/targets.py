@@ -36,13 +36,13 @@ class CoreMLEnvironmentError(QuantaError, RuntimeError):
     """The installed coremltools/numpy combination is known to convert models wrongly or not at all."""
 
 
-def _ct():
+def _ct() -> Any:
     from .ct_import import import_coremltools
 
     return import_coremltools()
 
 
-def parse_target(value: Any):
+def parse_target(value: Any) -> Any:
     """``ct.target.iOS17``, ``"iOS17"``, ``"macOS14"`` ... -> a ``ct.target`` member (None stays None)."""
     if value is None:
         return None
@@ -97,7 +97,7 @@ def required_target(records: dict, has_activation_quant: bool) -> tuple[int, str
     return need, why
 
 
-def choose_target(requested: Any, records: dict, has_activation_quant: bool):
+def choose_target(requested: Any, records: dict, has_activation_quant: bool) -> Any:
     """The ``ct.target`` to convert for: ``requested`` if it fits, else the lowest that fits.
 
     Raises ConfigError naming the layer and the minimum target when ``requested`` is too low.

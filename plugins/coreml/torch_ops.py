@@ -12,13 +12,13 @@ coremltools already translates keeps coremltools' own translation.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 __all__ = ["TRANSLATIONS", "register", "registered", "gqa_expanded"]
 
-_state = {"done": False, "registered": ()}
+_state: dict[str, Any] = {"done": False, "registered": ()}
 
 
 def _inputs(context, node) -> list:
@@ -26,7 +26,7 @@ def _inputs(context, node) -> list:
     return [context[name] if name else None for name in node.inputs]
 
 
-def _torch_dtype_code(var):
+def _torch_dtype_code(var) -> Any:
     """The numpy dtype for a torch ``ScalarType`` code held by ``var`` (``None`` when not given)."""
     from coremltools.converters.mil.frontend.torch.utils import NUM_TO_NUMPY_DTYPE
 
@@ -35,7 +35,7 @@ def _torch_dtype_code(var):
     return NUM_TO_NUMPY_DTYPE[int(var.val)]
 
 
-def new_ones(context, node):
+def new_ones(context, node) -> None:
     """``x.new_ones(size, dtype=...)``: a tensor of ones of ``size`` (dtype given, else x's)."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil.types import nptype_from_builtin
@@ -55,7 +55,7 @@ def new_ones(context, node):
     context.add(_cast_to(ones, dtype, node.name))
 
 
-def _cast_to(value, dtype, name):
+def _cast_to(value, dtype, name) -> Any:
     from coremltools.converters.mil import Builder as mb
 
     if np.dtype(dtype) == np.bool_:
@@ -65,7 +65,7 @@ def _cast_to(value, dtype, name):
     return mb.identity(x=value, name=name)
 
 
-def diff(context, node):
+def diff(context, node) -> None:
     """``torch.diff(x, n=1, dim=-1, prepend=None, append=None)``: ``x[..., 1:] - x[..., :-1]``
     along ``dim`` after concatenating ``prepend``/``append``; ``n`` > 1 repeats it."""
     from coremltools.converters.mil import Builder as mb
@@ -119,7 +119,7 @@ def registered() -> tuple[str, ...]:
     return _state["registered"]
 
 
-def _repeat_heads(x, heads: int):
+def _repeat_heads(x, heads: int) -> Any:
     """``x`` ``[..., kv_heads, L, D]`` with each head repeated to ``heads`` (transformers' ``repeat_kv``:
     expand and reshape, which coremltools converts; ``repeat_interleave`` it does not)."""
     kv = x.shape[-3]
@@ -142,7 +142,7 @@ def gqa_expanded() -> Iterator[None]:
 
     original = F.scaled_dot_product_attention
 
-    def sdpa(query, key, value, *args, enable_gqa=False, **kwargs):
+    def sdpa(query, key, value, *args, enable_gqa=False, **kwargs) -> Any:
         if enable_gqa and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
             key, value = _repeat_heads(key, query.shape[-3]), _repeat_heads(value, query.shape[-3])
         return original(query, key, value, *args, **kwargs)

@@ -78,7 +78,7 @@ class GPTQConfig:
         "input channels that are zero on all calibration data: 'zero' zeroes their weights (reference GPTQ, "
         "coremltools), 'rtn' keeps and rounds them (data-free)"))
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         if not isinstance(self.calibration_nsamples, int) or self.calibration_nsamples < 1:
             raise ConfigError(f"must be a positive integer, got {self.calibration_nsamples!r}", "calibration_nsamples")
         if not isinstance(self.processing_group_size, int) or self.processing_group_size < 1:
@@ -99,20 +99,20 @@ class GPTQConfig:
 class PluginQuantizer:
     """Adapts a scheme and an observer plugin to the solver's ``fit/quantize/dequantize`` contract."""
 
-    def __init__(self, spec):
+    def __init__(self, spec) -> None:
         self.spec = spec
         self.scheme = scheme_for(spec)
         self.observer = observer_for(spec)
 
-    def fit(self, w):
+    def fit(self, w) -> Any:
         lo, hi = self.observer.observe(w, self.spec, self.scheme)
         scale, zp = self.scheme.qparams(lo, hi, self.spec.dtype)
         return scale[:, None], (None if zp is None else zp[:, None])
 
-    def quantize(self, w, scale, zero_point):
+    def quantize(self, w, scale, zero_point) -> torch.Tensor:
         return self.scheme.quantize(w, scale, zero_point, self.spec.dtype)
 
-    def dequantize(self, codes, scale, zero_point):
+    def dequantize(self, codes, scale, zero_point) -> torch.Tensor:
         return self.scheme.dequantize(codes, scale, zero_point)
 
 
@@ -120,7 +120,7 @@ class _Stop(Exception):
     """Raised by the input cacher's hook to end a forward pass early."""
 
 
-def _first_tensor(out):
+def _first_tensor(out) -> Any:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)):
@@ -137,7 +137,7 @@ def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tu
     if names:
         import re
 
-        out = []
+        out: list[tuple[str, nn.Module]] = []
         for pattern in names:
             hits = [n for n in modules if (re.fullmatch(pattern[3:], n) if pattern.startswith("re:") else n == pattern)]
             if not hits:
@@ -166,11 +166,12 @@ def _calibratable(module: nn.Module) -> str | None:
     return f"{type(module).__name__} weights get no calibration inputs"
 
 
-def _calibratable_layer(layer) -> str | None:
-    """None when GPTQ can calibrate this planned layer, else the reason it gets round-to-nearest."""
-    if isinstance(layer.unit.handle, nn.MultiheadAttention):
+def _calibratable_layer(layer: Any, module: nn.Module) -> str | None:
+    """None when GPTQ can calibrate this planned layer (computed by ``module``), else the reason it
+    gets round-to-nearest."""
+    if isinstance(module, nn.MultiheadAttention):
         return None if layer.unit.param == "in_proj_weight" else "separate q/k/v projection weights"
-    return _calibratable(layer.unit.handle)
+    return _calibratable(module)
 
 
 def _blind_error(names: list[str]) -> QuantizationError:
@@ -194,15 +195,15 @@ class _HessianHook:
     count quanta's GPTQ gives coremltools' weights.
     """
 
-    def __init__(self, module: nn.Module, device, weight: torch.Tensor | None = None, attach: bool = True):
+    def __init__(self, module: nn.Module, device, weight: torch.Tensor | None = None, attach: bool = True) -> None:
         self.module = module
-        cols = (module.weight if weight is None else weight)[0].numel()
+        cols = (module.get_parameter("weight") if weight is None else weight)[0].numel()
         self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
         self.samples = 0
         # attach=False: fed through add() by an AttentionFeed, which sets the handle.
         self.handle = module.register_forward_pre_hook(self._hook) if attach else None
 
-    def _hook(self, module, args):
+    def _hook(self, module, args) -> None:
         self.add(args[0])
 
     def add(self, x: torch.Tensor) -> None:
@@ -265,9 +266,10 @@ class GPTQ(Algorithm):
         samples = _take(data, cfg.calibration_nsamples)
         todo, rtn = {}, []
         for layer in plan.selected:
-            reason = _calibratable_layer(layer)
+            module = context.module(model, layer)
+            reason = _calibratable_layer(layer, module)
             if reason is None:
-                todo[layer.unit.handle] = layer
+                todo[module] = layer
             else:
                 rtn.append((layer, reason))
         # Before any weight changes: every layer GPTQ calibrates must receive inputs.
@@ -276,13 +278,12 @@ class GPTQ(Algorithm):
                 raise _blind_error([todo[m].name for m in unreached(model, todo, samples[0])])
             rtn.append((todo.pop(module), "no calibration inputs reach it; uncalibrated: rtn"))
         for layer, reason in rtn:
-            context.quantize_layer(model, layer)
-            context.report.layers[-1].extra["method"] = f"rtn ({reason})"
+            context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
         if not todo:
             return
         was_training = model.training
         model.eval()
-        self._dead = []
+        self._dead: list[Any] = []
         try:
             with torch.no_grad(), no_fastpath():
                 self._run_blocks(model, todo, samples, cfg, device, context)
@@ -293,7 +294,7 @@ class GPTQ(Algorithm):
             warnings.warn(f"gptq: input channels that never fire on the calibration data, weights zeroed (set the "
                           f"gptq option dead_inputs: rtn to quantize them data-free): {listed}", stacklevel=2)
 
-    def _run_blocks(self, model, todo, samples, cfg, device, context):
+    def _run_blocks(self, model, todo, samples, cfg, device, context) -> None:
         blocks = find_blocks(model, cfg.layers)
         block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
         if blocks and blocks[0][1] is not model and block_modules:
@@ -331,8 +332,8 @@ class GPTQ(Algorithm):
                 block.to(home)
             del cache
             # Accounting, not sampling: the cache is the only activation storage between blocks.
-            context.report.stats["gptq_blocks"] = len(blocks)
-            context.report.stats["gptq_peak_cached_activation_bytes"] = peak
+            context.stats["gptq_blocks"] = len(blocks)
+            context.stats["gptq_peak_cached_activation_bytes"] = peak
         if todo:  # layers outside the blocks (heads, poolers): one pass of the quantized model
             home = _device_of(model)
             model.to(device)
@@ -346,7 +347,7 @@ class GPTQ(Algorithm):
                 _remove_hooks(hooks)
             model.to(home)
 
-    def _solve(self, model, mine, hooks, cfg, device, context):
+    def _solve(self, model, mine, hooks, cfg, device, context) -> None:
         for module, layer in mine.items():
             hook = hooks[module]
             hessian = hook.hessian()
@@ -392,8 +393,7 @@ class GPTQ(Algorithm):
             reason = "cross-attention in_proj_weight: query, key and value differ"
         else:
             return False
-        context.quantize_layer(model, layer)
-        context.report.layers[-1].extra["method"] = f"rtn ({reason})"
+        context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
         return True
 
     def _dead_inputs(self, layer, hessian, per_col: int, cfg) -> dict:
@@ -416,7 +416,7 @@ def _fresh_state(kwargs: dict) -> dict:
     """``kwargs`` with every stateful object (not a tensor, number, string or container of them; e.g.
     a transformers key-value cache that a decoder layer appends to) replaced by a copy, so each
     call of a block sees the state the model's own forward gave it, never another call's."""
-    def fresh(v):
+    def fresh(v) -> Any:
         if isinstance(v, _PLAIN):
             return v
         if isinstance(v, (tuple, list)):
@@ -438,7 +438,7 @@ def _contains(parent: nn.Module, module: nn.Module) -> bool:
     return any(m is module for m in parent.modules())
 
 
-def _device_of(module: nn.Module):
+def _device_of(module: nn.Module) -> Any:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -460,11 +460,11 @@ def _take(data, n: int) -> list:
     return out
 
 
-def _cache_inputs(model, first_block, samples, device):
+def _cache_inputs(model, first_block, samples, device) -> Any:
     """Run the model until ``first_block`` for each sample; keep its (args, kwargs) on ``device``."""
     cache = []
 
-    def hook(module, args, kwargs):
+    def hook(module, args, kwargs) -> None:
         cache.append((to_device(tuple(args), device), to_device(dict(kwargs), device)))
         raise _Stop
 
@@ -484,5 +484,5 @@ def _cache_inputs(model, first_block, samples, device):
 
 
 @quanta.hookimpl
-def register_algorithms(register):
+def register_algorithms(register) -> None:
     register(GPTQ())

@@ -61,7 +61,7 @@ class GraphRunner:
     the plain path. ``path="static"`` runs the same buffers without capture (tests on CPU).
     """
 
-    def __init__(self, length: int, rows: int, device, plan: SweepPlan, quantizer, has_zp: bool, capture: bool):
+    def __init__(self, length: int, rows: int, device, plan: SweepPlan, quantizer, has_zp: bool, capture: bool) -> None:
         self.length, self.plan, self.quantizer, self.capture = length, plan, quantizer, capture
         f32 = dict(dtype=torch.float32, device=device)
         self.wb = torch.empty(length, rows, **f32)
@@ -71,7 +71,7 @@ class GraphRunner:
         self.zp = torch.empty(length, rows, 1, **f32) if has_zp else None
         self.diff = torch.empty(length, rows, **f32)
         self.group_of = torch.tensor(list(plan.group_of), dtype=torch.long, device=device)
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.failed = False
 
     @classmethod

@@ -70,7 +70,7 @@ class AttentionFeed:
     would need three Hessians, and the algorithm falls back to round-to-nearest for it.
     """
 
-    def __init__(self, mha: nn.MultiheadAttention, out_hook=None, in_hook=None):
+    def __init__(self, mha: nn.MultiheadAttention, out_hook=None, in_hook=None) -> None:
         self.mha, self.out_hook, self.in_hook = mha, out_hook, in_hook
         self._inside = False
         self.handle = mha.register_forward_hook(self._hook, with_kwargs=True)
@@ -105,7 +105,8 @@ def attach_hooks(scope: nn.Module, layers: Iterable[tuple[nn.Module, str]], make
     :class:`AttentionFeed` rather than a pre-hook of its own). Every hook has ``handle`` (removing
     it twice is harmless)."""
     parents = _attention_parents(scope)
-    hooks, feeds = {}, {}
+    hooks: dict[Any, Any] = {}
+    feeds: dict[Any, Any] = {}
     for module, param in layers:
         if isinstance(module, nn.MultiheadAttention):  # its in_proj_weight
             hooks[module] = make(module, weight=getattr(module, param), attach=False)

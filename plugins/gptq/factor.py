@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -36,7 +36,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     return damped_factor(lambda: hessian.detach().to(torch.float32, copy=True), damp, _upper_inverse_cholesky)
 
 
-def damped_factor(make: Callable[[], torch.Tensor], damp: float, factor: Callable[[torch.Tensor], object]):
+def damped_factor(make: Callable[[], torch.Tensor], damp: float, factor: Callable[[torch.Tensor], object]) -> Any:
     # ``make()`` returns a fresh, undamped float32 copy of the Hessian (in whatever order
     # ``factor`` wants); the damping is added to its diagonal and ``factor(h)`` may destroy it,
     # returning None on failure, after which a fresh copy is made for the next damp.

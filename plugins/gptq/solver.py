@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import attrs
 import torch
@@ -197,7 +197,7 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
                       n_groups=n_groups, feedback=feedback, r_diag=r_diag, block_inverse=block_inverse)
 
     chunks = _row_chunks(rows, device)
-    def run_chunk(r0: int, r1: int, overlap: bool = False):
+    def run_chunk(r0: int, r1: int, overlap: bool = False) -> Any:
         return _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path, overlap)
     if len(chunks) == 1:
         results = [run_chunk(*chunks[0], overlap=device.type == "cpu" and torch.get_num_threads() >= 2)]
@@ -206,7 +206,7 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
         # OpenMP regions inside the per-column loop cost far more than they gain. The setting is
         # per thread for OpenMP but global for MKL, so the caller's value is put back after.
         threads = torch.get_num_threads()
-        def work(chunk):
+        def work(chunk) -> Any:
             torch.set_num_threads(max(1, threads // len(chunks)))
             return run_chunk(*chunk)
         try:
@@ -281,7 +281,7 @@ class SweepPlan:
         return sorted(cuts)
 
 
-def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups, path, overlap=False):
+def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups, path, overlap=False) -> Any:
     """GPTQ on a block of rows ``w`` ``[r, n]``: returns (codes_t [n, r] float codes in sweep order,
     scale_t [G, r], zero_point_t [G, r] or None, sum_j ((w_j - q_j) / U_jj)^2).
 
@@ -366,19 +366,19 @@ class _TrailingUpdates:
     sweep runs with one intra-op thread per side, and the caller's setting is put back after.
     """
 
-    def __init__(self, wt, fb, diff_t, batches, block_size, enabled):
+    def __init__(self, wt, fb, diff_t, batches, block_size, enabled) -> None:
         self.wt, self.fb, self.diff_t, self.batches, self.bs = wt, fb, diff_t, batches, block_size
         self.enabled = enabled and len(batches) > 2
         self.pending = None
 
-    def __enter__(self):
+    def __enter__(self) -> Any:
         if self.enabled:
             self.threads = torch.get_num_threads()
             torch.set_num_threads(1)
             self.pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         if self.enabled:
             try:
                 self.pool.shutdown(wait=True)
