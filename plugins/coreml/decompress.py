@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from typing import Any
+
 import numpy as np
 
 from quanta.errors import CoreMLPackageError
@@ -50,15 +52,15 @@ def dequantized_value(op) -> np.ndarray:
     return (values * _expand(scale, data.shape)).astype(scale.dtype)
 
 
-def _decompress_pass():
+def _decompress_pass() -> Any:
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
 
     class Decompress(AbstractGraphPass):
-        def apply(self, prog):
+        def apply(self, prog: Any) -> None:
             @block_context_manager
-            def apply_block(block):
+            def apply_block(block: Any) -> None:
                 for op in list(block.operations):
                     for b in op.blocks:
                         apply_block(b)
@@ -79,7 +81,7 @@ def _decompress_pass():
     return Decompress()
 
 
-def decompress_weights(mlmodel):
+def decompress_weights(mlmodel: Any) -> Any:
     """A new ``MLModel`` whose linearly quantized weights are float consts (``mlmodel`` is not modified)."""
     from coremltools.models import utils as model_utils
 
@@ -88,7 +90,7 @@ def decompress_weights(mlmodel):
     return model_utils._apply_graph_pass(load_mlmodel(mlmodel), _decompress_pass(), skip_model_load=True)
 
 
-def weights_metadata(mlmodel, weight_threshold: int = 2048):
+def weights_metadata(mlmodel: Any, weight_threshold: int = 2048) -> Any:
     """``{const name: CoreMLWeightMetaData}`` for float const weights with more than ``weight_threshold``
     elements, each with its value, sparsity, unique value count and consuming ops (coremltools' classes)."""
     from coremltools.optimize.coreml._post_training_quantization import (
@@ -105,7 +107,7 @@ def weights_metadata(mlmodel, weight_threshold: int = 2048):
     program, _ = _load_program(load_mlmodel(mlmodel))
     out = _MetaDataDict({})
 
-    def visit(block):
+    def visit(block: Any) -> None:
         for op in block.operations:
             for b in op.blocks:
                 visit(b)
