@@ -34,7 +34,13 @@ BENCHMARKS = {
     "gptq_minilm": (["gptq_minilm.py"], "gptq_minilm.txt", True),
     "grids": (["grids.py", "--calib", "64", "--eval", "256"], "grids.txt", False),
     "out_of_core": (["out_of_core.py", "--layers", "2", "--samples", "2", "--tokens", "64"], "out_of_core_cpu.txt", True),
+    "recipes": (["recipes.py"], "recipes.txt", True),
+    "coremltools_tests": (["coremltools_tests.py"], "coremltools_tests.txt", True),
 }
+
+#: Files in ``benchmarks/results/`` that are inputs of a benchmark, not results: coremltools' own
+#: outcomes of its test suite, which ``coremltools_tests.py --refresh-baseline`` rewrites.
+INPUTS = {"coremltools_tests_baseline.json"}
 
 
 def run(name: str) -> None:

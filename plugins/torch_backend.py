@@ -39,6 +39,9 @@ class TorchBackend(Backend):
     description = "PyTorch nn.Module: Linear, Conv*, ConvTranspose*, Embedding, MultiheadAttention"
     priority = 10  # asked first: an isinstance check, and most models are torch models
     grids = frozenset({"affine", "lut"})  # records are buffers; the parameter holds the dequantized values
+    #: A subclass (another name, other activation rules) still holds torch models: the algorithms
+    #: that serve the torch backend serve it.
+    family = "torch"
 
     def accepts(self, model) -> bool:
         return isinstance(model, nn.Module)

@@ -52,7 +52,7 @@ class ArrayBackend(Backend):
         model.records[unit.name] = record
         model.weights[unit.name] = (record.dequantize() if values is None else values).reshape(unit.shape).clone()
 
-    def snapshot(self, model, units, everything=False):
+    def snapshot(self, model, units, everything=False, share=()):
         return {k: v.clone() for k, v in model.weights.items()}, dict(model.records)
 
     def restore(self, model, snapshot):

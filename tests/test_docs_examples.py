@@ -132,7 +132,8 @@ def test_npz_exporter_adds_its_cli_option(register_plugin, tmp_path, capsys):
     saved = quanta.save(q, tmp_path / "saved", rebuild={"factory": "quanta.testing:reference_model",
                                                          "kwargs": {"name": "mlp"}},
                         example_inputs=torch.zeros(1, 64))
-    assert main(["-q", "export", str(saved), "-o", str(tmp_path / "m.npz"), "--format", "npz", "--no-compress"]) == 0
+    assert main(["-q", "export", str(saved), "--factory", "quanta.testing:reference_model", "-o", str(tmp_path / "m.npz"),
+                 "--format", "npz", "--no-compress"]) == 0
     with open(tmp_path / "m.npz", "rb") as f:  # np.savez (stored), not np.savez_compressed (deflated)
         import zipfile
 

@@ -39,7 +39,7 @@ def test_mkdocs_build_strict(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     site = tmp_path / "site"
     plugins = (site / "plugins" / "index.html").read_text()
-    assert "NF4_LEVELS" in plugins and "NpzExporter" in plugins and "scale_input" in plugins  # the example files are included
+    assert "NF4_LEVELS" in plugins and "NpzExporter" in plugins and "add_transform" in plugins  # the example files are included
     reference = (site / "reference" / "index.html").read_text()
     for name in ("quanta.contracts.Scheme", "quanta.RunContext", "quanta.testing.check_algorithm",
                  "quanta.registry", "ranges_carry_non_finite"):

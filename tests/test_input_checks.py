@@ -48,7 +48,7 @@ def test_samples_are_rows_for_data_and_gptq():
 def test_compat_warns_too():
     from quanta.compat import LayerwiseCompressor
 
-    compressor = LayerwiseCompressor(_net(), {"global_config": {"weight_dtype": "int8"}, "calibration_nsamples": 16})
+    compressor = LayerwiseCompressor(_net(), {"global_config": {"weight_dtype": "uint8"}, "calibration_nsamples": 16})
     with pytest.warns(CalibrationWarning, match=r"2 batch\(es\) but calibration_nsamples is 16"):
         compressor.compress([torch.randn(4, 16), torch.randn(4, 16)])
 

@@ -263,7 +263,10 @@ def _cmd_quantize(args, console: Console) -> int:
                 console.error(f"{written} was written but does not match the quantized torch model: "
                               f"{'; '.join(f['failures'])} (defaults: docs/cli.md, 'quanta verify')")
                 return EXIT_MISMATCH
-            print(f"verified {written} against the quantized torch model on the example inputs: {figures}")
+            from quanta._run.exporting import DEFAULT_MIN_COSINE, DEFAULT_TOLERANCE
+
+            print(f"verified {written} against the quantized torch model on the example inputs: {figures} "
+                  f"(tolerance: cosine >= {DEFAULT_MIN_COSINE}, max_rel <= {DEFAULT_TOLERANCE})")
     return 0
 
 

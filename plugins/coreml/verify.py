@@ -9,6 +9,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from quanta._run.exporting import DEFAULT_MIN_COSINE, verification_failures
 from quanta.errors import ConfigError
 
 from .ct_import import import_coremltools
@@ -17,17 +18,17 @@ from .package_check import check_package
 
 __all__ = ["verify_package", "package_inputs", "random_inputs", "MIN_COSINE", "within_tolerance"]
 
-#: The documented tolerance of ``verify`` against the quantized torch model: the package's outputs
-#: must have a cosine similarity of at least this with torch's (fp16 rounding stays far above it;
-#: an fp16 overflow or a wrong conversion falls below).
-MIN_COSINE = 0.99
+#: The smallest cosine similarity ``verify`` accepts (``quanta verify``'s documented default,
+#: ``quanta._run.exporting.DEFAULT_MIN_COSINE``): fp16 rounding stays far above it; an fp16
+#: overflow or a wrong conversion falls below.
+MIN_COSINE = DEFAULT_MIN_COSINE
 
 
 def within_tolerance(figures: Mapping[str, Any], min_cosine: float = MIN_COSINE) -> bool:
-    """Whether ``verify`` figures (``cosine``) are within the tolerance: cosine >= ``min_cosine``
-    (NaN, from a NaN in an output, never is)."""
-    cosine = float(figures["cosine"])
-    return cosine == cosine and cosine >= min_cosine
+    """Whether ``verify`` figures pass ``quanta verify``'s default tolerance, per output: finite,
+    ``max_rel`` at most ``DEFAULT_TOLERANCE`` and cosine at least ``min_cosine`` (one rule, the one
+    ``quanta.verify`` and the CLI's "verified" line use: ``verification_failures``)."""
+    return not verification_failures(dict(figures), min_cosine=min_cosine)
 
 
 def package_inputs(program) -> list[tuple[str, tuple]]:
@@ -121,7 +122,7 @@ def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_in
 
     Returns ``{"max_abs", "max_rel", "cosine", "outputs": [names], "per_output": {name: figures},
     "min_cosine", "within_tolerance"}``: ``max_abs``/``max_rel`` are the largest and ``cosine`` the
-    smallest over the outputs; ``within_tolerance`` is ``cosine >= min_cosine`` (:data:`MIN_COSINE`).
+    smallest over the outputs; ``within_tolerance``: :func:`within_tolerance` of these figures.
     """
     from quanta.mil.program import load_program
     from quanta.mil.runner import compare, declared_numpy_dtype, run
