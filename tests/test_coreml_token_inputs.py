@@ -173,3 +173,25 @@ def test_token_model_is_flexible_in_batch_and_length_by_default_and_inputs_follo
     fixed = quanta.export(q, tmp_path / "f.mlpackage", example_inputs={"input_ids": ids, "attention_mask": ids > 0},
                           flexible_batch=False, flexible_sequence_length=False)
     assert list(_input_types(fixed)["input_ids"][1].shape) == [3, 5]
+
+
+def test_export_command_sets_flexible_dimensions(tmp_path, capsys):
+    """``quanta export --flexible-batch/--flexible-sequence-length`` (options the coreml exporter adds)."""
+    from quanta._cli import build_parser, main
+
+    args = build_parser(["export"]).parse_args(["export", "d", "-o", "x.mlpackage", "--flexible-batch", "off",
+                                                "--flexible-sequence-length", "32"])
+    assert (args.flexible_batch, args.flexible_sequence_length) == (False, 32)
+    with pytest.raises(SystemExit):
+        build_parser(["export"]).parse_args(["export", "d", "-o", "x.mlpackage", "--flexible-batch", "maybe"])
+    assert "use auto, on, off or a positive maximum" in capsys.readouterr().err
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (2, 7))
+    saved = quanta.save(_quantized(MaskedModel().eval()), tmp_path / "saved",
+                        example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    out = tmp_path / "fixed.mlpackage"
+    assert main(["-q", "export", str(saved), "--factory", f"{__file__}:MaskedModel",
+                 "-o", str(out), "--flexible-batch", "on", "--flexible-sequence-length", "off"]) == 0
+    types = _input_types(out)
+    ranges = [(r.lowerBound, r.upperBound) for r in types["input_ids"][1].shapeRange.sizeRanges]
+    assert ranges == [(1, 64), (7, 7)]

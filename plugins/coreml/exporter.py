@@ -367,11 +367,33 @@ def register_exporters(register: Registrar) -> None:
     register(CoreMLExporter())
 
 
+def _flexible(text: str) -> bool | int | str:
+    """A ``--flexible-*`` value: ``auto``, ``on``/``true``, ``off``/``false`` or a positive maximum."""
+    word = text.strip().lower()
+    if word == "auto":
+        return "auto"
+    if word in ("on", "true", "yes"):
+        return True
+    if word in ("off", "false", "no"):
+        return False
+    if word.isdigit() and int(word) >= 1:
+        return int(word)
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto, on, off or a positive maximum")
+
+
 @quanta.hookimpl
 def add_cli_options(command: str, group: argparse._ArgumentGroup) -> None:
-    """``quanta export --target``: the exporter's ``minimum_deployment_target``."""
+    """``quanta export --target``, ``--flexible-batch``, ``--flexible-sequence-length``: the
+    exporter's ``minimum_deployment_target``, ``flexible_batch`` and ``flexible_sequence_length``."""
     if command == "export":
         names = sorted(n for pair in targets.TARGETS.values() for n in pair)
         group.add_argument("--target", dest="minimum_deployment_target", choices=names, metavar="TARGET",
                            help=f"coreml: minimum deployment target: {', '.join(names)} (default: the lowest "
                                 "that stores the model's weights exactly)")
+        group.add_argument("--flexible-batch", dest="flexible_batch", type=_flexible, metavar="auto|on|off|N",
+                           help="coreml: a batch dimension of any size up to N (on: 64); default auto: flexible "
+                                "for a token model, else the example's batch")
+        group.add_argument("--flexible-sequence-length", dest="flexible_sequence_length", type=_flexible,
+                           metavar="auto|on|off|N",
+                           help="coreml: a sequence axis of any length up to N (on: the model config's "
+                                "max_position_embeddings); default auto: flexible for a token model")
