@@ -13,6 +13,7 @@ they have 128 samples (:func:`take_samples`). ``quanta.compat`` keeps coremltool
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,3 +43,33 @@ def to_device(obj: Any, device) -> Any:
         return type(obj)(to_device(v, device) for v in obj)
     return obj
 
+
+
+_PLAIN = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def fresh_state(value: Any) -> Any:
+    """``value`` with every stateful object inside (not a tensor, number, string or container of
+    them; e.g. a transformers key-value cache that a decoder layer appends to) replaced by a copy,
+    so each call of a block sees the state the model's own forward gave it, never another call's."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(fresh_state(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: fresh_state(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+def hidden_state(out: Any) -> torch.Tensor:
+    """The hidden state in a block's output: the tensor, or the first item of a tuple, list or
+    ``ModelOutput``."""
+    from quanta.errors import QuantizationError
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    raise QuantizationError(f"cannot find the hidden state in a block output of type {type(out).__name__}")

@@ -22,7 +22,6 @@ A checkpoint made for another model, recipe, calibration data or quanta version 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -39,7 +38,8 @@ from torch import nn
 
 from quanta._files.atomic import atomic_dir, check_destination
 from quanta._files.faults import fault_delay
-from quanta._files.saved_format import CONFIG_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME, SavedModelError
+from quanta._files.saved_format import CONFIG_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME
+from quanta._run.calibration import call_model, fresh_state, hidden_state
 from quanta._run.data_checks import CalibrationWarning
 from quanta.errors import ConfigError, ModelError, QuantaError
 
@@ -250,20 +250,6 @@ def _blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
 # ----------------------------------------------------------------------------- stand-ins and scopes
 
 
-_PLAIN = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
-
-
-def _fresh(value):
-    """A copy of every stateful object (a key-value cache) inside ``value``; tensors and plain values as they are."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_fresh(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _fresh(v) for k, v in value.items()}
-    return copy.deepcopy(value)
-
-
 class _Stop(Exception):
     pass
 
@@ -315,17 +301,7 @@ class _Scope(nn.Module):
         self._block = [block]  # not a submodule a second time
 
     def forward(self, _quanta_args=(), **kwargs):
-        return self._block[0](*_quanta_args, **_fresh(kwargs))
-
-
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "to_tuple"):
-        return out.to_tuple()[0]
-    raise ModelError(f"cannot find the hidden state in a block output of type {type(out).__name__}")
+        return self._block[0](*_quanta_args, **fresh_state(kwargs))
 
 
 def _with_hidden(out, hidden):
@@ -564,8 +540,6 @@ def _take(data: Any, n: int | None) -> list:
 
 
 def _call(model: nn.Module, sample: Any):
-    from quanta._run.calibration import call_model
-
     return call_model(model, sample)
 
 
@@ -635,11 +609,11 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
                 rows = [_row(layer) for layer in scope.quanta_report.layers]
             if needs_data and index < len(real) - 1:
                 for i, batch in enumerate(batches):
-                    acts.set(i, _first_tensor(_call(scope, batch)))
+                    acts.set(i, hidden_state(_call(scope, batch)))
             elif needs_data:  # the last block's outputs: what the head's calibration replays
                 outs = [_call(scope, batch) for batch in batches]
                 for i, out in enumerate(outs):
-                    acts.set(i, _first_tensor(out))
+                    acts.set(i, hidden_state(out))
                 state["_last_structure"] = "tensor" if isinstance(outs[0], torch.Tensor) else "tuple"
             del batches
             _write_part(scope, staging, f"block-{index:05d}.safetensors", state)

@@ -22,7 +22,6 @@ are reported per layer (``dead_inputs``); the reference GPTQ zeroes their weight
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, Iterable
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quanta
-from quanta._run.calibration import call_model, take_samples, to_device
+from quanta._run.calibration import call_model, fresh_state, hidden_state, take_samples, to_device
 from quanta.errors import ConfigError, QuantizationError
 from quanta._run.model_checks import check_device
 from quanta.contracts import Algorithm
@@ -118,16 +117,6 @@ class PluginQuantizer:
 
 class _Stop(Exception):
     """Raised by the input cacher's hook to end a forward pass early."""
-
-
-def _first_tensor(out) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "to_tuple"):
-        return out.to_tuple()[0]
-    raise QuantizationError(f"cannot find the hidden state in a block output of type {type(out).__name__}")
 
 
 def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -317,7 +306,7 @@ class GPTQ(Algorithm):
                             if direct:
                                 hooks[block]._hook(block, args)
                             else:
-                                block(*args, **_fresh_state(kwargs))
+                                block(*args, **fresh_state(kwargs))
                         self._solve(model, mine, hooks, cfg, device, context)
                     finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
                         _remove_hooks(hooks)
@@ -327,7 +316,7 @@ class GPTQ(Algorithm):
                     block.to(home)
                     break  # the last block's outputs feed nothing
                 for i, (args, kwargs) in enumerate(cache):  # quantized outputs feed the next block
-                    out = _first_tensor(block(*args, **_fresh_state(kwargs)))
+                    out = hidden_state(block(*args, **fresh_state(kwargs)))
                     cache[i] = ((out, *args[1:]), kwargs)
                 block.to(home)
             del cache
@@ -407,25 +396,6 @@ class GPTQ(Algorithm):
             hessian.diagonal()[hessian.diagonal() == 0] = 1.0
             return {"dead_inputs": f"{n} kept (rtn)"}
         return {"dead_inputs": f"{n}: weights zeroed"}
-
-
-_PLAIN = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
-
-
-def _fresh_state(kwargs: dict) -> dict:
-    """``kwargs`` with every stateful object (not a tensor, number, string or container of them; e.g.
-    a transformers key-value cache that a decoder layer appends to) replaced by a copy, so each
-    call of a block sees the state the model's own forward gave it, never another call's."""
-    def fresh(v) -> Any:
-        if isinstance(v, _PLAIN):
-            return v
-        if isinstance(v, (tuple, list)):
-            return type(v)(fresh(x) for x in v)
-        if isinstance(v, dict):
-            return {k: fresh(x) for k, x in v.items()}
-        return copy.deepcopy(v)
-
-    return {k: fresh(v) for k, v in kwargs.items()}
 
 
 def _remove_hooks(hooks: dict) -> None:
