@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -55,13 +54,13 @@ def write_checkpoint(path: Path, layers: int) -> int:
     import transformers
     from safetensors.torch import save_file
 
-    from quanta._run.out_of_core import _params_on_meta
+    from quanta._files.checkpoints import params_on_meta
 
     config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
                                       vocab_size=32000, num_attention_heads=16, num_key_value_heads=4,
                                       max_position_embeddings=2048, tie_word_embeddings=False)
     config.architectures = ["LlamaForCausalLM"]
-    with _params_on_meta():
+    with params_on_meta():
         skeleton = transformers.LlamaForCausalLM(config)
     path.mkdir(parents=True)
     config.to_json_file(str(path / "config.json"))

@@ -37,10 +37,13 @@ import torch
 from torch import nn
 
 from quanta._files.atomic import atomic_dir, check_destination
+from quanta._files.checkpoints import (CheckpointSource, CheckpointTensors, blocks_of, materialize, meta_left,
+                                       open_checkpoint, params_on_meta, release)
 from quanta._files.faults import fault_delay
 from quanta._files.saved_format import CONFIG_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME
 from quanta._run.calibration import call_model, fresh_state, hidden_state
 from quanta._run.data_checks import CalibrationWarning
+from quanta._run.resume import Activations, fingerprint, write_json_atomic
 from quanta.errors import ConfigError, ModelError, QuantaError
 
 __all__ = ["quantize_checkpoint", "CheckpointSource", "open_checkpoint", "CheckpointMismatchError", "PROGRESS_NAME"]
@@ -53,198 +56,6 @@ _SPILL_DIR = "quanta_activations"
 
 class CheckpointMismatchError(QuantaError, ValueError):
     """A checkpoint directory was made for another model, recipe, calibration data or quanta version."""
-
-
-# ----------------------------------------------------------------------------- the source checkpoint
-
-
-@attrs.frozen
-class CheckpointSource:
-    """A transformers checkpoint directory: its config, model class and which file holds each tensor."""
-
-    path: Path
-    hf_config: Any
-    model_class: type
-    weight_map: dict  # tensor key -> file name (inside ``path``)
-
-    def tensor_bytes(self) -> int:
-        """Bytes of every tensor in the checkpoint's safetensors files (from their headers)."""
-        total = 0
-        for name in sorted(set(self.weight_map.values())):
-            total += _header(self.path / name)[1]
-        return total
-
-
-def _header(file: Path) -> tuple[bytes, int]:
-    """A safetensors file's JSON header bytes and the tensor bytes it describes."""
-    with open(file, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        if size <= 0 or size > 100_000_000:
-            raise ModelError(f"{str(file)!r} is not a safetensors file (header size {size})")
-        header = fh.read(size)
-    try:
-        entries = json.loads(header)
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{str(file)!r} has an unreadable safetensors header: {exc}") from None
-    nbytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in entries.items() if k != "__metadata__")
-    return header, nbytes
-
-
-def _inside(root: Path, name: str, what: str) -> Path:
-    """``root / name``, refused when it would leave ``root`` (absolute, ``..``, a link out of it)."""
-    path = (root / name)
-    resolved = path.resolve()
-    if os.path.isabs(name) or not resolved.is_relative_to(root.resolve()):
-        raise ModelError(f"{what} {name!r} in {str(root)!r} points outside the checkpoint directory")
-    return path
-
-
-def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
-    """Read a transformers checkpoint directory's ``config.json`` and safetensors index, without weights.
-
-    Only architectures transformers itself implements are built (``trust_remote_code=False``): a
-    checkpoint whose config names its own code (``auto_map``) is refused.
-    """
-    root = Path(path)
-    if not (root / "config.json").is_file():
-        raise ModelError(f"{str(root)!r} is not a transformers checkpoint directory (no config.json)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError:  # pragma: no cover - transformers is in the examples extra
-        raise ModelError("out-of-core quantization reads transformers checkpoints: pip install transformers") from None
-    from quanta._files.untrusted import check_tree, read_json
-
-    def error(message: str, name: str | None = None) -> ModelError:
-        return ModelError(message)
-
-    check_tree(root, "checkpoint directory", error)  # no link out of it (docs/security.md)
-    raw = read_json(root / "config.json", "config.json", error)  # bounded, no key twice
-    if isinstance(raw, dict) and raw.get("auto_map"):
-        raise ModelError(f"{str(root)!r} names its own model code (config.json auto_map); quanta builds only "
-                         "architectures transformers implements, and runs no code a checkpoint ships")
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{str(root)!r}: transformers cannot read its config.json: {exc}") from None
-    arch = (getattr(hf_config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ModelError(f"{str(root)!r}: config.json names architecture {arch!r}, which transformers "
-                         f"{transformers.__version__} does not have")
-    if (root / INDEX_NAME).is_file():
-        index = read_json(root / INDEX_NAME, INDEX_NAME, error)
-        weight_map = dict((index.get("weight_map") if isinstance(index, dict) else None) or {})
-    elif (root / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(root / "model.safetensors"), "pt") as fh:
-            weight_map = {k: "model.safetensors" for k in fh.keys()}
-    else:
-        raise ModelError(f"{str(root)!r} has no model.safetensors or {INDEX_NAME} (out-of-core reads safetensors)")
-    for name in set(weight_map.values()):
-        if not _inside(root, name, "shard").is_file():
-            raise ModelError(f"shard {name!r} listed in {INDEX_NAME} is missing from {str(root)!r}")
-    return CheckpointSource(root, hf_config, cls, weight_map)
-
-
-class _Tensors:
-    """Reads of a checkpoint's tensors from memory-mapped safetensors files. Files are opened for
-    one :meth:`reading` block and closed after it, so the pages read for a block leave the
-    process's memory with it."""
-
-    def __init__(self, source: CheckpointSource, dtype: torch.dtype):
-        self.source, self.dtype = source, dtype
-        self._handles: dict[str, Any] | None = None
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator["_Tensors"]:
-        self._handles = {}
-        try:
-            yield self
-        finally:
-            self._handles = None  # safe_open handles unmap their file when dropped
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if self._handles is None:
-            raise RuntimeError("_Tensors.get outside reading()")
-        name = self.source.weight_map[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.source.path / name), "pt")
-        t = self._handles[name].get_tensor(key)
-        # A copy in the compute dtype: nothing keeps a view of the mapped file.
-        return t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
-
-
-@contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Parameters created inside go to the ``meta`` device; buffers stay real (they are computed)."""
-    original = nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def _materialize(module: nn.Module, prefix: str, tensors: _Tensors) -> None:
-    """Fill ``module``'s meta parameters (and stored buffers) from the checkpoint, keys ``prefix + name``."""
-    with tensors.reading():
-        _fill(module, prefix, tensors)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
-
-
-def _release(module: nn.Module) -> None:
-    """Put ``module``'s parameters back on the ``meta`` device (their memory is freed)."""
-    for sub in module.modules():
-        for pname, param in list(sub._parameters.items()):
-            if param is not None and param.device.type != "meta":
-                sub._parameters[pname] = nn.Parameter(param.detach().to("meta"), requires_grad=False)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
-
-
-def _fill(module: nn.Module, prefix: str, tensors: _Tensors) -> None:
-    for mname, sub in module.named_modules():
-        base = f"{prefix}{mname}." if mname else prefix
-        for pname, param in list(sub._parameters.items()):
-            if param is None or param.device.type != "meta":
-                continue
-            key = base + pname
-            if key not in tensors.source.weight_map:
-                continue  # a tied weight, filled by tie_weights
-            value = tensors.get(key)
-            if tuple(value.shape) != tuple(param.shape):
-                raise ModelError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model "
-                                 f"expects {tuple(param.shape)}")
-            sub._parameters[pname] = nn.Parameter(value, requires_grad=False)
-        for bname, buf in list(sub._buffers.items()):
-            key = base + bname
-            if buf is not None and key in tensors.source.weight_map and bname not in sub._non_persistent_buffers_set:
-                sub._buffers[bname] = tensors.get(key).to(buf.dtype)
-
-
-def _meta_left(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters() if p.device.type == "meta"]
-
-
-def _blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The largest ``nn.ModuleList`` (by parameter count): the blocks processed one at a time
-    (the rule the ``gptq`` algorithm uses on a model in memory)."""
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
-    if not lists:
-        raise ModelError(f"{type(model).__name__} has no list of blocks (an nn.ModuleList of layers) to process "
-                         "one at a time; quantize it in memory instead")
-    return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
 
 
 # ----------------------------------------------------------------------------- stand-ins and scopes
@@ -315,113 +126,6 @@ def _with_hidden(out, hidden):
     raise ModelError(f"cannot replay a block output of type {type(out).__name__}")
 
 
-# ----------------------------------------------------------------------------- activations
-
-
-class _Activations:
-    """The hidden states between blocks, one per calibration sample; beyond ``budget`` bytes they
-    are kept in safetensors files under ``spill`` (memory-mapped when read back)."""
-
-    def __init__(self, budget: int | None, spill: Path):
-        self.budget, self.spill = budget, spill
-        self.items: list[Any] = []
-        self.in_memory = 0
-
-    def set(self, i: int, t: torch.Tensor) -> None:
-        t = t.detach().contiguous()
-        nbytes = t.numel() * t.element_size()
-        old = self.items[i] if i < len(self.items) else None
-        if isinstance(old, torch.Tensor):
-            self.in_memory -= old.numel() * old.element_size()
-        if self.budget is not None and self.in_memory + nbytes > self.budget:
-            from safetensors.torch import save_file
-
-            self.spill.mkdir(parents=True, exist_ok=True)
-            path = self.spill / f"sample-{i:06d}.safetensors"
-            tmp = path.with_suffix(".tmp")
-            save_file({"hidden": t}, str(tmp))
-            os.replace(tmp, path)
-            value: Any = path
-        else:
-            value = t
-            self.in_memory += nbytes
-        if i < len(self.items):
-            self.items[i] = value
-        else:
-            self.items.append(value)
-
-    def get(self, i: int) -> torch.Tensor:
-        value = self.items[i]
-        if isinstance(value, Path):
-            from safetensors.torch import load_file
-
-            return load_file(str(value))["hidden"]
-        return value
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def nbytes(self) -> int:
-        return sum(self.get(i).numel() * self.get(i).element_size() if isinstance(v, Path) else
-                   v.numel() * v.element_size() for i, v in enumerate(self.items))
-
-
-# ----------------------------------------------------------------------------- fingerprints and progress
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _recipe_bytes(config: Any) -> bytes:
-    if config is None:
-        return b"null"
-    if isinstance(config, (str, os.PathLike)) and Path(config).is_file():
-        return Path(config).read_bytes()
-    if isinstance(config, dict):
-        return json.dumps(config, sort_keys=True, default=repr).encode()
-    return repr(config).encode()
-
-
-def _data_bytes(samples: list) -> bytes:
-    h = hashlib.sha256()
-
-    def feed(v):
-        if isinstance(v, torch.Tensor):
-            h.update(str((tuple(v.shape), v.dtype)).encode())
-            h.update(v.detach().contiguous().cpu().numpy().tobytes())
-        elif isinstance(v, dict):
-            for k in sorted(v):
-                h.update(str(k).encode())
-                feed(v[k])
-        elif isinstance(v, (tuple, list)):
-            for x in v:
-                feed(x)
-        else:
-            h.update(repr(v).encode())
-
-    for s in samples:
-        feed(s)
-    return h.digest()
-
-
-def _fingerprint(source: CheckpointSource, config: Any, samples: list, dtype: torch.dtype) -> dict:
-    from quanta import __version__
-
-    model = hashlib.sha256((source.path / "config.json").read_bytes())
-    for name in sorted(set(source.weight_map.values())):
-        header, nbytes = _header(source.path / name)
-        model.update(name.encode() + header + str(nbytes).encode())
-    return {"model": model.hexdigest(), "recipe": _sha(_recipe_bytes(config)), "data": _sha(_data_bytes(samples)),
-            "quanta_version": __version__, "dtype": str(dtype)}
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -483,23 +187,23 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
     if needs_data and limit is not None and len(samples) < limit:
         warnings.warn(f"calibration data has {len(samples)} batch(es) but the algorithm reads up to {limit}: "
                       f"using all {len(samples)}", CalibrationWarning, stacklevel=2)
-    fingerprint = _fingerprint(ckpt, config, samples, dtype)
+    prints = fingerprint(ckpt, config, samples, dtype)
 
     if checkpoint_dir is None:
         checkpoint_dir = recipe.checkpoint_dir
     work = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    progress_state: dict = {"fingerprint": fingerprint, "done": 0, "weight_map": {}, "records": {},
+    progress_state: dict = {"fingerprint": prints, "done": 0, "weight_map": {}, "records": {},
                             "buffers": [], "extra_state": [], "aliases": {}, "report": []}
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
         if (work / PROGRESS_NAME).is_file():
             previous = json.loads((work / PROGRESS_NAME).read_text())
             before = previous.get("fingerprint", {}) if isinstance(previous, dict) else {}
-            differ = [k for k in fingerprint if before.get(k) != fingerprint[k]]
+            differ = [k for k in prints if before.get(k) != prints[k]]
             if differ:
                 raise CheckpointMismatchError(
                     f"checkpoint directory {str(work)!r} was made for another {', '.join(differ)} "
-                    f"({differ[0]}: {before.get(differ[0])!r}, now {fingerprint[differ[0]]!r}); use another "
+                    f"({differ[0]}: {before.get(differ[0])!r}, now {prints[differ[0]]!r}); use another "
                     "directory, or remove it to start over")
             progress_state = previous
     started = time.perf_counter()
@@ -547,22 +251,22 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
                 *, persist: bool) -> None:
     import quanta
 
-    tensors = _Tensors(ckpt, dtype)
-    with _params_on_meta():
+    tensors = CheckpointTensors(ckpt, dtype)
+    with params_on_meta():
         model = ckpt.model_class._from_config(ckpt.hf_config)
     model.eval()
     quanta.plan(model, recipe)  # the whole recipe against the whole model, before any weight is read
-    list_name, blocks = _blocks_of(model)
+    list_name, blocks = blocks_of(model)
     real = list(blocks)
     stand_ins = [_StandIn(first=(i == 0)) for i in range(len(real))]
     for i, s in enumerate(stand_ins):
         blocks[i] = s
-    _materialize(model, "", tensors)  # everything outside the blocks
-    left = _meta_left(model)
+    materialize(model, "", tensors)  # everything outside the blocks
+    left = meta_left(model)
     if left:
         raise ModelError(f"checkpoint {str(ckpt.path)!r} lacks tensor {left[0]!r}")
 
-    acts = _Activations(budget, staging / _SPILL_DIR)
+    acts = Activations(budget, staging / _SPILL_DIR)
     kwargs_of: list[dict] = []
     with torch.no_grad():
         for sample in samples:  # the first block's inputs
@@ -579,7 +283,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
             acts.set(i, args[0])
             kwargs_of.append({"_quanta_extra_args": tuple(args[1:]), **kwargs})
         first.captured.clear()
-        _release(model)  # the layers outside the blocks are read again for the last pass
+        release(model)  # the layers outside the blocks are read again for the last pass
         if state["done"]:  # resume: the next block's inputs as the last run left them
             from safetensors.torch import load_file
 
@@ -592,8 +296,8 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
             t0 = time.perf_counter()
             path = f"{list_name}.{index}"
             block = real[index]
-            _materialize(block, path + ".", tensors)
-            left = _meta_left(block)
+            materialize(block, path + ".", tensors)
+            left = meta_left(block)
             if left:
                 raise ModelError(f"checkpoint {str(ckpt.path)!r} lacks tensor {path}.{left[0]!r}")
             scope = _Scope(path, block)
@@ -624,7 +328,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
                     _save_inputs(acts, staging / _INPUTS_NAME)
                 state["done"] = index + 1
                 state["report"] += rows
-                _write_json_atomic(staging / PROGRESS_NAME, state)
+                write_json_atomic(staging / PROGRESS_NAME, state)
                 fault_delay("block-checkpointed")  # tests only: a kill lands between two blocks
             else:
                 state["done"] = index + 1
@@ -636,7 +340,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
 
         # The layers outside the blocks, by one pass in which the first stand-in replays the last
         # block's outputs (the in-memory gptq's final pass computes exactly these).
-        _materialize(model, "", tensors)
+        materialize(model, "", tensors)
         if needs_data:
             first.replay = {}
             structure = state.get("_last_structure", "tensor")
@@ -682,7 +386,7 @@ def _row(layer) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in layer.to_dict().items()}
 
 
-def _save_inputs(acts: _Activations, path: Path) -> None:
+def _save_inputs(acts: Activations, path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
