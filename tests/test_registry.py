@@ -315,7 +315,8 @@ def test_plugins_add_cli_options_to_export(register_plugin):
 
     register_plugin(NpzOptions(), name="npz-options")
     args = build_parser(["export"]).parse_args(["export", "m", "-o", "x.npz", "--no-compress", "--target", "iOS18"])
-    assert set(args.plugin_options) == {"minimum_deployment_target", "compressed"}
+    assert set(args.plugin_options) == {"minimum_deployment_target", "flexible_batch", "flexible_sequence_length",
+                                        "compressed"}
     assert (args.compressed, args.minimum_deployment_target) == (False, "iOS18")
     assert build_parser(["plan"]).parse_args(["plan", "r.yaml"]).command == "plan"  # no plugin loaded for it
 
