@@ -94,19 +94,10 @@ def _parameters_on_meta():
     their buffers where they would be (non-persistent buffers such as rotary frequencies are
     computed, not saved). :func:`_materialize` then gives the parameters real, uninitialised
     memory for the file's values to replace."""
-    original = torch.nn.Module.register_parameter
+    from quanta._files.checkpoints import params_on_meta
 
-    def register_parameter(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    torch.nn.Module.register_parameter = register_parameter
-    try:
-        with _transformers_no_init():
-            yield
-    finally:
-        torch.nn.Module.register_parameter = original
+    with params_on_meta(), _transformers_no_init():
+        yield
 
 
 def _transformers_no_init():
