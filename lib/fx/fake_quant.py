@@ -69,39 +69,15 @@ class WeightFakeQuantize(nn.Module):
         return f"{self.spec.describe()}, fake_quant={self.fake_quant_enabled}"
 
 
-class _FakeQuantizePerTensor(torch.autograd.Function):
-    """Per-tensor fake quantization with a straight-through gradient, as the scheme computes it
-    (``round(x / scale) + zero_point``, clamped, back to float).
+class _FakeQuantize(torch.autograd.Function):
+    """Fake quantization with a straight-through gradient, exactly the scheme's arithmetic
+    (``round(x / scale) + zero_point``, clamped, back to float): per tensor (a float ``scale``, an
+    int ``zero_point`` or None) or on a ``[G, K]`` group view (``[G, 1]`` ``scale``/``zero_point``).
 
     On CPU torch's fused ``fake_quantize_per_tensor_affine`` kernel took about twice as long
-    (fwd + bwd, 2M elements: 7.4 ms against 4.0 ms here): this is a few in-place passes over
-    one new buffer, and a bool mask saved for the backward pass.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale: float, zero_point: int, quant_min: int, quant_max: int):
-        q = torch.div(x, scale).round_()
-        if zero_point:
-            q.add_(zero_point)
-        mask = (q >= quant_min).logical_and_(q <= quant_max)
-        q.clamp_(quant_min, quant_max)
-        if zero_point:
-            q.sub_(zero_point)
-        ctx.save_for_backward(mask)
-        return q.mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
-
-
-class _FakeQuantizePerGroup(torch.autograd.Function):
-    """Fake quantization of a ``[G, K]`` group view with per-group ``scale``/``zero_point``
-    (``[G, 1]``), straight-through gradient, exactly the scheme's arithmetic (divides by the scale).
-
-    On CPU torch's ``fake_quantize_per_channel_affine`` kernel took about 25 ms per call for a
-    784 x 512 weight under load (over half of an MLP's QAT step); this is a few in-place passes.
+    (fwd + bwd, 2M elements: 7.4 ms against 4.0 ms here), and ``fake_quantize_per_channel_affine``
+    about 25 ms per call for a 784 x 512 weight under load (over half of an MLP's QAT step); this
+    is a few in-place passes over one new buffer, and a bool mask saved for the backward pass.
     """
 
     @staticmethod
@@ -128,12 +104,12 @@ def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_poin
     where the code was in range (none to the qparams, which come from the weight's range)."""
     scale = scale.reshape(-1, 1).to(groups.dtype)
     zp = None if zero_point is None or not bool(zero_point.any()) else zero_point.reshape(-1, 1).to(groups.dtype)
-    return _FakeQuantizePerGroup.apply(groups, scale, zp, int(quant_min), int(quant_max))
+    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max))
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int):
     """Fake-quantize ``x`` (any shape) per tensor; gradient passes where the code was in range."""
-    return _FakeQuantizePerTensor.apply(x, float(scale), int(zero_point), int(quant_min), int(quant_max))
+    return _FakeQuantize.apply(x, float(scale), int(zero_point) or None, int(quant_min), int(quant_max))
 
 
 class ActivationFakeQuantize(nn.Module):
