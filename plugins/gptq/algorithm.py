@@ -340,6 +340,7 @@ class GPTQ(Algorithm):
         for module, layer in mine.items():
             hook = hooks[module]
             hessian = hook.hessian()
+            hook.xtx = None  # the hook's only copy is now ``hessian``, freed after this layer's solve
             if self._fallback(model, layer, hook, cfg, context):
                 continue
             original = getattr(module, layer.unit.param).detach()
@@ -354,7 +355,7 @@ class GPTQ(Algorithm):
                 result = gptq_quantize(w, hessian, PluginQuantizer(spec), block_size=block,
                                        processing_group_size=cfg.processing_group_size,
                                        damp=float(cfg.hessian_dampening), act_order=cfg.use_activation_order_heuristic,
-                                       static_groups=cfg.static_groups)
+                                       static_groups=cfg.static_groups, codes_dtype=spec.dtype.torch_storage)
             for warning in caught:
                 warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
             sizes = spec.block_sizes(tuple(original.shape), 0, 1, layer.name)
@@ -370,6 +371,7 @@ class GPTQ(Algorithm):
             context.write_layer(model, layer, record, original, values=values,
                                 extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp),
                                        **dead})
+            del hessian, result, record, values, original, w  # one layer's copies at a time
 
     def _fallback(self, model, layer, hook, cfg, context) -> bool:
         """True when ``layer`` is not GPTQ-solved: no inputs reached it in this pass (refused, or
