@@ -146,10 +146,10 @@ class CheckpointTensors:
             raise ModelError(f"checkpoint shard {name!r} lacks tensor {key!r} its index lists")
         return entries[key], base
 
-    def get(self, key: str) -> torch.Tensor:
-        """Tensor ``key`` (floating point ones in the compute dtype), in memory of its own."""
+    def _locate(self, key: str) -> tuple[Any, int, torch.dtype, tuple[int, ...]]:
+        """(open file, offset of the tensor's first byte, stored dtype, shape) of tensor ``key``."""
         if self._handles is None:
-            raise RuntimeError("CheckpointTensors.get outside reading()")
+            raise RuntimeError("CheckpointTensors read outside reading()")
         name = self.source.weight_map[key]
         entry, base = self._entry(name, key)
         dtype = _DTYPES.get(entry.get("dtype"))
@@ -162,17 +162,47 @@ class CheckpointTensors:
             raise ModelError(f"checkpoint tensor {key!r} in {name!r}: {end - begin} bytes for shape {shape}")
         if name not in self._handles:
             self._handles[name] = open(self.source.path / name, "rb", buffering=0)
-        fh = self._handles[name]
-        raw = torch.empty(end - begin, dtype=torch.uint8)
-        fh.seek(base + begin)
+        return self._handles[name], base + begin, dtype, shape
+
+    def _read(self, fh: Any, offset: int, nbytes: int, key: str) -> torch.Tensor:
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        fh.seek(offset)
         view, done = memoryview(raw.numpy()), 0
-        while done < len(view):
+        while done < nbytes:
             n = fh.readinto(view[done:])
             if not n:
-                raise ModelError(f"checkpoint shard {name!r} ends inside tensor {key!r}")
+                raise ModelError(f"checkpoint file {fh.name!r} ends inside tensor {key!r}")
             done += n
-        t = raw.view(dtype).reshape(shape)
+        return raw
+
+    def _compute(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if t.is_floating_point() else t
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` (floating point ones in the compute dtype), in memory of its own."""
+        fh, offset, dtype, shape = self._locate(key)
+        raw = self._read(fh, offset, math.prod(shape) * dtype.itemsize, key)
+        return self._compute(raw.view(dtype).reshape(shape))
+
+    def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
+        """Tensor ``key`` with only ``rows`` (indices of its first dimension) read. The other rows
+        are left unwritten, so a large tensor's memory for them is never touched (an embedding's
+        rows that no calibration token looks up cost no resident memory)."""
+        fh, offset, dtype, shape = self._locate(key)
+        out = torch.empty(shape, dtype=self.dtype if dtype.is_floating_point else dtype)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        ids = sorted(set(rows))
+        if ids and not (0 <= ids[0] and ids[-1] < shape[0]):
+            raise ModelError(f"rows {ids[0]}..{ids[-1]} of checkpoint tensor {key!r} of shape {shape}")
+        i = 0
+        while i < len(ids):
+            j = i
+            while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+                j += 1
+            raw = self._read(fh, offset + ids[i] * row_bytes, (j - i + 1) * row_bytes, key)
+            out[ids[i]:ids[j] + 1] = self._compute(raw.view(dtype).reshape(j - i + 1, *shape[1:]))
+            i = j + 1
+        return out
 
 
 @contextlib.contextmanager

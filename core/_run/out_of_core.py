@@ -312,7 +312,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
 
     acts = Activations(budget, staging / _SPILL_DIR)
     kwargs_of: list[dict] = []
-    with torch.no_grad():
+    with torch.no_grad(), _looked_up(model) as looked_up:
         for sample in samples:  # the first block's inputs
             try:
                 _call(model, sample)
@@ -379,6 +379,9 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
 
         # The layers outside the blocks, by one pass in which the first stand-in replays the last
         # block's outputs (the in-memory gptq's final pass computes exactly these).
+        part = _recipe_for_part(recipe, model)
+        selected = {layer.name for layer in quanta.plan(model, part).selected}
+        _read_looked_up_rows(model, looked_up, selected, tensors)
         materialize(model, "", tensors)
         if needs_data:
             first.replay = {}
@@ -391,8 +394,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
             first.mode = "pass"
         t0 = time.perf_counter()
         rows = []
-        part = _recipe_for_part(recipe, model)
-        if quanta.plan(model, part).selected:
+        if selected:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CalibrationWarning)
                 quantize_part(model, part, samples if needs_data else None)
@@ -400,6 +402,49 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
         state["report"] += rows
         _write_part(model, staging, "outside-blocks.safetensors", state)
         say(_account(state, "outside the blocks", "", rows, t0))
+
+
+@contextlib.contextmanager
+def _looked_up(model: nn.Module) -> Iterator[dict[str, set[int] | None]]:
+    """Within the block, the rows each ``nn.Embedding`` of ``model`` looks up (None: called
+    without an index tensor, so unknown)."""
+    seen: dict[str, set[int] | None] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            seen[name] = set()
+
+            def hook(mod, args, kwargs, name=name) -> None:
+                x = args[0] if args else kwargs.get("input")
+                rows = seen[name]
+                if rows is not None:
+                    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+                        rows.update(x.reshape(-1).unique().tolist())
+                    else:
+                        seen[name] = None
+
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _read_looked_up_rows(model: nn.Module, looked_up: dict, selected: set[str], tensors: CheckpointTensors) -> None:
+    """For the last pass, read only the rows the calibration samples look up of each embedding
+    that pass does not quantize and no other layer shares (an untied LM head's input embedding):
+    the pass computes the same hidden states, and the other rows cost no memory."""
+    every = [p for m in model.modules() for p in m._parameters.values() if p is not None]
+    for name, rows in looked_up.items():
+        module = model.get_submodule(name)
+        weight = module._parameters.get("weight")
+        key = f"{name}.weight"
+        if (rows is None or name in selected or weight is None or weight.device.type != "meta"
+                or key not in tensors.source.weight_map or sum(p is weight for p in every) > 1):
+            continue
+        with tensors.reading():
+            module._parameters["weight"] = nn.Parameter(tensors.get_rows(key, sorted(rows)), requires_grad=False)
 
 
 def _account(state: dict, label: str, path: str, rows: list, t0: float) -> str:
