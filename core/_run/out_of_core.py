@@ -6,8 +6,8 @@ The whole float model is never in memory. The model is built with its parameters
 layers outside the blocks (embeddings, final norm, head) are read from the checkpoint; the
 blocks (the children of the largest ``nn.ModuleList``, e.g. a decoder's layers) are replaced by
 light stand-ins. The calibration samples are run up to the first block and its inputs cached;
-then, block by block: the block's weights are read from the memory-mapped safetensors, the
-block is quantized by ``quanta.quantize`` under its full name (so a recipe's names and patterns
+then, block by block: the block's weights are read from the safetensors files, the
+block is quantized like ``quanta.quantize`` under its full name (so a recipe's names and patterns
 apply as they do to the whole model), its tensors are written to the output as one shard, the
 quantized block's outputs become the next block's inputs, and the block is freed. The layers
 outside the blocks are quantized last, by one pass of the model in which the stand-ins replay
