@@ -12,8 +12,9 @@ from quanta.errors import ConfigError
 __all__ = ["quantize_out_of_core"]
 
 
-def quantize_out_of_core(args, console: Console) -> int:
-    """Run ``quanta.quantize_checkpoint`` for the recipe's model (a checkpoint directory)."""
+def quantize_out_of_core(args, console: Console, writes: bool = True) -> int:
+    """Run ``quanta.quantize_checkpoint`` for the recipe's model (a checkpoint directory);
+    ``writes`` False: a torchrun rank other than 0 (it computes, rank 0 writes)."""
     import quanta
     from quanta._files.sources import load_data
 
