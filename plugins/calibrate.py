@@ -141,8 +141,8 @@ def _observe_distributed(gm, batches: list, ranks) -> None:
     summaries: dict[int, list[list]] = {}
     current: list = []
 
-    def recorder(k, obs):
-        def forward(x):
+    def recorder(k: int, obs: Any) -> Any:
+        def forward(x: torch.Tensor) -> None:
             current[0][k].append(obs.summarize(x))
         return forward
 

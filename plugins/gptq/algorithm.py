@@ -241,7 +241,7 @@ class GPTQ(Algorithm):
         block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
         scratch: dict = {}  # one partial-product buffer per Hessian size (one process)
 
-        def hooks_for(scope, layers):
+        def hooks_for(scope: nn.Module, layers: dict) -> dict:
             owner = _owners(layers, ranks)
             return attach_hooks(scope, [(m, l.unit.param) for m, l in layers.items()],
                                 lambda m, **kw: HessianHook(m, device, ranks=ranks, owner=owner[m], scratch=scratch,

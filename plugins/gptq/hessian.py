@@ -118,11 +118,11 @@ class HessianHook:
             x = x.transpose(1, 2).reshape(-1, x.shape[1])
         x = x.to(self.device, torch.float32)
         if self.ranks.active:
-            partial = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=self.device)
-            self.pending.append(accumulate_xtx(partial, x))
+            fresh = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=self.device)
+            self.pending.append(accumulate_xtx(fresh, x))
             return
         key = (self.cols, str(self.device))
-        partial = self.scratch.get(key)
+        partial: torch.Tensor | None = self.scratch.get(key)
         if partial is None:
             partial = self.scratch[key] = torch.empty(self.cols, self.cols, dtype=torch.float32, device=self.device)
         accumulate_xtx(partial.zero_(), x)
