@@ -5,6 +5,7 @@ rank 0, saves every result tensor to OUT (``torch.save``) for the test to compar
 
 Under a group, each rank is then given different calibration data (the refusal is saved too);
 last, rank 1 exits (status 3) while rank 0 starts a run, which must not wait for it forever.
+``OUT CHECKPOINT OUTPUT CHECKPOINT_DIR``: before that, an out-of-core run (``quanta.quantize_checkpoint``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _tensors(prefix: str, model: torch.nn.Module, out: dict) -> None:
         out[f"{prefix}/state/{name}"] = value
 
 
-def main(path: str) -> None:
+def main(path: str, ooc: list | None = None) -> None:
     if os.environ.get("RANK"):
         dist.init_process_group("gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -89,6 +90,9 @@ def main(path: str) -> None:
             out["mismatch"] = str(exc)
     if rank == 0:
         torch.save(out, path)
+    if ooc:  # an out-of-core run resumed from a checkpoint directory
+        quanta.quantize_checkpoint(ooc[0], OOC_GPTQ, ooc_data(), output=ooc[1], checkpoint_dir=ooc[2],
+                                   progress=lambda line: print(f"rank {rank}: {line}", flush=True))
     if dist.is_initialized():  # last: rank 1 dies; rank 0, in a run, must not wait for it forever
         dist.barrier()
         if rank == 1:
@@ -97,7 +101,18 @@ def main(path: str) -> None:
         open(path + ".finished", "w").close()  # never reached: torchrun stops rank 0
 
 
+#: The out-of-core run of the test (tests/test_out_of_core.py's recipe, 3 batches of 4 sentences).
+OOC_GPTQ = {"algorithm": "gptq", "global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 64},
+            "calibration_nsamples": 3}
+
+
+def ooc_data() -> list:
+    from quanta.examples import tiny_llama
+
+    return tiny_llama.token_batches(tiny_llama.load_tokenizer(), tiny_llama.training_sentences()[:12], batch_size=4)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:5])
     if dist.is_initialized():
         dist.destroy_process_group()

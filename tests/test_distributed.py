@@ -85,31 +85,79 @@ def test_gptq_hessian_sums_one_partial_per_call_in_order():
 # -- two processes -------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_two_ranks_give_one_process_codes_bit_for_bit(tmp_path):
-    """rtn, gptq (a decoder and an MLP) and calibrate (min/max and moving averages) under
-    torchrun with 2 gloo ranks equal one process, tensor for tensor; different data per rank is
-    refused on every rank; a rank that dies (last) does not leave the other waiting forever."""
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One torchrun launch of 2 gloo ranks (tests/_dist_worker.py) and its one-process reference:
+    ``(one, two, process, folder)``. Before the launch, an out-of-core run is interrupted after its
+    first block (its checkpoint directory keeps it); the ranks resume it."""
+    from test_out_of_core import write_checkpoint
+
+    import quanta
+
+    tmp = tmp_path_factory.mktemp("dist")
     sys.path.insert(0, str(HERE))
     try:
         import _dist_worker
     finally:
         sys.path.remove(str(HERE))
+    checkpoint = write_checkpoint(tmp / "src")
+    data = _dist_worker.ooc_data()
     with _one_thread():
-        _dist_worker.main(str(tmp_path / "one.pt"))
-    done = _torchrun(str(WORKER), str(tmp_path / "two.pt"), timeout=300)
-    assert (tmp_path / "two.pt").exists(), done.stderr[-3000:]
-    # Rank 1 exited with 3 in the last run; torchrun stopped rank 0 and failed the job.
-    assert done.returncode != 0 and "exitcode  : 3" in done.stderr, done.stderr[-3000:]
-    assert not (tmp_path / "two.pt.finished").exists()
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert two.pop("ranks") == 2 and one.pop("ranks") == 1  # the run was sharded
-    assert "ranks of this torch.distributed run were not given the same" in two.pop("mismatch")
-    assert set(one) == set(two)
-    assert {k.split("/")[0] for k in one} == {"rtn", "gptq-llama", "gptq-mlp", "calibrate-minmax",
-                                              "calibrate-moving_average_minmax"}
-    differ = [k for k in one if not torch.equal(one[k], two[k])]
+        _dist_worker.main(str(tmp / "one.pt"))
+        quanta.quantize_checkpoint(checkpoint, _dist_worker.OOC_GPTQ, data, output=tmp / "ooc-one")
+
+        def stop(line: str) -> None:  # a crash after the first block was checkpointed
+            if line.startswith("block 1/"):
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            quanta.quantize_checkpoint(checkpoint, _dist_worker.OOC_GPTQ, data, output=tmp / "ooc-two",
+                                       checkpoint_dir=tmp / "ckpt", progress=stop)
+    done = _torchrun(str(WORKER), str(tmp / "two.pt"), str(checkpoint), str(tmp / "ooc-two"), str(tmp / "ckpt"),
+                     timeout=400)
+    assert (tmp / "two.pt").exists(), done.stderr[-3000:]
+    return torch.load(tmp / "one.pt"), torch.load(tmp / "two.pt"), done, tmp
+
+
+@pytest.mark.slow
+def test_two_ranks_give_one_process_codes_bit_for_bit(two_ranks):
+    """rtn, gptq (a decoder and an MLP) and calibrate (min/max and moving averages) under
+    torchrun with 2 gloo ranks equal one process, tensor for tensor."""
+    one, two, _, _ = two_ranks
+    assert two["ranks"] == 2 and one["ranks"] == 1  # the run was sharded
+    keys = set(one) - {"ranks"}
+    assert keys == set(two) - {"ranks", "mismatch"}
+    assert {k.split("/")[0] for k in keys} == {"rtn", "gptq-llama", "gptq-mlp", "calibrate-minmax",
+                                               "calibrate-moving_average_minmax"}
+    differ = [k for k in keys if not torch.equal(one[k], two[k])]
     assert not differ, differ[:10]
+
+
+@pytest.mark.slow
+def test_ranks_given_different_data_are_refused(two_ranks):
+    assert "ranks of this torch.distributed run were not given the same" in two_ranks[1]["mismatch"]
+
+
+@pytest.mark.slow
+def test_out_of_core_under_torchrun_resumes_where_rank_0_says(two_ranks):
+    """2 ranks resume an out-of-core checkpoint (rank 0 reads its progress, every rank starts
+    there), rank 0 alone writes: the codes of an uninterrupted one-process run."""
+    from test_out_of_core import assert_same_codes
+
+    import quanta
+
+    _, _, done, tmp = two_ranks
+    assert done.stdout.count("resuming after block 1 of 2") == 1 and "rank 1:" not in done.stdout, done.stdout
+    assert_same_codes(quanta.records(quanta.load(tmp / "ooc-one")), tmp / "ooc-two")
+    assert not (tmp / "ckpt").exists() and not list(tmp.glob(".ooc-two*"))
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_does_not_hang_the_others(two_ranks):
+    """Last in the launch, rank 1 exits with 3 while rank 0 runs: torchrun stops rank 0 and fails."""
+    _, _, done, tmp = two_ranks
+    assert done.returncode != 0 and "exitcode  : 3" in done.stderr, done.stderr[-3000:]
+    assert not (tmp / "two.pt.finished").exists()
 
 
 @pytest.mark.slow
