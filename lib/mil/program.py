@@ -76,8 +76,13 @@ def _load_package(path: Path):
     if not path.exists():
         raise FileNotFoundError(f"no Core ML package at {str(path)!r}")
     if path.is_dir():
-        read_manifest(path)  # nothing outside the package is opened
-    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+        # Parsed from the root model file itself, never through coremltools' package reader
+        # (``MLModel(path)`` rewrites Manifest.json): reading a package leaves it as it was.
+        from .blobs import read_spec
+
+        spec = read_spec(path)  # the manifest first: nothing outside the package is opened
+    else:
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         raise ValueError(
             f"{str(path)!r} is a {spec.WhichOneof('Type')!r} model, not an ML program; "
