@@ -112,3 +112,9 @@ def test_cli_never_calls_an_overflowing_package_verified(big, tmp_path):
     assert "would overflow" in out.stderr and "compute in float32" in out.stderr
     verified = re.search(r"verified .* cosine (\S+) \(tolerance: cosine >= ([\d.]+)", out.stdout)
     assert verified and float(verified[1]) >= float(verified[2]), out.stdout
+    # The size lines count the whole model as stored: the sum of the files written (issue 20).
+    written = re.findall(r"wrote (\S+?)(?: \(\S+ s\))?: ([\d.]+) KiB on disk: quantized weights", out.stderr)
+    assert len(written) == 2, out.stderr
+    for path, kib in written:
+        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(tmp_path / path) for f in files)
+        assert float(kib) == round(total / 2**10, 1), (path, kib, total)

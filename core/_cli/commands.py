@@ -242,7 +242,10 @@ def _cmd_quantize(args, console: Console) -> int:
     else:
         output = Path(quanta.save(qmodel, output, rebuild=source.rebuild, example_inputs=inputs,
                                   tokenizer=source.tokenizer_dir, overwrite=args.overwrite))
-    console.info(f"wrote {output}")
+    from quanta._files.stored_size import stored_size
+
+    # The whole model as stored (the report's sizes count the quantized layers only).
+    console.info(f"wrote {output}: {stored_size(output).describe()}")
     if args.report:
         from quanta._run.report_html import write_report_html
 
@@ -253,7 +256,8 @@ def _cmd_quantize(args, console: Console) -> int:
         started = time.perf_counter()
         written = quanta.export(qmodel, package, format=fmt, example_inputs=inputs, overwrite=args.overwrite,
                                 config=recipe.export.config)
-        console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
+        console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s): "
+                     f"{exporter.stored_size(written).describe()}")
         if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
             figures = f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}"
@@ -334,7 +338,7 @@ def _cmd_export(args, console: Console) -> int:
     path = quanta.export(model, args.output, format=args.format, example_inputs=inputs,
                          allow_float=args.allow_float, overwrite=args.overwrite, **options)
     print(path)
-    console.info(f"wrote {path}")
+    console.info(f"wrote {path}: {exporter.stored_size(path).describe()}")
     return 0
 
 

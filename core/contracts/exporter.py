@@ -16,7 +16,7 @@ class Exporter(Plugin):
 
     Required: :meth:`export`. Declared: ``suffix``, ``writes_directory``, ``grids``,
     ``can_verify``, ``staged``; options through ``config_class`` (validated when a recipe is loaded).
-    Optional: :meth:`verify`, :meth:`check`.
+    Optional: :meth:`verify`, :meth:`check`, :meth:`stored_size`.
     """
 
     kind: ClassVar[str] = "exporter"
@@ -55,6 +55,14 @@ class Exporter(Plugin):
     def check(self, model: Any, example_inputs: Any = None) -> None:
         """Refuse, before any work, a model this format cannot hold (raise a ``quanta.QuantaError``
         naming the layer). Default: accept."""
+
+    def stored_size(self, path: str | os.PathLike) -> Any:
+        """The size of what :meth:`export` wrote at ``path``: a ``quanta._files.stored_size.StoredSize``
+        whose ``total`` is the sum of its files' sizes, with ``quantized`` and ``float`` weight bytes
+        where the format tells them apart (the CLI prints it after exporting). Default: the total only."""
+        from quanta._files.stored_size import StoredSize, files_size
+
+        return StoredSize(path=os.fspath(path), total=files_size(path))
 
     def verify(self, path: str | os.PathLike, against: Any, example_inputs: Any = None) -> dict:
         """Run the file at ``path`` and ``against`` (a torch model) on the same inputs and return

@@ -25,7 +25,7 @@ import numpy as np
 
 from .program import WEIGHTS_DIR, CompressedWeight, read_manifest
 
-__all__ = ["read_spec", "spec_path", "read_constexpr_weights", "QUANTIZATION_OPS"]
+__all__ = ["read_spec", "spec_path", "read_constexpr_weights", "weight_bytes", "blob_refs", "QUANTIZATION_OPS"]
 
 #: The ``constexpr_*`` ops whose stored arrays :func:`read_constexpr_weights` reads.
 QUANTIZATION_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
@@ -194,3 +194,55 @@ def read_constexpr_weights(path: str | os.PathLike, function: str = "main",
     finally:
         blobs.close()
     return out
+
+
+def blob_refs(message: Any, out: list) -> None:
+    """Every ``BlobFileValue`` (fileName, offset) inside a protobuf message."""
+    if message.DESCRIPTOR.name == "BlobFileValue":
+        out.append((message.fileName, int(message.offset)))
+        return
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        if hasattr(value, "ListFields"):
+            blob_refs(value, out)
+            continue
+        items = value.values() if callable(getattr(value, "values", None)) else value  # map or repeated
+        for item in items:
+            if hasattr(item, "ListFields"):
+                blob_refs(item, out)
+
+
+def weight_bytes(path: str | os.PathLike, spec: Any = None) -> tuple[int, int]:
+    """``(quantized, float)``: the data bytes of the weight-file blobs the package's ops read,
+    those of compressed-weight ops (``constexpr_*``: codes, scales, offsets, lookup tables) and
+    those of every other op (float constants). Each blob counts once; blob headers, padding and
+    constants small enough to be stored inside the spec itself are in neither. Reads the spec and the blob headers only."""
+    path = Path(path)
+    spec = read_spec(path) if spec is None else spec
+    seen: dict[tuple[str, int], bool] = {}
+    for func in spec.mlProgram.functions.values():
+        for block in func.block_specializations.values():
+            for op in block.operations:
+                refs: list = []
+                blob_refs(op, refs)
+                for ref in refs:
+                    seen[ref] = seen.get(ref, False) or op.type.startswith("constexpr_")
+    blobs = _Blobs(path / WEIGHTS_DIR)
+    quantized = floats = 0
+    try:
+        for (file_name, offset), compressed in seen.items():
+            rel = file_name[len(_MODEL_PATH):] if file_name.startswith(_MODEL_PATH) else file_name
+            rel = rel.removeprefix("weights/")
+            fh = blobs.files.get(rel)
+            if fh is None:
+                fh = blobs.files[rel] = open(blobs.weights_dir / rel, "rb")
+            fh.seek(offset)
+            _sentinel, _dtype, nbytes, _data_offset = _BLOB_HEADER.unpack(fh.read(_BLOB_HEADER.size))
+            if compressed:
+                quantized += nbytes
+            else:
+                floats += nbytes
+    finally:
+        blobs.close()
+    return quantized, floats

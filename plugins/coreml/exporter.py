@@ -378,6 +378,17 @@ class CoreMLExporter(Exporter):
             fault_delay("package-staged")
         return path
 
+    def stored_size(self, path) -> Any:
+        """The package's size on disk (the sum of its files), with the blobs of compressed-weight ops
+        (codes, scales, offsets) as ``quantized`` and the other constants as ``float`` (from the spec
+        and the blob headers, :func:`quanta.mil.blobs.weight_bytes`)."""
+        from quanta._files.stored_size import StoredSize, files_size
+        from quanta.mil.blobs import weight_bytes
+
+        import_coremltools()
+        quantized, floats = weight_bytes(os.fspath(path))
+        return StoredSize(path=os.fspath(path), total=files_size(path), quantized=quantized, float=floats)
+
     def verify(self, path, against, example_inputs=None) -> dict:
         """Run ``path`` with the numpy reference runner and ``against`` (a torch model) on the same inputs.
 
