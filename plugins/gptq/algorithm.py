@@ -40,7 +40,7 @@ from quanta.record import QuantizedWeight
 from quanta._records.spec import Granularity
 from quanta._run.weights import check_finite, observer_for, scheme_for
 
-from .capture import attach_hooks, dead_columns, no_fastpath, unreached
+from .capture import SEPARATE_PROJECTIONS, attach_hooks, dead_columns, no_fastpath, unreached
 from .hessian import accumulate_xtx, mirror_upper
 from .solver import gptq_quantize
 
@@ -159,7 +159,9 @@ def _calibratable_layer(layer: Any, module: nn.Module) -> str | None:
     """None when GPTQ can calibrate this planned layer (computed by ``module``), else the reason it
     gets round-to-nearest."""
     if isinstance(module, nn.MultiheadAttention):
-        return None if layer.unit.param == "in_proj_weight" else "separate q/k/v projection weights"
+        if layer.unit.param == "in_proj_weight" or layer.unit.param in SEPARATE_PROJECTIONS:
+            return None
+        return f"{layer.unit.param} of an attention gets no calibration inputs"
     return _calibratable(module)
 
 
@@ -257,15 +259,17 @@ class GPTQ(Algorithm):
         for layer in plan.selected:
             module = context.module(model, layer)
             reason = _calibratable_layer(layer, module)
-            if reason is None:
-                todo[module] = layer
+            if reason is None:  # keyed by (module, param): one attention holds up to three weights
+                todo[(module, layer.unit.param)] = layer
             else:
                 rtn.append((layer, reason))
         # Before any weight changes: every layer GPTQ calibrates must receive inputs.
-        for module in unreached(model, todo, samples[0]):
-            if cfg.uncalibrated == "error":
-                raise _blind_error([todo[m].name for m in unreached(model, todo, samples[0])])
-            rtn.append((todo.pop(module), "no calibration inputs reach it; uncalibrated: rtn"))
+        missed = {id(m) for m in unreached(model, {key[0]: None for key in todo}, samples[0])}
+        blind = [key for key in todo if id(key[0]) in missed]
+        if blind and cfg.uncalibrated == "error":
+            raise _blind_error([todo[key].name for key in blind])
+        for key in blind:
+            rtn.append((todo.pop(key), "no calibration inputs reach it; uncalibrated: rtn"))
         for layer, reason in rtn:
             context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
         if not todo:
@@ -285,33 +289,33 @@ class GPTQ(Algorithm):
 
     def _run_blocks(self, model, todo, samples, cfg, device, context) -> None:
         blocks = find_blocks(model, cfg.layers)
-        block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
+        block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m, _ in todo)]
         if blocks and blocks[0][1] is not model and block_modules:
             cache = _cache_inputs(model, blocks[0][1], samples, device)
             peak = 0
             for name, block in blocks:
                 peak = max(peak, _nbytes(cache))
-                mine = {m: l for m, l in todo.items() if _contains(block, m)}
+                mine = {key: l for key, l in todo.items() if _contains(block, key[0])}
                 home = _device_of(block)
                 block.to(device)
                 if mine:
                     # A block that is itself the only layer (a Sequential's Linear): its Hessian needs
                     # only the cached inputs, not a forward through it.
-                    direct = list(mine) == [block] and not block._forward_pre_hooks and all(
+                    direct = [m for m, _ in mine] == [block] and not block._forward_pre_hooks and all(
                         not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) for args, kwargs in cache)
-                    hooks = attach_hooks(block, [(m, l.unit.param) for m, l in mine.items()],
+                    hooks = attach_hooks(block, list(mine),
                                          lambda m, **kw: _HessianHook(m, device, **kw))
                     try:
                         for args, kwargs in cache:
                             if direct:
-                                hooks[block]._hook(block, args)
+                                hooks[next(iter(mine))]._hook(block, args)
                             else:
                                 block(*args, **fresh_state(kwargs))
                         self._solve(model, mine, hooks, cfg, device, context)
                     finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
                         _remove_hooks(hooks)
-                    for m in mine:
-                        del todo[m]
+                    for key in mine:
+                        del todo[key]
                 if name == blocks[-1][0]:
                     block.to(home)
                     break  # the last block's outputs feed nothing
@@ -326,7 +330,7 @@ class GPTQ(Algorithm):
         if todo:  # layers outside the blocks (heads, poolers): one pass of the quantized model
             home = _device_of(model)
             model.to(device)
-            hooks = attach_hooks(model, [(m, l.unit.param) for m, l in todo.items()],
+            hooks = attach_hooks(model, list(todo),
                                  lambda m, **kw: _HessianHook(m, device, **kw))
             try:
                 for sample in samples:
@@ -337,26 +341,35 @@ class GPTQ(Algorithm):
             model.to(home)
 
     def _solve(self, model, mine, hooks, cfg, device, context) -> None:
-        for module, layer in mine.items():
-            hook = hooks[module]
-            hessian = hook.hessian()
+        for (module, param), layer in mine.items():
+            hook = hooks[(module, param)]
             if self._fallback(model, layer, hook, cfg, context):
                 continue
+            # A packed in_proj_weight has one Hessian per row block (query, key, value) in
+            # cross-attention; one for the whole weight otherwise.
+            hessians = hook.hessians() if hasattr(hook, "hessians") else [hook.hessian()]
+            if all(h is hessians[0] for h in hessians):
+                hessians = hessians[:1]
             original = getattr(module, layer.unit.param).detach()
             check_finite(original, layer.name)
             w = original.to(device, torch.float32).reshape(original.shape[0], -1)
             spec = layer.spec
             per_col = original[0, 0].numel()  # kernel elements per input channel
-            dead = self._dead_inputs(layer, hessian, per_col, cfg)
+            dead = self._dead_inputs(layer, hessians, per_col, cfg)
             block = spec.block_size * per_col if spec.granularity is Granularity.per_block else None
+            rows = w.shape[0] // len(hessians)
+            parts = []
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = gptq_quantize(w, hessian, PluginQuantizer(spec), block_size=block,
-                                       processing_group_size=cfg.processing_group_size,
-                                       damp=float(cfg.hessian_dampening), act_order=cfg.use_activation_order_heuristic,
-                                       static_groups=cfg.static_groups)
+                for i, hessian in enumerate(hessians):
+                    parts.append(gptq_quantize(w[i * rows:(i + 1) * rows], hessian, PluginQuantizer(spec),
+                                               block_size=block, processing_group_size=cfg.processing_group_size,
+                                               damp=float(cfg.hessian_dampening),
+                                               act_order=cfg.use_activation_order_heuristic,
+                                               static_groups=cfg.static_groups))
             for warning in caught:
                 warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
+            result = parts[0] if len(parts) == 1 else _stack_results(parts)
             sizes = spec.block_sizes(tuple(original.shape), 0, 1, layer.name)
             qshape = scale_shape(tuple(original.shape), sizes)
             storage = spec.dtype.torch_storage
@@ -367,35 +380,44 @@ class GPTQ(Algorithm):
                 spec=spec, block_sizes=tuple(sizes), channel_axis=0, input_axis=1, grid=scheme_for(spec).grid,
             ).to(original.device)
             values = result.weight.reshape(original.shape).to(original.device)
+            hessian_note = {"hessians": "q, k, v"} if len(parts) > 1 else {}
             context.write_layer(model, layer, record, original, values=values,
                                 extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp),
-                                       **dead})
+                                       **hessian_note, **dead})
 
     def _fallback(self, model, layer, hook, cfg, context) -> bool:
         """True when ``layer`` is not GPTQ-solved: no inputs reached it in this pass (refused, or
-        round-to-nearest with ``uncalibrated: rtn``), or a cross-attention ``in_proj_weight``."""
+        round-to-nearest with ``uncalibrated: rtn``)."""
         if hook.samples == 0:
             if cfg.uncalibrated == "error":  # the pipeline restores the weights already written
                 raise _blind_error([layer.name])
             reason = "no calibration inputs reach it; uncalibrated: rtn"
-        elif getattr(hook, "mixed", False):
-            reason = "cross-attention in_proj_weight: query, key and value differ"
         else:
             return False
         context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
         return True
 
-    def _dead_inputs(self, layer, hessian, per_col: int, cfg) -> dict:
-        """Count the layer's dead input channels for the report; with ``dead_inputs: rtn`` give
-        them a unit Hessian diagonal so the solver keeps (and rounds) their weights."""
-        n = dead_columns(hessian, per_col)
+    def _dead_inputs(self, layer, hessians, per_col: int, cfg) -> dict:
+        """Count the layer's dead input channels for the report (over its Hessians: a row block of a
+        packed attention weight has its own); with ``dead_inputs: rtn`` give them a unit Hessian
+        diagonal so the solver keeps (and rounds) their weights."""
+        n = sum(dead_columns(h, per_col) for h in hessians)
         if not n:
             return {}
         self._dead.append((layer.name, n))
         if cfg.dead_inputs == "rtn":
-            hessian.diagonal()[hessian.diagonal() == 0] = 1.0
+            for hessian in hessians:
+                hessian.diagonal()[hessian.diagonal() == 0] = 1.0
             return {"dead_inputs": f"{n} kept (rtn)"}
         return {"dead_inputs": f"{n}: weights zeroed"}
+
+
+def _stack_results(parts: list) -> Any:
+    """One result of the row blocks solved apart (each with its own Hessian), stacked in row order."""
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts], dim=0)  # noqa: E731
+    return attrs.evolve(parts[0], codes=cat("codes"), scale=cat("scale"),
+                        zero_point=None if parts[0].zero_point is None else cat("zero_point"), weight=cat("weight"),
+                        loss=sum(float(p.loss) for p in parts), damp=max(float(p.damp) for p in parts))
 
 
 def _remove_hooks(hooks: dict) -> None:
