@@ -1,22 +1,24 @@
-"""fp16 overflow of an exported program: the ops that would overflow kept in float32, and a last check.
+"""fp16 overflow of an exported program: found on the example inputs, and the ops that overflow kept in float32.
 
 Core ML computes a ``float16`` program's activations in fp16, whose largest finite value is
 65504. A model whose activations (or an intermediate such as an RMSNorm's ``x ** 2``) exceed
 it gives ``inf`` on device, and often a wrong but finite output after a normalization.
 
-Per op (``compute_precision: auto``, the default): :class:`Fp32WhereOverflowing` is the op
-selector of coremltools' ``ct.transform.FP16ComputePrecision``. When the conversion reaches
-its fp16 pass, the program is still all float32; the selector runs that program once with
-the numpy reference runner (:func:`quanta.mil.runner.run_function`) on the example inputs and
-keeps in float32 every op with a float input or output beyond :data:`FP16_SAFE` in magnitude
-(an op whose output overflows, and the ops that read such a value, which an fp16 op would
-cast to ``inf``). Every other op computes in fp16. The choice is made on the very op objects
-the pass transforms, so no name has to survive from a check to a second conversion.
+The check: the exporter runs the converted program (:func:`find_fp16_overflow`) with the numpy
+reference runner on the example inputs and compares it with the torch model. When the agreement
+is below the tolerance and an fp16 op turned finite inputs into ``inf``/``NaN``, that op is named;
+``compute_precision: float16`` refuses.
 
-The last check: the exporter runs the converted program (:func:`find_fp16_overflow`) and
-compares it with the torch model. When the agreement is below the tolerance and an fp16 op
-turned finite inputs into ``inf``/``NaN``, that op is named, and the exporter converts the
-whole program in float32 (``auto``) or refuses (``compute_precision: float16``).
+Per op (``compute_precision: auto``, the default), after an overflow: the exporter converts again
+with :class:`Fp32WhereOverflowing` as the op selector of coremltools'
+``ct.transform.FP16ComputePrecision``. When that conversion reaches its fp16 pass, the program is
+still all float32; the selector runs it once (:func:`quanta.mil.runner.run_function`) on the
+example inputs and keeps in float32 every op with a float input or output beyond
+:data:`FP16_SAFE` in magnitude (an op whose output overflows, and the ops that read such a value,
+which an fp16 op would cast to ``inf``). Every other op computes in fp16. The choice is made on
+the very op objects the pass transforms, so no name has to survive from the check to the second
+conversion. That program is checked again; should it still overflow, the exporter converts the
+whole program in float32.
 """
 
 from __future__ import annotations
