@@ -141,3 +141,15 @@ def test_cross_attention_weights_are_gptq_solved_from_their_own_inputs(kdim, nam
     if kdim is None:
         assert rows["attn.in_proj_weight"].extra["hessians"] == "q, k, v"
     assert err["gptq"] < 0.7 * err["rtn"], err
+
+
+def test_a_layer_at_100_percent_error_is_never_silent():
+    """Every input of fc2 is dead: the reference GPTQ zeroes the whole weight (error 100%): a warning
+    names the layer, whatever the algorithm (core's write_layer)."""
+    model = _DeadChannels()
+    with torch.no_grad():
+        model.fc1.weight.zero_()
+        model.fc1.bias.fill_(-1)
+    with pytest.warns(UserWarning, match=r"layer 'fc2': relative error 100% after quantization \(gptq\)"):
+        q = quanta.quantize(model, RECIPE, data=_tokens())
+    assert q.quanta_report["fc2"].rel_error > 0.9999

@@ -75,7 +75,7 @@ _NUMPY = {"fp16": np.float16, "fp32": np.float32, "int8": np.int8, "uint8": np.u
 class _Blobs:
     """The weight files of one package, each opened once, read at the offsets the spec names."""
 
-    def __init__(self, weights_dir: Path):
+    def __init__(self, weights_dir: Path) -> None:
         self.weights_dir = weights_dir
         self.files: dict[str, Any] = {}
 

@@ -78,7 +78,7 @@ class Fp32WhereOverflowing:
     ``error`` why nothing could be chosen (an op the reference runner lacks: then every op is
     fp16, and :func:`find_fp16_overflow` is the only guard)."""
 
-    def __init__(self, inputs: Mapping[str, np.ndarray]):
+    def __init__(self, inputs: Mapping[str, np.ndarray]) -> None:
         self.inputs = dict(inputs)
         self.keep: set[int] | None = None
         self.fp32_ops: list[tuple[str, str]] = []
