@@ -257,7 +257,7 @@ def _cmd_quantize(args, console: Console) -> int:
         written = quanta.export(qmodel, package, format=fmt, example_inputs=inputs, overwrite=args.overwrite,
                                 config=recipe.export.config)
         console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s): "
-                     f"{exporter.stored_size(written).describe()}")
+                     f"{(exporter.stored_size(written) or stored_size(written)).describe()}")
         if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
             figures = f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}"
@@ -338,7 +338,9 @@ def _cmd_export(args, console: Console) -> int:
     path = quanta.export(model, args.output, format=args.format, example_inputs=inputs,
                          allow_float=args.allow_float, overwrite=args.overwrite, **options)
     print(path)
-    console.info(f"wrote {path}: {exporter.stored_size(path).describe()}")
+    from quanta._files.stored_size import stored_size
+
+    console.info(f"wrote {path}: {(exporter.stored_size(path) or stored_size(path)).describe()}")
     return 0
 
 

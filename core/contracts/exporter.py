@@ -57,12 +57,10 @@ class Exporter(Plugin):
         naming the layer). Default: accept."""
 
     def stored_size(self, path: str | os.PathLike) -> Any:
-        """The size of what :meth:`export` wrote at ``path``: a ``quanta._files.stored_size.StoredSize``
-        whose ``total`` is the sum of its files' sizes, with ``quantized`` and ``float`` weight bytes
-        where the format tells them apart (the CLI prints it after exporting). Default: the total only."""
-        from quanta._files.stored_size import StoredSize, files_size
-
-        return StoredSize(path=os.fspath(path), total=files_size(path))
+        """The size of what :meth:`export` wrote at ``path``, with the quantized and float weights apart:
+        a ``quanta._files.stored_size.StoredSize`` whose ``total`` is the sum of its files' sizes (the
+        CLI prints it after exporting). Default: None, and the CLI adds up the files alone."""
+        return None
 
     def verify(self, path: str | os.PathLike, against: Any, example_inputs: Any = None) -> dict:
         """Run the file at ``path`` and ``against`` (a torch model) on the same inputs and return

@@ -6,7 +6,7 @@ its codes after saving pays for a second full parse that way. :func:`read_conste
 parses the spec (a small protobuf: the ops and where their values lie in ``weight.bin``) and
 reads just the blobs of the two quantization ops, ``constexpr_affine_dequantize`` (iOS16/17)
 and ``constexpr_blockwise_shift_scale`` (iOS18): its cost grows with the quantized weights, not
-with the model. The files are opened for reading only (:func:`read_spec` never goes through
+with the model. The files are opened for reading only (:func:`~quanta.mil.program.read_spec` never goes through
 coremltools' package reader, which rewrites ``Manifest.json``).
 
 ``weight.bin`` layout (COREML_FACTS.md): a 64-byte file header, then per blob a 64-byte record
@@ -23,41 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from .program import WEIGHTS_DIR, CompressedWeight, read_manifest
+from .program import WEIGHTS_DIR, CompressedWeight, read_spec
 
-__all__ = ["read_spec", "spec_path", "read_constexpr_weights", "weight_bytes", "blob_refs", "QUANTIZATION_OPS"]
+__all__ = ["read_constexpr_weights", "weight_bytes", "blob_refs", "QUANTIZATION_OPS"]
 
 #: The ``constexpr_*`` ops whose stored arrays :func:`read_constexpr_weights` reads.
 QUANTIZATION_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
 _BLOB_HEADER = struct.Struct("<IIQQ")
 _SENTINEL = 0xDEADBEEF
 _MODEL_PATH = "@model_path/"
-
-
-def spec_path(path: str | os.PathLike) -> Path:
-    """The root model file (``Data/<item>/model.mlmodel``) the package's ``Manifest.json`` names.
-
-    The manifest is read with :func:`~quanta.mil.program.read_manifest`'s rules (bounded, every
-    item and link inside the package). Raises ValueError for a manifest without a root item."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    try:
-        rel = manifest["rootModelIdentifier"]
-        rel = manifest["itemInfoEntries"][rel]["path"]
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{str(path)!r}: Manifest.json names no root model ({exc})") from None
-    return path / "Data" / rel
-
-
-def read_spec(path: str | os.PathLike) -> Any:
-    """The ``coremltools.proto.Model_pb2.Model`` of the ``.mlpackage`` at ``path``, parsed from its
-    root model file; nothing in the package is written (coremltools' ``MLModel(path)`` rewrites
-    ``Manifest.json`` when it opens a package)."""
-    from coremltools.proto import Model_pb2
-
-    spec = Model_pb2.Model()
-    spec.ParseFromString(spec_path(path).read_bytes())
-    return spec
 
 
 def _dtype_names() -> dict[int, str]:
@@ -147,7 +121,7 @@ def read_constexpr_weights(path: str | os.PathLike, function: str = "main",
     as :func:`~quanta.mil.program.read_compressed_weights` does for these ops (``inputs`` holds
     the stored arrays by name), reading only the spec and these ops' blobs.
 
-    ``spec``: the package's parsed spec when the caller has it (else :func:`read_spec`). Ops
+    ``spec``: the package's parsed spec when the caller has it (else :func:`~quanta.mil.program.read_spec`). Ops
     other than :data:`QUANTIZATION_OPS` (lookup tables, sparse weights) are not listed.
     Raises ValueError for a package whose files do not hold what the spec says."""
     path = Path(path)

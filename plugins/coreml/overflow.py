@@ -58,7 +58,8 @@ def _values(op, env: Mapping[str, Any]) -> list:
     out = []
     for var in op.inputs.values():
         for v in (var if isinstance(var, (list, tuple)) else [var]):
-            out.append(env.get(getattr(v, "name", None)))
+            name = getattr(v, "name", None)
+            out.append(env.get(name) if isinstance(name, str) else None)
     return out
 
 
