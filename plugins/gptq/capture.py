@@ -69,15 +69,21 @@ class PackedInputs:
 
     Self-attention calls (query, key and value one tensor) feed one Hessian shared by the three
     blocks; cross-attention calls feed one per block, from the query, key and value inputs.
-    ``make(module, weight=..., attach=False)`` builds each accumulator (a Hessian hook with
-    ``add``, ``samples``, ``hessian()`` and ``xtx``)."""
+    ``make()`` builds each accumulator (a Hessian hook: ``add``, ``flush``, ``finish``, ``samples``,
+    ``hessian()``, ``owner``). Under ``torch.distributed`` (``eager``) the three per-block
+    accumulators exist from the start, so every rank folds the same ones; in one process they are
+    made at the first cross-attention call."""
 
-    def __init__(self, make: Callable[..., Any], module: nn.Module, weight: torch.Tensor) -> None:
-        self.module = module
-        self._make = lambda: make(module, weight=weight, attach=False)
-        self.shared = self._make()
-        self.parts: list[Any] | None = None
+    def __init__(self, make: Callable[[], Any], eager: bool = False) -> None:
+        self._make = make
+        self.shared = make()
+        self.parts: list[Any] | None = [make() for _ in range(3)] if eager else None
         self.handle = None
+
+    @property
+    def owner(self) -> int:
+        """The rank that holds the sums (the shared accumulator's)."""
+        return self.shared.owner
 
     @property
     def samples(self) -> int:
@@ -94,10 +100,20 @@ class PackedInputs:
         for part, x in zip(self.parts, (query, key, value)):
             part.add(x)
 
+    def flush(self) -> None:
+        """*Collective* where the accumulators' ``flush`` is."""
+        for hook in (self.shared, *(self.parts or ())):
+            hook.flush()
+
+    def finish(self) -> None:
+        """*Collective* where the accumulators' ``finish`` is."""
+        for hook in (self.shared, *(self.parts or ())):
+            hook.finish()
+
     def hessians(self) -> list[torch.Tensor]:
         """The Hessians of the query, key and value row blocks: one tensor three times when every call
         was self-attention, else each block's own (the self-attention calls counted in all three)."""
-        if self.parts is None:
+        if self.parts is None or self.parts[0].samples == 0:
             h = self.shared.hessian()
             return [h, h, h]
         own = [p.hessian() for p in self.parts]
@@ -153,28 +169,32 @@ class AttentionFeed:
             self.out_hook.add(_batch_first(mha, heads.detach()))
 
 
-def attach_hooks(scope: nn.Module, layers: Iterable[tuple[nn.Module, str]], make: Callable[..., Any]) -> dict:
+def attach_hooks(scope: nn.Module, layers: Iterable[tuple[nn.Module, str]], make: Callable[..., Any],
+                 eager_parts: bool = False) -> dict:
     """Hessian hooks for ``layers`` (``(module, param)`` pairs inside ``scope``), keyed by the pair.
 
-    ``make(module, weight=None, attach=True)`` builds one hook (``attach=False``: fed by an
-    :class:`AttentionFeed` rather than a pre-hook of its own); a packed ``in_proj_weight`` gets a
-    :class:`PackedInputs` of such hooks. Every hook has ``handle`` (removing it twice is harmless)."""
+    ``make(module, key=(module, param), weight=None, attach=True)`` builds one hook (``attach=False``:
+    fed by an :class:`AttentionFeed` rather than a pre-hook of its own); a packed ``in_proj_weight``
+    gets a :class:`PackedInputs` of such hooks (``eager_parts``: its per-block ones made up front).
+    Every hook has ``handle`` (removing it twice is harmless)."""
     parents = _attention_parents(scope)
     hooks: dict[Any, Any] = {}
     feeds: dict[Any, Any] = {}
     for module, param in layers:
         key = (module, param)
         if isinstance(module, nn.MultiheadAttention) and param in SEPARATE_PROJECTIONS:
-            hooks[key] = make(module, weight=getattr(module, param), attach=False)
+            hooks[key] = make(module, key=key, weight=getattr(module, param), attach=False)
             feeds.setdefault(module, {}).setdefault("proj_hooks", {})[param] = hooks[key]
         elif isinstance(module, nn.MultiheadAttention):  # its packed in_proj_weight
-            hooks[key] = PackedInputs(make, module, getattr(module, param))
+            weight = getattr(module, param)
+            hooks[key] = PackedInputs(lambda m=module, k=key, w=weight: make(m, key=k, weight=w, attach=False),
+                                      eager=eager_parts)
             feeds.setdefault(module, {})["in_hook"] = hooks[key]
         elif id(module) in parents:  # an attention module's out_proj
-            hooks[key] = make(module, attach=False)
+            hooks[key] = make(module, key=key, attach=False)
             feeds.setdefault(parents[id(module)], {})["out_hook"] = hooks[key]
         else:
-            hooks[key] = make(module)
+            hooks[key] = make(module, key=key)
     for mha, roles in feeds.items():
         feed = AttentionFeed(mha, **roles)
         for hook in (roles.get("out_hook"), roles.get("in_hook"), *roles.get("proj_hooks", {}).values()):
