@@ -38,6 +38,7 @@ BENCHMARKS = {
     "distributed": (["distributed.py", "--layers", "2", "--samples", "8", "--tokens", "128"], "distributed_cpu.txt",
                     True),
     "coremltools_tests": (["coremltools_tests.py"], "coremltools_tests.txt", True),
+    "export": (["export.py"], "export_cpu.txt", True),
 }
 
 #: Files in ``benchmarks/results/`` that are inputs of a benchmark, not results: coremltools' own
