@@ -154,3 +154,34 @@ def test_compat_preserved_attributes_and_missing_names():
     quantizer.step()
     prepared(torch.randn(2, 1, 8, 8))
     assert quantizer.finalize().key_1 == 5
+
+
+@pytest.mark.slow
+def test_compat_learnable_exports_like_vanilla():
+    """algorithm 'learnable' through compat: plain ct.convert stores the learned int8 weights."""
+    import coremltools as ct
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 8, 3)), ("relu", nn.ReLU()), ("flat", nn.Flatten()),
+                                       ("fc", nn.Linear(8 * 6 * 6, 10))]))
+    config = LinearQuantizerConfig.from_dict({"global_config": {"algorithm": "learnable", "milestones": [0, 1, 2, 3]}})
+    quantizer = LinearQuantizer(model, config)
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 8, 8),))
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=1e-3)
+    for _ in range(4):
+        quantizer.step()
+        loss = prepared(torch.randn(8, 1, 8, 8)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    learned = prepared.fc.weight_fake_quant.qparams()[0]  # scale >= eps, as used
+    final = quantizer.finalize()
+    x = torch.randn(1, 1, 8, 8)
+    traced = torch.jit.trace(final, x)
+    mlmodel = ct.convert(traced, inputs=[ct.TensorType(shape=x.shape)], minimum_deployment_target=ct.target.iOS17,
+                         convert_to="mlprogram", skip_model_load=True)
+    ops = [op for op in mlmodel._mil_program.functions["main"].operations]
+    dequant = [op for op in ops if op.op_type == "constexpr_affine_dequantize"]
+    assert len(dequant) == 2 and any(op.op_type == "quantize" for op in ops)
+    fc_scale = [op.scale.val.reshape(-1) for op in dequant if op.scale.val.size == 10][0]  # fp16 in Core ML
+    assert torch.allclose(torch.from_numpy(fc_scale.astype("float32")), learned.float(), rtol=1e-3)
