@@ -185,3 +185,18 @@ def test_compat_learnable_exports_like_vanilla():
     assert len(dequant) == 2 and any(op.op_type == "quantize" for op in ops)
     fc_scale = [op.scale.val.reshape(-1) for op in dequant if op.scale.val.size == 10][0]  # fp16 in Core ML
     assert torch.allclose(torch.from_numpy(fc_scale.astype("float32")), learned.float(), rtol=1e-3)
+
+
+def test_compat_names_activation_quantizers_as_torch_ao():
+    """coremltools' step semantics, reached through torch.ao's names (activation_post_process_N)."""
+    model = nn.Sequential(OrderedDict({"conv": nn.Conv2d(1, 20, 3), "bn": nn.BatchNorm2d(20), "relu": nn.ReLU()}))
+    quantizer = LinearQuantizer(model, LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 1, 2, 3]}}))
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 28, 28),))
+    first, second = prepared.activation_post_process_0, prepared.activation_post_process_1
+    assert "input of conv" in first.site and "output of conv" in second.site
+    seen = []
+    for _ in range(4):
+        quantizer.step()
+        seen.append((first.observer_enabled, first.fake_quant_enabled, second.observer_enabled, prepared.conv.freeze_bn))
+    assert seen == [(True, False, True, False), (True, True, True, False), (False, True, False, False),
+                    (False, True, False, True)]
