@@ -5,7 +5,8 @@ Run by hand: ``python benchmarks/coremltools_tests.py [--files NAME ...] [-k EXP
 It copies the in-scope test files of the installed coremltools (``coremltools/test/optimize``)
 into a temporary folder, once as they are and once with their *public* ``coremltools.optimize``
 import lines rewritten to ``quanta.compat`` (literally, as a user porting code would; imports
-of coremltools-private modules, any path segment starting with ``_``, are left alone), runs
+of coremltools-private modules, any path segment starting with ``_``, and of a single private
+name from a public module, ``from coremltools.optimize import _utils``, are left alone), runs
 both with pytest and writes the pass table to ``benchmarks/results/coremltools_tests.txt``
 and between the markers of ``docs/compat.md``.
 
