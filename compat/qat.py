@@ -124,7 +124,8 @@ def _recipe_for(model, config) -> dict:
     options = recipe["algorithm_config"]
     if options.get("float_activation_modules"):
         options["float_activation_modules"] = [n for n in options["float_activation_modules"] if n in present]
-    options.update(example_run="optional", unobserved_activations="default")
+    # coremltools quantizes the outputs of ReLU/ReLU6 affine whatever its quantization_scheme (all 256 codes)
+    options.update(example_run="optional", unobserved_activations="default", relu_activation_scheme="affine")
     return recipe
 
 

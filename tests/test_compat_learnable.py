@@ -200,3 +200,24 @@ def test_compat_names_activation_quantizers_as_torch_ao():
         seen.append((first.observer_enabled, first.fake_quant_enabled, second.observer_enabled, prepared.conv.freeze_bn))
     assert seen == [(True, False, True, False), (True, True, True, False), (False, True, False, False),
                     (False, True, False, True)]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
+def test_relu_outputs_affine_as_coremltools(act):
+    """Symmetric activations, but a ReLU/ReLU6 output (never negative) affine: coremltools' policy,
+    quanta's relu_activation_scheme; ReLU6 fuses like ReLU (the quantizer after it)."""
+    for layer, x in [(nn.Conv2d(1, 4, 3), torch.randn(1, 1, 8, 8)), (nn.Linear(20, 10), torch.randn(1, 20))]:
+        model = nn.Sequential(OrderedDict({"layer": layer, "act": act()}))
+        quantizer = LinearQuantizer(model, LinearQuantizerConfig())
+        prepared = quantizer.prepare(example_inputs=(x,))
+        first, second = prepared.activation_post_process_0, prepared.activation_post_process_1
+        assert first.qscheme == torch.per_tensor_symmetric and second.qscheme == torch.per_tensor_affine
+        assert [n for n in prepared.graph.nodes if n.op == "output"][0].args[0].target == "activation_post_process_1"
+        assert list(prepared.graph.nodes)[-2].args[0].target == "act"  # after the relu, not between
+    # quanta's default: one scheme everywhere
+    recipe = {"algorithm": "qat", "global_config": {"weight_dtype": "int8"}}
+    prepared = quanta.Quantizer(nn.Sequential(nn.Linear(20, 10), act()), recipe).prepare(torch.randn(1, 20))
+    assert {m.qscheme for m in prepared.modules() if isinstance(m, quanta.fx.ActivationFakeQuantize)} == \
+        {torch.per_tensor_symmetric}
+    with pytest.raises(quanta.ConfigError, match="relu_activation_scheme"):
+        quanta.Quantizer(nn.Linear(2, 2), {"algorithm": "qat", "relu_activation_scheme": "afine"})
