@@ -77,9 +77,10 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss()
         model.train()
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def step(self, record: bool = True) -> None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         loss = self.loss_fn(self.model(self.x), self.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,6 +89,7 @@ class Trainer:
             self.after()
         if record:
             self.times.append(time.perf_counter() - t)
+            self.cpu.append(time.thread_time() - c)
 
 
 def trainers(name: str, batch: int) -> tuple[dict[str, Trainer], dict[str, float]]:
@@ -135,7 +137,7 @@ def main(argv=None):
     lines = harness.header(f"python benchmarks/qat.py --steps {args.steps} --batch {args.batch} --threads "
                            f"{args.threads}", args.threads,
                            f"trainers take turns step by step; median of {args.steps} steps after 3 warm-up "
-                           f"steps; goal: quanta qat <= {GOAL}x float")
+                           f"steps, wall clock and this thread's CPU time; goal: quanta qat <= {GOAL}x float")
     results = {}
     for name in args.models.split(","):
         ts, prepare = trainers(name, args.batch)
@@ -146,13 +148,16 @@ def main(argv=None):
             for tr in ts.values():
                 tr.step()
         med = {k: statistics.median(tr.times) for k, tr in ts.items()}
+        cpu = {k: statistics.median(tr.cpu) for k, tr in ts.items()}
         results[name] = med
         lines.append(f"{name}: batch {args.batch}x{'x'.join(map(str, MODELS[name][1]))}")
         for k, t in med.items():
             extra = f"   prepare {prepare[k]:.2f} s" if k in prepare else ""
-            lines.append(f"  {k:30s} {1000 * t:8.2f} ms/step   {t / med['float']:5.2f}x float{extra}")
+            lines.append(f"  {k:30s} {1000 * t:8.2f} ms/step   {t / med['float']:5.2f}x float   cpu "
+                         f"{1000 * cpu[k]:8.2f} ms/step   {cpu[k] / cpu['float']:5.2f}x float{extra}")
         if "coremltools LinearQuantizer" in med:
-            lines.append(f"  quanta / coremltools: {med['quanta qat'] / med['coremltools LinearQuantizer']:.2f}x")
+            lines.append(f"  quanta / coremltools: {med['quanta qat'] / med['coremltools LinearQuantizer']:.2f}x "
+                         f"(cpu {cpu['quanta qat'] / cpu['coremltools LinearQuantizer']:.2f}x)")
     lines.append(harness.footer())
     harness.write("qat_cpu.txt", lines)
     return results
