@@ -78,7 +78,7 @@ PRIVATE_BY_FILE = {
     "torch/layerwise_compression/test_algorithms.py": ["Quantizer("],
 }
 
-_IMPORT_FROM = re.compile(r"^(\s*)from\s+(coremltools\.optimize[\w.]*)\s+import\b", re.M)
+_IMPORT_FROM = re.compile(r"^(\s*)from\s+(coremltools\.optimize[\w.]*)\s+import\b(?!\s+_\w*(\s+as\s+\w+)?\s*$)", re.M)
 _IMPORT_AS = re.compile(r"^(\s*)import\s+(coremltools\.optimize[\w.]*)\s+as\s+(\w+)", re.M)
 
 _TORCHVISION_STUB = '''
@@ -266,6 +266,8 @@ def measure(files: list[tuple[str, str]], kexpr: str | None = None, timeout: flo
             if baseline_only:
                 continue
             q_res, q_s, q_tail = run_tree(compat, rel, selector, kexpr, timeout)
+            if os.environ.get("CT_TESTS_DUMP"):  # per-test outcomes, for debugging
+                Path(os.environ["CT_TESTS_DUMP"], key.replace("/", "_") + ".json").write_text(json.dumps(q_res, indent=1))
             if kexpr and q_res:  # a subset: count only what the -k expression selected
                 ct_res = {k: v for k, v in ct_res.items() if q_res.get(k, {}).get("outcome", "unrun") != "unrun"}
             row = summarize(key, ct_res, q_res)

@@ -188,6 +188,22 @@ def _model_bytes(model) -> int:
 
 
 def _cmd_quantize(args, console: Console) -> int:
+    """``quanta quantize``; under torchrun, in the process group it describes (rank 0 writes)."""
+    import quanta
+    from quanta._cli.distributed import process_group
+    from quanta.contracts import Ranks
+
+    recipe = quanta.load_recipe(args.recipe) if Path(args.recipe).is_file() else None
+    if recipe is None:
+        return _quantize(args, console)
+    with process_group(recipe, getattr(args, "dist_timeout", 1800.0)):
+        ranks = Ranks.current()
+        if not ranks.writes:
+            console.quiet = True  # rank 0 reports; the others' errors still show
+        return _quantize(args, console, writes=ranks.writes)
+
+
+def _quantize(args, console: Console, writes: bool = True) -> int:
     import quanta
     from quanta import registry
     from quanta._files.atomic import check_destination
@@ -201,7 +217,7 @@ def _cmd_quantize(args, console: Console) -> int:
     if args.out_of_core:
         from quanta._cli.out_of_core import quantize_out_of_core
 
-        return quantize_out_of_core(args, console)
+        return quantize_out_of_core(args, console, writes=writes)
     if args.checkpoint_dir or args.activation_budget:
         raise ConfigError("--checkpoint-dir and --activation-budget apply to --out-of-core runs", "--out-of-core")
     recipe, source = _recipe_and_model(args, console)
@@ -233,6 +249,8 @@ def _cmd_quantize(args, console: Console) -> int:
     console.info(f"quantizing with {recipe.algorithm!r} ...")
     with registry.plugin(_progress_plugin(console), name="quanta-cli-progress"):
         qmodel = quanta.quantize(model, recipe, data=data)
+    if not writes:  # a torchrun rank other than 0: same result, rank 0 writes it
+        return 0
     print(qmodel.quanta_report)
     if example:
         print(example.evaluate(model, qmodel))

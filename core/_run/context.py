@@ -9,6 +9,7 @@ import attrs
 import torch
 
 from quanta._run.calibration import call_model, to_device
+from quanta.contracts.ranks import Ranks
 from quanta._recipes.recipe import Recipe
 from quanta._run.guard import fire_event, plugin_code
 from quanta._recipes.planning import Plan, PlannedLayer
@@ -38,6 +39,9 @@ class RunContext:
             the run has none (``inplace=True`` and no stage declares ``reads_float``).
         temporary: ``(module, name)`` of the state added with ``add_state(..., temporary=True)``
             in any stage of this run; removed when the run ends (shared by the run's stages).
+        ranks: this process's place in a ``torch.distributed`` run (:class:`quanta.contracts.Ranks`;
+            ``world == 1`` without one): chunks of the calibration data, fixed-order sums,
+            owners of solves and their results (docs/plugins.md, "Distributed runs").
     """
 
     recipe: Recipe
@@ -49,6 +53,7 @@ class RunContext:
     algorithm: Any = None
     float_model: Any = None
     temporary: list = attrs.field(factory=list)
+    ranks: Ranks = attrs.field(factory=Ranks)
     _done: int = attrs.field(default=0, alias="_done")
     _float_cache: dict = attrs.field(factory=dict, alias="float_cache")
 

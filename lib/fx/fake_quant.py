@@ -71,6 +71,10 @@ class WeightFakeQuantize(nn.Module):
         fq = fake_quantize_per_group(groups, scale, zp, self.quant_min, self.quant_max)
         return from_groups(fq, tuple(weight.shape), sizes)
 
+    def record_scheme(self):
+        """The scheme ``finalize`` records the weight with (None: the spec's, from the weight's range)."""
+        return None
+
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, fake_quant={self.fake_quant_enabled}"
 
@@ -228,8 +232,9 @@ class QuantConv3d(_QuantConvMixin, nn.Conv3d):
 QAT_WEIGHTED = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d}
 
 
-def to_qat_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
-    """The training form of a Linear/Conv sharing ``module``'s Parameters (no copy of the weight)."""
+def to_qat_module(module: nn.Module, spec: QuantSpec, weight_fq: WeightFakeQuantize | None = None) -> nn.Module:
+    """The training form of a Linear/Conv sharing ``module``'s Parameters (no copy of the weight);
+    ``weight_fq``: its weight quantizer (default: a :class:`WeightFakeQuantize` of ``spec``)."""
     cls = QAT_WEIGHTED[type(module)]
     qat = cls.__new__(cls)
     qat.__dict__.update(module.__dict__)
@@ -237,7 +242,7 @@ def to_qat_module(module: nn.Module, spec: QuantSpec) -> nn.Module:
     qat._parameters = dict(module._parameters)
     qat._buffers = dict(module._buffers)
     qat._modules = dict(module._modules)
-    qat.weight_fake_quant = WeightFakeQuantize(spec, 0, 1)
+    qat.weight_fake_quant = weight_fq if weight_fq is not None else WeightFakeQuantize(spec, 0, 1)
     return qat
 
 
@@ -250,11 +255,16 @@ class ConvBnQAT(nn.Module):
     eval mode, the forward is exactly the folded conv that ``finalize`` writes.
     """
 
-    def __init__(self, conv: nn.Module, bn: nn.Module, spec: QuantSpec):
+    def __init__(self, conv: nn.Module, bn: nn.Module, spec: QuantSpec, weight_fq: WeightFakeQuantize | None = None):
         super().__init__()
         self.conv, self.bn = conv, bn
-        self.weight_fake_quant = WeightFakeQuantize(spec, 0, 1)
         self.freeze_bn = False
+        self.weight_fake_quant = weight_fq if weight_fq is not None else WeightFakeQuantize(spec, 0, 1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The conv's (unfolded) weight, as on torch.ao's fused ConvBn modules."""
+        return self.conv.weight
 
     def _scale_factor(self) -> torch.Tensor:
         bn = self.bn

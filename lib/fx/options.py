@@ -110,7 +110,11 @@ def make_session(model, plan, recipe, backend, config: Any, milestones=None, con
     options = ActivationOptions(dtype=dtype, scheme=scheme, observer=config.activation_observer,
                                 averaging_constant=config.averaging_constant, milestones=milestones,
                                 untraceable=getattr(config, "untraceable", "error"),
-                                sites=getattr(config, "activation_sites", "inputs_and_outputs"))
+                                sites=getattr(config, "activation_sites", "inputs_and_outputs"),
+                                learnable=bool(getattr(config, "learnable", False)),
+                                float_modules=tuple(getattr(config, "float_activation_modules", ()) or ()),
+                                example_run=getattr(config, "example_run", "required"),
+                                unobserved=getattr(config, "unobserved_activations", "error"))
     on_record = None
     if context is not None:
         layers = {p.unit.name: p for p in plan.layers}

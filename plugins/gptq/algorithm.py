@@ -41,7 +41,7 @@ from quanta._records.spec import Granularity
 from quanta._run.weights import check_finite, observer_for, scheme_for
 
 from .capture import attach_hooks, dead_columns, no_fastpath, unreached
-from .hessian import accumulate_xtx, mirror_upper
+from .hessian import HessianHook, solve_cost
 from .solver import gptq_quantize
 
 __all__ = ["GPTQConfig", "GPTQ", "PluginQuantizer", "find_blocks"]
@@ -173,54 +173,6 @@ def _blind_error(names: list[str]) -> QuantizationError:
         f"(gptq option uncalibrated: rtn)", first)
 
 
-class _HessianHook:
-    """Accumulates ``Σ xᵀx`` (float32, upper blocks; mirrored once in :meth:`hessian`) and the
-    sample count for one Linear/Conv module.
-
-    ``H = 2/n Σ xᵀx`` with ``n`` the number of samples (the leading batch dimension of a
-    batched input, 1 for an unbatched 2-D Linear input), as the GPTQ reference code and
-    coremltools count them, not the number of rows: the scale of ``H`` matters where inputs are
-    dead (their diagonal is set to 1 and enters the dampening ``mean(diag(H))``), and with this
-    count quanta's GPTQ gives coremltools' weights.
-    """
-
-    def __init__(self, module: nn.Module, device, weight: torch.Tensor | None = None, attach: bool = True) -> None:
-        self.module = module
-        cols = (module.get_parameter("weight") if weight is None else weight)[0].numel()
-        self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
-        self.samples = 0
-        # attach=False: fed through add() by an AttentionFeed, which sets the handle.
-        self.handle = module.register_forward_pre_hook(self._hook) if attach else None
-
-    def _hook(self, module, args) -> None:
-        self.add(args[0])
-
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate one input ``x`` of the module (as its forward receives it)."""
-        module = self.module
-        x = x.detach()
-        self.samples += x.shape[0] if x.dim() > 2 else 1
-        if not isinstance(module, (nn.Conv1d, nn.Conv2d)):  # Linear, or an attention input projection
-            x = x.reshape(-1, x.shape[-1])
-        elif isinstance(module, nn.Conv1d):
-            x = F.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), dilation=(module.dilation[0], 1),
-                         padding=(module.padding[0], 0) if not isinstance(module.padding, str) else 0,
-                         stride=(module.stride[0], 1))
-            x = x.transpose(1, 2).reshape(-1, x.shape[1])
-        else:
-            if isinstance(module.padding, str):
-                raise QuantizationError("gptq needs numeric padding for convolutions", None)
-            x = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-            x = x.transpose(1, 2).reshape(-1, x.shape[1])
-        x = x.to(self.xtx.device, torch.float32)
-        accumulate_xtx(self.xtx, x)
-
-    def hessian(self) -> torch.Tensor:
-        if self.handle is not None:
-            self.handle.remove()
-        return mirror_upper(self.xtx).mul_(2.0 / max(self.samples, 1))
-
-
 class GPTQ(Algorithm):
     """GPTQ (Frantar et al., 2022) with layer-sequential calibration and the plugin schemes."""
 
@@ -284,10 +236,20 @@ class GPTQ(Algorithm):
                           f"gptq option dead_inputs: rtn to quantize them data-free): {listed}", stacklevel=2)
 
     def _run_blocks(self, model, todo, samples, cfg, device, context) -> None:
+        ranks = context.ranks
         blocks = find_blocks(model, cfg.layers)
         block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
+        scratch: dict = {}  # one partial-product buffer per Hessian size (one process)
+
+        def hooks_for(scope: nn.Module, layers: dict) -> dict:
+            owner = _owners(layers, ranks)
+            return attach_hooks(scope, [(m, l.unit.param) for m, l in layers.items()],
+                                lambda m, **kw: HessianHook(m, device, ranks=ranks, owner=owner[m], scratch=scratch,
+                                                            **kw))
+
         if blocks and blocks[0][1] is not model and block_modules:
-            cache = _cache_inputs(model, blocks[0][1], samples, device)
+            # This rank's calibration batches (all of them in one process): chunk index -> inputs.
+            cache = _cache_inputs(model, blocks[0][1], samples, device, ranks.mine(len(samples)))
             peak = 0
             for name, block in blocks:
                 peak = max(peak, _nbytes(cache))
@@ -298,15 +260,19 @@ class GPTQ(Algorithm):
                     # A block that is itself the only layer (a Sequential's Linear): its Hessian needs
                     # only the cached inputs, not a forward through it.
                     direct = list(mine) == [block] and not block._forward_pre_hooks and all(
-                        not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) for args, kwargs in cache)
-                    hooks = attach_hooks(block, [(m, l.unit.param) for m, l in mine.items()],
-                                         lambda m, **kw: _HessianHook(m, device, **kw))
+                        not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+                        for args, kwargs in cache.values())
+                    hooks = hooks_for(block, mine)
                     try:
-                        for args, kwargs in cache:
-                            if direct:
-                                hooks[block]._hook(block, args)
-                            else:
-                                block(*args, **fresh_state(kwargs))
+                        for i in ranks.chunks(len(samples)):  # in steps; one chunk per rank per step
+                            if i is not None:
+                                args, kwargs = cache[i]
+                                if direct:
+                                    hooks[block]._hook(block, args)
+                                else:
+                                    block(*args, **fresh_state(kwargs))
+                            for hook in hooks.values():
+                                hook.flush()
                         self._solve(model, mine, hooks, cfg, device, context)
                     finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
                         _remove_hooks(hooks)
@@ -315,7 +281,7 @@ class GPTQ(Algorithm):
                 if name == blocks[-1][0]:
                     block.to(home)
                     break  # the last block's outputs feed nothing
-                for i, (args, kwargs) in enumerate(cache):  # quantized outputs feed the next block
+                for i, (args, kwargs) in cache.items():  # quantized outputs feed the next block
                     out = hidden_state(block(*args, **fresh_state(kwargs)))
                     cache[i] = ((out, *args[1:]), kwargs)
                 block.to(home)
@@ -326,76 +292,95 @@ class GPTQ(Algorithm):
         if todo:  # layers outside the blocks (heads, poolers): one pass of the quantized model
             home = _device_of(model)
             model.to(device)
-            hooks = attach_hooks(model, [(m, l.unit.param) for m, l in todo.items()],
-                                 lambda m, **kw: _HessianHook(m, device, **kw))
+            hooks = hooks_for(model, todo)
             try:
-                for sample in samples:
-                    call_model(model, to_device(sample, device))
+                for i in ranks.chunks(len(samples)):
+                    if i is not None:
+                        call_model(model, to_device(samples[i], device))
+                    for hook in hooks.values():
+                        hook.flush()
                 self._solve(model, dict(todo), hooks, cfg, device, context)
             finally:
                 _remove_hooks(hooks)
             model.to(home)
 
     def _solve(self, model, mine, hooks, cfg, device, context) -> None:
+        """Solve each layer on its owner rank, then write every layer on every rank, in order."""
+        ranks = context.ranks
+        for module, layer in mine.items():
+            hooks[module].finish()
+            check_finite(getattr(module, layer.unit.param), layer.name)
+        solved: dict = {}
+        if ranks.active:  # each rank solves the layers it owns first, then the results travel
+            for module, layer in mine.items():
+                hook = hooks[module]
+                if hook.owner == ranks.rank and self._fallback_reason(hook, cfg, layer) is None:
+                    solved[module] = self._solve_layer(module, layer, hook.hessian(), cfg, device)
         for module, layer in mine.items():
             hook = hooks[module]
-            hessian = hook.hessian()
-            if self._fallback(model, layer, hook, cfg, context):
+            reason = self._fallback_reason(hook, cfg, layer)
+            if reason is not None:
+                context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
                 continue
-            original = getattr(module, layer.unit.param).detach()
-            check_finite(original, layer.name)
-            w = original.to(device, torch.float32).reshape(original.shape[0], -1)
-            spec = layer.spec
-            per_col = original[0, 0].numel()  # kernel elements per input channel
-            dead = self._dead_inputs(layer, hessian, per_col, cfg)
-            block = spec.block_size * per_col if spec.granularity is Granularity.per_block else None
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = gptq_quantize(w, hessian, PluginQuantizer(spec), block_size=block,
-                                       processing_group_size=cfg.processing_group_size,
-                                       damp=float(cfg.hessian_dampening), act_order=cfg.use_activation_order_heuristic,
-                                       static_groups=cfg.static_groups)
-            for warning in caught:
-                warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
-            sizes = spec.block_sizes(tuple(original.shape), 0, 1, layer.name)
-            qshape = scale_shape(tuple(original.shape), sizes)
-            storage = spec.dtype.torch_storage
-            record = QuantizedWeight(
-                codes=result.codes.reshape(original.shape).to(storage),
-                scale=result.scale.reshape(qshape).to(torch.float32),
-                zero_point=None if result.zero_point is None else result.zero_point.reshape(qshape).to(storage),
-                spec=spec, block_sizes=tuple(sizes), channel_axis=0, input_axis=1, grid=scheme_for(spec).grid,
-            ).to(original.device)
-            values = result.weight.reshape(original.shape).to(original.device)
-            context.write_layer(model, layer, record, original, values=values,
-                                extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp),
-                                       **dead})
+            if ranks.active:
+                result = ranks.share(solved.pop(module, None), hook.owner)
+            else:
+                result = self._solve_layer(module, layer, hook.hessian(), cfg, device)
+            self._write(model, module, layer, result, context)
 
-    def _fallback(self, model, layer, hook, cfg, context) -> bool:
-        """True when ``layer`` is not GPTQ-solved: no inputs reached it in this pass (refused, or
-        round-to-nearest with ``uncalibrated: rtn``), or a cross-attention ``in_proj_weight``."""
+    def _solve_layer(self, module, layer, hessian, cfg, device) -> dict:
+        """GPTQ-solve one layer from its Hessian: codes, qparams, dequantized weight and figures."""
+        original = getattr(module, layer.unit.param).detach()
+        w = original.to(device, torch.float32).reshape(original.shape[0], -1)
+        spec = layer.spec
+        per_col = original[0, 0].numel()  # kernel elements per input channel
+        dead = dead_columns(hessian, per_col)
+        if dead and cfg.dead_inputs == "rtn":  # a unit diagonal: the solver keeps (and rounds) their weights
+            hessian.diagonal()[hessian.diagonal() == 0] = 1.0
+        block = spec.block_size * per_col if spec.granularity is Granularity.per_block else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = gptq_quantize(w, hessian, PluginQuantizer(spec), block_size=block,
+                                   processing_group_size=cfg.processing_group_size,
+                                   damp=float(cfg.hessian_dampening), act_order=cfg.use_activation_order_heuristic,
+                                   static_groups=cfg.static_groups)
+        for warning in caught:
+            warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
+        return {"codes": result.codes, "scale": result.scale, "zero_point": result.zero_point,
+                "weight": result.weight, "loss": float(result.loss), "damp": float(result.damp), "dead": dead}
+
+    def _write(self, model, module, layer, result: dict, context) -> None:
+        original = getattr(module, layer.unit.param).detach()
+        spec = layer.spec
+        sizes = spec.block_sizes(tuple(original.shape), 0, 1, layer.name)
+        qshape = scale_shape(tuple(original.shape), sizes)
+        storage = spec.dtype.torch_storage
+        zp = result["zero_point"]
+        record = QuantizedWeight(
+            codes=result["codes"].reshape(original.shape).to(storage),
+            scale=result["scale"].reshape(qshape).to(torch.float32),
+            zero_point=None if zp is None else zp.reshape(qshape).to(storage),
+            spec=spec, block_sizes=tuple(sizes), channel_axis=0, input_axis=1, grid=scheme_for(spec).grid,
+        ).to(original.device)
+        values = result["weight"].reshape(original.shape).to(original.device)
+        extra = {"method": "gptq", "gptq_loss": result["loss"], "damp": result["damp"]}
+        if result["dead"]:
+            self._dead.append((layer.name, result["dead"]))
+            n = result["dead"]
+            extra["dead_inputs"] = f"{n} kept (rtn)" if self.config.dead_inputs == "rtn" else f"{n}: weights zeroed"
+        context.write_layer(model, layer, record, original, values=values, extra=extra)
+
+    def _fallback_reason(self, hook, cfg, layer) -> str | None:
+        """Why ``layer`` is not GPTQ-solved (round-to-nearest instead), or None: no inputs reached it
+        in this pass (refused unless ``uncalibrated: rtn``), or a cross-attention ``in_proj_weight``.
+        The same on every rank (the counts are summed over the ranks)."""
         if hook.samples == 0:
             if cfg.uncalibrated == "error":  # the pipeline restores the weights already written
                 raise _blind_error([layer.name])
-            reason = "no calibration inputs reach it; uncalibrated: rtn"
-        elif getattr(hook, "mixed", False):
-            reason = "cross-attention in_proj_weight: query, key and value differ"
-        else:
-            return False
-        context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
-        return True
-
-    def _dead_inputs(self, layer, hessian, per_col: int, cfg) -> dict:
-        """Count the layer's dead input channels for the report; with ``dead_inputs: rtn`` give
-        them a unit Hessian diagonal so the solver keeps (and rounds) their weights."""
-        n = dead_columns(hessian, per_col)
-        if not n:
-            return {}
-        self._dead.append((layer.name, n))
-        if cfg.dead_inputs == "rtn":
-            hessian.diagonal()[hessian.diagonal() == 0] = 1.0
-            return {"dead_inputs": f"{n} kept (rtn)"}
-        return {"dead_inputs": f"{n}: weights zeroed"}
+            return "no calibration inputs reach it; uncalibrated: rtn"
+        if hook.mixed:
+            return "cross-attention in_proj_weight: query, key and value differ"
+        return None
 
 
 def _remove_hooks(hooks: dict) -> None:
@@ -430,27 +415,40 @@ def _take(data, n: int) -> list:
     return out
 
 
-def _cache_inputs(model, first_block, samples, device) -> Any:
-    """Run the model until ``first_block`` for each sample; keep its (args, kwargs) on ``device``."""
-    cache = []
+def _cache_inputs(model, first_block, samples, device, chunks: list[int]) -> dict:
+    """Run the model until ``first_block`` for each of the ``chunks`` (indices into ``samples``);
+    keep its (args, kwargs) on ``device``, by chunk."""
+    cache: dict = {}
+    current: list[int] = []
 
     def hook(module, args, kwargs) -> None:
-        cache.append((to_device(tuple(args), device), to_device(dict(kwargs), device)))
+        cache[current[0]] = (to_device(tuple(args), device), to_device(dict(kwargs), device))
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     home = _device_of(model)
     try:
-        for sample in samples:
+        for i in chunks:
+            current[:] = [i]
             try:
-                call_model(model, to_device(sample, home))
+                call_model(model, to_device(samples[i], home))
             except _Stop:
                 pass
     finally:
         handle.remove()
-    if len(cache) != len(samples):
-        raise QuantizationError(f"the first block was reached by {len(cache)} of {len(samples)} samples")
+    if len(cache) != len(chunks):
+        raise QuantizationError(f"the first block was reached by {len(cache)} of {len(chunks)} samples")
     return cache
+
+
+def _owners(layers: dict, ranks) -> dict:
+    """The rank that solves each layer (``module -> rank``), by its solve cost (``Ranks.owners``)."""
+    costs = []
+    for module, layer in layers.items():
+        weight = getattr(module, layer.unit.param)
+        rows = weight.shape[0]
+        costs.append(solve_cost(rows, weight.numel() // max(rows, 1)))
+    return dict(zip(layers, ranks.owners(costs)))
 
 
 @quanta.hookimpl
