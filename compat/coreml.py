@@ -104,6 +104,7 @@ def linear_quantize_weights(mlmodel, config=None, joint_compression: bool = Fals
         raise ConfigError("joint_compression is not supported by quanta", "joint_compression")
     backend = registry.get("backend", "coreml").obj
     work = backend.copy(mlmodel)
+    _refuse_multifunction(work.source, "linear_quantize_weights")
     result = quanta.quantize(work, _recipe(_as_config(config), backend, work), backend="coreml")
     return result.to_mlmodel()
 
@@ -260,7 +261,7 @@ def decompress_weights(mlmodel):
     consts again (quanta's dequantization; palettized or sparse weights are refused naming the op)."""
     from quanta.plugins.coreml.decompress import decompress_weights as _decompress
 
-    return _decompress(mlmodel)
+    return _decompress(_refuse_multifunction(mlmodel, "decompress_weights"))
 
 
 def get_weights_metadata(mlmodel, weight_threshold: int = 2048):
@@ -270,4 +271,17 @@ def get_weights_metadata(mlmodel, weight_threshold: int = 2048):
 
     if isinstance(weight_threshold, bool) or not isinstance(weight_threshold, int) or weight_threshold < 0:
         raise ConfigError(f"must be a non-negative int, got {weight_threshold!r}", "weight_threshold")
-    return weights_metadata(mlmodel, weight_threshold)
+    return weights_metadata(_refuse_multifunction(mlmodel, "get_weights_metadata"), weight_threshold)
+
+
+def _refuse_multifunction(mlmodel, api: str):
+    """The loaded MLModel; a ConfigError (a ValueError, as coremltools raises) for a multifunction model,
+    which coremltools' compression APIs refuse."""
+    from quanta.plugins.coreml.backend import load_mlmodel
+
+    model = load_mlmodel(mlmodel)
+    is_multi = getattr(model, "_is_multifunction", None)
+    if callable(is_multi) and is_multi():
+        raise ConfigError(f"{api} is not supported for a multifunction model (as in coremltools); "
+                          "quantize each function's model before combining them", "mlmodel")
+    return model

@@ -16,7 +16,7 @@ import torch
 from quanta.compat.schemes import GPTQ_GRID, PTQ_GRID, pinned_scheme
 from quanta.errors import ConfigError
 
-__all__ = ["ptq_recipe", "gptq_recipe", "qat_recipe", "dtype_name", "type_key", "block_sizes_2d"]
+__all__ = ["ptq_recipe", "gptq_recipe", "qat_recipe", "effective_global", "dtype_name", "type_key", "block_sizes_2d"]
 
 _UNSIGNED = {torch.uint8, torch.quint8}
 _FLOATS = {torch.float32, torch.float16}
@@ -150,7 +150,11 @@ def gptq_recipe(config) -> dict:
 
 # ------------------------------------------------------------------ LinearQuantizer (QAT)
 
-_OBSERVERS = {"moving_average_min_max": "moving_average_minmax", "min_max": "minmax"}
+_OBSERVERS = {"moving_average_min_max": "moving_average_minmax", "min_max": "minmax",
+              "ema_min_max": "moving_average_minmax"}
+#: averaging constant of each observer: torch's MovingAverageMinMaxObserver 0.01; coremltools'
+#: EMAMinMaxObserver (ema_ratio 0.9) weighs each new batch by 0.1 (the first batch sets the range in both).
+_AVERAGING = {"ema_min_max": 0.1}
 
 
 def _observer(value: Any, key: str) -> str:
@@ -181,26 +185,69 @@ def qat_options(cfg, key: str) -> dict:
     return {"milestones": list(cfg.milestones) if cfg.milestones is not None else None,
             "activation_dtype": _activation_dtype(cfg.activation_dtype),
             "activation_observer": _observer(cfg.activation_observer, f"{key}.activation_observer"),
+            "averaging_constant": _AVERAGING.get(str(_value(cfg.activation_observer)), 0.01),
             "learnable": cfg.algorithm == "learnable"}
 
 
-def qat_recipe(config) -> dict:
-    """``LinearQuantizerConfig`` -> a quanta ``qat`` recipe dict."""
+def _module_names_of_type(model, key: Any) -> list[str]:
+    name = key if isinstance(key, str) else getattr(key, "__name__", str(key))
+    return [n for n, m in model.named_modules() if n and (type(m).__name__ == name or type(m) is key)]
+
+
+def effective_global(config):
+    """The module config whose activation settings and milestones apply to the whole model, as
+    coremltools picks it: ``global_config``, else the first module type config, else the first
+    module name config (None: coremltools' defaults)."""
+    if config.global_config is not None:
+        return config.global_config
+    for cfg in [*config.module_type_configs.values(), *config.module_name_configs.values()]:
+        if cfg is not None:
+            return cfg
+    return None
+
+
+def qat_recipe(config, model=None) -> dict:
+    """``LinearQuantizerConfig`` -> a quanta ``qat`` recipe dict.
+
+    Module configs may differ from ``global_config`` in their weight settings and in
+    ``activation_dtype: float32`` (that module's activations stay float: quanta's
+    ``float_activation_modules``; a ``module_type_configs`` key needs ``model`` to name its modules).
+    A module's ``milestones`` are ignored, as coremltools ignores them (it steps with the global
+    config's). Other per-module differences (observers, algorithm) are refused."""
     from coremltools.optimize.torch.quantization.quantization_config import ModuleLinearQuantizerConfig
 
-    glob = config.global_config or ModuleLinearQuantizerConfig()
+    glob = effective_global(config) or ModuleLinearQuantizerConfig()
     options = qat_options(glob, "global_config")
-    for key, cfg in [*config.module_type_configs.items(), *config.module_name_configs.items()]:
-        name = getattr(key, "__name__", key)
-        if cfg is not None and qat_options(cfg, str(name)) != options:
-            raise ConfigError("per-module milestones or activation settings are not supported by quanta; set them "
-                              "in global_config", str(name))
+    float_modules: list[str] = []
+    sections = [(k, v, "module_type_configs") for k, v in config.module_type_configs.items()]
+    sections += [(k, v, "module_name_configs") for k, v in config.module_name_configs.items()]
+    for key, cfg, section in sections:
+        name = str(getattr(key, "__name__", key))
+        if cfg is None:
+            continue
+        mine = qat_options(cfg, f"{section}.{name}")
+        mine["milestones"] = options["milestones"]  # coremltools steps with the global config's milestones only
+        if mine["activation_dtype"] == "float32" and options["activation_dtype"] != "float32":
+            # this module's activations stay float: its activation observer does not matter
+            for knob in ("activation_dtype", "activation_observer", "averaging_constant"):
+                mine[knob] = options[knob]
+            if section == "module_name_configs":
+                float_modules.append(name)
+            elif model is not None:
+                float_modules += _module_names_of_type(model, key)
+            else:
+                raise ConfigError("activation_dtype float32 in module_type_configs needs the model to name its "
+                                  "modules (use LinearQuantizer(model, config))", f"{section}.{name}")
+        if mine != options:
+            raise ConfigError("per-module activation observers, activation dtypes or algorithms are not supported by "
+                              "quanta (supported per module: weight settings and activation_dtype float32); set them "
+                              "in global_config",
+                              f"{section}.{name}")
     names = {k: qat_layer(v, f"module_name_configs.{k}") for k, v in config.module_name_configs.items()}
     for name in config.non_traceable_module_names:
         names.setdefault(name, None)
-    if options.pop("learnable"):
-        raise ConfigError("algorithm 'learnable' (LearnableFakeQuantize) is not supported by quanta yet "
-                          "(supported: 'vanilla')", "global_config.algorithm")
+    if float_modules:
+        options["float_activation_modules"] = float_modules
     out: dict[str, Any] = {"algorithm": "qat", "global_config": qat_layer(config.global_config or glob, "global_config"),
                            "algorithm_config": options}
     if config.global_config is None and (config.module_type_configs or config.module_name_configs):

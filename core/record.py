@@ -66,7 +66,7 @@ class QuantizedWeight:
         scheme = scheme_for(self.spec)
         sizes = list(self.block_sizes)
         grouped = to_groups(self.codes, sizes)
-        # One fresh float buffer (numpy-backed on CPU: huge pages, fewer first-touch faults) that
+        # One fresh float buffer that
         # the scheme dequantizes in place; the built-ins make no other allocation.
         codes = empty(grouped.shape, torch.float32, grouped.device)
         codes.copy_(grouped)

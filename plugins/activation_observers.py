@@ -33,14 +33,15 @@ class StreamingMovingAverageMinMax(StreamingMinMax):
             raise ConfigError(f"must be in (0, 1], got {averaging_constant!r}", "averaging_constant")
         self.averaging_constant = float(averaging_constant)
 
-    def forward(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach())
+    def absorb(self, summary: torch.Tensor) -> None:
+        """Move the range towards one call's ``[min, max]`` (the first call sets it): the order
+        of the calls matters, so a distributed run replays them in global order."""
         if not self.observed:
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
+            self.min_val.copy_(summary[0])
+            self.max_val.copy_(summary[1])
         else:
-            self.min_val.lerp_(lo.float(), self.averaging_constant)
-            self.max_val.lerp_(hi.float(), self.averaging_constant)
+            self.min_val.lerp_(summary[0], self.averaging_constant)
+            self.max_val.lerp_(summary[1], self.averaging_constant)
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):

@@ -28,6 +28,7 @@ from quanta.fx.options import (
     activation_sites_field,
     averaging_constant_field,
     make_session,
+    relu_activation_scheme_field,
     untraceable_field,
 )
 from quanta._run.calibration import call_model, count_samples
@@ -47,6 +48,7 @@ class CalibrateConfig:
     nsamples: int | None = attrs.field(default=None, metadata={
         "doc": "use this many calibration samples (rows; whole batches until there are this many; null: all)"})
     untraceable: str = untraceable_field("submodules")
+    relu_activation_scheme: str | None = relu_activation_scheme_field()
 
 
 class _CalibrationSession:
@@ -103,6 +105,16 @@ class Calibrate(Algorithm):
         session = self.session(model, plan, context.recipe, context.backend, context=context)
         # The first batch is called as every batch is: model(**batch) for a dict.
         gm = session.prepare(example_inputs=first, inplace=True)
+        if context.ranks.active:
+            used = [first]
+            seen = count_samples(first)
+            for batch in batches:
+                if config.nsamples is not None and seen >= config.nsamples:
+                    break
+                used.append(batch)
+                seen += count_samples(batch)
+            _observe_distributed(gm, used, context.ranks)
+            return session.finalize(inplace=True)
         with torch.no_grad():
             call_model(gm, first)
             seen = count_samples(first)
@@ -112,6 +124,44 @@ class Calibrate(Algorithm):
                 call_model(gm, batch)
                 seen += count_samples(batch)
         return session.finalize(inplace=True)
+
+
+def _observe_distributed(gm, batches: list, ranks) -> None:
+    """Observe ``batches`` sharded over the ranks (batch ``i`` on rank ``i % world``), then give
+    every observer every call's summary in global order (batch by batch, call by call), so the
+    ranges equal one process's, bit for bit, for order-dependent observers too (moving averages)."""
+    observers = [m for _, m in gm.named_modules() if isinstance(getattr(m, "observer", None), torch.nn.Module)
+                 and getattr(m, "observer_enabled", False)]
+    for owner in observers:
+        obs = owner.observer
+        if not (callable(getattr(obs, "summarize", None)) and callable(getattr(obs, "absorb", None))):
+            raise ConfigError(f"the activation observer {type(obs).__name__} (site {getattr(owner, 'site', '?')!r}) "
+                              "has no summarize/absorb methods, which a torch.distributed run needs to combine the "
+                              "ranks' observations in order; run in one process or use 'minmax' or "
+                              "'moving_average_minmax' (docs/plugins.md, \"Distributed runs\")", "activation_observer")
+    # chunk -> per observer, its calls' summaries in call order
+    summaries: dict[int, list[list]] = {}
+    current: list = []
+
+    def recorder(k: int, obs: Any) -> Any:
+        def forward(x: torch.Tensor) -> None:
+            current[0][k].append(obs.summarize(x))
+        return forward
+
+    for k, owner in enumerate(observers):
+        owner.observer.forward = recorder(k, owner.observer)
+    try:
+        with torch.no_grad():
+            for i in ranks.mine(len(batches)):
+                current[:] = [summaries.setdefault(i, [[] for _ in observers])]
+                call_model(gm, batches[i])
+    finally:
+        for owner in observers:
+            del owner.observer.forward
+    for chunk in ranks.collect(summaries):  # every rank: every batch's summaries, in batch order
+        for owner, calls in zip(observers, chunk):
+            for summary in calls:
+                owner.observer.absorb(summary.to(owner.observer.min_val.device))
 
 
 @quanta.hookimpl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -27,12 +28,21 @@ class StreamingMinMax(torch.nn.Module):
 
     @property
     def observed(self) -> bool:
-        return bool(torch.isfinite(self.min_val))
+        return math.isfinite(float(self.min_val))
 
     def forward(self, x: torch.Tensor) -> None:
+        self.absorb(self.summarize(x))
+
+    def summarize(self, x: torch.Tensor) -> torch.Tensor:
+        """What one call contributes: ``[min, max]`` of ``x`` (float32). A distributed run
+        (``Ranks.collect``) gathers these in the global order of the calls and :meth:`absorb`\ s them."""
         lo, hi = torch.aminmax(x.detach())
-        torch.minimum(self.min_val, lo.float(), out=self.min_val)
-        torch.maximum(self.max_val, hi.float(), out=self.max_val)
+        return torch.stack([lo.float(), hi.float()])
+
+    def absorb(self, summary: torch.Tensor) -> None:
+        """Update the range with one call's :meth:`summarize` result."""
+        torch.minimum(self.min_val, summary[0], out=self.min_val)
+        torch.maximum(self.max_val, summary[1], out=self.max_val)
 
 
 class MinMaxObserver(Observer):

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 import quanta
-from quanta.errors import QuantizationError
+from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Algorithm
 from quanta.fx.milestones import check_milestones
 from quanta.fx.options import (
@@ -21,6 +21,7 @@ from quanta.fx.options import (
     activation_sites_field,
     averaging_constant_field,
     make_session,
+    relu_activation_scheme_field,
     untraceable_field,
 )
 
@@ -33,6 +34,26 @@ def _milestones(value: Any) -> Any:
 
 def _check(_inst, _attribute, value) -> None:
     check_milestones(value, "milestones")
+
+
+def _check_bool(_inst, attribute, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}", attribute.name)
+
+
+def _one_of(*allowed: str) -> Any:
+    def check(_inst, attribute, value) -> None:
+        if value not in allowed:
+            raise ConfigError(f"expected one of {', '.join(allowed)}, got {value!r}", attribute.name)
+
+    return check
+
+
+def _names(value: Any) -> list:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+            not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"expected a list of module names or patterns, got {value!r}", "float_activation_modules")
+    return list(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -50,6 +71,20 @@ class QATConfig:
     # Training usually comes with a model one can edit: by default an untraceable forward is
     # an error naming the module, not a silently float region.
     untraceable: str = untraceable_field("error")
+    learnable: bool = attrs.field(default=False, validator=_check_bool, metadata={
+        "doc": "learn the scales and zero points (LSQ, coremltools' algorithm 'learnable'): set from the "
+               "observed ranges while observers are on, trained by the gradient afterwards"})
+    float_activation_modules: list = attrs.field(factory=list, converter=_names, metadata={
+        "doc": "module names or patterns whose inputs and outputs stay float (their weights are still "
+               "quantized; coremltools' per-module activation_dtype: float32)"})
+    example_run: str = attrs.field(default="required", validator=_one_of("required", "optional"), metadata={
+        "doc": "'required': prepare() runs example_inputs once (shapes, dtypes) and a model that fails on "
+               "them is an error; 'optional': it warns and places activation quantizers from the graph alone "
+               "(coremltools' prepare does not run the example)"})
+    relu_activation_scheme: str | None = relu_activation_scheme_field()
+    unobserved_activations: str = attrs.field(default="error", validator=_one_of("error", "default"), metadata={
+        "doc": "finalize() with an activation that never saw data: 'error', or 'default': warn and use "
+               "scale 1.0, zero point 0 (torch.ao's and so coremltools' behaviour)"})
 
 
 class QAT(Algorithm):

@@ -134,10 +134,14 @@ class _Adding:
 class Registry:
     """Holds the PluginManager and every contribution, keyed by kind then name.
 
-    Loading is lazy and happens once, on first lookup: the built-ins of
-    ``quanta.plugins.BUILTIN_PLUGINS``, then the entry-point group ``quanta`` unless
-    ``QUANTA_DISABLE_PLUGIN_AUTOLOAD=1``; ``QUANTA_PLUGINS=a,b`` loads only those entry points.
-    ``QUANTA_TRACE_PLUGINS=1`` prints every hook call to stderr.
+    Loading is lazy: ``get(kind, name)`` of a built-in imports only the built-in module that
+    registers it (``quanta.plugins.BUILTIN_CONTRIBUTIONS``), ``names(kind)`` the built-ins of that
+    kind, firing an event hook (:meth:`event_hooks`) the built-ins implementing one; each of
+    them also loads the entry-point group ``quanta`` once, unless
+    ``QUANTA_DISABLE_PLUGIN_AUTOLOAD=1`` (``QUANTA_PLUGINS=a,b`` loads only those entry points).
+    :meth:`ensure_loaded`, ``hook``, ``entries()`` and ``failures()`` load everything. A
+    plugin that registers a built-in's name is refused whether or not that built-in's module was
+    imported yet. ``QUANTA_TRACE_PLUGINS=1`` prints every hook call to stderr.
     """
 
     def __init__(self, autoload: bool | None = None) -> None:
@@ -149,6 +153,8 @@ class Registry:
         self._entries: dict[str, dict[str, PluginEntry]] = {k: {} for k in KINDS}
         self._failures: list[PluginFailure] = []
         self._loaded = False
+        self._entry_points_loaded = False
+        self._builtins_done: set[str] = set()  # built-in modules registered (or removed) so far
         self._lock = threading.RLock()
         self._adding: _Adding | None = None
         for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
@@ -157,7 +163,7 @@ class Registry:
 
     # -- loading -----------------------------------------------------------------------
     def ensure_loaded(self) -> None:
-        """Load built-ins and entry points once. Safe to call repeatedly."""
+        """Load every built-in and the entry points, once. Safe to call repeatedly."""
         if self._loaded:
             return
         with self._lock:
@@ -166,13 +172,50 @@ class Registry:
             self._loaded = True
             from quanta.plugins import BUILTIN_PLUGINS
 
-            version = _quanta_version()
             for modname in BUILTIN_PLUGINS:
-                module = importlib.import_module(modname)
-                # A broken built-in is a bug in quanta itself: let it raise.
-                self.add_plugin(module, name=modname, distribution="quanta", version=version)
+                self._load_builtin(modname)
+            self._load_entry_points_once()
+
+    def _load_builtin(self, modname: str) -> None:
+        """Import and register one built-in module (``quanta.plugins.BUILTIN_PLUGINS``), once."""
+        if modname in self._builtins_done:
+            return
+        with self._lock:
+            if modname in self._builtins_done:
+                return
+            self._builtins_done.add(modname)
+            module = importlib.import_module(modname)
+            # A broken built-in is a bug in quanta itself: let it raise.
+            self._register(module, modname, "quanta", _quanta_version())
+
+    def _load_builtins(self, kind: str | None = None, hooks: tuple[str, ...] = ()) -> None:
+        """The built-ins registering a ``kind`` or implementing one of ``hooks``, then the entry points."""
+        from quanta.plugins import BUILTIN_CONTRIBUTIONS, BUILTIN_HOOKS, BUILTIN_PLUGINS
+
+        for modname in BUILTIN_PLUGINS:
+            if kind in BUILTIN_CONTRIBUTIONS.get(modname, {}) or set(hooks) & set(BUILTIN_HOOKS.get(modname, ())):
+                self._load_builtin(modname)
+        self._load_entry_points_once()
+
+    def _load_entry_points_once(self) -> None:
+        if self._entry_points_loaded:
+            return
+        with self._lock:
+            if self._entry_points_loaded:
+                return
+            self._entry_points_loaded = True
             if self._should_autoload():
                 self._load_entry_points()
+
+    @staticmethod
+    def _builtin_module_of(kind: str, name: Any) -> str | None:
+        """The built-in module that registers ``(kind, name)``, if one does."""
+        from quanta.plugins import BUILTIN_CONTRIBUTIONS
+
+        for modname, kinds in BUILTIN_CONTRIBUTIONS.items():
+            if name in kinds.get(kind, ()):
+                return modname
+        return None
 
     def _should_autoload(self) -> bool:
         if self._autoload is not None:
@@ -200,7 +243,7 @@ class Registry:
                                                     version=dist_version, error=str(err)))
                 continue
             try:
-                self.add_plugin(obj, name=ep.name, distribution=dist_name or ep.name, version=dist_version or "")
+                self._register(obj, ep.name, dist_name or ep.name, dist_version or "")
             except Exception as exc:
                 self._failures.append(PluginFailure(plugin=ep.name, distribution=dist_name,
                                                     version=dist_version, error=f"{type(exc).__name__}: {exc}"))
@@ -220,7 +263,10 @@ class Registry:
         exist, nothing of this plugin stays registered and the error is raised. Returns the
         plugin name.
         """
-        self.ensure_loaded()  # built-ins first, so duplicates are caught (no-op while loading)
+        self._load_entry_points_once()  # entry points first, as if everything were loaded (built-in
+        return self._register(obj, name, distribution, version)  # names are refused in _contribute)
+
+    def _register(self, obj: Any, name: str | None, distribution: str, version: str) -> str:
         with self._lock:
             plugin_name = name or self.pm.get_canonical_name(obj)
             if self.pm.is_registered(obj) or self.pm.has_plugin(plugin_name) or self.pm.is_blocked(plugin_name):
@@ -251,6 +297,10 @@ class Registry:
         where = f"plugin {adding.plugin!r} (distribution {adding.distribution})"
         description = check_contract(kind, contribution, where)
         existing = self._entries[kind].get(contribution.name)
+        builtin = self._builtin_module_of(kind, contribution.name)
+        if existing is None and builtin is not None and builtin != adding.plugin and builtin not in self._builtins_done:
+            existing = PluginEntry(kind=kind, name=contribution.name, description="", config_class=None, obj=None,
+                                   plugin=builtin, distribution="quanta", version="")  # not imported yet
         if existing is not None:
             raise DuplicatePluginError(
                 f"{kind} {contribution.name!r} from {where} duplicates the one from plugin {existing.plugin!r} "
@@ -307,7 +357,8 @@ class Registry:
     def _kind(self, kind: str) -> dict[str, PluginEntry]:
         if kind not in self._entries:
             raise PluginNotFoundError("plugin kind", kind, KINDS)
-        self.ensure_loaded()
+        if not self._loaded:
+            self._load_builtins(kind)
         return self._entries[kind]
 
     def names(self, kind: str) -> list[str]:
@@ -317,6 +368,12 @@ class Registry:
     def get(self, kind: str, name: str) -> PluginEntry:
         """The entry for ``(kind, name)``; raises PluginNotFoundError (a KeyError) with near names,
         and the load error of any plugin that failed to load (it may have been the one meant)."""
+        if kind in self._entries and not self._loaded:
+            builtin = self._builtin_module_of(kind, name)
+            if builtin is not None:
+                self._load_builtin(builtin)
+                if name in self._entries[kind]:
+                    return self._entries[kind][name]
         entries = self._kind(kind)
         try:
             return entries[name]
@@ -330,6 +387,8 @@ class Registry:
 
     def entries(self, kind: str | None = None) -> list[PluginEntry]:
         """All entries (of one kind, or of every kind), sorted by kind then name."""
+        if kind is None:
+            self.ensure_loaded()
         kinds = KINDS if kind is None else (kind,)
         return [e for k in kinds for _, e in sorted(self._kind(k).items())]
 
@@ -365,7 +424,15 @@ class Registry:
 
     @property
     def hook(self) -> pluggy.HookRelay:
-        """The pluggy hook relay, for firing event hooks: ``registry.hook.layer_quantized(...)``."""
+        """The pluggy hook relay, every plugin loaded: ``registry.hook.example_models()``."""
         self.ensure_loaded()
+        return self.pm.hook
+
+    @property
+    def event_hooks(self) -> pluggy.HookRelay:
+        """The pluggy hook relay for firing event hooks (``registry.event_hooks.layer_quantized(...)``):
+        loads the entry points and the built-ins that implement an event hook, not every built-in."""
+        if not self._loaded:
+            self._load_builtins(hooks=hookspecs.EVENT_HOOKS)
         return self.pm.hook
 

@@ -343,3 +343,62 @@ def test_algorithms_reach_layer_modules_through_the_context(register_plugin, sma
     q = quanta.quantize(small_model, {"algorithm": "hooking", "global_config": {}})
     assert seen == {"0": q[0], "3": q[3], "5": q[5]}
     assert [row.extra for row in q.quanta_report.layers] == [{"method": "noted"}] * 3
+
+
+def test_builtin_table_says_what_each_builtin_module_registers():
+    from quanta.plugins import BUILTIN_CONTRIBUTIONS, BUILTIN_HOOKS, BUILTIN_PLUGINS
+
+    reg = Registry(autoload=False)
+    reg.ensure_loaded()
+    assert set(BUILTIN_CONTRIBUTIONS) == set(BUILTIN_PLUGINS)
+    for modname in BUILTIN_PLUGINS:
+        registered = {}
+        for entry in reg.entries():
+            if entry.plugin == modname:
+                registered.setdefault(entry.kind, []).append(entry.name)
+        assert {k: sorted(v) for k, v in registered.items()} == \
+            {k: sorted(v) for k, v in BUILTIN_CONTRIBUTIONS[modname].items()}, modname
+        hooks = {caller.name for caller in reg.pm.get_hookcallers(reg.pm.get_plugin(modname)) or []
+                 if caller.name not in hookspecs.REGISTRATION_HOOKS}
+        assert hooks == set(BUILTIN_HOOKS.get(modname, ())), modname
+
+
+def test_a_lookup_imports_only_the_builtin_module_it_needs():
+    reg = Registry(autoload=False)
+    assert reg.get("algorithm", "rtn").plugin == "quanta.plugins.rtn"
+    assert [reg.pm.get_name(p) for p in reg.pm.get_plugins()] == ["quanta.plugins.rtn"]
+    assert reg.names("backend") == ["coreml", "torch"]
+    assert "quanta.plugins.qat" not in {reg.pm.get_name(p) for p in reg.pm.get_plugins()}
+    with pytest.raises(PluginNotFoundError, match="did you mean 'gptq'"):
+        reg.get("algorithm", "gptqq")  # an unknown name loads the whole kind, to name the nearest
+
+
+def test_a_plugin_taking_the_name_of_a_builtin_not_imported_yet_is_refused():
+    from quanta.plugins.rtn import RTN
+
+    class Dup(RTN):
+        name = "gptq"
+        description = "not the real gptq"
+
+    class Plugin:
+        @quanta.hookimpl
+        def register_algorithms(self, register):
+            register(Dup())
+
+    reg = Registry(autoload=False)
+    with pytest.raises(DuplicatePluginError, match=r"'gptq'.*quanta\.plugins\.gptq\.algorithm.*distribution quanta"):
+        reg.add_plugin(Plugin(), name="dup-gptq")
+    assert reg.get("algorithm", "gptq").plugin == "quanta.plugins.gptq.algorithm"
+
+
+@pytest.mark.slow
+def test_a_first_rtn_quantize_imports_no_exporter_gptq_fx_or_yaml():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, quanta; m = torch.nn.Sequential(torch.nn.Linear(64, 64)); "
+            "quanta.quantize(m, {'global_config': {'weight_dtype': 'int8'}}); "
+            "print(sorted(n for n in ('quanta.fx', 'quanta.plugins.coreml.exporter', 'quanta.plugins.gptq', "
+            "'quanta.plugins.compressed_tensors', 'quanta.examples', 'yaml') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -188,6 +188,22 @@ def _model_bytes(model) -> int:
 
 
 def _cmd_quantize(args, console: Console) -> int:
+    """``quanta quantize``; under torchrun, in the process group it describes (rank 0 writes)."""
+    import quanta
+    from quanta._cli.distributed import process_group
+    from quanta.contracts import Ranks
+
+    recipe = quanta.load_recipe(args.recipe) if Path(args.recipe).is_file() else None
+    if recipe is None:
+        return _quantize(args, console)
+    with process_group(recipe, getattr(args, "dist_timeout", 1800.0)):
+        ranks = Ranks.current()
+        if not ranks.writes:
+            console.quiet = True  # rank 0 reports; the others' errors still show
+        return _quantize(args, console, writes=ranks.writes)
+
+
+def _quantize(args, console: Console, writes: bool = True) -> int:
     import quanta
     from quanta import registry
     from quanta._files.atomic import check_destination
@@ -201,7 +217,7 @@ def _cmd_quantize(args, console: Console) -> int:
     if args.out_of_core:
         from quanta._cli.out_of_core import quantize_out_of_core
 
-        return quantize_out_of_core(args, console)
+        return quantize_out_of_core(args, console, writes=writes)
     if args.checkpoint_dir or args.activation_budget:
         raise ConfigError("--checkpoint-dir and --activation-budget apply to --out-of-core runs", "--out-of-core")
     recipe, source = _recipe_and_model(args, console)
@@ -233,6 +249,8 @@ def _cmd_quantize(args, console: Console) -> int:
     console.info(f"quantizing with {recipe.algorithm!r} ...")
     with registry.plugin(_progress_plugin(console), name="quanta-cli-progress"):
         qmodel = quanta.quantize(model, recipe, data=data)
+    if not writes:  # a torchrun rank other than 0: same result, rank 0 writes it
+        return 0
     print(qmodel.quanta_report)
     if example:
         print(example.evaluate(model, qmodel))
@@ -242,7 +260,10 @@ def _cmd_quantize(args, console: Console) -> int:
     else:
         output = Path(quanta.save(qmodel, output, rebuild=source.rebuild, example_inputs=inputs,
                                   tokenizer=source.tokenizer_dir, overwrite=args.overwrite))
-    console.info(f"wrote {output}")
+    from quanta._files.stored_size import stored_size
+
+    # The whole model as stored (the report's sizes count the quantized layers only).
+    console.info(f"wrote {output}: {stored_size(output).describe()}")
     if args.report:
         from quanta._run.report_html import write_report_html
 
@@ -253,7 +274,8 @@ def _cmd_quantize(args, console: Console) -> int:
         started = time.perf_counter()
         written = quanta.export(qmodel, package, format=fmt, example_inputs=inputs, overwrite=args.overwrite,
                                 config=recipe.export.config)
-        console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
+        console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s): "
+                     f"{(exporter.stored_size(written) or stored_size(written)).describe()}")
         if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
             figures = f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}"
@@ -334,7 +356,9 @@ def _cmd_export(args, console: Console) -> int:
     path = quanta.export(model, args.output, format=args.format, example_inputs=inputs,
                          allow_float=args.allow_float, overwrite=args.overwrite, **options)
     print(path)
-    console.info(f"wrote {path}")
+    from quanta._files.stored_size import stored_size
+
+    console.info(f"wrote {path}: {(exporter.stored_size(path) or stored_size(path)).describe()}")
     return 0
 
 

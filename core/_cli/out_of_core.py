@@ -12,8 +12,9 @@ from quanta.errors import ConfigError
 __all__ = ["quantize_out_of_core"]
 
 
-def quantize_out_of_core(args, console: Console) -> int:
-    """Run ``quanta.quantize_checkpoint`` for the recipe's model (a checkpoint directory)."""
+def quantize_out_of_core(args, console: Console, writes: bool = True) -> int:
+    """Run ``quanta.quantize_checkpoint`` for the recipe's model (a checkpoint directory);
+    ``writes`` False: a torchrun rank other than 0 (it computes, rank 0 writes)."""
     import quanta
     from quanta._files.sources import load_data
 
@@ -36,6 +37,8 @@ def quantize_out_of_core(args, console: Console) -> int:
     written = quanta.quantize_checkpoint(ref, args.recipe, data, output=output, checkpoint_dir=args.checkpoint_dir,
                                          activation_budget=args.activation_budget, overwrite=args.overwrite,
                                          progress=console.info)
+    if not writes:  # a torchrun rank other than 0: rank 0 wrote the output
+        return 0
     rows = json.loads((Path(written) / "quanta_report.json").read_text())["layers"]
     errors = [r["rel_error"] for r in rows if r.get("rel_error") is not None]
     if errors:

@@ -165,6 +165,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--activation-budget", metavar="BYTES", type=_byte_count,
                    help="with --out-of-core: bytes of cached activations kept in memory (e.g. 512M, 2G); the "
                         "rest go to disk")
+    s.add_argument("--dist-timeout", metavar="SECONDS", type=float, default=1800.0,
+                   help="under torchrun: how long a rank waits for the others in one collective before failing "
+                        "(default 1800; docs/large-models.md, 'Distributed runs')")
     _overwrite(s, "output, report or package")
     _common(s)
 

@@ -19,7 +19,6 @@ import attrs
 from quanta._recipes.document import (ExportConfig, OnUnsupported, RecipeDocument, StageDocument, canonical)
 from quanta._recipes.layers import LAYER_KEYS
 from quanta._recipes.structure import structure, unstructure_options
-from quanta._recipes.yaml_reader import read_yaml_mapping
 from quanta._records.spec import QuantSpec
 from quanta.errors import ConfigError
 
@@ -99,6 +98,8 @@ def load_recipe(source: Any, *, algorithm: str | None = None, default_algorithm:
     if isinstance(source, Recipe):
         return source if algorithm is None or algorithm == source.algorithm else attrs.evolve(source, algorithm=algorithm)
     if isinstance(source, (str, os.PathLike)):
+        from quanta._recipes.yaml_reader import read_yaml_mapping  # yaml only for recipe files
+
         data = read_yaml_mapping(source)
         if not data:  # an empty file is a mistake (a wrong path, a failed write), never "all defaults"
             raise ConfigError(f"recipe file {os.fspath(source)!r} is empty; write at least one setting, e.g. "

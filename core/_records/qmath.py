@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 __all__ = ["scale_shape", "to_groups", "from_groups", "empty", "expand_qparam", "restricted_range", "full_range"]
@@ -35,9 +34,11 @@ def to_groups(weight: torch.Tensor, block_sizes: list[int]) -> torch.Tensor:
         else:
             new_shape.append(dim)
     reduce = [i for i in range(len(new_shape)) if i not in keep]
-    grouped = weight.reshape(new_shape).permute(*keep, *reduce)
     n_groups = math.prod(new_shape[i] for i in keep)
-    return grouped.reshape(n_groups, -1)
+    order = keep + reduce
+    if order == sorted(order):  # groups are already rows (per-tensor, per-channel on axis 0, ...)
+        return weight.reshape(n_groups, -1)
+    return weight.reshape(new_shape).permute(*order).reshape(n_groups, -1)
 
 
 def from_groups(grouped: torch.Tensor, shape: tuple[int, ...], block_sizes: list[int]) -> torch.Tensor:
@@ -51,6 +52,8 @@ def from_groups(grouped: torch.Tensor, shape: tuple[int, ...], block_sizes: list
         else:
             new_shape.append(dim)
     order = keep + [i for i in range(len(new_shape)) if i not in keep]
+    if order == sorted(order):
+        return grouped.reshape(shape)
     inverse = [order.index(i) for i in range(len(new_shape))]
     return grouped.reshape([new_shape[i] for i in order]).permute(*inverse).reshape(shape)
 
@@ -81,18 +84,14 @@ def full_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
-                 torch.int8: np.int8, torch.uint8: np.uint8, torch.int32: np.int32}
-
-
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised tensor; on CPU backed by numpy memory.
+    """An uninitialised tensor from torch's allocator (ordinary 4 KiB pages on CPU).
 
-    numpy advises transparent huge pages for large arrays and torch's CPU allocator does not
-    (unless ``THP_MEM_ALLOC_ENABLE=1`` was set before torch loaded): first-touch page faults
-    then cost about a quarter. Quantized weights are large fresh buffers, so this matters.
+    Quantized weights and dequantized loads are large fresh buffers, so their first-touch page
+    faults are a real part of a user's first call. Buffers advised for transparent huge pages
+    (numpy's ``np.empty``, which quanta used before) fault about 4x faster once a process has
+    huge pages at hand, but a fresh process on a VM whose freed huge pages go back to the host
+    (the 2-core benchmark machine) paid about 10x more for them: 4.1 s instead of 0.4 s to touch
+    320 MiB (``benchmarks/results/rtn_cpu.txt`` has the first-call and warm figures).
     """
-    device = torch.device(device)
-    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(np.empty(tuple(shape), dtype=_NUMPY_DTYPES[dtype]))
     return torch.empty(tuple(shape), dtype=dtype, device=device)

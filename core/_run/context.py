@@ -9,6 +9,7 @@ import attrs
 import torch
 
 from quanta._run.calibration import call_model, to_device
+from quanta.contracts.ranks import Ranks
 from quanta._recipes.recipe import Recipe
 from quanta._run.guard import fire_event, plugin_code
 from quanta._recipes.planning import Plan, PlannedLayer
@@ -38,6 +39,9 @@ class RunContext:
             the run has none (``inplace=True`` and no stage declares ``reads_float``).
         temporary: ``(module, name)`` of the state added with ``add_state(..., temporary=True)``
             in any stage of this run; removed when the run ends (shared by the run's stages).
+        ranks: this process's place in a ``torch.distributed`` run (:class:`quanta.contracts.Ranks`;
+            ``world == 1`` without one): chunks of the calibration data, fixed-order sums,
+            owners of solves and their results (docs/plugins.md, "Distributed runs").
     """
 
     recipe: Recipe
@@ -49,6 +53,7 @@ class RunContext:
     algorithm: Any = None
     float_model: Any = None
     temporary: list = attrs.field(factory=list)
+    ranks: Ranks = attrs.field(factory=Ranks)
     _done: int = attrs.field(default=0, alias="_done")
     _float_cache: dict = attrs.field(factory=dict, alias="float_cache")
 
@@ -138,6 +143,14 @@ class RunContext:
         if sq_error is None or ref_sq is None:
             sq_error, ref_sq = _squared_error(values, original)
         err = (sq_error / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+        if err >= 0.9999:  # never silently: a weight no closer to the float one than zero is (zeroed, blind)
+            import warnings
+
+            how = (extra or {}).get("method", getattr(self.algorithm, "name", "?"))
+            warnings.warn(f"layer {layer.name!r}: relative error {err:.0%} after quantization ({how}): the quantized "
+                          "weight is no closer to the float weight than zero is; leave the layer float "
+                          f"(module_name_configs: {{{layer.name!r}: null}}) or check its calibration inputs",
+                          stacklevel=3)
         numel = original.numel()
         with plugin_code(self.backend, layer.name):
             self.backend.write(model, layer.unit, record, values)
@@ -252,7 +265,7 @@ class RunContext:
 
 #: Elements above which a layer's error is summed in pieces of this size: the difference of a
 #: large weight (an LM head) is never materialized whole.
-_ERROR_PIECE = 1 << 24
+_ERROR_PIECE = 1 << 22
 
 
 def _squared_error(values: torch.Tensor, original: torch.Tensor) -> tuple[float, float]:

@@ -22,4 +22,4 @@ def fire_event(hook_name: str, **kwargs: Any) -> None:
     """
     from quanta import registry
 
-    getattr(registry.default().hook, hook_name)(**kwargs)  # hook names are ours, from quanta.contracts.hooks
+    getattr(registry.default().event_hooks, hook_name)(**kwargs)  # hook names are ours, from quanta.contracts.hooks

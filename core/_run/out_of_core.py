@@ -45,6 +45,7 @@ from quanta._run.calibration import call_model, fresh_state, hidden_state
 from quanta._run.data_checks import CalibrationWarning
 from quanta._run.pipeline import quantize_part
 from quanta._run.resume import Activations, fingerprint, write_json_atomic
+from quanta.contracts.ranks import Ranks
 from quanta.errors import ConfigError, ModelError, QuantaError
 
 __all__ = ["quantize_checkpoint", "CheckpointSource", "open_checkpoint", "CheckpointMismatchError", "PROGRESS_NAME"]
@@ -184,10 +185,12 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
     Returns the output directory. Raises :class:`CheckpointMismatchError` when ``checkpoint_dir``
     holds a checkpoint of another model, recipe, data or quanta version.
     """
-    say = progress or (lambda line: None)
+    ranks = Ranks.current()  # under torch.distributed: rank 0 reads the checkpoint's progress and writes
+    say = (progress or (lambda line: None)) if ranks.writes else (lambda line: None)
     ckpt = open_checkpoint(source)
     output = Path(output)
-    check_destination(output, expected_bytes=ckpt.tensor_bytes() // 4, overwrite=overwrite, directory=True)
+    if ranks.writes:
+        check_destination(output, expected_bytes=ckpt.tensor_bytes() // 4, overwrite=overwrite, directory=True)
     recipe, limit, needs_data = _calibration_limit(config)
     samples = _take(data, limit) if needs_data else []
     if needs_data and limit is not None and len(samples) < limit:
@@ -200,25 +203,34 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
     work = Path(checkpoint_dir) if checkpoint_dir is not None else None
     progress_state: dict = {"fingerprint": prints, "done": 0, "weight_map": {}, "records": {},
                             "buffers": [], "extra_state": [], "aliases": {}, "report": []}
-    if work is not None:
+    refusal = None
+    if work is not None and ranks.writes:
         work.mkdir(parents=True, exist_ok=True)
         if (work / PROGRESS_NAME).is_file():
             previous = json.loads((work / PROGRESS_NAME).read_text())
             before = previous.get("fingerprint", {}) if isinstance(previous, dict) else {}
             differ = [k for k in prints if before.get(k) != prints[k]]
             if differ:
-                raise CheckpointMismatchError(
-                    f"checkpoint directory {str(work)!r} was made for another {', '.join(differ)} "
-                    f"({differ[0]}: {before.get(differ[0])!r}, now {prints[differ[0]]!r}); use another "
-                    "directory, or remove it to start over")
-            progress_state = previous
+                refusal = (f"checkpoint directory {str(work)!r} was made for another {', '.join(differ)} "
+                           f"({differ[0]}: {before.get(differ[0])!r}, now {prints[differ[0]]!r}); use another "
+                           "directory, or remove it to start over")
+            else:
+                progress_state = previous
+    if ranks.active:  # every rank resumes where rank 0's checkpoint says (and is refused with it)
+        ranks.agree(json.dumps(prints, sort_keys=True, default=str), "checkpoint, recipe and calibration data")
+        refusal, progress_state = ranks.share((refusal, progress_state), 0)
+    if refusal is not None:
+        raise CheckpointMismatchError(refusal)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_freed_memory_returned())
-        staging = work if work is not None else Path(stack.enter_context(_scratch_dir(output)))
+        persist = work is not None and ranks.writes
+        # The other ranks write nothing: a private folder holds only the activations they spill.
+        staging = work if persist else Path(stack.enter_context(_scratch_dir(output, private=not ranks.writes)))
         _run_blocks(ckpt, recipe, config, samples, needs_data, staging, progress_state, activation_budget, dtype,
-                    say, persist=work is not None)
-        _finish(ckpt, output, staging, progress_state, overwrite, tokenizer, persist=work is not None)
+                    say, persist=persist, ranks=ranks)
+        if ranks.writes:
+            _finish(ckpt, output, staging, progress_state, overwrite, tokenizer, persist=persist)
     say(f"done in {time.perf_counter() - started:.1f} s, peak RSS {_peak_rss_bytes() / 2**20:.0f} MiB")
     return output
 
@@ -261,11 +273,16 @@ def _release_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def _scratch_dir(output: Path) -> Iterator[str]:
-    parent = output.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    path = parent / f".{output.name}.quanta-ooc-{os.getpid()}"
-    path.mkdir()
+def _scratch_dir(output: Path, private: bool = False) -> Iterator[str]:
+    if private:  # a torchrun rank other than 0: its spilled activations, in the temporary folder
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="quanta-ooc-"))
+    else:
+        parent = output.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        path = parent / f".{output.name}.quanta-ooc-{os.getpid()}"
+        path.mkdir()
     try:
         yield str(path)
     finally:
@@ -292,8 +309,10 @@ def _call(model: nn.Module, sample: Any):
 
 
 def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state: dict, budget, dtype, say,
-                *, persist: bool) -> None:
+                *, persist: bool, ranks: Ranks | None = None) -> None:
     import quanta
+
+    ranks = ranks if ranks is not None else Ranks()
 
     tensors = CheckpointTensors(ckpt, dtype)
     with params_on_meta():
@@ -331,12 +350,19 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
         first.captured.clear()
         release(model)  # the layers outside the blocks are read again for the last pass
         if state["done"]:  # resume: the next block's inputs as the last run left them
-            if needs_data:
+            if needs_data and not ranks.active:  # one sample in memory at a time
                 from safetensors import safe_open
 
                 with safe_open(str(staging / _INPUTS_NAME), "pt") as saved:
                     for i in range(len(acts)):
                         acts.set(i, saved.get_tensor(f"sample.{i}").clone())
+            else:
+                from safetensors.torch import load_file
+
+                saved = load_file(str(staging / _INPUTS_NAME)) if needs_data and ranks.writes else {}
+                saved = ranks.share(saved, 0)  # rank 0 read them from its checkpoint
+                for i in range(len(acts)):
+                    acts.set(i, saved[f"sample.{i}"])
             say(f"resuming after block {state['done']} of {len(real)}")
 
         for index in range(state["done"], len(real)):
@@ -363,7 +389,8 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
                         state["_last_structure"] = "tensor" if isinstance(out, torch.Tensor) else "tuple"
                     acts.set(i, hidden_state(out))
                     del out
-            _write_part(scope, staging, f"block-{index:05d}.safetensors", state)
+            if ranks.writes:
+                _write_part(scope, staging, f"block-{index:05d}.safetensors", state)
             real[index] = None
             del scope, block
             _release_freed_memory()
@@ -400,7 +427,8 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
                 quantize_part(model, part, samples if needs_data else None)
             rows = [_row(layer) for layer in model.quanta_report.layers]
         state["report"] += rows
-        _write_part(model, staging, "outside-blocks.safetensors", state)
+        if ranks.writes:
+            _write_part(model, staging, "outside-blocks.safetensors", state)
         say(_account(state, "outside the blocks", "", rows, t0))
 
 

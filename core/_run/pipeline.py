@@ -13,6 +13,7 @@ import attrs
 from quanta._recipes.document import ExportConfig
 from quanta._recipes.recipe import Recipe, load_recipe
 from quanta._run.context import RunContext
+from quanta.contracts.ranks import Ranks, fingerprint
 from quanta.errors import ConfigError, QuantizationError
 from quanta._run.guard import fire_event, plugin_code
 from quanta._run.model_checks import check_model
@@ -181,6 +182,7 @@ class _Run:
     plans: tuple[Plan, ...]
     backend_entry: Any
     batches: list | None
+    ranks: Ranks = attrs.field(factory=Ranks)
 
     @property
     def backend(self) -> Any:
@@ -226,8 +228,12 @@ def _prepare(model: Any, recipe: Recipe, data: Any, backend: str | None, device:
             algo.validate(the_plan, stage)
     batches, limit = _read_batches(algorithms, data)
     check_run(model, plans[0], algorithms, data, batches, device, limit)
+    ranks = Ranks.current()
+    if ranks.active:  # every rank must run the same recipe on the same model and data
+        layers = [(p.name, p.spec.describe() if p.spec else None, tuple(p.unit.shape)) for p in plans[-1].layers]
+        ranks.agree(fingerprint(repr(recipe), layers, batches or []))
     return _Run(stages=stages, algorithms=tuple(algorithms), plans=plans, backend_entry=backend_entry,
-                batches=batches)
+                batches=batches, ranks=ranks)
 
 
 def _working_model(model: Any, run: _Run, inplace: bool) -> tuple[Any, Any]:
@@ -262,7 +268,7 @@ def _run_stages(target: Any, model: Any, run: _Run, report: Report, device: Any)
                 the_plan = planned.bound_to(run.backend.units(target))
         ctx = RunContext(recipe=stage, plan=the_plan, backend=run.backend, report=report, device=device,
                          data=run.batches, algorithm=algo, float_model=float_model, temporary=temporary,
-                         float_cache=float_cache)
+                         float_cache=float_cache, ranks=run.ranks)
         fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
         with plugin_code(algo):
             result = algo.run(target, the_plan, run.batches, ctx)
@@ -320,6 +326,8 @@ def _quantize(model: Any, recipe: Recipe, data: Any, *, inplace: bool, backend: 
         target, snapshot = model, None
     _warn_unsupported(run.plans[0])
     report = Report(algorithm=run.name, skipped=[(p.name, p.reason) for p in run.plans[-1].layers if p.spec is None])
+    if run.ranks.active:
+        report.stats["distributed_ranks"] = run.ranks.world
     start = time.perf_counter()
     try:
         target = _run_stages(target, model, run, report, device)

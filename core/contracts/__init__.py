@@ -17,10 +17,11 @@ from .backend import Backend, Unit
 from .base import Plugin
 from .exporter import Exporter
 from .observer import Observer
+from .ranks import Ranks
 from .scheme import GRIDS, Scheme
 
 __all__ = ["Plugin", "Scheme", "Observer", "Algorithm", "Backend", "Exporter", "Unit", "GRIDS", "Kind", "KINDS",
-           "kind_of"]
+           "kind_of", "Ranks"]
 
 
 @attrs.frozen

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -54,10 +55,12 @@ def _fold(fused: ConvBnQAT) -> nn.Module:
     return plain
 
 
-def finalize_graph(gm: fx.GraphModule, on_record: OnRecord | None = None) -> fx.GraphModule:
+def finalize_graph(gm: fx.GraphModule, on_record: OnRecord | None = None, unobserved: str = "error") -> fx.GraphModule:
     """Rewrite the prepared ``gm`` in place into its quantized form and return it (eval mode).
 
-    Raises QuantizationError naming the activation whose observer never saw data.
+    An activation whose observer never saw data: ``unobserved="error"`` raises QuantizationError
+    naming it; ``"default"`` warns and uses scale 1.0 and zero point 0 (what torch.ao's observers,
+    and so coremltools' ``finalize``, return without data).
     """
     for name, mod in list(gm.named_modules()):
         if isinstance(mod, ConvBnQAT):
@@ -69,7 +72,8 @@ def finalize_graph(gm: fx.GraphModule, on_record: OnRecord | None = None) -> fx.
         else:
             continue
         weight = plain.weight.detach()
-        record = quantize_weight(weight, spec, channel_axis=0, input_axis=1, layer=name)
+        record = quantize_weight(weight, spec, channel_axis=0, input_axis=1, layer=name,
+                                 scheme=mod.weight_fake_quant.record_scheme())
         original = weight.clone()
         if on_record is not None:
             on_record(name, plain, record, original)
@@ -86,11 +90,16 @@ def finalize_graph(gm: fx.GraphModule, on_record: OnRecord | None = None) -> fx.
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, ActivationFakeQuantize):
             continue
-        if not mod.observed:
+        if not mod.observed and unobserved == "default":
+            warnings.warn(f"activation quantizer {node.target!r} ({mod.site}) never observed data: using scale 1.0 "
+                          "and zero point 0 (torch.ao's defaults)", stacklevel=3)
+            scale, zero_point = 1.0, 0
+        elif not mod.observed:
             raise QuantizationError(
                 f"activation quantizer {node.target!r} ({mod.site}) never observed data: run forward passes "
                 f"with observers on (after the step() that reaches milestone 0) before finalize()", mod.site)
-        scale, zero_point = mod.qparams()
+        else:
+            scale, zero_point = mod.qparams()
         qdtype = TORCH_QDTYPES[str(mod.dtype)]
         with graph.inserting_before(node):
             q = graph.call_function(torch.quantize_per_tensor, (node.args[0], scale, zero_point, qdtype))

@@ -100,4 +100,6 @@ def apply_state(gm: fx.GraphModule, state: MilestoneState) -> None:
             m.fake_quant_enabled = state.fake_quant
         elif isinstance(m, WeightFakeQuantize):
             m.fake_quant_enabled = state.fake_quant
+            if getattr(m, "learnable", False):  # learnable qparams follow the observers until learning starts
+                m.observer_enabled = state.observers
     freeze_batch_norms(gm, state.bn_frozen)

@@ -12,6 +12,8 @@ Which ops are which comes from the backend's :class:`~quanta.fx.rules.Activation
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Callable, Mapping
 
 import torch
@@ -21,9 +23,11 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from quanta._records.spec import QuantSpec
 
 from .fake_quant import ActivationFakeQuantize, ConvBnQAT, QAT_WEIGHTED, to_qat_module
+from .learnable import LearnableWeightFakeQuantize
 from .rules import ActivationRules
 
-__all__ = ["fuse_conv_bn", "swap_weighted", "insert_activation_quantizers", "propagate_shapes", "is_float_tensor"]
+__all__ = ["fuse_conv_bn", "swap_weighted", "insert_activation_quantizers", "propagate_shapes", "is_float_tensor",
+           "assume_float_tensors"]
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
@@ -32,11 +36,37 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node itself; the caller reports the error.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def assume_float_tensors(gm: fx.GraphModule, rules: ActivationRules) -> None:
+    """Without a forward (the example input does not run): mark as float tensors the graph inputs,
+    module outputs and outputs of the ops the rules name (quantized, fused or pass-through ops)."""
+    meta = TensorMetadata(shape=torch.Size(), dtype=torch.float32, requires_grad=False, stride=(),
+                          memory_format=None, is_quantized=False, qparams={})
+    for node in gm.graph.nodes:
+        mod = _module(gm, node)
+        if node.op in ("placeholder", "call_module") or (node.op in ("call_function", "call_method") and (
+                rules.is_quantized_function(node, mod) or rules.is_fused_activation(node, mod)
+                or rules.is_passthrough(node, mod))):
+            node.meta["tensor_meta"] = meta
+
+
+#: ops whose output is never negative (the ``nonnegative_scheme`` sites).
+_RELUS = (torch.nn.ReLU, torch.nn.ReLU6, torch.relu, torch.relu_, torch.nn.functional.relu,
+          torch.nn.functional.relu_, torch.nn.functional.relu6, "relu", "relu_")
+
+
+def _is_relu(node: fx.Node, mod) -> bool:
+    if node.op == "call_module":
+        return isinstance(mod, tuple(t for t in _RELUS if isinstance(t, type)))
+    return node.op in ("call_function", "call_method") and any(node.target is t or node.target == t for t in _RELUS
+                                                               if not isinstance(t, type))
 
 
 def is_float_tensor(node: fx.Node) -> bool:
@@ -48,8 +78,10 @@ def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def fuse_conv_bn(gm: fx.GraphModule, rules: ActivationRules, specs: Mapping[str, QuantSpec]) -> list[str]:
-    """Replace each quantized conv → bn pair by a ConvBnQAT at the conv's name. Returns fused conv names."""
+def fuse_conv_bn(gm: fx.GraphModule, rules: ActivationRules, specs: Mapping[str, QuantSpec],
+                 learnable: bool = False) -> list[str]:
+    """Replace each quantized conv → bn pair by a ConvBnQAT at the conv's name. Returns fused conv names.
+    ``learnable``: learnable weight qparams (:mod:`quanta.fx.learnable`)."""
     fused = []
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
@@ -63,14 +95,20 @@ def fuse_conv_bn(gm: fx.GraphModule, rules: ActivationRules, specs: Mapping[str,
             continue
         if not bn.track_running_stats or bn.running_var is None:
             continue
-        gm.add_submodule(src.target, ConvBnQAT(conv, bn, specs[src.target]))
+        qat = ConvBnQAT(conv, bn, specs[src.target])
+        if learnable:  # initialised from the bn-folded weight, which is what it quantizes
+            with torch.no_grad():
+                folded = qat.folded()[0]
+            qat.weight_fake_quant = LearnableWeightFakeQuantize(specs[src.target], folded)
+        gm.add_submodule(src.target, qat)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         fused.append(src.target)
     return fused
 
 
-def swap_weighted(gm: fx.GraphModule, rules: ActivationRules, specs: Mapping[str, QuantSpec]) -> list[str]:
+def swap_weighted(gm: fx.GraphModule, rules: ActivationRules, specs: Mapping[str, QuantSpec],
+                  learnable: bool = False) -> list[str]:
     """Give each quantized Linear/Conv its fake-quant form. Returns the names swapped."""
     swapped = []
     for node in gm.graph.nodes:
@@ -79,7 +117,8 @@ def swap_weighted(gm: fx.GraphModule, rules: ActivationRules, specs: Mapping[str
             continue
         if type(mod) not in QAT_WEIGHTED:
             continue
-        gm.add_submodule(node.target, to_qat_module(mod, specs[node.target]))
+        weight_fq = LearnableWeightFakeQuantize(specs[node.target], mod.weight.detach()) if learnable else None
+        gm.add_submodule(node.target, to_qat_module(mod, specs[node.target], weight_fq))
         swapped.append(node.target)
     return swapped
 
@@ -89,11 +128,14 @@ def _is_quantized_module(mod) -> bool:
 
 
 def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
-                                 make_quantizer: Callable[[str], ActivationFakeQuantize],
-                                 skip: set[str] = frozenset(), sites: str = "inputs_and_outputs") -> list[str]:
+                                 make_quantizer: Callable[..., ActivationFakeQuantize],
+                                 skip: set[str] = frozenset(), sites: str = "inputs_and_outputs",
+                                 nonnegative_scheme: bool = False) -> list[str]:
     """Insert activation fake-quantizers (see the module docstring). Returns their module names.
 
     ``make_quantizer(site)`` builds one quantizer; ``skip`` holds module names left float.
+    ``nonnegative_scheme``: the output quantizer after a ReLU/ReLU6 (never negative) is built with
+    ``make_quantizer(site, nonnegative=True)`` (coremltools quantizes those outputs affine).
     ``sites="weighted_inputs"`` quantizes only the inputs of weighted modules (the int8 GEMM
     inputs of SmoothQuant-style W8A8): their outputs, adds, matmuls and whatever feeds a
     layer norm stay float, keeping a transformer's outlier channels intact.
@@ -105,9 +147,9 @@ def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
     input_quantizer: dict[fx.Node, fx.Node] = {}
     names: list[str] = []
 
-    def add_quantizer(after: fx.Node, site: str) -> fx.Node:
+    def add_quantizer(after: fx.Node, site: str, nonnegative: bool = False) -> fx.Node:
         name = f"{after.name}_act_fq"
-        gm.add_submodule(name, make_quantizer(site))
+        gm.add_submodule(name, make_quantizer(site, nonnegative=True) if nonnegative else make_quantizer(site))
         anchor = after
         if after.op == "placeholder":  # keep every placeholder ahead of the body
             anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -156,6 +198,6 @@ def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
             out = users[0]
         if not is_float_tensor(out):
             continue
-        q = add_quantizer(out, f"output of {site}")
+        q = add_quantizer(out, f"output of {site}", nonnegative_scheme and _is_relu(out, _module(gm, out)))
         out.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
     return names

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,10 +22,10 @@ from quanta._records.spec import QuantDtype, parse_dtype
 
 from .convert import finalize_graph
 from .fake_quant import ActivationFakeQuantize
-from .milestones import apply_state, state_at
+from .milestones import MilestoneState, apply_state, state_at
 from .observers import streaming_observer
 from .partial import WEIGHTED_LEAF_NAME, FloatPart, TracedPart, capture_calls, find_parts, share_structure
-from .prepare import fuse_conv_bn, insert_activation_quantizers, propagate_shapes, swap_weighted
+from .prepare import assume_float_tensors, fuse_conv_bn, insert_activation_quantizers, propagate_shapes, swap_weighted
 from .rules import ActivationRules
 from .tracer import names_matching, trace_call
 
@@ -69,6 +70,11 @@ class ActivationOptions:
     milestones: tuple[int, int, int, int] | None = None
     untraceable: str = "error"
     sites: str = "inputs_and_outputs"
+    learnable: bool = False
+    float_modules: tuple[str, ...] = ()
+    example_run: str = "required"
+    unobserved: str = "error"
+    nonnegative_scheme: str | None = None
 
 
 def activation_rules_of(backend) -> ActivationRules:
@@ -141,6 +147,8 @@ class ActivationSession:
         nulls = [k for k, v in recipe.module_name_configs.items() if v is None]
         # Null modules that are not weighted layers stay opaque (an untraceable block, say).
         self.float_leaves = names_matching(nulls, all_names)
+        # Modules whose activations stay float (option float_activation_modules); weights still quantized.
+        self.float_activations = names_matching(options.float_modules, all_names)
         self.gm: nn.Module | None = None
         #: submodules replaced by prepared GraphModules (empty when the whole model traced).
         self.traced_parts: list[TracedPart] = []
@@ -149,12 +157,19 @@ class ActivationSession:
         #: model-level names of the weights fake-quantized in the prepared graphs.
         self.quantized_weights: list[str] = []
         self.steps = 0
+        self._applied: MilestoneState | None = None  # the switches apply_state last set
 
     # -- prepare ------------------------------------------------------------------------------
-    def _make_quantizer(self, site: str) -> ActivationFakeQuantize:
+    def _make_quantizer(self, site: str, nonnegative: bool = False) -> ActivationFakeQuantize:
+        scheme = self.options.nonnegative_scheme if nonnegative and self.options.nonnegative_scheme else \
+            self.options.scheme
         observer = streaming_observer(self.options.observer, None,
                                       averaging_constant=self.options.averaging_constant)
-        return ActivationFakeQuantize(observer, self.options.scheme, self.options.dtype, site)
+        if self.options.learnable:
+            from .learnable import LearnableActivationFakeQuantize
+
+            return LearnableActivationFakeQuantize(observer, scheme, self.options.dtype, site)
+        return ActivationFakeQuantize(observer, scheme, self.options.dtype, site)
 
     def _rewrite(self, gm: fx.GraphModule, inputs: tuple, part: TracedPart | None = None) -> bool:
         """Fuse, swap and insert quantizers in one graph. True when anything in it is quantized."""
@@ -163,24 +178,41 @@ class ActivationSession:
         def full(local: str) -> str:
             return part.layer_name(local) if part is not None else local
 
+        no_acts = self.float_leaves | self.float_activations
         if part is None:
-            specs, skip = self.specs, self.float_leaves
+            specs, skip = self.specs, no_acts
         elif part.weighted_leaf:
-            specs, skip = {WEIGHTED_LEAF_NAME: self.specs.get(part.name)}, set()
+            specs = {WEIGHTED_LEAF_NAME: self.specs.get(part.name)}
+            skip = {WEIGHTED_LEAF_NAME} if part.name in no_acts else set()
         else:
             specs = {k[len(prefix) + 1:]: v for k, v in self.specs.items() if k.startswith(prefix + ".")}
-            skip = {k[len(prefix) + 1:] for k in self.float_leaves if k.startswith(prefix + ".")}
+            skip = {k[len(prefix) + 1:] for k in no_acts if k.startswith(prefix + ".")}
 
-        def make_quantizer(site: str) -> ActivationFakeQuantize:
+        def make_quantizer(site: str, nonnegative: bool = False) -> ActivationFakeQuantize:
             where, _, local = site.partition(" of ")
-            return self._make_quantizer(f"{where} of {full(local)}" if part is not None and local else site)
+            return self._make_quantizer(f"{where} of {full(local)}" if part is not None and local else site,
+                                        nonnegative)
 
-        propagate_shapes(gm, inputs)
-        fused = fuse_conv_bn(gm, self.rules, specs)
-        swapped = swap_weighted(gm, self.rules, specs)
+        try:
+            propagate_shapes(gm, inputs)
+        except Exception as exc:  # the model's own code failed on the example input
+            cause = exc
+            while cause.__cause__ is not None:  # ShapeProp wraps the model's own error
+                cause = cause.__cause__
+            reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+            if self.options.example_run != "optional":
+                raise QuantizationError(f"the model does not run on example_inputs ({reason}); pass inputs it "
+                                        "accepts", "example_inputs") from exc
+            warnings.warn(f"the model does not run on example_inputs ({reason}): activation quantizers are placed "
+                          "from the graph alone (inputs, module outputs and the outputs of quantized ops are taken "
+                          "to be float tensors)", stacklevel=4)
+            assume_float_tensors(gm, self.rules)
+        fused = fuse_conv_bn(gm, self.rules, specs, self.options.learnable)
+        swapped = swap_weighted(gm, self.rules, specs, self.options.learnable)
         quantizers = []
         if self.options.dtype is not None:
             quantizers = insert_activation_quantizers(gm, self.rules, make_quantizer, skip=skip,
+                                                      nonnegative_scheme=self.options.nonnegative_scheme is not None,
                                                       sites=self.options.sites)
         gm.graph.lint()
         gm.recompile()
@@ -212,7 +244,8 @@ class ActivationSession:
             self._rewrite(gm, inputs)
             gm.train(model.training)
             prepared = gm
-        apply_state(prepared, state_at(self.options.milestones, 0))
+        self._applied = state_at(self.options.milestones, 0)
+        apply_state(prepared, self._applied)
         self.gm = prepared
         self._write_report()
         return prepared
@@ -260,13 +293,15 @@ class ActivationSession:
         if self.gm is None:
             raise QuantizationError("call prepare() before step()")
         self.steps += 1
-        apply_state(self.gm, state_at(self.options.milestones, self.steps))
+        state = state_at(self.options.milestones, self.steps)
+        if state != self._applied:  # the switches change only at milestones: no walk over the modules between
+            apply_state(self.gm, state)
+            self._applied = state
 
     def set_state(self, observers: bool, fake_quant: bool, bn_frozen: bool) -> None:
         """Set the switches directly (``calibrate`` uses observers on, fake quant off, bn frozen)."""
-        from .milestones import MilestoneState
-
-        apply_state(self.gm, MilestoneState(observers=observers, fake_quant=fake_quant, bn_frozen=bn_frozen))
+        self._applied = MilestoneState(observers=observers, fake_quant=fake_quant, bn_frozen=bn_frozen)
+        apply_state(self.gm, self._applied)
 
     # -- finalize -----------------------------------------------------------------------------
     def finalize(self, model: nn.Module | None = None, inplace: bool = False) -> nn.Module:
@@ -281,9 +316,9 @@ class ActivationSession:
         if not inplace:
             target = copy.deepcopy(target)
         if not self.traced_parts:
-            return finalize_graph(target, self.on_record)
+            return finalize_graph(target, self.on_record, self.options.unobserved)
         for part in self.traced_parts:
-            finalize_graph(target.get_submodule(part.name), self._part_record_callback(part))
+            finalize_graph(target.get_submodule(part.name), self._part_record_callback(part), self.options.unobserved)
         return target.eval()
 
     def _part_record_callback(self, part: TracedPart):

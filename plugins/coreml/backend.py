@@ -26,6 +26,7 @@ import quanta
 from quanta.errors import ConfigError, QuantizationError
 from quanta.contracts import Backend, Unit
 from quanta.record import QuantizedWeight
+from quanta._records.spec import Granularity
 from quanta._run.weights import quantize_weight
 
 from . import targets
@@ -277,9 +278,12 @@ class CoreMLBackend(Backend):
             raise QuantizationError(f"Core ML stores 4- or 8-bit codes, not {record.spec.dtype}", unit.name)
         need = targets.weight_target(record)
         if model.specification_version < need:
+            # The second sentence is coremltools' own (its tests and users match on it).
+            what = "per_block" if record.spec.granularity is Granularity.per_block else f"{record.spec.dtype.bits}-bit"
             raise ConfigError(f"{record.spec.describe()} needs {targets.target_name(need)} but the model's "
-                              f"deployment target is {targets.target_name(model.specification_version)}; "
-                              "re-convert it with minimum_deployment_target=ct.target.iOS18", f"layer {unit.name!r}")
+                              f"deployment target is {targets.target_name(model.specification_version)}. "
+                              f"The {what} quantization is supported since iOS18. Please re-convert your model "
+                              "with minimum_deployment_target set to at least ct.target.iOS18.", f"layer {unit.name!r}")
         model.records[unit.name] = record
         model._built = None
 

@@ -40,8 +40,8 @@ from quanta.record import QuantizedWeight
 from quanta._records.spec import Granularity
 from quanta._run.weights import check_finite, observer_for, scheme_for
 
-from .capture import attach_hooks, dead_columns, no_fastpath, unreached
-from .hessian import accumulate_xtx, mirror_upper
+from .capture import SEPARATE_PROJECTIONS, attach_hooks, dead_columns, no_fastpath, unreached
+from .hessian import HessianHook, solve_cost
 from .solver import gptq_quantize
 
 __all__ = ["GPTQConfig", "GPTQ", "PluginQuantizer", "find_blocks"]
@@ -159,7 +159,9 @@ def _calibratable_layer(layer: Any, module: nn.Module) -> str | None:
     """None when GPTQ can calibrate this planned layer (computed by ``module``), else the reason it
     gets round-to-nearest."""
     if isinstance(module, nn.MultiheadAttention):
-        return None if layer.unit.param == "in_proj_weight" else "separate q/k/v projection weights"
+        if layer.unit.param == "in_proj_weight" or layer.unit.param in SEPARATE_PROJECTIONS:
+            return None
+        return f"{layer.unit.param} of an attention gets no calibration inputs"
     return _calibratable(module)
 
 
@@ -171,54 +173,6 @@ def _blind_error(names: list[str]) -> QuantizationError:
         f"weight used functionally): GPTQ would quantize them blind (zeroed). Nothing was changed. Either leave "
         f"them float (module_name_configs: {{{first!r}: null}}) or quantize them data-free with round-to-nearest "
         f"(gptq option uncalibrated: rtn)", first)
-
-
-class _HessianHook:
-    """Accumulates ``Σ xᵀx`` (float32, upper blocks; mirrored once in :meth:`hessian`) and the
-    sample count for one Linear/Conv module.
-
-    ``H = 2/n Σ xᵀx`` with ``n`` the number of samples (the leading batch dimension of a
-    batched input, 1 for an unbatched 2-D Linear input), as the GPTQ reference code and
-    coremltools count them, not the number of rows: the scale of ``H`` matters where inputs are
-    dead (their diagonal is set to 1 and enters the dampening ``mean(diag(H))``), and with this
-    count quanta's GPTQ gives coremltools' weights.
-    """
-
-    def __init__(self, module: nn.Module, device, weight: torch.Tensor | None = None, attach: bool = True) -> None:
-        self.module = module
-        cols = (module.get_parameter("weight") if weight is None else weight)[0].numel()
-        self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
-        self.samples = 0
-        # attach=False: fed through add() by an AttentionFeed, which sets the handle.
-        self.handle = module.register_forward_pre_hook(self._hook) if attach else None
-
-    def _hook(self, module, args) -> None:
-        self.add(args[0])
-
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate one input ``x`` of the module (as its forward receives it)."""
-        module = self.module
-        x = x.detach()
-        self.samples += x.shape[0] if x.dim() > 2 else 1
-        if not isinstance(module, (nn.Conv1d, nn.Conv2d)):  # Linear, or an attention input projection
-            x = x.reshape(-1, x.shape[-1])
-        elif isinstance(module, nn.Conv1d):
-            x = F.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), dilation=(module.dilation[0], 1),
-                         padding=(module.padding[0], 0) if not isinstance(module.padding, str) else 0,
-                         stride=(module.stride[0], 1))
-            x = x.transpose(1, 2).reshape(-1, x.shape[1])
-        else:
-            if isinstance(module.padding, str):
-                raise QuantizationError("gptq needs numeric padding for convolutions", None)
-            x = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-            x = x.transpose(1, 2).reshape(-1, x.shape[1])
-        x = x.to(self.xtx.device, torch.float32)
-        accumulate_xtx(self.xtx, x)
-
-    def hessian(self) -> torch.Tensor:
-        if self.handle is not None:
-            self.handle.remove()
-        return mirror_upper(self.xtx).mul_(2.0 / max(self.samples, 1))
 
 
 class GPTQ(Algorithm):
@@ -257,15 +211,17 @@ class GPTQ(Algorithm):
         for layer in plan.selected:
             module = context.module(model, layer)
             reason = _calibratable_layer(layer, module)
-            if reason is None:
-                todo[module] = layer
+            if reason is None:  # keyed by (module, param): one attention holds up to three weights
+                todo[(module, layer.unit.param)] = layer
             else:
                 rtn.append((layer, reason))
         # Before any weight changes: every layer GPTQ calibrates must receive inputs.
-        for module in unreached(model, todo, samples[0]):
-            if cfg.uncalibrated == "error":
-                raise _blind_error([todo[m].name for m in unreached(model, todo, samples[0])])
-            rtn.append((todo.pop(module), "no calibration inputs reach it; uncalibrated: rtn"))
+        missed = {id(m) for m in unreached(model, {key[0]: None for key in todo}, samples[0])}
+        blind = [key for key in todo if id(key[0]) in missed]
+        if blind and cfg.uncalibrated == "error":
+            raise _blind_error([todo[key].name for key in blind])
+        for key in blind:
+            rtn.append((todo.pop(key), "no calibration inputs reach it; uncalibrated: rtn"))
         for layer, reason in rtn:
             context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
         if not todo:
@@ -284,38 +240,53 @@ class GPTQ(Algorithm):
                           f"gptq option dead_inputs: rtn to quantize them data-free): {listed}", stacklevel=2)
 
     def _run_blocks(self, model, todo, samples, cfg, device, context) -> None:
+        ranks = context.ranks
         blocks = find_blocks(model, cfg.layers)
-        block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
+        block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m, _ in todo)]
+        scratch: dict = {}  # one partial-product buffer per Hessian size (one process)
+
+        def hooks_for(scope: nn.Module, layers: dict) -> dict:
+            owner = _owners(layers, ranks)
+            return attach_hooks(scope, list(layers),
+                                lambda m, key, **kw: HessianHook(m, device, ranks=ranks, owner=owner[key],
+                                                                 scratch=scratch, **kw),
+                                eager_parts=ranks.active)
+
         if blocks and blocks[0][1] is not model and block_modules:
-            cache = _cache_inputs(model, blocks[0][1], samples, device)
+            # This rank's calibration batches (all of them in one process): chunk index -> inputs.
+            cache = _cache_inputs(model, blocks[0][1], samples, device, ranks.mine(len(samples)))
             peak = 0
             for name, block in blocks:
                 peak = max(peak, _nbytes(cache))
-                mine = {m: l for m, l in todo.items() if _contains(block, m)}
+                mine = {key: l for key, l in todo.items() if _contains(block, key[0])}
                 home = _device_of(block)
                 block.to(device)
                 if mine:
                     # A block that is itself the only layer (a Sequential's Linear): its Hessian needs
                     # only the cached inputs, not a forward through it.
-                    direct = list(mine) == [block] and not block._forward_pre_hooks and all(
-                        not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) for args, kwargs in cache)
-                    hooks = attach_hooks(block, [(m, l.unit.param) for m, l in mine.items()],
-                                         lambda m, **kw: _HessianHook(m, device, **kw))
+                    direct = [m for m, _ in mine] == [block] and not block._forward_pre_hooks and all(
+                        not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+                        for args, kwargs in cache.values())
+                    hooks = hooks_for(block, mine)
                     try:
-                        for args, kwargs in cache:
-                            if direct:
-                                hooks[block]._hook(block, args)
-                            else:
-                                block(*args, **fresh_state(kwargs))
+                        for i in ranks.chunks(len(samples)):  # in steps; one chunk per rank per step
+                            if i is not None:
+                                args, kwargs = cache[i]
+                                if direct:
+                                    hooks[next(iter(mine))]._hook(block, args)
+                                else:
+                                    block(*args, **fresh_state(kwargs))
+                            for hook in hooks.values():
+                                hook.flush()
                         self._solve(model, mine, hooks, cfg, device, context)
                     finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
                         _remove_hooks(hooks)
-                    for m in mine:
-                        del todo[m]
+                    for key in mine:
+                        del todo[key]
                 if name == blocks[-1][0]:
                     block.to(home)
                     break  # the last block's outputs feed nothing
-                for i, (args, kwargs) in enumerate(cache):  # quantized outputs feed the next block
+                for i, (args, kwargs) in cache.items():  # quantized outputs feed the next block
                     out = hidden_state(block(*args, **fresh_state(kwargs)))
                     cache[i] = ((out, *args[1:]), kwargs)
                 block.to(home)
@@ -326,78 +297,116 @@ class GPTQ(Algorithm):
         if todo:  # layers outside the blocks (heads, poolers): one pass of the quantized model
             home = _device_of(model)
             model.to(device)
-            hooks = attach_hooks(model, [(m, l.unit.param) for m, l in todo.items()],
-                                 lambda m, **kw: _HessianHook(m, device, **kw))
+            hooks = hooks_for(model, todo)
             try:
-                for sample in samples:
-                    call_model(model, to_device(sample, device))
+                for i in ranks.chunks(len(samples)):
+                    if i is not None:
+                        call_model(model, to_device(samples[i], device))
+                    for hook in hooks.values():
+                        hook.flush()
                 self._solve(model, dict(todo), hooks, cfg, device, context)
             finally:
                 _remove_hooks(hooks)
             model.to(home)
 
     def _solve(self, model, mine, hooks, cfg, device, context) -> None:
-        for module, layer in mine.items():
-            hook = hooks[module]
-            hessian = hook.hessian()
-            hook.xtx = None  # the hook's only copy is now ``hessian``, freed after this layer's solve
-            if self._fallback(model, layer, hook, cfg, context):
+        """Solve each layer on its owner rank, then write every layer on every rank, in order."""
+        ranks = context.ranks
+        for (module, _), layer in mine.items():
+            check_finite(getattr(module, layer.unit.param), layer.name)
+        for hook in hooks.values():
+            hook.finish()
+            getattr(hook, "scratch", {}).clear()  # the accumulation's buffers: not needed by the solves
+        solved: dict = {}
+        if ranks.active:  # each rank solves the layers it owns first, then the results travel
+            for key, layer in mine.items():
+                hook = hooks[key]
+                if hook.owner == ranks.rank and self._fallback_reason(hook, cfg, layer) is None:
+                    solved[key] = self._solve_layer(key[0], layer, _hessians(hook), cfg, device)
+        for key, layer in mine.items():
+            module, hook = key[0], hooks[key]
+            reason = self._fallback_reason(hook, cfg, layer)
+            if reason is not None:
+                context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
                 continue
-            original = getattr(module, layer.unit.param).detach()
-            check_finite(original, layer.name)
-            w = original.to(device, torch.float32).reshape(original.shape[0], -1)
-            spec = layer.spec
-            per_col = original[0, 0].numel()  # kernel elements per input channel
-            dead = self._dead_inputs(layer, hessian, per_col, cfg)
-            block = spec.block_size * per_col if spec.granularity is Granularity.per_block else None
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = gptq_quantize(w, hessian, PluginQuantizer(spec), block_size=block,
-                                       processing_group_size=cfg.processing_group_size,
-                                       damp=float(cfg.hessian_dampening), act_order=cfg.use_activation_order_heuristic,
-                                       static_groups=cfg.static_groups, codes_dtype=spec.dtype.torch_storage)
-            for warning in caught:
-                warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
-            sizes = spec.block_sizes(tuple(original.shape), 0, 1, layer.name)
-            qshape = scale_shape(tuple(original.shape), sizes)
-            storage = spec.dtype.torch_storage
-            record = QuantizedWeight(
-                codes=result.codes.reshape(original.shape).to(storage),
-                scale=result.scale.reshape(qshape).to(torch.float32),
-                zero_point=None if result.zero_point is None else result.zero_point.reshape(qshape).to(storage),
-                spec=spec, block_sizes=tuple(sizes), channel_axis=0, input_axis=1, grid=scheme_for(spec).grid,
-            ).to(original.device)
-            values = result.weight.reshape(original.shape).to(original.device)
-            context.write_layer(model, layer, record, original, values=values,
-                                extra={"method": "gptq", "gptq_loss": float(result.loss), "damp": float(result.damp),
-                                       **dead})
-            del hessian, result, record, values, original, w  # one layer's copies at a time
+            if ranks.active:
+                result = ranks.share(solved.pop(key, None), hook.owner)
+            else:
+                result = self._solve_layer(module, layer, _hessians(hook), cfg, device)
+            self._write(model, module, layer, result, context)
+            hook.xtx = result = None  # one layer's Hessian and solution at a time (memory)
 
-    def _fallback(self, model, layer, hook, cfg, context) -> bool:
-        """True when ``layer`` is not GPTQ-solved: no inputs reached it in this pass (refused, or
-        round-to-nearest with ``uncalibrated: rtn``), or a cross-attention ``in_proj_weight``."""
+    def _solve_layer(self, module, layer, hessians: list, cfg, device) -> dict:
+        """GPTQ-solve one layer from its Hessians: codes, qparams, dequantized weight and figures.
+
+        ``hessians``: one for the whole weight, or one per row block (a packed attention
+        ``in_proj_weight`` in cross-attention: the query, key and value blocks), each block solved
+        with its own and the results stacked in row order."""
+        original = getattr(module, layer.unit.param).detach()
+        w = original.to(device, torch.float32).reshape(original.shape[0], -1)
+        spec = layer.spec
+        per_col = original[0, 0].numel()  # kernel elements per input channel
+        dead = sum(dead_columns(h, per_col) for h in hessians)
+        if dead and cfg.dead_inputs == "rtn":  # a unit diagonal: the solver keeps (and rounds) their weights
+            for hessian in hessians:
+                hessian.diagonal()[hessian.diagonal() == 0] = 1.0
+        block = spec.block_size * per_col if spec.granularity is Granularity.per_block else None
+        rows = w.shape[0] // len(hessians)
+        parts = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i, hessian in enumerate(hessians):
+                parts.append(gptq_quantize(w[i * rows:(i + 1) * rows], hessian, PluginQuantizer(spec),
+                                           block_size=block, processing_group_size=cfg.processing_group_size,
+                                           damp=float(cfg.hessian_dampening),
+                                           act_order=cfg.use_activation_order_heuristic,
+                                           static_groups=cfg.static_groups, codes_dtype=spec.dtype.torch_storage))
+        for warning in caught:
+            warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
+        cat = (lambda name: getattr(parts[0], name)) if len(parts) == 1 else \
+            (lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts]))
+        return {"codes": cat("codes"), "scale": cat("scale"), "zero_point": cat("zero_point"),
+                "weight": cat("weight"), "loss": sum(float(p.loss) for p in parts),
+                "damp": max(float(p.damp) for p in parts), "dead": dead, "blocks": len(parts)}
+
+    def _write(self, model, module, layer, result: dict, context) -> None:
+        original = getattr(module, layer.unit.param).detach()
+        spec = layer.spec
+        sizes = spec.block_sizes(tuple(original.shape), 0, 1, layer.name)
+        qshape = scale_shape(tuple(original.shape), sizes)
+        storage = spec.dtype.torch_storage
+        zp = result["zero_point"]
+        record = QuantizedWeight(
+            codes=result["codes"].reshape(original.shape).to(storage),
+            scale=result["scale"].reshape(qshape).to(torch.float32),
+            zero_point=None if zp is None else zp.reshape(qshape).to(storage),
+            spec=spec, block_sizes=tuple(sizes), channel_axis=0, input_axis=1, grid=scheme_for(spec).grid,
+        ).to(original.device)
+        values = result["weight"].reshape(original.shape).to(original.device)
+        extra = {"method": "gptq", "gptq_loss": result["loss"], "damp": result["damp"]}
+        if result.get("blocks", 1) > 1:
+            extra["hessians"] = "q, k, v"
+        if result["dead"]:
+            self._dead.append((layer.name, result["dead"]))
+            n = result["dead"]
+            extra["dead_inputs"] = f"{n} kept (rtn)" if self.config.dead_inputs == "rtn" else f"{n}: weights zeroed"
+        context.write_layer(model, layer, record, original, values=values, extra=extra)
+
+    def _fallback_reason(self, hook, cfg, layer) -> str | None:
+        """Why ``layer`` is not GPTQ-solved (round-to-nearest instead), or None: no inputs reached it
+        in this pass (refused unless ``uncalibrated: rtn``). The same on every rank (the counts are
+        summed over the ranks)."""
         if hook.samples == 0:
             if cfg.uncalibrated == "error":  # the pipeline restores the weights already written
                 raise _blind_error([layer.name])
-            reason = "no calibration inputs reach it; uncalibrated: rtn"
-        elif getattr(hook, "mixed", False):
-            reason = "cross-attention in_proj_weight: query, key and value differ"
-        else:
-            return False
-        context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
-        return True
+            return "no calibration inputs reach it; uncalibrated: rtn"
+        return None
 
-    def _dead_inputs(self, layer, hessian, per_col: int, cfg) -> dict:
-        """Count the layer's dead input channels for the report; with ``dead_inputs: rtn`` give
-        them a unit Hessian diagonal so the solver keeps (and rounds) their weights."""
-        n = dead_columns(hessian, per_col)
-        if not n:
-            return {}
-        self._dead.append((layer.name, n))
-        if cfg.dead_inputs == "rtn":
-            hessian.diagonal()[hessian.diagonal() == 0] = 1.0
-            return {"dead_inputs": f"{n} kept (rtn)"}
-        return {"dead_inputs": f"{n}: weights zeroed"}
+
+def _hessians(hook) -> list:
+    """A hook's Hessians: one, or one per row block of a packed attention weight (once when equal)."""
+    hessians = hook.hessians() if hasattr(hook, "hessians") else [hook.hessian()]
+    return hessians[:1] if all(h is hessians[0] for h in hessians) else hessians
 
 
 def _remove_hooks(hooks: dict) -> None:
@@ -432,27 +441,40 @@ def _take(data, n: int) -> list:
     return out
 
 
-def _cache_inputs(model, first_block, samples, device) -> Any:
-    """Run the model until ``first_block`` for each sample; keep its (args, kwargs) on ``device``."""
-    cache = []
+def _cache_inputs(model, first_block, samples, device, chunks: list[int]) -> dict:
+    """Run the model until ``first_block`` for each of the ``chunks`` (indices into ``samples``);
+    keep its (args, kwargs) on ``device``, by chunk."""
+    cache: dict = {}
+    current: list[int] = []
 
     def hook(module, args, kwargs) -> None:
-        cache.append((to_device(tuple(args), device), to_device(dict(kwargs), device)))
+        cache[current[0]] = (to_device(tuple(args), device), to_device(dict(kwargs), device))
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     home = _device_of(model)
     try:
-        for sample in samples:
+        for i in chunks:
+            current[:] = [i]
             try:
-                call_model(model, to_device(sample, home))
+                call_model(model, to_device(samples[i], home))
             except _Stop:
                 pass
     finally:
         handle.remove()
-    if len(cache) != len(samples):
-        raise QuantizationError(f"the first block was reached by {len(cache)} of {len(samples)} samples")
+    if len(cache) != len(chunks):
+        raise QuantizationError(f"the first block was reached by {len(cache)} of {len(chunks)} samples")
     return cache
+
+
+def _owners(layers: dict, ranks) -> dict:
+    """The rank that solves each layer (``module -> rank``), by its solve cost (``Ranks.owners``)."""
+    costs = []
+    for (module, _), layer in layers.items():
+        weight = getattr(module, layer.unit.param)
+        rows = weight.shape[0]
+        costs.append(solve_cost(rows, weight.numel() // max(rows, 1)))
+    return dict(zip(layers, ranks.owners(costs)))
 
 
 @quanta.hookimpl

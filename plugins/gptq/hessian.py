@@ -18,8 +18,13 @@ Usage::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["accumulate_xtx", "mirror_upper"]
+from quanta.contracts import Ranks
+from quanta.errors import QuantizationError
+
+__all__ = ["accumulate_xtx", "mirror_upper", "HessianHook", "solve_cost"]
 
 #: Columns per row block (rounded to a multiple of 64); below two blocks the full product is used.
 _BLOCK_COLUMNS = 512
@@ -54,3 +59,97 @@ def mirror_upper(xtx: torch.Tensor) -> torch.Tensor:
         for c, d in zip(edges[i + 1:], edges[i + 2:]):
             xtx[c:d, a:b].copy_(xtx[a:b, c:d].t())
     return xtx
+
+
+class HessianHook:
+    """Accumulates ``Σ xᵀx`` (float32, upper blocks; mirrored once in :meth:`hessian`) and the
+    sample count for one Linear/Conv module.
+
+    ``H = 2/n Σ xᵀx`` with ``n`` the number of samples (the leading batch dimension of a
+    batched input, 1 for an unbatched 2-D Linear input), as the GPTQ reference code and
+    coremltools count them, not the number of rows: the scale of ``H`` matters where inputs are
+    dead (their diagonal is set to 1 and enters the dampening ``mean(diag(H))``), and with this
+    count quanta's GPTQ gives coremltools' weights.
+
+    **One order of addition.** Each call's ``xᵀx`` is computed on its own (a *partial*) and added
+    to the sum in the global order of the calls: calibration batch by batch, and within a batch
+    in the order the model calls the module. In one process a partial is added as soon as it is
+    made (one scratch buffer per size, ``scratch``); under ``torch.distributed`` the partials of a
+    step wait in ``pending`` until :meth:`flush` folds every rank's partials into the sum on the
+    hook's ``owner`` rank (:meth:`quanta.contracts.Ranks.fold`). The sum is the same, bit for
+    bit, for any number of ranks. Only the owner holds the sum.
+    """
+
+    def __init__(self, module: nn.Module, device, weight: torch.Tensor | None = None, attach: bool = True,
+                 ranks: Ranks | None = None, owner: int = 0, scratch: dict | None = None) -> None:
+        self.module = module
+        self.device = device
+        self.cols = (module.get_parameter("weight") if weight is None else weight)[0].numel()
+        self.ranks = ranks if ranks is not None else Ranks()
+        self.owner = owner
+        holds = not self.ranks.active or self.ranks.rank == owner
+        self.xtx = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=device) if holds else None
+        self.pending: list[torch.Tensor] = []
+        self.scratch = scratch if scratch is not None else {}
+        self.samples = 0
+        # attach=False: fed through add() by an AttentionFeed, which sets the handle.
+        self.handle = module.register_forward_pre_hook(self._hook) if attach else None
+
+    def _hook(self, module, args) -> None:
+        self.add(args[0])
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate one input ``x`` of the module (as its forward receives it)."""
+        module = self.module
+        x = x.detach()
+        self.samples += x.shape[0] if x.dim() > 2 else 1
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d)):  # Linear, or an attention input projection
+            x = x.reshape(-1, x.shape[-1])
+        elif isinstance(module, nn.Conv1d):
+            x = F.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), dilation=(module.dilation[0], 1),
+                         padding=(module.padding[0], 0) if not isinstance(module.padding, str) else 0,
+                         stride=(module.stride[0], 1))
+            x = x.transpose(1, 2).reshape(-1, x.shape[1])
+        else:
+            if isinstance(module.padding, str):
+                raise QuantizationError("gptq needs numeric padding for convolutions", None)
+            x = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+            x = x.transpose(1, 2).reshape(-1, x.shape[1])
+        x = x.to(self.device, torch.float32)
+        if self.ranks.active:
+            fresh = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=self.device)
+            self.pending.append(accumulate_xtx(fresh, x))
+            return
+        key = (self.cols, str(self.device))
+        partial: torch.Tensor | None = self.scratch.get(key)
+        if partial is None:
+            partial = self.scratch[key] = torch.empty(self.cols, self.cols, dtype=torch.float32, device=self.device)
+        accumulate_xtx(partial.zero_(), x)
+        self.xtx.add_(partial)  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        """*Collective* (after every step of :meth:`quanta.contracts.Ranks.chunks`): fold this step's
+        partials of every rank into the owner's sum, in chunk order."""
+        if self.ranks.active:
+            self.ranks.fold(self.pending, self.xtx, self.owner)
+        self.pending.clear()
+
+    def finish(self) -> None:
+        """*Collective*: the sample count, summed over the ranks."""
+        if self.handle is not None:
+            self.handle.remove()
+        self.samples = self.ranks.sum_int(self.samples)
+
+    def hessian(self) -> torch.Tensor:
+        """``2/n Σ xᵀx`` (on the owner; call :meth:`finish` first)."""
+        if self.handle is not None:
+            self.handle.remove()
+        if self.xtx is None:
+            raise RuntimeError(f"rank {self.ranks.rank} does not own this Hessian (owner: rank {self.owner})")
+        return mirror_upper(self.xtx).mul_(2.0 / max(self.samples, 1))
+
+
+def solve_cost(rows: int, cols: int) -> float:
+    """The GPTQ solve's cost of a ``[rows, cols]`` weight, in multiply-adds (up to a constant):
+    the Hessian's factorisation ``cols³`` plus the column sweep's updates ``rows·cols²``."""
+    return float(cols) ** 3 + float(rows) * float(cols) ** 2
