@@ -91,23 +91,27 @@ def peak_rss_mib() -> float:
 
 def time_calls(fn, calls: int, setup=None) -> dict:
     """Time ``fn(setup())`` ``calls`` times in this process: the first call, the median of the rest,
-    and the first call's peak resident memory above the memory before it (``setup`` runs untimed)."""
+    and the first call's peak resident memory above the memory before it (``setup`` runs untimed).
+    Wall-clock seconds and this process's CPU seconds (user + system, page faults included): on a
+    shared machine the CPU seconds are the steadier figure, since waiting for a core is not in them."""
     import gc
 
     gc.collect()
     before = rss_mib()
-    times, peak = [], None
+    times, cpu, peak = [], [], None
     for _ in range(calls):
         arg = setup() if setup is not None else None
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn(arg)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         if peak is None:
             peak = peak_rss_mib() - before
         del out, arg
         gc.collect()
-    warm = times[1:] or times
-    return {"first_s": times[0], "warm_s": statistics.median(warm), "peak_mib": peak, "load": os.getloadavg()[0]}
+    warm, warm_cpu = times[1:] or times, cpu[1:] or cpu
+    return {"first_s": times[0], "warm_s": statistics.median(warm), "first_cpu_s": cpu[0],
+            "warm_cpu_s": statistics.median(warm_cpu), "peak_mib": peak, "load": os.getloadavg()[0]}
 
 
 def median(xs) -> float:

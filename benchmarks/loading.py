@@ -7,7 +7,9 @@ vocab 32000; random weights), each quantized int4 per-block-32 (embeddings float
 ``quanta.save``; the float model saved with ``save_pretrained``. Loaders, each in fresh processes,
 alternating: ``from_pretrained`` of the float directory (what a transformers user runs), the float
 file into a model built on the meta device (``load_state_dict(load_file(...), assign=True)``: the
-file's speed, memory-mapped and lazily paged in) and ``quanta.load`` of the quantized directory
+file's speed, memory-mapped and lazily paged in), the same with every tensor copied into memory of
+its own (``float materialized``: the weights really read, as a dequantizing load must) and
+``quanta.load`` of the quantized directory
 (rebuild from config, unpack the int4 codes, dequantize). Each process times its first call and
 the median of 2 more; every loader imports the model's transformers module before the clock
 (several seconds on a loaded machine, the same for all). Goal: quanta.load within 1.5x of the float load. Writes
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TOOLS = ("float from_pretrained", "float meta + assign", "quanta.load")
+TOOLS = ("float from_pretrained", "float meta + assign", "float materialized", "quanta.load")
 MODELS = ("minilm", "llama-58M")
 RECIPE = {"global_config": {"dtype": "int4", "granularity": "per_block", "block_size": 32},
           "module_type_configs": {"Embedding": None}}
@@ -73,7 +75,10 @@ def _loader(tool: str, folder: Path):
 
         with torch.device("meta"):
             model = cls._from_config(config)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")), assign=True, strict=False)
+        tensors = load_file(str(folder / "model.safetensors"))
+        if tool == "float materialized":  # every weight read into memory of its own, as a dequantized load has it
+            tensors = {k: v.clone() for k, v in tensors.items()}
+        model.load_state_dict(tensors, assign=True, strict=False)
         return model
 
     return meta_assign
@@ -112,14 +117,18 @@ def main(argv=None) -> None:
                     runs[m, t].append(harness.worker(__file__, ["--tool", t, "--model", m, "--root", d,
                                                                 "--threads", str(args.threads)]))
     med = harness.median
-    lines.append(f"{'model':<10} {'loader':<22} {'first s':>8} {'warm s':>8}   {'first: quanta/this':>18} "
-                 f"{'warm: quanta/this':>17}")
+    lines.append(f"{'model':<10} {'loader':<22} {'first s':>8} {'warm s':>8} {'1st cpu':>8} {'warm cpu':>8}   "
+                 f"{'first: quanta/this':>18} {'warm: quanta/this':>17} {'cpu 1st/warm: quanta/this':>26}")
     for m in MODELS:
         q = runs[m, "quanta.load"]
         qf, qw = med([r["first_s"] for r in q]), med([r["warm_s"] for r in q])
+        qcf, qcw = med([r["first_cpu_s"] for r in q]), med([r["warm_cpu_s"] for r in q])
         for t in TOOLS:
-            f, w = med([r["first_s"] for r in runs[m, t]]), med([r["warm_s"] for r in runs[m, t]])
-            lines.append(f"{m:<10} {t:<22} {f:8.3f} {w:8.3f}   {qf / f:17.2f}x {qw / w:16.2f}x")
+            rs = runs[m, t]
+            f, w = med([r["first_s"] for r in rs]), med([r["warm_s"] for r in rs])
+            cf, cw = med([r["first_cpu_s"] for r in rs]), med([r["warm_cpu_s"] for r in rs])
+            lines.append(f"{m:<10} {t:<22} {f:8.3f} {w:8.3f} {cf:8.3f} {cw:8.3f}   {qf / f:17.2f}x {qw / w:16.2f}x "
+                         f"{qcf / cf:16.2f}x / {qcw / cw:.2f}x")
     lines.append(harness.footer())
     harness.write("loading_cpu.txt", lines)
 

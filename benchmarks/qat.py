@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -77,9 +78,10 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss()
         model.train()
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def step(self, record: bool = True) -> None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         loss = self.loss_fn(self.model(self.x), self.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,6 +90,7 @@ class Trainer:
             self.after()
         if record:
             self.times.append(time.perf_counter() - t)
+            self.cpu.append(time.thread_time() - c)
 
 
 def trainers(name: str, batch: int) -> tuple[dict[str, Trainer], dict[str, float]]:
@@ -123,36 +126,53 @@ def trainers(name: str, batch: int) -> tuple[dict[str, Trainer], dict[str, float
     return out, prepare
 
 
+def measure(name: str, steps: int, batch: int) -> dict:
+    """One model's trainers, stepped in turns in this process: median wall and CPU seconds per step."""
+    ts, prepare = trainers(name, batch)
+    for _ in range(3):
+        for tr in ts.values():
+            tr.step(record=False)
+    for _ in range(steps):
+        for tr in ts.values():
+            tr.step()
+    return {"wall": {k: statistics.median(tr.times) for k, tr in ts.items()},
+            "cpu": {k: statistics.median(tr.cpu) for k, tr in ts.items()}, "prepare": prepare}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
+    if args.worker:
+        print(json.dumps(measure(args.models, args.steps, args.batch)))
+        return None
     lines = harness.header(f"python benchmarks/qat.py --steps {args.steps} --batch {args.batch} --threads "
                            f"{args.threads}", args.threads,
-                           f"trainers take turns step by step; median of {args.steps} steps after 3 warm-up "
-                           f"steps; goal: quanta qat <= {GOAL}x float")
+                           f"each model in a fresh process, its trainers taking turns step by step; median of "
+                           f"{args.steps} steps after 3 warm-up steps, wall clock and this thread's CPU time; "
+                           f"goal: quanta qat <= {GOAL}x float")
     results = {}
     for name in args.models.split(","):
-        ts, prepare = trainers(name, args.batch)
-        for _ in range(3):
-            for tr in ts.values():
-                tr.step(record=False)
-        for _ in range(args.steps):
-            for tr in ts.values():
-                tr.step()
-        med = {k: statistics.median(tr.times) for k, tr in ts.items()}
+        # A fresh process per model: run one after another in one process, the later models' ratios
+        # moved by up to 1.5x (memory and garbage the earlier ones left).
+        got = harness.worker(__file__, ["--models", name, "--steps", str(args.steps), "--batch", str(args.batch),
+                                        "--threads", str(args.threads)])
+        med, cpu, prepare = got["wall"], got["cpu"], got["prepare"]
         results[name] = med
         lines.append(f"{name}: batch {args.batch}x{'x'.join(map(str, MODELS[name][1]))}")
         for k, t in med.items():
             extra = f"   prepare {prepare[k]:.2f} s" if k in prepare else ""
-            lines.append(f"  {k:30s} {1000 * t:8.2f} ms/step   {t / med['float']:5.2f}x float{extra}")
+            lines.append(f"  {k:30s} {1000 * t:8.2f} ms/step   {t / med['float']:5.2f}x float   cpu "
+                         f"{1000 * cpu[k]:8.2f} ms/step   {cpu[k] / cpu['float']:5.2f}x float{extra}")
         if "coremltools LinearQuantizer" in med:
-            lines.append(f"  quanta / coremltools: {med['quanta qat'] / med['coremltools LinearQuantizer']:.2f}x")
+            lines.append(f"  quanta / coremltools: {med['quanta qat'] / med['coremltools LinearQuantizer']:.2f}x "
+                         f"(cpu {cpu['quanta qat'] / cpu['coremltools LinearQuantizer']:.2f}x)")
     lines.append(harness.footer())
     harness.write("qat_cpu.txt", lines)
     return results

@@ -67,6 +67,21 @@ def run_worker(args) -> None:
     print(json.dumps(result))
 
 
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """This machine's memory bandwidth for one thread, GB/s (read + write of a warm ``mib`` copy)."""
+    import time
+
+    torch.set_num_threads(1)
+    src = torch.ones(mib * 2**18)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(torch.int32)
 
@@ -110,6 +125,7 @@ def main(argv=None) -> None:
                            f"{args.layers} x Linear({args.dim}, {args.dim}); each tool in fresh processes, "
                            f"alternating; first call, then median of 2 warm calls; medians over {args.repeats} "
                            "repetitions; peak = RSS above the model's, first call")
+    bandwidth = copy_bandwidth()
     runs = {(c, t): [] for c in CASES for t in TOOLS}
     for _ in range(args.repeats):
         for case in CASES:
@@ -117,20 +133,30 @@ def main(argv=None) -> None:
                 runs[case, tool].append(harness.worker(__file__, ["--tool", tool, "--case", case, "--layers",
                                                                   str(args.layers), "--dim", str(args.dim),
                                                                   "--threads", str(args.threads)]))
-    lines.append(f"{'case':<18} {'tool':<15} {'first s':>8} {'warm s':>8} {'peak MiB':>9}   "
-                 f"{'first: ct/tool':>14} {'warm: ct/tool':>13}")
+    lines.append(f"{'case':<18} {'tool':<15} {'first s':>8} {'warm s':>8} {'1st cpu':>8} {'warm cpu':>8} "
+                 f"{'peak MiB':>9}   {'first: ct/tool':>14} {'warm: ct/tool':>13} {'cpu 1st/warm: ct/tool':>22}")
+
+    def med(rs, key):
+        return harness.median([r[key] for r in rs])
+
     for case in CASES:
         ct = runs[case, "coremltools"]
-        ct_first, ct_warm = harness.median([r["first_s"] for r in ct]), harness.median([r["warm_s"] for r in ct])
         for tool in TOOLS:
             rs = runs[case, tool]
-            first, warm = harness.median([r["first_s"] for r in rs]), harness.median([r["warm_s"] for r in rs])
-            peak = harness.median([r["peak_mib"] for r in rs])
-            lines.append(f"{case:<18} {tool:<15} {first:8.2f} {warm:8.2f} {peak:9.0f}   {ct_first / first:13.2f}x "
-                         f"{ct_warm / warm:12.2f}x")
+            lines.append(f"{case:<18} {tool:<15} {med(rs, 'first_s'):8.2f} {med(rs, 'warm_s'):8.2f} "
+                         f"{med(rs, 'first_cpu_s'):8.2f} {med(rs, 'warm_cpu_s'):8.2f} {med(rs, 'peak_mib'):9.0f}   "
+                         f"{med(ct, 'first_s') / med(rs, 'first_s'):13.2f}x {med(ct, 'warm_s') / med(rs, 'warm_s'):12.2f}x "
+                         f"{med(ct, 'first_cpu_s') / med(rs, 'first_cpu_s'):13.2f}x / "
+                         f"{med(ct, 'warm_cpu_s') / med(rs, 'warm_cpu_s'):.2f}x")
         q, qi = runs[case, "quanta"], runs[case, "quanta inplace"]
-        lines.append(f"{case:<18} inplace / copy mode: first {harness.median([r['first_s'] for r in qi]) / harness.median([r['first_s'] for r in q]):.2f}x, "
-                     f"warm {harness.median([r['warm_s'] for r in qi]) / harness.median([r['warm_s'] for r in q]):.2f}x")
+        lines.append(f"{case:<18} inplace / copy mode: first {med(qi, 'first_s') / med(q, 'first_s'):.2f}x, "
+                     f"warm {med(qi, 'warm_s') / med(q, 'warm_s'):.2f}x; cpu first "
+                     f"{med(qi, 'first_cpu_s') / med(q, 'first_cpu_s'):.2f}x, warm "
+                     f"{med(qi, 'warm_cpu_s') / med(q, 'warm_cpu_s'):.2f}x")
+        gbytes = args.layers * args.dim * args.dim * 4 / 1e9
+        lines.append(f"{case:<18} quanta warm: {gbytes / med(q, 'warm_s'):.2f} GB/s of float32 weights "
+                     f"(this machine, one thread: {bandwidth:.2f} GB/s copying memory, {2 * gbytes:.2f} GB read + "
+                     f"written by one plain copy of the weights)")
     lines += identity_lines(args.layers, args.dim)
     lines.append(harness.footer())
     harness.write("rtn_cpu.txt", lines)

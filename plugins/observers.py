@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -27,7 +28,7 @@ class StreamingMinMax(torch.nn.Module):
 
     @property
     def observed(self) -> bool:
-        return bool(torch.isfinite(self.min_val))
+        return math.isfinite(float(self.min_val))
 
     def forward(self, x: torch.Tensor) -> None:
         self.absorb(self.summarize(x))

@@ -31,3 +31,41 @@ def test_gradient_passes_only_where_codes_are_in_range():
     y.sum().backward()
     assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))
     assert torch.allclose(y, torch.tensor([-0.8, -0.3, 0.0, 0.3, 0.7]))
+
+
+def _reference_fake_quant(x, scale, zero_point, qmin, qmax):
+    # The arithmetic before the fast paths: add the zero point, a bool mask, clamp, subtract.
+    q = torch.div(x, scale).round_()
+    if zero_point is not None:
+        q.add_(zero_point)
+    mask = (q >= qmin).logical_and_(q <= qmax)
+    q.clamp_(qmin, qmax)
+    if zero_point is not None:
+        q.sub_(zero_point)
+    return q.mul_(scale), mask
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.6])
+@pytest.mark.parametrize("with_zero_point", [False, True])
+def test_per_group_fast_paths_are_bit_identical_with_nan_and_signed_zero(clip, with_zero_point):
+    from quanta.fx.fake_quant import fake_quantize_per_group
+
+    torch.manual_seed(1)
+    x = torch.randn(8, 32)
+    x[0, 1], x[3, :] = -1e-9, 0.0  # a code of -0.0, an all-zero group
+    if clip < 1:
+        x[5, 7] = float("nan")
+    span = torch.maximum(x.nan_to_num().amin(1).abs(), x.nan_to_num().amax(1).abs()) * clip
+    scale = torch.where(span > 0, span / 127.0, torch.ones_like(span))
+    zp = torch.tensor([0, 1, -2, 0, 3, 0, -1, 2], dtype=torch.int32) if with_zero_point else None
+    grad = torch.randn(8, 32)
+    grad[0, 0] = -0.0
+    leaf = x.clone().requires_grad_(True)
+    fake_quantize_per_group(leaf, scale, zp, -128, 127).backward(grad)
+    out = fake_quantize_per_group(x, scale, zp, -128, 127)
+    ref, mask = _reference_fake_quant(x, scale[:, None], None if zp is None or not zp.any() else zp[:, None].float(),
+                                      -128, 127)
+    if not with_zero_point:
+        assert bool(mask.all()) == (clip == 1.0)  # no clamp: the path without a mask
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(leaf.grad.view(torch.int32), (grad * mask).view(torch.int32))

@@ -34,9 +34,11 @@ def to_groups(weight: torch.Tensor, block_sizes: list[int]) -> torch.Tensor:
         else:
             new_shape.append(dim)
     reduce = [i for i in range(len(new_shape)) if i not in keep]
-    grouped = weight.reshape(new_shape).permute(*keep, *reduce)
     n_groups = math.prod(new_shape[i] for i in keep)
-    return grouped.reshape(n_groups, -1)
+    order = keep + reduce
+    if order == sorted(order):  # groups are already rows (per-tensor, per-channel on axis 0, ...)
+        return weight.reshape(n_groups, -1)
+    return weight.reshape(new_shape).permute(*order).reshape(n_groups, -1)
 
 
 def from_groups(grouped: torch.Tensor, shape: tuple[int, ...], block_sizes: list[int]) -> torch.Tensor:
@@ -50,6 +52,8 @@ def from_groups(grouped: torch.Tensor, shape: tuple[int, ...], block_sizes: list
         else:
             new_shape.append(dim)
     order = keep + [i for i in range(len(new_shape)) if i not in keep]
+    if order == sorted(order):
+        return grouped.reshape(shape)
     inverse = [order.index(i) for i in range(len(new_shape))]
     return grouped.reshape([new_shape[i] for i in order]).permute(*inverse).reshape(shape)
 

@@ -9,6 +9,8 @@ scheme plugins, and a fake-quantized value equals ``scheme.dequantize(scheme.qua
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,21 +47,25 @@ class WeightFakeQuantize(nn.Module):
             self._sizes[shape] = self.spec.block_sizes(shape, self.channel_axis, self.input_axis)
         return self._sizes[shape]
 
-    def qparams(self, weight: torch.Tensor):
-        """``(scale [G], zero_point [G] int32)`` of the current weight, one entry per group."""
+    def _scheme_qparams(self, weight: torch.Tensor):
+        # (scale [G] float32, zero point [G] int32 or None: the scheme has none)
         sizes = self.block_sizes(weight.shape)
         with torch.no_grad():
             groups = to_groups(weight.detach().float(), sizes)
             lo, hi = self.observer.observe(groups, self.spec, self.scheme)
             scale, zp = self.scheme.qparams(lo, hi, self.spec.dtype)
-            zp = torch.zeros_like(scale, dtype=torch.int32) if zp is None else zp.to(torch.int32)
-        return scale.float(), zp
+        return scale.float(), None if zp is None else zp.to(torch.int32)
+
+    def qparams(self, weight: torch.Tensor):
+        """``(scale [G], zero_point [G] int32)`` of the current weight, one entry per group."""
+        scale, zp = self._scheme_qparams(weight)
+        return scale, torch.zeros_like(scale, dtype=torch.int32) if zp is None else zp
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return weight
         sizes = self.block_sizes(weight.shape)
-        scale, zp = self.qparams(weight)
+        scale, zp = self._scheme_qparams(weight)
         # Per-block and per-tensor are per-channel on the [G, K] group view (a reshape).
         groups = to_groups(weight, sizes)
         fq = fake_quantize_per_group(groups, scale, zp, self.quant_min, self.quant_max)
@@ -81,25 +87,39 @@ class _FakeQuantize(torch.autograd.Function):
     On CPU torch's fused ``fake_quantize_per_tensor_affine`` kernel took about twice as long
     (fwd + bwd, 2M elements: 7.4 ms against 4.0 ms here), and ``fake_quantize_per_channel_affine``
     about 25 ms per call for a 784 x 512 weight under load (over half of an MLP's QAT step); this
-    is a few in-place passes over one new buffer, and a bool mask saved for the backward pass.
+    is a few passes, and a float 0/1 mask saved for the backward pass when any code clamped.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int):
+    def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int, rarely_clamps: bool = False):
         q = torch.div(x, scale).round_()
         if zero_point is not None:
             q.add_(zero_point)
-        mask = (q >= quant_min).logical_and_(q <= quant_max)
-        q.clamp_(quant_min, quant_max)
+        # A weight's qparams come from its own range, so its codes rarely leave the integer
+        # range: one min/max pass then shows the clamp, the mask and the backward's product
+        # are no-ops (the same values, bit for bit), and they are skipped. NaN fails the test.
+        clamps = True
+        if rarely_clamps and q.numel():
+            lo, hi = torch.aminmax(q)
+            clamps = not (float(lo) >= quant_min and float(hi) <= quant_max)
+        ctx.clamps = clamps
+        if clamps:
+            # The mask: 1.0 where clamping changed nothing (NaN: 0.0), written over the unclamped
+            # codes. A float mask, not a bool one: on CPU ``eq`` into bool and ``grad * bool`` took
+            # about 5x and 20x as long as into and by float, for the same products bit for bit.
+            clamped = q.clamp(quant_min, quant_max)
+            ctx.save_for_backward(torch.eq(clamped, q, out=q))
+            q = clamped
         if zero_point is not None:
             q.sub_(zero_point)
-        ctx.save_for_backward(mask)
         return q.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.clamps:
+            return grad, None, None, None, None, None
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+        return grad * mask, None, None, None, None, None
 
 
 def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -108,7 +128,7 @@ def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_poin
     where the code was in range (none to the qparams, which come from the weight's range)."""
     scale = scale.reshape(-1, 1).to(groups.dtype)
     zp = None if zero_point is None or not bool(zero_point.any()) else zero_point.reshape(-1, 1).to(groups.dtype)
-    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max))
+    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max), True)
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int):
@@ -150,7 +170,7 @@ class ActivationFakeQuantize(nn.Module):
 
     @property
     def observed(self) -> bool:
-        return bool(torch.isfinite(self.observer.min_val)) and bool(torch.isfinite(self.observer.max_val))
+        return math.isfinite(float(self.observer.min_val)) and math.isfinite(float(self.observer.max_val))
 
     def update_qparams(self) -> None:
         """Recompute ``scale``/``zero_point`` from the observer's range (scheme plugin)."""
@@ -160,7 +180,10 @@ class ActivationFakeQuantize(nn.Module):
             scale, zp = self.scheme.qparams(self.observer.min_val.reshape(1), self.observer.max_val.reshape(1),
                                             self.dtype)
             self.scale.copy_(scale)
-            self.zero_point.copy_(torch.zeros(1) if zp is None else zp)
+            if zp is None:
+                self.zero_point.zero_()
+            else:
+                self.zero_point.copy_(zp)
         self._stale = False
 
     def qparams(self) -> tuple[float, int]:

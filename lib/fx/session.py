@@ -22,7 +22,7 @@ from quanta._records.spec import QuantDtype, parse_dtype
 
 from .convert import finalize_graph
 from .fake_quant import ActivationFakeQuantize
-from .milestones import apply_state, state_at
+from .milestones import MilestoneState, apply_state, state_at
 from .observers import streaming_observer
 from .partial import WEIGHTED_LEAF_NAME, FloatPart, TracedPart, capture_calls, find_parts, share_structure
 from .prepare import assume_float_tensors, fuse_conv_bn, insert_activation_quantizers, propagate_shapes, swap_weighted
@@ -157,6 +157,7 @@ class ActivationSession:
         #: model-level names of the weights fake-quantized in the prepared graphs.
         self.quantized_weights: list[str] = []
         self.steps = 0
+        self._applied: MilestoneState | None = None  # the switches apply_state last set
 
     # -- prepare ------------------------------------------------------------------------------
     def _make_quantizer(self, site: str, nonnegative: bool = False) -> ActivationFakeQuantize:
@@ -243,7 +244,8 @@ class ActivationSession:
             self._rewrite(gm, inputs)
             gm.train(model.training)
             prepared = gm
-        apply_state(prepared, state_at(self.options.milestones, 0))
+        self._applied = state_at(self.options.milestones, 0)
+        apply_state(prepared, self._applied)
         self.gm = prepared
         self._write_report()
         return prepared
@@ -291,13 +293,15 @@ class ActivationSession:
         if self.gm is None:
             raise QuantizationError("call prepare() before step()")
         self.steps += 1
-        apply_state(self.gm, state_at(self.options.milestones, self.steps))
+        state = state_at(self.options.milestones, self.steps)
+        if state != self._applied:  # the switches change only at milestones: no walk over the modules between
+            apply_state(self.gm, state)
+            self._applied = state
 
     def set_state(self, observers: bool, fake_quant: bool, bn_frozen: bool) -> None:
         """Set the switches directly (``calibrate`` uses observers on, fake quant off, bn frozen)."""
-        from .milestones import MilestoneState
-
-        apply_state(self.gm, MilestoneState(observers=observers, fake_quant=fake_quant, bn_frozen=bn_frozen))
+        self._applied = MilestoneState(observers=observers, fake_quant=fake_quant, bn_frozen=bn_frozen)
+        apply_state(self.gm, self._applied)
 
     # -- finalize -----------------------------------------------------------------------------
     def finalize(self, model: nn.Module | None = None, inplace: bool = False) -> nn.Module:
