@@ -35,7 +35,10 @@ BENCHMARKS = {
     "grids": (["grids.py", "--calib", "64", "--eval", "256"], "grids.txt", False),
     "out_of_core": (["out_of_core.py", "--layers", "2", "--samples", "2", "--tokens", "64"], "out_of_core_cpu.txt", True),
     "recipes": (["recipes.py"], "recipes.txt", True),
+    "distributed": (["distributed.py", "--layers", "2", "--samples", "8", "--tokens", "128"], "distributed_cpu.txt",
+                    True),
     "coremltools_tests": (["coremltools_tests.py"], "coremltools_tests.txt", True),
+    "export": (["export.py"], "export_cpu.txt", True),
 }
 
 #: Files in ``benchmarks/results/`` that are inputs of a benchmark, not results: coremltools' own

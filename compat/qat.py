@@ -55,6 +55,7 @@ class LinearQuantizer:
         after ``prepare(..., inplace=True)``, return value unused) feeds the observers.
         """
         prepared = self._quantizer.prepare(example_inputs=example_inputs, inplace=inplace)
+        _torch_ao_names(prepared)
         _copy_attributes(self._model, prepared, self._config.preserved_attributes)
         self._prepared = prepared
         if inplace and prepared is not self._model:
@@ -123,7 +124,8 @@ def _recipe_for(model, config) -> dict:
     options = recipe["algorithm_config"]
     if options.get("float_activation_modules"):
         options["float_activation_modules"] = [n for n in options["float_activation_modules"] if n in present]
-    options.update(example_run="optional", unobserved_activations="default")
+    # coremltools quantizes the outputs of ReLU/ReLU6 affine whatever its quantization_scheme (all 256 codes)
+    options.update(example_run="optional", unobserved_activations="default", relu_activation_scheme="affine")
     return recipe
 
 
@@ -132,3 +134,31 @@ def _copy_attributes(source, target, names) -> None:
     for name in names or ():
         if hasattr(source, name) and target is not source:
             setattr(target, name, getattr(source, name))
+
+
+def _torch_ao_names(prepared) -> None:
+    """Name the activation quantizers of a prepared GraphModule ``activation_post_process_N`` in graph
+    order, as torch.ao's (and so coremltools') prepared models name their observers; code that
+    reaches them by name (``model.activation_post_process_0.observer_enabled``) keeps working."""
+    from torch import fx
+
+    from quanta.fx import ActivationFakeQuantize
+
+    if not isinstance(prepared, fx.GraphModule):
+        return
+    taken = {n for n, _ in prepared.named_children()}
+    index = 0
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or "." in node.target:
+            continue
+        module = prepared.get_submodule(node.target)
+        if not isinstance(module, ActivationFakeQuantize):
+            continue
+        while f"activation_post_process_{index}" in taken:
+            index += 1
+        name = f"activation_post_process_{index}"
+        delattr(prepared, node.target)
+        prepared.add_submodule(name, module)
+        taken.add(name)
+        node.target = name
+    prepared.recompile()

@@ -28,6 +28,7 @@ from quanta.fx.options import (
     activation_sites_field,
     averaging_constant_field,
     make_session,
+    relu_activation_scheme_field,
     untraceable_field,
 )
 from quanta._run.calibration import call_model, count_samples
@@ -47,6 +48,7 @@ class CalibrateConfig:
     nsamples: int | None = attrs.field(default=None, metadata={
         "doc": "use this many calibration samples (rows; whole batches until there are this many; null: all)"})
     untraceable: str = untraceable_field("submodules")
+    relu_activation_scheme: str | None = relu_activation_scheme_field()
 
 
 class _CalibrationSession:

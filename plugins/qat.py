@@ -21,6 +21,7 @@ from quanta.fx.options import (
     activation_sites_field,
     averaging_constant_field,
     make_session,
+    relu_activation_scheme_field,
     untraceable_field,
 )
 
@@ -80,6 +81,7 @@ class QATConfig:
         "doc": "'required': prepare() runs example_inputs once (shapes, dtypes) and a model that fails on "
                "them is an error; 'optional': it warns and places activation quantizers from the graph alone "
                "(coremltools' prepare does not run the example)"})
+    relu_activation_scheme: str | None = relu_activation_scheme_field()
     unobserved_activations: str = attrs.field(default="error", validator=_one_of("error", "default"), metadata={
         "doc": "finalize() with an activation that never saw data: 'error', or 'default': warn and use "
                "scale 1.0, zero point 0 (torch.ao's and so coremltools' behaviour)"})

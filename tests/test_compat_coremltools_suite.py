@@ -27,13 +27,15 @@ def test_rewrites_public_imports_only():
             "from coremltools.optimize.torch.quantization import (\n    LinearQuantizer,\n)\n"
             "from coremltools.optimize.torch.quantization._utils import get_quant_range\n"
             "    from coremltools.optimize.torch._utils.metadata_utils import CompressionType\n"
-            "from coremltools.optimize.coreml import OpLinearQuantizerConfig\n")
+            "from coremltools.optimize.coreml import OpLinearQuantizerConfig\n"
+            "from coremltools.optimize import _utils as optimize_utils\n")
     out, count = _script().rewrite_imports(text)
     assert count == 3
     assert out.splitlines()[0] == "import quanta.compat as cto"
     assert "from quanta.compat import (" in out and "from quanta.compat.coreml import OpLinearQuantizerConfig" in out
     assert "from coremltools.optimize.torch.quantization._utils import get_quant_range" in out  # private: unchanged
     assert "    from coremltools.optimize.torch._utils.metadata_utils import CompressionType" in out
+    assert "from coremltools.optimize import _utils as optimize_utils" in out  # a private name: unchanged
 
 
 @pytest.mark.slow

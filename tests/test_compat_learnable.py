@@ -154,3 +154,70 @@ def test_compat_preserved_attributes_and_missing_names():
     quantizer.step()
     prepared(torch.randn(2, 1, 8, 8))
     assert quantizer.finalize().key_1 == 5
+
+
+@pytest.mark.slow
+def test_compat_learnable_exports_like_vanilla():
+    """algorithm 'learnable' through compat: plain ct.convert stores the learned int8 weights."""
+    import coremltools as ct
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 8, 3)), ("relu", nn.ReLU()), ("flat", nn.Flatten()),
+                                       ("fc", nn.Linear(8 * 6 * 6, 10))]))
+    config = LinearQuantizerConfig.from_dict({"global_config": {"algorithm": "learnable", "milestones": [0, 1, 2, 3]}})
+    quantizer = LinearQuantizer(model, config)
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 8, 8),))
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=1e-3)
+    for _ in range(4):
+        quantizer.step()
+        loss = prepared(torch.randn(8, 1, 8, 8)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    learned = prepared.fc.weight_fake_quant.qparams()[0]  # scale >= eps, as used
+    final = quantizer.finalize()
+    x = torch.randn(1, 1, 8, 8)
+    traced = torch.jit.trace(final, x)
+    mlmodel = ct.convert(traced, inputs=[ct.TensorType(shape=x.shape)], minimum_deployment_target=ct.target.iOS17,
+                         convert_to="mlprogram", skip_model_load=True)
+    ops = [op for op in mlmodel._mil_program.functions["main"].operations]
+    dequant = [op for op in ops if op.op_type == "constexpr_affine_dequantize"]
+    assert len(dequant) == 2 and any(op.op_type == "quantize" for op in ops)
+    fc_scale = [op.scale.val.reshape(-1) for op in dequant if op.scale.val.size == 10][0]  # fp16 in Core ML
+    assert torch.allclose(torch.from_numpy(fc_scale.astype("float32")), learned.float(), rtol=1e-3)
+
+
+def test_compat_names_activation_quantizers_as_torch_ao():
+    """coremltools' step semantics, reached through torch.ao's names (activation_post_process_N)."""
+    model = nn.Sequential(OrderedDict({"conv": nn.Conv2d(1, 20, 3), "bn": nn.BatchNorm2d(20), "relu": nn.ReLU()}))
+    quantizer = LinearQuantizer(model, LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 1, 2, 3]}}))
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 28, 28),))
+    first, second = prepared.activation_post_process_0, prepared.activation_post_process_1
+    assert "input of conv" in first.site and "output of conv" in second.site
+    seen = []
+    for _ in range(4):
+        quantizer.step()
+        seen.append((first.observer_enabled, first.fake_quant_enabled, second.observer_enabled, prepared.conv.freeze_bn))
+    assert seen == [(True, False, True, False), (True, True, True, False), (False, True, False, False),
+                    (False, True, False, True)]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
+def test_relu_outputs_affine_as_coremltools(act):
+    """Symmetric activations, but a ReLU/ReLU6 output (never negative) affine: coremltools' policy,
+    quanta's relu_activation_scheme; ReLU6 fuses like ReLU (the quantizer after it)."""
+    for layer, x in [(nn.Conv2d(1, 4, 3), torch.randn(1, 1, 8, 8)), (nn.Linear(20, 10), torch.randn(1, 20))]:
+        model = nn.Sequential(OrderedDict({"layer": layer, "act": act()}))
+        quantizer = LinearQuantizer(model, LinearQuantizerConfig())
+        prepared = quantizer.prepare(example_inputs=(x,))
+        first, second = prepared.activation_post_process_0, prepared.activation_post_process_1
+        assert first.qscheme == torch.per_tensor_symmetric and second.qscheme == torch.per_tensor_affine
+        assert [n for n in prepared.graph.nodes if n.op == "output"][0].args[0].target == "activation_post_process_1"
+        assert list(prepared.graph.nodes)[-2].args[0].target == "act"  # after the relu, not between
+    # quanta's default: one scheme everywhere
+    recipe = {"algorithm": "qat", "global_config": {"weight_dtype": "int8"}}
+    prepared = quanta.Quantizer(nn.Sequential(nn.Linear(20, 10), act()), recipe).prepare(torch.randn(1, 20))
+    assert {m.qscheme for m in prepared.modules() if isinstance(m, quanta.fx.ActivationFakeQuantize)} == \
+        {torch.per_tensor_symmetric}
+    with pytest.raises(quanta.ConfigError, match="relu_activation_scheme"):
+        quanta.Quantizer(nn.Linear(2, 2), {"algorithm": "qat", "relu_activation_scheme": "afine"})

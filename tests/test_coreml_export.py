@@ -40,7 +40,19 @@ def _quantize(model, dtype, scheme, granularity, block_size=16):
 
 
 def _assert_codes_equal(path, qmodel):
+    from quanta.mil.blobs import read_constexpr_weights
+
     stored = stored_weights(path)
+    # The exporter's read-back (spec + blobs only) reads what the full program loader reads.
+    direct = read_constexpr_weights(path)
+    assert direct.keys() == stored.keys()
+    for key, entry in direct.items():
+        full = stored[key]
+        for field in ("op_type", "op_name", "shape", "dtype", "axis", "block_size"):
+            assert getattr(entry, field) == getattr(full, field), (key, field)
+        for field in ("data", "scale", "zero_point"):
+            a, b = getattr(entry, field), getattr(full, field)
+            assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and np.array_equal(a, b))), (key, field)
     matched = check_stored_codes(path, quanta.records(qmodel))
     for name, rec in quanta.records(qmodel).items():
         entry = stored[matched[name]]
@@ -210,3 +222,39 @@ def test_coremltools_progress_bars_hidden_unless_verbose(tmp_path, capfd):
     assert "Running MIL" not in capfd.readouterr().err
     quanta.export(q, tmp_path / "loud.mlpackage", example_inputs=(x,), verbose=True)
     assert "Running MIL" in capfd.readouterr().err
+
+
+def _files_and_times(root):
+    """Every file and folder under ``root``: bytes (files) and every timestamp os.stat gives."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files, ""]:
+            path = os.path.join(folder, name) if name else folder
+            st = os.stat(path)
+            data = open(path, "rb").read() if os.path.isfile(path) else None
+            out[os.path.relpath(path, root)] = (data, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+def test_verify_opens_the_package_read_only(tmp_path):
+    """quanta.verify and `quanta verify` leave every file of a read-only package as it was: bytes, mode,
+    mtime and ctime (coremltools' package reader rewrites Manifest.json; putting it back changes ctime)."""
+    import subprocess
+    import sys
+
+    q = _quantize(_cnn(), "int8", "symmetric", "per_channel")
+    path = quanta.export(q, tmp_path / "m.mlpackage", format="coreml", example_inputs=X)
+    saved = quanta.save(q, tmp_path / "saved", example_inputs=(X,))
+    subprocess.run(["chmod", "-R", "a-w", path], check=True)
+    try:
+        before = _files_and_times(path)
+        assert quanta.verify(path, q, X)["passed"]
+        (tmp_path / "cnn.py").write_text("import torch\nfrom torch import nn\n\n\ndef build():\n"
+                                         "    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), "
+                                         "nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 10))\n")
+        out = subprocess.run([sys.executable, "-m", "quanta._cli", "verify", str(path), "--against", str(saved),
+                              "--factory", f"{tmp_path / 'cnn.py'}:build"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert _files_and_times(path) == before
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", path], check=True)

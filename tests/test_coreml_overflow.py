@@ -58,14 +58,28 @@ def big(tmp_path_factory):
     return folder, qmodel, (namespace["batches"]()[0],)
 
 
+def _float32_ops(path) -> list[str]:
+    """Types of the ops of a saved program that compute in float32 (casts and constants aside)."""
+    from coremltools.converters.mil.mil import types
+
+    from quanta.mil.program import load_program
+
+    ops = load_program(str(path)).functions["main"].operations
+    return sorted(op.op_type for op in ops if op.op_type not in ("const", "cast") and op.outputs
+                  and op.outputs[0].dtype == types.fp32)
+
+
 @pytest.mark.slow
-def test_overflow_exports_float32_by_default_and_is_refused_in_float16(big, tmp_path):
+def test_overflow_keeps_only_the_overflowing_ops_in_float32_and_is_refused_in_float16(big, tmp_path):
     _, qmodel, x = big
-    with pytest.warns(UserWarning, match=r"float16 program overflows .* \(pow\).*compute_precision float32"):
+    with pytest.warns(UserWarning, match=r"float16 program overflows .* \(pow\).*: these 4 ops compute in float32 \(pow"):
         path = quanta.export(qmodel, tmp_path / "auto.mlpackage", example_inputs=x)
+    # x ** 2 overflows; its mean, + eps and rsqrt read the overflowing values: those four in fp32,
+    # the two linear layers and the scaling mul in fp16.
+    assert _float32_ops(path) == ["add", "pow", "reduce_mean", "rsqrt"]
     figures = quanta.verify(path, qmodel, x)
     assert figures["within_tolerance"] and figures["cosine"] > 0.9999, figures
-    with pytest.raises(ConfigError, match=r"compute_precision: float32") as err:
+    with pytest.raises(ConfigError, match=r"compute_precision: auto") as err:
         quanta.export(qmodel, tmp_path / "fp16.mlpackage", example_inputs=x, compute_precision="float16")
     assert err.value.key == "compute_precision" and not (tmp_path / "fp16.mlpackage").exists()
 
@@ -95,6 +109,12 @@ def test_cli_never_calls_an_overflowing_package_verified(big, tmp_path):
     out = subprocess.run([sys.executable, "-m", "quanta._cli", "quantize", str(recipe)], capture_output=True,
                          text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "overflows" in out.stderr and "compute_precision float32" in out.stderr
+    assert "overflows" in out.stderr and "compute in float32" in out.stderr
     verified = re.search(r"verified .* cosine (\S+) \(tolerance: cosine >= ([\d.]+)", out.stdout)
     assert verified and float(verified[1]) >= float(verified[2]), out.stdout
+    # The size lines count the whole model as stored: the sum of the files written (issue 20).
+    written = re.findall(r"wrote (\S+?)(?: \(\S+ s\))?: ([\d.]+) KiB on disk: quantized weights", out.stderr)
+    assert len(written) == 2, out.stderr
+    for path, kib in written:
+        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(tmp_path / path) for f in files)
+        assert float(kib) == round(total / 2**10, 1), (path, kib, total)

@@ -104,3 +104,52 @@ def test_own_model_recipe_has_no_blind_layer():
     qmodel = quanta.quantize(build(), {**RECIPE, "module_type_configs": {"Embedding": None}}, data=batches(count=4))
     errors = {r.name: r.rel_error for r in qmodel.quanta_report.layers}
     assert "blocks.layers.0.self_attn.out_proj" in errors and max(errors.values()) < 0.2, errors
+
+
+class _CrossAttention(nn.Module):
+    """Attention of a query over a different memory: key and value widths ``kdim`` (None: packed
+    ``in_proj_weight``; 32: separate ``q/k/v_proj_weight``)."""
+
+    def __init__(self, kdim=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_in, self.mem = nn.Linear(64, 64), nn.Linear(64, kdim or 64)
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True, kdim=kdim, vdim=kdim)
+
+    def forward(self, x):
+        memory = self.mem(x.flip(1) * 2 + 1)
+        return self.attn(self.q_in(x), memory, memory, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("kdim,names", [(None, ["attn.in_proj_weight"]),
+                                        (32, ["attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight"])])
+def test_cross_attention_weights_are_gptq_solved_from_their_own_inputs(kdim, names):
+    """Packed in_proj_weight in cross-attention: three Hessians (q from the query, k/v from the key
+    and value); separate q/k/v weights: one each. GPTQ's attention output error on the calibration
+    data is well below round-to-nearest's (it was round-to-nearest before)."""
+    model, data = _CrossAttention(kdim).eval(), _tokens()
+    recipe = {"module_type_configs": {"MultiheadAttention": RECIPE["global_config"]}}
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in data])
+        gptq = quanta.quantize(model, {**recipe, "algorithm": "gptq"}, data=data)
+        rtn = quanta.quantize(model, {**recipe, "algorithm": "rtn"})
+        err = {name: float((torch.cat([q(x) for x in data]) - ref).norm() / ref.norm())
+               for name, q in (("gptq", gptq), ("rtn", rtn))}
+    rows = {r.name: r for r in gptq.quanta_report.layers}
+    assert sorted(rows) == sorted(names)
+    assert all(r.extra["method"] == "gptq" and r.extra["gptq_loss"] > 0 for r in rows.values())
+    if kdim is None:
+        assert rows["attn.in_proj_weight"].extra["hessians"] == "q, k, v"
+    assert err["gptq"] < 0.7 * err["rtn"], err
+
+
+def test_a_layer_at_100_percent_error_is_never_silent():
+    """Every input of fc2 is dead: the reference GPTQ zeroes the whole weight (error 100%): a warning
+    names the layer, whatever the algorithm (core's write_layer)."""
+    model = _DeadChannels()
+    with torch.no_grad():
+        model.fc1.weight.zero_()
+        model.fc1.bias.fill_(-1)
+    with pytest.warns(UserWarning, match=r"layer 'fc2': relative error 100% after quantization \(gptq\)"):
+        q = quanta.quantize(model, RECIPE, data=_tokens())
+    assert q.quanta_report["fc2"].rel_error > 0.9999

@@ -260,7 +260,10 @@ def _quantize(args, console: Console, writes: bool = True) -> int:
     else:
         output = Path(quanta.save(qmodel, output, rebuild=source.rebuild, example_inputs=inputs,
                                   tokenizer=source.tokenizer_dir, overwrite=args.overwrite))
-    console.info(f"wrote {output}")
+    from quanta._files.stored_size import stored_size
+
+    # The whole model as stored (the report's sizes count the quantized layers only).
+    console.info(f"wrote {output}: {stored_size(output).describe()}")
     if args.report:
         from quanta._run.report_html import write_report_html
 
@@ -271,7 +274,8 @@ def _quantize(args, console: Console, writes: bool = True) -> int:
         started = time.perf_counter()
         written = quanta.export(qmodel, package, format=fmt, example_inputs=inputs, overwrite=args.overwrite,
                                 config=recipe.export.config)
-        console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s)")
+        console.info(f"wrote {written} ({time.perf_counter() - started:.1f} s): "
+                     f"{(exporter.stored_size(written) or stored_size(written)).describe()}")
         if inputs is not None and exporter.can_verify:  # the written file, run against the torch model
             f = quanta.verify(written, qmodel, example_inputs=inputs, format=fmt)
             figures = f"max_abs {f['max_abs']:.3g}, max_rel {f['max_rel']:.3g}, cosine {f['cosine']:.6f}"
@@ -352,7 +356,9 @@ def _cmd_export(args, console: Console) -> int:
     path = quanta.export(model, args.output, format=args.format, example_inputs=inputs,
                          allow_float=args.allow_float, overwrite=args.overwrite, **options)
     print(path)
-    console.info(f"wrote {path}")
+    from quanta._files.stored_size import stored_size
+
+    console.info(f"wrote {path}: {(exporter.stored_size(path) or stored_size(path)).describe()}")
     return 0
 
 

@@ -145,6 +145,14 @@ class RunContext:
             ref_sq = float(torch.linalg.vector_norm(ref)) ** 2
             sq_error = float(torch.nn.functional.mse_loss(values.float(), ref.reshape(values.shape), reduction="sum"))
         err = (sq_error / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+        if err >= 0.9999:  # never silently: a weight no closer to the float one than zero is (zeroed, blind)
+            import warnings
+
+            how = (extra or {}).get("method", getattr(self.algorithm, "name", "?"))
+            warnings.warn(f"layer {layer.name!r}: relative error {err:.0%} after quantization ({how}): the quantized "
+                          "weight is no closer to the float weight than zero is; leave the layer float "
+                          f"(module_name_configs: {{{layer.name!r}: null}}) or check its calibration inputs",
+                          stacklevel=3)
         numel = original.numel()
         with plugin_code(self.backend, layer.name):
             self.backend.write(model, layer.unit, record, values)

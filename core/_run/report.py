@@ -78,8 +78,10 @@ class Report:
         for key, value in self.stats.items():
             lines.append(f"{key}: {value}")
         ratio = self.float_bytes / self.bytes if self.bytes else 0.0
+        # These layers only: the whole model as stored is quanta._files.stored_size (the CLI prints it on saving).
         lines.append(f"{len(self.layers)} layers quantized with {self.algorithm!r} in {self.seconds:.2f} s: "
-                     f"{self.float_bytes / 2**20:.2f} MiB fp16 -> {self.bytes / 2**20:.2f} MiB ({ratio:.2f}x smaller)")
+                     f"these layers {self.float_bytes / 2**20:.2f} MiB fp16 -> {self.bytes / 2**20:.2f} MiB "
+                     f"({ratio:.2f}x smaller)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

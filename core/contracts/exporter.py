@@ -16,7 +16,7 @@ class Exporter(Plugin):
 
     Required: :meth:`export`. Declared: ``suffix``, ``writes_directory``, ``grids``,
     ``can_verify``, ``staged``; options through ``config_class`` (validated when a recipe is loaded).
-    Optional: :meth:`verify`, :meth:`check`.
+    Optional: :meth:`verify`, :meth:`check`, :meth:`stored_size`.
     """
 
     kind: ClassVar[str] = "exporter"
@@ -55,6 +55,12 @@ class Exporter(Plugin):
     def check(self, model: Any, example_inputs: Any = None) -> None:
         """Refuse, before any work, a model this format cannot hold (raise a ``quanta.QuantaError``
         naming the layer). Default: accept."""
+
+    def stored_size(self, path: str | os.PathLike) -> Any:
+        """The size of what :meth:`export` wrote at ``path``, with the quantized and float weights apart:
+        a ``quanta._files.stored_size.StoredSize`` whose ``total`` is the sum of its files' sizes (the
+        CLI prints it after exporting). Default: None, and the CLI adds up the files alone."""
+        return None
 
     def verify(self, path: str | os.PathLike, against: Any, example_inputs: Any = None) -> dict:
         """Run the file at ``path`` and ``against`` (a torch model) on the same inputs and return

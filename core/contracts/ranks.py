@@ -31,6 +31,7 @@ fails exits, and torchrun stops the others.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any, Iterator, Sequence
 
@@ -271,7 +272,7 @@ def _home(device: str) -> torch.device:
 
 def fingerprint(*parts: Any) -> str:
     """A hex digest of ``parts`` (tensors by their bytes, shape and dtype; mappings, sequences and
-    plain values by their ``repr``), for :meth:`Ranks.agree`."""
+    other values by their ``repr`` without memory addresses), for :meth:`Ranks.agree`."""
     h = hashlib.blake2b(digest_size=16)
 
     def feed(obj: Any) -> None:
@@ -290,8 +291,8 @@ def fingerprint(*parts: Any) -> str:
             for v in obj:
                 feed(v)
             h.update(b"]")
-        else:
-            h.update(repr(obj).encode())
+        else:  # without memory addresses (an object's default repr), which differ between processes
+            h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj)).encode())
 
     for part in parts:
         feed(part)

@@ -163,6 +163,12 @@ class ActivationFakeQuantize(nn.Module):
         self._stale = True
 
     @property
+    def qscheme(self) -> torch.qscheme:
+        """torch's name for the scheme: ``torch.per_tensor_symmetric`` for ``symmetric``, else
+        ``torch.per_tensor_affine`` (as on torch.ao's observers)."""
+        return torch.per_tensor_symmetric if self.scheme.name == "symmetric" else torch.per_tensor_affine
+
+    @property
     def observed(self) -> bool:
         return math.isfinite(float(self.observer.min_val)) and math.isfinite(float(self.observer.max_val))
 

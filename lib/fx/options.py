@@ -18,7 +18,7 @@ from .session import (
     unit_for,
 )
 
-__all__ = ["activation_dtype_field", "activation_scheme_field", "activation_observer_field",
+__all__ = ["activation_dtype_field", "activation_scheme_field", "activation_observer_field", "relu_activation_scheme_field",
            "averaging_constant_field", "activation_sites_field", "untraceable_field", "make_session"]
 
 
@@ -53,6 +53,12 @@ def activation_scheme_field():
     return attrs.field(default=None, validator=_check_name, metadata={
         "doc": "scheme plugin for activations ('symmetric', 'affine'); null: the global_config's scheme "
                "(coremltools' quantization_scheme applies to both)"})
+
+
+def relu_activation_scheme_field():
+    return attrs.field(default=None, validator=_check_name, metadata={
+        "doc": "scheme plugin for the outputs of ReLU/ReLU6 (never negative); null: activation_scheme. "
+               "coremltools quantizes them 'affine' even when its scheme is symmetric (all 256 uint8 codes)"})
 
 
 def activation_observer_field(default: str):
@@ -105,6 +111,8 @@ def make_session(model, plan, recipe, backend, config: Any, milestones=None, con
         scheme = recipe.global_config.scheme if recipe.global_config is not None else "symmetric"
     _check_plugin("scheme", scheme, "activation_scheme")
     _check_plugin("observer", config.activation_observer, "activation_observer")
+    if getattr(config, "relu_activation_scheme", None) is not None:
+        _check_plugin("scheme", config.relu_activation_scheme, "relu_activation_scheme")
     if dtype is not None:
         streaming_observer(config.activation_observer)  # raises ConfigError if it cannot stream
     options = ActivationOptions(dtype=dtype, scheme=scheme, observer=config.activation_observer,
@@ -114,7 +122,8 @@ def make_session(model, plan, recipe, backend, config: Any, milestones=None, con
                                 learnable=bool(getattr(config, "learnable", False)),
                                 float_modules=tuple(getattr(config, "float_activation_modules", ()) or ()),
                                 example_run=getattr(config, "example_run", "required"),
-                                unobserved=getattr(config, "unobserved_activations", "error"))
+                                unobserved=getattr(config, "unobserved_activations", "error"),
+                                nonnegative_scheme=getattr(config, "relu_activation_scheme", None))
     on_record = None
     if context is not None:
         layers = {p.unit.name: p for p in plan.layers}

@@ -57,6 +57,18 @@ def assume_float_tensors(gm: fx.GraphModule, rules: ActivationRules) -> None:
             node.meta["tensor_meta"] = meta
 
 
+#: ops whose output is never negative (the ``nonnegative_scheme`` sites).
+_RELUS = (torch.nn.ReLU, torch.nn.ReLU6, torch.relu, torch.relu_, torch.nn.functional.relu,
+          torch.nn.functional.relu_, torch.nn.functional.relu6, "relu", "relu_")
+
+
+def _is_relu(node: fx.Node, mod) -> bool:
+    if node.op == "call_module":
+        return isinstance(mod, tuple(t for t in _RELUS if isinstance(t, type)))
+    return node.op in ("call_function", "call_method") and any(node.target is t or node.target == t for t in _RELUS
+                                                               if not isinstance(t, type))
+
+
 def is_float_tensor(node: fx.Node) -> bool:
     meta = node.meta.get("tensor_meta")
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
@@ -116,11 +128,14 @@ def _is_quantized_module(mod) -> bool:
 
 
 def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
-                                 make_quantizer: Callable[[str], ActivationFakeQuantize],
-                                 skip: set[str] = frozenset(), sites: str = "inputs_and_outputs") -> list[str]:
+                                 make_quantizer: Callable[..., ActivationFakeQuantize],
+                                 skip: set[str] = frozenset(), sites: str = "inputs_and_outputs",
+                                 nonnegative_scheme: bool = False) -> list[str]:
     """Insert activation fake-quantizers (see the module docstring). Returns their module names.
 
     ``make_quantizer(site)`` builds one quantizer; ``skip`` holds module names left float.
+    ``nonnegative_scheme``: the output quantizer after a ReLU/ReLU6 (never negative) is built with
+    ``make_quantizer(site, nonnegative=True)`` (coremltools quantizes those outputs affine).
     ``sites="weighted_inputs"`` quantizes only the inputs of weighted modules (the int8 GEMM
     inputs of SmoothQuant-style W8A8): their outputs, adds, matmuls and whatever feeds a
     layer norm stay float, keeping a transformer's outlier channels intact.
@@ -132,9 +147,9 @@ def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
     input_quantizer: dict[fx.Node, fx.Node] = {}
     names: list[str] = []
 
-    def add_quantizer(after: fx.Node, site: str) -> fx.Node:
+    def add_quantizer(after: fx.Node, site: str, nonnegative: bool = False) -> fx.Node:
         name = f"{after.name}_act_fq"
-        gm.add_submodule(name, make_quantizer(site))
+        gm.add_submodule(name, make_quantizer(site, nonnegative=True) if nonnegative else make_quantizer(site))
         anchor = after
         if after.op == "placeholder":  # keep every placeholder ahead of the body
             anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -183,6 +198,6 @@ def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
             out = users[0]
         if not is_float_tensor(out):
             continue
-        q = add_quantizer(out, f"output of {site}")
+        q = add_quantizer(out, f"output of {site}", nonnegative_scheme and _is_relu(out, _module(gm, out)))
         out.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
     return names

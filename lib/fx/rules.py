@@ -94,11 +94,13 @@ def default_torch_rules() -> ActivationRules:
     """The torch backend's rules (also a sound default for Core ML's int8 quantize/dequantize ops)."""
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     bns = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    relus: tuple[Any, ...] = (nn.ReLU, torch.relu, torch.nn.functional.relu, "relu")
+    relus: tuple[Any, ...] = (nn.ReLU, nn.ReLU6, torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6,
+                              "relu")
     funcs: tuple[Any, ...] = (operator.add, torch.add, operator.iadd, operator.mul, torch.mul, operator.matmul,
                               torch.matmul, torch.bmm, torch.cat, "add", "mul", "matmul", "bmm")
     passthrough: tuple[Any, ...] = (
-        nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity,
+        nn.ReLU, nn.ReLU6, torch.nn.functional.relu6, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten,
+        nn.Dropout, nn.Identity,
         torch.relu, torch.nn.functional.relu, torch.flatten, torch.nn.functional.max_pool2d,
         torch.nn.functional.max_pool1d, torch.nn.functional.dropout, torch.reshape, torch.transpose, torch.permute,
         operator.getitem,
@@ -106,7 +108,8 @@ def default_torch_rules() -> ActivationRules:
     )
     patterns = tuple((c.__name__, b.__name__, "ReLU") for c, b in zip(convs, bns)) + tuple(
         (c.__name__, b.__name__) for c, b in zip(convs, bns)) + tuple(
-        (c.__name__, "ReLU") for c in convs) + (("Linear", "ReLU"), ("add", "ReLU"))
+        (c.__name__, "ReLU") for c in convs) + (("Linear", "ReLU"), ("add", "ReLU")) + tuple(
+        (c.__name__, "ReLU6") for c in (*convs, nn.Linear))
     return ActivationRules(
         weighted_modules=(nn.Linear, *convs), batch_norms=bns, foldable_convs=convs, fused_activations=relus,
         quantized_functions=funcs, passthrough=passthrough, fusion_patterns=patterns,

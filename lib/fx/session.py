@@ -74,6 +74,7 @@ class ActivationOptions:
     float_modules: tuple[str, ...] = ()
     example_run: str = "required"
     unobserved: str = "error"
+    nonnegative_scheme: str | None = None
 
 
 def activation_rules_of(backend) -> ActivationRules:
@@ -159,14 +160,16 @@ class ActivationSession:
         self._applied: MilestoneState | None = None  # the switches apply_state last set
 
     # -- prepare ------------------------------------------------------------------------------
-    def _make_quantizer(self, site: str) -> ActivationFakeQuantize:
+    def _make_quantizer(self, site: str, nonnegative: bool = False) -> ActivationFakeQuantize:
+        scheme = self.options.nonnegative_scheme if nonnegative and self.options.nonnegative_scheme else \
+            self.options.scheme
         observer = streaming_observer(self.options.observer, None,
                                       averaging_constant=self.options.averaging_constant)
         if self.options.learnable:
             from .learnable import LearnableActivationFakeQuantize
 
-            return LearnableActivationFakeQuantize(observer, self.options.scheme, self.options.dtype, site)
-        return ActivationFakeQuantize(observer, self.options.scheme, self.options.dtype, site)
+            return LearnableActivationFakeQuantize(observer, scheme, self.options.dtype, site)
+        return ActivationFakeQuantize(observer, scheme, self.options.dtype, site)
 
     def _rewrite(self, gm: fx.GraphModule, inputs: tuple, part: TracedPart | None = None) -> bool:
         """Fuse, swap and insert quantizers in one graph. True when anything in it is quantized."""
@@ -185,9 +188,10 @@ class ActivationSession:
             specs = {k[len(prefix) + 1:]: v for k, v in self.specs.items() if k.startswith(prefix + ".")}
             skip = {k[len(prefix) + 1:] for k in no_acts if k.startswith(prefix + ".")}
 
-        def make_quantizer(site: str) -> ActivationFakeQuantize:
+        def make_quantizer(site: str, nonnegative: bool = False) -> ActivationFakeQuantize:
             where, _, local = site.partition(" of ")
-            return self._make_quantizer(f"{where} of {full(local)}" if part is not None and local else site)
+            return self._make_quantizer(f"{where} of {full(local)}" if part is not None and local else site,
+                                        nonnegative)
 
         try:
             propagate_shapes(gm, inputs)
@@ -208,6 +212,7 @@ class ActivationSession:
         quantizers = []
         if self.options.dtype is not None:
             quantizers = insert_activation_quantizers(gm, self.rules, make_quantizer, skip=skip,
+                                                      nonnegative_scheme=self.options.nonnegative_scheme is not None,
                                                       sites=self.options.sites)
         gm.graph.lint()
         gm.recompile()

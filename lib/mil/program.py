@@ -24,6 +24,8 @@ __all__ = [
     "load_program",
     "read_compressed_weights",
     "read_manifest",
+    "read_spec",
+    "spec_path",
 ]
 
 WEIGHTS_DIR = "Data/com.apple.CoreML/weights"
@@ -68,6 +70,32 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return data
 
 
+def spec_path(path: str | os.PathLike) -> Path:
+    """The root model file (``Data/<item>/model.mlmodel``) the package's ``Manifest.json`` names.
+
+    The manifest is read with :func:`read_manifest`'s rules (bounded, every
+    item and link inside the package). Raises ValueError for a manifest without a root item."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        rel = manifest["rootModelIdentifier"]
+        rel = manifest["itemInfoEntries"][rel]["path"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{str(path)!r}: Manifest.json names no root model ({exc})") from None
+    return path / "Data" / rel
+
+
+def read_spec(path: str | os.PathLike) -> Any:
+    """The ``coremltools.proto.Model_pb2.Model`` of the ``.mlpackage`` at ``path``, parsed from its
+    root model file; nothing in the package is written (coremltools' ``MLModel(path)`` rewrites
+    ``Manifest.json`` when it opens a package)."""
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path(path).read_bytes())
+    return spec
+
+
 def _load_package(path: Path):
     """The MIL program of the ``.mlpackage`` at ``path`` (weights are read eagerly)."""
     import coremltools as ct
@@ -76,8 +104,11 @@ def _load_package(path: Path):
     if not path.exists():
         raise FileNotFoundError(f"no Core ML package at {str(path)!r}")
     if path.is_dir():
-        read_manifest(path)  # nothing outside the package is opened
-    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+        # Parsed from the root model file itself, never through coremltools' package reader
+        # (``MLModel(path)`` rewrites Manifest.json): reading a package leaves it as it was.
+        spec = read_spec(path)  # the manifest first: nothing outside the package is opened
+    else:
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         raise ValueError(
             f"{str(path)!r} is a {spec.WhichOneof('Type')!r} model, not an ML program; "

@@ -28,6 +28,7 @@ __all__ = [
     "UnsupportedOpError",
     "RunnerError",
     "run",
+    "run_function",
     "compare",
     "supported_ops",
     "declared_numpy_dtype",
@@ -138,7 +139,12 @@ def run(
     program = load_program(model)
     if function not in program.functions:
         raise KeyError(f"no function {function!r} in the program (has {sorted(program.functions)})")
-    func = program.functions[function]
+    return run_function(program.functions[function], inputs, intermediates=intermediates)
+
+
+def run_function(func: Any, inputs: Mapping[str, np.ndarray], *, intermediates: bool = False) -> dict[str, np.ndarray]:
+    """:func:`run` for one MIL ``Function`` (``program.functions[name]``), also one a graph pass is
+    working on (the coreml exporter's per-op precision choice runs the float32 program that way)."""
     for op in func.operations:  # refuse up front, not half way through a long model
         if op.op_type not in OPS or op.blocks:
             raise UnsupportedOpError(op.op_type, op.name)

@@ -32,7 +32,7 @@ from quanta.record import records as _records
 
 from . import metadata, targets, torch_ops
 from .ct_import import import_coremltools, quiet_conversion
-from .overflow import find_fp16_overflow
+from .overflow import Fp32WhereOverflowing, find_fp16_overflow
 from .inputs import ExampleInputs, KeywordInputs, core_ml_dtype, example_inputs as normalize_inputs
 
 __all__ = ["CoreMLExporter", "CoreMLExportConfig", "stored_weights", "has_activation_quantization",
@@ -54,9 +54,10 @@ class CoreMLExportConfig:
         default=None, converter=targets.parse_target,
         metadata={"doc": "ct.target or 'iOS16'/'iOS17'/'iOS18'/'macOS13'..; None = lowest that fits the model"})
     compute_precision: str = attrs.field(
-        default="auto", metadata={"doc": "'auto': float16, or float32 when the float16 program overflows on the example "
-                                         "inputs (a warning says so); 'float16' (an overflow is refused); 'float32' "
-                                         "(fp32 activations and scales)"})
+        default="auto", metadata={"doc": "'auto': float16; if it overflows on the example inputs, converted again "
+                                         "with the ops that would overflow in float32 (a warning names them; the whole "
+                                         "program in float32 if it still overflows); 'float16' (an overflow is "
+                                         "refused); 'float32' (fp32 activations and scales)"})
     verbose: bool = attrs.field(
         default=False, metadata={"doc": "show coremltools' progress bars and log lines while converting"})
     check_codes: bool = attrs.field(
@@ -207,13 +208,28 @@ def _match_ops(record_names, stored: dict) -> dict[str, str]:
     return out
 
 
+def _overflow(mlmodel, written, model, example_inputs) -> Any:
+    """:func:`.overflow.find_fp16_overflow` of a converted model: the program ``ct.convert`` built
+    (the one saved, whose codes were read back) is run in memory rather than parsed again."""
+    program = getattr(mlmodel, "_mil_program", None)
+    if program is None:
+        from quanta.mil.program import load_program
+
+        program = load_program(str(written) if written is not None else mlmodel)
+    return find_fp16_overflow(program, model, example_inputs)
+
+
 def check_stored_codes(path, recs: dict) -> dict[str, str]:
     """Raise QuantizationError unless every record's codes are stored exactly in ``path``.
 
     Codes and zero points must be equal; scales must be quanta's float32 scales rounded to the
     stored type (fp16, or fp32 with ``compute_precision="float32"``). Returns record name -> variable name.
     """
-    stored = stored_weights(path)
+    from quanta.mil.blobs import read_constexpr_weights
+
+    # The spec and the quantization ops' blobs only: proportional to the quantized weights, not a
+    # second full parse of the program.
+    stored = read_constexpr_weights(os.fspath(path))
     matched = _match_ops(recs, stored)
     for name, rec in recs.items():
         op_name = matched.get(name)
@@ -312,17 +328,29 @@ class CoreMLExporter(Exporter):
         if len(set(wrapper.output_names)) == len(wrapper.output_names) and not taken & set(wrapper.output_names):
             ct_outputs = [ct.TensorType(name=n) for n in wrapper.output_names]  # "logits", "last_hidden_state"
 
+        selector = None
+
         def convert(precision: str) -> Any:
+            nonlocal selector
+            if precision == "auto":  # fp16, except the ops that would overflow on the example inputs
+                selector = Fp32WhereOverflowing({n: t.detach().cpu().numpy()
+                                                 for n, t in zip(example.names, example.tensors)})
+                compute = ct.transform.FP16ComputePrecision(op_selector=selector)
+            else:
+                compute = getattr(ct.precision, precision.upper())
             with quiet_conversion(cfg.verbose):
                 mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
-                                     minimum_deployment_target=target,
-                                     compute_precision=getattr(ct.precision, precision.upper()),
+                                     minimum_deployment_target=target, compute_precision=compute,
                                      pass_pipeline=conversion_pass_pipeline())
             mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
             mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
+            if precision == "auto" and selector is not None and selector.fp32_ops:
+                mlmodel.user_defined_metadata["quanta.float32_ops"] = ",".join(name for _, name in selector.fp32_ops)
             return mlmodel
 
-        precision = "float32" if cfg.compute_precision == "float32" else "float16"
+        # auto converts in fp16 first: most models never come near fp16's range, and the check below
+        # (one run of the reference runner) is all they pay. Only an overflow costs a second conversion.
+        precision = "float16" if cfg.compute_precision == "auto" else cfg.compute_precision
         mlmodel = convert(precision)
         # Saved into a staging folder and swapped in: the old package (or the user's folder) survives
         # any failure or Ctrl-C, and a package failing the code check is never put in place.
@@ -331,24 +359,44 @@ class CoreMLExporter(Exporter):
             mlmodel.save(str(written))
             if cfg.check_codes and recs:
                 check_stored_codes(str(written), recs)
-            if precision == "float16":
-                overflow = find_fp16_overflow(written, model, example_inputs)
-                if overflow is not None and cfg.compute_precision == "float16":
-                    raise ConfigError(f"{overflow.describe()}; nothing was written. Export with "
-                                      "compute_precision: float32 (or auto, the default, which does so)",
-                                      "compute_precision")
-                if overflow is not None:
-                    warnings.warn(f"{overflow.describe()}: exported with compute_precision float32 instead "
+            overflow = None if precision == "float32" else _overflow(mlmodel, written, model, example_inputs)
+            if overflow is not None and cfg.compute_precision == "float16":
+                raise ConfigError(f"{overflow.describe()}; nothing was written. Export with "
+                                  "compute_precision: auto (the default: the overflowing ops in float32) "
+                                  "or float32", "compute_precision")
+            if overflow is not None:  # auto: again, the ops that would overflow in float32
+                mixed = convert("auto")
+                fp32_ops = list(selector.fp32_ops) if selector is not None else []
+                still = _overflow(mixed, None, model, example_inputs) if fp32_ops else overflow
+                shutil.rmtree(written)
+                if still is None:
+                    mixed.save(str(written))
+                    ops = ", ".join(f"{kind} {name!r}" for kind, name in fp32_ops[:8])
+                    more = f" and {len(fp32_ops) - 8} more" if len(fp32_ops) > 8 else ""
+                    warnings.warn(f"{overflow.describe()}: these {len(fp32_ops)} ops compute in float32 ({ops}{more}), "
+                                  "every other op in float16 (set compute_precision to silence this)", stacklevel=2)
+                else:
+                    warnings.warn(f"{still.describe()}: exported with compute_precision float32 instead "
                                   "(fp32 activations; set compute_precision to silence this)", stacklevel=2)
-                    shutil.rmtree(written)
                     convert("float32").save(str(written))
-                    if cfg.check_codes and recs:
-                        check_stored_codes(str(written), recs)
+                if cfg.check_codes and recs:
+                    check_stored_codes(str(written), recs)
             for child in list(written.iterdir()):
                 child.rename(staging / child.name)
             written.rmdir()
             fault_delay("package-staged")
         return path
+
+    def stored_size(self, path) -> Any:
+        """The package's size on disk (the sum of its files), with the blobs of compressed-weight ops
+        (codes, scales, offsets) as ``quantized`` and the other constants as ``float`` (from the spec
+        and the blob headers, :func:`quanta.mil.blobs.weight_bytes`)."""
+        from quanta._files.stored_size import StoredSize, files_size
+        from quanta.mil.blobs import weight_bytes
+
+        import_coremltools()
+        quantized, floats = weight_bytes(os.fspath(path))
+        return StoredSize(path=os.fspath(path), total=files_size(path), quantized=quantized, float=floats)
 
     def verify(self, path, against, example_inputs=None) -> dict:
         """Run ``path`` with the numpy reference runner and ``against`` (a torch model) on the same inputs.

@@ -26,6 +26,7 @@ from typing import Any
 
 from quanta.errors import CoreMLPackageError
 from quanta._files.untrusted import inside
+from quanta.mil.blobs import blob_refs
 
 __all__ = ["check_package", "BLOB_SENTINEL"]
 
@@ -84,26 +85,9 @@ def _parse_spec(path: Path, spec_path: Path) -> Any:
     return spec
 
 
-def _blob_refs(message, out: list) -> None:
-    """Collect every ``BlobFileValue`` (fileName, offset) inside a protobuf message."""
-    if message.DESCRIPTOR.name == "BlobFileValue":
-        out.append((message.fileName, int(message.offset)))
-        return
-    for field, value in message.ListFields():
-        if field.type != field.TYPE_MESSAGE:
-            continue
-        if hasattr(value, "ListFields"):
-            _blob_refs(value, out)
-            continue
-        items = value.values() if callable(getattr(value, "values", None)) else value  # map or repeated
-        for item in items:
-            if hasattr(item, "ListFields"):
-                _blob_refs(item, out)
-
-
 def _check_weights(path: Path, spec_path: Path, spec) -> None:
     refs: list[tuple[str, int]] = []
-    _blob_refs(spec.mlProgram, refs)
+    blob_refs(spec.mlProgram, refs)
     sizes: dict[Path, int] = {}
     for name, offset in refs:
         rel = name[len(_MODEL_PATH):] if name.startswith(_MODEL_PATH) else name

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from .ct_import import import_coremltools
 from .inputs import flatten_outputs, torch_input
 from .package_check import check_package
 
-__all__ = ["verify_package", "package_inputs", "random_inputs", "MIN_COSINE", "within_tolerance"]
+__all__ = ["verify_package", "verify_program", "package_inputs", "random_inputs", "MIN_COSINE", "within_tolerance"]
 
 #: The smallest cosine similarity ``verify`` accepts (``quanta verify``'s documented default,
 #: ``quanta._run.exporting.DEFAULT_MIN_COSINE``): fp16 rounding stays far above it; an fp16
@@ -85,34 +84,6 @@ def _named_inputs(program, example_inputs: Any) -> tuple[dict[str, torch.Tensor]
     return {n: _tensor(v) for n, v in zip(names, values)}, False
 
 
-@contextmanager
-def _read_only(path: str | os.PathLike) -> Iterator[None]:
-    """Leave the package as it was: coremltools' package reader rewrites ``Manifest.json`` (same
-    bytes, new timestamp) when it opens a package; its bytes and times are put back."""
-    manifest = os.path.join(os.fspath(path), "Manifest.json")
-    try:
-        before = os.stat(manifest)
-        with open(manifest, "rb") as fh:
-            content = fh.read()
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        try:
-            after = os.stat(manifest)
-            if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size):
-                with open(manifest, "rb") as fh:
-                    changed = fh.read() != content
-                if changed:
-                    with open(manifest, "wb") as fh:
-                        fh.write(content)
-                os.utime(manifest, ns=(before.st_atime_ns, before.st_mtime_ns))
-        except OSError:
-            pass
-
-
 def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_inputs: Any = None) -> dict:
     """Run the package at ``path`` and ``against`` on the same inputs; return the worst figures.
 
@@ -123,14 +94,21 @@ def verify_package(path: str | os.PathLike, against: torch.nn.Module, example_in
     Returns ``{"max_abs", "max_rel", "cosine", "outputs": [names], "per_output": {name: figures},
     "min_cosine", "within_tolerance"}``: ``max_abs``/``max_rel`` are the largest and ``cosine`` the
     smallest over the outputs; ``within_tolerance``: :func:`within_tolerance` of these figures.
+    The package is only read: no file in it is written or touched (its spec is parsed from its
+    file, not opened through coremltools' package reader, which rewrites ``Manifest.json``).
     """
     from quanta.mil.program import load_program
-    from quanta.mil.runner import compare, declared_numpy_dtype, run
 
     import_coremltools()
     check_package(path)
-    with _read_only(path):
-        program = load_program(os.fspath(path))
+    return verify_program(load_program(os.fspath(path)), against, example_inputs)
+
+
+def verify_program(program: Any, against: torch.nn.Module, example_inputs: Any = None) -> dict:
+    """:func:`verify_package`'s figures for a MIL ``Program`` already in memory (a loaded package,
+    or the program ``ct.convert`` built, as the exporter's overflow check uses it)."""
+    from quanta.mil.runner import compare, declared_numpy_dtype, run
+
     inputs, keywords = _named_inputs(program, example_inputs)
     func = program.functions["main"]
     # Each input with its own dtype: the runner gets the declared one (int32 token ids, fp32...),

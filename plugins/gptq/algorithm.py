@@ -40,7 +40,7 @@ from quanta.record import QuantizedWeight
 from quanta._records.spec import Granularity
 from quanta._run.weights import check_finite, observer_for, scheme_for
 
-from .capture import attach_hooks, dead_columns, no_fastpath, unreached
+from .capture import SEPARATE_PROJECTIONS, attach_hooks, dead_columns, no_fastpath, unreached
 from .hessian import HessianHook, solve_cost
 from .solver import gptq_quantize
 
@@ -159,7 +159,9 @@ def _calibratable_layer(layer: Any, module: nn.Module) -> str | None:
     """None when GPTQ can calibrate this planned layer (computed by ``module``), else the reason it
     gets round-to-nearest."""
     if isinstance(module, nn.MultiheadAttention):
-        return None if layer.unit.param == "in_proj_weight" else "separate q/k/v projection weights"
+        if layer.unit.param == "in_proj_weight" or layer.unit.param in SEPARATE_PROJECTIONS:
+            return None
+        return f"{layer.unit.param} of an attention gets no calibration inputs"
     return _calibratable(module)
 
 
@@ -209,15 +211,17 @@ class GPTQ(Algorithm):
         for layer in plan.selected:
             module = context.module(model, layer)
             reason = _calibratable_layer(layer, module)
-            if reason is None:
-                todo[module] = layer
+            if reason is None:  # keyed by (module, param): one attention holds up to three weights
+                todo[(module, layer.unit.param)] = layer
             else:
                 rtn.append((layer, reason))
         # Before any weight changes: every layer GPTQ calibrates must receive inputs.
-        for module in unreached(model, todo, samples[0]):
-            if cfg.uncalibrated == "error":
-                raise _blind_error([todo[m].name for m in unreached(model, todo, samples[0])])
-            rtn.append((todo.pop(module), "no calibration inputs reach it; uncalibrated: rtn"))
+        missed = {id(m) for m in unreached(model, {key[0]: None for key in todo}, samples[0])}
+        blind = [key for key in todo if id(key[0]) in missed]
+        if blind and cfg.uncalibrated == "error":
+            raise _blind_error([todo[key].name for key in blind])
+        for key in blind:
+            rtn.append((todo.pop(key), "no calibration inputs reach it; uncalibrated: rtn"))
         for layer, reason in rtn:
             context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
         if not todo:
@@ -238,14 +242,15 @@ class GPTQ(Algorithm):
     def _run_blocks(self, model, todo, samples, cfg, device, context) -> None:
         ranks = context.ranks
         blocks = find_blocks(model, cfg.layers)
-        block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m in todo)]
+        block_modules = [b for _, b in blocks if any(m is b or _contains(b, m) for m, _ in todo)]
         scratch: dict = {}  # one partial-product buffer per Hessian size (one process)
 
         def hooks_for(scope: nn.Module, layers: dict) -> dict:
             owner = _owners(layers, ranks)
-            return attach_hooks(scope, [(m, l.unit.param) for m, l in layers.items()],
-                                lambda m, **kw: HessianHook(m, device, ranks=ranks, owner=owner[m], scratch=scratch,
-                                                            **kw))
+            return attach_hooks(scope, list(layers),
+                                lambda m, key, **kw: HessianHook(m, device, ranks=ranks, owner=owner[key],
+                                                                 scratch=scratch, **kw),
+                                eager_parts=ranks.active)
 
         if blocks and blocks[0][1] is not model and block_modules:
             # This rank's calibration batches (all of them in one process): chunk index -> inputs.
@@ -253,13 +258,13 @@ class GPTQ(Algorithm):
             peak = 0
             for name, block in blocks:
                 peak = max(peak, _nbytes(cache))
-                mine = {m: l for m, l in todo.items() if _contains(block, m)}
+                mine = {key: l for key, l in todo.items() if _contains(block, key[0])}
                 home = _device_of(block)
                 block.to(device)
                 if mine:
                     # A block that is itself the only layer (a Sequential's Linear): its Hessian needs
                     # only the cached inputs, not a forward through it.
-                    direct = list(mine) == [block] and not block._forward_pre_hooks and all(
+                    direct = [m for m, _ in mine] == [block] and not block._forward_pre_hooks and all(
                         not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
                         for args, kwargs in cache.values())
                     hooks = hooks_for(block, mine)
@@ -268,7 +273,7 @@ class GPTQ(Algorithm):
                             if i is not None:
                                 args, kwargs = cache[i]
                                 if direct:
-                                    hooks[block]._hook(block, args)
+                                    hooks[next(iter(mine))]._hook(block, args)
                                 else:
                                     block(*args, **fresh_state(kwargs))
                             for hook in hooks.values():
@@ -276,8 +281,8 @@ class GPTQ(Algorithm):
                         self._solve(model, mine, hooks, cfg, device, context)
                     finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
                         _remove_hooks(hooks)
-                    for m in mine:
-                        del todo[m]
+                    for key in mine:
+                        del todo[key]
                 if name == blocks[-1][0]:
                     block.to(home)
                     break  # the last block's outputs feed nothing
@@ -307,47 +312,60 @@ class GPTQ(Algorithm):
     def _solve(self, model, mine, hooks, cfg, device, context) -> None:
         """Solve each layer on its owner rank, then write every layer on every rank, in order."""
         ranks = context.ranks
-        for module, layer in mine.items():
-            hooks[module].finish()
+        for (module, _), layer in mine.items():
             check_finite(getattr(module, layer.unit.param), layer.name)
+        for hook in hooks.values():
+            hook.finish()
         solved: dict = {}
         if ranks.active:  # each rank solves the layers it owns first, then the results travel
-            for module, layer in mine.items():
-                hook = hooks[module]
+            for key, layer in mine.items():
+                hook = hooks[key]
                 if hook.owner == ranks.rank and self._fallback_reason(hook, cfg, layer) is None:
-                    solved[module] = self._solve_layer(module, layer, hook.hessian(), cfg, device)
-        for module, layer in mine.items():
-            hook = hooks[module]
+                    solved[key] = self._solve_layer(key[0], layer, _hessians(hook), cfg, device)
+        for key, layer in mine.items():
+            module, hook = key[0], hooks[key]
             reason = self._fallback_reason(hook, cfg, layer)
             if reason is not None:
                 context.quantize_layer(model, layer, extra={"method": f"rtn ({reason})"})
                 continue
             if ranks.active:
-                result = ranks.share(solved.pop(module, None), hook.owner)
+                result = ranks.share(solved.pop(key, None), hook.owner)
             else:
-                result = self._solve_layer(module, layer, hook.hessian(), cfg, device)
+                result = self._solve_layer(module, layer, _hessians(hook), cfg, device)
             self._write(model, module, layer, result, context)
 
-    def _solve_layer(self, module, layer, hessian, cfg, device) -> dict:
-        """GPTQ-solve one layer from its Hessian: codes, qparams, dequantized weight and figures."""
+    def _solve_layer(self, module, layer, hessians: list, cfg, device) -> dict:
+        """GPTQ-solve one layer from its Hessians: codes, qparams, dequantized weight and figures.
+
+        ``hessians``: one for the whole weight, or one per row block (a packed attention
+        ``in_proj_weight`` in cross-attention: the query, key and value blocks), each block solved
+        with its own and the results stacked in row order."""
         original = getattr(module, layer.unit.param).detach()
         w = original.to(device, torch.float32).reshape(original.shape[0], -1)
         spec = layer.spec
         per_col = original[0, 0].numel()  # kernel elements per input channel
-        dead = dead_columns(hessian, per_col)
+        dead = sum(dead_columns(h, per_col) for h in hessians)
         if dead and cfg.dead_inputs == "rtn":  # a unit diagonal: the solver keeps (and rounds) their weights
-            hessian.diagonal()[hessian.diagonal() == 0] = 1.0
+            for hessian in hessians:
+                hessian.diagonal()[hessian.diagonal() == 0] = 1.0
         block = spec.block_size * per_col if spec.granularity is Granularity.per_block else None
+        rows = w.shape[0] // len(hessians)
+        parts = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = gptq_quantize(w, hessian, PluginQuantizer(spec), block_size=block,
-                                   processing_group_size=cfg.processing_group_size,
-                                   damp=float(cfg.hessian_dampening), act_order=cfg.use_activation_order_heuristic,
-                                   static_groups=cfg.static_groups)
+            for i, hessian in enumerate(hessians):
+                parts.append(gptq_quantize(w[i * rows:(i + 1) * rows], hessian, PluginQuantizer(spec),
+                                           block_size=block, processing_group_size=cfg.processing_group_size,
+                                           damp=float(cfg.hessian_dampening),
+                                           act_order=cfg.use_activation_order_heuristic,
+                                           static_groups=cfg.static_groups))
         for warning in caught:
             warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
-        return {"codes": result.codes, "scale": result.scale, "zero_point": result.zero_point,
-                "weight": result.weight, "loss": float(result.loss), "damp": float(result.damp), "dead": dead}
+        cat = (lambda name: getattr(parts[0], name)) if len(parts) == 1 else \
+            (lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts]))
+        return {"codes": cat("codes"), "scale": cat("scale"), "zero_point": cat("zero_point"),
+                "weight": cat("weight"), "loss": sum(float(p.loss) for p in parts),
+                "damp": max(float(p.damp) for p in parts), "dead": dead, "blocks": len(parts)}
 
     def _write(self, model, module, layer, result: dict, context) -> None:
         original = getattr(module, layer.unit.param).detach()
@@ -364,6 +382,8 @@ class GPTQ(Algorithm):
         ).to(original.device)
         values = result["weight"].reshape(original.shape).to(original.device)
         extra = {"method": "gptq", "gptq_loss": result["loss"], "damp": result["damp"]}
+        if result.get("blocks", 1) > 1:
+            extra["hessians"] = "q, k, v"
         if result["dead"]:
             self._dead.append((layer.name, result["dead"]))
             n = result["dead"]
@@ -372,15 +392,19 @@ class GPTQ(Algorithm):
 
     def _fallback_reason(self, hook, cfg, layer) -> str | None:
         """Why ``layer`` is not GPTQ-solved (round-to-nearest instead), or None: no inputs reached it
-        in this pass (refused unless ``uncalibrated: rtn``), or a cross-attention ``in_proj_weight``.
-        The same on every rank (the counts are summed over the ranks)."""
+        in this pass (refused unless ``uncalibrated: rtn``). The same on every rank (the counts are
+        summed over the ranks)."""
         if hook.samples == 0:
             if cfg.uncalibrated == "error":  # the pipeline restores the weights already written
                 raise _blind_error([layer.name])
             return "no calibration inputs reach it; uncalibrated: rtn"
-        if hook.mixed:
-            return "cross-attention in_proj_weight: query, key and value differ"
         return None
+
+
+def _hessians(hook) -> list:
+    """A hook's Hessians: one, or one per row block of a packed attention weight (once when equal)."""
+    hessians = hook.hessians() if hasattr(hook, "hessians") else [hook.hessian()]
+    return hessians[:1] if all(h is hessians[0] for h in hessians) else hessians
 
 
 def _remove_hooks(hooks: dict) -> None:
@@ -444,7 +468,7 @@ def _cache_inputs(model, first_block, samples, device, chunks: list[int]) -> dic
 def _owners(layers: dict, ranks) -> dict:
     """The rank that solves each layer (``module -> rank``), by its solve cost (``Ranks.owners``)."""
     costs = []
-    for module, layer in layers.items():
+    for (module, _), layer in layers.items():
         weight = getattr(module, layer.unit.param)
         rows = weight.shape[0]
         costs.append(solve_cost(rows, weight.numel() // max(rows, 1)))

@@ -92,7 +92,6 @@ class HessianHook:
         self.pending: list[torch.Tensor] = []
         self.scratch = scratch if scratch is not None else {}
         self.samples = 0
-        self.mixed = False  # set by an AttentionFeed: a cross-attention in_proj_weight
         # attach=False: fed through add() by an AttentionFeed, which sets the handle.
         self.handle = module.register_forward_pre_hook(self._hook) if attach else None
 
@@ -136,11 +135,10 @@ class HessianHook:
         self.pending.clear()
 
     def finish(self) -> None:
-        """*Collective*: the sample count and the cross-attention flag, summed over the ranks."""
+        """*Collective*: the sample count, summed over the ranks."""
         if self.handle is not None:
             self.handle.remove()
         self.samples = self.ranks.sum_int(self.samples)
-        self.mixed = self.ranks.any(self.mixed)
 
     def hessian(self) -> torch.Tensor:
         """``2/n Σ xᵀx`` (on the owner; call :meth:`finish` first)."""
