@@ -23,6 +23,8 @@ PyTorch's fused "fast path" for transformer layers (eval mode, no grad) runs
 
 from __future__ import annotations
 
+import functools
+
 import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
@@ -187,7 +189,7 @@ def attach_hooks(scope: nn.Module, layers: Iterable[tuple[nn.Module, str]], make
             feeds.setdefault(module, {}).setdefault("proj_hooks", {})[param] = hooks[key]
         elif isinstance(module, nn.MultiheadAttention):  # its packed in_proj_weight
             weight = getattr(module, param)
-            hooks[key] = PackedInputs(lambda m=module, k=key, w=weight: make(m, key=k, weight=w, attach=False),
+            hooks[key] = PackedInputs(functools.partial(make, module, key=key, weight=weight, attach=False),
                                       eager=eager_parts)
             feeds.setdefault(module, {})["in_hook"] = hooks[key]
         elif id(module) in parents:  # an attention module's out_proj
