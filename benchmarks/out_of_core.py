@@ -143,7 +143,7 @@ def _sections(text: str) -> dict[str, str]:
     name = None
     for line in text.splitlines(keepends=True):
         if line.startswith("## "):
-            name = line[3:].split()[0]
+            name = line[3:].split()[0].rstrip(":")
             out[name] = ""
         if name is not None:
             out[name] += line
