@@ -253,7 +253,7 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
 
 
 #: Weights above this many float32 bytes are solved in row chunks of about ``_CHUNK_BYTES``
-#: each (at most two at a time): the sweep holds about four working copies of its rows, so an
+#: each, one at a time: the sweep holds about four working copies of its rows, so an
 #: LM head (32000 x 2048, 250 MiB) no longer needs several full-size copies at once. Rows are
 #: independent in GPTQ, so the codes do not depend on the split.
 _WHOLE_BYTES = 128 * 2**20
@@ -261,15 +261,16 @@ _CHUNK_BYTES = 32 * 2**20
 
 
 def _row_chunks(rows: int, n: int, device: torch.device) -> tuple[list[tuple[int, int]], int]:
-    """Row ranges solved separately, and how many run at once. On CPU, for very tall weights,
-    two Python threads (torch releases the GIL in kernels) share the chunks."""
+    """Row ranges solved separately, and how many run at once. On CPU, for tall weights, two
+    Python threads (torch releases the GIL in kernels) take half the rows each; a weight over
+    ``_WHOLE_BYTES`` is solved in chunks one at a time (memory)."""
     n_threads = torch.get_num_threads() if device.type == "cpu" else 1
     workers = max(1, min(2, n_threads, rows // _MIN_ROWS_PER_THREAD))
     n_chunks = workers
-    if rows * n * 4 > _WHOLE_BYTES:
+    if rows * n * 4 > _WHOLE_BYTES:  # memory first: one chunk at a time
         per_chunk = max(_MIN_ROWS_PER_THREAD, _CHUNK_BYTES // (4 * n))
         n_chunks = -(-rows // per_chunk)
-        n_chunks = -(-n_chunks // workers) * workers
+        workers = 1
     step = -(-rows // n_chunks)
     return [(r, min(r + step, rows)) for r in range(0, rows, step)], workers
 
