@@ -35,7 +35,7 @@ class StreamingMinMax(torch.nn.Module):
 
     def summarize(self, x: torch.Tensor) -> torch.Tensor:
         """What one call contributes: ``[min, max]`` of ``x`` (float32). A distributed run
-        (``Ranks.collect``) gathers these in the global order of the calls and passes each to :meth:`absorb`."""
+        (``Ranks.collect``) gathers these in the global order of the calls and :meth:`absorb` folds them in."""
         lo, hi = torch.aminmax(x.detach())
         return torch.stack([lo.float(), hi.float()])
 

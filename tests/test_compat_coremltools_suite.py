@@ -51,3 +51,22 @@ def test_representative_subset_passes_through_compat():
     assert row["rewritten_lines"] == 2
     assert row["in_scope"] >= 30, row
     assert row["pass_compat"] == row["in_scope"], row["failing"]
+
+
+def test_readme_quotes_the_table():
+    """README's promise says what benchmarks/results/coremltools_tests.txt shows (rerun the script,
+    then update README)."""
+    import re
+
+    root = SCRIPT.parents[1]
+    results = (root / "benchmarks" / "results" / "coremltools_tests.txt").read_text()
+    readme = " ".join((root / "README.md").read_text().split())
+    rows = re.findall(r"^\| (\S+?) \| \d+ \| \d+ \| [^|]+ \| (\d+) \| (\d+) \((\d+%)\) \|$", results, re.M)
+    assert len(rows) == 6, rows  # five files and the total
+    for name, in_scope, passed, pct in rows:
+        if name == "**total**":
+            assert f"{passed} of the {in_scope} counted tests pass ({pct};" in readme
+        elif passed == in_scope:
+            assert f"all {in_scope} " in readme, name
+        else:
+            assert f"{passed} of {in_scope} " in readme, name

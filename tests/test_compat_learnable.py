@@ -221,3 +221,19 @@ def test_relu_outputs_affine_as_coremltools(act):
         {torch.per_tensor_symmetric}
     with pytest.raises(quanta.ConfigError, match="relu_activation_scheme"):
         quanta.Quantizer(nn.Linear(2, 2), {"algorithm": "qat", "relu_activation_scheme": "afine"})
+
+
+def test_input_produced_by_unfused_relu_is_affine():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2(torch.nn.functional.relu_(self.conv1(x)))  # relu_ does not fuse
+
+    quantizer = LinearQuantizer(Model(), LinearQuantizerConfig())
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 8, 8),))
+    schemes = {m.site: m.qscheme for m in prepared.modules() if isinstance(m, quanta.fx.ActivationFakeQuantize)}
+    assert schemes == {"input of conv1": torch.per_tensor_symmetric, "output of conv1": torch.per_tensor_symmetric,
+                       "input of conv2": torch.per_tensor_affine, "output of conv2": torch.per_tensor_symmetric}

@@ -189,12 +189,35 @@ def test_threads_split_rows_consistently(monkeypatch):
     # 600 rows go to two CPU threads; the same rows alone (one thread) must give the same codes.
     from quanta.plugins.gptq import solver
     monkeypatch.setattr(solver, "_MIN_ROWS_PER_THREAD", 128)
-    assert len(solver._row_chunks(600, torch.device("cpu"))) == min(2, torch.get_num_threads())
+    assert len(solver._row_chunks(600, 64, torch.device("cpu"))[0]) == min(2, torch.get_num_threads())
     w, h, _ = correlated_layer(600, 64, seed=9)
     q = MinMaxQuantizer(4, True)
     both = gptq_quantize(w, h, q, block_size=16)
     few = gptq_quantize(w[:100], h, q, block_size=16)
     assert torch.equal(both.codes[:100], few.codes)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_tall_weights_in_row_chunks_give_the_same_result(monkeypatch, act_order):
+    # Over _WHOLE_BYTES a weight is solved in chunks of about _CHUNK_BYTES (memory); every
+    # output must be bit for bit the one-piece solve's, also with narrower codes.
+    from quanta.plugins.gptq import solver
+    w, h, _ = correlated_layer(700, 64, seed=11)
+    q = MinMaxQuantizer(4, act_order)  # with and without a zero point
+    whole = gptq_quantize(w, h, q, block_size=16, act_order=act_order)
+    monkeypatch.setattr(solver, "_MIN_ROWS_PER_THREAD", 64)
+    monkeypatch.setattr(solver, "_WHOLE_BYTES", 100 * 64 * 4)
+    monkeypatch.setattr(solver, "_CHUNK_BYTES", 96 * 64 * 4)
+    chunks, _ = solver._row_chunks(700, 64, torch.device("cpu"))
+    assert len(chunks) >= 7 and chunks[-1][1] == 700
+    parts = gptq_quantize(w, h, q, block_size=16, act_order=act_order, codes_dtype=torch.int8)
+    assert parts.codes.dtype == torch.int8
+    assert torch.equal(parts.codes.int(), whole.codes)
+    assert torch.equal(parts.weight, whole.weight) and torch.equal(parts.scale, whole.scale)
+    assert (parts.zero_point is None) == (whole.zero_point is None)
+    if whole.zero_point is not None:
+        assert torch.equal(parts.zero_point, whole.zero_point)
+    assert parts.loss == pytest.approx(whole.loss, rel=1e-5)
 
 
 def test_result_is_consistent():

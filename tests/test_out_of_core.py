@@ -78,9 +78,22 @@ def test_codes_equal_the_in_memory_path(tmp_path, data, recipe):
     assert_same_codes(in_memory(checkpoint, recipe, data), out)
     assert sum(line.startswith("block ") for line in lines) == tiny_llama.MODEL_CONFIG["num_hidden_layers"]
     assert "peak RSS" in lines[0]
-    report = json.loads((out / "quanta_report.json").read_text())["layers"]
-    assert len(report) == len(quanta.records(quanta.load(out)))
+    report = json.loads((out / "quanta_report.json").read_text())
+    assert len(report["layers"]) == len(quanta.records(quanta.load(out)))
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    # Accounting for long runs: per block (and the layers outside them) the time, the peak
+    # memory and the error summary, on the progress display and in the report.
+    n_blocks = tiny_llama.MODEL_CONFIG["num_hidden_layers"]
+    blocks = report["blocks"]
+    assert [b["part"] for b in blocks] == [f"model.layers.{i}" for i in range(n_blocks)] + ["outside the blocks"]
+    assert sum(b["layers"] for b in blocks) == len(report["layers"])
+    for b, line in zip(blocks, [line for line in lines if line.startswith(("block ", "outside "))]):
+        assert b["seconds"] >= 0 and b["peak_rss_bytes"] > 2**20
+        errors = [r["rel_error"] for r in report["layers"] if r["name"].startswith(b["part"] + ".")]
+        if b["part"].startswith("model.layers."):
+            assert b["rel_error_max"] == max(errors) and b["rel_error_mean"] == pytest.approx(sum(errors) / len(errors))
+        assert f"peak RSS {b['peak_rss_bytes'] / 2**20:.0f} MiB" in line
+        assert (f"max {b['rel_error_max']:.3%}" in line) == (b["rel_error_max"] is not None)
 
 
 @pytest.mark.slow
@@ -206,3 +219,54 @@ def test_recipe_checkpoint_dir_key(tmp_path, data):
     with pytest.raises(ConfigError, match="out-of-core") as info:
         quanta.quantize(model, recipe)
     assert info.value.key == "checkpoint_dir"
+
+
+RTN_PEAK = textwrap.dedent("""
+    import json, resource, sys
+    import psutil, torch, quanta
+    from transformers import LlamaForCausalLM  # its import alone takes over 100 MiB
+    before = psutil.Process().memory_info().rss
+    quanta.quantize_checkpoint(sys.argv[1], {"algorithm": "rtn", "global_config": {"dtype": "int4",
+                               "granularity": "per_block", "block_size": 32}}, output=sys.argv[2])
+    print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+""")
+
+
+@pytest.mark.slow
+def test_rtn_out_of_core_never_holds_the_whole_model(tmp_path):
+    # A ~290 MB checkpoint (24 small Llama blocks, one shard each), quantized with rtn in a fresh
+    # process: what the run adds to the process's memory stays far below the checkpoint's size
+    # (one block and the layers outside the blocks at a time, never the whole float model).
+    pytest.importorskip("psutil")
+    from safetensors.torch import save_file
+
+    from quanta._files.checkpoints import params_on_meta
+
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=24, vocab_size=4000,
+                                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    config.architectures = ["LlamaForCausalLM"]
+    with params_on_meta():
+        skeleton = transformers.LlamaForCausalLM(config)
+    src = tmp_path / "src"
+    src.mkdir()
+    config.to_json_file(str(src / "config.json"))
+    groups: dict = {}
+    for key, p in skeleton.named_parameters():
+        groups.setdefault(key.split(".")[2] if key.startswith("model.layers.") else "outside", {})[key] = p.shape
+    g = torch.Generator().manual_seed(0)
+    weight_map, size = {}, 0
+    for part, shapes in groups.items():
+        tensors = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in shapes.items()}
+        save_file(tensors, str(src / f"model-{part}.safetensors"), metadata={"format": "pt"})
+        weight_map.update({k: f"model-{part}.safetensors" for k in tensors})
+        size += sum(t.numel() * 4 for t in tensors.values())
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size},
+                                                                   "weight_map": weight_map}))
+    assert size > 250e6
+    done = subprocess.run([sys.executable, "-c", RTN_PEAK, str(src), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    added = figures["peak"] - figures["before"]
+    assert added < size / 3, f"the run added {added / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"
+    assert len(quanta.records(quanta.load(tmp_path / "out"))) == 24 * 7 + 1

@@ -1,11 +1,12 @@
 """A transformers checkpoint directory read lazily: its config, which file holds each tensor, a
 model skeleton with its parameters on the ``meta`` device, and one part of it filled at a time
-from memory-mapped safetensors (the out-of-core run in :mod:`quanta._run.out_of_core` uses it)."""
+from its safetensors files by plain reads (the out-of-core run in :mod:`quanta._run.out_of_core` uses it)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -111,14 +112,20 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     return CheckpointSource(root, hf_config, cls, weight_map)
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 class CheckpointTensors:
-    """Reads of a checkpoint's tensors from memory-mapped safetensors files. Files are opened for
-    one :meth:`reading` block and closed after it, so the pages read for a block leave the
-    process's memory with it."""
+    """Reads of a checkpoint's tensors with plain file reads into fresh tensors (no memory map: a
+    mapped page read stays in the process's resident memory as long as the file is mapped, on
+    top of the copy). Files are opened for one :meth:`reading` block and closed after it."""
 
     def __init__(self, source: CheckpointSource, dtype: torch.dtype):
         self.source, self.dtype = source, dtype
         self._handles: dict[str, Any] | None = None
+        self._headers: dict[str, tuple[dict, int]] = {}
 
     @contextlib.contextmanager
     def reading(self) -> Iterator["CheckpointTensors"]:
@@ -126,19 +133,76 @@ class CheckpointTensors:
         try:
             yield self
         finally:
-            self._handles = None  # safe_open handles unmap their file when dropped
+            handles, self._handles = self._handles, None
+            for fh in handles.values():
+                fh.close()
+
+    def _entry(self, name: str, key: str) -> tuple[dict, int]:
+        if name not in self._headers:
+            header, _ = safetensors_header(self.source.path / name)
+            self._headers[name] = (json.loads(header), 8 + len(header))
+        entries, base = self._headers[name]
+        if key not in entries:
+            raise ModelError(f"checkpoint shard {name!r} lacks tensor {key!r} its index lists")
+        return entries[key], base
+
+    def _locate(self, key: str) -> tuple[Any, int, torch.dtype, tuple[int, ...]]:
+        """(open file, offset of the tensor's first byte, stored dtype, shape) of tensor ``key``."""
+        if self._handles is None:
+            raise RuntimeError("CheckpointTensors read outside reading()")
+        name = self.source.weight_map[key]
+        entry, base = self._entry(name, key)
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ModelError(f"checkpoint tensor {key!r} in {name!r} has dtype {entry.get('dtype')!r}, which "
+                             f"quanta does not read (allowed: {', '.join(_DTYPES)})")
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ModelError(f"checkpoint tensor {key!r} in {name!r}: {end - begin} bytes for shape {shape}")
+        if name not in self._handles:
+            self._handles[name] = open(self.source.path / name, "rb", buffering=0)
+        return self._handles[name], base + begin, dtype, shape
+
+    def _read(self, fh: Any, offset: int, nbytes: int, key: str) -> torch.Tensor:
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        fh.seek(offset)
+        view, done = memoryview(raw.numpy()), 0
+        while done < nbytes:
+            n = fh.readinto(view[done:])
+            if not n:
+                raise ModelError(f"checkpoint file {fh.name!r} ends inside tensor {key!r}")
+            done += n
+        return raw
+
+    def _compute(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+        """Tensor ``key`` (floating point ones in the compute dtype), in memory of its own."""
+        fh, offset, dtype, shape = self._locate(key)
+        raw = self._read(fh, offset, math.prod(shape) * dtype.itemsize, key)
+        return self._compute(raw.view(dtype).reshape(shape))
 
-        if self._handles is None:
-            raise RuntimeError("CheckpointTensors.get outside reading()")
-        name = self.source.weight_map[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.source.path / name), "pt")
-        t = self._handles[name].get_tensor(key)
-        # A copy in the compute dtype: nothing keeps a view of the mapped file.
-        return t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
+    def get_rows(self, key: str, rows: list[int]) -> torch.Tensor:
+        """Tensor ``key`` with only ``rows`` (indices of its first dimension) read. The other rows
+        are left unwritten, so a large tensor's memory for them is never touched (an embedding's
+        rows that no calibration token looks up cost no resident memory)."""
+        fh, offset, dtype, shape = self._locate(key)
+        out = torch.empty(shape, dtype=self.dtype if dtype.is_floating_point else dtype)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        ids = sorted(set(rows))
+        if ids and not (0 <= ids[0] and ids[-1] < shape[0]):
+            raise ModelError(f"rows {ids[0]}..{ids[-1]} of checkpoint tensor {key!r} of shape {shape}")
+        i = 0
+        while i < len(ids):
+            j = i
+            while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+                j += 1
+            raw = self._read(fh, offset + ids[i] * row_bytes, (j - i + 1) * row_bytes, key)
+            out[ids[i]:ids[j] + 1] = self._compute(raw.view(dtype).reshape(j - i + 1, *shape[1:]))
+            i = j + 1
+        return out
 
 
 @contextlib.contextmanager

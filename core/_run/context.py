@@ -141,9 +141,7 @@ class RunContext:
         if values is None:
             values = record.dequantize().to(original.device)
         if sq_error is None or ref_sq is None:
-            ref = original.detach().to(torch.float32)
-            ref_sq = float(torch.linalg.vector_norm(ref)) ** 2
-            sq_error = float(torch.nn.functional.mse_loss(values.float(), ref.reshape(values.shape), reduction="sum"))
+            sq_error, ref_sq = _squared_error(values, original)
         err = (sq_error / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
         if err >= 0.9999:  # never silently: a weight no closer to the float one than zero is (zeroed, blind)
             import warnings
@@ -263,3 +261,24 @@ class RunContext:
     def reset_progress(self) -> None:
         """Start the layer count of report rows again (``quanta.Quantizer.finalize`` reruns)."""
         self._done = 0
+
+
+#: Elements above which a layer's error is summed in pieces of this size: the difference of a
+#: large weight (an LM head) is never materialized whole.
+_ERROR_PIECE = 1 << 22
+
+
+def _squared_error(values: torch.Tensor, original: torch.Tensor) -> tuple[float, float]:
+    """(‖W−Ŵ‖², ‖W‖²) of the quantized ``values`` against the float ``original``."""
+    ref = original.detach().reshape(values.shape)
+    if values.numel() <= _ERROR_PIECE:
+        ref = ref.to(torch.float32)
+        return (float(torch.nn.functional.mse_loss(values.float(), ref, reduction="sum")),
+                float(torch.linalg.vector_norm(ref)) ** 2)
+    flat_v, flat_r = values.reshape(-1), ref.reshape(-1)
+    sq_error = ref_sq = 0.0
+    for i in range(0, flat_v.numel(), _ERROR_PIECE):
+        r = flat_r[i:i + _ERROR_PIECE].to(torch.float32)
+        sq_error += float(torch.nn.functional.mse_loss(flat_v[i:i + _ERROR_PIECE].float(), r, reduction="sum"))
+        ref_sq += float(torch.linalg.vector_norm(r)) ** 2
+    return sq_error, ref_sq

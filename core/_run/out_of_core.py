@@ -6,8 +6,8 @@ The whole float model is never in memory. The model is built with its parameters
 layers outside the blocks (embeddings, final norm, head) are read from the checkpoint; the
 blocks (the children of the largest ``nn.ModuleList``, e.g. a decoder's layers) are replaced by
 light stand-ins. The calibration samples are run up to the first block and its inputs cached;
-then, block by block: the block's weights are read from the memory-mapped safetensors, the
-block is quantized by ``quanta.quantize`` under its full name (so a recipe's names and patterns
+then, block by block: the block's weights are read from the safetensors files, the
+block is quantized like ``quanta.quantize`` under its full name (so a recipe's names and patterns
 apply as they do to the whole model), its tensors are written to the output as one shard, the
 quantized block's outputs become the next block's inputs, and the block is freed. The layers
 outside the blocks are quantized last, by one pass of the model in which the stand-ins replay
@@ -43,6 +43,7 @@ from quanta._files.faults import fault_delay
 from quanta._files.saved_format import CONFIG_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME
 from quanta._run.calibration import call_model, fresh_state, hidden_state
 from quanta._run.data_checks import CalibrationWarning
+from quanta._run.pipeline import quantize_part
 from quanta._run.resume import Activations, fingerprint, write_json_atomic
 from quanta.contracts.ranks import Ranks
 from quanta.errors import ConfigError, ModelError, QuantaError
@@ -80,7 +81,7 @@ class _StandIn(nn.Module):
         self.first = first
         self.mode = "capture"
         self.captured: list[tuple[tuple, dict]] = []
-        self.replay: dict[bytes, Any] = {}
+        self.replay: dict[bytes, Callable[[], Any]] = {}  # key -> reads that sample's last-block output
 
     def forward(self, *args, **kwargs):
         if not self.first or self.mode == "pass":
@@ -90,7 +91,7 @@ class _StandIn(nn.Module):
             raise _Stop
         hidden = args[0] if args else kwargs["hidden_states"]
         try:
-            return self.replay[_key(hidden)]
+            return self.replay[_key(hidden)]()
         except KeyError:
             raise ModelError("a sample reached the first block with inputs the calibration run did not see; "
                              "out-of-core quantization needs the same calibration data throughout") from None
@@ -99,9 +100,12 @@ class _StandIn(nn.Module):
 class _Scope(nn.Module):
     """A root module holding one block under its full name (``model.layers.3``), so the recipe's
     layer names and patterns apply to it as to the whole model. Calibration items are
-    ``{"_quanta_args": (hidden, ...), **keyword inputs}``."""
+    ``{"_quanta_sample": index, "_quanta_extra_args": (...), **keyword inputs}``: the hidden state
+    of sample ``index`` is read from the activations when the block is called (one sample's at a
+    time, from disk beyond the budget). ``index`` has one row per row of that hidden state, so
+    the items count as many samples as the hidden states would."""
 
-    def __init__(self, path: str, block: nn.Module):
+    def __init__(self, path: str, block: nn.Module, acts: Activations):
         super().__init__()
         parts = path.split(".")
         parent: nn.Module = self
@@ -111,9 +115,11 @@ class _Scope(nn.Module):
             parent = child
         parent.add_module(parts[-1], block)
         self._block = [block]  # not a submodule a second time
+        self._acts = acts
 
-    def forward(self, _quanta_args=(), **kwargs):
-        return self._block[0](*_quanta_args, **fresh_state(kwargs))
+    def forward(self, _quanta_sample, _quanta_extra_args=(), **kwargs):
+        hidden = self._acts.get(int(_quanta_sample[0]))
+        return self._block[0](hidden, *_quanta_extra_args, **fresh_state(kwargs))
 
 
 def _with_hidden(out, hidden):
@@ -217,6 +223,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
         raise CheckpointMismatchError(refusal)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_freed_memory_returned())
         persist = work is not None and ranks.writes
         # The other ranks write nothing: a private folder holds only the activations they spill.
         staging = work if persist else Path(stack.enter_context(_scratch_dir(output, private=not ranks.writes)))
@@ -226,6 +233,43 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
             _finish(ckpt, output, staging, progress_state, overwrite, tokenizer, persist=persist)
     say(f"done in {time.perf_counter() - started:.1f} s, peak RSS {_peak_rss_bytes() / 2**20:.0f} MiB")
     return output
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_GLIBC_INITIAL_MMAP_THRESHOLD = 128 * 1024
+
+
+@contextlib.contextmanager
+def _freed_memory_returned() -> Iterator[None]:
+    """While the run lasts, buffers of 1 MiB and more get their own memory mapping (glibc), so
+    what a block frees goes back to the system. By default glibc raises that threshold up to
+    32 MiB as large buffers are freed and keeps freed buffers below it for reuse: the resident
+    memory then grows with each block's differently sized temporaries. Elsewhere: no change."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    if not mallopt(_M_MMAP_THRESHOLD, 1 << 20):
+        yield
+        return
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _GLIBC_INITIAL_MMAP_THRESHOLD)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed with a block back to the system (glibc's ``malloc_trim``; elsewhere nothing)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager
@@ -287,7 +331,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
 
     acts = Activations(budget, staging / _SPILL_DIR)
     kwargs_of: list[dict] = []
-    with torch.no_grad():
+    with torch.no_grad(), _looked_up(model) as looked_up:
         for sample in samples:  # the first block's inputs
             try:
                 _call(model, sample)
@@ -300,16 +344,25 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
         for i, (args, kwargs) in enumerate(first.captured):
             keys.append(_key(args[0]))
             acts.set(i, args[0])
-            kwargs_of.append({"_quanta_extra_args": tuple(args[1:]), **kwargs})
+            n_rows = args[0].shape[0] if args[0].dim() > 2 else 1
+            kwargs_of.append({"_quanta_sample": torch.full((n_rows,), i), "_quanta_extra_args": tuple(args[1:]),
+                              **kwargs})
         first.captured.clear()
         release(model)  # the layers outside the blocks are read again for the last pass
         if state["done"]:  # resume: the next block's inputs as the last run left them
-            from safetensors.torch import load_file
+            if needs_data and not ranks.active:  # one sample in memory at a time
+                from safetensors import safe_open
 
-            saved = load_file(str(staging / _INPUTS_NAME)) if needs_data and ranks.writes else {}
-            saved = ranks.share(saved, 0)  # rank 0 read them from its checkpoint
-            for i in range(len(acts)):
-                acts.set(i, saved[f"sample.{i}"])
+                with safe_open(str(staging / _INPUTS_NAME), "pt") as saved:
+                    for i in range(len(acts)):
+                        acts.set(i, saved.get_tensor(f"sample.{i}").clone())
+            else:
+                from safetensors.torch import load_file
+
+                saved = load_file(str(staging / _INPUTS_NAME)) if needs_data and ranks.writes else {}
+                saved = ranks.share(saved, 0)  # rank 0 read them from its checkpoint
+                for i in range(len(acts)):
+                    acts.set(i, saved[f"sample.{i}"])
             say(f"resuming after block {state['done']} of {len(real)}")
 
         for index in range(state["done"], len(real)):
@@ -320,67 +373,121 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
             left = meta_left(block)
             if left:
                 raise ModelError(f"checkpoint {str(ckpt.path)!r} lacks tensor {path}.{left[0]!r}")
-            scope = _Scope(path, block)
+            scope = _Scope(path, block, acts)
             part = _recipe_for_part(recipe, scope)
-            batches = [{"_quanta_args": (acts.get(i), *kw["_quanta_extra_args"]),
-                        **{k: v for k, v in kw.items() if k != "_quanta_extra_args"}}
-                       for i, kw in enumerate(kwargs_of)]
+            batches = kwargs_of
             rows = []
             if quanta.plan(scope, part).selected:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", CalibrationWarning)  # said once, before the first block
-                    quanta.quantize(scope, part, data=batches if needs_data else None, inplace=True)
+                    quantize_part(scope, part, batches if needs_data else None)
                 rows = [_row(layer) for layer in scope.quanta_report.layers]
-            if needs_data and index < len(real) - 1:
+            if needs_data:  # the quantized block's outputs replace its inputs, one sample at a time
                 for i, batch in enumerate(batches):
-                    acts.set(i, hidden_state(_call(scope, batch)))
-            elif needs_data:  # the last block's outputs: what the head's calibration replays
-                outs = [_call(scope, batch) for batch in batches]
-                for i, out in enumerate(outs):
+                    out = _call(scope, batch)
+                    if index == len(real) - 1 and i == 0:  # what the head's calibration replays
+                        state["_last_structure"] = "tensor" if isinstance(out, torch.Tensor) else "tuple"
                     acts.set(i, hidden_state(out))
-                state["_last_structure"] = "tensor" if isinstance(outs[0], torch.Tensor) else "tuple"
-            del batches
+                    del out
             if ranks.writes:
                 _write_part(scope, staging, f"block-{index:05d}.safetensors", state)
             real[index] = None
             del scope, block
+            _release_freed_memory()
+            state["done"] = index + 1
+            state["report"] += rows
+            line = _account(state, f"block {index + 1}/{len(real)}", path, rows, t0)
             if persist:
                 if needs_data:
-                    _save_inputs(acts, staging / _INPUTS_NAME)
-                state["done"] = index + 1
-                state["report"] += rows
+                    acts.save(staging / _INPUTS_NAME)
                 write_json_atomic(staging / PROGRESS_NAME, state)
                 fault_delay("block-checkpointed")  # tests only: a kill lands between two blocks
-            else:
-                state["done"] = index + 1
-                state["report"] += rows
-            errors = [r["rel_error"] for r in rows if r.get("rel_error") is not None]
-            say(f"block {index + 1}/{len(real)} {path}: {len(rows)} layers, "
-                f"{time.perf_counter() - t0:.1f} s, peak RSS {_peak_rss_bytes() / 2**20:.0f} MiB"
-                + (f", rel error mean {sum(errors) / len(errors):.3%} max {max(errors):.3%}" if errors else ""))
+            say(line)
 
         # The layers outside the blocks, by one pass in which the first stand-in replays the last
         # block's outputs (the in-memory gptq's final pass computes exactly these).
+        part = _recipe_for_part(recipe, model)
+        selected = {layer.name for layer in quanta.plan(model, part).selected}
+        _read_looked_up_rows(model, looked_up, selected, tensors)
         materialize(model, "", tensors)
         if needs_data:
             first.replay = {}
             structure = state.get("_last_structure", "tensor")
             for i, key in enumerate(keys):
-                hidden = acts.get(i)
-                first.replay[key] = hidden if structure == "tensor" else (hidden,)
+                first.replay[key] = ((lambda i=i: acts.get(i)) if structure == "tensor" else
+                                     (lambda i=i: (acts.get(i),)))
             first.mode = "replay"
         else:
             first.mode = "pass"
+        t0 = time.perf_counter()
         rows = []
-        part = _recipe_for_part(recipe, model)
-        if quanta.plan(model, part).selected:
+        if selected:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CalibrationWarning)
-                quanta.quantize(model, part, data=samples if needs_data else None, inplace=True)
+                quantize_part(model, part, samples if needs_data else None)
             rows = [_row(layer) for layer in model.quanta_report.layers]
         state["report"] += rows
         if ranks.writes:
             _write_part(model, staging, "outside-blocks.safetensors", state)
+        say(_account(state, "outside the blocks", "", rows, t0))
+
+
+@contextlib.contextmanager
+def _looked_up(model: nn.Module) -> Iterator[dict[str, set[int] | None]]:
+    """Within the block, the rows each ``nn.Embedding`` of ``model`` looks up (None: called
+    without an index tensor, so unknown)."""
+    seen: dict[str, set[int] | None] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            seen[name] = set()
+
+            def hook(mod, args, kwargs, name=name) -> None:
+                x = args[0] if args else kwargs.get("input")
+                rows = seen[name]
+                if rows is not None:
+                    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+                        rows.update(x.reshape(-1).unique().tolist())
+                    else:
+                        seen[name] = None
+
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _read_looked_up_rows(model: nn.Module, looked_up: dict, selected: set[str], tensors: CheckpointTensors) -> None:
+    """For the last pass, read only the rows the calibration samples look up of each embedding
+    that pass does not quantize and no other layer shares (an untied LM head's input embedding):
+    the pass computes the same hidden states, and the other rows cost no memory."""
+    every = [p for m in model.modules() for p in m._parameters.values() if p is not None]
+    for name, rows in looked_up.items():
+        module = model.get_submodule(name)
+        weight = module._parameters.get("weight")
+        key = f"{name}.weight"
+        if (rows is None or name in selected or weight is None or weight.device.type != "meta"
+                or key not in tensors.source.weight_map or sum(p is weight for p in every) > 1):
+            continue
+        with tensors.reading():
+            module._parameters["weight"] = nn.Parameter(tensors.get_rows(key, sorted(rows)), requires_grad=False)
+
+
+def _account(state: dict, label: str, path: str, rows: list, t0: float) -> str:
+    """One part's accounting: time, peak RSS so far and its layers' error summary, kept in
+    ``state["blocks"]`` (the report's ``blocks``) and returned as the progress line."""
+    errors = [r["rel_error"] for r in rows if r.get("rel_error") is not None]
+    entry = {"part": path or "outside the blocks", "layers": len(rows),
+             "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": _peak_rss_bytes(),
+             "rel_error_mean": sum(errors) / len(errors) if errors else None,
+             "rel_error_max": max(errors) if errors else None}
+    state.setdefault("blocks", []).append(entry)
+    where = f" {path}" if path else ""
+    return (f"{label}{where}: {entry['layers']} layers, {entry['seconds']:.1f} s, peak RSS "
+            f"{entry['peak_rss_bytes'] / 2**20:.0f} MiB"
+            + (f", rel error mean {entry['rel_error_mean']:.3%} max {entry['rel_error_max']:.3%}" if errors else ""))
 
 
 def _recipe_for_part(recipe, part: nn.Module):
@@ -406,14 +513,6 @@ def _recipe_for_part(recipe, part: nn.Module):
 
 def _row(layer) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in layer.to_dict().items()}
-
-
-def _save_inputs(acts: Activations, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({f"sample.{i}": acts.get(i) for i in range(len(acts))}, str(tmp))
-    os.replace(tmp, path)
 
 
 def _write_part(module: nn.Module, staging: Path, file_name: str, state: dict) -> None:
@@ -457,7 +556,8 @@ def _finish(ckpt, output: Path, staging: Path, state: dict, overwrite: bool, tok
         names = copy_tokenizer_files(tok, target)
         if names:
             config["tokenizer_files"] = names
-        (target / "quanta_report.json").write_text(json.dumps({"layers": state["report"]}, indent=1) + "\n")
+        (target / "quanta_report.json").write_text(json.dumps({"layers": state["report"],
+                                                               "blocks": state.get("blocks", [])}, indent=1) + "\n")
         (target / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     if persist:
         shutil.rmtree(staging, ignore_errors=True)

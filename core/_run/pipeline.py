@@ -306,8 +306,24 @@ def quantize(model: Any, config: Any = None, data: Any = None, *, inplace: bool 
     if recipe.checkpoint_dir is not None:
         raise ConfigError("checkpoint_dir applies to out-of-core runs (quanta.quantize_checkpoint, "
                           "`quanta quantize --out-of-core`); remove it to quantize a model in memory", "checkpoint_dir")
+    return _quantize(model, recipe, data, inplace=inplace, backend=backend, device=device)
+
+
+def quantize_part(model: Any, recipe: Recipe, data: Any) -> Any:
+    """``quantize(model, recipe, data, inplace=True)`` keeping nothing to restore ``model`` on a
+    failure: for a part of a model read from a checkpoint (the out-of-core run), where the file on
+    disk is the float copy and a failed part is dropped. The float weights are freed as each
+    layer's quantized weight replaces them."""
+    return _quantize(model, recipe, data, inplace=True, backend=None, device=None, keep_float=False)
+
+
+def _quantize(model: Any, recipe: Recipe, data: Any, *, inplace: bool, backend: str | None, device: Any,
+              keep_float: bool = True) -> Any:
     run = _prepare(model, recipe, data, backend, device, inplace)
-    target, snapshot = _working_model(model, run, inplace)
+    if keep_float:
+        target, snapshot = _working_model(model, run, inplace)
+    else:
+        target, snapshot = model, None
     _warn_unsupported(run.plans[0])
     report = Report(algorithm=run.name, skipped=[(p.name, p.reason) for p in run.plans[-1].layers if p.spec is None])
     if run.ranks.active:

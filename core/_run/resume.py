@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,11 @@ import torch
 from quanta._files.checkpoints import CheckpointSource, safetensors_header
 
 __all__ = ["Activations", "fingerprint", "write_json_atomic"]
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_DTYPE_OF = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class Activations:
@@ -56,6 +62,37 @@ class Activations:
 
             return load_file(str(value))["hidden"]
         return value
+
+    def save(self, path: Path) -> None:
+        """Write every hidden state to one safetensors file (keys ``sample.<i>``), atomically, one
+        sample in memory at a time (``safetensors.torch.save_file`` would copy them all first)."""
+        entries, offset, shapes = {}, 0, []
+        for i in range(len(self.items)):
+            shape, dtype = self._shape(i)
+            nbytes = math.prod(shape) * dtype.itemsize
+            entries[f"sample.{i}"] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                                      "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header = json.dumps(entries, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(len(header).to_bytes(8, "little"))
+            fh.write(header)
+            for i in range(len(self.items)):
+                t = self.get(i).contiguous()
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        os.replace(tmp, path)
+
+    def _shape(self, i: int) -> tuple[tuple[int, ...], torch.dtype]:
+        value = self.items[i]
+        if isinstance(value, Path):
+            from safetensors import safe_open
+
+            with safe_open(str(value), "pt") as fh:
+                sl = fh.get_slice("hidden")
+                return tuple(sl.get_shape()), _DTYPE_OF[sl.get_dtype()]
+        return tuple(value.shape), value.dtype
 
     def __len__(self) -> int:
         return len(self.items)

@@ -134,8 +134,9 @@ def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
     """Insert activation fake-quantizers (see the module docstring). Returns their module names.
 
     ``make_quantizer(site)`` builds one quantizer; ``skip`` holds module names left float.
-    ``nonnegative_scheme``: the output quantizer after a ReLU/ReLU6 (never negative) is built with
-    ``make_quantizer(site, nonnegative=True)`` (coremltools quantizes those outputs affine).
+    ``nonnegative_scheme``: a quantizer of a ReLU/ReLU6 output (never negative: after a fused relu,
+    or on an input that a relu produces) is built with ``make_quantizer(site, nonnegative=True)``
+    (coremltools quantizes those affine).
     ``sites="weighted_inputs"`` quantizes only the inputs of weighted modules (the int8 GEMM
     inputs of SmoothQuant-style W8A8): their outputs, adds, matmuls and whatever feeds a
     layer norm stay float, keeping a transformer's outlier channels intact.
@@ -187,7 +188,8 @@ def insert_activation_quantizers(gm: fx.GraphModule, rules: ActivationRules,
             if not is_float_tensor(arg) or quantized_source(arg):
                 continue
             if arg not in input_quantizer:
-                input_quantizer[arg] = add_quantizer(arg, f"input of {site}")
+                input_quantizer[arg] = add_quantizer(arg, f"input of {site}",
+                                                     nonnegative_scheme and _is_relu(arg, _module(gm, arg)))
             node.replace_input_with(arg, input_quantizer[arg])
         if not outputs:
             continue

@@ -316,6 +316,7 @@ class GPTQ(Algorithm):
             check_finite(getattr(module, layer.unit.param), layer.name)
         for hook in hooks.values():
             hook.finish()
+            getattr(hook, "scratch", {}).clear()  # the accumulation's buffers: not needed by the solves
         solved: dict = {}
         if ranks.active:  # each rank solves the layers it owns first, then the results travel
             for key, layer in mine.items():
@@ -333,6 +334,7 @@ class GPTQ(Algorithm):
             else:
                 result = self._solve_layer(module, layer, _hessians(hook), cfg, device)
             self._write(model, module, layer, result, context)
+            hook.xtx = result = None  # one layer's Hessian and solution at a time (memory)
 
     def _solve_layer(self, module, layer, hessians: list, cfg, device) -> dict:
         """GPTQ-solve one layer from its Hessians: codes, qparams, dequantized weight and figures.
@@ -358,7 +360,7 @@ class GPTQ(Algorithm):
                                            block_size=block, processing_group_size=cfg.processing_group_size,
                                            damp=float(cfg.hessian_dampening),
                                            act_order=cfg.use_activation_order_heuristic,
-                                           static_groups=cfg.static_groups))
+                                           static_groups=cfg.static_groups, codes_dtype=spec.dtype.torch_storage))
         for warning in caught:
             warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
         cat = (lambda name: getattr(parts[0], name)) if len(parts) == 1 else \

@@ -12,7 +12,8 @@ quantized through the upper Cholesky factor ``U`` of the inverse Hessian
   of ``processing_group_size`` columns split again into sub-batches of 16: a rank-1 update
   per column inside the sub-batch, one matmul per sub-batch and one per batch;
 * on CPU, for tall weights (>= 8192 rows), the output rows (independent in GPTQ) split
-  between two threads; otherwise each batch's bulk trailing update runs in a worker thread
+  between two threads, and weights over 128 MiB are solved in row chunks of about 32 MiB
+  (memory: an LM head is never copied whole); otherwise each batch's bulk trailing update runs in a worker thread
   while the next batch's per-column loop runs;
 * on CUDA, one lazy batch's per-column loop captured once in a CUDA graph and replayed,
   checked against the plain path on its first batch (falls back to the plain path with a
@@ -66,7 +67,7 @@ class GPTQQuantizer(Protocol):
 class GPTQResult:
     """Output of :func:`gptq_quantize`.
 
-    ``codes`` int32 ``[out, in]``; ``scale`` float32 ``[out, n_groups]`` (1 group per channel,
+    ``codes`` int32 (or ``codes_dtype``) ``[out, in]``; ``scale`` float32 ``[out, n_groups]`` (1 group per channel,
     ``in // block_size`` per block, in original column order); ``zero_point`` like ``scale`` or
     ``None``; ``weight`` float32 ``[out, in]`` = ``quantizer.dequantize(codes, scale, zero_point)``
     per group. ``loss`` is the paper's ``Losses.sum()``: ``1/2 * sum_j ((w_j - q_j) / U_jj)^2``, which
@@ -91,6 +92,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    codes_dtype: torch.dtype = torch.int32,
     _path: str = "auto",
 ) -> GPTQResult:
     """Quantize ``weight`` ``[out, in]`` with GPTQ against ``hessian`` ``[in, in]`` (= 2 X^T X / n).
@@ -109,6 +111,8 @@ def gptq_quantize(
             per block, as exported), so their qparams are fit up front.
         static_groups: fit every block's qparams up front on the original (dead-zeroed) weight
             instead of on the error-updated weight when the sweep reaches the block.
+        codes_dtype: the integer dtype of ``codes`` (a narrower one, e.g. the scheme's storage
+            dtype, saves memory on large weights; it must hold the quantizer's range).
 
     Returns:
         :class:`GPTQResult` on the device of ``weight``. The inputs are not modified.
@@ -122,7 +126,7 @@ def gptq_quantize(
         static_groups = True
     with torch.no_grad():
         return _solve(weight, hessian, quantizer, block_size, processing_group_size, damp,
-                      act_order, static_groups, _path)
+                      act_order, static_groups, _path, codes_dtype)
 
 
 def _check_inputs(weight, hessian, block_size, processing_group_size, damp) -> None:
@@ -146,7 +150,8 @@ def _check_inputs(weight, hessian, block_size, processing_group_size, damp) -> N
 
 
 
-def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, static_groups, path) -> GPTQResult:
+def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, static_groups, path,
+           codes_dtype=torch.int32) -> GPTQResult:
     device = weight.device
     w = weight.detach().to(dtype=torch.float32)  # read only: the sweep works on transposed copies
     h = hessian.detach().to(device=device, dtype=torch.float32)  # read only
@@ -196,50 +201,77 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
     plan = SweepPlan(n=n, batch=batch, block_size=block_size if dynamic else None, group_of=group_of,
                       n_groups=n_groups, feedback=feedback, r_diag=r_diag, block_inverse=block_inverse)
 
-    chunks = _row_chunks(rows, device)
-    def run_chunk(r0: int, r1: int, overlap: bool = False) -> Any:
-        return _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path, overlap)
+    n_groups_out = n_groups
+    per_group = n // n_groups_out
+    codes_out = torch.empty(rows, n, dtype=codes_dtype, device=device)
+    weight_out = torch.empty(rows, n, dtype=torch.float32, device=device)
+    scale_out = torch.empty(rows, n_groups_out, dtype=torch.float32, device=device)
+    zp_out: list[torch.Tensor | None] = [None]
+    inverse = None if perm is None else torch.argsort(perm)
+
+    def store(r0: int, r1: int, result: Any) -> float:
+        # One chunk's rows of every output, in original column order; the float codes and the
+        # sweep's work copies are freed with the chunk.
+        codes_t, scale_t, zp_t, sq_err = result
+        if inverse is not None:
+            codes_t = codes_t.index_select(0, inverse)
+        codes_c, scale_c = codes_t.t(), scale_t.t()
+        scale_out[r0:r1] = scale_c
+        zp_c = None
+        if zp_t is not None:
+            if zp_out[0] is None:
+                zp_out[0] = torch.empty(rows, n_groups_out, dtype=torch.float32, device=device)
+            zp_c = zp_t.t()
+            zp_out[0][r0:r1] = zp_c
+        weight_out[r0:r1] = quantizer.dequantize(
+            codes_c, scale_c.repeat_interleave(per_group, dim=1),
+            None if zp_c is None else zp_c.repeat_interleave(per_group, dim=1)).to(torch.float32)
+        codes_out[r0:r1] = codes_c
+        return sq_err
+
+    chunks, workers = _row_chunks(rows, n, device)
+    def run_chunk(r0: int, r1: int, overlap: bool = False) -> float:
+        return store(r0, r1, _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path, overlap))
     if len(chunks) == 1:
-        results = [run_chunk(*chunks[0], overlap=device.type == "cpu" and torch.get_num_threads() >= 2)]
+        losses = [run_chunk(*chunks[0], overlap=device.type == "cpu" and torch.get_num_threads() >= 2)]
     else:
         # Each worker gets its share of the intra-op threads (1 of 2 here): on a busy machine,
         # OpenMP regions inside the per-column loop cost far more than they gain. The setting is
         # per thread for OpenMP but global for MKL, so the caller's value is put back after.
         threads = torch.get_num_threads()
-        def work(chunk) -> Any:
-            torch.set_num_threads(max(1, threads // len(chunks)))
+        def work(chunk) -> float:
+            torch.set_num_threads(max(1, threads // workers))
             return run_chunk(*chunk)
         try:
-            with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-                results = list(pool.map(work, chunks))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                losses = list(pool.map(work, chunks))
         finally:
             torch.set_num_threads(threads)
-
-    codes_t = torch.cat([r[0] for r in results], dim=1)
-    scale_t = torch.cat([r[1] for r in results], dim=1)
-    zp_t = None if results[0][2] is None else torch.cat([r[2] for r in results], dim=1)
-    loss = 0.5 * sum(r[3] for r in results)
-
-    if perm is not None:
-        codes_t = codes_t.index_select(0, torch.argsort(perm))
-    codes_f = codes_t.t().contiguous()
-    scale = scale_t.t().contiguous()
-    zero_point = None if zp_t is None else zp_t.t().contiguous()
-    per_group = n // n_groups
-    scale_full = scale.repeat_interleave(per_group, dim=1)
-    zp_full = None if zero_point is None else zero_point.repeat_interleave(per_group, dim=1)
-    dequantized = quantizer.dequantize(codes_f, scale_full, zp_full).to(torch.float32)
-    return GPTQResult(codes=codes_f.to(torch.int32), scale=scale, zero_point=zero_point,
-                      weight=dequantized, loss=float(loss), damp=float(damp_used))
+    loss = 0.5 * sum(losses)
+    return GPTQResult(codes=codes_out, scale=scale_out, zero_point=zp_out[0],
+                      weight=weight_out, loss=float(loss), damp=float(damp_used))
 
 
-def _row_chunks(rows: int, device: torch.device) -> list[tuple[int, int]]:
-    # Rows are independent in GPTQ. On CPU, for very tall weights, two Python threads (torch
-    # releases the GIL in kernels) each take half the rows.
+#: Weights above this many float32 bytes are solved in row chunks of about ``_CHUNK_BYTES``
+#: each (at most two at a time): the sweep holds about four working copies of its rows, so an
+#: LM head (32000 x 2048, 250 MiB) no longer needs several full-size copies at once. Rows are
+#: independent in GPTQ, so the codes do not depend on the split.
+_WHOLE_BYTES = 128 * 2**20
+_CHUNK_BYTES = 32 * 2**20
+
+
+def _row_chunks(rows: int, n: int, device: torch.device) -> tuple[list[tuple[int, int]], int]:
+    """Row ranges solved separately, and how many run at once. On CPU, for very tall weights,
+    two Python threads (torch releases the GIL in kernels) share the chunks."""
     n_threads = torch.get_num_threads() if device.type == "cpu" else 1
-    n_chunks = max(1, min(2, n_threads, rows // _MIN_ROWS_PER_THREAD))
+    workers = max(1, min(2, n_threads, rows // _MIN_ROWS_PER_THREAD))
+    n_chunks = workers
+    if rows * n * 4 > _WHOLE_BYTES:
+        per_chunk = max(_MIN_ROWS_PER_THREAD, _CHUNK_BYTES // (4 * n))
+        n_chunks = -(-rows // per_chunk)
+        n_chunks = -(-n_chunks // workers) * workers
     step = -(-rows // n_chunks)
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)], workers
 
 
 @attrs.frozen(kw_only=True)
@@ -343,6 +375,7 @@ def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups
                              [zp_views[g[j]] for j in range(i1, i2)] if has_zp else None,
                              diff_t[i1:i2], quantizer, plan.sub_batches(i1, i2), before)
             trailing.after_batch(b)
+    del w0_t, diff_t, runner  # only wt is read from here on: free the other work copies first
     # Row j of wt still holds column j exactly as it was quantized (updates only ever touch
     # later columns), so one vectorized quantize gives the loop's codes bit for bit.
     groups = torch.tensor(list(g), dtype=torch.long, device=wt.device)
