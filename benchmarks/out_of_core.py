@@ -143,7 +143,7 @@ def _sections(text: str) -> dict[str, str]:
     name = None
     for line in text.splitlines(keepends=True):
         if line.startswith("## "):
-            name = line[3:].split()[0]
+            name = line[3:].split()[0].rstrip(":")
             out[name] = ""
         if name is not None:
             out[name] += line
@@ -213,9 +213,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--resume-layers", type=int, default=4)
-    parser.add_argument("--resume-samples", type=int, default=4)
-    parser.add_argument("--resume-tokens", type=int, default=128)
+    parser.add_argument("--resume-layers", type=int, default=3)
+    parser.add_argument("--resume-samples", type=int, default=2)
+    parser.add_argument("--resume-tokens", type=int, default=64)
     parser.add_argument("--budget-mib", type=int, default=32, help="activation budget (MiB) of every run")
     parser.add_argument("--workdir", default=None, help="where the checkpoints are written (default: a temp dir)")
     args = parser.parse_args()

@@ -36,3 +36,21 @@ def test_minilm_cosine_in_coreml_md():
     assert m
     coreml = (ROOT / "docs" / "coreml.md").read_text()
     assert f"embedding cosine to fp32: mean {m[1].rstrip(',')}, min {m[2]}" in coreml
+
+
+def test_out_of_core_figures_in_large_models_md():
+    # docs/large-models.md quotes benchmarks/out_of_core.py's measured memory and resume figures.
+    text = (ROOT / "benchmarks" / "results" / "out_of_core_cpu.txt").read_text()
+    memory = text.split("## memory", 1)[1].split("\n## ", 1)[0]
+    layers, samples, tokens = re.search(r"# (\d+) layers, .*?; (\d+) x (\d+) calibration tokens", memory).groups()
+    size_gb = re.search(r"checkpoint tensor bytes .*\((\S+) GB\)", memory)[1]
+    secs, peak_gib = re.search(r"plain\s+(\S+) s\s+peak RSS (\S+) GiB", memory).groups()
+    peak_gb = re.search(r"peak RSS (\S+) GB against", memory)[1]
+    doc = " ".join((ROOT / "docs" / "large-models.md").read_text().split())
+    assert (f"{layers} blocks (a {size_gb} GB checkpoint) with {samples} x {tokens} calibration tokens: "
+            f"peak RSS {peak_gb} GB ({peak_gib} GiB) in {secs} s") in doc
+    resume = text.split("## resume", 1)[1]
+    overhead = re.search(r"checkpointing overhead\s+(\S+)x", resume)[1]
+    identical = re.search(r"codes identical to the uninterrupted runs: (\S+)", resume)[1]
+    assert identical == "True"
+    assert f"checkpointing every block cost {overhead}x the time of a run without" in doc
