@@ -198,9 +198,14 @@ def _cmd_quantize(args, console: Console) -> int:
         return _quantize(args, console)
     with process_group(recipe, getattr(args, "dist_timeout", 1800.0)):
         ranks = Ranks.current()
-        if not ranks.writes:
-            console.quiet = True  # rank 0 reports; the others' errors still show
-        return _quantize(args, console, writes=ranks.writes)
+        if ranks.writes:
+            return _quantize(args, console)
+        console.quiet = True  # rank 0 reports and warns; the others' errors still show
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _quantize(args, console, writes=False)
 
 
 def _quantize(args, console: Console, writes: bool = True) -> int:
