@@ -134,6 +134,15 @@ def _with_hidden(out, hidden):
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak resident size: ``VmHWM`` where /proc has it (``ru_maxrss`` also counts
+    the peak of the parent that started this process: Linux keeps it across fork and exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
