@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import resource
 import shutil
 import time
 import warnings
@@ -43,6 +42,8 @@ from quanta._files.faults import fault_delay
 from quanta._files.saved_format import CONFIG_NAME, FORMAT, FORMAT_VERSION, INDEX_NAME
 from quanta._run.calibration import call_model, fresh_state, hidden_state
 from quanta._run.data_checks import CalibrationWarning
+from quanta._run.embedding_rows import looked_up, read_looked_up_rows
+from quanta._run.memory import freed_memory_returned, peak_rss_bytes, release_freed_memory
 from quanta._run.pipeline import quantize_part
 from quanta._run.resume import Activations, fingerprint, write_json_atomic
 from quanta.contracts.ranks import Ranks
@@ -133,19 +134,6 @@ def _with_hidden(out, hidden):
     raise ModelError(f"cannot replay a block output of type {type(out).__name__}")
 
 
-def _peak_rss_bytes() -> int:
-    """This process's peak resident size: ``VmHWM`` where /proc has it (``ru_maxrss`` also counts
-    the peak of the parent that started this process: Linux keeps it across fork and exec)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -232,7 +220,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
         raise CheckpointMismatchError(refusal)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_freed_memory_returned())
+        stack.enter_context(freed_memory_returned())
         persist = work is not None and ranks.writes
         # The other ranks write nothing: a private folder holds only the activations they spill.
         staging = work if persist else Path(stack.enter_context(_scratch_dir(output, private=not ranks.writes)))
@@ -240,45 +228,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: Any = None, data: Any
                     say, persist=persist, ranks=ranks)
         if ranks.writes:
             _finish(ckpt, output, staging, progress_state, overwrite, tokenizer, persist=persist)
-    say(f"done in {time.perf_counter() - started:.1f} s, peak RSS {_peak_rss_bytes() / 2**20:.0f} MiB")
+    say(f"done in {time.perf_counter() - started:.1f} s, peak RSS {peak_rss_bytes() / 2**20:.0f} MiB")
     return output
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_GLIBC_INITIAL_MMAP_THRESHOLD = 128 * 1024
-
-
-@contextlib.contextmanager
-def _freed_memory_returned() -> Iterator[None]:
-    """While the run lasts, buffers of 1 MiB and more get their own memory mapping (glibc), so
-    what a block frees goes back to the system. By default glibc raises that threshold up to
-    32 MiB as large buffers are freed and keeps freed buffers below it for reuse: the resident
-    memory then grows with each block's differently sized temporaries. Elsewhere: no change."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        yield
-        return
-    if not mallopt(_M_MMAP_THRESHOLD, 1 << 20):
-        yield
-        return
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, _GLIBC_INITIAL_MMAP_THRESHOLD)
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed with a block back to the system (glibc's ``malloc_trim``; elsewhere nothing)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @contextlib.contextmanager
@@ -340,7 +291,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
 
     acts = Activations(budget, staging / _SPILL_DIR)
     kwargs_of: list[dict] = []
-    with torch.no_grad(), _looked_up(model) as looked_up:
+    with torch.no_grad(), looked_up(model) as rows_seen:
         for sample in samples:  # the first block's inputs
             try:
                 _call(model, sample)
@@ -402,7 +353,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
                 _write_part(scope, staging, f"block-{index:05d}.safetensors", state)
             real[index] = None
             del scope, block
-            _release_freed_memory()
+            release_freed_memory()
             state["done"] = index + 1
             state["report"] += rows
             line = _account(state, f"block {index + 1}/{len(real)}", path, rows, t0)
@@ -417,7 +368,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
         # block's outputs (the in-memory gptq's final pass computes exactly these).
         part = _recipe_for_part(recipe, model)
         selected = {layer.name for layer in quanta.plan(model, part).selected}
-        _read_looked_up_rows(model, looked_up, selected, tensors)
+        read_looked_up_rows(model, rows_seen, selected, tensors)
         materialize(model, "", tensors)
         if needs_data:
             first.replay = {}
@@ -441,55 +392,12 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
         say(_account(state, "outside the blocks", "", rows, t0))
 
 
-@contextlib.contextmanager
-def _looked_up(model: nn.Module) -> Iterator[dict[str, set[int] | None]]:
-    """Within the block, the rows each ``nn.Embedding`` of ``model`` looks up (None: called
-    without an index tensor, so unknown)."""
-    seen: dict[str, set[int] | None] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
-            seen[name] = set()
-
-            def hook(mod, args, kwargs, name=name) -> None:
-                x = args[0] if args else kwargs.get("input")
-                rows = seen[name]
-                if rows is not None:
-                    if isinstance(x, torch.Tensor) and not x.is_floating_point():
-                        rows.update(x.reshape(-1).unique().tolist())
-                    else:
-                        seen[name] = None
-
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _read_looked_up_rows(model: nn.Module, looked_up: dict, selected: set[str], tensors: CheckpointTensors) -> None:
-    """For the last pass, read only the rows the calibration samples look up of each embedding
-    that pass does not quantize and no other layer shares (an untied LM head's input embedding):
-    the pass computes the same hidden states, and the other rows cost no memory."""
-    every = [p for m in model.modules() for p in m._parameters.values() if p is not None]
-    for name, rows in looked_up.items():
-        module = model.get_submodule(name)
-        weight = module._parameters.get("weight")
-        key = f"{name}.weight"
-        if (rows is None or name in selected or weight is None or weight.device.type != "meta"
-                or key not in tensors.source.weight_map or sum(p is weight for p in every) > 1):
-            continue
-        with tensors.reading():
-            module._parameters["weight"] = nn.Parameter(tensors.get_rows(key, sorted(rows)), requires_grad=False)
-
-
 def _account(state: dict, label: str, path: str, rows: list, t0: float) -> str:
     """One part's accounting: time, peak RSS so far and its layers' error summary, kept in
     ``state["blocks"]`` (the report's ``blocks``) and returned as the progress line."""
     errors = [r["rel_error"] for r in rows if r.get("rel_error") is not None]
     entry = {"part": path or "outside the blocks", "layers": len(rows),
-             "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": _peak_rss_bytes(),
+             "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": peak_rss_bytes(),
              "rel_error_mean": sum(errors) / len(errors) if errors else None,
              "rel_error_max": max(errors) if errors else None}
     state.setdefault("blocks", []).append(entry)
