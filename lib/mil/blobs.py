@@ -53,7 +53,8 @@ class _Blobs:
         self.weights_dir = weights_dir
         self.files: dict[str, Any] = {}
 
-    def read(self, file_name: str, offset: int) -> bytes:
+    def header(self, file_name: str, offset: int) -> tuple[Any, str, int, int]:
+        """(open file, its name in the weights folder, byte count, data offset) of the blob at ``offset``."""
         rel = file_name[len(_MODEL_PATH):] if file_name.startswith(_MODEL_PATH) else file_name
         rel = rel.removeprefix("weights/")
         fh = self.files.get(rel)
@@ -63,6 +64,10 @@ class _Blobs:
         sentinel, _dtype, nbytes, data_offset = _BLOB_HEADER.unpack(fh.read(_BLOB_HEADER.size))
         if sentinel != _SENTINEL:
             raise ValueError(f"{rel}: no weight header at offset {offset}")
+        return fh, rel, nbytes, data_offset
+
+    def read(self, file_name: str, offset: int) -> bytes:
+        fh, rel, nbytes, data_offset = self.header(file_name, offset)
         fh.seek(data_offset)
         data = fh.read(nbytes)
         if len(data) != nbytes:
@@ -206,13 +211,7 @@ def weight_bytes(path: str | os.PathLike, spec: Any = None) -> tuple[int, int]:
     quantized = floats = 0
     try:
         for (file_name, offset), compressed in seen.items():
-            rel = file_name[len(_MODEL_PATH):] if file_name.startswith(_MODEL_PATH) else file_name
-            rel = rel.removeprefix("weights/")
-            fh = blobs.files.get(rel)
-            if fh is None:
-                fh = blobs.files[rel] = open(blobs.weights_dir / rel, "rb")
-            fh.seek(offset)
-            _sentinel, _dtype, nbytes, _data_offset = _BLOB_HEADER.unpack(fh.read(_BLOB_HEADER.size))
+            nbytes = blobs.header(file_name, offset)[2]
             if compressed:
                 quantized += nbytes
             else:
