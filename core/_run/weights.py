@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from quanta.errors import QuantizationError
@@ -248,11 +250,13 @@ def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer, keep_
         v = values[r0:r0 + rows] if values is not None else chunk_values[: g.shape[0]]
         with plugin_code(observer, layer):
             lo, hi = observer.observe(g, spec, scheme)
-        check_observed_range(observer, lo, hi, g.shape[0], layer)
-        _check_range(lo, hi, w, layer)
+        if not _range_fine(lo, hi, g.shape[0]):  # one reduction when it is; the full checks name the problem
+            check_observed_range(observer, lo, hi, g.shape[0], layer)
+            _check_range(lo, hi, w, layer)
         with plugin_code(scheme, layer):
             s, z = scheme.qparams(lo, hi, spec.dtype)
-        _check_qparams(scheme, s, z, g.shape[0], layer)
+        if not _qparams_fine(s, z, g.shape[0]):
+            _check_qparams(scheme, s, z, g.shape[0], layer)
         scale[r0:r0 + rows] = s
         if z is not None:
             if zero_point is None:
@@ -270,6 +274,26 @@ def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer, keep_
         err += torch.dot(flat, flat)
         ref += torch.dot(gf, gf)
     return values, codes, scale, zero_point, (float(err), float(ref))
+
+
+def _range_fine(lo, hi, n_groups: int) -> bool:
+    """The fast path of :func:`check_observed_range` and the NaN/inf check: ``[G]`` tensors with
+    ``min <= max``, all finite, in one reduction of ``lo - hi`` (NaN and inf carry into it; an
+    overflow only sends the call to the full checks, which then pass)."""
+    if not (isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor)) or tuple(lo.shape) != (n_groups,) \
+            or tuple(hi.shape) != (n_groups,):
+        return False
+    low, high = torch.aminmax(lo - hi)
+    return math.isfinite(low) and math.isfinite(high) and float(high) <= 0
+
+
+def _qparams_fine(scale, zero_point, n_groups: int) -> bool:
+    """The fast path of :func:`_check_qparams`: shapes, and every scale finite and positive in one reduction."""
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (n_groups,) or (
+            zero_point is not None and (not isinstance(zero_point, torch.Tensor) or tuple(zero_point.shape) != (n_groups,))):
+        return False
+    low, high = torch.aminmax(scale)
+    return float(low) > 0 and math.isfinite(high)
 
 
 def _check_qparams(scheme, scale, zero_point, n_groups: int, layer) -> None:
