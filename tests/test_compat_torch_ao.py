@@ -1,0 +1,128 @@
+"""quanta.compat.LinearQuantizer prepares with torch.ao (as coremltools does) and finalizes into quanta records."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.qat as nniqat
+import torch.ao.nn.quantized.reference as nnr
+import torch.ao.quantization as aoq
+from torch import nn
+
+from quanta.compat import LinearQuantizer, LinearQuantizerConfig
+from quanta.compat._ao_modules import EMAMinMaxObserver, LearnableFakeQuantize
+from quanta.record import read_record, records
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _train(quantizer, prepared, shape, steps=3):
+    for _ in range(steps):
+        quantizer.step()
+        prepared(torch.randn(*shape))
+
+
+def test_prepare_has_torch_ao_structure_and_coremltools_numbering():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict({"linear": nn.Linear(20, 30), "act": nn.ReLU(), "fc": nn.Linear(30, 4)}))
+    quantizer = LinearQuantizer(model, LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 1, 2, 3]}}))
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 20),))
+    assert isinstance(prepared.linear, nniqat.LinearReLU)
+    assert isinstance(prepared.linear.weight_fake_quant, aoq.FakeQuantize)
+    assert prepared.linear.weight_fake_quant.qscheme == torch.per_channel_symmetric
+    # input symmetric; the LinearReLU output never negative: affine (coremltools' policy); fc output symmetric
+    assert prepared.activation_post_process_0.qscheme == torch.per_tensor_symmetric
+    assert prepared.activation_post_process_1.qscheme == torch.per_tensor_affine
+    assert prepared.activation_post_process_2.qscheme == torch.per_tensor_symmetric
+    # milestones: everything off until step() reaches them
+    assert not prepared.activation_post_process_0.observer_enabled[0]
+    quantizer.step()
+    assert prepared.activation_post_process_0.observer_enabled[0]
+    assert not prepared.activation_post_process_0.fake_quant_enabled[0]
+    assert set(quantizer.report()) == {"activation_post_process_0", "linear", "activation_post_process_1", "fc",
+                                       "activation_post_process_2"}
+
+
+def test_finalize_is_torch_ao_reference_with_quanta_records():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict({"conv": nn.Conv2d(1, 8, 3), "relu": nn.ReLU(), "flat": nn.Flatten(),
+                                       "fc": nn.Linear(8 * 6 * 6, 10)}))
+    config = LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 1, 2, 3], "weight_dtype": "qint4"}})
+    quantizer = LinearQuantizer(model, config)
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 8, 8),))
+    _train(quantizer, prepared, (4, 1, 8, 8))
+    prepared.eval()
+    fake_weight = prepared.conv.weight_fake_quant(prepared.conv.weight).detach()
+    final = quantizer.finalize()
+    assert isinstance(final.conv, nni.ConvReLU2d) and isinstance(final.conv[0], nnr.Conv2d)
+    record = read_record(final.conv[0])
+    assert record is not None and str(record.spec.dtype) == "int4"
+    assert int(record.codes.min()) >= -8 and int(record.codes.max()) <= 7
+    torch.testing.assert_close(record.dequantize().reshape(fake_weight.shape), fake_weight)  # what training saw
+    assert set(records(final)) == {"conv.0.weight", "fc.weight"}
+    state = final.conv[0].state_dict()
+    assert state["_COREML_/weight/quantization_scale"].shape == (8, 1)
+    assert torch.all(state["_COREML_/weight/zero_point"] == 0)
+    assert final(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_learnable_quantizers_are_parameters_and_finalize_records_learned_scale():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict({"fc1": nn.Linear(12, 16), "act": nn.Tanh(), "fc2": nn.Linear(16, 3)}))
+    config = LinearQuantizerConfig.from_dict({"global_config": {"algorithm": "learnable", "milestones": [0, 1, 2, 3]}})
+    quantizer = LinearQuantizer(model, config)
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 12),))
+    fq = prepared.fc1.weight_fake_quant
+    assert isinstance(fq, LearnableFakeQuantize) and fq.scale.shape == (16,)  # sized at prepare, per channel
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=1e-2)
+    assert any(p is fq.scale for g in optimizer.param_groups for p in g["params"])
+    for _ in range(5):
+        quantizer.step()
+        loss = prepared(torch.randn(8, 12)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fq.scale.grad is not None and fq.scale.grad.abs().sum() > 0
+    learned = fq.calculate_qparams()[0]
+    final = quantizer.finalize()
+    torch.testing.assert_close(read_record(final.fc1).scale.reshape(-1), learned)
+
+
+def test_ema_observer_sync_switch_and_float_module():
+    model = nn.Sequential(OrderedDict({"fc1": nn.Linear(6, 6), "fc2": nn.Linear(6, 2)}))
+    config = LinearQuantizerConfig.from_dict({
+        "global_config": {"weight_observer": "ema_min_max", "activation_observer": "ema_min_max"},
+        "module_name_configs": {"fc2": {"weight_observer": "ema_min_max", "activation_dtype": torch.float32}}})
+    quantizer = LinearQuantizer(model, config)
+    prepared = quantizer.prepare(example_inputs=(torch.randn(1, 6),))
+    observer = prepared.fc1.weight_fake_quant.activation_post_process
+    assert isinstance(observer, EMAMinMaxObserver.__mro__[0]) or observer.ema_ratio == 0.9
+    assert observer.synchronize
+    quantizer.disable_observer_sync()
+    assert not observer.synchronize and not prepared.activation_post_process_0.activation_post_process.synchronize
+    quantizer.enable_observer_sync()
+    assert observer.synchronize
+    # fc2 keeps float activations: no quantizer after it
+    output = [n for n in prepared.graph.nodes if n.op == "output"][0]
+    assert output.args[0].target == "fc2"
+
+
+def test_dropout_quantizer_removed_and_embedding_integer_qparams():
+    model = nn.Sequential(OrderedDict({"conv": nn.Conv2d(1, 4, 3), "relu": nn.ReLU(), "drop": nn.Dropout2d(),
+                                       "act": nn.LeakyReLU()}))
+    prepared = LinearQuantizer(model, LinearQuantizerConfig()).prepare(example_inputs=(torch.randn(1, 1, 8, 8),))
+    assert prepared.activation_post_process_1.qscheme == torch.per_tensor_affine
+    assert not hasattr(prepared, "activation_post_process_2")  # the one after the dropout
+    emb = nn.Sequential(OrderedDict({"emb": nn.Embedding(10, 4)}))
+    prepared = LinearQuantizer(emb, LinearQuantizerConfig()).prepare(example_inputs=(torch.tensor([[1, 2]]),))
+    assert isinstance(prepared.emb, nn.qat.Embedding)
+    assert prepared.emb.weight_fake_quant.qscheme == torch.per_channel_symmetric
