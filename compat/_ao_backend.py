@@ -30,6 +30,8 @@ import torch.ao.nn.qat as nnqat
 import torch.ao.nn.quantized.reference as nnr
 import torch.nn.functional as F
 from torch import nn
+from quanta.compat._ao_fused import (FUSED_ACT, FUSED_BN_ACT, QAT_ACT, QAT_BN_ACT, REF_ACT, fuse_bn_act,
+                                     fuse_with_act)
 from torch.ao.quantization.backend_config import (
     BackendConfig,
     BackendPatternConfig,
@@ -118,16 +120,39 @@ def _conv_configs(dims: int) -> list[BackendPatternConfig]:
     out += _weighted(conv, getattr(nniqat, f"ConvBn{dims}d"), ref, conv_bn)
     out += _weighted(conv, getattr(nniqat, f"ConvBnReLU{dims}d"), ref, conv_bn_relu)
     out += _weighted(conv, getattr(nnqat, f"Conv{dims}d"), ref)
+    out += _act_fusions(conv, func, ref, MODULE_ACTIVATIONS)
+    for act in MODULE_ACTIVATIONS:  # conv + bn + act (other than ReLU)
+        out.append(_fusion((conv, bn, act), FUSED_BN_ACT[conv], fuse_bn_act(conv)))
+    out += _weighted(FUSED_ACT[conv], QAT_BN_ACT[conv], REF_ACT[conv], FUSED_BN_ACT[conv])
     out.append(BackendPatternConfig(func).set_observation_type(_DIFFERENT).set_dtype_configs(_WEIGHTED_DTYPES)
                ._set_input_type_to_index({"weight": 1, "bias": 2}))
     return out
 
 
+def _act_fusions(root, func, ref, acts) -> list[BackendPatternConfig]:
+    """``(root, act)`` fused into quanta's ``ConvAct``/``LinearAct`` (one quantizer after the act)."""
+    out = []
+    for act in acts:
+        out.append(_fusion((root, act), FUSED_ACT[root], fuse_with_act(root)))
+        if func is not None:
+            out.append(BackendPatternConfig((func, act)).set_observation_type(_DIFFERENT)
+                       .set_dtype_configs(_WEIGHTED_DTYPES))
+    return out + _weighted(FUSED_ACT[root], QAT_ACT[root], REF_ACT[root])
+
+
 def _conv_transpose_configs(dims: int) -> list[BackendPatternConfig]:
     from quanta.compat._ao_modules import QAT_CONV_TRANSPOSE
 
-    root = getattr(nn, f"ConvTranspose{dims}d")
-    return _weighted(root, QAT_CONV_TRANSPOSE[root], getattr(nnr, f"ConvTranspose{dims}d"))
+    from quanta.compat._ao_convt_bn import FUSED_BN, FUSED_BN_ACT_T, QAT_BN, QAT_BN_ACT_T, fuse_bn, fuse_bn_act_t
+
+    root, bn = getattr(nn, f"ConvTranspose{dims}d"), getattr(nn, f"BatchNorm{dims}d")
+    ref = getattr(nnr, f"ConvTranspose{dims}d")
+    acts = (*MODULE_ACTIVATIONS, nn.ReLU)
+    out = _weighted(root, QAT_CONV_TRANSPOSE[root], ref) + _act_fusions(root, None, ref, acts)
+    out.append(_fusion((root, bn), FUSED_BN[root], fuse_bn(root)))
+    out += _weighted(root, QAT_BN[root], ref, FUSED_BN[root])
+    out += [_fusion((root, bn, act), FUSED_BN_ACT_T[root], fuse_bn_act_t(root)) for act in acts]
+    return out + _weighted(FUSED_ACT[root], QAT_BN_ACT_T[root], REF_ACT[root], FUSED_BN_ACT_T[root])
 
 
 def _linear_configs() -> list[BackendPatternConfig]:
@@ -140,6 +165,7 @@ def _linear_configs() -> list[BackendPatternConfig]:
     out += _weighted(nn.Linear, nniqat.LinearReLU, nnr.Linear, nni.LinearReLU)
     out += _weighted(nn.Linear, nniqat.LinearBn1d, nnr.Linear, nni.LinearBn1d)
     out += _weighted(nn.Linear, nnqat.Linear, nnr.Linear)
+    out += _act_fusions(nn.Linear, F.linear, nnr.Linear, MODULE_ACTIVATIONS)
     out.append(BackendPatternConfig(F.linear).set_observation_type(_DIFFERENT).set_dtype_configs(_WEIGHTED_DTYPES)
                ._set_input_type_to_index({"weight": 1, "bias": 2}))
     return out

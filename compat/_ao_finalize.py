@@ -41,7 +41,10 @@ def convert(prepared: fx.GraphModule, mapping, backend, preserved: list[str]) ->
 
     prepared.eval()
     custom = ConvertCustomConfig().set_preserved_attributes(list(preserved or []))
-    return convert_to_reference_fx(prepared, convert_custom_config=custom, qconfig_mapping=mapping,
+    # the qconfigs recorded at prepare apply (``mapping`` again would re-check fused modules: torch.ao
+    # requires one qconfig for all members of a fused module, which a fixed-qparams activation is not)
+    del mapping
+    return convert_to_reference_fx(prepared, convert_custom_config=custom,
                                    backend_config=backend)
 
 

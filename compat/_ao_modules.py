@@ -163,11 +163,17 @@ class _ConvTransposeQAT:
     """QAT ConvTranspose: the weight goes through ``weight_fake_quant`` (from the qconfig)."""
 
     _FLOAT_MODULE: type
+    _FLOAT_LAYER: type
     _DIMS: int
 
     def _init_qat(self, qconfig) -> None:
         self.qconfig = qconfig
-        self.weight_fake_quant = qconfig.weight(factory_kwargs={"device": self.weight.device})
+        fq = qconfig.weight(factory_kwargs={"device": self.weight.device})
+        if getattr(fq, "ch_axis", -1) == 0:  # per channel: a transposed conv's output channels are axis 1
+            fq.ch_axis = 1
+            if hasattr(fq, "activation_post_process") and hasattr(fq.activation_post_process, "ch_axis"):
+                fq.activation_post_process.ch_axis = 1
+        self.weight_fake_quant = fq
 
     def forward(self, input, output_size=None):  # type: ignore[override]
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
@@ -189,7 +195,7 @@ class _ConvTransposeQAT:
 
     def to_float(self):
         """The float ConvTranspose with this module's parameters."""
-        plain = self._FLOAT_MODULE.__new__(self._FLOAT_MODULE)
+        plain = self._FLOAT_LAYER.__new__(self._FLOAT_LAYER)
         plain.__dict__.update(self.__dict__)
         plain._parameters = dict(self._parameters)
         plain._buffers = dict(self._buffers)
@@ -201,19 +207,22 @@ class _ConvTransposeQAT:
 class ConvTranspose1d(_ConvTransposeQAT, nn.ConvTranspose1d):
     """QAT ``ConvTranspose1d``."""
 
-    _FLOAT_MODULE, _DIMS = nn.ConvTranspose1d, 1
+    _FLOAT_MODULE = _FLOAT_LAYER = nn.ConvTranspose1d
+    _DIMS = 1
 
 
 class ConvTranspose2d(_ConvTransposeQAT, nn.ConvTranspose2d):
     """QAT ``ConvTranspose2d``."""
 
-    _FLOAT_MODULE, _DIMS = nn.ConvTranspose2d, 2
+    _FLOAT_MODULE = _FLOAT_LAYER = nn.ConvTranspose2d
+    _DIMS = 2
 
 
 class ConvTranspose3d(_ConvTransposeQAT, nn.ConvTranspose3d):
     """QAT ``ConvTranspose3d``."""
 
-    _FLOAT_MODULE, _DIMS = nn.ConvTranspose3d, 3
+    _FLOAT_MODULE = _FLOAT_LAYER = nn.ConvTranspose3d
+    _DIMS = 3
 
 
 #: float ConvTranspose class -> its QAT class

@@ -27,7 +27,9 @@ import torch.ao.nn.intrinsic.qat as nniqat
 import torch.ao.quantization as aoq
 from torch import fx, nn
 
-from quanta.compat._ao_backend import share_qparams_ops
+from quanta.compat._ao_backend import FIXED_QPARAMS_OPS, share_qparams_ops
+from quanta.compat._ao_convt_bn import QAT_BN_ACT_T
+from quanta.compat._ao_fused import QAT_ACT, QAT_BN_ACT
 from quanta.compat._ao_modules import LearnableFakeQuantize
 
 __all__ = ["prepare_qat", "is_activation_quantizer"]
@@ -37,6 +39,7 @@ _ALWAYS_AFFINE = {nn.ReLU, nn.functional.relu, nn.functional.relu_, nn.ReLU6, nn
                   nni.ConvReLU2d, nniqat.ConvReLU2d, nni.ConvReLU3d, nniqat.ConvReLU3d, nni.ConvBnReLU1d,
                   nniqat.ConvBnReLU1d, nni.ConvBnReLU2d, nniqat.ConvBnReLU2d, nni.ConvBnReLU3d, nniqat.ConvBnReLU3d,
                   nni.LinearReLU, nniqat.LinearReLU, nni.BNReLU2d, nni.BNReLU3d}
+_FUSED_QAT = tuple(QAT_ACT.values()) + tuple(QAT_BN_ACT.values()) + tuple(QAT_BN_ACT_T.values())
 _OBSERVER_PARAMS = ["dtype", "qscheme", "reduce_range", "quant_min", "quant_max", "eps"]
 
 
@@ -130,6 +133,8 @@ class _Passes:
                 layer = _module(self.model, node)
                 if type(layer) in _ALWAYS_AFFINE:
                     self.mark(node)
+                elif isinstance(layer, _FUSED_QAT) and type(layer.act) in _ALWAYS_AFFINE:
+                    self.mark(node)
                 elif isinstance(layer, _SCALE_ONLY):
                     arg = _module(self.model, node.args[0])
                     if is_activation_quantizer(arg) and node.args[0] in self.to_replace:
@@ -163,8 +168,17 @@ class _Passes:
                     self.new.pop(arg, None)
 
     def mark_fixed_qparams(self) -> None:
-        """A fused weighted module + fixed-qparams activation: torch.ao's fused modules here are
-        conv/linear + ReLU only, so there is nothing to carry over (kept for coremltools' order)."""
+        """A fused layer + fixed-qparams activation (sigmoid...): its output quantizer takes that
+        activation's fixed qparams (unless the output is concatenated with others)."""
+        fixed = self.mapping.object_type_qconfigs
+        for node in self.model.graph.nodes:
+            layer = _module(self.model, node)
+            if not isinstance(layer, _FUSED_QAT) or type(layer.act) not in FIXED_QPARAMS_OPS:
+                continue
+            if any(child.target is torch.cat for child in self.groups.get(id(layer), [])):
+                continue
+            if type(layer.act) in fixed and fixed[type(layer.act)] is not None:
+                self.mark(node, fixed[type(layer.act)].activation())
 
     def replace(self) -> None:
         done = set()

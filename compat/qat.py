@@ -128,8 +128,6 @@ class LinearQuantizer:
     def step(self) -> None:
         """One training step: milestone 0 turns observers on, 1 fake quantization on, 2 observers
         off, 3 freezes batch-norm statistics (``-1``: never; ``milestones=None``: a no-op)."""
-        from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-
         if not self._is_prepared:
             _logger.warning("Model has not been prepared for QAT. This API call will be a no-op.")
             return
@@ -143,7 +141,7 @@ class LinearQuantizer:
         if self._step_count == m[2]:
             self._model.apply(torch.ao.quantization.disable_observer)
         if self._step_count == m[3]:
-            self._model.apply(freeze_bn_stats)
+            self._model.apply(_freeze_bn_stats)
         self._step_count += 1
 
     def finalize(self, model: nn.Module | None = None, inplace: bool = False):
@@ -206,6 +204,12 @@ class LinearQuantizer:
         from quanta.compat._ao_report import report
 
         return report(self._model)
+
+
+def _freeze_bn_stats(module: nn.Module) -> None:
+    """torch.ao's QAT conv+bn modules (and quanta's ConvBnAct, built on them) stop updating bn statistics."""
+    if hasattr(module, "bn") and callable(getattr(module, "freeze_bn_stats", None)):
+        module.freeze_bn_stats()
 
 
 def _zero_point_metadata(model: nn.Module) -> None:

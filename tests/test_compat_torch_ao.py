@@ -94,7 +94,8 @@ def test_learnable_quantizers_are_parameters_and_finalize_records_learned_scale(
     assert fq.scale.grad is not None and fq.scale.grad.abs().sum() > 0
     learned = fq.calculate_qparams()[0]
     final = quantizer.finalize()
-    torch.testing.assert_close(read_record(final.fc1).scale.reshape(-1), learned)
+    assert isinstance(final.fc1[0], nnr.Linear) and isinstance(final.fc1.act, nn.Tanh)  # fused as coremltools
+    torch.testing.assert_close(read_record(final.fc1[0]).scale.reshape(-1), learned)
 
 
 def test_ema_observer_sync_switch_and_float_module():
@@ -126,3 +127,48 @@ def test_dropout_quantizer_removed_and_embedding_integer_qparams():
     prepared = LinearQuantizer(emb, LinearQuantizerConfig()).prepare(example_inputs=(torch.tensor([[1, 2]]),))
     assert isinstance(prepared.emb, nn.qat.Embedding)
     assert prepared.emb.weight_fake_quant.qscheme == torch.per_channel_symmetric
+
+
+@pytest.mark.parametrize("layer", ["conv", "convt", "linear"])
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.Sigmoid])
+def test_layer_act_fusion_as_coremltools(layer, act):
+    """A conv / ConvTranspose / linear + any activation fuse (one quantizer after the pair): ReLU6's
+    output affine, Sigmoid's with torch.ao's fixed qparams; finalize gives (reference layer, act)."""
+    torch.manual_seed(0)
+    make = {"conv": (lambda: nn.Conv2d(1, 4, 3), (2, 1, 6, 6)), "convt": (lambda: nn.ConvTranspose2d(1, 4, 3), (2, 1, 6, 6)),
+            "linear": (lambda: nn.Linear(5, 4), (2, 5))}
+    factory, shape = make[layer]
+    model = nn.Sequential(OrderedDict({"layer": factory(), "act": act()}))
+    quantizer = LinearQuantizer(model, LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 1, 2, 3]}}))
+    prepared = quantizer.prepare(example_inputs=(torch.randn(*shape),))
+    assert isinstance(prepared.layer.act, act) and not hasattr(prepared, "activation_post_process_2")
+    out = prepared.activation_post_process_1
+    assert out.qscheme == torch.per_tensor_affine
+    _train(quantizer, prepared, shape, steps=4)
+    if act is nn.Sigmoid:
+        assert float(out.scale) == pytest.approx(1 / 256) and int(out.zero_point) == 0
+    if layer == "convt":
+        assert prepared.layer.weight_fake_quant.ch_axis == 1  # a transposed conv's output channels
+    prepared.eval()
+    x = torch.randn(*shape)
+    expected = prepared(x)
+    final = quantizer.finalize()
+    assert read_record(final.layer[0]) is not None and isinstance(final.layer.act, act)
+    torch.testing.assert_close(final(x), expected)
+
+
+def test_conv_transpose_bn_fuses_and_folds():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict({"conv": nn.ConvTranspose2d(1, 4, 3), "bn": nn.BatchNorm2d(4), "relu": nn.ReLU()}))
+    quantizer = LinearQuantizer(model, LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 1, 2, 3]}}))
+    prepared = quantizer.prepare(example_inputs=(torch.randn(2, 1, 6, 6),))
+    assert not prepared.conv.conv.freeze_bn
+    _train(quantizer, prepared, (4, 1, 6, 6), steps=4)
+    assert prepared.conv.conv.freeze_bn  # milestone 3
+    prepared.eval()
+    x = torch.randn(2, 1, 6, 6)
+    expected = prepared(x)
+    final = quantizer.finalize()
+    assert isinstance(final.conv[0], nnr.ConvTranspose2d)  # bn folded into it
+    assert final.conv[0].state_dict()["_COREML_/weight/quantization_scale"].shape == (1, 4)
+    torch.testing.assert_close(final(x), expected)
