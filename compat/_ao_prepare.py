@@ -242,7 +242,15 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, mapping, backend, schem
 
     custom = PrepareCustomConfig().set_non_traceable_module_names(list(non_traceable or []))
     custom = custom.set_preserved_attributes(list(preserved or []))
-    prepared = prepare_qat_fx(model, mapping, example_inputs, prepare_custom_config=custom, backend_config=backend)
+    try:
+        prepared = prepare_qat_fx(model, mapping, example_inputs, prepare_custom_config=custom, backend_config=backend)
+    except Exception as exc:  # torch.fx / torch.ao: say what to do, keep the original error chained
+        from quanta.errors import QuantizationError
+
+        raise QuantizationError(
+            f"torch.ao's prepare_qat_fx could not prepare {type(model).__name__} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); a submodule that torch.fx cannot trace can be "
+            "listed in non_traceable_module_names (it then stays float), as in coremltools") from exc
     _size_learnable(prepared)
     passes = _Passes(prepared, mapping, scheme)
     _embedding_weights(prepared, scheme)

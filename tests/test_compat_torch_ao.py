@@ -172,3 +172,53 @@ def test_conv_transpose_bn_fuses_and_folds():
     assert isinstance(final.conv[0], nnr.ConvTranspose2d)  # bn folded into it
     assert final.conv[0].state_dict()["_COREML_/weight/quantization_scale"].shape == (1, 4)
     torch.testing.assert_close(final(x), expected)
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3)
+        self.relu_a, self.relu_b = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        both_relu = self.relu_a(self.a(x)) + self.relu_b(self.b(x))  # an add of affine inputs: affine
+        # a cat with a symmetric input: one symmetric observer for all its inputs (even a ReLU's)
+        return both_relu, torch.cat([self.relu_a(self.a(x)), self.c(x)], dim=1)
+
+
+def test_affine_propagates_through_add_and_cat_shares_one_observer():
+    prepared = LinearQuantizer(_Branches(), LinearQuantizerConfig()).prepare(example_inputs=(torch.randn(1, 1, 6, 6),))
+    graph = {n.name: n for n in prepared.graph.nodes}
+    add_q = prepared.get_submodule(next(iter(graph["add"].users)).target)
+    assert add_q.qscheme == torch.per_tensor_affine
+    cat_inputs = [prepared.get_submodule(a.target) for a in graph["cat"].args[0]]
+    assert all(q.qscheme == torch.per_tensor_symmetric for q in cat_inputs)
+    assert len({id(q) for q in cat_inputs}) == 1  # torch.ao shares the cat's observer across its inputs
+
+
+def test_untraceable_model_error_names_the_way_out():
+    import quanta
+
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x
+
+    model = Dynamic()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(quanta.QuantizationError, match="non_traceable_module_names"):
+        LinearQuantizer(model, LinearQuantizerConfig()).prepare(example_inputs=(torch.randn(1, 4),))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and type(model.fc) is nn.Linear
+
+
+def test_shape_list_example_and_inplace_calls_run_the_prepared_model():
+    model = nn.Sequential(OrderedDict({"fc": nn.Linear(4, 3)}))
+    quantizer = LinearQuantizer(model, LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 9, 9, 9]}}))
+    prepared = quantizer.prepare(example_inputs=[2, 4], inplace=True)  # a shape, as quanta takes it
+    quantizer.step()
+    with torch.no_grad():
+        model(torch.randn(5, 4))  # coremltools' calibration loop calls the model passed in
+    assert float(prepared.activation_post_process_0.activation_post_process.max_val) > 0
