@@ -69,3 +69,23 @@ def test_per_group_fast_paths_are_bit_identical_with_nan_and_signed_zero(clip, w
         assert bool(mask.all()) == (clip == 1.0)  # no clamp: the path without a mask
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
     assert torch.equal(leaf.grad.view(torch.int32), (grad * mask).view(torch.int32))
+
+
+@pytest.mark.parametrize("qmin,qmax,zero_point", [(0, 255, 127), (0, 255, 0), (-128, 127, -128), (-128, 127, 5),
+                                                  (-127, 127, 0)])
+def test_per_tensor_is_bit_identical_with_nan_inf_and_signed_zero(qmin, qmax, zero_point):
+    # Activations: the zero point folded into the clamp bounds gives the old arithmetic's values
+    # (a code of -0.0 dequantizes to 0.0 as (q + zp) - zp did) and its gradient.
+    torch.manual_seed(2)
+    x = torch.randn(6, 40) * 4
+    x[0, :4] = torch.tensor([-1e-9, -0.0, 0.0, 1e-9])
+    x[1, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    x[2, :2] = torch.tensor([1e30, -1e30])
+    grad = torch.randn(6, 40)
+    grad[0, 0] = -0.0
+    leaf = x.clone().requires_grad_(True)
+    out = fake_quantize_per_tensor(leaf, 0.05, zero_point, qmin, qmax)
+    out.backward(grad)
+    ref, mask = _reference_fake_quant(x, 0.05, zero_point or None, qmin, qmax)
+    assert torch.equal(out.detach().view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(leaf.grad.view(torch.int32), (grad * mask).view(torch.int32))

@@ -93,6 +93,14 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int, rarely_clamps: bool = False):
         q = torch.div(x, scale).round_()
+        if isinstance(zero_point, int):
+            # Per tensor, an int zero point folds into the clamp bounds: two passes fewer. Codes are
+            # integers, exact in float32 wherever they can be in range, so the values and the mask
+            # are the same; adding 0.0 gives the 0.0 that ``(q + zp) - zp`` gave for a code of -0.0.
+            ctx.clamps = True
+            clamped = q.clamp(quant_min - zero_point, quant_max - zero_point)
+            ctx.save_for_backward(torch.eq(clamped, q, out=q))
+            return clamped.mul_(scale).add_(0.0)
         if zero_point is not None:
             q.add_(zero_point)
         # A weight's qparams come from its own range, so its codes rarely leave the integer
@@ -184,7 +192,7 @@ class ActivationFakeQuantize(nn.Module):
                 self.zero_point.zero_()
             else:
                 self.zero_point.copy_(zp)
-        self._stale = False
+        self.__dict__["_stale"] = False  # a plain attribute: nn.Module.__setattr__'s checks cost a step
 
     def qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` as Python numbers, as the finalized graph uses them."""
@@ -195,11 +203,9 @@ class ActivationFakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
             self.observer(x)
-            self._stale = True
+            self.__dict__["_stale"] = True
         if not self.fake_quant_enabled:
             return x
-        if self._stale:
-            self.update_qparams()
         scale, zero_point = self.qparams()
         return fake_quantize_per_tensor(x, scale, zero_point, self.quant_min, self.quant_max)
 
