@@ -5,7 +5,8 @@ Writes synthetic Llama checkpoints (hidden 2048, intermediate 5632, vocab 32000,
 weights, fp32, one safetensors shard per block; about 3.3 GB at 16 layers) without ever building
 the model in memory, then quantizes them int4 per-block-128 with GPTQ through
 ``quanta.quantize_checkpoint``, each run in a fresh process, recording the time, the child
-process's peak RSS (``ru_maxrss``) and peak / checkpoint size. Two sections of the results:
+process's peak RSS (``VmHWM``: ``ru_maxrss`` would also count this parent's own peak, which Linux
+keeps across fork + exec) and peak / checkpoint size. Two sections of the results:
 
 - ``memory``: the issue's sizes (16 layers, 32 x 512 calibration tokens), one run without a
   checkpoint directory, with its per-block progress lines (time, peak RSS, error summary);
@@ -35,8 +36,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "out_of_core_cpu.txt"
 
 RUN = textwrap.dedent("""
-    import json, resource, sys, time, torch
+    import json, sys, time, torch
     import quanta
+    from quanta._run.memory import peak_rss_bytes
     src, out, ckpt, samples, tokens, budget = sys.argv[1:4] + [int(a) for a in sys.argv[4:7]]
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, 32000, (1, tokens), generator=g)} for _ in range(samples)]
@@ -46,7 +48,7 @@ RUN = textwrap.dedent("""
     quanta.quantize_checkpoint(src, recipe, data, output=out, checkpoint_dir=None if ckpt == "-" else ckpt,
                                activation_budget=budget * 2**20, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps({"seconds": time.perf_counter() - t,
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss_bytes": peak_rss_bytes()}))
 """)
 
 
@@ -93,7 +95,7 @@ def write_checkpoint(path: Path, layers: int) -> int:
 
 def run(src: Path, out: Path, ckpt: str, samples: int, tokens: int, budget_mib: int,
         kill_after: int | None = None) -> dict:
-    """One quantization in a fresh process: seconds and peak RSS (``ru_maxrss`` of that child)."""
+    """One quantization in a fresh process: seconds and peak RSS (``VmHWM`` of that child)."""
     env = dict(os.environ)
     if kill_after is not None:
         env["QUANTA_FAULT_DELAY"] = "block-checkpointed:600"

@@ -7,7 +7,8 @@ raises at once, to stop the work where it is not swallowed); when the block ends
 any other exception, a recorded signal is raised again, and :func:`quanta._files.atomic` writes
 check for one (:func:`raise_if_interrupted`) before putting a new copy in place. The ``quanta`` command turns SIGTERM into
 :class:`Terminated` (a ``KeyboardInterrupt``), so a terminated run cleans up exactly as a Ctrl-C'd
-one does and exits with 143.
+one does and exits with 143. :func:`signals_held` keeps both signals waiting while C++ code that
+calls back into Python runs (importing torch): an exception raised there aborts the process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["Terminated", "honour_interrupts", "interrupt_for", "raise_if_interrupted"]
+__all__ = ["Terminated", "honour_interrupts", "interrupt_for", "raise_if_interrupted", "signals_held"]
 
 #: Signals received within the active :func:`honour_interrupts` blocks (innermost last).
 _received: list[list[int]] = []
@@ -76,3 +77,23 @@ def raise_if_interrupted() -> None:
     for received in _received:
         if received:
             raise interrupt_for(received[0])
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are blocked; one that arrived is delivered when it ends.
+
+    For C++ code that calls back into Python: importing torch runs Python from pybind11 callbacks,
+    and a ``KeyboardInterrupt`` raised inside one of them terminates the process ("terminate called
+    after throwing an instance of 'pybind11::error_already_set'", SIGABRT, a core dump) instead of
+    unwinding. Held, the signal is raised as the usual ``KeyboardInterrupt`` right after the block.
+    Outside the main thread, or where the platform has no ``pthread_sigmask``, it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

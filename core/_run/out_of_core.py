@@ -343,12 +343,7 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
                     quantize_part(scope, part, batches if needs_data else None)
                 rows = [_row(layer) for layer in scope.quanta_report.layers]
             if needs_data:  # the quantized block's outputs replace its inputs, one sample at a time
-                for i, batch in enumerate(batches):
-                    out = _call(scope, batch)
-                    if index == len(real) - 1 and i == 0:  # what the head's calibration replays
-                        state["_last_structure"] = "tensor" if isinstance(out, torch.Tensor) else "tuple"
-                    acts.set(i, hidden_state(out))
-                    del out
+                _forward_block(scope, batches, acts, ranks, state if index == len(real) - 1 else None)
             if ranks.writes:
                 _write_part(scope, staging, f"block-{index:05d}.safetensors", state)
             real[index] = None
@@ -390,6 +385,28 @@ def _run_blocks(ckpt, recipe, config, samples, needs_data, staging: Path, state:
         if ranks.writes:
             _write_part(model, staging, "outside-blocks.safetensors", state)
         say(_account(state, "outside the blocks", "", rows, t0))
+
+
+def _forward_block(scope: nn.Module, batches: list, acts: Activations, ranks: Ranks, last: dict | None) -> None:
+    """Replace each sample's activations by the quantized block's outputs. Under torch.distributed
+    each sample is run by the rank its calibration batch belongs to (sample ``i`` on rank ``i %
+    world``) and sent from there to every rank, so each rank keeps every sample's activations (for
+    rank 0's checkpoint, the last pass and any algorithm) while the forwards are shared. ``last``
+    (the progress state, for the last block) records the outputs' structure, which the last pass replays."""
+    for i, batch in enumerate(batches):
+        owner = i % ranks.world
+        item = None
+        if owner == ranks.rank:
+            out = _call(scope, batch)
+            item = (hidden_state(out), "tensor" if isinstance(out, torch.Tensor) else "tuple")
+            del out
+        if ranks.active:
+            item = ranks.share(item, owner)
+        hidden, structure = item
+        if last is not None and i == 0:
+            last["_last_structure"] = structure
+        acts.set(i, hidden)
+        del item, hidden
 
 
 def _account(state: dict, label: str, path: str, rows: list, t0: float) -> str:
