@@ -10,7 +10,7 @@ from torch import nn
 
 from quanta.contracts import Algorithm
 
-from .failure import check, fail
+from .failure import check, fail, raising_fails
 from .models import calibration_data, reference_model
 
 __all__ = ["check_algorithm", "model_state", "assert_same_model_state", "failing_backend"]
@@ -158,12 +158,8 @@ def _check_result(algorithm, model, result, selected, what: str) -> None:
 def _run(algorithm, model, recipe, data, **kwargs) -> Any:
     import quanta
 
-    try:
+    with raising_fails(algorithm, f"quanta.quantize({recipe!r}) raised"):
         return quanta.quantize(model, recipe, data=data, **kwargs)
-    except AssertionError:
-        raise
-    except Exception as exc:
-        fail(algorithm, f"quanta.quantize({recipe!r}) raised {type(exc).__name__}: {exc}")
 
 
 def check_algorithm(algorithm: Algorithm, models: tuple[str, ...] = ("mlp", "cnn", "token"), *,

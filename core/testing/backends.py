@@ -8,7 +8,7 @@ import torch
 
 from quanta.contracts import Backend, Unit
 
-from .failure import check, fail
+from .failure import check, raising_fails
 
 __all__ = ["check_backend"]
 
@@ -71,12 +71,8 @@ def check_backend(backend: Backend, model: Any) -> None:
           f"priority must be an int, got {backend.priority!r}")
     check(isinstance(backend.grids, frozenset) and backend.grids and backend.grids <= set(GRIDS), backend,
           f"grids must be a non-empty frozenset of {GRIDS}, got {backend.grids!r}")
-    try:
+    with raising_fails(backend):
         _check(backend, model)
-    except AssertionError:
-        raise
-    except Exception as exc:
-        fail(backend, f"raised {type(exc).__name__}: {exc}")
 
 
 def _check(backend: Backend, model: Any) -> None:

@@ -58,7 +58,6 @@ def check_exporter(exporter: Exporter, tmp_path: str | os.PathLike, model: Any =
     import quanta
     from quanta import registry
     from quanta.errors import ConfigError, DestinationExistsError, QuantaError
-    from quanta._run.guard import plugin_code
 
     if not isinstance(exporter, Exporter):
         raise AssertionError(f"{exporter!r} is not a quanta.contracts.Exporter (subclass it; docs/plugins.md)")

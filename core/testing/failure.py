@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from contextlib import contextmanager
+from typing import Any, Iterator, NoReturn
 
-__all__ = ["plugin_label", "fail", "check"]
+__all__ = ["plugin_label", "fail", "check", "raising_fails"]
 
 
 def plugin_label(plugin: Any) -> str:
@@ -23,3 +24,15 @@ def check(ok: Any, plugin: Any, what: str) -> None:
     """``fail(plugin, what)`` unless ``ok`` (a plain check that survives ``python -O``)."""
     if not ok:
         fail(plugin, what)
+
+
+@contextmanager
+def raising_fails(plugin: Any, what: str = "raised", where: str = "") -> Iterator[None]:
+    """Within the block, an exception from the plugin's code becomes ``fail(plugin, "<what>
+    <Type>: <message> <where>")``; an ``AssertionError`` (a failed check) passes through as it is."""
+    try:
+        yield
+    except AssertionError:
+        raise
+    except Exception as exc:
+        fail(plugin, f"{what} {type(exc).__name__}: {exc}" + (f" {where}" if where else ""))

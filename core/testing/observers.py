@@ -9,7 +9,7 @@ import torch
 from quanta.contracts import Observer, Scheme
 from quanta._records.spec import QuantSpec
 
-from .failure import check, fail
+from .failure import check, fail, raising_fails
 from .schemes import scheme_test_groups
 
 __all__ = ["check_observer"]
@@ -86,7 +86,7 @@ def check_observer(observer: Observer, scheme: Scheme | None = None, spec: Quant
 
 def _check_spec_run(observer, values, spec, scheme, quanta_error) -> None:
     where = f"for {spec.dtype}"
-    try:
+    with raising_fails(observer, where=f"({where})"):
         lo, hi = _observe(observer, values, spec, scheme, f"on all rows {where}")
         check(bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()), observer,
               f"observe() returned a non-finite range for finite input {where}")
@@ -100,10 +100,6 @@ def _check_spec_run(observer, values, spec, scheme, quanta_error) -> None:
             fail(observer, f"observing rows in two chunks differs from observing them all at once {where}: rows "
                            "must be independent (core observes a weight's groups in chunks)")
         _check_non_finite(observer, values, spec, scheme, lo, hi, quanta_error)
-    except AssertionError:
-        raise
-    except Exception as exc:
-        fail(observer, f"raised {type(exc).__name__}: {exc} ({where})")
 
 
 def _check_non_finite(observer: Any, values, spec, scheme, lo, hi, quanta_error) -> None:

@@ -10,7 +10,7 @@ from quanta.contracts import GRIDS, Scheme
 from quanta.errors import ConfigError
 from quanta._records.spec import QuantDtype, QuantSpec
 
-from .failure import check, fail
+from .failure import check, fail, raising_fails
 
 __all__ = ["check_scheme", "scheme_test_groups"]
 
@@ -275,28 +275,16 @@ def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = Non
                      "options and granularity it serves, or dtypes=[...]")
     for dtype in served:
         for float_dtype in (torch.float32, torch.float16):
-            try:
+            with raising_fails(scheme, where=f"(for {dtype} in {float_dtype})"):
                 _check_dtype(scheme, dtype, float_dtype)
-            except AssertionError:
-                raise
-            except Exception as exc:
-                fail(scheme, f"raised {type(exc).__name__}: {exc} (for {dtype} in {float_dtype})")
     for float_dtype in (torch.float32, torch.float16):
-        try:
+        with raising_fails(scheme, "dequantize_lut/quantize_lut raised", f"(in {float_dtype})"):
             _check_dequantize_lut(scheme, float_dtype)
-        except AssertionError:
-            raise
-        except Exception as exc:
-            fail(scheme, f"dequantize_lut/quantize_lut raised {type(exc).__name__}: {exc} (in {float_dtype})")
     for dtype in served:
         for granular in _granularity_specs(base, dtype):
             try:
                 scheme.check_spec(granular)
             except ConfigError:
                 continue  # a granularity it refuses at plan time is never quantized
-            try:
+            with raising_fails(scheme, f"quantizing a weight for {granular.describe()} raised"):
                 _check_records(scheme, granular)
-            except AssertionError:
-                raise
-            except Exception as exc:
-                fail(scheme, f"quantizing a weight for {granular.describe()} raised {type(exc).__name__}: {exc}")
