@@ -85,8 +85,30 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far (MiB): ``VmHWM`` from ``/proc/self/status``.
+
+    Not ``ru_maxrss``: a child started by fork + exec inherits its parent's peak there, so a worker
+    spawned by a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc (macOS, where it is bytes)
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory again from the memory now (Linux >= 4.0:
+    ``clear_refs`` 5), so a peak measured next is the call's, not an earlier spike's (imports,
+    building the model). Elsewhere nothing."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
 
 def time_calls(fn, calls: int, setup=None) -> dict:
@@ -97,6 +119,7 @@ def time_calls(fn, calls: int, setup=None) -> dict:
     import gc
 
     gc.collect()
+    reset_peak_rss()
     before = rss_mib()
     times, cpu, peak = [], [], None
     for _ in range(calls):

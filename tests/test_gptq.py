@@ -148,3 +148,20 @@ def test_bad_gptq_configs(config, pattern):
 def test_data_is_required():
     with pytest.raises(ConfigError, match="needs calibration data"):
         quanta.quantize(_mlp(), {"algorithm": "gptq"})
+
+
+@pytest.mark.slow
+def test_first_gptq_call_does_not_import_dynamo():
+    # The dry forward's copy-before-write mode would import torch._dynamo on its first op
+    # (seconds of a first quantize call on a busy machine); nothing on GPTQ's path needs it.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, quanta\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))\n"
+            "quanta.quantize(m, {'algorithm': 'gptq', 'calibration_nsamples': 2,\n"
+            "                    'global_config': {'dtype': 'int4', 'granularity': 'per_block', 'block_size': 8}},\n"
+            "                [torch.randn(1, 8, 16) for _ in range(2)])\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -398,3 +398,38 @@ def test_hessian_upper_blocks_mirrored(n):
     torch.testing.assert_close(xtx.double(), 0.5 * x.t() @ x, rtol=1e-4, atol=1e-4)
     off_diagonal_blocks = xtx - xtx.t()
     assert float(off_diagonal_blocks.abs().max()) <= 1e-3  # exactly 0 outside the diagonal blocks
+
+
+@pytest.mark.parametrize("n", [8, 1000, 1100, 2048])
+def test_hessian_partials_by_row_block_equal_whole_partials(n):
+    # The hooks' per-call partial, made one row block at a time in a small buffer, adds up to
+    # the same sum, bit for bit, as a whole zeroed partial added at once (one order of addition).
+    from quanta.plugins.gptq.hessian import accumulate_xtx, add_partial_xtx, mirror_upper, partial_rows
+    gen = torch.Generator().manual_seed(n)
+    xs = [torch.randn(37, n, generator=gen), torch.randn(5, n, generator=gen), torch.zeros(3, n)]
+    xs[1][:, 2] = -0.0
+    whole, by_block = torch.zeros(n, n), torch.zeros(n, n)
+    buffer = torch.full((partial_rows(n), n), float("nan"))  # overwritten, never read
+    assert partial_rows(n) <= max(n, 1024)
+    for x in xs:
+        whole.add_(accumulate_xtx(torch.zeros(n, n), x))
+        add_partial_xtx(by_block, x, buffer)
+    mirror_upper(whole), mirror_upper(by_block)
+    assert torch.equal(whole.view(torch.int32), by_block.view(torch.int32))  # signs of zero too
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_overwritten_hessian_gives_the_same_result(act_order):
+    # _overwrite_hessian (quanta's own callers) puts the factor in the Hessian's storage: the same
+    # result as a solve that leaves it alone; a float64 Hessian is converted, never written.
+    w, h, _ = correlated_layer(24, 128, seed=9, dead=(5,))
+    kw = dict(block_size=32, act_order=act_order)
+    kept = gptq_quantize(w, h, MinMaxQuantizer(4, False), **kw)
+    spent = h.clone()
+    over = gptq_quantize(w, spent, MinMaxQuantizer(4, False), _overwrite_hessian=True, **kw)
+    for name in ("codes", "scale", "zero_point", "weight"):
+        assert torch.equal(getattr(kept, name), getattr(over, name)), name
+    assert kept.loss == over.loss and not torch.equal(spent, h)
+    h64 = h.double()
+    gptq_quantize(w, h64, MinMaxQuantizer(4, False), _overwrite_hessian=True, **kw)
+    assert torch.equal(h64, h.double())

@@ -15,6 +15,7 @@ A forward may change the model: a call counter (``self.calls += 1``), a running 
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -33,6 +34,14 @@ def _storage_key(t: torch.Tensor) -> int | None:
 
 class _CopyBeforeWrite(TorchDispatchMode):
     """Copies a watched tensor's storage the first time an op writes into it."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in a dynamo "disable" that imports torch._dynamo
+        # on the first op: 1-3 s of a first quantize call (the dry forward) on a busy machine. The
+        # wrapper only matters where torch.compile runs inside the mode; kept when dynamo is
+        # already loaded (a process that compiles), left out otherwise (torch's documented switch).
+        return "torch._dynamo" in sys.modules
 
     def __init__(self, watched: list[torch.Tensor]):
         super().__init__()

@@ -114,6 +114,10 @@ class PluginQuantizer:
     def dequantize(self, codes, scale, zero_point) -> torch.Tensor:
         return self.scheme.dequantize(codes, scale, zero_point)
 
+    def dequantize_(self, codes, scale, zero_point) -> torch.Tensor:
+        """:meth:`dequantize` overwriting ``codes`` (the scheme's in-place path)."""
+        return self.scheme.dequantize_(codes, scale, zero_point)
+
 
 class _Stop(Exception):
     """Raised by the input cacher's hook to end a forward pass early."""
@@ -278,6 +282,8 @@ class GPTQ(Algorithm):
                                     block(*args, **fresh_state(kwargs))
                             for hook in hooks.values():
                                 hook.flush()
+                        if name == blocks[-1][0]:
+                            cache.clear()  # the last block's outputs feed nothing: free its inputs before the solves
                         self._solve(model, mine, hooks, cfg, device, context)
                     finally:  # a failure must not leave Hessian hooks on the user's (inplace) model
                         _remove_hooks(hooks)
@@ -360,7 +366,8 @@ class GPTQ(Algorithm):
                                            block_size=block, processing_group_size=cfg.processing_group_size,
                                            damp=float(cfg.hessian_dampening),
                                            act_order=cfg.use_activation_order_heuristic,
-                                           static_groups=cfg.static_groups, codes_dtype=spec.dtype.torch_storage))
+                                           static_groups=cfg.static_groups, codes_dtype=spec.dtype.torch_storage,
+                                           _overwrite_hessian=True))  # the hook's sum: dropped after
         for warning in caught:
             warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
         cat = (lambda name: getattr(parts[0], name)) if len(parts) == 1 else \

@@ -32,6 +32,8 @@ def sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, z
     by one matmul update of the rest of the batch); ``before(k)`` runs at each.
     """
     n_cols = wb.shape[0]
+    # The codes are a fresh tensor: dequantized in place where the quantizer can (the same ops).
+    in_place = getattr(quantizer, "dequantize_", None)
     w_cols = wb.unsqueeze(2).unbind(0)  # [r, 1] views, made in one call
     w0_cols = w0b.unsqueeze(2).unbind(0)
     d_cols = diff.unsqueeze(2).unbind(0)
@@ -44,7 +46,9 @@ def sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, z
             w, s = w_cols[j], scales[j]
             z = zero_points[j] if zero_points is not None else None
             c = quantizer.quantize(w, s, z)
-            torch.sub(w0_cols[j], quantizer.dequantize(c, s, z), out=d_cols[j])
+            q = in_place(c, s, z) if in_place is not None and c.data_ptr() != w.data_ptr() else \
+                quantizer.dequantize(c, s, z)
+            torch.sub(w0_cols[j], q, out=d_cols[j])
             if j + 1 < k2:
                 wb[j + 1:k2].addr_(gb[j, j + 1:k2], d_rows[j])
         if k2 < n_cols:

@@ -13,7 +13,7 @@ import torch
 
 from quanta.errors import QuantizationError
 
-__all__ = ["inverse_hessian_factor", "damped_factor", "error_feedback_factor", "all_finite"]
+__all__ = ["inverse_hessian_factor", "damped_factor", "error_feedback_factor", "flip_into", "all_finite"]
 
 #: Largest triangle inverted directly with a triangular solve; larger ones are split.
 _TRIANGLE_BASE = 256
@@ -73,11 +73,13 @@ def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
     return u
 
 
-def error_feedback_factor(h_rev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def error_feedback_factor(h_rev: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(G, d)`` for the damped Hessian given reversed, ``h_rev = H.flip(0, 1)`` ``[n, n]``:
     ``H = R R^T`` with ``R`` upper triangular,
     ``d = diag(R)`` ``[n]`` and ``G = R diag(d)^-1`` ``[n, n]`` (column ``k`` divided by ``R_kk``);
-    None when the Cholesky fails or ``G`` is not finite.
+    None when the Cholesky fails or ``G`` is not finite. ``G`` is written into ``out`` (``[n, n]``
+    float32, contiguous, e.g. the Hessian's own storage once it is no longer needed) when given,
+    else into a new tensor; ``h_rev`` is overwritten either way.
 
     GPTQ's feedback through ``U = R^-1`` (``W[:, k] -= sum_{j<k} (w_j - q_j) / U_jj * U_jk`` with
     ``w_j`` error-updated) unrolls to ``W[:, k] += sum_{j<k} (w0_j - q_j) * G_jk`` with ``w0_j`` the
@@ -94,7 +96,25 @@ def error_feedback_factor(h_rev: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     lower.div_(diag)
     if not all_finite(lower):
         return None
-    return lower.flip(0, 1), diag.flip(0)
+    return flip_into(lower, out if out is not None else torch.empty_like(lower)), diag.flip(0)
+
+
+#: Rows per step of :func:`flip_into` (a temporary of this many rows).
+_FLIP_ROWS = 256
+
+
+def flip_into(src: torch.Tensor, out: torch.Tensor, rows_of: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` ``[n, n]`` = ``src.flip(0, 1)`` (or, with ``rows_of`` an order of ``0..n-1``,
+    ``src[rows_of][:, rows_of]``), written a block of rows at a time: no full-size temporary.
+    ``out`` must not overlap ``src``. Returns ``out``."""
+    n = src.shape[0]
+    for i in range(0, n, _FLIP_ROWS):
+        j = min(i + _FLIP_ROWS, n)
+        if rows_of is None:
+            out[i:j].copy_(src[n - j:n - i].flip(0, 1))
+        else:
+            torch.index_select(src.index_select(0, rows_of[i:j]), 1, rows_of, out=out[i:j])
+    return out
 
 
 def _cholesky_in_place(a: torch.Tensor) -> bool:

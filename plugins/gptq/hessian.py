@@ -13,6 +13,11 @@ Usage::
     for x in inputs:                 # x [tokens, n]
         accumulate_xtx(xtx, x)
     hessian = mirror_upper(xtx).mul_(2 / total_tokens)
+
+GPTQ's hooks add each call's product to the sum as a *partial* (one order of addition, see
+:class:`HessianHook`); :func:`add_partial_xtx` does that one row block at a time through a
+buffer of one row block (``[~512, n]``, not ``[n, n]``): each block's product is written
+(not added: no zeroing pass) and then added to the sum, the same values as a whole partial.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 from quanta.contracts import Ranks
 from quanta.errors import QuantizationError
 
-__all__ = ["accumulate_xtx", "mirror_upper", "HessianHook", "solve_cost"]
+__all__ = ["accumulate_xtx", "add_partial_xtx", "partial_rows", "mirror_upper", "HessianHook", "solve_cost"]
 
 #: Columns per row block (rounded to a multiple of 64); below two blocks the full product is used.
 _BLOCK_COLUMNS = 512
@@ -47,6 +52,28 @@ def accumulate_xtx(xtx: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> to
         return xtx.addmm_(x.t(), x, alpha=alpha)
     for a, b in zip(edges, edges[1:]):
         xtx[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=alpha)
+    return xtx
+
+
+def partial_rows(n: int) -> int:
+    """Rows of the buffer :func:`add_partial_xtx` needs for ``n`` columns (the widest row block)."""
+    edges = _edges(n)
+    return max(b - a for a, b in zip(edges, edges[1:]))
+
+
+def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``xtx`` ``[n, n]`` += ``xᵀx`` on and above the diagonal blocks, each row block's product made
+    on its own in ``buffer`` (``[partial_rows(n), n]``, overwritten) and then added.
+
+    The sum is the same, bit for bit, as ``xtx.add_(accumulate_xtx(zeros(n, n), x))``: each block
+    of the partial is the same product, and the blocks below the diagonal (zeros there) are
+    left for :func:`mirror_upper`. Returns ``xtx``."""
+    n = x.shape[1]
+    edges = _edges(n)
+    for a, b in zip(edges, edges[1:]):
+        part = buffer[:b - a, :n - a]
+        torch.mm(x[:, a:b].t(), x[:, a:], out=part)
+        xtx[a:b, a:].add_(part)
     return xtx
 
 
@@ -77,7 +104,9 @@ class HessianHook:
     made (one scratch buffer per size, ``scratch``); under ``torch.distributed`` the partials of a
     step wait in ``pending`` until :meth:`flush` folds every rank's partials into the sum on the
     hook's ``owner`` rank (:meth:`quanta.contracts.Ranks.fold`). The sum is the same, bit for
-    bit, for any number of ranks. Only the owner holds the sum.
+    bit, for any number of ranks. Only the owner holds the sum. In one process the partial is
+    made and added one row block at a time (:func:`add_partial_xtx`; ``scratch`` holds one
+    ``[partial_rows(n), n]`` buffer per size).
     """
 
     def __init__(self, module: nn.Module, device, weight: torch.Tensor | None = None, attach: bool = True,
@@ -121,11 +150,11 @@ class HessianHook:
             self.pending.append(accumulate_xtx(fresh, x))
             return
         key = (self.cols, str(self.device))
-        partial: torch.Tensor | None = self.scratch.get(key)
-        if partial is None:
-            partial = self.scratch[key] = torch.empty(self.cols, self.cols, dtype=torch.float32, device=self.device)
-        accumulate_xtx(partial.zero_(), x)
-        self.xtx.add_(partial)  # type: ignore[union-attr]
+        buffer: torch.Tensor | None = self.scratch.get(key)
+        if buffer is None:
+            buffer = self.scratch[key] = torch.empty(partial_rows(self.cols), self.cols, dtype=torch.float32,
+                                                     device=self.device)
+        add_partial_xtx(self.xtx, x, buffer)  # type: ignore[arg-type]
 
     def flush(self) -> None:
         """*Collective* (after every step of :meth:`quanta.contracts.Ranks.chunks`): fold this step's

@@ -38,6 +38,7 @@ from .factor import (  # noqa: F401 - inverse_hessian_factor re-exported: it liv
     inverse_hessian_factor,
     damped_factor,
     error_feedback_factor,
+    flip_into,
     all_finite,
 )
 
@@ -94,6 +95,7 @@ def gptq_quantize(
     static_groups: bool = False,
     codes_dtype: torch.dtype = torch.int32,
     _path: str = "auto",
+    _overwrite_hessian: bool = False,
 ) -> GPTQResult:
     """Quantize ``weight`` ``[out, in]`` with GPTQ against ``hessian`` ``[in, in]`` (= 2 X^T X / n).
 
@@ -115,7 +117,9 @@ def gptq_quantize(
             dtype, saves memory on large weights; it must hold the quantizer's range).
 
     Returns:
-        :class:`GPTQResult` on the device of ``weight``. The inputs are not modified.
+        :class:`GPTQResult` on the device of ``weight``. The inputs are not modified (but for
+        ``_overwrite_hessian=True``, quanta's own callers: the Hessian's storage then receives the
+        factor, saving a Hessian-sized buffer).
 
     Raises:
         QuantizationError (a ``ValueError``): bad shapes or block size, non-finite inputs, or a
@@ -126,7 +130,7 @@ def gptq_quantize(
         static_groups = True
     with torch.no_grad():
         return _solve(weight, hessian, quantizer, block_size, processing_group_size, damp,
-                      act_order, static_groups, _path, codes_dtype)
+                      act_order, static_groups, _path, codes_dtype, _overwrite_hessian)
 
 
 def _check_inputs(weight, hessian, block_size, processing_group_size, damp) -> None:
@@ -151,10 +155,13 @@ def _check_inputs(weight, hessian, block_size, processing_group_size, damp) -> N
 
 
 def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, static_groups, path,
-           codes_dtype=torch.int32) -> GPTQResult:
+           codes_dtype=torch.int32, overwrite_hessian=False) -> GPTQResult:
     device = weight.device
     w = weight.detach().to(dtype=torch.float32)  # read only: the sweep works on transposed copies
-    h = hessian.detach().to(device=device, dtype=torch.float32)  # read only
+    h = hessian.detach().to(device=device, dtype=torch.float32)  # read only until the factor is made
+    # Where the factor G goes: h's storage when h is ours (a converted copy, or the caller gave it
+    # up) and contiguous, else a new buffer. h is only read until the factorization succeeded.
+    own_h = (overwrite_hessian or h.data_ptr() != hessian.data_ptr()) and h.is_contiguous()
     if not (all_finite(w) and all_finite(h)):
         raise QuantizationError("gptq: weight and hessian must be finite (found NaN or inf)")
     rows, n = w.shape
@@ -172,16 +179,21 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
     if act_order:
         perm = torch.argsort(diag, descending=True, stable=True)
     # The factorization takes H in reversed sweep order (see error_feedback_factor) and works
-    # in place; building that is the one copy of H the solver makes (again per damp retry).
+    # in place; building that is the one copy of H the solver makes (again per damp retry),
+    # a block of rows at a time (no second full-size temporary).
     rev = torch.arange(n - 1, -1, -1, device=device) if perm is None else perm.flip(0)
     def reversed_hessian(h=h) -> torch.Tensor:
-        h_rev = h.flip(0, 1) if perm is None else h.index_select(0, rev).index_select(1, rev)
+        h_rev = flip_into(h, torch.empty_like(h, memory_format=torch.contiguous_format),
+                          None if perm is None else rev)
         if any_dead:
             h_rev.diagonal()[dead[rev]] = 1
         return h_rev
 
-    (feedback, r_diag), damp_used = damped_factor(reversed_hessian, damp, error_feedback_factor)
-    del h, reversed_hessian
+    def factor(h_rev: torch.Tensor, out=h if own_h else None) -> Any:
+        return error_feedback_factor(h_rev, out=out)
+
+    (feedback, r_diag), damp_used = damped_factor(reversed_hessian, damp, factor)
+    del h, reversed_hessian, factor, diag
 
     n_groups = 1 if block_size is None else n // block_size
     dynamic = block_size is not None and not static_groups
@@ -202,7 +214,6 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
                       n_groups=n_groups, feedback=feedback, r_diag=r_diag, block_inverse=block_inverse)
 
     n_groups_out = n_groups
-    per_group = n // n_groups_out
     codes_out = torch.empty(rows, n, dtype=codes_dtype, device=device)
     weight_out = torch.empty(rows, n, dtype=torch.float32, device=device)
     scale_out = torch.empty(rows, n_groups_out, dtype=torch.float32, device=device)
@@ -211,22 +222,20 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
 
     def store(r0: int, r1: int, result: Any) -> float:
         # One chunk's rows of every output, in original column order; the float codes and the
-        # sweep's work copies are freed with the chunk.
-        codes_t, scale_t, zp_t, sq_err = result
+        # sweep's work copies are freed with the chunk. The sweep's dequantized values are the
+        # codes dequantized element by element with their group's qparams: the weight as is.
+        codes_t, values_t, scale_t, zp_t, sq_err = result
         if inverse is not None:
             codes_t = codes_t.index_select(0, inverse)
-        codes_c, scale_c = codes_t.t(), scale_t.t()
-        scale_out[r0:r1] = scale_c
-        zp_c = None
+            values_t = values_t.index_select(0, inverse)
+        scale_out[r0:r1] = scale_t.t()
         if zp_t is not None:
             if zp_out[0] is None:
                 zp_out[0] = torch.empty(rows, n_groups_out, dtype=torch.float32, device=device)
-            zp_c = zp_t.t()
-            zp_out[0][r0:r1] = zp_c
-        weight_out[r0:r1] = quantizer.dequantize(
-            codes_c, scale_c.repeat_interleave(per_group, dim=1),
-            None if zp_c is None else zp_c.repeat_interleave(per_group, dim=1)).to(torch.float32)
-        codes_out[r0:r1] = codes_c
+            zp_out[0][r0:r1] = zp_t.t()
+        weight_out[r0:r1] = values_t.t()
+        del values_t
+        codes_out[r0:r1] = codes_t.t()
         return sq_err
 
     chunks, workers = _row_chunks(rows, n, device)
@@ -316,7 +325,8 @@ class SweepPlan:
 
 def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups, path, overlap=False) -> Any:
     """GPTQ on a block of rows ``w`` ``[r, n]``: returns (codes_t [n, r] float codes in sweep order,
-    scale_t [G, r], zero_point_t [G, r] or None, sum_j ((w_j - q_j) / U_jj)^2).
+    values_t [n, r] the codes dequantized, scale_t [G, r], zero_point_t [G, r] or None,
+    sum_j ((w_j - q_j) / U_jj)^2).
 
     With ``overlap`` (CPU), each batch's update of the columns past the next batch runs in a
     second thread while the next batch is swept (see :class:`_TrailingUpdates`)."""
@@ -379,14 +389,24 @@ def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups
     del w0_t, diff_t, runner  # only wt is read from here on: free the other work copies first
     # Row j of wt still holds column j exactly as it was quantized (updates only ever touch
     # later columns), so one vectorized quantize gives the loop's codes bit for bit.
-    groups = torch.tensor(list(g), dtype=torch.long, device=wt.device)
-    scale_g = scale_t.index_select(0, groups)
-    zp_g = zp_t.index_select(0, groups) if has_zp else None
-    codes_t = quantizer.quantize(wt, scale_g, zp_g)
+    if perm is None:  # group g holds sweep rows g*per .. (g+1)*per - 1: broadcast, no [n, r] qparams
+        per = n // plan.n_groups
+        shape = (plan.n_groups, per, rows)
+        wt_g = wt.view(shape)
+        scale_g = scale_t.unsqueeze(1)
+        zp_g = zp_t.unsqueeze(1) if has_zp else None
+    else:
+        groups = torch.tensor(list(g), dtype=torch.long, device=wt.device)
+        wt_g, shape = wt, wt.shape
+        scale_g = scale_t.index_select(0, groups)
+        zp_g = zp_t.index_select(0, groups) if has_zp else None
+    codes_t = quantizer.quantize(wt_g, scale_g, zp_g)
+    values_t = quantizer.dequantize(codes_t, scale_g, zp_g)
     # The loss uses the error-updated columns: ((w_j - q_j) / U_jj)^2 = ((w_j - q_j) R_jj)^2.
-    wt.sub_(quantizer.dequantize(codes_t, scale_g, zp_g))
+    wt_g.sub_(values_t)
     sq_err = float(wt.square().sum(dim=1).dot(plan.r_diag.square()))
-    return codes_t, scale_t, zp_t, sq_err
+    del wt, wt_g
+    return codes_t.view(n, rows), values_t.view(n, rows), scale_t, zp_t, sq_err
 
 
 class _TrailingUpdates:
