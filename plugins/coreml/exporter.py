@@ -212,6 +212,8 @@ def _match_ops(record_names, stored: dict) -> dict[str, str]:
     for rname in record_names:
         for key in (_sanitize(rname), _sanitize(f"model.{rname}")):
             for op_name in stored:
+                if key not in op_name:  # a match starts with the key after the prefix: skip the regexes
+                    continue
                 base = re.sub(r"^(op|var)_", "", op_name) if not op_name.startswith(key) else op_name
                 if base == key or re.fullmatch(re.escape(key) + r"(_(cast|to)_fp(16|32))*(_quantized)?", base):
                     out[rname] = op_name
