@@ -125,3 +125,22 @@ def test_activation_mask_buffer_is_reused_only_when_no_graph_holds_it():
     _, mask_a = _reference_fake_quant(xs[1], 0.05, 7, 0, 63)
     assert torch.equal(a.grad, grads[1] * mask_a) and out_b.shape == xs[2].shape
     assert copy.deepcopy(ws).mask is None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ws)).mask is None  # (its weakref to a live node is not pickled)
+
+
+def test_prepared_model_pickles_after_a_training_step(tmp_path):
+    # The mask workspace holds a weakref to the last backward node: saved as an empty workspace.
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    quantizer = quanta.Quantizer(model, {"global_config": {"milestones": [0, 0, 10, 10]}})
+    qat = quantizer.prepare(example_inputs=torch.randn(1, 8))
+    x = torch.randn(4, 8)
+    qat(x).sum().backward()
+    quantizer.step()
+    path = tmp_path / "qat.pt"
+    torch.save(qat, path)
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded(x), qat(x))

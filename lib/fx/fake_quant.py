@@ -166,7 +166,7 @@ class _MaskWorkspace:
     dtype, device) and the graph that saved it is gone (its backward node is no longer alive: the
     step's graph was freed), else a fresh one. So a graph kept alive (``retain_graph``, an output
     still referenced, a quantizer called twice in one forward) never sees its mask overwritten.
-    Not copied with the module (a copy starts empty).
+    Not copied or pickled with the module (a copy starts empty).
     """
 
     __slots__ = ("mask", "node")
@@ -189,6 +189,9 @@ class _MaskWorkspace:
 
     def __deepcopy__(self, memo) -> "_MaskWorkspace":
         return _MaskWorkspace()
+
+    def __reduce__(self):  # pickled (torch.save of a prepared model) as an empty workspace
+        return (_MaskWorkspace, ())
 
 
 class ActivationFakeQuantize(nn.Module):
