@@ -208,14 +208,14 @@ def test_sigint_at_any_moment_of_export_leaves_old_or_new(setup, delay):
     assert not _leftovers(tmp)
 
 
-def test_signals_held_delivers_a_sigint_after_the_block_not_inside_it():
-    """The command imports torch inside ``signals_held``: torch's import runs Python inside pybind11
+def test_signals_deferred_delivers_a_sigint_after_the_block_not_inside_it():
+    """The command imports torch inside ``signals_deferred``: torch's import runs Python inside pybind11
     callbacks, where a KeyboardInterrupt aborts the process (SIGABRT) instead of unwinding."""
     code = ("import os, signal\n"
-            "from quanta._files.interrupts import signals_held\n"
+            "from quanta._files.interrupts import signals_deferred\n"
             "done = []\n"
             "try:\n"
-            "    with signals_held():\n"
+            "    with signals_deferred():\n"
             "        os.kill(os.getpid(), signal.SIGINT)\n"
             "        sum(range(10**6))  # bytecode runs: an unheld signal would be raised here\n"
             "        done.append(1)\n"

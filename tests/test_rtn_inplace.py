@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import quanta
-from quanta._run.guard import signals_deferred
+from quanta._files.interrupts import signals_deferred
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

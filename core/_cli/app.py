@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             from quanta._cli.commands import COMMANDS
-            from quanta._files.interrupts import signals_held
+            from quanta._files.interrupts import signals_deferred
 
-            with signals_held():  # a Ctrl-C inside torch's import would abort the process (SIGABRT)
+            with signals_deferred():  # a Ctrl-C inside torch's import would abort the process (SIGABRT)
                 import torch  # noqa: F401  (every command but --help needs it)
 
             with quiet_third_parties(console):

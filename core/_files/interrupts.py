@@ -7,8 +7,7 @@ raises at once, to stop the work where it is not swallowed); when the block ends
 any other exception, a recorded signal is raised again, and :func:`quanta._files.atomic` writes
 check for one (:func:`raise_if_interrupted`) before putting a new copy in place. The ``quanta`` command turns SIGTERM into
 :class:`Terminated` (a ``KeyboardInterrupt``), so a terminated run cleans up exactly as a Ctrl-C'd
-one does and exits with 143. :func:`signals_held` keeps both signals waiting while C++ code that
-calls back into Python runs (importing torch): an exception raised there aborts the process.
+one does and exits with 143. :func:`signals_deferred` keeps both signals waiting through a step that must not stop halfway.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["Terminated", "honour_interrupts", "interrupt_for", "raise_if_interrupted", "signals_held"]
+__all__ = ["Terminated", "honour_interrupts", "interrupt_for", "raise_if_interrupted", "signals_deferred"]
 
 #: Signals received within the active :func:`honour_interrupts` blocks (innermost last).
 _received: list[list[int]] = []
@@ -79,21 +78,32 @@ def raise_if_interrupted() -> None:
             raise interrupt_for(received[0])
 
 
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM are blocked; one that arrived is delivered when it ends.
 
-    For C++ code that calls back into Python: importing torch runs Python from pybind11 callbacks,
-    and a ``KeyboardInterrupt`` raised inside one of them terminates the process ("terminate called
-    after throwing an instance of 'pybind11::error_already_set'", SIGABRT, a core dump) instead of
-    unwinding. Held, the signal is raised as the usual ``KeyboardInterrupt`` right after the block.
-    Outside the main thread, or where the platform has no ``pthread_sigmask``, it changes nothing.
-    """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM (where a Python handler runs for them) are recorded,
+    not acted on; when the block ends, the first one recorded goes to the handler it was meant
+    for (``KeyboardInterrupt`` for Ctrl-C). For a step that must not stop halfway: an in-place run
+    writing its values over the float weights it can no longer restore, and importing torch,
+    whose import runs Python inside pybind11 callbacks, where a ``KeyboardInterrupt`` terminates
+    the process ("terminate called after throwing an instance of 'pybind11::error_already_set'",
+    SIGABRT) instead of unwinding. Outside the main thread no Python handler can interrupt the
+    block, so it changes nothing there."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received: list = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if callable(current):
+            previous[signum] = current
+            signal.signal(signum, lambda num, frame: received.append((num, frame)))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    if received:
+        num, frame = received[0]
+        previous[num](num, frame)

@@ -15,7 +15,8 @@ from quanta._recipes.recipe import Recipe, load_recipe
 from quanta._run.context import RunContext, commit_values
 from quanta.contracts.ranks import Ranks, fingerprint
 from quanta.errors import ConfigError, QuantizationError
-from quanta._run.guard import fire_event, plugin_code, signals_deferred
+from quanta._files.interrupts import signals_deferred
+from quanta._run.guard import fire_event, plugin_code
 from quanta._run.model_checks import check_model
 from quanta._recipes.planning import Decision, Plan, build_plan
 from quanta._run.preflight import check_run
