@@ -85,16 +85,19 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (MiB): ``VmHWM`` from /proc (``ru_maxrss`` also
-    counts the parent's peak, which Linux keeps across fork and exec)."""
+    """Peak resident memory of this process so far (MiB): ``VmHWM`` from ``/proc/self/status``.
+
+    Not ``ru_maxrss``: a child started by fork + exec inherits its parent's peak there, so a worker
+    spawned by a large parent would report the parent's peak."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
+        with open("/proc/self/status") as fh:
+            for line in fh:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc (macOS, where it is bytes)
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def reset_peak_rss() -> None:

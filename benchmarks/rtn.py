@@ -49,9 +49,10 @@ def _call(tool: str, case: str):
         from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
 
         return lambda model: PostTrainingQuantizer(model, PostTrainingQuantizerConfig.from_dict(cfg)).compress()
-    import quanta
+    from quanta import quantize  # quanta's names are lazy: this imports the run machinery, as the line above
+    # imports coremltools' PTQ module; the plugins the call uses are imported on the first call
 
-    return lambda model: quanta.quantize(model, cfg, inplace=tool == "quanta inplace")
+    return lambda model: quantize(model, cfg, inplace=tool == "quanta inplace")
 
 
 def run_worker(args) -> None:

@@ -97,19 +97,22 @@ class QuantizedWeight:
 
 
 def attach_record(module: torch.nn.Module, param: str, record: QuantizedWeight,
-                  values: torch.Tensor | None = None) -> None:
+                  values: torch.Tensor | None = None, *, keep_storage: bool = False) -> None:
     """Store ``record`` on ``module`` beside parameter ``param`` and set the parameter to its values.
 
-    ``values`` may pass ``record.dequantize()`` when the caller already has it.
+    ``values`` may pass ``record.dequantize()`` when the caller already has it. With
+    ``keep_storage=True`` the parameter is left as it is: the caller writes the values into its
+    storage itself (an in-place run, when it can no longer fail).
     """
-    weight = getattr(module, param)
-    values = (record.dequantize() if values is None else values).to(weight.device, weight.dtype)
-    values = values.reshape(weight.shape).contiguous()
-    if values.data_ptr() == weight.data_ptr():
-        values = values.clone()
-    # Always new storage, never an in-place write: a copied model may share the float weight's
-    # storage with the user's model (see ``Backend.copy(..., share=...)``).
-    weight.data = values
+    if not keep_storage:
+        weight = getattr(module, param)
+        values = (record.dequantize() if values is None else values).to(weight.device, weight.dtype)
+        values = values.reshape(weight.shape).contiguous()
+        if values.data_ptr() == weight.data_ptr():
+            values = values.clone()
+        # Always new storage, never an in-place write: a copied model may share the float weight's
+        # storage with the user's model (see ``Backend.copy(..., share=...)``).
+        weight.data = values
     module.register_buffer(param + "_quanta_codes", record.codes)
     module.register_buffer(param + "_quanta_scale", record.scale)
     for suffix, tensor in (("_quanta_zero_point", record.zero_point), ("_quanta_lut", record.lut)):

@@ -100,6 +100,14 @@ class TorchBackend(Backend):
     def write(self, model, unit: Unit, record, values=None) -> None:
         attach_record(unit.handle, unit.param, record, values)
 
+    def write_later(self, model, unit: Unit, record) -> torch.Tensor:
+        """Store ``record`` on the unit's module and leave the parameter's float storage as it is;
+        returns the tensor (that storage) the caller writes the dequantized values into once the
+        run can no longer fail (``RunContext.quantize_layer(..., values_later=True)`` in an inplace
+        run: no new float buffer, and nothing of the float weight lost if the run fails before)."""
+        attach_record(unit.handle, unit.param, record, keep_storage=True)
+        return getattr(unit.handle, unit.param).detach()
+
     def add_state(self, model: nn.Module, module: str, name: str, value: torch.Tensor) -> None:
         """Register ``value`` as buffer ``name`` of submodule ``module`` (``quanta.record.declare_state``)."""
         try:

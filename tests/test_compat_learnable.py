@@ -128,7 +128,7 @@ def test_compat_learnable_and_per_module_float_activations(algorithm):
         "global_config": {"algorithm": algorithm, "milestones": [0, 1, 1, 3], "weight_dtype": "qint4"},
         "module_name_configs": {"fc": {"algorithm": algorithm, "activation_dtype": torch.float32,
                                        "milestones": [0, 1, 1, 3], "weight_dtype": "qint4"}}})
-    quantizer = LinearQuantizer(_model(), config)
+    quantizer = LinearQuantizer(_model(), config, _torch_ao=False)  # the former path: quanta's qat graph
     prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 8, 8),))
     learnable = isinstance(prepared.fc.weight_fake_quant, LearnableWeightFakeQuantize)
     assert learnable == (algorithm == "learnable")
@@ -165,7 +165,7 @@ def test_compat_learnable_exports_like_vanilla():
     model = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 8, 3)), ("relu", nn.ReLU()), ("flat", nn.Flatten()),
                                        ("fc", nn.Linear(8 * 6 * 6, 10))]))
     config = LinearQuantizerConfig.from_dict({"global_config": {"algorithm": "learnable", "milestones": [0, 1, 2, 3]}})
-    quantizer = LinearQuantizer(model, config)
+    quantizer = LinearQuantizer(model, config, _torch_ao=False)
     prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 8, 8),))
     optimizer = torch.optim.SGD(prepared.parameters(), lr=1e-3)
     for _ in range(4):
@@ -190,7 +190,8 @@ def test_compat_learnable_exports_like_vanilla():
 def test_compat_names_activation_quantizers_as_torch_ao():
     """coremltools' step semantics, reached through torch.ao's names (activation_post_process_N)."""
     model = nn.Sequential(OrderedDict({"conv": nn.Conv2d(1, 20, 3), "bn": nn.BatchNorm2d(20), "relu": nn.ReLU()}))
-    quantizer = LinearQuantizer(model, LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 1, 2, 3]}}))
+    quantizer = LinearQuantizer(model, LinearQuantizerConfig.from_dict({"global_config": {"milestones": [0, 1, 2, 3]}}),
+                                _torch_ao=False)
     prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 28, 28),))
     first, second = prepared.activation_post_process_0, prepared.activation_post_process_1
     assert "input of conv" in first.site and "output of conv" in second.site
@@ -208,7 +209,7 @@ def test_relu_outputs_affine_as_coremltools(act):
     quanta's relu_activation_scheme; ReLU6 fuses like ReLU (the quantizer after it)."""
     for layer, x in [(nn.Conv2d(1, 4, 3), torch.randn(1, 1, 8, 8)), (nn.Linear(20, 10), torch.randn(1, 20))]:
         model = nn.Sequential(OrderedDict({"layer": layer, "act": act()}))
-        quantizer = LinearQuantizer(model, LinearQuantizerConfig())
+        quantizer = LinearQuantizer(model, LinearQuantizerConfig(), _torch_ao=False)
         prepared = quantizer.prepare(example_inputs=(x,))
         first, second = prepared.activation_post_process_0, prepared.activation_post_process_1
         assert first.qscheme == torch.per_tensor_symmetric and second.qscheme == torch.per_tensor_affine
@@ -232,7 +233,7 @@ def test_input_produced_by_unfused_relu_is_affine():
         def forward(self, x):
             return self.conv2(torch.nn.functional.relu_(self.conv1(x)))  # relu_ does not fuse
 
-    quantizer = LinearQuantizer(Model(), LinearQuantizerConfig())
+    quantizer = LinearQuantizer(Model(), LinearQuantizerConfig(), _torch_ao=False)
     prepared = quantizer.prepare(example_inputs=(torch.randn(1, 1, 8, 8),))
     schemes = {m.site: m.qscheme for m in prepared.modules() if isinstance(m, quanta.fx.ActivationFakeQuantize)}
     assert schemes == {"input of conv1": torch.per_tensor_symmetric, "output of conv1": torch.per_tensor_symmetric,

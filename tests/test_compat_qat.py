@@ -76,7 +76,7 @@ def test_seed_calibration_recipe_equals_calibrate():
     model = SeedModel().eval()
     data = [torch.rand(8, 1, 20, 20) for _ in range(3)]
     config = LinearQuantizerConfig(global_config=ModuleLinearQuantizerConfig(milestones=[0, 1000, 1000, 0]))
-    quantizer = LinearQuantizer(model, config)
+    quantizer = LinearQuantizer(model, config, _torch_ao=False)  # the former path: quanta's own qat graph
     prepared = quantizer.prepare(example_inputs=[1, 1, 20, 20], inplace=False)
     quantizer.step()
     for x in data:

@@ -258,3 +258,17 @@ def test_verify_opens_the_package_read_only(tmp_path):
         assert _files_and_times(path) == before
     finally:
         subprocess.run(["chmod", "-R", "u+w", path], check=True)
+
+
+def test_export_leaves_every_tensor_of_the_model_as_it_was(tmp_path):
+    # The exporter's working copy shares the float tensors and copies the quantized ones, which it
+    # overwrites with the records' values: the user's model keeps its own (here a stale weight).
+    qmodel = _quantize(_cnn(), "int8", "symmetric", "per_channel")
+    with torch.no_grad():
+        qmodel[3].weight.add_(1e-3)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    quanta.export(qmodel, tmp_path / "m.mlpackage", example_inputs=X)
+    after = qmodel.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(k.startswith("_COREML_") or "/_COREML_" in k for k in after)

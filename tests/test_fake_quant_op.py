@@ -69,3 +69,78 @@ def test_per_group_fast_paths_are_bit_identical_with_nan_and_signed_zero(clip, w
         assert bool(mask.all()) == (clip == 1.0)  # no clamp: the path without a mask
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
     assert torch.equal(leaf.grad.view(torch.int32), (grad * mask).view(torch.int32))
+
+
+@pytest.mark.parametrize("qmin,qmax,zero_point", [(0, 255, 127), (0, 255, 0), (-128, 127, -128), (-128, 127, 5),
+                                                  (-127, 127, 0)])
+def test_per_tensor_is_bit_identical_with_nan_inf_and_signed_zero(qmin, qmax, zero_point):
+    # Activations: the zero point folded into the clamp bounds gives the old arithmetic's values
+    # (a code of -0.0 dequantizes to 0.0 as (q + zp) - zp did) and its gradient.
+    torch.manual_seed(2)
+    x = torch.randn(6, 40) * 4
+    x[0, :4] = torch.tensor([-1e-9, -0.0, 0.0, 1e-9])
+    x[1, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    x[2, :2] = torch.tensor([1e30, -1e30])
+    grad = torch.randn(6, 40)
+    grad[0, 0] = -0.0
+    leaf = x.clone().requires_grad_(True)
+    out = fake_quantize_per_tensor(leaf, 0.05, zero_point, qmin, qmax)
+    out.backward(grad)
+    ref, mask = _reference_fake_quant(x, 0.05, zero_point or None, qmin, qmax)
+    assert torch.equal(out.detach().view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(leaf.grad.view(torch.int32), (grad * mask).view(torch.int32))
+
+
+def test_activation_mask_buffer_is_reused_only_when_no_graph_holds_it():
+    import copy
+
+    from quanta.fx.fake_quant import _MaskWorkspace
+
+    torch.manual_seed(3)
+    ws = _MaskWorkspace()
+    xs = [torch.randn(4, 16) * 3 for _ in range(3)]
+    grads = [torch.randn(4, 16) for _ in range(3)]
+
+    def step(x, g, workspace):
+        leaf = x.clone().requires_grad_(True)
+        out = fake_quantize_per_tensor(leaf, 0.05, 7, 0, 63, workspace)
+        out.backward(g)
+        return out.detach(), leaf.grad
+
+    for x, g in zip(xs, grads):  # each step's graph is freed before the next: one buffer for all
+        got, grad = step(x, g, ws)
+        ref, mask = _reference_fake_quant(x, 0.05, 7, 0, 63)
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+        assert torch.equal(grad.view(torch.int32), (g * mask).view(torch.int32))
+    first = ws.mask
+    step(xs[0], grads[0], ws)
+    assert ws.mask is first
+    # A graph still alive (its output referenced, backward not run yet): the next call gets a fresh
+    # buffer, and the pending backward still sees its own mask.
+    a = xs[1].clone().requires_grad_(True)
+    out_a = fake_quantize_per_tensor(a, 0.05, 7, 0, 63, ws)
+    out_b = fake_quantize_per_tensor(xs[2], 0.05, 7, 0, 63, ws)
+    assert ws.mask is not first
+    out_a.backward(grads[1])
+    _, mask_a = _reference_fake_quant(xs[1], 0.05, 7, 0, 63)
+    assert torch.equal(a.grad, grads[1] * mask_a) and out_b.shape == xs[2].shape
+    assert copy.deepcopy(ws).mask is None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ws)).mask is None  # (its weakref to a live node is not pickled)
+
+
+def test_prepared_model_pickles_after_a_training_step(tmp_path):
+    # The mask workspace holds a weakref to the last backward node: saved as an empty workspace.
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    quantizer = quanta.Quantizer(model, {"global_config": {"milestones": [0, 0, 10, 10]}})
+    qat = quantizer.prepare(example_inputs=torch.randn(1, 8))
+    x = torch.randn(4, 8)
+    qat(x).sum().backward()
+    quantizer.step()
+    path = tmp_path / "qat.pt"
+    torch.save(qat, path)
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded(x), qat(x))

@@ -15,7 +15,7 @@ from quanta._run.guard import fire_event, plugin_code
 from quanta._recipes.planning import Plan, PlannedLayer
 from quanta.record import QuantizedWeight
 from quanta._run.report import LayerReport, Report
-from quanta._run.weights import quantize_weight_with_values
+from quanta._run.weights import quantize_weight_with_values, scheme_for, write_values, writes_in_place
 from quanta.errors import QuantizationError
 
 __all__ = ["RunContext"]
@@ -56,6 +56,9 @@ class RunContext:
     ranks: Ranks = attrs.field(factory=Ranks)
     _done: int = attrs.field(default=0, alias="_done")
     _float_cache: dict = attrs.field(factory=dict, alias="float_cache")
+    #: ``(tensor, record)`` of the values an inplace run writes over the float weights when it can no
+    #: longer fail (:func:`commit_values`); None when the run may not write in place.
+    _later: list | None = attrs.field(default=None, alias="later")
 
     @property
     def config(self) -> Any:
@@ -102,12 +105,16 @@ class RunContext:
             return self.backend.read_weight(model, layer.unit)
 
     def quantize_layer(self, model: Any, layer: PlannedLayer, weight: torch.Tensor | None = None,
-                       extra: dict | None = None) -> QuantizedWeight:
+                       extra: dict | None = None, *, values_later: bool = False) -> QuantizedWeight:
         """Round-to-nearest quantize one planned layer with its spec and write it back.
 
         ``weight`` replaces the model's own weight as the input (e.g. after a scaling); the
         report's error is then left to the caller. ``extra``: per-layer figures for the report row
-        (e.g. ``{"method": "rtn (grouped conv)"}``). Returns the record written."""
+        (e.g. ``{"method": "rtn (grouped conv)"}``). ``values_later``: for an algorithm that reads
+        no weight of the model after quantizing it (``rtn``): in an ``inplace=True`` run the record
+        is stored now and its dequantized values are written over the float weight's own storage
+        once the run can no longer fail (no second float buffer; the float weight stays intact
+        until then, so a failed run still restores the model). Returns the record written."""
         original = self.read_weight(model, layer)
         w = original if weight is None else weight
         if self.device is not None:
@@ -115,6 +122,18 @@ class RunContext:
         unit = layer.unit
         with plugin_code(self.backend, unit.name):
             compute_dtype = self.backend.compute_dtype(model, unit)
+        later = self._later
+        if (values_later and later is not None and weight is None and self.device is None
+                and self._writes_later(original, layer, compute_dtype)):
+            record, _, (sq_err, ref_sq) = quantize_weight_with_values(
+                w, layer.spec, channel_axis=unit.channel_axis, input_axis=unit.input_axis, layer=unit.name,
+                compute_dtype=compute_dtype, keep_values=False)
+            self._check_error(layer, sq_err, ref_sq, extra, stacklevel=3)
+            with plugin_code(self.backend, layer.name):
+                target = self.backend.write_later(model, unit, record)
+            later.append((target, record))
+            self._add_row(layer, record, original, sq_err, ref_sq, extra)
+            return record
         record, values, (sq_err, ref_sq) = quantize_weight_with_values(
             w, layer.spec, channel_axis=unit.channel_axis, input_axis=unit.input_axis, layer=unit.name,
             compute_dtype=compute_dtype)
@@ -142,6 +161,24 @@ class RunContext:
             values = record.dequantize().to(original.device)
         if sq_error is None or ref_sq is None:
             sq_error, ref_sq = _squared_error(values, original)
+        self._check_error(layer, sq_error, ref_sq, extra, stacklevel=4)
+        with plugin_code(self.backend, layer.name):
+            self.backend.write(model, layer.unit, record, values)
+        return self._add_row(layer, record, original, sq_error, ref_sq, extra)
+
+    def _writes_later(self, original: torch.Tensor, layer: PlannedLayer, compute_dtype: torch.dtype) -> bool:
+        # An inplace run that may write in place, a backend that can, float32 all along, an affine
+        # grid, and a [G, K] grouping that is a view of the weight (write_values writes through it).
+        if compute_dtype != torch.float32 or not hasattr(self.backend, "write_later"):
+            return False
+        if scheme_for(layer.spec).grid != "affine":
+            return False
+        unit = layer.unit
+        sizes = layer.spec.block_sizes(tuple(original.shape), unit.channel_axis, unit.input_axis, unit.name)
+        return writes_in_place(original, sizes)
+
+    def _check_error(self, layer: PlannedLayer, sq_error: float, ref_sq: float, extra: dict | None,
+                     stacklevel: int) -> None:
         err = (sq_error / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
         if err >= 0.9999:  # never silently: a weight no closer to the float one than zero is (zeroed, blind)
             import warnings
@@ -150,10 +187,12 @@ class RunContext:
             warnings.warn(f"layer {layer.name!r}: relative error {err:.0%} after quantization ({how}): the quantized "
                           "weight is no closer to the float weight than zero is; leave the layer float "
                           f"(module_name_configs: {{{layer.name!r}: null}}) or check its calibration inputs",
-                          stacklevel=3)
+                          stacklevel=stacklevel)
+
+    def _add_row(self, layer: PlannedLayer, record: QuantizedWeight, original: torch.Tensor, sq_error: float,
+                 ref_sq: float, extra: dict | None) -> LayerReport:
+        err = (sq_error / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
         numel = original.numel()
-        with plugin_code(self.backend, layer.name):
-            self.backend.write(model, layer.unit, record, values)
         self._done += 1
         row = LayerReport(name=layer.name, module_type=layer.unit.module_type, shape=layer.unit.shape,
                           spec=layer.spec.describe(), reason=layer.reason, rel_error=err,
@@ -282,3 +321,12 @@ def _squared_error(values: torch.Tensor, original: torch.Tensor) -> tuple[float,
         sq_error += float(torch.nn.functional.mse_loss(flat_v[i:i + _ERROR_PIECE].float(), r, reduction="sum"))
         ref_sq += float(torch.linalg.vector_norm(r)) ** 2
     return sq_error, ref_sq
+
+
+def commit_values(later: list) -> None:
+    """Write the values an inplace run kept for the end (``quantize_layer(..., values_later=True)``)
+    over the float weights' storage: called by core once the run can no longer fail, with Ctrl-C
+    held back (``signals_deferred``), so the model is never left half written."""
+    while later:
+        target, record = later.pop(0)
+        write_values(record, target)

@@ -12,10 +12,10 @@ import attrs
 
 from quanta._recipes.document import ExportConfig
 from quanta._recipes.recipe import Recipe, load_recipe
-from quanta._run.context import RunContext
+from quanta._run.context import RunContext, commit_values
 from quanta.contracts.ranks import Ranks, fingerprint
 from quanta.errors import ConfigError, QuantizationError
-from quanta._run.guard import fire_event, plugin_code
+from quanta._run.guard import fire_event, plugin_code, signals_deferred
 from quanta._run.model_checks import check_model
 from quanta._recipes.planning import Decision, Plan, build_plan
 from quanta._run.preflight import check_run
@@ -248,7 +248,7 @@ def _working_model(model: Any, run: _Run, inplace: bool) -> tuple[Any, Any]:
         return run.backend.copy(model, share=share), None
 
 
-def _run_stages(target: Any, model: Any, run: _Run, report: Report, device: Any) -> Any:
+def _run_stages(target: Any, model: Any, run: _Run, report: Report, device: Any, later: list | None = None) -> Any:
     """Run every stage on ``target``, each with its plan bound to the model as it is by then.
 
     Every stage may read the float model: the user's (untouched when ``target`` is a copy), or a
@@ -268,7 +268,7 @@ def _run_stages(target: Any, model: Any, run: _Run, report: Report, device: Any)
                 the_plan = planned.bound_to(run.backend.units(target))
         ctx = RunContext(recipe=stage, plan=the_plan, backend=run.backend, report=report, device=device,
                          data=run.batches, algorithm=algo, float_model=float_model, temporary=temporary,
-                         float_cache=float_cache, ranks=run.ranks)
+                         float_cache=float_cache, ranks=run.ranks, later=later)
         fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
         with plugin_code(algo):
             result = algo.run(target, the_plan, run.batches, ctx)
@@ -328,13 +328,20 @@ def _quantize(model: Any, recipe: Recipe, data: Any, *, inplace: bool, backend: 
     report = Report(algorithm=run.name, skipped=[(p.name, p.reason) for p in run.plans[-1].layers if p.spec is None])
     if run.ranks.active:
         report.stats["distributed_ranks"] = run.ranks.world
+    # An inplace run of one stage whose algorithm only replaces weights (the snapshot keeps the
+    # float weights by reference) may write the values of quantize_layer(..., values_later=True)
+    # over the float weights once nothing can fail: no second float buffer for the model.
+    later = [] if inplace and keep_float and len(run.stages) == 1 and run.algorithms[0].shares_float_weights else None
     start = time.perf_counter()
     try:
-        target = _run_stages(target, model, run, report, device)
+        target = _run_stages(target, model, run, report, device, later)
     except BaseException:
         if snapshot is not None:
             run.backend.restore(model, snapshot)
         raise
+    if later:
+        with signals_deferred():  # past the point of no return: never stop halfway
+            commit_values(later)
     report.seconds = time.perf_counter() - start
     try:
         target.quanta_report = report

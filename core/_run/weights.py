@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from quanta.errors import QuantizationError
@@ -11,7 +13,7 @@ from quanta._records.qmath import empty, from_groups, scale_shape, to_groups
 from quanta.record import QuantizedWeight
 from quanta._records.spec import QuantSpec
 
-__all__ = ["quantize_weight", "quantize_weight_with_values", "check_finite", "resolve_scheme", "resolve_observer",
+__all__ = ["quantize_weight", "quantize_weight_with_values", "write_values", "check_finite", "resolve_scheme", "resolve_observer",
            "scheme_for", "observer_for", "check_observed_range"]
 
 
@@ -80,10 +82,13 @@ def quantize_weight(
 
 
 def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, layer=None, scheme=None,
-                                observer=None, compute_dtype=torch.float32):
+                                observer=None, compute_dtype=torch.float32, keep_values=True):
     """Like :func:`quantize_weight`, also returning the dequantized weight and the squared norms.
 
-    Returns ``(record, dequantized [weight's shape, compute dtype], (‖W − Ŵ‖², ‖W‖²))``.
+    Returns ``(record, dequantized [weight's shape, compute dtype], (‖W − Ŵ‖², ‖W‖²))``. With
+    ``keep_values=False`` (affine grids) the dequantized weight is not kept (None in its place):
+    each chunk's values live in a small scratch buffer for the error only, so the codes are the
+    one large allocation; :func:`write_values` writes the same values later.
     Every step is a whole-tensor torch op on the grouped ``[G, K]`` view (no copy for Linear
     weights). Fresh memory is the expensive part on CPU (page faults), so only what is kept
     is allocated: one float buffer that becomes the dequantized weight, and the codes. Schemes
@@ -109,7 +114,7 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
     else:
         lut = None
         values, codes, scale, zero_point, (sq_err, ref_sq) = _quantize_in_chunks(
-            groups, spec, scheme, observer, storage, w, layer)
+            groups, spec, scheme, observer, storage, w, layer, keep_values)
     qshape = scale_shape(shape, sizes)
     record = QuantizedWeight(
         codes=from_groups(codes, shape, sizes),
@@ -122,7 +127,41 @@ def quantize_weight_with_values(weight, spec, *, channel_axis=0, input_axis=1, l
         input_axis=input_axis,
         lut=lut,
     )
-    return record, from_groups(values, shape, sizes), (sq_err, ref_sq)
+    return record, None if values is None else from_groups(values, shape, sizes), (sq_err, ref_sq)
+
+
+def write_values(record: QuantizedWeight, out: torch.Tensor) -> None:
+    """Write ``record``'s dequantized values into ``out`` (float32, the weight's shape, contiguous:
+    the float weight's own storage in an in-place run), chunk by chunk, with no large allocation.
+
+    For affine grids: ``(codes - zero_point) * scale`` with the built-in schemes' in-place
+    operations, so the values equal, bit for bit, the ones :func:`quantize_weight_with_values`
+    computed (its float codes are integers, and ``codes - zero_point`` of two zeros is +0.0 either
+    way) and ``record.dequantize()``."""
+    sizes = list(record.block_sizes)
+    grouped = to_groups(out, sizes)
+    if record.grid != "affine" or record.lut is not None or out.dtype != torch.float32 \
+            or grouped.data_ptr() != out.data_ptr() or not grouped.is_contiguous():
+        raise ValueError("write_values needs an affine record and a contiguous float32 tensor grouped without a copy")
+    codes = to_groups(record.codes, sizes)
+    scale = record.scale.reshape(-1, 1)
+    zero_point = None if record.zero_point is None else record.zero_point.reshape(-1, 1).to(torch.float32)
+    rows = max(1, _FUSED_CHUNK // max(grouped.shape[1], 1))
+    for r0 in range(0, grouped.shape[0], rows):
+        v = grouped[r0:r0 + rows]
+        v.copy_(codes[r0:r0 + rows])
+        if zero_point is not None:
+            v.sub_(zero_point[r0:r0 + rows])
+        v.mul_(scale[r0:r0 + rows])
+
+
+def writes_in_place(weight: torch.Tensor, block_sizes: list[int]) -> bool:
+    """Whether :func:`write_values` can write into ``weight`` itself: float32, contiguous, and its
+    ``[G, K]`` grouping a view (no permute: Linear, Conv, per-channel or blocks along the input)."""
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        return False
+    grouped = to_groups(weight, block_sizes)
+    return grouped.data_ptr() == weight.data_ptr() and grouped.is_contiguous()
 
 
 def _quantize_with_table(groups, spec, scheme, storage, layer):
@@ -186,33 +225,38 @@ def _check_range(lo, hi, w, layer) -> None:
         check_finite(w, layer)
 
 
-def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer):
+def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer, keep_values=True):
     """The in-place fast path over row chunks of the ``[G, K]`` view: observe, qparams,
     quantize, codes, dequantize and error for one chunk while it is in cache.
 
     Observers and schemes are per-group, so chunking by whole groups changes no result.
     Returns ``(values, codes, scale [G], zero_point [G] or None, (Σ(values − groups)², Σ groups²))``;
-    ``values`` and ``codes`` are the only large allocations.
+    ``values`` and ``codes`` are the only large allocations (``keep_values=False``: ``values`` is
+    None and each chunk's values are computed in a scratch buffer, for the error only).
     """
     n_groups, k = groups.shape
     device = groups.device
-    values = empty(groups.shape, groups.dtype, device)
+    rows = max(1, _FUSED_CHUNK // max(k, 1))
+    values = empty(groups.shape, groups.dtype, device) if keep_values else None
+    chunk_values = None if keep_values else torch.empty((min(rows, n_groups), k), dtype=groups.dtype, device=device)
     codes = empty(groups.shape, storage, device)
     scale = torch.empty(n_groups, dtype=groups.dtype, device=device)
     zero_point = None
-    rows = max(1, _FUSED_CHUNK // max(k, 1))
     scratch = torch.empty((min(rows, n_groups), k), dtype=torch.float32, device=device)
     err = torch.zeros((), dtype=torch.float64, device=device)
     ref = torch.zeros((), dtype=torch.float64, device=device)
     for r0 in range(0, n_groups, rows):  # a loop over chunks, each step vectorised
-        g, v = groups[r0:r0 + rows], values[r0:r0 + rows]
+        g = groups[r0:r0 + rows]
+        v = values[r0:r0 + rows] if values is not None else chunk_values[: g.shape[0]]
         with plugin_code(observer, layer):
             lo, hi = observer.observe(g, spec, scheme)
-        check_observed_range(observer, lo, hi, g.shape[0], layer)
-        _check_range(lo, hi, w, layer)
+        if not _range_fine(lo, hi, g.shape[0]):  # one reduction when it is; the full checks name the problem
+            check_observed_range(observer, lo, hi, g.shape[0], layer)
+            _check_range(lo, hi, w, layer)
         with plugin_code(scheme, layer):
             s, z = scheme.qparams(lo, hi, spec.dtype)
-        _check_qparams(scheme, s, z, g.shape[0], layer)
+        if not _qparams_fine(s, z, g.shape[0]):
+            _check_qparams(scheme, s, z, g.shape[0], layer)
         scale[r0:r0 + rows] = s
         if z is not None:
             if zero_point is None:
@@ -230,6 +274,26 @@ def _quantize_in_chunks(groups, spec, scheme, observer, storage, w, layer):
         err += torch.dot(flat, flat)
         ref += torch.dot(gf, gf)
     return values, codes, scale, zero_point, (float(err), float(ref))
+
+
+def _range_fine(lo, hi, n_groups: int) -> bool:
+    """The fast path of :func:`check_observed_range` and the NaN/inf check: ``[G]`` tensors with
+    ``min <= max``, all finite, in one reduction of ``lo - hi`` (NaN and inf carry into it; an
+    overflow only sends the call to the full checks, which then pass)."""
+    if not (isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor)) or tuple(lo.shape) != (n_groups,) \
+            or tuple(hi.shape) != (n_groups,):
+        return False
+    low, high = torch.aminmax(lo - hi)
+    return math.isfinite(low) and math.isfinite(high) and float(high) <= 0
+
+
+def _qparams_fine(scale, zero_point, n_groups: int) -> bool:
+    """The fast path of :func:`_check_qparams`: shapes, and every scale finite and positive in one reduction."""
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (n_groups,) or (
+            zero_point is not None and (not isinstance(zero_point, torch.Tensor) or tuple(zero_point.shape) != (n_groups,))):
+        return False
+    low, high = torch.aminmax(scale)
+    return float(low) > 0 and math.isfinite(high)
 
 
 def _check_qparams(scheme, scale, zero_point, n_groups: int, layer) -> None:

@@ -135,7 +135,9 @@ def run_started(algorithm: str, plan: Any) -> None:
 
 @hookspec
 def layer_quantized(name: str, record: Any, stats: Any) -> None:
-    """Broadcast each time a layer's weight has been quantized and written back.
+    """Broadcast each time a layer's weight has been quantized and written back (in an
+    ``inplace=True`` ``rtn`` run: its record stored; the float values are written over the weight
+    when the whole run has succeeded).
 
     Args:
         name: the layer name, e.g. ``"encoder.layer.0.attention.self.query"``.

@@ -10,6 +10,7 @@ scheme plugins, and a fake-quantized value equals ``scheme.dequantize(scheme.qua
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +92,28 @@ class _FakeQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int, rarely_clamps: bool = False):
+    def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int, rarely_clamps: bool = False,
+                workspace: "_MaskWorkspace | None" = None):
         q = torch.div(x, scale).round_()
+        if isinstance(zero_point, int):
+            # Per tensor, an int zero point folds into the clamp bounds: two passes fewer. Codes are
+            # integers, exact in float32 wherever they can be in range, so the values and the mask
+            # are the same; adding 0.0 gives the 0.0 that ``(q + zp) - zp`` gave for a code of -0.0.
+            ctx.clamps = True
+            lo, hi = quant_min - zero_point, quant_max - zero_point
+            if workspace is None:
+                clamped = q.clamp(lo, hi)
+                ctx.save_for_backward(torch.eq(clamped, q, out=q))
+                return clamped.mul_(scale).add_(0.0) if zero_point else clamped.mul_(scale)
+            # The mask goes into the last step's mask buffer (no fresh memory: on CPU, fresh
+            # activation-sized buffers cost page faults that took longer than the passes), and the
+            # codes are clamped in place to become the output.
+            mask = workspace.take(q)
+            torch.eq(torch.clamp(q, lo, hi, out=mask), q, out=mask)
+            ctx.save_for_backward(mask)
+            workspace.hold(ctx)
+            q.clamp_(lo, hi).mul_(scale)
+            return q.add_(0.0) if zero_point else q
         if zero_point is not None:
             q.add_(zero_point)
         # A weight's qparams come from its own range, so its codes rarely leave the integer
@@ -117,9 +138,9 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not ctx.clamps:
-            return grad, None, None, None, None, None
+            return grad, None, None, None, None, None, None
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        return grad * mask, None, None, None, None, None, None
 
 
 def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -131,9 +152,46 @@ def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_poin
     return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max), True)
 
 
-def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int):
-    """Fake-quantize ``x`` (any shape) per tensor; gradient passes where the code was in range."""
-    return _FakeQuantize.apply(x, float(scale), int(zero_point) or None, int(quant_min), int(quant_max))
+def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
+                             workspace: "_MaskWorkspace | None" = None):
+    """Fake-quantize ``x`` (any shape) per tensor; gradient passes where the code was in range.
+    ``workspace``: a :class:`_MaskWorkspace` whose mask buffer is reused while no graph holds it."""
+    return _FakeQuantize.apply(x, float(scale), int(zero_point), int(quant_min), int(quant_max), False, workspace)
+
+
+class _MaskWorkspace:
+    """One quantizer's gradient-mask buffer, reused from step to step.
+
+    ``take(like)`` returns the buffer of the last call when it fits ``like`` (shape, strides,
+    dtype, device) and the graph that saved it is gone (its backward node is no longer alive: the
+    step's graph was freed), else a fresh one. So a graph kept alive (``retain_graph``, an output
+    still referenced, a quantizer called twice in one forward) never sees its mask overwritten.
+    Not copied or pickled with the module (a copy starts empty).
+    """
+
+    __slots__ = ("mask", "node")
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.node: weakref.ref | None = None
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        m = self.mask
+        if (m is None or (self.node is not None and self.node() is not None) or m.shape != like.shape
+                or m.stride() != like.stride() or m.dtype != like.dtype or m.device != like.device):
+            m = self.mask = torch.empty_like(like)
+        self.node = None
+        return m
+
+    def hold(self, node) -> None:
+        """Mark the buffer as saved by ``node`` (the backward node) until that node is freed."""
+        self.node = weakref.ref(node)
+
+    def __deepcopy__(self, memo) -> "_MaskWorkspace":
+        return _MaskWorkspace()
+
+    def __reduce__(self):  # pickled (torch.save of a prepared model) as an empty workspace
+        return (_MaskWorkspace, ())
 
 
 class ActivationFakeQuantize(nn.Module):
@@ -161,6 +219,7 @@ class ActivationFakeQuantize(nn.Module):
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
         self._stale = True
+        self._workspace = _MaskWorkspace()
 
     @property
     def qscheme(self) -> torch.qscheme:
@@ -184,7 +243,7 @@ class ActivationFakeQuantize(nn.Module):
                 self.zero_point.zero_()
             else:
                 self.zero_point.copy_(zp)
-        self._stale = False
+        self.__dict__["_stale"] = False  # a plain attribute: nn.Module.__setattr__'s checks cost a step
 
     def qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` as Python numbers, as the finalized graph uses them."""
@@ -195,13 +254,12 @@ class ActivationFakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
             self.observer(x)
-            self._stale = True
+            self.__dict__["_stale"] = True
         if not self.fake_quant_enabled:
             return x
-        if self._stale:
-            self.update_qparams()
         scale, zero_point = self.qparams()
-        return fake_quantize_per_tensor(x, scale, zero_point, self.quant_min, self.quant_max)
+        return fake_quantize_per_tensor(x, scale, zero_point, self.quant_min, self.quant_max,
+                                        self.__dict__.get("_workspace"))
 
     def extra_repr(self) -> str:
         return (f"{self.dtype} {self.scheme_name}, observer={self.observer_enabled}, "

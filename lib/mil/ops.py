@@ -254,12 +254,28 @@ def _instance_norm(op, a):
 # ---------------------------------------------------------------- linear algebra
 
 
+def _product(x, y):
+    """``np.matmul(x, y)``; float32 operands through torch's matmul, which on CPU took a sixth of
+    numpy's time (a [56, 384] x [384, 1536] product: 2.5 ms against 16 ms with numpy's OpenBLAS,
+    one thread): the linears were most of an fp16 overflow check of a transformer. Summation order
+    differs from numpy's by float32 rounding only; other dtypes stay with numpy."""
+    if x.dtype != np.float32 or y.dtype != np.float32 or min(x.strides + y.strides, default=0) < 0:
+        return np.matmul(x, y)  # (torch takes no negative strides)
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # read-only constants: torch only reads them here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.matmul(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+
+
 @_op("linear")
 def _linear(op, a):
     x = a["x"]
-    # One 2-D product (a BLAS gemm) rather than numpy's loop over the leading dimensions: ~4x faster.
-    y = np.matmul(x.reshape(-1, x.shape[-1]), a["weight"].T).reshape(*x.shape[:-1], -1) if x.ndim > 2 \
-        else np.matmul(x, a["weight"].T)
+    # One 2-D product (a BLAS gemm) rather than a loop over the leading dimensions: ~4x faster.
+    y = _product(x.reshape(-1, x.shape[-1]), a["weight"].T).reshape(*x.shape[:-1], -1) if x.ndim > 2 \
+        else _product(x, a["weight"].T)
     return y if a.get("bias") is None else y + a["bias"]
 
 
@@ -270,7 +286,7 @@ def _matmul(op, a):
         x = np.swapaxes(x, -1, -2)
     if a.get("transpose_y") and y.ndim >= 2:
         y = np.swapaxes(y, -1, -2)
-    return np.matmul(x, y)
+    return _product(x, y)
 
 
 @_op("scaled_dot_product_attention")

@@ -188,6 +188,19 @@ def stored_weights(path: str | os.PathLike) -> dict:
     return read_compressed_weights(os.fspath(path))
 
 
+def _working_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules to annotate and trace, sharing every tensor but the quantized
+    parameters (``metadata.annotate`` overwrites those with the records' values and adds buffers to
+    the modules): the float tensors, e.g. a transformer's embeddings, are read only, and copying
+    them cost a fresh-memory pass over most of a model's bytes."""
+    quantized = {id(module._parameters.get(name)) for module in model.modules()
+                 for name in getattr(module, "_quanta_meta", {})}  # (also where tied to a float module)
+    memo: dict[int, Any] = {id(t): t for module in model.modules()
+                            for t in [*module._parameters.values(), *module._buffers.values()]
+                            if t is not None and id(t) not in quantized}
+    return copy.deepcopy(model, memo)
+
+
 def _sanitize(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name)
 
@@ -199,6 +212,8 @@ def _match_ops(record_names, stored: dict) -> dict[str, str]:
     for rname in record_names:
         for key in (_sanitize(rname), _sanitize(f"model.{rname}")):
             for op_name in stored:
+                if key not in op_name:  # a match starts with the key after the prefix: skip the regexes
+                    continue
                 base = re.sub(r"^(op|var)_", "", op_name) if not op_name.startswith(key) else op_name
                 if base == key or re.fullmatch(re.escape(key) + r"(_(cast|to)_fp(16|32))*(_quantized)?", base):
                     out[rname] = op_name
@@ -313,7 +328,7 @@ class CoreMLExporter(Exporter):
         # Before converting: a destination that cannot be written fails now, not after minutes of work.
         check_destination(path, overwrite=overwrite, directory=True, expected_bytes=_expected_bytes(model))
         recs = _records(model)
-        work = copy.deepcopy(model).eval()
+        work = _working_copy(model).eval()
         wrapper = KeywordInputs(work, example.names if example.keywords else None, example.bool_positions()).eval()
         metadata.annotate(wrapper)  # the model-level metadata buffer belongs on the traced root
         torch_ops.register()
