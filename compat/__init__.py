@@ -7,8 +7,9 @@ Port coremltools code by changing only its imports::
 
 No logic lives here: the config classes are coremltools' own (``quanta.compat.configs``), each
 compressor translates its config to a quanta recipe at one boundary (``quanta.compat.recipes``)
-and calls ``quanta.quantize`` (or ``quanta.Quantizer``). Names resolve lazily from the submodules
-below. See docs/compat.md for what passes of coremltools' own tests.
+and calls ``quanta.quantize``; ``LinearQuantizer`` prepares with torch.ao's public FX API as
+coremltools does (quanta's own qconfig mapping and backend config, ``quanta.compat._ao_*``) and
+finalizes into quanta records. Names resolve lazily from the submodules below. See docs/compat.md for what passes of coremltools' own tests.
 """
 
 from __future__ import annotations

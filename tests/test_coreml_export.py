@@ -272,3 +272,32 @@ def test_export_leaves_every_tensor_of_the_model_as_it_was(tmp_path):
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(k.startswith("_COREML_") or "/_COREML_" in k for k in after)
+
+
+class _TiedHead(nn.Module):
+    """A language-model shape: the head shares the embedding's weight (tie_word_embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+def test_a_quantized_head_tied_to_a_float_embedding_is_stored_once_compressed(tmp_path):
+    """The tied weight is one constant in the program, named after the embedding (the converter
+    meets it there first): it is stored compressed with the head's codes, and both ops use it."""
+    torch.manual_seed(0)
+    q = quanta.quantize(_TiedHead().eval(), {"global_config": {"dtype": "int8"}})
+    assert q.head.weight is q.emb.weight and "head.weight" in quanta.records(q)
+    ids = torch.randint(0, 64, (1, 8))
+    out = quanta.export(q, tmp_path / "tied.mlpackage", example_inputs=(ids,))
+    stored = stored_weights(out)
+    assert sorted(stored) == ["model_emb_weight_cast_fp16", "model_mid_weight_cast_fp16"]  # no float copy
+    codes = quanta.records(q)["head.weight"].codes
+    assert np.array_equal(np.asarray(stored["model_emb_weight_cast_fp16"].data), codes.numpy())
+    assert quanta.verify(out, q, example_inputs=(ids,))["passed"]

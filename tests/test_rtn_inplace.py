@@ -101,3 +101,18 @@ def test_signals_deferred_holds_ctrl_c_until_the_block_ends():
             done.append(True)
     assert done == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_backend_overriding_write_sees_every_layer():
+    """A torch backend subclass that overrides ``write`` alone gets every layer through it (no
+    ``write_later`` behind its back), so its failure still restores an inplace model."""
+    from quanta.testing.algorithms import failing_backend
+
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plugin = failing_backend(1)
+    assert not plugin.backend.writes_later and quanta.registry.get("backend", "torch").obj.writes_later
+    with quanta.registry.plugin(plugin), pytest.raises(Exception, match="injected failure"):
+        quanta.quantize(model, {"global_config": {"dtype": "int8"}}, inplace=True, backend=plugin.backend.name)
+    assert plugin.backend.writes == 1 and not quanta.records(model)
+    assert all(torch.equal(_bits(before[k]), _bits(v)) for k, v in model.state_dict().items())

@@ -169,7 +169,7 @@ class RunContext:
     def _writes_later(self, original: torch.Tensor, layer: PlannedLayer, compute_dtype: torch.dtype) -> bool:
         # An inplace run that may write in place, a backend that can, float32 all along, an affine
         # grid, and a [G, K] grouping that is a view of the weight (write_values writes through it).
-        if compute_dtype != torch.float32 or not hasattr(self.backend, "write_later"):
+        if compute_dtype != torch.float32 or not getattr(self.backend, "writes_later", False):
             return False
         if scheme_for(layer.spec).grid != "affine":
             return False

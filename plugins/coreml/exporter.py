@@ -201,16 +201,39 @@ def _working_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Quantized parameter ("lm_head.weight") -> the other names of the same tensor in ``model``
+    ("model.embed_tokens.weight"): tied weights are one constant in the converted program."""
+    names: dict[int, list[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, value in module._parameters.items():
+            if value is not None:
+                full = f"{mname}.{pname}" if mname else pname
+                if full not in names.setdefault(id(value), []):
+                    names[id(value)].append(full)
+    out: dict[str, list[str]] = {}
+    for mname, module in model.named_modules():
+        for pname in getattr(module, "_quanta_meta", {}):
+            value = module._parameters.get(pname)
+            full = f"{mname}.{pname}" if mname else pname
+            others = [n for n in names.get(id(value), []) if n != full]
+            if others:
+                out[full] = others
+    return out
+
+
 def _sanitize(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name)
 
 
-def _match_ops(record_names, stored: dict) -> dict[str, str]:
+def _match_ops(record_names, stored: dict, aliases: dict | None = None) -> dict[str, str]:
     """record name ("fc.weight") -> constexpr op name ("fc_weight_cast_fp16", "op_3_weight_to_fp16",
-    or "model_fc_weight_cast_fp16" when traced through :class:`~.inputs.KeywordInputs`)."""
+    or "model_fc_weight_cast_fp16" when traced through :class:`~.inputs.KeywordInputs`). ``aliases``:
+    record name -> the other names of its parameter (tied weights: one constant, named after either)."""
     out = {}
     for rname in record_names:
-        for key in (_sanitize(rname), _sanitize(f"model.{rname}")):
+        names = [rname, *(aliases or {}).get(rname, ())]
+        for key in [k for n in names for k in (_sanitize(n), _sanitize(f"model.{n}"))]:
             for op_name in stored:
                 if key not in op_name:  # a match starts with the key after the prefix: skip the regexes
                     continue
@@ -234,18 +257,19 @@ def _overflow(mlmodel, written, model, example_inputs) -> Any:
     return find_fp16_overflow(program, model, example_inputs)
 
 
-def check_stored_codes(path, recs: dict) -> dict[str, str]:
+def check_stored_codes(path, recs: dict, aliases: dict | None = None) -> dict[str, str]:
     """Raise QuantizationError unless every record's codes are stored exactly in ``path``.
 
     Codes and zero points must be equal; scales must be quanta's float32 scales rounded to the
-    stored type (fp16, or fp32 with ``compute_precision="float32"``). Returns record name -> variable name.
+    stored type (fp16, or fp32 with ``compute_precision="float32"``). ``aliases``: record name ->
+    other names of its parameter (:func:`tied_names`). Returns record name -> variable name.
     """
     from quanta.mil.blobs import read_constexpr_weights
 
     # The spec and the quantization ops' blobs only: proportional to the quantized weights, not a
     # second full parse of the program.
     stored = read_constexpr_weights(os.fspath(path))
-    matched = _match_ops(recs, stored)
+    matched = _match_ops(recs, stored, aliases)
     for name, rec in recs.items():
         op_name = matched.get(name)
         if op_name is None:
@@ -373,7 +397,7 @@ class CoreMLExporter(Exporter):
             written = staging / "model.mlpackage"
             mlmodel.save(str(written))
             if cfg.check_codes and recs:
-                check_stored_codes(str(written), recs)
+                check_stored_codes(str(written), recs, tied_names(model))
             overflow = None if precision == "float32" else _overflow(mlmodel, written, model, example_inputs)
             if overflow is not None and cfg.compute_precision == "float16":
                 raise ConfigError(f"{overflow.describe()}; nothing was written. Export with "
@@ -395,7 +419,7 @@ class CoreMLExporter(Exporter):
                                   "(fp32 activations; set compute_precision to silence this)", stacklevel=2)
                     convert("float32").save(str(written))
                 if cfg.check_codes and recs:
-                    check_stored_codes(str(written), recs)
+                    check_stored_codes(str(written), recs, tied_names(model))
             for child in list(written.iterdir()):
                 child.rename(staging / child.name)
             written.rmdir()
