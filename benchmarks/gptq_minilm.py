@@ -86,10 +86,17 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for name in args.settings.split(","):
         glob = settings[name]
+        # The same sentences on both sides: quanta counts calibration samples in rows (whole batches
+        # until that many), coremltools in batches (calibration_nsamples below).
+        # The pooler stays float, as coremltools leaves it (its layer list below): it does not
+        # affect mean-pooled embeddings, and a layer outside the encoder blocks costs GPTQ one
+        # more pass of the whole model over the calibration data.
         gptq = {"algorithm": "gptq", "global_config": glob, "module_type_configs": {"Embedding": None},
-                "calibration_nsamples": len(calib)}
+                "module_name_configs": {"pooler.dense": None},
+                "calibration_nsamples": sum(int(b["input_ids"].shape[0]) for b in calib)}
         runs = {
-            "rtn": lambda: quanta.quantize(model, {"global_config": glob, "module_type_configs": {"Embedding": None}}),
+            "rtn": lambda: quanta.quantize(model, {"global_config": glob, "module_type_configs": {"Embedding": None},
+                                                   "module_name_configs": {"pooler.dense": None}}),
             "quanta gptq matched": lambda: quanta.quantize(
                 model, {**gptq, "use_activation_order_heuristic": False, "static_groups": False}, data=calib),
             "quanta gptq": lambda: quanta.quantize(model, gptq, data=calib),
