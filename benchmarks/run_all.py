@@ -33,7 +33,7 @@ BENCHMARKS = {
     "saving": (["saving.py"], "saving_cpu.txt", False),
     "gptq_minilm": (["gptq_minilm.py"], "gptq_minilm.txt", True),
     "grids": (["grids.py", "--calib", "64", "--eval", "256"], "grids.txt", False),
-    "out_of_core": (["out_of_core.py", "--layers", "2"], "out_of_core_cpu.txt", True),
+    "out_of_core": (["out_of_core.py"], "out_of_core_cpu.txt", True),  # 16 blocks: over an hour on 2 cores
     "recipes": (["recipes.py"], "recipes.txt", True),
     "distributed": (["distributed.py", "--layers", "2", "--samples", "8", "--tokens", "128"], "distributed_cpu.txt",
                     True),
