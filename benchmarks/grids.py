@@ -42,6 +42,9 @@ from quanta._run.calibration import count_samples  # calibration_nsamples counts
 from quanta.examples import corpus_sentences, load_example, mean_pool, minilm_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# llm-compressor logs every layer to stdout (loguru), which would land in the results file;
+# ERROR keeps its METRIC level registered (disabling the logger makes its GPTQ fail).
+os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
 
 
 def _batches(tokenizer, sentences, size):
@@ -57,12 +60,14 @@ def embed(model, batches):
     return torch.cat(out)
 
 
-def _llmcompressor_available() -> bool:
+def _llmcompressor_version() -> str | None:
     try:
-        import llmcompressor  # noqa: F401
+        import llmcompressor
     except Exception:
-        return False
-    return True
+        return None
+    from importlib.metadata import version
+
+    return version("llmcompressor")
 
 
 def _llmc(model, glob, calib, gptq: bool):
@@ -104,9 +109,10 @@ def part_minilm(args) -> None:
     ref = embed(model, evals)
     settings = {"block32": {"granularity": "per_block", "block_size": 32},
                 "channel": {"granularity": "per_channel"}}
-    have_llmc = _llmcompressor_available()
+    llmc_version = _llmcompressor_version()
+    have_llmc = llmc_version is not None
     print(f"MiniLM int4: {len(calib)} calibration / {ref.shape[0]} evaluation sentences; "
-          f"torch threads {torch.get_num_threads()}; llm-compressor {'yes' if have_llmc else 'not installed'}")
+          f"torch threads {torch.get_num_threads()}; llm-compressor {llmc_version or 'not installed'}")
     print(f"{'setting':<8} {'method':<26} {'mean cos':>9} {'min cos':>8} {'gap/ct':>7} {'time s':>7}")
     for name in args.settings.split(","):
         gran = settings[name]
