@@ -122,11 +122,11 @@ def test_mismatching_codes_are_refused_and_nothing_is_left(tmp_path, monkeypatch
     rec = quanta.records(q)["3.weight"]
     real = exporter_module.check_stored_codes
 
-    def tampered(path, recs):
+    def tampered(path, recs, aliases=None):
         codes = rec.codes.clone()
         codes[0, 0] = codes[0, 0] + 1 if codes[0, 0] < 127 else codes[0, 0] - 1
         import attrs
-        return real(path, {**recs, "3.weight": attrs.evolve(rec, codes=codes)})
+        return real(path, {**recs, "3.weight": attrs.evolve(rec, codes=codes)}, aliases)
 
     monkeypatch.setattr(exporter_module, "check_stored_codes", tampered)
     with pytest.raises(quanta.QuantizationError, match=r"'3.weight'.*differ"):

@@ -153,3 +153,17 @@ def test_a_layer_at_100_percent_error_is_never_silent():
     with pytest.warns(UserWarning, match=r"layer 'fc2': relative error 100% after quantization \(gptq\)"):
         q = quanta.quantize(model, RECIPE, data=_tokens())
     assert q.quanta_report["fc2"].rel_error > 0.9999
+
+
+def test_reach_is_checked_by_core_dry_forward_not_a_pass_of_its_own():
+    # Whole-model calls: core's dry forward of batch 0 (it also tells gptq which layers the data
+    # reaches; before, gptq ran a second whole pass for that), then one per batch to cache the
+    # first block's inputs (stopped there).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    data = _tokens()
+    quanta.quantize(model, RECIPE, data=data, inplace=True)
+    assert len(calls) == 1 + len(data)
+    assert [len(m._forward_pre_hooks) for m in model.modules()] == [1, 0, 0, 0]  # only ours is left

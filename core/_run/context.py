@@ -42,6 +42,10 @@ class RunContext:
         ranks: this process's place in a ``torch.distributed`` run (:class:`quanta.contracts.Ranks`;
             ``world == 1`` without one): chunks of the calibration data, fixed-order sums,
             owners of solves and their results (docs/plugins.md, "Distributed runs").
+        reached: the qualified names (``named_modules``) of the modules whose forward ran in core's
+            dry forward of ``data[0]`` (before any weight changed, on the model as the first stage
+            gets it), so an algorithm needs no pass of its own to learn which modules the data
+            reaches; None in later stages and when core ran no dry forward.
     """
 
     recipe: Recipe
@@ -54,6 +58,7 @@ class RunContext:
     float_model: Any = None
     temporary: list = attrs.field(factory=list)
     ranks: Ranks = attrs.field(factory=Ranks)
+    reached: frozenset[str] | None = None
     _done: int = attrs.field(default=0, alias="_done")
     _float_cache: dict = attrs.field(factory=dict, alias="float_cache")
     #: ``(tensor, record)`` of the values an inplace run writes over the float weights when it can no

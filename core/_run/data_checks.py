@@ -74,18 +74,36 @@ def _model_device(model: torch.nn.Module) -> torch.device | None:
     return None
 
 
-def dry_forward(model: torch.nn.Module, inputs: Any) -> None:
+def dry_forward(model: torch.nn.Module, inputs: Any, *, record: bool = False) -> frozenset[str] | None:
     """Run ``model`` once on ``inputs`` (a calibration item) in eval mode without gradients and
     restore its training flag. Raises whatever the model raises. The model's weights, buffers
     (BatchNorm running statistics included), attributes and mode are left as they were, also when
-    its forward changes them (:func:`quanta._run.state_guard.untouched`)."""
+    its forward changes them (:func:`quanta._run.state_guard.untouched`).
+
+    With ``record=True``, returns the qualified names (``named_modules``) of the modules whose
+    forward pre-hook fired during the pass (None when a module refuses a hook); otherwise None."""
     from quanta._run.state_guard import untouched
 
     device = _model_device(model)
+    reached: set[str] = set()
     with untouched(model):  # what forward writes (counters, running buffers, weights) is put back
-        model.eval()
-        with torch.no_grad():
-            call_model(model, to_device(inputs, device) if device is not None else inputs)
+        handles: list | None = [] if record else None
+        try:
+            for name, module in (model.named_modules() if record else ()):
+                handles.append(module.register_forward_pre_hook(  # type: ignore[union-attr]
+                    lambda m, a, name=name: reached.add(name)))
+        except Exception:  # a module that takes no hooks: nothing recorded
+            for handle in handles or ():
+                handle.remove()
+            handles = None
+        try:
+            model.eval()
+            with torch.no_grad():
+                call_model(model, to_device(inputs, device) if device is not None else inputs)
+        finally:
+            for handle in handles or ():
+                handle.remove()
+    return frozenset(reached) if handles is not None else None
 
 
 def _bare_data_error(data: Any) -> DataError | None:
@@ -114,18 +132,19 @@ def check_data_container(data: Any) -> None:
 
 
 def check_batches(model: Any, batches: Sequence, *, limit: int | None = None, reader: str = "the algorithm",
-                  forward: bool = True) -> None:
+                  forward: bool = True, record: bool = False) -> frozenset[str] | None:
     """Check a list of calibration ``batches`` (as core read them) against ``model``.
 
     Structure and finiteness of every batch, the same inputs as batch 0, a dry forward of batch 0
     on a ``torch.nn.Module``; warns (:class:`CalibrationWarning`) when the batches hold fewer samples
     (rows) than ``limit``, the number ``reader`` would use (``forward=False`` skips the dry forward). Raises
-    :class:`DataError` naming the batch.
+    :class:`DataError` naming the batch. With ``record=True``, returns the names of the modules the
+    dry forward reached (:func:`dry_forward`); None when it did not run or recorded nothing.
     """
     if len(batches) == 0:
         raise DataError("calibration data is empty; pass at least one batch")
     reference = _check_batch(batches[0], 0, None)
-    _dry_forward_first(model, batches[0], forward)
+    reached = _dry_forward_first(model, batches[0], forward, record=record)
     for index, batch in enumerate(batches[1:], start=1):
         _check_batch(batch, index, reference)
     samples = sum(count_samples(b) for b in batches) if limit is not None else 0
@@ -133,6 +152,7 @@ def check_batches(model: Any, batches: Sequence, *, limit: int | None = None, re
         warnings.warn(f"calibration data has {samples} sample(s) in {len(batches)} batch(es) but calibration_nsamples "
                       f"is {limit} ({reader} reads up to {limit} samples): using all {samples}", CalibrationWarning,
                       stacklevel=3)
+    return reached
 
 
 def _leaves(batch: Any, index: int) -> list[tuple[str, Any]]:
@@ -253,11 +273,11 @@ def check_calibration_data(model: Any, data: Any, *, nsamples: int | None = None
     return CheckedBatches(iterator if one_shot else data, first, reference, nsamples, one_shot)
 
 
-def _dry_forward_first(model: Any, batch: Any, forward: bool) -> None:
+def _dry_forward_first(model: Any, batch: Any, forward: bool, record: bool = False) -> frozenset[str] | None:
     if not forward or not isinstance(model, torch.nn.Module):
-        return
+        return None
     try:
-        dry_forward(model, batch)
+        return dry_forward(model, batch, record=record)
     except Exception as exc:
         layer = first_layer(model)
         raise DataError(f"calibration batch 0 ({describe_batch(batch)}) does not fit the model: "

@@ -184,6 +184,8 @@ class _Run:
     backend_entry: Any
     batches: list | None
     ranks: Ranks = attrs.field(factory=Ranks)
+    #: Names of the modules the dry forward of ``batches[0]`` reached (``RunContext.reached``).
+    reached: frozenset[str] | None = None
 
     @property
     def backend(self) -> Any:
@@ -228,13 +230,13 @@ def _prepare(model: Any, recipe: Recipe, data: Any, backend: str | None, device:
         with plugin_code(algo):
             algo.validate(the_plan, stage)
     batches, limit = _read_batches(algorithms, data)
-    check_run(model, plans[0], algorithms, data, batches, device, limit)
+    reached = check_run(model, plans[0], algorithms, data, batches, device, limit)
     ranks = Ranks.current()
     if ranks.active:  # every rank must run the same recipe on the same model and data
         layers = [(p.name, p.spec.describe() if p.spec else None, tuple(p.unit.shape)) for p in plans[-1].layers]
         ranks.agree(fingerprint(repr(recipe), layers, batches or []))
     return _Run(stages=stages, algorithms=tuple(algorithms), plans=plans, backend_entry=backend_entry,
-                batches=batches, ranks=ranks)
+                batches=batches, ranks=ranks, reached=reached)
 
 
 def _working_model(model: Any, run: _Run, inplace: bool) -> tuple[Any, Any]:
@@ -269,7 +271,8 @@ def _run_stages(target: Any, model: Any, run: _Run, report: Report, device: Any,
                 the_plan = planned.bound_to(run.backend.units(target))
         ctx = RunContext(recipe=stage, plan=the_plan, backend=run.backend, report=report, device=device,
                          data=run.batches, algorithm=algo, float_model=float_model, temporary=temporary,
-                         float_cache=float_cache, ranks=run.ranks, later=later)
+                         float_cache=float_cache, ranks=run.ranks, later=later,
+                         reached=run.reached if i == 0 else None)  # later stages run a changed model
         fire_event("run_started", algorithm=stage.algorithm, plan=the_plan)
         with plugin_code(algo):
             result = algo.run(target, the_plan, run.batches, ctx)

@@ -40,19 +40,20 @@ def warn_if_nothing_selected(plan) -> None:
 
 
 def check_run(model: Any, plan, algorithms: Sequence, data: Any, batches: list | None,
-              device: Any = None, limit: int | None = None) -> None:
+              device: Any = None, limit: int | None = None) -> frozenset[str] | None:
     """Check the model, devices and calibration data of one ``quantize`` call.
 
     ``plan`` is the first stage's plan; ``algorithms`` the configured algorithms of the recipe's
     stages; ``data`` what the caller passed and ``batches`` the list core
     read from it. Raises ``ModelError``, ``DeviceError`` or ``DataError`` before anything runs;
-    warns (``CalibrationWarning``) when there are fewer batches than ``limit``.
+    warns (``CalibrationWarning``) when there are fewer batches than ``limit``. Returns the names of
+    the modules the dry forward of ``batches[0]`` reached (``RunContext.reached``), None without one.
     """
     check_units(plan, model)
     warn_if_nothing_selected(plan)
     check_device(device)
     if data is None or not any(a.needs_data for a in algorithms):
-        return
+        return None
     check_data_container(data)
     names = " -> ".join(a.name for a in algorithms)
-    check_batches(model, batches or [], limit=limit, reader=f"algorithm {names!r}")
+    return check_batches(model, batches or [], limit=limit, reader=f"algorithm {names!r}", record=True)

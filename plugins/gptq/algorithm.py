@@ -40,7 +40,7 @@ from quanta.record import QuantizedWeight
 from quanta._records.spec import Granularity
 from quanta._run.weights import check_finite, observer_for, scheme_for
 
-from .capture import SEPARATE_PROJECTIONS, attach_hooks, dead_columns, no_fastpath, unreached
+from .capture import SEPARATE_PROJECTIONS, all_reached, attach_hooks, dead_columns, no_fastpath, unreached
 from .hessian import HessianHook, solve_cost
 from .solver import gptq_quantize
 
@@ -219,8 +219,15 @@ class GPTQ(Algorithm):
                 todo[(module, layer.unit.param)] = layer
             else:
                 rtn.append((layer, reason))
-        # Before any weight changes: every layer GPTQ calibrates must receive inputs.
-        missed = {id(m) for m in unreached(model, {key[0]: None for key in todo}, samples[0])}
+        # Before any weight changes: every layer GPTQ calibrates must receive inputs. Core's dry
+        # forward of the same first batch, on the model as this stage gets it, answers that when it
+        # reached them all; otherwise (or in a later stage) a pass of our own (fast path off) decides.
+        modules = {key[0]: None for key in todo}
+        first = context.data[0] if context.data else None
+        if context.reached is not None and samples[0] is first and all_reached(model, modules, context.reached):
+            missed: set[int] = set()
+        else:
+            missed = {id(m) for m in unreached(model, modules, samples[0])}
         blind = [key for key in todo if id(key[0]) in missed]
         if blind and cfg.uncalibrated == "error":
             raise _blind_error([todo[key].name for key in blind])

@@ -228,6 +228,15 @@ def unreached(model: nn.Module, modules: Iterable[nn.Module], sample: Any) -> li
     return [m for m in modules if id(m) not in seen]
 
 
+def all_reached(model: nn.Module, modules: Iterable[nn.Module], names: frozenset[str]) -> bool:
+    """Whether each of ``modules`` (an attention's ``out_proj``: the attention module, as in
+    :func:`unreached`) is among ``names``, the qualified names of the modules whose forward ran in a
+    pass of ``model`` (``RunContext.reached``). False when one is not: only a pass of its own decides then."""
+    parents = _attention_parents(model)
+    qualified = {id(m): name for name, m in model.named_modules()}
+    return all(qualified.get(id(parents.get(id(m), m))) in names for m in modules)
+
+
 def dead_columns(hessian: torch.Tensor, per_channel: int) -> int:
     """Input channels whose inputs were zero on every calibration sample (``diag(H) == 0``; a
     convolution's channel counts when any of its ``per_channel`` kernel columns is dead)."""
