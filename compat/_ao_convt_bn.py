@@ -34,7 +34,23 @@ FUSED_BN_ACT_T = {c: _container(f"ConvTransposeBnAct{c.__name__[-2:]}",
                                 "A ConvTranspose, its batch norm and activation, fused.") for c in _TRANSPOSES}
 
 
-class _ConvTransposeBnQAT(nn.Module):
+class _ConvWeight:
+    """``weight`` and ``weight_fake_quant`` of the ``.conv`` inside (where coremltools' tests read them)."""
+
+    conv: nn.Module
+
+    @property
+    def weight(self):
+        """The ConvTranspose's weight."""
+        return self.conv.weight
+
+    @property
+    def weight_fake_quant(self):
+        """The ConvTranspose's weight quantizer (with a BatchNorm, it sees the bn-folded weight)."""
+        return self.conv.weight_fake_quant
+
+
+class _ConvTransposeBnQAT(_ConvWeight, nn.Module):
     """QAT ConvTranspose + BatchNorm: bn folded into the fake-quantized weight (torch.ao's ConvBn way)."""
 
     _FLOAT_MODULE: type
@@ -46,16 +62,6 @@ class _ConvTransposeBnQAT(nn.Module):
         self.bn = bn
         self.qconfig = qconfig
         self.freeze_bn = False
-
-    @property
-    def weight(self):
-        """The ConvTranspose's weight."""
-        return self.conv.weight
-
-    @property
-    def weight_fake_quant(self):
-        """The ConvTranspose's weight quantizer (sees the bn-folded weight)."""
-        return self.conv.weight_fake_quant
 
     def freeze_bn_stats(self):
         """Stop updating the batch norm statistics (coremltools' milestone 3)."""
@@ -102,7 +108,7 @@ class _ConvTransposeBnQAT(nn.Module):
         return fuse_conv_bn_eval(conv.eval(), self.bn.eval(), transpose=True).train(self.training)
 
 
-class _ConvTransposeBnActQAT(nn.Module):
+class _ConvTransposeBnActQAT(_ConvWeight, nn.Module):
     """QAT ConvTranspose + BatchNorm + activation: ``.conv`` (the ConvTransposeBn QAT module), ``.act``."""
 
     _FLOAT_MODULE: type
@@ -114,16 +120,6 @@ class _ConvTransposeBnActQAT(nn.Module):
         self.conv = conv
         self.act = act
         self.qconfig = qconfig
-
-    @property
-    def weight(self):
-        """The ConvTranspose's weight."""
-        return self.conv.weight
-
-    @property
-    def weight_fake_quant(self):
-        """The ConvTranspose's weight quantizer."""
-        return self.conv.weight_fake_quant
 
     def forward(self, x):
         return self.act(self.conv(x))
