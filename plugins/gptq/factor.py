@@ -13,7 +13,8 @@ import torch
 
 from quanta.errors import QuantizationError
 
-__all__ = ["inverse_hessian_factor", "damped_factor", "error_feedback_factor", "flip_into", "all_finite"]
+__all__ = ["inverse_hessian_factor", "damped_factor", "error_feedback_factor", "flip_into", "flip_in_place",
+           "InPlaceFactor", "all_finite"]
 
 #: Largest triangle inverted directly with a triangular solve; larger ones are split.
 _TRIANGLE_BASE = 256
@@ -115,6 +116,74 @@ def flip_into(src: torch.Tensor, out: torch.Tensor, rows_of: torch.Tensor | None
         else:
             torch.index_select(src.index_select(0, rows_of[i:j]), 1, rows_of, out=out[i:j])
     return out
+
+
+def flip_in_place(a: torch.Tensor) -> torch.Tensor:
+    """``a`` ``[n, n]`` = ``a.flip(0, 1)``, in place: row blocks ``i`` and ``n - 1 - i`` swapped and reversed a
+    block at a time (temporaries of one block, no second matrix). Returns ``a``."""
+    n = a.shape[0]
+    half = n // 2
+    for i in range(0, half, _FLIP_ROWS):
+        j = min(i + _FLIP_ROWS, half)
+        top = a[i:j].flip(0, 1)
+        a[i:j].copy_(a[n - j:n - i].flip(0, 1))
+        a[n - j:n - i].copy_(top)
+    if n % 2:
+        a[half].copy_(a[half].flip(0))
+    return a
+
+
+class InPlaceFactor:
+    """:func:`error_feedback_factor` made in the Hessian's own storage, for :func:`damped_factor`: no
+    second ``[n, n]`` matrix, and no fresh one to fault in.
+
+    ``h`` ``[n, n]`` float32, contiguous, exactly symmetric (quanta's Hessian hooks mirror one triangle),
+    the solver's to overwrite; ``dead`` the inputs whose diagonal is set to 1. :meth:`make` reverses
+    ``h`` in place the first time (the same matrix :func:`flip_into` makes) and keeps its diagonal
+    blocks (``n x`` ``_CHOLESKY_BLOCK`` floats); :meth:`factor` runs the blocked Cholesky on it, divides
+    only the factor's panels (the strict upper triangle, outside the diagonal blocks, still holds the
+    reversed Hessian) and checks finiteness as :func:`error_feedback_factor` does over the whole
+    matrix, then flips ``G`` back in place. After a failure :meth:`make` rebuilds the reversed Hessian
+    from that upper triangle (symmetry) and the kept diagonal blocks: the same matrix, for the next damp.
+    """
+
+    def __init__(self, h: torch.Tensor, dead: torch.Tensor | None) -> None:
+        self.h, self.dead = h, dead
+        n = h.shape[0]
+        self.blocks = [(k, min(k + _CHOLESKY_BLOCK, n)) for k in range(0, n, _CHOLESKY_BLOCK)]
+        self.kept: list[torch.Tensor] | None = None
+
+    def make(self) -> torch.Tensor:
+        """The reversed, undamped Hessian in ``h``'s storage (first call: flipped; later: rebuilt)."""
+        a = self.h
+        if self.kept is None:
+            flip_in_place(a)
+            if self.dead is not None:
+                a.diagonal()[self.dead.flip(0)] = 1
+            self.kept = [a[k:e, k:e].clone() for k, e in self.blocks]
+            return a
+        for (k, e), block in zip(self.blocks, self.kept):
+            a[k:e, k:e].copy_(block)
+            a[e:, k:e].copy_(a[k:e, e:].t())
+        return a
+
+    def factor(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(G, d)`` as :func:`error_feedback_factor` (``G`` in ``a``'s storage), or None (``a`` can be rebuilt)."""
+        if not _cholesky_in_place(a):
+            return None
+        diag = a.diagonal().clone()
+        finite = True
+        for k, e in self.blocks:
+            panel = a[k:, k:e].div_(diag[k:e])
+            finite = finite and all_finite(panel)
+            if finite and k:
+                # The old whole-matrix check also saw the strict upper triangle divided by the diagonal:
+                # x / d overflows exactly when max|x| / d does (d > 0), so the column maxima decide.
+                lo, hi = torch.aminmax(a[:k, k:e], dim=0)
+                finite = all_finite(torch.maximum(hi, lo.neg()).div_(diag[k:e]))
+        if not finite:
+            return None
+        return flip_in_place(a), diag.flip(0)
 
 
 def _cholesky_in_place(a: torch.Tensor) -> bool:

@@ -40,6 +40,7 @@ from .factor import (  # noqa: F401 - inverse_hessian_factor re-exported: it liv
     error_feedback_factor,
     flip_into,
     all_finite,
+    InPlaceFactor,
 )
 
 __all__ = ["GPTQQuantizer", "GPTQResult", "gptq_quantize", "inverse_hessian_factor"]
@@ -118,8 +119,9 @@ def gptq_quantize(
 
     Returns:
         :class:`GPTQResult` on the device of ``weight``. The inputs are not modified (but for
-        ``_overwrite_hessian=True``, quanta's own callers: the Hessian's storage then receives the
-        factor, saving a Hessian-sized buffer).
+        ``_overwrite_hessian=True``, quanta's own callers, whose Hessians are exactly symmetric: the
+        Hessian's storage then receives the factor, made in place without act-order, saving one or
+        two Hessian-sized buffers).
 
     Raises:
         QuantizationError (a ``ValueError``): bad shapes or block size, non-finite inputs, or a
@@ -192,7 +194,14 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
     def factor(h_rev: torch.Tensor, out=h if own_h else None) -> Any:
         return error_feedback_factor(h_rev, out=out)
 
-    (feedback, r_diag), damp_used = damped_factor(reversed_hessian, damp, factor)
+    if overwrite_hessian and own_h and perm is None:
+        # The caller gave up the (exactly symmetric) Hessian: reversed, factored and flipped back
+        # in its own storage, with no second [n, n] matrix.
+        in_place = InPlaceFactor(h, dead if any_dead else None)
+        (feedback, r_diag), damp_used = damped_factor(in_place.make, damp, in_place.factor)
+        del in_place
+    else:
+        (feedback, r_diag), damp_used = damped_factor(reversed_hessian, damp, factor)
     del h, reversed_hessian, factor, diag
 
     n_groups = 1 if block_size is None else n // block_size

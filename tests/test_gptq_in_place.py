@@ -1,0 +1,110 @@
+"""The solver's factorization in the Hessian's own storage (``_overwrite_hessian``, no act-order).
+
+``InPlaceFactor`` reverses the Hessian in place, factors it and flips the factor back, with no second
+``[n, n]`` matrix; after a failed Cholesky it rebuilds the reversed Hessian for the next damp from the
+untouched upper triangle and the diagonal blocks it kept. Every path must give what the copying path
+gives, bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from quanta.plugins.gptq.factor import InPlaceFactor, damped_factor, error_feedback_factor, flip_in_place
+from quanta.plugins.gptq.hessian import add_partial_xtx, mirror_upper, partial_rows
+from quanta.plugins.gptq.solver import gptq_quantize
+
+from test_gptq_solver import MinMaxQuantizer
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _hook_hessian(n: int, samples: int, seed: int, dead=()) -> torch.Tensor:
+    """A Hessian made as quanta's hooks make it (row-block partials, mirrored), so exactly symmetric."""
+    gen = torch.Generator().manual_seed(seed)
+    xtx, buffer = torch.zeros(n, n), torch.empty(partial_rows(n), n)
+    for _ in range(3):
+        x = torch.randn(samples, n, generator=gen) @ (torch.eye(n) + torch.randn(n, n, generator=gen) / n ** 0.5)
+        x[:, list(dead)] = 0
+        add_partial_xtx(xtx, x, buffer)
+    return mirror_upper(xtx).mul_(2.0 / (3 * samples))
+
+
+@pytest.mark.parametrize("n", [1, 2, 255, 256, 257, 513, 1001])
+def test_flip_in_place(n):
+    a = torch.randn(n, n)
+    expected = a.flip(0, 1)
+    assert torch.equal(flip_in_place(a), expected)
+
+
+@pytest.mark.parametrize("n", [8, 700, 1100])
+def test_hessian_is_exactly_symmetric(n):
+    h = _hook_hessian(n, 64, seed=n)
+    assert torch.equal(_bits(h), _bits(h.t()))
+
+
+@pytest.mark.parametrize("n", [40, 300, 600])
+def test_in_place_factor_equals_the_copying_one(n):
+    h = _hook_hessian(n, 2 * n, seed=n)
+    h_rev = h.flip(0, 1).contiguous()
+    h_rev.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    g, d = error_feedback_factor(h_rev)
+    spent = h.clone()
+    factor = InPlaceFactor(spent, None)
+    a = factor.make()
+    a.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    g2, d2 = factor.factor(a)
+    assert g2.data_ptr() == spent.data_ptr()
+    upper = torch.ones(n, n, dtype=torch.bool).triu()  # what the sweep reads (and the unit diagonal)
+    assert torch.equal(_bits(g[upper]), _bits(g2[upper])) and torch.equal(_bits(d), _bits(d2))
+
+
+@pytest.mark.parametrize("n,samples", [(32, 8), (600, 100)])
+def test_damp_retries_rebuild_the_same_hessian(n, samples):
+    # Rank-deficient and undamped: the Cholesky fails (for n = 600 in a later block, after earlier
+    # panels were written), the in-place factor rebuilds the reversed Hessian and raises the damp.
+    h = _hook_hessian(n, samples, seed=n, dead=(3,))
+    dead = h.diagonal() == 0
+    calls = []
+
+    def copy():  # what the copying path makes for every damp
+        out = h.flip(0, 1).contiguous()
+        out.diagonal()[dead.flip(0)] = 1
+        return out
+
+    def counting(a):
+        calls.append(1)
+        return error_feedback_factor(a)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (g, d), damp = damped_factor(copy, 0.0, counting)
+        in_place = InPlaceFactor(h.clone(), dead)
+        (g2, d2), damp2 = damped_factor(in_place.make, 0.0, in_place.factor)
+    assert len(calls) > 1 and damp == damp2 > 0
+    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    assert torch.equal(_bits(g[upper]), _bits(g2[upper])) and torch.equal(_bits(d), _bits(d2))
+
+
+@pytest.mark.parametrize("block_size", [None, 32])
+def test_solver_results_with_and_without_overwriting(block_size):
+    gen = torch.Generator().manual_seed(1)
+    h = _hook_hessian(96, 20, seed=2, dead=(7,))  # rank-deficient: retried with damp=0
+    w = torch.randn(24, 96, generator=gen)
+    with warnings.catch_warnings(record=True) as kept_warnings:
+        warnings.simplefilter("always")
+        kept = gptq_quantize(w, h, MinMaxQuantizer(4, False), block_size=block_size, damp=0.0)
+    with warnings.catch_warnings(record=True) as over_warnings:
+        warnings.simplefilter("always")
+        over = gptq_quantize(w, h.clone(), MinMaxQuantizer(4, False), block_size=block_size, damp=0.0,
+                             _overwrite_hessian=True)
+    assert [str(x.message) for x in kept_warnings] == [str(x.message) for x in over_warnings] != []
+    for name in ("codes", "scale", "zero_point", "weight"):
+        assert torch.equal(getattr(kept, name), getattr(over, name)), name
+    assert torch.equal(_bits(kept.weight), _bits(over.weight))
+    assert kept.loss == over.loss and kept.damp == over.damp > 0
