@@ -108,3 +108,40 @@ def test_solver_results_with_and_without_overwriting(block_size):
         assert torch.equal(getattr(kept, name), getattr(over, name)), name
     assert torch.equal(_bits(kept.weight), _bits(over.weight))
     assert kept.loss == over.loss and kept.damp == over.damp > 0
+
+
+@pytest.mark.parametrize("tiny", [1e-40, 1e-36])
+def test_upper_triangle_finiteness_decided_as_the_copying_path(tiny, monkeypatch):
+    # A huge entry and a tiny pivot: max|H| / min(d) overflows, so the column-wise check runs (the
+    # copying path divides the whole matrix, upper triangle included, and checks it): same decision.
+    n = 300
+    h = torch.eye(n)
+    h[0, 0] = h[n - 1, n - 1] = 1e21
+    h[0, n - 1] = h[n - 1, 0] = 1e20
+    h[150, 150] = tiny
+    columns = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: columns.append(k.get("dim")) or real(*a, **k))
+
+    def copy():
+        return h.flip(0, 1).contiguous()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            expected = damped_factor(copy, 0.0, error_feedback_factor)
+        except Exception as e:  # noqa: BLE001 - the same failure is expected of both
+            expected = type(e)
+        in_place = InPlaceFactor(h.clone(), None)
+        try:
+            got = damped_factor(in_place.make, 0.0, in_place.factor)
+        except Exception as e:  # noqa: BLE001
+            got = type(e)
+    assert 0 in columns  # the column-wise check ran
+    if isinstance(expected, type):
+        assert got is expected
+        return
+    (g, d), damp = expected
+    (g2, d2), damp2 = got
+    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    assert damp == damp2 and torch.equal(_bits(g[upper]), _bits(g2[upper])) and torch.equal(_bits(d), _bits(d2))

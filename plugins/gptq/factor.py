@@ -157,6 +157,8 @@ class InPlaceFactor:
         """The reversed, undamped Hessian in ``h``'s storage (first call: flipped; later: rebuilt)."""
         a = self.h
         if self.kept is None:
+            lo, hi = torch.aminmax(a)
+            self.max_abs = max(-float(lo), float(hi))  # bounds the strict upper triangle kept in a
             flip_in_place(a)
             if self.dead is not None:
                 a.diagonal()[self.dead.flip(0)] = 1
@@ -174,16 +176,22 @@ class InPlaceFactor:
         diag = a.diagonal().clone()
         finite = True
         for k, e in self.blocks:
-            panel = a[k:, k:e].div_(diag[k:e])
-            finite = finite and all_finite(panel)
-            if finite and k:
-                # The old whole-matrix check also saw the strict upper triangle divided by the diagonal:
-                # x / d overflows exactly when max|x| / d does (d > 0), so the column maxima decide.
+            finite = finite and all_finite(a[k:, k:e].div_(diag[k:e]))
+        # The copying path's check also saw the strict upper triangle divided by the diagonal (d > 0):
+        # no |x| / d overflows when max|x| / min d does not (rounding is monotonic); else each column's
+        # maximum decides, as x / d overflows exactly when max|x| / d does.
+        if finite and not math.isfinite(_div(self.max_abs, float(diag.min()))):
+            for k, e in self.blocks[1:]:
                 lo, hi = torch.aminmax(a[:k, k:e], dim=0)
-                finite = all_finite(torch.maximum(hi, lo.neg()).div_(diag[k:e]))
+                finite = finite and all_finite(torch.maximum(hi, lo.neg()).div_(diag[k:e]))
         if not finite:
             return None
         return flip_in_place(a), diag.flip(0)
+
+
+def _div(x: float, y: float) -> float:
+    """``x / y`` rounded to float32 as torch would (inf on overflow, nan for 0 / 0)."""
+    return float(torch.tensor(x, dtype=torch.float32) / torch.tensor(y, dtype=torch.float32))
 
 
 def _cholesky_in_place(a: torch.Tensor) -> bool:
