@@ -7,14 +7,15 @@ Split from ``solver`` (which plans the sweep and owns the factor); see ``docs/gp
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 if TYPE_CHECKING:
     from .solver import SweepPlan
 
-__all__ = ["SUB_BATCH", "sweep_batch", "sweep_batch_affine", "GraphRunner"]
+__all__ = ["SUB_BATCH", "sweep_batch", "sweep_batch_affine", "GraphRunner", "ShiftedBounds", "SameForAll",
+           "affine_range", "quantize_into", "dequantize_into"]
 
 #: Columns per inner sub-batch: small enough that its slab stays in L1/L2 on CPU.
 SUB_BATCH = 16
@@ -187,3 +188,69 @@ class GraphRunner:
                           RuntimeWarning, stacklevel=2)
             self.failed = True
             self.graph = None
+
+
+class ShiftedBounds:
+    """The clamp bounds of :func:`sweep_batch_affine`, ``qmin - z`` and ``qmax - z`` ``[r, 1]`` per group
+    (exact: small integers), and a ``[r, 1]`` zero. Without a zero point one pair serves every group."""
+
+    def __init__(self, qrange: tuple[int, int], zp_t: torch.Tensor | None, rows: int, device) -> None:
+        self.qmin, self.qmax = qrange
+        self.zp_t = zp_t
+        self.zero = torch.zeros(rows, 1, dtype=torch.float32, device=device)
+        if zp_t is None:
+            lo = torch.full((rows, 1), float(self.qmin), dtype=torch.float32, device=device)
+            hi = torch.full((rows, 1), float(self.qmax), dtype=torch.float32, device=device)
+            self.lows: Any = SameForAll(lo)
+            self.highs: Any = SameForAll(hi)
+        else:
+            self.lo_t, self.hi_t = self.qmin - zp_t, self.qmax - zp_t  # [G, r]
+            self.lows = self.lo_t.unsqueeze(2).unbind(0)
+            self.highs = self.hi_t.unsqueeze(2).unbind(0)
+
+    def refresh(self, group: int) -> None:
+        """After a dynamic fit wrote the group's zero point."""
+        if self.zp_t is not None:
+            self.lo_t[group].copy_(self.qmin - self.zp_t[group])
+            self.hi_t[group].copy_(self.qmax - self.zp_t[group])
+
+
+class SameForAll:
+    """``x[g]`` is the same tensor for every group."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def __getitem__(self, group: int) -> torch.Tensor:
+        return self.value
+
+
+def quantize_into(quantizer, w: torch.Tensor, scale, zero_point, out: torch.Tensor) -> torch.Tensor:
+    """``quantizer.quantize(w, scale, zero_point)``, written into ``out`` when the quantizer has a
+    ``quantize_into`` (the same operations; the built-in schemes' work in place), else a new tensor."""
+    into = getattr(quantizer, "quantize_into", None)
+    if into is None:
+        return quantizer.quantize(w, scale, zero_point)
+    return into(w, scale, zero_point, out)
+
+
+def dequantize_into(quantizer, codes: torch.Tensor, scale, zero_point, out: torch.Tensor) -> torch.Tensor:
+    """``quantizer.dequantize(codes, scale, zero_point)`` in ``out``'s storage where the quantizer allows it:
+    the affine form's own operations (``(codes - zero_point) * scale``, ``codes * scale``), or ``codes`` copied
+    and dequantized in place by ``dequantize_``; else a new tensor."""
+    if affine_range(quantizer) is not None:
+        if zero_point is None:
+            return torch.mul(codes, scale, out=out)
+        return torch.sub(codes, zero_point, out=out).mul_(scale)
+    in_place = getattr(quantizer, "dequantize_", None)
+    if in_place is None:
+        return quantizer.dequantize(codes, scale, zero_point)
+    return in_place(out.copy_(codes), scale, zero_point)
+
+
+def affine_range(quantizer) -> tuple[int, int] | None:
+    """``(qmin, qmax)`` when ``quantizer.affine_range()`` says its quantize and dequantize are exactly
+    ``clamp(round(w / s) + z, qmin, qmax)`` (``+ 0.0`` without a zero point) and ``(c - z) * s``
+    (``c * s``), operation for operation; else None (the general path)."""
+    probe = getattr(quantizer, "affine_range", None)
+    return probe() if probe is not None else None

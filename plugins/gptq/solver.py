@@ -33,7 +33,8 @@ import torch
 
 from quanta.errors import QuantizationError
 
-from .batch import SUB_BATCH, GraphRunner, sweep_batch, sweep_batch_affine
+from .batch import (SUB_BATCH, GraphRunner, ShiftedBounds, affine_range, dequantize_into, quantize_into,
+                    sweep_batch, sweep_batch_affine)
 from .factor import (  # noqa: F401 - inverse_hessian_factor re-exported: it lived here first
     inverse_hessian_factor,
     damped_factor,
@@ -386,8 +387,8 @@ def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups
                 bounds.refresh(col // bs)
 
     runner = GraphRunner.create(wt, plan, quantizer, has_zp, path)
-    affine = _affine_range(quantizer) if runner is None else None
-    bounds = None if affine is None else _ShiftedBounds(affine, zp_t, rows, w.device)
+    affine = affine_range(quantizer) if runner is None else None
+    bounds = None if affine is None else ShiftedBounds(affine, zp_t, rows, w.device)
     fb = plan.feedback
     g = plan.group_of
     batches = plan.batches(runner.length if runner is not None else None)
@@ -430,80 +431,14 @@ def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups
         zp_g = zp_t.index_select(0, groups) if has_zp else None
     # The codes go into diff_t's storage and the values into w0_t's (both spent): no fresh
     # [n, r] buffers, which on CPU cost a round of page faults each.
-    codes_t = _quantize_into(quantizer, wt_g, scale_g, zp_g, diff_t.view(shape))
-    values_t = _dequantize_into(quantizer, codes_t, scale_g, zp_g, w0_t.view(shape))
+    codes_t = quantize_into(quantizer, wt_g, scale_g, zp_g, diff_t.view(shape))
+    values_t = dequantize_into(quantizer, codes_t, scale_g, zp_g, w0_t.view(shape))
     del w0_t, diff_t
     # The loss uses the error-updated columns: ((w_j - q_j) / U_jj)^2 = ((w_j - q_j) R_jj)^2.
     wt_g.sub_(values_t)
     sq_err = float(wt.square_().sum(dim=1).dot(plan.r_diag.square()))
     del wt, wt_g
     return codes_t.view(n, rows), values_t.view(n, rows), scale_t, zp_t, sq_err
-
-
-class _ShiftedBounds:
-    """The clamp bounds of :func:`sweep_batch_affine`, ``qmin - z`` and ``qmax - z`` ``[r, 1]`` per group
-    (exact: small integers), and a ``[r, 1]`` zero. Without a zero point one pair serves every group."""
-
-    def __init__(self, qrange: tuple[int, int], zp_t: torch.Tensor | None, rows: int, device) -> None:
-        self.qmin, self.qmax = qrange
-        self.zp_t = zp_t
-        self.zero = torch.zeros(rows, 1, dtype=torch.float32, device=device)
-        if zp_t is None:
-            lo = torch.full((rows, 1), float(self.qmin), dtype=torch.float32, device=device)
-            hi = torch.full((rows, 1), float(self.qmax), dtype=torch.float32, device=device)
-            self.lows: Any = _Same(lo)
-            self.highs: Any = _Same(hi)
-        else:
-            self.lo_t, self.hi_t = self.qmin - zp_t, self.qmax - zp_t  # [G, r]
-            self.lows = self.lo_t.unsqueeze(2).unbind(0)
-            self.highs = self.hi_t.unsqueeze(2).unbind(0)
-
-    def refresh(self, group: int) -> None:
-        """After a dynamic fit wrote the group's zero point."""
-        if self.zp_t is not None:
-            self.lo_t[group].copy_(self.qmin - self.zp_t[group])
-            self.hi_t[group].copy_(self.qmax - self.zp_t[group])
-
-
-class _Same:
-    """``x[g]`` is the same tensor for every group."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        self.value = value
-
-    def __getitem__(self, group: int) -> torch.Tensor:
-        return self.value
-
-
-def _quantize_into(quantizer, w: torch.Tensor, scale, zero_point, out: torch.Tensor) -> torch.Tensor:
-    """``quantizer.quantize(w, scale, zero_point)``, written into ``out`` when the quantizer has a
-    ``quantize_into`` (the same operations; the built-in schemes' work in place), else a new tensor."""
-    into = getattr(quantizer, "quantize_into", None)
-    if into is None:
-        return quantizer.quantize(w, scale, zero_point)
-    return into(w, scale, zero_point, out)
-
-
-def _dequantize_into(quantizer, codes: torch.Tensor, scale, zero_point, out: torch.Tensor) -> torch.Tensor:
-    """``quantizer.dequantize(codes, scale, zero_point)`` in ``out``'s storage where the quantizer allows it:
-    the affine form's own operations (``(codes - zero_point) * scale``, ``codes * scale``), or ``codes`` copied
-    and dequantized in place by ``dequantize_``; else a new tensor."""
-    if _affine_range(quantizer) is not None:
-        if zero_point is None:
-            return torch.mul(codes, scale, out=out)
-        return torch.sub(codes, zero_point, out=out).mul_(scale)
-    in_place = getattr(quantizer, "dequantize_", None)
-    if in_place is None:
-        return quantizer.dequantize(codes, scale, zero_point)
-    return in_place(out.copy_(codes), scale, zero_point)
-
-
-def _affine_range(quantizer) -> tuple[int, int] | None:
-    """``(qmin, qmax)`` when ``quantizer.affine_range()`` says its quantize and dequantize are exactly
-    ``clamp(round(w / s) + z, qmin, qmax)`` (``+ 0.0`` without a zero point) and ``(c - z) * s``
-    (``c * s``), operation for operation; else None (the general path)."""
-    probe = getattr(quantizer, "affine_range", None)
-    return probe() if probe is not None else None
 
 
 class _TrailingUpdates:
