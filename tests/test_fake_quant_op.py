@@ -144,3 +144,70 @@ def test_prepared_model_pickles_after_a_training_step(tmp_path):
     torch.save(qat, path)
     loaded = torch.load(path, weights_only=False)
     assert torch.equal(loaded(x), qat(x))
+
+
+def test_activation_output_and_gradient_buffers_are_reused_only_when_nothing_holds_them():
+    # The forward's output and the backward's gradient go into last step's buffers when nothing but
+    # the workspace references their memory: a kept output (or a detached alias of it), a gradient
+    # stored as a leaf's .grad, a live graph or a held storage object get fresh memory.
+    from quanta.fx.fake_quant import _MaskWorkspace
+
+    torch.manual_seed(4)
+    ws = _MaskWorkspace()
+    x, g = torch.randn(4, 16) * 3, torch.randn(4, 16)
+    ref, mask = _reference_fake_quant(x, 0.05, 7, 0, 63)
+
+    def step(leaf, keep=None):
+        out = fake_quantize_per_tensor(leaf, 0.05, 7, 0, 63, ws)
+        ptr = out.data_ptr()
+        if keep is not None:
+            keep.append(out.detach())
+        h = out * 1.0  # an op between: the fake quant's gradient is not the caller's
+        h.backward(g)
+        return ptr
+
+    a = x.clone().requires_grad_(True)
+    first = step(a)
+    grad_a = a.grad  # the leaf's gradient is the backward's buffer (autograd stole it)
+    b = x.clone().requires_grad_(True)
+    assert step(b) == first  # the output buffer was free: reused
+    assert grad_a.data_ptr() != b.grad.data_ptr()  # a.grad still holds its memory: not reused
+    assert torch.equal(grad_a, g * mask) and torch.equal(b.grad, g * mask)
+    kept: list = []
+    assert step(x.clone().requires_grad_(True), kept) == first
+    second = step(x.clone().requires_grad_(True))
+    assert second != first  # the last step's output is still referenced (a detached alias)
+    assert torch.equal(kept[0].view(torch.int32), ref.view(torch.int32))
+    kept.clear()
+    held = ws.output.buf.untyped_storage()
+    assert step(x.clone().requires_grad_(True)) != second  # its storage object is held elsewhere
+    del held
+    # A graph still alive: its output is not overwritten by the next call.
+    out_1 = fake_quantize_per_tensor(x, 0.05, 7, 0, 63, ws)
+    out_2 = fake_quantize_per_tensor(x * 2, 0.05, 7, 0, 63, ws)
+    assert out_1.data_ptr() != out_2.data_ptr()
+    assert torch.equal(out_1.view(torch.int32), ref.view(torch.int32))
+    # Double backward (create_graph) and non-contiguous inputs take the allocating path.
+    c = x.clone().requires_grad_(True)
+    (gc,) = torch.autograd.grad(fake_quantize_per_tensor(c, 0.05, 7, 0, 63, ws), c, g, create_graph=True)
+    assert torch.equal(gc, g * mask)
+    xt = x.t()
+    assert torch.equal(fake_quantize_per_tensor(xt, 0.05, 7, 0, 63, ws), ref.t())
+
+
+def test_workspace_buffers_from_inference_mode_are_not_reused_in_training():
+    # Validation under torch.inference_mode() between training steps: its buffers are inference
+    # tensors, which a training step may not write or save (it raised RuntimeError).
+    from quanta.fx.fake_quant import _MaskWorkspace
+
+    ws = _MaskWorkspace()
+    x, g = torch.randn(4, 8) * 3, torch.randn(4, 8)
+    with torch.inference_mode():
+        evaluated = fake_quantize_per_tensor(x, 0.05, 7, 0, 63, ws)
+    leaf = x.clone().requires_grad_(True)
+    out = fake_quantize_per_tensor(leaf, 0.05, 7, 0, 63, ws)
+    out.backward(g)
+    ref, mask = _reference_fake_quant(x, 0.05, 7, 0, 63)
+    assert torch.equal(out.detach(), ref) and torch.equal(evaluated, ref) and torch.equal(leaf.grad, g * mask)
+    with torch.inference_mode():
+        assert torch.equal(fake_quantize_per_tensor(x, 0.05, 7, 0, 63, ws), ref)
