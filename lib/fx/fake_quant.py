@@ -42,6 +42,7 @@ class WeightFakeQuantize(nn.Module):
         self.quant_min, self.quant_max = self.scheme.quant_range(spec.dtype)
         self.fake_quant_enabled = True
         self._sizes: dict[tuple, list[int]] = {}
+        self._out = _Reusable()  # the fake-quantized weight's memory, reused while nothing holds it
 
     def block_sizes(self, shape) -> list[int]:
         shape = tuple(shape)
@@ -70,7 +71,7 @@ class WeightFakeQuantize(nn.Module):
         scale, zp = self._scheme_qparams(weight)
         # Per-block and per-tensor are per-channel on the [G, K] group view (a reshape).
         groups = to_groups(weight, sizes)
-        fq = fake_quantize_per_group(groups, scale, zp, self.quant_min, self.quant_max)
+        fq = fake_quantize_per_group(groups, scale, zp, self.quant_min, self.quant_max, self.__dict__.get("_out"))
         return from_groups(fq, tuple(weight.shape), sizes)
 
     def record_scheme(self):
@@ -96,10 +97,12 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int, rarely_clamps: bool = False,
-                workspace: "_MaskWorkspace | None" = None):
+                workspace: "_MaskWorkspace | None" = None, out: "_Reusable | None" = None):
         ctx.workspace = workspace
-        if workspace is not None and x.is_floating_point():
-            q = torch.div(x, scale, out=workspace.output.take(x)).round_()
+        if workspace is not None:
+            out = workspace.output
+        if out is not None and x.is_floating_point():
+            q = torch.div(x, scale, out=out.take(x)).round_()
         else:
             q = torch.div(x, scale).round_()
         if isinstance(zero_point, int):
@@ -145,21 +148,21 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not ctx.clamps:
-            return grad, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None
         (mask,) = ctx.saved_tensors
         ws = ctx.workspace
         if ws is not None and not torch.is_grad_enabled() and grad.stride() == mask.stride():
-            return torch.mul(grad, mask, out=ws.grad.take(grad)), None, None, None, None, None, None
-        return grad * mask, None, None, None, None, None, None
+            return torch.mul(grad, mask, out=ws.grad.take(grad)), None, None, None, None, None, None, None
+        return grad * mask, None, None, None, None, None, None, None
 
 
 def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                            quant_min: int, quant_max: int) -> torch.Tensor:
+                            quant_min: int, quant_max: int, out: "_Reusable | None" = None) -> torch.Tensor:
     """Fake-quantize ``groups`` ``[G, K]`` with ``scale``/``zero_point`` ``[G]``; gradient passes
     where the code was in range (none to the qparams, which come from the weight's range)."""
     scale = scale.reshape(-1, 1).to(groups.dtype)
     zp = None if zero_point is None or not bool(zero_point.any()) else zero_point.reshape(-1, 1).to(groups.dtype)
-    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max), True)
+    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max), True, None, out)
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
@@ -194,6 +197,12 @@ class _Reusable:
                 or _storage_holders(b) != _ALONE):
             b = self.buf = torch.empty_like(like, memory_format=torch.contiguous_format)
         return b.detach()
+
+    def __deepcopy__(self, memo) -> "_Reusable":
+        return _Reusable()
+
+    def __reduce__(self):  # pickled (torch.save of a prepared model) empty
+        return (_Reusable, ())
 
 
 class _MaskWorkspace:
@@ -240,6 +249,17 @@ class _MaskWorkspace:
         return (_MaskWorkspace, ())
 
 
+def _defining_class(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+
+def _has_scalar_qparams(scheme) -> bool:
+    """Whether the class defining the scheme's ``qparams`` defines ``qparams_scalar`` too (a
+    subclass that overrides ``qparams`` alone keeps its own arithmetic)."""
+    owner = _defining_class(type(scheme), "qparams_scalar")
+    return owner is not None and owner is _defining_class(type(scheme), "qparams")
+
+
 class ActivationFakeQuantize(nn.Module):
     """Observes and fake-quantizes one activation, per tensor.
 
@@ -266,6 +286,7 @@ class ActivationFakeQuantize(nn.Module):
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
         self._stale = True
         self._workspace = _MaskWorkspace()
+        self._scalar = _has_scalar_qparams(self.scheme)
 
     @property
     def qscheme(self) -> torch.qscheme:
@@ -279,22 +300,40 @@ class ActivationFakeQuantize(nn.Module):
 
     def update_qparams(self) -> None:
         """Recompute ``scale``/``zero_point`` from the observer's range (scheme plugin)."""
-        with torch.no_grad():
-            if not self.observed:
-                return
-            scale, zp = self.scheme.qparams(self.observer.min_val.reshape(1), self.observer.max_val.reshape(1),
-                                            self.dtype)
-            self.scale.copy_(scale)
-            if zp is None:
-                self.zero_point.zero_()
-            else:
-                self.zero_point.copy_(zp)
+        self._update()
+
+    def _update(self) -> tuple[float, int] | None:
+        # The scheme's qparams_scalar (Python floats: a few dispatched ops fewer per step) when the
+        # class that defines its qparams defines it too (a subclass overriding qparams alone is not
+        # second-guessed), else qparams on one-element tensors. None: nothing observed yet.
+        lo, hi = float(self.observer.min_val), float(self.observer.max_val)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return None
+        got = self.scheme.qparams_scalar(lo, hi, self.dtype) if self.__dict__.get("_scalar") else None
+        if got is not None:
+            scale, zp = got[0], 0 if got[1] is None else int(got[1])
+            with torch.no_grad():  # (no_grad: the learnable subclass's qparams are Parameters)
+                self.scale.fill_(scale)
+                self.zero_point.fill_(zp)
+        else:
+            with torch.no_grad():
+                t_scale, t_zp = self.scheme.qparams(self.observer.min_val.reshape(1),
+                                                    self.observer.max_val.reshape(1), self.dtype)
+                self.scale.copy_(t_scale)
+                if t_zp is None:
+                    self.zero_point.zero_()
+                else:
+                    self.zero_point.copy_(t_zp)
+            scale, zp = float(self.scale), int(self.zero_point)
         self.__dict__["_stale"] = False  # a plain attribute: nn.Module.__setattr__'s checks cost a step
+        return scale, zp
 
     def qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` as Python numbers, as the finalized graph uses them."""
         if self._stale:
-            self.update_qparams()
+            got = self._update()
+            if got is not None:
+                return got
         return float(self.scale), int(self.zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
