@@ -100,8 +100,11 @@ class SymmetricScheme(Scheme):
     def qparams(self, min_val, max_val, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         qmin, qmax = self.quant_range(dtype)
         max_abs = torch.maximum(min_val.abs(), max_val.abs())
-        # qmax - qmin is 2^(b-1)·2 - 2 (restricted) or 2^b - 1 (full); the same ops as coremltools.
-        scale = _safe_scale((max_abs - (-max_abs)) / (qmax - qmin))
+        # qmax - qmin is 2^(b-1)·2 - 2 (restricted) or 2^b - 1 (full); coremltools' ops,
+        # (max_abs - (-max_abs)) / (qmax - qmin), in place: x + x is x - (-x) bit for bit (NaN,
+        # inf and overflow alike), and float constants skip converting int scalars.
+        scale = max_abs.add_(max_abs).div_(float(qmax - qmin))
+        scale = torch.where(scale > 0.0, scale, 1.0)  # _safe_scale, one op fewer
         if dtype.signed:
             return scale, None
         return scale, torch.full_like(scale, float((qmax + 1) // 2 if self.grid_for(dtype) == "full" else qmax // 2))
