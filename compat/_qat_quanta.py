@@ -10,6 +10,7 @@ from typing import Any
 
 import quanta
 from quanta.errors import did_you_mean
+from quanta.compat._qat_common import _LinearQuantizerCommon
 from quanta.compat.configs import ModuleLinearQuantizerConfig, LinearQuantizerConfig
 from quanta.compat.convert import annotate_for_coreml
 from quanta.compat.ptq import as_config
@@ -17,7 +18,7 @@ from quanta.compat.recipes import effective_global, qat_recipe
 
 __all__ = ["_QuantaLinearQuantizer"]
 
-class _QuantaLinearQuantizer:
+class _QuantaLinearQuantizer(_LinearQuantizerCommon):
     """The former compat ``LinearQuantizer`` (quanta's own ``qat`` graph), kept behind
     ``LinearQuantizer(..., _torch_ao=False)``: ``prepare``, ``step``, ``finalize`` on ``quanta.Quantizer``."""
 
@@ -80,16 +81,6 @@ class _QuantaLinearQuantizer:
     def disable_observer_sync(self) -> None:
         """The counterpart of :meth:`enable_observer_sync` (records the setting)."""
         self._observer_sync = False
-
-    @property
-    def observer_sync(self) -> bool:
-        """Whether observer synchronisation is requested (see :meth:`enable_observer_sync`)."""
-        return self._observer_sync
-
-    @property
-    def minimum_deployment_target(self):
-        """The lowest ``ct.target`` that stores the last ``finalize()``'s weights compressed (or None)."""
-        return getattr(self._result, "coreml_minimum_deployment_target", None)
 
     def report(self):
         """The quanta :class:`~quanta.Report` of the last ``finalize()``."""

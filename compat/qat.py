@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quanta.compat._qat_common import _LinearQuantizerCommon
 from quanta.compat.configs import LinearQuantizerConfig, ModuleLinearQuantizerConfig, ObserverType
 from quanta.compat.convert import annotate_for_coreml
 from quanta.compat.ptq import as_config
@@ -54,7 +55,7 @@ def _example_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
 
 
-class LinearQuantizer:
+class LinearQuantizer(_LinearQuantizerCommon):
     """``LinearQuantizer(model, config)``: ``prepare(example_inputs, inplace)``, ``step()``,
     ``finalize(model=None, inplace=False)``, ``report()``, as in coremltools (torch.ao's prepared and
     reference-converted structure; quanta records on the finalized weights).
@@ -187,16 +188,6 @@ class LinearQuantizer:
     def disable_observer_sync(self) -> None:
         """Stop synchronising ``ema_min_max`` observers (e.g. validating on one process)."""
         self._set_observer_sync(False)
-
-    @property
-    def observer_sync(self) -> bool:
-        """Whether observer synchronisation is on (see :meth:`enable_observer_sync`)."""
-        return self._observer_sync
-
-    @property
-    def minimum_deployment_target(self):
-        """The lowest ``ct.target`` that stores the last ``finalize()``'s weights compressed (or None)."""
-        return getattr(self._result, "coreml_minimum_deployment_target", None)
 
     def report(self) -> dict:
         """coremltools' report: ``{name: {type, algorithm, qscheme, per_channel, dtype, qmin, qmax,

@@ -62,7 +62,9 @@ def test_seed_yaml_qat_flow(tmp_path):
         loss.backward()
         opt.step()
         quantizer.step()
+    assert quantizer.minimum_deployment_target is None  # nothing finalized yet
     model = quantizer.finalize(inplace=True)
+    assert quantizer.minimum_deployment_target == model.coreml_minimum_deployment_target is not None
     assert read_record(model.first_layer) is None and read_record(model.final_layer) is None
     assert read_record(model.conv) is not None
     # the same YAML as a quanta recipe file

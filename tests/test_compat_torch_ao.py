@@ -110,8 +110,9 @@ def test_ema_observer_sync_switch_and_float_module():
     assert observer.synchronize
     quantizer.disable_observer_sync()
     assert not observer.synchronize and not prepared.activation_post_process_0.activation_post_process.synchronize
+    assert quantizer.observer_sync is False
     quantizer.enable_observer_sync()
-    assert observer.synchronize
+    assert observer.synchronize and quantizer.observer_sync is True
     # fc2 keeps float activations: no quantizer after it
     output = [n for n in prepared.graph.nodes if n.op == "output"][0]
     assert output.args[0].target == "fc2"

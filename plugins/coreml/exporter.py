@@ -30,7 +30,7 @@ from quanta.contracts.hooks import Registrar
 from quanta._files.faults import fault_delay
 from quanta.record import records as _records
 
-from . import metadata, targets, torch_ops
+from . import fp16_cast, metadata, targets, torch_ops
 from .ct_import import import_coremltools, quiet_conversion
 from .overflow import Fp32WhereOverflowing, find_fp16_overflow
 from .inputs import ExampleInputs, KeywordInputs, core_ml_dtype, example_inputs as normalize_inputs
@@ -89,13 +89,16 @@ class CoreMLExportConfig:
             raise ConfigError(f"must be one of {', '.join(_PRECISIONS)}, got {value!r}", "compute_precision")
 
 
-def conversion_pass_pipeline() -> Any:
-    """coremltools' default pass pipeline without the passes known to corrupt W8A8 models."""
+def conversion_pass_pipeline(compute_precision: str = "float16", op_selector=None) -> Any:
+    """coremltools' default pass pipeline without the passes known to corrupt W8A8 models, with
+    quanta's fp16 cast pass (:mod:`.fp16_cast`: the same casts, the overflow scan without large
+    temporaries) for ``"float16"`` (``op_selector``: which ops to cast) or none for ``"float32"``.
+    Convert with ``compute_precision=ct.precision.FLOAT16`` or ``FLOAT32`` to match."""
     import coremltools as ct
 
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes(list(UNSAFE_PASSES))
-    return pipeline
+    return fp16_cast.pass_pipeline(pipeline, compute_precision, op_selector)
 
 
 def _expected_bytes(model: torch.nn.Module) -> int:
@@ -374,13 +377,14 @@ class CoreMLExporter(Exporter):
             if precision == "auto":  # fp16, except the ops that would overflow on the example inputs
                 selector = Fp32WhereOverflowing({n: t.detach().cpu().numpy()
                                                  for n, t in zip(example.names, example.tensors)})
-                compute = ct.transform.FP16ComputePrecision(op_selector=selector)
-            else:
-                compute = getattr(ct.precision, precision.upper())
+            fp32 = precision == "float32"
             with quiet_conversion(cfg.verbose):
                 mlmodel = ct.convert(traced, inputs=ct_inputs, outputs=ct_outputs, convert_to="mlprogram",
-                                     minimum_deployment_target=target, compute_precision=compute,
-                                     pass_pipeline=conversion_pass_pipeline())
+                                     minimum_deployment_target=target,
+                                     compute_precision=ct.precision.FLOAT32 if fp32 else ct.precision.FLOAT16,
+                                     pass_pipeline=conversion_pass_pipeline(
+                                         "float32" if fp32 else "float16",
+                                         selector if precision == "auto" else None))
             mlmodel.user_defined_metadata["quanta.version"] = quanta.__version__
             mlmodel.user_defined_metadata["quanta.minimum_deployment_target"] = targets.target_name(target)
             if precision == "auto" and selector is not None and selector.fp32_ops:
