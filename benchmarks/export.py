@@ -19,7 +19,7 @@ each in a fresh process, alternating within every repetition:
 The clock runs from before ``import coremltools`` (each tool imports it once) to the package on
 disk; loading the model from its folder is outside. One call per process (an export is a
 first call). Each worker also times ``import coremltools`` and the time inside ``ct.convert`` (the
-same work in both tools) apart from the rest, so the table shows what each tool adds around the
+same conversion in both tools, quanta's with its own fp16 cast pass, ``docs/coreml.md``) apart from the rest, so the table shows what each tool adds around the
 conversion; on a loaded machine the minimum over repetitions is beside the median. Goal: quanta's
 export no slower than coremltools' path (the fixed-shapes row, at the same settings). Writes
 ``results/export_cpu.txt``.
@@ -105,7 +105,7 @@ def run_worker(args) -> None:
         imported, cpu_imported = time.perf_counter(), time.process_time()
         convert, spent, cpu_spent = ct.convert, [], []
 
-        def timed_convert(*a, **k):  # ct.convert is the same work in both tools: timed apart
+        def timed_convert(*a, **k):  # ct.convert: the conversion both tools run, timed apart
             t, c = time.perf_counter(), time.process_time()
             try:
                 return convert(*a, **k)
@@ -169,7 +169,8 @@ def main(argv=None) -> None:
         lines.append(f"{tool:<20} {total:9.2f} {min(cpus):7.2f} {med([r['cpu_import_s'] for r in rs]):9.2f} "
                      f"{med([r['cpu_convert_s'] for r in rs]):10.2f} {rest:7.2f} {total / base['cpu_s']:8.2f}x "
                      f"{rest / base['cpu_rest_s']:7.2f}x")
-    lines.append("# import: `import coremltools`; convert: inside ct.convert (the same work for both tools); rest: "
+    lines.append("# import: `import coremltools`; convert: inside ct.convert (the same conversion; quanta's pass pipeline "
+                 "runs its own fp16 cast pass, same program); rest: "
                  "everything else (coremltools: PTQ, trace, save; quanta: quantize, metadata, trace, save, the "
                  "read-back of the stored codes, the fp16 overflow check)")
     lines.append(harness.footer())

@@ -93,3 +93,12 @@ def test_quantas_pass_converts_exactly_as_coremltools_pass():
     fp32 = conversion_pass_pipeline("float32")
     assert not {fp16_cast.PASS_NAME, "common::add_fp16_cast"} & set(fp32.passes)
     assert _convert(fp32, ct.precision.FLOAT32) == _convert(default(), ct.precision.FLOAT32)
+
+
+@pytest.mark.slow
+def test_an_unchecked_coremltools_release_keeps_coremltools_pass(monkeypatch):
+    monkeypatch.setattr(fp16_cast, "CHECKED_VERSIONS", ("0.1",))
+    pipeline = conversion_pass_pipeline("float16", lambda op: op.op_type != "linear")
+    assert "common::add_fp16_cast" in pipeline.passes and fp16_cast.PASS_NAME not in pipeline.passes
+    assert [o.option_name for o in pipeline.get_options("common::add_fp16_cast")] == ["op_selector"]
+    _convert(pipeline, ct.precision.FLOAT16)  # a valid pipeline for ct.convert

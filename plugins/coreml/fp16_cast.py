@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["PASS_NAME", "FP16_MAX", "overflows_fp16", "pass_pipeline"]
+__all__ = ["PASS_NAME", "FP16_MAX", "CHECKED_VERSIONS", "overflows_fp16", "register", "pass_pipeline"]
 
 #: The registered name of quanta's pass (coremltools' is ``common::add_fp16_cast``).
 PASS_NAME = "quanta::add_fp16_cast"
@@ -53,13 +53,23 @@ def _fp16_overflow(op) -> bool:
     return False
 
 
-def register() -> None:
-    """Register ``quanta::add_fp16_cast`` with coremltools' pass registry (once per process)."""
+#: The coremltools releases whose ``add_fp16_cast`` this pass was compared with (the tests convert
+#: through both); with any other release :func:`register` declines and coremltools' pass runs.
+CHECKED_VERSIONS = ("9.0",)
+
+
+def register() -> bool:
+    """Register ``quanta::add_fp16_cast`` with coremltools' pass registry (once per process);
+    False, registering nothing, where coremltools is not a release in :data:`CHECKED_VERSIONS`."""
+    import coremltools
+
+    if ".".join(coremltools.__version__.split(".")[:2]) not in CHECKED_VERSIONS:
+        return False
     from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
     if PASS_NAME in PASS_REGISTRY:
-        return
+        return True
 
     class chunked_add_fp16_cast(add_fp16_cast):  # noqa: N801 - coremltools names passes in lower case
         """coremltools' ``add_fp16_cast`` whose overflow test scans constants in chunks."""
@@ -74,23 +84,26 @@ def register() -> None:
 
     namespace, name = PASS_NAME.split("::")
     PASS_REGISTRY.add(namespace, chunked_add_fp16_cast, override=False, name=name)
+    return True
 
 
 def pass_pipeline(pipeline: Any, compute_precision: str, op_selector: Callable | None = None) -> Any:
     """``pipeline`` (a ``ct.PassPipeline``) with coremltools' fp16 cast pass replaced by
     :data:`PASS_NAME` when ``compute_precision`` is ``"float16"`` (``op_selector``: the ops to cast,
-    as ``ct.transform.FP16ComputePrecision`` takes it), or removed for ``"float32"``.
+    as ``ct.transform.FP16ComputePrecision`` takes it), or removed for ``"float32"``. With a
+coremltools release not in :data:`CHECKED_VERSIONS`, coremltools' own pass stays, with the
+``op_selector`` as its option.
     Convert with ``compute_precision=ct.precision.FLOAT16`` (not an ``FP16ComputePrecision``, whose
     options coremltools would attach to the pass that is no longer there)."""
     theirs = "common::add_fp16_cast"
     if compute_precision == "float32":
         pipeline.remove_passes([theirs, "common::add_int16_cast"])
         return pipeline
-    register()
+    name = PASS_NAME if register() else theirs
     passes = list(pipeline.passes)
     if theirs in passes:
-        passes[passes.index(theirs)] = PASS_NAME
+        passes[passes.index(theirs)] = name
         pipeline.passes = passes
         if op_selector is not None:
-            pipeline.set_options(PASS_NAME, {"op_selector": op_selector})
+            pipeline.set_options(name, {"op_selector": op_selector})
     return pipeline
