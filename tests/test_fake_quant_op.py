@@ -327,3 +327,18 @@ def test_conv_bn_training_rescale_gradient_is_bit_identical_and_reuses_its_buffe
     assert pointers[1] == pointers[2]  # freed after each step: one buffer
     copied = copy.deepcopy(module)
     assert copied._grad_buffer.buf is None
+
+
+def test_channels_last_activation_keeps_its_layout_and_values():
+    from quanta.fx.fake_quant import _MaskWorkspace
+
+    ws = _MaskWorkspace()
+    x = (torch.randn(2, 8, 5, 5) * 3).to(memory_format=torch.channels_last)
+    ref, mask = _reference_fake_quant(x.contiguous(), 0.05, 7, 0, 63)
+    for _ in range(2):
+        leaf = x.detach().clone(memory_format=torch.channels_last).requires_grad_(True)
+        out = fake_quantize_per_tensor(leaf, 0.05, 7, 0, 63, ws)
+        assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref)
+        g = torch.randn_like(x)
+        out.backward(g)
+        assert torch.equal(leaf.grad, g * mask)

@@ -10,8 +10,6 @@ scheme plugins, and a fake-quantized value equals ``scheme.dequantize(scheme.qua
 from __future__ import annotations
 
 import math
-import sys
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +18,8 @@ from torch import nn
 from quanta._records.qmath import from_groups, to_groups
 from quanta._records.spec import QuantDtype, QuantSpec
 from quanta._run.weights import observer_for, resolve_scheme, scheme_for
+
+from ._reuse import _MaskWorkspace, _Reusable
 
 __all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "ConvBnQAT", "QAT_WEIGHTED", "to_qat_module"]
@@ -214,83 +214,6 @@ def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qua
     """Fake-quantize ``x`` (any shape) per tensor; gradient passes where the code was in range.
     ``workspace``: a :class:`_MaskWorkspace` whose mask buffer is reused while no graph holds it."""
     return _FakeQuantize.apply(x, float(scale), int(zero_point), int(quant_min), int(quant_max), False, workspace)
-
-
-def _storage_holders(t: torch.Tensor) -> tuple[int, int]:
-    st = t.untyped_storage()
-    return torch._C._storage_Use_Count(st._cdata), sys.getrefcount(st)
-
-
-class _Reusable:
-    """A buffer handed out again while nothing but this object references its memory.
-
-    ``take(like)`` gives a tensor of ``like``'s shape, dtype and device (contiguous ``like`` only)
-    on the last call's memory when no tensor but this object's own, and no storage object, holds
-    that memory (torch's storage use count), else on fresh memory.
-    """
-
-    __slots__ = ("buf",)
-
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
-
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        b = self.buf
-        if (b is None or not like.is_contiguous() or b.shape != like.shape or b.dtype != like.dtype
-                or b.device != like.device or b.is_inference() != torch.is_inference_mode_enabled()
-                or _storage_holders(b) != _ALONE):
-            b = self.buf = torch.empty_like(like, memory_format=torch.contiguous_format)
-        return b.detach()
-
-    def __deepcopy__(self, memo) -> "_Reusable":
-        return _Reusable()
-
-    def __reduce__(self):  # pickled (torch.save of a prepared model) empty
-        return (_Reusable, ())
-
-
-class _MaskWorkspace:
-    """One quantizer's activation-sized buffers, reused from step to step: the gradient mask,
-    the forward's output and the backward's gradient.
-
-    On CPU, fresh activation-sized memory costs page faults that took longer than the passes
-    written into it (a Net's step: 1.30x float with fresh buffers, 1.21x reusing them).
-    ``take(like)`` returns the mask buffer of the last call when it fits ``like`` (shape, strides,
-    dtype, device, inference mode) and the graph that saved it is gone (its backward node is no
-    longer alive: the step's graph was freed), else a fresh one. So a graph kept alive
-    (``retain_graph``, an output still referenced, a quantizer called twice in one forward) never
-    sees its mask overwritten. The output and gradient buffers (:class:`_Reusable`) are handed out
-    again only while nothing else references their memory (an output or an alias of it kept by the
-    caller, a gradient kept as a leaf's ``.grad``). Between steps they hold up to three
-    activation-sized buffers per quantizer. Not copied or pickled with the module (a copy starts empty).
-    """
-
-    __slots__ = ("mask", "node", "output", "grad")
-
-    def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
-        self.node: weakref.ref | None = None
-        self.output = _Reusable()
-        self.grad = _Reusable()
-
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        m = self.mask
-        if (m is None or (self.node is not None and self.node() is not None) or m.shape != like.shape
-                or m.stride() != like.stride() or m.dtype != like.dtype or m.device != like.device
-                or m.is_inference() != torch.is_inference_mode_enabled()):
-            m = self.mask = torch.empty_like(like)
-        self.node = None
-        return m
-
-    def hold(self, node) -> None:
-        """Mark the buffer as saved by ``node`` (the backward node) until that node is freed."""
-        self.node = weakref.ref(node)
-
-    def __deepcopy__(self, memo) -> "_MaskWorkspace":
-        return _MaskWorkspace()
-
-    def __reduce__(self):  # pickled (torch.save of a prepared model) as an empty workspace
-        return (_MaskWorkspace, ())
 
 
 def _defining_class(cls: type, name: str) -> type | None:
@@ -520,5 +443,3 @@ class ConvBnQAT(nn.Module):
     def extra_repr(self) -> str:
         return f"freeze_bn={self.freeze_bn}"
 
-
-_ALONE = _storage_holders(torch.empty(1))
