@@ -55,6 +55,7 @@ class MinMaxObserver(Observer):
     name = "minmax"
     description = "exact per-group minimum and maximum (coremltools' behaviour)"
     ranges_carry_non_finite = True  # amin/amax propagate NaN and inf
+    exact_ranges = True
 
     def observe(self, values, spec, scheme) -> tuple[torch.Tensor, torch.Tensor]:
         # Two reductions: torch.aminmax along rows is several times slower on CPU.

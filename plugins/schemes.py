@@ -10,6 +10,8 @@ from coremltools: a group whose range is zero (all zeros) gets scale 1.0 instead
 
 from __future__ import annotations
 
+import struct
+
 import attrs
 import torch
 
@@ -30,6 +32,21 @@ _AUTO_FULL_MAX_BITS = 4
 def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
     # A zero range would divide by zero; any positive scale codes zeros exactly.
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _f32(x: float) -> float:
+    # One float32 rounding of a Python float: a single +, -, * or / of float32 values done in
+    # float64 and rounded once to float32 is the float32 operation's result (float64 carries more
+    # than 2 * 24 + 2 bits). Callers keep magnitudes in _NORMAL (no overflow, no subnormals).
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+#: Magnitudes the scalar qparams handle (else they return None and the tensor path runs).
+_NORMAL = (1e-30, 1e30)
+
+
+def _normal(*values: float) -> bool:
+    return all(v == 0.0 or _NORMAL[0] <= abs(v) <= _NORMAL[1] for v in values)
 
 
 def _check_grid(_inst, _attr, value) -> None:
@@ -83,11 +100,28 @@ class SymmetricScheme(Scheme):
     def qparams(self, min_val, max_val, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         qmin, qmax = self.quant_range(dtype)
         max_abs = torch.maximum(min_val.abs(), max_val.abs())
-        # qmax - qmin is 2^(b-1)·2 - 2 (restricted) or 2^b - 1 (full); the same ops as coremltools.
-        scale = _safe_scale((max_abs - (-max_abs)) / (qmax - qmin))
+        # qmax - qmin is 2^(b-1)·2 - 2 (restricted) or 2^b - 1 (full); coremltools' ops,
+        # (max_abs - (-max_abs)) / (qmax - qmin), in place: x + x is x - (-x) bit for bit (NaN,
+        # inf and overflow alike), and float constants skip converting int scalars.
+        scale = max_abs.add_(max_abs).div_(float(qmax - qmin))
+        scale = torch.where(scale > 0.0, scale, 1.0)  # _safe_scale, one op fewer
         if dtype.signed:
             return scale, None
         return scale, torch.full_like(scale, float((qmax + 1) // 2 if self.grid_for(dtype) == "full" else qmax // 2))
+
+    def qparams_scalar(self, min_val: float, max_val: float, dtype: QuantDtype) -> tuple[float, float | None] | None:
+        """:meth:`qparams` of one group in Python floats (an activation's range, each training step),
+        bit for bit; None outside ordinary magnitudes (then :meth:`qparams` runs)."""
+        min_val, max_val = _f32(min_val), _f32(max_val)  # (the float32 values qparams would see)
+        if not _normal(min_val, max_val):
+            return None
+        qmin, qmax = self.quant_range(dtype)
+        max_abs = max(abs(min_val), abs(max_val))
+        scale = _f32((max_abs + max_abs) / (qmax - qmin))  # max_abs - (-max_abs): exact in float32 here
+        scale = scale if scale > 0 else 1.0
+        if dtype.signed:
+            return scale, None
+        return scale, float((qmax + 1) // 2 if self.grid_for(dtype) == "full" else qmax // 2)
 
     def quantize(self, values, scale, zero_point, dtype) -> torch.Tensor:
         qmin, qmax = self.quant_range(dtype)
@@ -140,6 +174,28 @@ class AffineScheme(Scheme):
             zero_point = torch.where(torch.isfinite(zero_point), zero_point, zp32.to(zero_point.dtype))
         zero_point = torch.where(span > 0, zero_point, torch.full_like(span, float(max(qmin, 0))))
         return scale, torch.round(zero_point).clamp_(qmin, qmax)
+
+    def qparams_scalar(self, min_val: float, max_val: float, dtype: QuantDtype) -> tuple[float, float | None] | None:
+        """:meth:`qparams` of one group in Python floats (an activation's range, each training step),
+        bit for bit; None outside ordinary magnitudes (then :meth:`qparams` runs)."""
+        min_val, max_val = _f32(min_val), _f32(max_val)  # (the float32 values qparams would see)
+        if not _normal(min_val, max_val):
+            return None
+        qmin, qmax = self.quant_range(dtype)
+        lo = min_val if min_val < 0.0 else 0.0
+        hi = max_val if max_val > 0.0 else 0.0
+        span = _f32(hi - lo)
+        if not _normal(span):
+            return None
+        scale = _f32(span / (qmax - qmin))
+        scale = scale if scale > 0 else 1.0
+        if not span > 0:
+            return scale, float(max(qmin, 0))
+        numerator = _f32(_f32(qmin * hi) - _f32(qmax * lo))
+        zero_point = _f32(numerator / span)
+        if not _normal(numerator, zero_point):
+            return None
+        return scale, float(min(max(round(zero_point), qmin), qmax))
 
     def quantize(self, values, scale, zero_point, dtype) -> torch.Tensor:
         qmin, qmax = self.quant_range(dtype)

@@ -86,6 +86,17 @@ class ZeroTable(AffineScheme):
         return torch.zeros(values.shape[0], 1 << (spec.dtype.bits - spec.dtype.signed), dtype=values.dtype)
 
 
+class ScalarDisagrees(SymmetricScheme):
+    name = "scalar_disagrees"
+
+    def qparams(self, min_val, max_val, dtype):
+        return super().qparams(min_val, max_val, dtype)
+
+    def qparams_scalar(self, min_val, max_val, dtype):
+        got = super().qparams_scalar(min_val, max_val, dtype)
+        return None if got is None else (got[0] * 1.0000001, got[1])
+
+
 class OnlyPerBlock(SymmetricScheme):
     name = "only_per_block"
 
@@ -103,6 +114,7 @@ class OnlyPerBlock(SymmetricScheme):
     (SlowFastDisagree(), r"quantize_into\(\) differs from quantize\(\)"),
     (AffineClaimingLut(), r"declares grid = 'affine' but dequantize\(\) is not"),
     (WideRange(), r"quant_range\(int2\) = \(-4, 4\) does not fit the dtype"),
+    (ScalarDisagrees(), r"qparams_scalar\(.*\) gives .* qparams gives .* bit for bit"),
 ])
 def test_check_scheme_catches(scheme, pattern):
     with pytest.raises(AssertionError, match=pattern):

@@ -20,7 +20,7 @@ __all__ = ["Observer"]
 class Observer(Plugin):
     """Chooses the range each group of a tensor is quantized over.
 
-    Required: :meth:`observe`. Declared: ``ranges_carry_non_finite``. Optional:
+    Required: :meth:`observe`. Declared: ``ranges_carry_non_finite``, ``exact_ranges``. Optional:
     :meth:`check_spec`, :meth:`streaming` (activations).
     """
 
@@ -28,6 +28,10 @@ class Observer(Plugin):
     #: True when a group holding NaN or inf always gets a non-finite range (exact min/max do),
     #: so core can skip its own NaN/inf scan of the weight; False (the default) keeps the scan.
     ranges_carry_non_finite: ClassVar[bool] = False
+    #: True when :meth:`observe` returns each group's exact minimum and maximum (every value lies
+    #: within its group's range; NaN for a group holding NaN, as torch's amin/amax give): QAT then learns from the ``[G]`` range, not a pass over the
+    #: codes, whether any code clamps. Honoured only on the class that defines ``observe``.
+    exact_ranges: ClassVar[bool] = False
     #: The keyword options :meth:`streaming` takes (e.g. ``{"averaging_constant"}``); the
     #: activation path passes only these, so it never special-cases an observer by name.
     streaming_options: ClassVar[frozenset[str]] = frozenset()

@@ -30,7 +30,7 @@ class Scheme(Plugin):
 
     Required: :meth:`quant_range`, :meth:`qparams`, :meth:`quantize`, :meth:`dequantize`.
     Declared: ``grid`` (``"affine"`` or ``"lut"``). Optional: :meth:`check_spec`, the in-place
-    fast paths :meth:`quantize_into`/:meth:`dequantize_`, and for ``grid = "lut"`` schemes with a
+    fast paths :meth:`quantize_into`/:meth:`dequantize_`, the scalar :meth:`qparams_scalar`, and for ``grid = "lut"`` schemes with a
     per-group table computed from the values (k-means, palettization) :meth:`lut`,
     :meth:`quantize_lut` and :meth:`dequantize_lut`.
     """
@@ -69,6 +69,15 @@ class Scheme(Plugin):
         For an ``affine`` grid this must equal ``(codes - zero_point) * scale``: exporters store
         exactly that. ``QuantizedWeight.dequantize()`` calls this, so a quantized parameter always
         equals its record's dequantized values."""
+
+    def qparams_scalar(self, min_val: float, max_val: float,
+                       dtype: QuantDtype) -> tuple[float, float | None] | None:
+        """Optional fast path of :meth:`qparams` for one group given as Python floats (float32
+        values): ``(scale, zero_point or None)`` equal, bit for bit, to what :meth:`qparams` returns
+        for ``[min_val]``/``[max_val]`` in float32; None: run :meth:`qparams`. Activation quantizers
+        call it once per training step. Used only when the class defining :meth:`qparams` defines
+        it too (a subclass overriding :meth:`qparams` alone keeps its arithmetic). The default: None."""
+        return None
 
     def check_spec(self, spec: QuantSpec) -> None:
         """Refuse a spec this scheme cannot serve (e.g. NF4 with 8 bits) by raising

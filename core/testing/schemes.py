@@ -234,6 +234,29 @@ def _check_dequantize_lut(scheme: Scheme, float_dtype: torch.dtype) -> None:
           f"quantize_lut() does not give back the codes of table values {where}")
 
 
+def _check_qparams_scalar(scheme: Scheme, dtype: QuantDtype) -> None:
+    # Only where it is used: the class defining qparams defines qparams_scalar too.
+    def owner(name: str) -> type | None:
+        return next((c for c in type(scheme).__mro__ if name in c.__dict__), None)
+
+    if owner("qparams_scalar") is not owner("qparams"):
+        return
+    # Ranges as float32 values: ordinary ones, zero and constant groups, one-sided ones.
+    gen = torch.Generator().manual_seed(11)
+    lows = (torch.randn(64, generator=gen) * 3).tolist() + [0.0, -0.0, 0.0, 2.5, -1e-6, -3.0]
+    highs = (torch.rand(64, generator=gen) * 5).tolist() + [0.0, 0.0, 1e-6, 2.5, 4.0, -1.0]
+    for lo, hi in zip(lows, highs):
+        lo_t, hi_t = torch.tensor([lo]), torch.tensor([hi])
+        got = scheme.qparams_scalar(float(lo_t), float(hi_t), dtype)
+        if got is None:
+            continue
+        scale, zero_point = scheme.qparams(lo_t, hi_t, dtype)
+        check(float(scale) == got[0] and (zero_point is None) == (got[1] is None)
+              and (zero_point is None or float(zero_point) == got[1]), scheme,
+              f"qparams_scalar({float(lo_t)}, {float(hi_t)}, {dtype}) gives {got}, qparams gives "
+              f"({float(scale)}, {None if zero_point is None else float(zero_point)}): they must be equal bit for bit")
+
+
 def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = None, *,
                  spec: QuantSpec | None = None) -> None:
     """Check ``scheme`` against the ``quanta.contracts.Scheme`` contract; raise AssertionError naming it.
@@ -250,6 +273,8 @@ def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = Non
       grid points round-trip exactly (``quantize(dequantize(codes)) == codes``);
     - a declared ``grid = "affine"`` really is ``(codes - zero_point) * scale``;
     - the fast paths ``quantize_into``/``dequantize_`` equal ``quantize``/``dequantize``;
+    - ``qparams_scalar``, where it is used (defined with ``qparams``) and returns qparams, equals
+      ``qparams`` on float32 bit for bit;
     - ``dequantize_lut(codes, lut, scale)`` is ``lut[codes] * scale`` and ``quantize_lut`` gives
       the codes of table values back;
     - quantizing a weight as core does (``lut()`` tables included), per tensor, per channel and
@@ -277,6 +302,8 @@ def check_scheme(scheme: Scheme, dtypes: Iterable[QuantDtype | str] | None = Non
         for float_dtype in (torch.float32, torch.float16):
             with raising_fails(scheme, where=f"(for {dtype} in {float_dtype})"):
                 _check_dtype(scheme, dtype, float_dtype)
+        with raising_fails(scheme, "qparams_scalar raised", f"(for {dtype})"):
+            _check_qparams_scalar(scheme, dtype)
     for float_dtype in (torch.float32, torch.float16):
         with raising_fails(scheme, "dequantize_lut/quantize_lut raised", f"(in {float_dtype})"):
             _check_dequantize_lut(scheme, float_dtype)

@@ -10,7 +10,6 @@ scheme plugins, and a fake-quantized value equals ``scheme.dequantize(scheme.qua
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,8 @@ from torch import nn
 from quanta._records.qmath import from_groups, to_groups
 from quanta._records.spec import QuantDtype, QuantSpec
 from quanta._run.weights import observer_for, resolve_scheme, scheme_for
+
+from ._reuse import _MaskWorkspace, _Reusable
 
 __all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "ConvBnQAT", "QAT_WEIGHTED", "to_qat_module"]
@@ -41,6 +42,7 @@ class WeightFakeQuantize(nn.Module):
         self.quant_min, self.quant_max = self.scheme.quant_range(spec.dtype)
         self.fake_quant_enabled = True
         self._sizes: dict[tuple, list[int]] = {}
+        self._out = _Reusable()  # the fake-quantized weight's memory, reused while nothing holds it
 
     def block_sizes(self, shape) -> list[int]:
         shape = tuple(shape)
@@ -48,14 +50,15 @@ class WeightFakeQuantize(nn.Module):
             self._sizes[shape] = self.spec.block_sizes(shape, self.channel_axis, self.input_axis)
         return self._sizes[shape]
 
-    def _scheme_qparams(self, weight: torch.Tensor):
-        # (scale [G] float32, zero point [G] int32 or None: the scheme has none)
+    def _scheme_qparams(self, weight: torch.Tensor, ranges: bool = False):
+        # (scale [G] float32, zero point [G] int32 or None: the scheme has none[, (lo, hi) [G]])
         sizes = self.block_sizes(weight.shape)
         with torch.no_grad():
-            groups = to_groups(weight.detach().float(), sizes)
+            groups = to_groups(weight.float(), sizes)
             lo, hi = self.observer.observe(groups, self.spec, self.scheme)
             scale, zp = self.scheme.qparams(lo, hi, self.spec.dtype)
-        return scale.float(), None if zp is None else zp.to(torch.int32)
+        scale, zp = scale.float(), None if zp is None else zp.to(torch.int32)
+        return (scale, zp, lo, hi) if ranges else (scale, zp)
 
     def qparams(self, weight: torch.Tensor):
         """``(scale [G], zero_point [G] int32)`` of the current weight, one entry per group."""
@@ -66,10 +69,12 @@ class WeightFakeQuantize(nn.Module):
         if not self.fake_quant_enabled:
             return weight
         sizes = self.block_sizes(weight.shape)
-        scale, zp = self._scheme_qparams(weight)
+        exact = weight.numel() >= _RANGE_CHECK_MIN and _declares(self.observer, "exact_ranges", "observe")
+        scale, zp, *ranges = self._scheme_qparams(weight, exact)
         # Per-block and per-tensor are per-channel on the [G, K] group view (a reshape).
         groups = to_groups(weight, sizes)
-        fq = fake_quantize_per_group(groups, scale, zp, self.quant_min, self.quant_max)
+        fq = fake_quantize_per_group(groups, scale, zp, self.quant_min, self.quant_max, self.__dict__.get("_out"),
+                                     ranges or None)
         return from_groups(fq, tuple(weight.shape), sizes)
 
     def record_scheme(self):
@@ -89,40 +94,57 @@ class _FakeQuantize(torch.autograd.Function):
     (fwd + bwd, 2M elements: 7.4 ms against 4.0 ms here), and ``fake_quantize_per_channel_affine``
     about 25 ms per call for a 784 x 512 weight under load (over half of an MLP's QAT step); this
     is a few passes, and a float 0/1 mask saved for the backward pass when any code clamped.
+    Per tensor with a ``workspace`` (:class:`_MaskWorkspace`), the output, mask and gradient are
+    written into the last step's buffers where that is safe.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int, rarely_clamps: bool = False,
-                workspace: "_MaskWorkspace | None" = None):
-        q = torch.div(x, scale).round_()
-        if isinstance(zero_point, int):
-            # Per tensor, an int zero point folds into the clamp bounds: two passes fewer. Codes are
-            # integers, exact in float32 wherever they can be in range, so the values and the mask
-            # are the same; adding 0.0 gives the 0.0 that ``(q + zp) - zp`` gave for a code of -0.0.
+                workspace: "_MaskWorkspace | None" = None, out: "_Reusable | None" = None,
+                clamps: bool | None = None):
+        ctx.workspace = workspace
+        if workspace is not None and isinstance(zero_point, int) and x.is_floating_point():
+            # Per tensor, an int zero point folds into the clamp bounds (codes are integers, exact in
+            # float32 wherever they can be in range: the same values and mask). Every buffer is last
+            # step's where that is safe (on CPU, fresh activation-sized memory costs page faults that
+            # took longer than the passes), and five passes, not seven: the codes go into the mask
+            # buffer, are clamped into the output buffer, and become the mask (1.0 where clamping
+            # changed nothing; NaN: 0.0); in float32 the output is ``0 + scale * clamped`` in one
+            # pass, which is ``clamped * scale + 0.0`` bit for bit (the 0.0, not -0.0, that
+            # ``(q + zp) - zp`` gave for a code of -0.0).
             ctx.clamps = True
             lo, hi = quant_min - zero_point, quant_max - zero_point
-            if workspace is None:
-                clamped = q.clamp(lo, hi)
-                ctx.save_for_backward(torch.eq(clamped, q, out=q))
-                return clamped.mul_(scale).add_(0.0) if zero_point else clamped.mul_(scale)
-            # The mask goes into the last step's mask buffer (no fresh memory: on CPU, fresh
-            # activation-sized buffers cost page faults that took longer than the passes), and the
-            # codes are clamped in place to become the output.
-            mask = workspace.take(q)
-            torch.eq(torch.clamp(q, lo, hi, out=mask), q, out=mask)
-            ctx.save_for_backward(mask)
+            codes = torch.div(x, scale, out=workspace.take(x)).round_()
+            y = torch.clamp(codes, lo, hi, out=workspace.output.take(x))
+            ctx.save_for_backward(torch.eq(y, codes, out=codes))
             workspace.hold(ctx)
-            q.clamp_(lo, hi).mul_(scale)
-            return q.add_(0.0) if zero_point else q
+            if not zero_point:
+                return y.mul_(scale)
+            if y.dtype == torch.float32:  # (float16/bfloat16 multiply by the scale rounded to their type)
+                return torch.add(y.new_zeros(()), y, alpha=scale, out=y)
+            return y.mul_(scale).add_(0.0)
+        if out is not None and x.is_floating_point():
+            q = torch.div(x, scale, out=out.take(x)).round_()
+        else:
+            q = torch.div(x, scale).round_()
+        if isinstance(zero_point, int):
+            # Per tensor without a workspace: the zero point folded into the clamp bounds; adding
+            # 0.0 gives the 0.0 that ``(q + zp) - zp`` gave for a code of -0.0.
+            ctx.clamps = True
+            lo, hi = quant_min - zero_point, quant_max - zero_point
+            clamped = q.clamp(lo, hi)
+            ctx.save_for_backward(torch.eq(clamped, q, out=q))
+            return clamped.mul_(scale).add_(0.0) if zero_point else clamped.mul_(scale)
         if zero_point is not None:
             q.add_(zero_point)
         # A weight's qparams come from its own range, so its codes rarely leave the integer
         # range: one min/max pass then shows the clamp, the mask and the backward's product
         # are no-ops (the same values, bit for bit), and they are skipped. NaN fails the test.
-        clamps = True
-        if rarely_clamps and q.numel():
-            lo, hi = torch.aminmax(q)
-            clamps = not (float(lo) >= quant_min and float(hi) <= quant_max)
+        if clamps is None:
+            clamps = True
+            if rarely_clamps and q.numel():
+                lo, hi = torch.aminmax(q)
+                clamps = not (float(lo) >= quant_min and float(hi) <= quant_max)
         ctx.clamps = clamps
         if clamps:
             # The mask: 1.0 where clamping changed nothing (NaN: 0.0), written over the unclamped
@@ -138,18 +160,53 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not ctx.clamps:
-            return grad, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None, None
+        ws = ctx.workspace
+        if ws is not None and not torch.is_grad_enabled() and grad.stride() == mask.stride():
+            return torch.mul(grad, mask, out=ws.grad.take(grad)), None, None, None, None, None, None, None, None
+        return grad * mask, None, None, None, None, None, None, None, None
 
 
 def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                            quant_min: int, quant_max: int) -> torch.Tensor:
+                            quant_min: int, quant_max: int, out: "_Reusable | None" = None,
+                            ranges: "tuple[torch.Tensor, torch.Tensor] | list | None" = None) -> torch.Tensor:
     """Fake-quantize ``groups`` ``[G, K]`` with ``scale``/``zero_point`` ``[G]``; gradient passes
-    where the code was in range (none to the qparams, which come from the weight's range)."""
+    where the code was in range (none to the qparams, which come from the weight's range).
+    ``ranges``: each group's exact ``(min, max)`` ``[G]``, from which whether any code clamps is
+    known without a pass over the codes; ``out``: a :class:`_Reusable` for the result's memory."""
     scale = scale.reshape(-1, 1).to(groups.dtype)
     zp = None if zero_point is None or not bool(zero_point.any()) else zero_point.reshape(-1, 1).to(groups.dtype)
-    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max), True)
+    clamps = None
+    if ranges is not None:
+        clamps = _range_clamps(ranges[0], ranges[1], scale, zp, quant_min, quant_max, groups.dtype)
+    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max), True, None, out, clamps)
+
+
+def _range_clamps(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
+                  quant_min: int, quant_max: int, dtype: torch.dtype) -> bool:
+    # Division by a positive scale, rounding and adding a zero point never reverse an order, so a
+    # group's smallest and largest codes are those of its minimum and maximum: computed on [G, 2]
+    # with the same ops as on the weight, they show whether any code clamps. NaN: clamps.
+    with torch.no_grad():
+        ends = torch.stack([lo, hi], 1).to(dtype).div_(scale).round_()
+        if zp is not None:
+            ends.add_(zp)
+        low, high = torch.aminmax(ends)
+        return not (float(low) >= quant_min and float(high) <= quant_max)
+
+
+#: Weights of this many values or more take the clamp check from their ranges (below, one
+#: pass over the codes costs less than the few ops on [G, 2]).
+_RANGE_CHECK_MIN = 16384
+
+
+def _declares(plugin, flag: str, method: str) -> bool:
+    """Whether ``plugin``'s ``flag`` is true on the class that defines its ``method`` (a subclass
+    overriding the method alone does not inherit the declaration)."""
+    cls = type(plugin)
+    owner = _defining_class(cls, method)
+    return bool(owner is not None and flag in owner.__dict__ and owner.__dict__[flag])
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
@@ -159,39 +216,15 @@ def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qua
     return _FakeQuantize.apply(x, float(scale), int(zero_point), int(quant_min), int(quant_max), False, workspace)
 
 
-class _MaskWorkspace:
-    """One quantizer's gradient-mask buffer, reused from step to step.
+def _defining_class(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
 
-    ``take(like)`` returns the buffer of the last call when it fits ``like`` (shape, strides,
-    dtype, device) and the graph that saved it is gone (its backward node is no longer alive: the
-    step's graph was freed), else a fresh one. So a graph kept alive (``retain_graph``, an output
-    still referenced, a quantizer called twice in one forward) never sees its mask overwritten.
-    Not copied or pickled with the module (a copy starts empty).
-    """
 
-    __slots__ = ("mask", "node")
-
-    def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
-        self.node: weakref.ref | None = None
-
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        m = self.mask
-        if (m is None or (self.node is not None and self.node() is not None) or m.shape != like.shape
-                or m.stride() != like.stride() or m.dtype != like.dtype or m.device != like.device):
-            m = self.mask = torch.empty_like(like)
-        self.node = None
-        return m
-
-    def hold(self, node) -> None:
-        """Mark the buffer as saved by ``node`` (the backward node) until that node is freed."""
-        self.node = weakref.ref(node)
-
-    def __deepcopy__(self, memo) -> "_MaskWorkspace":
-        return _MaskWorkspace()
-
-    def __reduce__(self):  # pickled (torch.save of a prepared model) as an empty workspace
-        return (_MaskWorkspace, ())
+def _has_scalar_qparams(scheme) -> bool:
+    """Whether the class defining the scheme's ``qparams`` defines ``qparams_scalar`` too (a
+    subclass that overrides ``qparams`` alone keeps its own arithmetic)."""
+    owner = _defining_class(type(scheme), "qparams_scalar")
+    return owner is not None and owner is _defining_class(type(scheme), "qparams")
 
 
 class ActivationFakeQuantize(nn.Module):
@@ -220,6 +253,7 @@ class ActivationFakeQuantize(nn.Module):
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
         self._stale = True
         self._workspace = _MaskWorkspace()
+        self._scalar = _has_scalar_qparams(self.scheme)
 
     @property
     def qscheme(self) -> torch.qscheme:
@@ -233,22 +267,40 @@ class ActivationFakeQuantize(nn.Module):
 
     def update_qparams(self) -> None:
         """Recompute ``scale``/``zero_point`` from the observer's range (scheme plugin)."""
-        with torch.no_grad():
-            if not self.observed:
-                return
-            scale, zp = self.scheme.qparams(self.observer.min_val.reshape(1), self.observer.max_val.reshape(1),
-                                            self.dtype)
-            self.scale.copy_(scale)
-            if zp is None:
-                self.zero_point.zero_()
-            else:
-                self.zero_point.copy_(zp)
+        self._update()
+
+    def _update(self) -> tuple[float, int] | None:
+        # The scheme's qparams_scalar (Python floats: a few dispatched ops fewer per step) when the
+        # class that defines its qparams defines it too (a subclass overriding qparams alone is not
+        # second-guessed), else qparams on one-element tensors. None: nothing observed yet.
+        lo, hi = float(self.observer.min_val), float(self.observer.max_val)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return None
+        got = self.scheme.qparams_scalar(lo, hi, self.dtype) if self.__dict__.get("_scalar") else None
+        if got is not None:
+            scale, zp = got[0], 0 if got[1] is None else int(got[1])
+            with torch.no_grad():  # (no_grad: the learnable subclass's qparams are Parameters)
+                self.scale.fill_(scale)
+                self.zero_point.fill_(zp)
+        else:
+            with torch.no_grad():
+                t_scale, t_zp = self.scheme.qparams(self.observer.min_val.reshape(1),
+                                                    self.observer.max_val.reshape(1), self.dtype)
+                self.scale.copy_(t_scale)
+                if t_zp is None:
+                    self.zero_point.zero_()
+                else:
+                    self.zero_point.copy_(t_zp)
+            scale, zp = float(self.scale), int(self.zero_point)
         self.__dict__["_stale"] = False  # a plain attribute: nn.Module.__setattr__'s checks cost a step
+        return scale, zp
 
     def qparams(self) -> tuple[float, int]:
         """``(scale, zero_point)`` as Python numbers, as the finalized graph uses them."""
         if self._stale:
-            self.update_qparams()
+            got = self._update()
+            if got is not None:
+                return got
         return float(self.scale), int(self.zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,6 +362,23 @@ def to_qat_module(module: nn.Module, spec: QuantSpec, weight_fq: WeightFakeQuant
     return qat
 
 
+class _DivideChannels(torch.autograd.Function):
+    """``y.div_(factor)`` (``factor`` a constant) whose backward, ``grad / factor`` as autograd's,
+    writes into a :class:`_Reusable` buffer: no fresh activation-sized memory per step."""
+
+    @staticmethod
+    def forward(ctx, y, factor, buffer: _Reusable):
+        ctx.factor, ctx.buffer = factor, buffer
+        ctx.mark_dirty(y)
+        return y.div_(factor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled() or not grad.is_contiguous() or not grad.is_floating_point():
+            return grad / ctx.factor, None, None
+        return torch.div(grad, ctx.factor, out=ctx.buffer.take(grad)), None, None
+
+
 class ConvBnQAT(nn.Module):
     """Conv followed by BatchNorm, folded for training (the exported weight includes the bn).
 
@@ -362,10 +431,15 @@ class ConvBnQAT(nn.Module):
         # factor's own gradient would take several passes over the conv output).
         factor = self._scale_factor().detach()
         weight = self.weight_fake_quant(conv.weight * factor.reshape(wshape))
-        y = conv._conv_forward(x, weight, None).div_(factor.reshape(oshape))
+        y = conv._conv_forward(x, weight, None)
+        grad_buffer = self.__dict__.get("_grad_buffer")
+        if grad_buffer is None:
+            grad_buffer = self.__dict__["_grad_buffer"] = _Reusable()
+        y = _DivideChannels.apply(y, factor.reshape(oshape), grad_buffer)
         if conv.bias is not None:
             y = y + conv.bias.reshape(oshape)
         return bn(y)
 
     def extra_repr(self) -> str:
         return f"freeze_bn={self.freeze_bn}"
+
