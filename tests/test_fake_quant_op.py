@@ -342,3 +342,18 @@ def test_channels_last_activation_keeps_its_layout_and_values():
         g = torch.randn_like(x)
         out.backward(g)
         assert torch.equal(leaf.grad, g * mask)
+
+
+def test_buffers_are_never_reused_where_torch_cannot_count_their_holders(monkeypatch):
+    from quanta.fx import _reuse
+
+    like = torch.zeros(64, 64)
+    buffers = _reuse._Reusable()
+    first = buffers.take(like).data_ptr()
+    assert buffers.take(like).data_ptr() == first  # torch 2.13 counts the holders: reused
+    # A torch release without the private storage use count: every take is fresh memory.
+    monkeypatch.setattr(_reuse, "_USE_COUNT", None)
+    monkeypatch.setattr(_reuse, "_ALONE", None)
+    buffers = _reuse._Reusable()
+    first = buffers.take(like).data_ptr()
+    assert buffers.take(like).data_ptr() != first

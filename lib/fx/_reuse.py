@@ -14,9 +14,16 @@ import torch
 __all__: list[str] = []
 
 
+#: torch's count of the tensors and storages holding a storage's memory (a private function of
+#: torch 2.x; where a release lacks it, no buffer counts as alone and every step takes fresh memory).
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _storage_holders(t: torch.Tensor) -> tuple[int, int]:
     st = t.untyped_storage()
-    return torch._C._storage_Use_Count(st._cdata), sys.getrefcount(st)
+    if _USE_COUNT is None:
+        return (-1, -1)  # never _ALONE (None then)
+    return _USE_COUNT(st._cdata), sys.getrefcount(st)
 
 
 class _Reusable:
@@ -91,4 +98,4 @@ class _MaskWorkspace:
         return (_MaskWorkspace, ())
 
 
-_ALONE = _storage_holders(torch.empty(1))
+_ALONE = _storage_holders(torch.empty(1)) if _USE_COUNT is not None else None
