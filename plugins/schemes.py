@@ -45,6 +45,12 @@ def _f32(x: float) -> float:
 _NORMAL = (1e-30, 1e30)
 
 
+def _f32_range(min_val: float, max_val: float) -> tuple[float, float] | None:
+    """The float32 values :meth:`qparams` would see for a range, or None outside ordinary magnitudes."""
+    lo, hi = _f32(min_val), _f32(max_val)
+    return (lo, hi) if _normal(lo, hi) else None
+
+
 def _normal(*values: float) -> bool:
     return all(v == 0.0 or _NORMAL[0] <= abs(v) <= _NORMAL[1] for v in values)
 
@@ -112,9 +118,10 @@ class SymmetricScheme(Scheme):
     def qparams_scalar(self, min_val: float, max_val: float, dtype: QuantDtype) -> tuple[float, float | None] | None:
         """:meth:`qparams` of one group in Python floats (an activation's range, each training step),
         bit for bit; None outside ordinary magnitudes (then :meth:`qparams` runs)."""
-        min_val, max_val = _f32(min_val), _f32(max_val)  # (the float32 values qparams would see)
-        if not _normal(min_val, max_val):
+        seen = _f32_range(min_val, max_val)
+        if seen is None:
             return None
+        min_val, max_val = seen
         qmin, qmax = self.quant_range(dtype)
         max_abs = max(abs(min_val), abs(max_val))
         scale = _f32((max_abs + max_abs) / (qmax - qmin))  # max_abs - (-max_abs): exact in float32 here
@@ -178,10 +185,11 @@ class AffineScheme(Scheme):
     def qparams_scalar(self, min_val: float, max_val: float, dtype: QuantDtype) -> tuple[float, float | None] | None:
         """:meth:`qparams` of one group in Python floats (an activation's range, each training step),
         bit for bit; None outside ordinary magnitudes (then :meth:`qparams` runs)."""
-        min_val, max_val = _f32(min_val), _f32(max_val)  # (the float32 values qparams would see)
-        if not _normal(min_val, max_val):
+        seen = _f32_range(min_val, max_val)
+        if seen is None:
             return None
         qmin, qmax = self.quant_range(dtype)
+        min_val, max_val = seen
         lo = min_val if min_val < 0.0 else 0.0
         hi = max_val if max_val > 0.0 else 0.0
         span = _f32(hi - lo)

@@ -21,6 +21,14 @@ __all__ = ["SUB_BATCH", "sweep_batch", "sweep_batch_affine", "GraphRunner", "Shi
 SUB_BATCH = 16
 
 
+def _columns(wb: torch.Tensor, w0b: torch.Tensor, diff: torch.Tensor, starts: Sequence[int]) -> tuple:
+    """``[r, 1]`` views of every column of ``wb``, ``w0b`` and ``diff`` (each made in one call),
+    ``diff``'s rows, and the sub-batches ``(start, end)``."""
+    ends = list(starts[1:]) + [wb.shape[0]]
+    return (wb.unsqueeze(2).unbind(0), w0b.unsqueeze(2).unbind(0), diff.unsqueeze(2).unbind(0), diff.unbind(0),
+            list(zip(starts, ends)))
+
+
 def sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, zero_points, diff: torch.Tensor,
                  quantizer, starts: Sequence[int],
                  before: Callable[[int], None] | None = None) -> None:
@@ -35,12 +43,8 @@ def sweep_batch(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, scales, z
     n_cols = wb.shape[0]
     # The codes are a fresh tensor: dequantized in place where the quantizer can (the same ops).
     in_place = getattr(quantizer, "dequantize_", None)
-    w_cols = wb.unsqueeze(2).unbind(0)  # [r, 1] views, made in one call
-    w0_cols = w0b.unsqueeze(2).unbind(0)
-    d_cols = diff.unsqueeze(2).unbind(0)
-    d_rows = diff.unbind(0)
-    ends = list(starts[1:]) + [n_cols]
-    for k1, k2 in zip(starts, ends):
+    w_cols, w0_cols, d_cols, d_rows, batches = _columns(wb, w0b, diff, starts)
+    for k1, k2 in batches:
         if before is not None:
             before(k1)
         for j in range(k1, k2):
@@ -72,13 +76,9 @@ def sweep_batch_affine(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, sc
     :func:`sweep_batch`. ``q`` is made in ``diff``'s row, so no temporaries.
     """
     n_cols = wb.shape[0]
-    w_cols = wb.unsqueeze(2).unbind(0)  # [r, 1] views, made in one call
-    w0_cols = w0b.unsqueeze(2).unbind(0)
-    d_cols = diff.unsqueeze(2).unbind(0)
-    d_rows = diff.unbind(0)
+    w_cols, w0_cols, d_cols, d_rows, batches = _columns(wb, w0b, diff, starts)
     div, addcmul, sub = torch.div, torch.addcmul, torch.sub
-    ends = list(starts[1:]) + [n_cols]
-    for k1, k2 in zip(starts, ends):
+    for k1, k2 in batches:
         if before is not None:
             before(k1)
         for j in range(k1, k2):
