@@ -30,6 +30,17 @@ from quanta.compat._ao_modules import QAT_CONV_TRANSPOSE
 __all__ = ["FUSED_ACT", "QAT_ACT", "REF_ACT", "FUSED_BN_ACT", "QAT_BN_ACT", "fuse_with_act", "fuse_bn_act"]
 
 
+
+def _adopt(cls, base: nn.Module, act: nn.Module) -> nn.Module:
+    """A ``cls`` instance holding the state of ``base`` (torch.ao's QAT module of the layer) plus ``act``."""
+    qat = cls.__new__(cls)
+    qat.__dict__.update(base.__dict__)
+    qat._modules = dict(base._modules)
+    qat._parameters = dict(base._parameters)
+    qat._buffers = dict(base._buffers)
+    qat.act = act
+    return qat
+
 class _Fused(nn.Sequential):
     def __init__(self, layer: nn.Module, act: nn.Module):
         super().__init__(layer, act)
@@ -98,14 +109,7 @@ class _ActQAT:
         """The QAT module of a fused ``(layer, act)`` module."""
         layer, act = _as_float(mod[0], cls._FLOAT_LAYER), mod[1]
         layer.qconfig = mod.qconfig
-        base = cls._QAT_BASE.from_float(layer)
-        qat = cls.__new__(cls)
-        qat.__dict__.update(base.__dict__)
-        qat._modules = dict(base._modules)
-        qat._parameters = dict(base._parameters)
-        qat._buffers = dict(base._buffers)
-        qat.act = act
-        return qat
+        return _adopt(cls, cls._QAT_BASE.from_float(layer), act)
 
     def to_float(self):
         """The float fused ``(layer, act)`` module with this module's parameters."""
@@ -162,14 +166,7 @@ class _BnActQAT:
         """The QAT module of a fused ``(conv, bn, act)`` module."""
         conv_bn = cls._CONV_BN(_as_float(mod[0], cls._FLOAT_LAYER), mod[1])
         conv_bn.qconfig = mod.qconfig
-        base = cls._QAT_BASE.from_float(conv_bn)
-        qat = cls.__new__(cls)
-        qat.__dict__.update(base.__dict__)
-        qat._modules = dict(base._modules)
-        qat._parameters = dict(base._parameters)
-        qat._buffers = dict(base._buffers)
-        qat.act = mod[2]
-        return qat
+        return _adopt(cls, cls._QAT_BASE.from_float(conv_bn), mod[2])
 
     def to_float(self):
         """The float ``(conv with bn folded, act)`` fused module."""
