@@ -138,6 +138,20 @@ class SharedClipRatio(Observer):
         return lo * best, hi * best
 
 
+def test_check_observer_accepts_exact_ranges_where_they_hold():
+    from quanta import registry
+
+    minmax = registry.get("observer", "minmax").obj
+    assert type(minmax).__dict__.get("exact_ranges") is True
+    check_observer(minmax)
+
+    class NinetyPercent(type(minmax)):  # overrides observe(): the inherited declaration does not apply
+        def observe(self, values, spec, scheme):
+            return values.amin(1) * 0.9, values.amax(1) * 0.9
+
+    check_observer(NinetyPercent())
+
+
 def test_check_observer_tries_low_bit_widths_by_default():
     from quanta._records.spec import QuantSpec
 
@@ -171,10 +185,19 @@ class ClaimsNonFinite(Observer):
         return v.amin(1), v.amax(1)
 
 
+class ClaimsExact(Observer):
+    name, description = "claims_exact", "clips each range to 90 %, yet declares exact ranges"
+    exact_ranges = True
+
+    def observe(self, values, spec, scheme):
+        return values.amin(1) * 0.9, values.amax(1) * 0.9
+
+
 @pytest.mark.parametrize("observer,pattern", [
     (GlobalMax(), r"'global_max'.*two chunks differs"),
     (Clips(), r"modified its input"),
     (ClaimsNonFinite(), r"declares ranges_carry_non_finite = True but group 0"),
+    (ClaimsExact(), r"'claims_exact'.*declares exact_ranges = True but observe\(\) returned ranges other"),
 ])
 def test_check_observer_catches(observer, pattern):
     with pytest.raises(AssertionError, match=pattern):

@@ -55,6 +55,8 @@ def check_observer(observer: Observer, scheme: Scheme | None = None, spec: Quant
     - NaN/inf behaviour is as declared: with ``ranges_carry_non_finite = True`` a group holding
       NaN or inf gets a non-finite range and the other groups are unaffected; with False the
       call must not raise anything but a ``quanta.QuantaError`` (core scans the weight itself);
+    - ``exact_ranges = True`` (declared on the class defining ``observe``) holds: every range is
+      its group's exact minimum and maximum;
     - ``check_spec`` accepts ``spec`` or refuses it with ``quanta.ConfigError`` only.
     """
     from quanta.errors import ConfigError, QuantaError
@@ -99,7 +101,21 @@ def _check_spec_run(observer, values, spec, scheme, quanta_error) -> None:
         if not (torch.equal(torch.cat([lo1, lo2]), lo) and torch.equal(torch.cat([hi1, hi2]), hi)):
             fail(observer, f"observing rows in two chunks differs from observing them all at once {where}: rows "
                            "must be independent (core observes a weight's groups in chunks)")
+        if _declares_exact_ranges(observer):
+            lo_true, hi_true = values.float().amin(dim=1).to(lo.dtype), values.float().amax(dim=1).to(hi.dtype)
+            wrong = ((lo != lo_true) | (hi != hi_true)).nonzero().flatten().tolist()
+            if wrong:
+                fail(observer, f"declares exact_ranges = True but observe() returned ranges other than the groups' "
+                               f"minimum and maximum for groups {wrong[:8]} {where} (QAT then decides from them "
+                               "that no code clamps); declare False")
         _check_non_finite(observer, values, spec, scheme, lo, hi, quanta_error)
+
+
+def _declares_exact_ranges(observer: Any) -> bool:
+    # As QAT reads it: the flag on the class that defines observe() (a subclass overriding
+    # observe() alone does not inherit the declaration).
+    owner = next((c for c in type(observer).__mro__ if "observe" in c.__dict__), None)
+    return bool(owner is not None and owner.__dict__.get("exact_ranges", False))
 
 
 def _check_non_finite(observer: Any, values, spec, scheme, lo, hi, quanta_error) -> None:
