@@ -91,9 +91,8 @@ def pass_pipeline(pipeline: Any, compute_precision: str, op_selector: Callable |
     """``pipeline`` (a ``ct.PassPipeline``) with coremltools' fp16 cast pass replaced by
     :data:`PASS_NAME` when ``compute_precision`` is ``"float16"`` (``op_selector``: the ops to cast,
     as ``ct.transform.FP16ComputePrecision`` takes it), or removed for ``"float32"``. With a
-coremltools release not in :data:`CHECKED_VERSIONS`, coremltools' own pass stays, with the
-``op_selector`` as its option.
-    Convert with ``compute_precision=ct.precision.FLOAT16`` (not an ``FP16ComputePrecision``, whose
+    coremltools release not in :data:`CHECKED_VERSIONS`, coremltools' own pass stays, with the
+    ``op_selector`` as its option. Convert with ``compute_precision=ct.precision.FLOAT16`` (not an ``FP16ComputePrecision``, whose
     options coremltools would attach to the pass that is no longer there)."""
     theirs = "common::add_fp16_cast"
     if compute_precision == "float32":
