@@ -26,6 +26,7 @@ import torch.ao.nn.qat as nnqat
 from torch import nn
 
 from quanta.compat._ao_modules import QAT_CONV_TRANSPOSE
+from quanta.fx.convert import _plain_copy  # the same QAT -> float copy quanta's own convert makes
 
 __all__ = ["FUSED_ACT", "QAT_ACT", "REF_ACT", "FUSED_BN_ACT", "QAT_BN_ACT", "fuse_with_act", "fuse_bn_act"]
 
@@ -85,14 +86,7 @@ globals().update({cls.__name__: cls for cls in FUSED_ACT.values()})
 def _as_float(layer: nn.Module, float_cls: type) -> nn.Module:
     """``layer`` as its float class, sharing its parameters: torch.ao's QAT swap recurses into plain
     containers first, so the layer inside a fused container may already be a QAT module."""
-    if type(layer) is float_cls:
-        return layer
-    plain = float_cls.__new__(float_cls)
-    plain.__dict__.update(layer.__dict__)
-    plain._parameters = dict(layer._parameters)
-    plain._buffers = dict(layer._buffers)
-    plain._modules = {k: v for k, v in layer._modules.items() if k != "weight_fake_quant"}
-    return plain
+    return layer if type(layer) is float_cls else _plain_copy(layer, float_cls)
 
 
 class _ActQAT:

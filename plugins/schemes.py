@@ -188,8 +188,8 @@ class AffineScheme(Scheme):
         seen = _f32_range(min_val, max_val)
         if seen is None:
             return None
-        min_val, max_val = seen
         qmin, qmax = self.quant_range(dtype)
+        min_val, max_val = seen
         lo = min_val if min_val < 0.0 else 0.0
         hi = max_val if max_val > 0.0 else 0.0
         span = _f32(hi - lo)
