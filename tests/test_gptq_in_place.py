@@ -145,3 +145,42 @@ def test_upper_triangle_finiteness_decided_as_the_copying_path(tiny, monkeypatch
     (g2, d2), damp2 = got
     upper = torch.ones(n, n, dtype=torch.bool).triu()
     assert damp == damp2 and torch.equal(_bits(g[upper]), _bits(g2[upper])) and torch.equal(_bits(d), _bits(d2))
+
+
+@pytest.mark.parametrize("n,tokens", [(8, 3), (512, 128), (700, 128), (1100, 64), (600, 300), (600, 1000)])
+def test_hessian_blocks_added_by_addmm_where_exact(n, tokens):
+    # add_partial_xtx adds a row block's product with addmm_ where the probe found that exact for the
+    # block's shapes (short inputs on MKL/OpenBLAS), else through the buffer: the sum is the one the
+    # whole zeroed partials give, bit for bit (signs of zero too), whichever path each block took.
+    from quanta.plugins.gptq.hessian import _EXACT, accumulate_xtx
+    gen = torch.Generator().manual_seed(n + tokens)
+    xs = [torch.randn(tokens, n, generator=gen), torch.zeros(tokens, n), torch.randn(tokens, n, generator=gen)]
+    xs[2][:, 1] = -0.0
+    whole, fused, buffered = torch.zeros(n, n), torch.zeros(n, n), torch.zeros(n, n)
+    for x in xs:
+        whole.add_(accumulate_xtx(torch.zeros(n, n), x))
+        add_partial_xtx(fused, x)  # buffer made only if a block needs it
+    keys = [k for k in _EXACT if k[6][0] == tokens]  # the probed blocks of these inputs (right: [tokens, *])
+    assert keys
+    saved = {k: _EXACT[k] for k in keys}
+    try:
+        for k in keys:  # as on a BLAS where no block adds exactly: every block through the buffer
+            _EXACT[k] = False
+        for x in xs:
+            add_partial_xtx(buffered, x, torch.full((partial_rows(n), n), float("nan")))
+    finally:
+        _EXACT.update(saved)
+    for sums in (whole, fused, buffered):
+        mirror_upper(sums)
+    assert torch.equal(_bits(whole), _bits(fused)) and torch.equal(_bits(whole), _bits(buffered))
+
+
+def test_addmm_probe_is_cached_per_shape_and_refuses_other_devices_and_dtypes():
+    from quanta.plugins.gptq.hessian import _EXACT, adds_exactly
+    x = torch.randn(16, 96)
+    before = len(_EXACT)
+    first = adds_exactly(torch.zeros(96, 96)[:32, :], x[:, :32].t(), x)
+    assert len(_EXACT) == before + 1 and adds_exactly(torch.zeros(96, 96)[:32, :], x[:, :32].t(), x) is first
+    assert len(_EXACT) == before + 1  # answered from the cache
+    assert not adds_exactly(torch.zeros(96, 96, dtype=torch.float64), x.double().t(), x.double())
+    assert not adds_exactly(torch.zeros(96, 96, device="meta"), x.t().to("meta"), x.to("meta"))

@@ -21,9 +21,15 @@ GPTQ's hooks add each call's product to the sum as a *partial* (one order of add
 :class:`HessianHook`); :func:`add_partial_xtx` does that one row block at a time through a
 buffer of one row block (``[~256, n]``, not ``[n, n]``): each block's product is written
 (not added: no zeroing pass) and then added to the sum, the same values as a whole partial.
+Where the BLAS gives that same sum in one call (``sum.addmm_(a, b)`` adding each entry's whole
+dot product to the sum once, as MKL and OpenBLAS do while ``K`` fits one of their panels), the
+block is added that way, with no buffer and no separate add; a probe of each block's exact shapes,
+once per process, decides (:func:`adds_exactly`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +38,8 @@ from torch import nn
 from quanta.contracts import Ranks
 from quanta.errors import QuantizationError
 
-__all__ = ["accumulate_xtx", "add_partial_xtx", "partial_rows", "mirror_upper", "HessianHook", "solve_cost"]
+__all__ = ["accumulate_xtx", "add_partial_xtx", "adds_exactly", "partial_rows", "mirror_upper", "HessianHook",
+           "solve_cost"]
 
 #: Columns per row block (rounded to a multiple of 64); below two blocks the full product is used.
 _BLOCK_COLUMNS = 256
@@ -64,9 +71,12 @@ def partial_rows(n: int) -> int:
     return max(b - a for a, b in zip(edges, edges[1:]))
 
 
-def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | Callable[[], torch.Tensor] | None = None
+                    ) -> torch.Tensor:
     """``xtx`` ``[n, n]`` += ``xᵀx`` on and above the diagonal blocks, each row block's product made
-    on its own in ``buffer`` (``[partial_rows(n), n]``, overwritten) and then added.
+    on its own in ``buffer`` (``[partial_rows(n), n]``, overwritten; or a function returning it, called
+    only when needed; None: made here when needed) and then added, or added by ``addmm_`` where
+    :func:`adds_exactly` found that to give the same sum for the block's shapes.
 
     The sum is the same, bit for bit, as ``xtx.add_(accumulate_xtx(zeros(n, n), x))``: each block
     of the partial is the same product, and the blocks below the diagonal (zeros there) are
@@ -74,10 +84,63 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor) ->
     n = x.shape[1]
     edges = _edges(n)
     for a, b in zip(edges, edges[1:]):
+        target, left, right = xtx[a:b, a:], x[:, a:b].t(), x[:, a:]
+        if adds_exactly(target, left, right):
+            target.addmm_(left, right)
+            continue
+        if buffer is None or callable(buffer):
+            buffer = buffer() if buffer is not None else torch.empty(partial_rows(n), n, dtype=xtx.dtype,
+                                                                       device=xtx.device)
         part = buffer[:b - a, :n - a]
-        torch.mm(x[:, a:b].t(), x[:, a:], out=part)
-        xtx[a:b, a:].add_(part)
+        torch.mm(left, right, out=part)
+        target.add_(part)
     return xtx
+
+
+#: Per process: block shapes -> whether ``addmm_`` adds their product as ``mm`` then ``add_`` would.
+_EXACT: dict[tuple, bool] = {}
+
+
+def adds_exactly(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
+    """Whether ``target.addmm_(left, right)`` gives, bit for bit, ``target.add_(torch.mm(left, right))``
+    for tensors of these shapes, strides and alignments (CPU float32; else False).
+
+    A BLAS that accumulates each dot product in registers and adds it to the output once (MKL and
+    OpenBLAS while ``K`` fits one panel) does; one that splits ``K`` (long inputs) or starts from the
+    output does not. Answered once per process and shape by a probe: random inputs laid out as
+    these are, both ways, compared bit for bit. The arithmetic a BLAS does for given shapes does not
+    depend on the values, so the answer holds for every input of those shapes."""
+    if target.device.type != "cpu" or target.dtype != torch.float32 or left.dtype != torch.float32 \
+            or right.dtype != torch.float32:
+        return False
+    key = (tuple(target.shape), target.stride(), target.storage_offset() % 16, tuple(left.shape), left.stride(),
+           left.storage_offset() % 16, tuple(right.shape), right.stride(), right.storage_offset() % 16,
+           torch.get_num_threads())
+    known = _EXACT.get(key)
+    if known is None:
+        known = _EXACT[key] = _probe(target, left, right)
+    return known
+
+
+def _like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random values in a fresh storage viewed with ``t``'s shape, strides and offset modulo 16."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+    offset = t.storage_offset() % 16
+    base = torch.randn(offset + span, generator=gen, dtype=t.dtype)
+    return base.as_strided(tuple(t.shape), t.stride(), offset)
+
+
+def _probe(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    a, b = _like(left, gen), _like(right, gen)
+    start = _like(target, gen).mul_(float(left.shape[1]))  # about the size of a sum of products
+    two = [_like(target, torch.Generator().manual_seed(1)) for _ in range(2)]
+    for out in two:
+        out.copy_(start)
+    part = _like(target, gen)  # the general path's product: a buffer view laid out as the sum
+    two[0].add_(torch.mm(a, b, out=part))
+    two[1].addmm_(a, b)
+    return torch.equal(two[0], two[1])
 
 
 def mirror_upper(xtx: torch.Tensor) -> torch.Tensor:
@@ -113,7 +176,7 @@ class HessianHook:
     hook's ``owner`` rank (:meth:`quanta.contracts.Ranks.fold`). The sum is the same, bit for
     bit, for any number of ranks. Only the owner holds the sum. In one process the partial is
     made and added one row block at a time (:func:`add_partial_xtx`; ``scratch`` holds one
-    ``[partial_rows(n), n]`` buffer per size).
+    ``[partial_rows(n), n]`` buffer per size, made only for blocks not added by ``addmm_``).
     """
 
     def __init__(self, module: nn.Module, device, weight: torch.Tensor | None = None, attach: bool = True,
@@ -156,12 +219,16 @@ class HessianHook:
             fresh = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=self.device)
             self.pending.append(accumulate_xtx(fresh, x))
             return
+        add_partial_xtx(self.xtx, x, self._buffer)  # type: ignore[arg-type]
+
+    def _buffer(self) -> torch.Tensor:
+        """The partial-product buffer for this size (shared through ``scratch``), made when first needed."""
         key = (self.cols, str(self.device))
         buffer: torch.Tensor | None = self.scratch.get(key)
         if buffer is None:
             buffer = self.scratch[key] = torch.empty(partial_rows(self.cols), self.cols, dtype=torch.float32,
                                                      device=self.device)
-        add_partial_xtx(self.xtx, x, buffer)  # type: ignore[arg-type]
+        return buffer
 
     def flush(self) -> None:
         """*Collective* (after every step of :meth:`quanta.contracts.Ranks.chunks`): fold this step's
