@@ -85,7 +85,9 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
     edges = _edges(n)
     for a, b in zip(edges, edges[1:]):
         target, left, right = xtx[a:b, a:], x[:, a:b].t(), x[:, a:]
-        if adds_exactly(target, left, right):
+        key = _key(target, left, right)
+        exact = _EXACT.get(key) if key is not None else False
+        if exact:
             target.addmm_(left, right)
             continue
         if buffer is None or callable(buffer):
@@ -93,6 +95,8 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
                                                                        device=xtx.device)
         part = buffer[:b - a, :n - a]
         torch.mm(left, right, out=part)
+        if exact is None:  # first time for these shapes in this process: learn from this product
+            _EXACT[key] = _probe(target, left, right, part)
         target.add_(part)
     return xtx
 
@@ -101,46 +105,43 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
 _EXACT: dict[tuple, bool] = {}
 
 
+def _key(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple | None:
+    if target.device.type != "cpu" or not target.dtype == left.dtype == right.dtype == torch.float32:
+        return None
+    return (tuple(target.shape), target.stride(), target.storage_offset() % 16, tuple(left.shape), left.stride(),
+            left.storage_offset() % 16, tuple(right.shape), right.stride(), right.storage_offset() % 16,
+            torch.get_num_threads())
+
+
 def adds_exactly(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
     """Whether ``target.addmm_(left, right)`` gives, bit for bit, ``target.add_(torch.mm(left, right))``
     for tensors of these shapes, strides and alignments (CPU float32; else False).
 
     A BLAS that accumulates each dot product in registers and adds it to the output once (MKL and
     OpenBLAS while ``K`` fits one panel) does; one that splits ``K`` (long inputs) or starts from the
-    output does not. Answered once per process and shape by a probe: random inputs laid out as
-    these are, both ways, compared bit for bit. The arithmetic a BLAS does for given shapes does not
-    depend on the values, so the answer holds for every input of those shapes."""
-    if target.device.type != "cpu" or target.dtype != torch.float32 or left.dtype != torch.float32 \
-            or right.dtype != torch.float32:
+    output does not. Answered once per process and shape by a probe: the product made both ways
+    onto a sum that already holds it, compared bit for bit. The arithmetic a BLAS does for given
+    shapes does not depend on the values, so the answer holds for every input of those shapes."""
+    key = _key(target, left, right)
+    if key is None:
         return False
-    key = (tuple(target.shape), target.stride(), target.storage_offset() % 16, tuple(left.shape), left.stride(),
-           left.storage_offset() % 16, tuple(right.shape), right.stride(), right.storage_offset() % 16,
-           torch.get_num_threads())
-    known = _EXACT.get(key)
-    if known is None:
-        known = _EXACT[key] = _probe(target, left, right)
-    return known
+    if key not in _EXACT:
+        part = torch.empty(target.shape[0], max(target.stride(0), target.shape[1]))[:, :target.shape[1]]
+        _EXACT[key] = _probe(target, left, right, torch.mm(left, right, out=part))
+    return _EXACT[key]
 
 
-def _like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random values in a fresh storage viewed with ``t``'s shape, strides and offset modulo 16."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
-    offset = t.storage_offset() % 16
-    base = torch.randn(offset + span, generator=gen, dtype=t.dtype)
-    return base.as_strided(tuple(t.shape), t.stride(), offset)
-
-
-def _probe(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
-    gen = torch.Generator().manual_seed(0)
-    a, b = _like(left, gen), _like(right, gen)
-    start = _like(target, gen).mul_(float(left.shape[1]))  # about the size of a sum of products
-    two = [_like(target, torch.Generator().manual_seed(1)) for _ in range(2)]
-    for out in two:
-        out.copy_(start)
-    part = _like(target, gen)  # the general path's product: a buffer view laid out as the sum
-    two[0].add_(torch.mm(a, b, out=part))
-    two[1].addmm_(a, b)
-    return torch.equal(two[0], two[1])
+def _probe(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, product: torch.Tensor) -> bool:
+    """``product`` = ``mm(left, right)`` as the general path makes it: does ``addmm_`` onto a sum laid out
+    as ``target`` and holding ``product`` give what ``add_`` gives (``2 * product``)?"""
+    if target.numel() == 0:
+        return True
+    twice = torch.add(product, product)
+    offset = target.storage_offset() % 16
+    span = 1 + sum((size - 1) * stride for size, stride in zip(target.shape, target.stride()))
+    fused = torch.empty(offset + span, dtype=target.dtype).as_strided(tuple(target.shape), target.stride(), offset)
+    fused.copy_(product).addmm_(left, right)
+    return torch.equal(fused, twice)
 
 
 def mirror_upper(xtx: torch.Tensor) -> torch.Tensor:
