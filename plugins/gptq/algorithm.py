@@ -43,7 +43,7 @@ from quanta._run.weights import check_finite, scheme_for
 from .capture import SEPARATE_PROJECTIONS, all_reached, attach_hooks, dead_columns, no_fastpath, unreached
 from .hessian import HessianHook, solve_cost
 from .quantizer import PluginQuantizer
-from .solver import gptq_quantize
+from .solver import WorkBuffers, gptq_quantize
 
 __all__ = ["GPTQConfig", "GPTQ", "PluginQuantizer", "find_blocks"]
 
@@ -217,11 +217,13 @@ class GPTQ(Algorithm):
         was_training = model.training
         model.eval()
         self._dead: list[Any] = []
+        self._workspace = WorkBuffers()  # the sweep's work buffers, reused by the next layer of the same size
         try:
             with torch.no_grad(), no_fastpath():
                 self._run_blocks(model, todo, samples, cfg, device, context)
         finally:
             model.train(was_training)
+            self._workspace.clear()
         if self._dead and cfg.dead_inputs == "zero":
             listed = "; ".join(f"{name}: {n}" for name, n in self._dead)
             warnings.warn(f"gptq: input channels that never fire on the calibration data, weights zeroed (set the "
@@ -351,7 +353,8 @@ class GPTQ(Algorithm):
                                            damp=float(cfg.hessian_dampening),
                                            act_order=cfg.use_activation_order_heuristic,
                                            static_groups=cfg.static_groups, codes_dtype=spec.dtype.torch_storage,
-                                           _overwrite_hessian=True))  # the hook's sum: dropped after
+                                           _overwrite_hessian=True,  # the hook's sum: dropped after
+                                           _workspace=getattr(self, "_workspace", None)))
         for warning in caught:
             warnings.warn(f"layer {layer.name!r}: {warning.message}", stacklevel=2)
         cat = (lambda name: getattr(parts[0], name)) if len(parts) == 1 else \

@@ -44,7 +44,7 @@ from .factor import (  # noqa: F401 - inverse_hessian_factor re-exported: it liv
     InPlaceFactor,
 )
 
-__all__ = ["GPTQQuantizer", "GPTQResult", "gptq_quantize", "inverse_hessian_factor"]
+__all__ = ["GPTQQuantizer", "GPTQResult", "WorkBuffers", "gptq_quantize", "inverse_hessian_factor"]
 
 #: Rows per CPU thread below which splitting the rows costs more than it saves: each thread
 #: repeats the whole per-column Python loop and they share the GIL. Measured on 2 cores, one
@@ -98,6 +98,7 @@ def gptq_quantize(
     codes_dtype: torch.dtype = torch.int32,
     _path: str = "auto",
     _overwrite_hessian: bool = False,
+    _workspace: WorkBuffers | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` ``[out, in]`` with GPTQ against ``hessian`` ``[in, in]`` (= 2 X^T X / n).
 
@@ -122,7 +123,9 @@ def gptq_quantize(
         :class:`GPTQResult` on the device of ``weight``. The inputs are not modified (but for
         ``_overwrite_hessian=True``, quanta's own callers, whose Hessians are exactly symmetric: the
         Hessian's storage then receives the factor, made in place without act-order, saving one or
-        two Hessian-sized buffers).
+        two Hessian-sized buffers). ``_workspace`` (quanta's own callers): a :class:`WorkBuffers` the
+        sweep takes its ``[in, out]`` work buffers from and gives them back to, so that the next layer
+        of the same size reuses their memory.
 
     Raises:
         QuantizationError (a ``ValueError``): bad shapes or block size, non-finite inputs, or a
@@ -133,7 +136,7 @@ def gptq_quantize(
         static_groups = True
     with torch.no_grad():
         return _solve(weight, hessian, quantizer, block_size, processing_group_size, damp,
-                      act_order, static_groups, _path, codes_dtype, _overwrite_hessian)
+                      act_order, static_groups, _path, codes_dtype, _overwrite_hessian, _workspace)
 
 
 def _check_inputs(weight, hessian, block_size, processing_group_size, damp) -> None:
@@ -158,7 +161,7 @@ def _check_inputs(weight, hessian, block_size, processing_group_size, damp) -> N
 
 
 def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, static_groups, path,
-           codes_dtype=torch.int32, overwrite_hessian=False) -> GPTQResult:
+           codes_dtype=torch.int32, overwrite_hessian=False, workspace=None) -> GPTQResult:
     device = weight.device
     w = weight.detach().to(dtype=torch.float32)  # read only: the sweep works on transposed copies
     h = hessian.detach().to(device=device, dtype=torch.float32)  # read only until the factor is made
@@ -252,8 +255,14 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
         return sq_err
 
     chunks, workers = _row_chunks(rows, n, device)
+    pool = workspace if workspace is not None and workers == 1 else None  # chunks one at a time: no sharing
     def run_chunk(r0: int, r1: int, overlap: bool = False) -> float:
-        return store(r0, r1, _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path, overlap))
+        spent: list[torch.Tensor] = []
+        loss = store(r0, r1, _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path, overlap, pool, spent))
+        if pool is not None:  # the codes and values are copied out: the buffers are free for the next chunk or layer
+            for buffer in spent:
+                pool.give(buffer)
+        return loss
     if len(chunks) == 1:
         losses = [run_chunk(*chunks[0], overlap=device.type == "cpu" and torch.get_num_threads() >= 2)]
     else:
@@ -336,7 +345,8 @@ class SweepPlan:
         return sorted(cuts)
 
 
-def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups, path, overlap=False) -> Any:
+def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups, path, overlap=False,
+                pool: WorkBuffers | None = None, spent: list | None = None) -> Any:
     """GPTQ on a block of rows ``w`` ``[r, n]``: returns (codes_t [n, r] float codes in sweep order,
     values_t [n, r] the codes dequantized, scale_t [G, r], zero_point_t [G, r] or None,
     sum_j ((w_j - q_j) / U_jj)^2).
@@ -362,9 +372,16 @@ def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups
         if has_zp:
             zp_t[g] = z.reshape(rows)
 
-    w0_t = (w.t() if perm is None else w.t()[perm]).contiguous()  # [n, r], one row per input column
-    wt = w0_t.clone()  # error-updated
-    diff_t = torch.empty_like(wt)  # w0_j - q_j, with w0_j the column before any update
+    if pool is None:
+        w0_t = (w.t() if perm is None else w.t()[perm]).contiguous()  # [n, r], one row per input column
+        wt = w0_t.clone()  # error-updated
+        diff_t = torch.empty_like(wt)  # w0_j - q_j, with w0_j the column before any update
+    else:  # the same copies, into buffers a previous chunk or layer of this size left
+        w0_t, wt, diff_t = (pool.take(n, rows, w.device) for _ in range(3))
+        w0_t.copy_(w.t() if perm is None else w.t()[perm])
+        wt.copy_(w0_t)
+        if spent is not None:  # handed back by the caller once the results are copied out of them
+            spent.extend((w0_t, wt, diff_t))
     scale_views = scale_t.unsqueeze(2).unbind(0)  # [r, 1] per group
     zp_views = zp_t.unsqueeze(2).unbind(0) if has_zp else None
 
@@ -439,6 +456,30 @@ def _sweep_rows(w: torch.Tensor, plan: SweepPlan, quantizer, perm, static_groups
     sq_err = float(wt.square_().sum(dim=1).dot(plan.r_diag.square()))
     del wt, wt_g
     return codes_t.view(n, rows), values_t.view(n, rows), scale_t, zp_t, sq_err
+
+
+class WorkBuffers:
+    """The sweep's ``[n, r]`` float32 work buffers kept between layers (one run of quanta's GPTQ): a layer
+    of the same size takes them again instead of fresh memory, which on CPU is page-faulted in anew each
+    time (three buffers of 4 MiB at d = 512). Only the last size is kept; one chunk at a time uses it."""
+
+    def __init__(self) -> None:
+        self.free: list[torch.Tensor] = []
+
+    def take(self, n: int, rows: int, device: torch.device) -> torch.Tensor:
+        """A ``[n, rows]`` contiguous float32 buffer (contents undefined)."""
+        for i, t in enumerate(self.free):
+            if t.numel() == n * rows and t.device == device:
+                return self.free.pop(i).view(n, rows)
+        self.free = [t for t in self.free if t.numel() == n * rows]  # another size: drop the old ones
+        return torch.empty(n, rows, dtype=torch.float32, device=device)
+
+    def give(self, t: torch.Tensor) -> None:
+        """Hand back a buffer :meth:`take` gave, once nothing reads or writes it any more."""
+        self.free.append(t.view(-1))
+
+    def clear(self) -> None:
+        self.free.clear()
 
 
 class _TrailingUpdates:
