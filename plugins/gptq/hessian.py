@@ -83,6 +83,7 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
     left for :func:`mirror_upper`. Returns ``xtx``."""
     n = x.shape[1]
     edges = _edges(n)
+    probe_space: torch.Tensor | None = None
     for a, b in zip(edges, edges[1:]):
         target, left, right = xtx[a:b, a:], x[:, a:b].t(), x[:, a:]
         key = _key(target, left, right)
@@ -95,9 +96,11 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
                                                                        device=xtx.device)
         part = buffer[:b - a, :n - a]
         torch.mm(left, right, out=part)
-        if exact is None:  # first time for these shapes in this process: learn from this product
-            _EXACT[key] = _probe(target, left, right, part)
         target.add_(part)
+        if exact is None:  # first time for these shapes in this process: learn from this product
+            if probe_space is None:
+                probe_space = torch.empty(partial_rows(n) * n + 16, dtype=xtx.dtype, device=xtx.device)
+            _EXACT[key] = _probe(target, left, right, part, probe_space)
     return xtx
 
 
@@ -127,21 +130,24 @@ def adds_exactly(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
         return False
     if key not in _EXACT:
         part = torch.empty(target.shape[0], max(target.stride(0), target.shape[1]))[:, :target.shape[1]]
-        _EXACT[key] = _probe(target, left, right, torch.mm(left, right, out=part))
+        _EXACT[key] = _probe(target, left, right, torch.mm(left, right, out=part), torch.empty(_span(target) + 16))
     return _EXACT[key]
 
 
-def _probe(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, product: torch.Tensor) -> bool:
-    """``product`` = ``mm(left, right)`` as the general path makes it: does ``addmm_`` onto a sum laid out
-    as ``target`` and holding ``product`` give what ``add_`` gives (``2 * product``)?"""
+def _span(t: torch.Tensor) -> int:
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def _probe(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, product: torch.Tensor,
+           space: torch.Tensor) -> bool:
+    """``product`` = ``mm(left, right)`` as the general path makes it (overwritten here): does ``addmm_``
+    onto a sum laid out as ``target`` (made in ``space``, >= its span + 16 values) and holding ``product``
+    give what ``add_`` gives, ``2 * product``?"""
     if target.numel() == 0:
         return True
-    twice = torch.add(product, product)
-    offset = target.storage_offset() % 16
-    span = 1 + sum((size - 1) * stride for size, stride in zip(target.shape, target.stride()))
-    fused = torch.empty(offset + span, dtype=target.dtype).as_strided(tuple(target.shape), target.stride(), offset)
+    fused = space.as_strided(tuple(target.shape), target.stride(), target.storage_offset() % 16)
     fused.copy_(product).addmm_(left, right)
-    return torch.equal(fused, twice)
+    return torch.equal(fused, product.add_(product))
 
 
 def mirror_upper(xtx: torch.Tensor) -> torch.Tensor:
