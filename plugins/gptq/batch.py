@@ -74,20 +74,39 @@ def sweep_batch_affine(wb: torch.Tensor, w0b: torch.Tensor, gb: torch.Tensor, sc
     the scheme's difference is ``0.0``; ``q = 0 + (c - z) * s`` (``addcmul``: adding zero turns ``-0.0`` into
     ``0.0`` and changes nothing else) is then the scheme's ``(c - z) * s`` exactly, and ``diff = w0 - q`` as in
     :func:`sweep_batch`. ``q`` is made in ``diff``'s row, so no temporaries.
+
+    With one intra-op thread (the benchmark's setting, and the sweep's whenever the trailing updates
+    overlap it), each column's rank-1 update covers the whole sub-batch, with ``G``'s row zeroed on and
+    before the diagonal (one ``triu`` per batch), so its views are made once per sub-batch instead of
+    twice per column. The columns after ``j`` get exactly what :func:`sweep_batch` adds (one thread: each
+    row is one inner loop of the same kernel either way, so every element takes the same vector or
+    scalar path); those already quantized get ``+ 0 * d``, which leaves every value as it is but may turn
+    a ``-0.0`` into ``0.0``. Those rows are read once more, by the final codes and the loss, where the
+    sign of a zero changes nothing: the built-in schemes' codes are ``round(w / s) + z`` or ``+ 0.0`` (a
+    zero of either sign gives the same code) and ``(w - q)²`` is the same. So the results are
+    :func:`sweep_batch`'s bit for bit. With more threads a wider update could be split between them at
+    other places than the narrower one (a row cut in two takes the kernel's scalar path for other
+    elements), so the per-column views are made as :func:`sweep_batch` makes them.
     """
     n_cols = wb.shape[0]
     w_cols, w0_cols, d_cols, d_rows, batches = _columns(wb, w0b, diff, starts)
     div, addcmul, sub = torch.div, torch.addcmul, torch.sub
+    whole = torch.get_num_threads() == 1
+    strict = gb.triu(1) if whole else gb  # G's strictly upper part: the feedback to later columns only
     for k1, k2 in batches:
         if before is not None:
             before(k1)
+        slab, g_rows = wb[k1:k2], strict[k1:k2, k1:k2].unbind(0)
         for j in range(k1, k2):
             d, s = d_cols[j], scales[j]
             div(w_cols[j], s, out=d).round_().clamp_(lows[j], highs[j])
             addcmul(zero, d, s, out=d)
             sub(w0_cols[j], d, out=d)
             if j + 1 < k2:
-                wb[j + 1:k2].addr_(gb[j, j + 1:k2], d_rows[j])
+                if whole:
+                    slab.addr_(g_rows[j - k1], d_rows[j])
+                else:
+                    wb[j + 1:k2].addr_(g_rows[j - k1][j + 1 - k1:], d_rows[j])
         if k2 < n_cols:
             wb[k2:].addmm_(gb[k1:k2, k2:].t(), diff[k1:k2])
 

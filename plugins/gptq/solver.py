@@ -255,13 +255,13 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
         return sq_err
 
     chunks, workers = _row_chunks(rows, n, device)
-    pool = workspace if workspace is not None and workers == 1 else None  # chunks one at a time: no sharing
+    kept = workspace if workspace is not None and workers == 1 else None  # chunks one at a time: no sharing
     def run_chunk(r0: int, r1: int, overlap: bool = False) -> float:
         spent: list[torch.Tensor] = []
-        loss = store(r0, r1, _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path, overlap, pool, spent))
-        if pool is not None:  # the codes and values are copied out: the buffers are free for the next chunk or layer
+        loss = store(r0, r1, _sweep_rows(w[r0:r1], plan, quantizer, perm, static_groups, path, overlap, kept, spent))
+        if kept is not None:  # the codes and values are copied out: the buffers are free for the next chunk or layer
             for buffer in spent:
-                pool.give(buffer)
+                kept.give(buffer)
         return loss
     if len(chunks) == 1:
         losses = [run_chunk(*chunks[0], overlap=device.type == "cpu" and torch.get_num_threads() >= 2)]
