@@ -184,3 +184,26 @@ def test_addmm_probe_is_cached_per_shape_and_refuses_other_devices_and_dtypes():
     assert len(_EXACT) == before + 1  # answered from the cache
     assert not adds_exactly(torch.zeros(96, 96, dtype=torch.float64), x.double().t(), x.double())
     assert not adds_exactly(torch.zeros(96, 96, device="meta"), x.t().to("meta"), x.to("meta"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(0, 0), (5, 3), (39, 39)])
+def test_overwritten_hessian_with_non_finite_values_is_refused(bad, where):
+    # The in-place path checks the Hessian with the one aminmax that also gives InPlaceFactor its max|H|.
+    h = _hook_hessian(40, 80, seed=3)
+    h[where] = bad
+    with pytest.raises(ValueError, match="must be finite"):
+        gptq_quantize(torch.randn(8, 40), h, MinMaxQuantizer(4, False), block_size=8, _overwrite_hessian=True)
+
+
+def test_in_place_factor_given_max_abs_equals_measured():
+    h = _hook_hessian(300, 600, seed=4)
+    mean = float(h.diagonal().mean())
+    lo, hi = torch.aminmax(h)
+    results = []
+    for max_abs in (None, max(-float(lo), float(hi))):
+        factor = InPlaceFactor(h.clone(), None, max_abs)
+        (g, d), used = damped_factor(factor.make, 0.01, factor.factor)
+        results.append((g, d, factor.max_abs))
+    assert torch.equal(_bits(results[0][0]), _bits(results[1][0])) and torch.equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2] and mean > 0

@@ -147,8 +147,9 @@ class InPlaceFactor:
     from that upper triangle (symmetry) and the kept diagonal blocks: the same matrix, for the next damp.
     """
 
-    def __init__(self, h: torch.Tensor, dead: torch.Tensor | None) -> None:
+    def __init__(self, h: torch.Tensor, dead: torch.Tensor | None, max_abs: float | None = None) -> None:
         self.h, self.dead = h, dead
+        self.max_abs = max_abs  # max|h| when the caller has it (the solver's finiteness check), else measured
         n = h.shape[0]
         self.blocks = [(k, min(k + _CHOLESKY_BLOCK, n)) for k in range(0, n, _CHOLESKY_BLOCK)]
         self.kept: list[torch.Tensor] | None = None
@@ -157,8 +158,9 @@ class InPlaceFactor:
         """The reversed, undamped Hessian in ``h``'s storage (first call: flipped; later: rebuilt)."""
         a = self.h
         if self.kept is None:
-            lo, hi = torch.aminmax(a)
-            self.max_abs = max(-float(lo), float(hi))  # bounds the strict upper triangle kept in a
+            if self.max_abs is None:
+                lo, hi = torch.aminmax(a)
+                self.max_abs = max(-float(lo), float(hi))  # bounds the strict upper triangle kept in a
             flip_in_place(a)
             if self.dead is not None:
                 a.diagonal()[self.dead.flip(0)] = 1

@@ -168,7 +168,14 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
     # Where the factor G goes: h's storage when h is ours (a converted copy, or the caller gave it
     # up) and contiguous, else a new buffer. h is only read until the factorization succeeded.
     own_h = (overwrite_hessian or h.data_ptr() != hessian.data_ptr()) and h.is_contiguous()
-    if not (all_finite(w) and all_finite(h)):
+    max_abs = None
+    if overwrite_hessian and own_h and not act_order:  # InPlaceFactor needs max|H|: one pass gives both
+        lo, hi = (float(v) for v in torch.aminmax(h))  # NaN and inf propagate
+        max_abs = max(-lo, hi)
+        h_finite = math.isfinite(lo) and math.isfinite(hi)
+    else:
+        h_finite = all_finite(h)
+    if not (all_finite(w) and h_finite):
         raise QuantizationError("gptq: weight and hessian must be finite (found NaN or inf)")
     rows, n = w.shape
 
@@ -201,7 +208,7 @@ def _solve(weight, hessian, quantizer, block_size, batch, damp, act_order, stati
     if overwrite_hessian and own_h and perm is None:
         # The caller gave up the (exactly symmetric) Hessian: reversed, factored and flipped back
         # in its own storage, with no second [n, n] matrix.
-        in_place = InPlaceFactor(h, dead if any_dead else None)
+        in_place = InPlaceFactor(h, dead if any_dead else None, max_abs)
         (feedback, r_diag), damp_used = damped_factor(in_place.make, damp, in_place.factor)
         del in_place
     else:
