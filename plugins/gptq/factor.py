@@ -182,7 +182,8 @@ class InPlaceFactor:
         # The copying path's check also saw the strict upper triangle divided by the diagonal (d > 0):
         # no |x| / d overflows when max|x| / min d does not (rounding is monotonic); else each column's
         # maximum decides, as x / d overflows exactly when max|x| / d does.
-        if finite and not math.isfinite(_div(self.max_abs, float(diag.min()))):
+        bound = self.max_abs if self.max_abs is not None else math.inf  # set by make(), which runs first
+        if finite and not math.isfinite(_div(bound, float(diag.min()))):
             for k, e in self.blocks[1:]:
                 lo, hi = torch.aminmax(a[:k, k:e], dim=0)
                 finite = finite and all_finite(torch.maximum(hi, lo.neg()).div_(diag[k:e]))

@@ -97,7 +97,7 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
         part = buffer[:b - a, :n - a]
         torch.mm(left, right, out=part)
         target.add_(part)
-        if exact is None:  # first time for these shapes in this process: learn from this product
+        if exact is None and key is not None:  # first time for these shapes in this process: learn from this product
             if probe_space is None:
                 probe_space = torch.empty(partial_rows(n) * n + 16, dtype=xtx.dtype, device=xtx.device)
             _EXACT[key] = _probe(target, left, right, part, probe_space)
