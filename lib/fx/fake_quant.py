@@ -233,12 +233,15 @@ def _range_clamps(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: t
     # Division by a positive scale, rounding and adding a zero point never reverse an order, so a
     # group's smallest and largest codes are those of its minimum and maximum: computed on [G, 2]
     # with the same ops as on the weight, they show whether any code clamps. NaN: clamps.
+    # Clamped ends equal to the ends: nothing clamps (NaN never equals; an inf end clamps).
     with torch.no_grad():
-        ends = torch.stack([lo, hi], 1).to(dtype).div_(scale).round_()
+        ends = torch.stack([lo, hi], 1)
+        if ends.dtype != dtype:
+            ends = ends.to(dtype)
+        ends.div_(scale).round_()
         if zp is not None:
             ends.add_(zp)
-        low, high = torch.aminmax(ends)
-        return not (float(low) >= quant_min and float(high) <= quant_max)
+        return not torch.equal(ends, ends.clamp(quant_min, quant_max))
 
 
 #: Weights of this many values or more take the clamp check from their ranges (below, one
