@@ -196,3 +196,29 @@ def test_per_tensor_without_workspace_still_has_its_general_function():
     y = fake_quantize_per_tensor(x, 0.05, 3, 0, 15)
     assert type(y.grad_fn).__name__ == "_FakeQuantizeBackward"
     assert _FakeQuantize is not None
+
+
+def test_fast_apply_matches_function_apply_and_falls_back(monkeypatch):
+    # fast_apply calls torch's C++ apply where Function.apply would (same outputs and gradients),
+    # and Function.apply itself where torch lacks the C++ entry or a functorch transform is active.
+    from quanta.fx import _functions
+    from quanta.fx._functions import _FakeQuantize, fast_apply
+
+    x = torch.randn(6, 5)
+    scale = torch.full((6, 1), 0.02)
+    grads = []
+    for patched in (False, True):
+        if patched:
+            monkeypatch.setattr(_functions, "_C_APPLY", {})
+        leaf = x.clone().requires_grad_(True)
+        out = fast_apply(_FakeQuantize, leaf, scale, None, -8, 7, True)
+        out.sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    monkeypatch.undo()
+
+    def through_transform(t):
+        return fast_apply(_FakeQuantize, t, scale, None, -8, 7, True).sum()
+
+    with pytest.raises(RuntimeError, match="setup_context"):  # Function.apply's own message
+        torch.func.grad(through_transform)(x)

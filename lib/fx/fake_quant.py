@@ -20,6 +20,7 @@ from quanta._records.qmath import from_groups, to_groups
 from quanta._records.spec import QuantDtype, QuantSpec
 from quanta._run.weights import observer_for, resolve_scheme, scheme_for
 
+from ._functions import _DivideChannels, _FakeQuantize, _FakeQuantizeActivation, fast_apply
 from ._reuse import _MaskWorkspace, _Reusable
 
 __all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
@@ -103,8 +104,8 @@ class WeightFakeQuantize(nn.Module):
         clamps = None
         if plan.exact:
             clamps = _range_clamps(lo, hi, scale, zp, self.quant_min, self.quant_max, groups.dtype)
-        fq = _FakeQuantize.apply(groups, scale, zp, self.quant_min, self.quant_max, True, self.__dict__.get("_out"),
-                                 clamps)
+        fq = fast_apply(_FakeQuantize, groups, scale, zp, self.quant_min, self.quant_max, True,
+                        self.__dict__.get("_out"), clamps)
         return fq if plan.rows is None else fq.reshape(shape) if plan.plain else \
             from_groups(fq, tuple(shape), plan.sizes)
 
@@ -126,91 +127,6 @@ class WeightFakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, fake_quant={self.fake_quant_enabled}"
-
-
-class _FakeQuantizeActivation(torch.autograd.Function):
-    """:class:`_FakeQuantize`'s per-tensor path with a workspace (an activation quantizer's, each
-    step), in a Function of its own: six arguments, not nine, and no branching on the group forms
-    (a step calls it once per activation, where Python's overhead is most of the cost). The same
-    operations as that path, bit for bit."""
-
-    @staticmethod
-    def forward(ctx, x, scale: float, zero_point: int, lo: int, hi: int, workspace: "_MaskWorkspace"):
-        ctx.workspace = workspace
-        codes = torch.div(x, scale, out=workspace.take(x)).round_()
-        y = torch.clamp(codes, lo, hi, out=workspace.output.take(x))
-        ctx.save_for_backward(torch.eq(y, codes, out=codes))
-        workspace.hold(ctx)
-        if not zero_point:
-            return y.mul_(scale)
-        if y.dtype == torch.float32:
-            return torch.add(workspace.zero(y), y, alpha=scale, out=y)
-        return y.mul_(scale).add_(0.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        if not torch.is_grad_enabled() and grad.stride() == mask.stride():
-            return torch.mul(grad, mask, out=ctx.workspace.grad.take(grad)), None, None, None, None, None
-        return grad * mask, None, None, None, None, None
-
-
-class _FakeQuantize(torch.autograd.Function):
-    """Fake quantization with a straight-through gradient, exactly the scheme's arithmetic
-    (``round(x / scale) + zero_point``, clamped, back to float): per tensor (a float ``scale``, an
-    int ``zero_point`` or None) or on a ``[G, K]`` group view (``[G, 1]`` ``scale``/``zero_point``).
-
-    On CPU torch's fused ``fake_quantize_per_tensor_affine`` kernel took about twice as long
-    (fwd + bwd, 2M elements: 7.4 ms against 4.0 ms here), and ``fake_quantize_per_channel_affine``
-    about 25 ms per call for a 784 x 512 weight under load (over half of an MLP's QAT step); this
-    is a few passes, and a float 0/1 mask saved for the backward pass when any code clamped.
-    Per tensor with a ``workspace`` (:class:`_MaskWorkspace`: the output, mask and gradient in the
-    last step's buffers where that is safe), :class:`_FakeQuantizeActivation` does this.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int, rarely_clamps: bool = False,
-                out: "_Reusable | None" = None, clamps: bool | None = None):
-        if out is not None and x.is_floating_point():
-            q = torch.div(x, scale, out=out.take(x)).round_()
-        else:
-            q = torch.div(x, scale).round_()
-        if isinstance(zero_point, int):
-            # Per tensor without a workspace: the zero point folded into the clamp bounds; adding
-            # 0.0 gives the 0.0 that ``(q + zp) - zp`` gave for a code of -0.0.
-            ctx.clamps = True
-            lo, hi = quant_min - zero_point, quant_max - zero_point
-            clamped = q.clamp(lo, hi)
-            ctx.save_for_backward(torch.eq(clamped, q, out=q))
-            return clamped.mul_(scale).add_(0.0) if zero_point else clamped.mul_(scale)
-        if zero_point is not None:
-            q.add_(zero_point)
-        # A weight's qparams come from its own range, so its codes rarely leave the integer
-        # range: one min/max pass then shows the clamp, the mask and the backward's product
-        # are no-ops (the same values, bit for bit), and they are skipped. NaN fails the test.
-        if clamps is None:
-            clamps = True
-            if rarely_clamps and q.numel():
-                lo, hi = torch.aminmax(q)
-                clamps = not (float(lo) >= quant_min and float(hi) <= quant_max)
-        ctx.clamps = clamps
-        if clamps:
-            # The mask: 1.0 where clamping changed nothing (NaN: 0.0), written over the unclamped
-            # codes. A float mask, not a bool one: on CPU ``eq`` into bool and ``grad * bool`` took
-            # about 5x and 20x as long as into and by float, for the same products bit for bit.
-            clamped = q.clamp(quant_min, quant_max)
-            ctx.save_for_backward(torch.eq(clamped, q, out=q))
-            q = clamped
-        if zero_point is not None:
-            q.sub_(zero_point)
-        return q.mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if not ctx.clamps:
-            return grad, None, None, None, None, None, None, None
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None, None, None
 
 
 def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -376,8 +292,8 @@ class ActivationFakeQuantize(nn.Module):
         workspace = d.get("_workspace")
         if workspace is None or not x.is_floating_point():
             return fake_quantize_per_tensor(x, scale, zero_point, self.quant_min, self.quant_max, workspace)
-        return _FakeQuantizeActivation.apply(x, scale, zero_point, self.quant_min - zero_point,
-                                             self.quant_max - zero_point, workspace)
+        return fast_apply(_FakeQuantizeActivation, x, scale, zero_point, self.quant_min - zero_point,
+                          self.quant_max - zero_point, workspace)
 
     def extra_repr(self) -> str:
         return (f"{self.dtype} {self.scheme_name}, observer={self.observer_enabled}, "
@@ -426,23 +342,6 @@ def to_qat_module(module: nn.Module, spec: QuantSpec, weight_fq: WeightFakeQuant
     qat._modules = dict(module._modules)
     qat.weight_fake_quant = weight_fq if weight_fq is not None else WeightFakeQuantize(spec, 0, 1)
     return qat
-
-
-class _DivideChannels(torch.autograd.Function):
-    """``y.div_(factor)`` (``factor`` a constant) whose backward, ``grad / factor`` as autograd's,
-    writes into a :class:`_Reusable` buffer: no fresh activation-sized memory per step."""
-
-    @staticmethod
-    def forward(ctx, y, factor, buffer: _Reusable):
-        ctx.factor, ctx.buffer = factor, buffer
-        ctx.mark_dirty(y)
-        return y.div_(factor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled() or not grad.is_contiguous() or not grad.is_floating_point():
-            return grad / ctx.factor, None, None
-        return torch.div(grad, ctx.factor, out=ctx.buffer.take(grad)), None, None
 
 
 class ConvBnQAT(nn.Module):
@@ -501,7 +400,7 @@ class ConvBnQAT(nn.Module):
         grad_buffer = self.__dict__.get("_grad_buffer")
         if grad_buffer is None:
             grad_buffer = self.__dict__["_grad_buffer"] = _Reusable()
-        y = _DivideChannels.apply(y, factor.reshape(oshape), grad_buffer)
+        y = fast_apply(_DivideChannels, y, factor.reshape(oshape), grad_buffer)
         if conv.bias is not None:
             y = y + conv.bias.reshape(oshape)
         return bn(y)
