@@ -44,7 +44,7 @@ class StreamingMovingAverageMinMax(StreamingMinMax):
         self._move(summary[0], summary[1])
 
     def _move(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        min_val, max_val = self._buffers["min_val"], self._buffers["max_val"]
+        min_val, max_val = self._range_buffers()
         if not math.isfinite(float(min_val)):  # nothing observed yet
             min_val.copy_(lo)
             max_val.copy_(hi)

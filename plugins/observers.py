@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -43,9 +43,14 @@ class StreamingMinMax(torch.nn.Module):
         # training step pays this per activation, where op dispatch is most of the cost; the
         # buffers from the dict, not through nn.Module's attribute look-up).
         lo, hi = _batch_range(x)
-        min_val, max_val = self._buffers["min_val"], self._buffers["max_val"]
+        min_val, max_val = self._range_buffers()
         torch.minimum(min_val, lo, out=min_val)
         torch.maximum(max_val, hi, out=max_val)
+
+    def _range_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # min_val and max_val from the buffer dict (not nn.Module's __getattr__: once per step each)
+        buffers = self._buffers
+        return cast(torch.Tensor, buffers["min_val"]), cast(torch.Tensor, buffers["max_val"])
 
     def summarize(self, x: torch.Tensor) -> torch.Tensor:
         """What one call contributes: ``[min, max]`` of ``x`` (float32). A distributed run

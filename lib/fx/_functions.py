@@ -8,6 +8,8 @@ no functorch transform active, no functorch wrapper among the arguments).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._reuse import _MaskWorkspace, _Reusable
@@ -32,7 +34,7 @@ def _c_apply(cls: type) -> "object | None":
     return got
 
 
-def fast_apply(cls: type, *args):
+def fast_apply(cls: type, *args: Any) -> Any:
     """``cls.apply(*args)`` for an autograd function without ``setup_context``: torch's C++ apply
     directly where ``Function.apply`` would call it with the same arguments (no functorch
     transform active, no tensor argument a functorch wrapper), else ``Function.apply``."""
