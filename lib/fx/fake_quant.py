@@ -253,7 +253,7 @@ class ActivationFakeQuantize(nn.Module):
         scale_t, zp_t = buffers.get("scale"), buffers.get("zero_point")
         if got is not None:
             scale, zp = got[0], 0 if got[1] is None else int(got[1])
-            if scale_t is not None and zp_t is not None:
+            if scale_t is not None and zp_t is not None and not (scale_t.requires_grad or zp_t.requires_grad):
                 scale_t.fill_(scale)
                 zp_t.fill_(zp)
             else:
