@@ -1,6 +1,6 @@
 """GPTQ through ``quanta.quantize`` vs coremltools' LayerwiseCompressor: time and peak memory.
 
-    python benchmarks/gptq.py [--dims 512,1024,2048] [--repeats 3] [--threads 1] [--samples 16]
+    python benchmarks/gptq.py [--dims 512,1024,2048] [--repeats 3] [--threads 1] [--samples 16] [--out NAME]
 
 Model: ``Linear(d, 4d) -> GELU -> Linear(4d, d)`` for each ``d``; calibration ``--samples``
 batches of ``[1, 128, d]``. Both tools get the same config, coremltools'
@@ -11,7 +11,8 @@ batches of ``[1, 128, d]``. Both tools get the same config, coremltools'
 (the same settings as a quanta recipe). Each tool runs in fresh processes, alternating, and times
 its first call and one warm call, wall-clock and CPU seconds; peak memory is the first call's
 resident memory (``VmHWM``, reset just before the call) above the process's before it. Output error: relative MSE against the float model on held-out inputs.
-Writes ``results/gptq_cpu.txt``.
+Writes ``results/gptq_cpu.txt`` (``--out``: another name; ``run_all.py`` writes d = 4096, one
+repetition, to ``results/gptq_4096_cpu.txt``: coremltools takes minutes a call there).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--out", default="gptq_cpu.txt", help="results file name in benchmarks/results/")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tool", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--d", type=int, help=argparse.SUPPRESS)
@@ -90,8 +92,9 @@ def main(argv=None) -> None:
     if args.worker:
         return run_worker(args)
     dims = [int(x) for x in args.dims.split(",")]
+    out = "" if args.out == "gptq_cpu.txt" else f" --out {args.out}"
     lines = harness.header(f"python benchmarks/gptq.py --dims {args.dims} --repeats {args.repeats} --threads "
-                           f"{args.threads} --samples {args.samples}", args.threads,
+                           f"{args.threads} --samples {args.samples}{out}", args.threads,
                            f"MLP d -> 4d -> d, int4 per-block-128, coremltools' GPTQ settings on both sides, "
                            f"{args.samples} x 128 tokens; fresh processes alternating; medians over "
                            f"{args.repeats} repetitions; goal: quanta >= {GOAL:.0f}x coremltools, peak <= coremltools'")
@@ -120,7 +123,7 @@ def main(argv=None) -> None:
         lines.append(f"{d:>5} {'ratio CPU':<12} {'':8} {'':8} {'':8} {'':8} {'':9} {'':11}   "
                      f"{ct['first_cpu_s'] / q['first_cpu_s']:15.2f}x {ct['warm_cpu_s'] / q['warm_cpu_s']:14.2f}x")
     lines.append(harness.footer())
-    harness.write("gptq_cpu.txt", lines)
+    harness.write(args.out, lines)
 
 
 if __name__ == "__main__":

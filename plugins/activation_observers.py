@@ -10,6 +10,7 @@ streams as :class:`StreamingMinMax`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 import quanta
 from quanta.errors import ConfigError
 from quanta.fx.observers import streaming_observer
-from quanta.plugins.observers import MinMaxObserver, StreamingMinMax
+from quanta.plugins.observers import MinMaxObserver, StreamingMinMax, _batch_range
 
 __all__ = ["StreamingMinMax", "StreamingMovingAverageMinMax", "MovingAverageMinMaxObserver", "streaming_observer"]
 
@@ -35,8 +36,7 @@ class StreamingMovingAverageMinMax(StreamingMinMax):
 
     def forward(self, x: torch.Tensor) -> None:
         # absorb(summarize(x)) without the stacking (the same values, half the ops).
-        lo, hi = torch.aminmax(x.detach())
-        self._move(lo.float(), hi.float())
+        self._move(*_batch_range(x))
 
     def absorb(self, summary: torch.Tensor) -> None:
         """Move the range towards one call's ``[min, max]`` (the first call sets it): the order
@@ -44,12 +44,13 @@ class StreamingMovingAverageMinMax(StreamingMinMax):
         self._move(summary[0], summary[1])
 
     def _move(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        if not self.observed:
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
+        min_val, max_val = self._range_buffers()
+        if not math.isfinite(float(min_val)):  # nothing observed yet
+            min_val.copy_(lo)
+            max_val.copy_(hi)
         else:
-            self.min_val.lerp_(lo, self.averaging_constant)
-            self.max_val.lerp_(hi, self.averaging_constant)
+            min_val.lerp_(lo, self.averaging_constant)
+            max_val.lerp_(hi, self.averaging_constant)
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -14,6 +14,14 @@ from quanta._records.spec import QuantSpec
 from quanta.errors import ConfigError
 
 __all__ = ["MinMaxObserver", "MSEObserver", "PercentileObserver"]
+
+
+def _batch_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x``'s minimum and maximum as float32 0-d tensors (``.float()`` only where it converts)."""
+    lo, hi = torch.aminmax(x.detach())
+    if lo.dtype != torch.float32:
+        lo, hi = lo.float(), hi.float()
+    return lo, hi
 
 
 class StreamingMinMax(torch.nn.Module):
@@ -32,10 +40,17 @@ class StreamingMinMax(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> None:
         # absorb(summarize(x)) without the stacking: the same values in three ops, not six (a
-        # training step pays this per activation, where op dispatch is most of the cost).
-        lo, hi = torch.aminmax(x.detach())
-        torch.minimum(self.min_val, lo.float(), out=self.min_val)
-        torch.maximum(self.max_val, hi.float(), out=self.max_val)
+        # training step pays this per activation, where op dispatch is most of the cost; the
+        # buffers from the dict, not through nn.Module's attribute look-up).
+        lo, hi = _batch_range(x)
+        min_val, max_val = self._range_buffers()
+        torch.minimum(min_val, lo, out=min_val)
+        torch.maximum(max_val, hi, out=max_val)
+
+    def _range_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # min_val and max_val from the buffer dict (not nn.Module's __getattr__: once per step each)
+        buffers = self._buffers
+        return cast(torch.Tensor, buffers["min_val"]), cast(torch.Tensor, buffers["max_val"])
 
     def summarize(self, x: torch.Tensor) -> torch.Tensor:
         """What one call contributes: ``[min, max]`` of ``x`` (float32). A distributed run

@@ -70,13 +70,21 @@ class _MaskWorkspace:
     activation-sized buffers per quantizer. Not copied or pickled with the module (a copy starts empty).
     """
 
-    __slots__ = ("mask", "node", "output", "grad")
+    __slots__ = ("mask", "node", "output", "grad", "_zero")
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
         self.node: weakref.ref | None = None
         self.output = _Reusable()
         self.grad = _Reusable()
+        self._zero: torch.Tensor | None = None
+
+    def zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-d zero of ``like``'s dtype and device (an operand only: never written), kept from call to call."""
+        z = self._zero
+        if z is None or z.dtype != like.dtype or z.device != like.device:
+            z = self._zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        return z
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         m = self.mask

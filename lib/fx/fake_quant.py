@@ -10,6 +10,7 @@ scheme plugins, and a fake-quantized value equals ``scheme.dequantize(scheme.qua
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +20,23 @@ from quanta._records.qmath import from_groups, to_groups
 from quanta._records.spec import QuantDtype, QuantSpec
 from quanta._run.weights import observer_for, resolve_scheme, scheme_for
 
+from ._functions import _DivideChannels, _FakeQuantize, _FakeQuantizeActivation, fast_apply
 from ._reuse import _MaskWorkspace, _Reusable
 
 __all__ = ["WeightFakeQuantize", "ActivationFakeQuantize", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "ConvBnQAT", "QAT_WEIGHTED", "to_qat_module"]
+
+
+class _WeightPlan(NamedTuple):
+    # What a weight quantizer's forward needs that depends only on the weight's shape and dtype
+    # and on its plugins: the block sizes, the [G, K] group shape (None: the weight is already
+    # [G, K]), whether that is a plain reshape, whether the clamp check uses the exact ranges.
+    sizes: list[int]
+    rows: tuple[int, ...] | None
+    plain: bool
+    exact: bool
+    observer: object
+    scheme: object
 
 
 class WeightFakeQuantize(nn.Module):
@@ -68,14 +82,44 @@ class WeightFakeQuantize(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return weight
+        plan = self._plans.get((weight.shape, weight.dtype)) if "_plans" in self.__dict__ else None
+        if plan is None or plan.observer is not self.observer or plan.scheme is not self.scheme:
+            plan = self._plan(weight)
+        # The same operations as _scheme_qparams + fake_quantize_per_group, with what depends only on
+        # the weight's shape and the plugins worked out once (a step runs this once per weight).
+        shape = weight.shape
+        groups = weight if plan.rows is None else weight.reshape(plan.rows) if plan.plain else \
+            to_groups(weight, plan.sizes)
+        values = groups.detach()
+        if values.dtype != torch.float32:
+            values = values.float()
+        lo, hi = self.observer.observe(values, self.spec, self.scheme)
+        scale, zp = self.scheme.qparams(lo, hi, self.spec.dtype)
+        scale = scale.reshape(-1, 1)
+        if scale.dtype != groups.dtype:
+            scale = scale.float().to(groups.dtype)
+        if zp is not None:
+            zp = zp.to(torch.int32)
+            zp = zp.reshape(-1, 1).to(groups.dtype) if bool(zp.any()) else None
+        clamps = None
+        if plan.exact:
+            clamps = _range_clamps(lo, hi, scale, zp, self.quant_min, self.quant_max, groups.dtype)
+        fq = fast_apply(_FakeQuantize, groups, scale, zp, self.quant_min, self.quant_max, True,
+                        self.__dict__.get("_out"), clamps)
+        return fq if plan.rows is None else fq.reshape(shape) if plan.plain else \
+            from_groups(fq, tuple(shape), plan.sizes)
+
+    def _plan(self, weight: torch.Tensor) -> "_WeightPlan":
         sizes = self.block_sizes(weight.shape)
+        probe = torch.empty(weight.shape, device="meta")
+        view = to_groups(probe, sizes)
+        # A plain reshape (no permute): to_groups returned a contiguous view of the probe.
+        plain = view._base is probe and view.is_contiguous()
+        rows = None if plain and view.shape == weight.shape else tuple(view.shape)
         exact = weight.numel() >= _RANGE_CHECK_MIN and _declares(self.observer, "exact_ranges", "observe")
-        scale, zp, *ranges = self._scheme_qparams(weight, exact)
-        # Per-block and per-tensor are per-channel on the [G, K] group view (a reshape).
-        groups = to_groups(weight, sizes)
-        fq = fake_quantize_per_group(groups, scale, zp, self.quant_min, self.quant_max, self.__dict__.get("_out"),
-                                     ranges or None)
-        return from_groups(fq, tuple(weight.shape), sizes)
+        plan = _WeightPlan(sizes, rows, plain, exact, self.observer, self.scheme)
+        self.__dict__.setdefault("_plans", {})[(weight.shape, weight.dtype)] = plan
+        return plan
 
     def record_scheme(self):
         """The scheme ``finalize`` records the weight with (None: the spec's, from the weight's range)."""
@@ -83,89 +127,6 @@ class WeightFakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, fake_quant={self.fake_quant_enabled}"
-
-
-class _FakeQuantize(torch.autograd.Function):
-    """Fake quantization with a straight-through gradient, exactly the scheme's arithmetic
-    (``round(x / scale) + zero_point``, clamped, back to float): per tensor (a float ``scale``, an
-    int ``zero_point`` or None) or on a ``[G, K]`` group view (``[G, 1]`` ``scale``/``zero_point``).
-
-    On CPU torch's fused ``fake_quantize_per_tensor_affine`` kernel took about twice as long
-    (fwd + bwd, 2M elements: 7.4 ms against 4.0 ms here), and ``fake_quantize_per_channel_affine``
-    about 25 ms per call for a 784 x 512 weight under load (over half of an MLP's QAT step); this
-    is a few passes, and a float 0/1 mask saved for the backward pass when any code clamped.
-    Per tensor with a ``workspace`` (:class:`_MaskWorkspace`), the output, mask and gradient are
-    written into the last step's buffers where that is safe.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min: int, quant_max: int, rarely_clamps: bool = False,
-                workspace: "_MaskWorkspace | None" = None, out: "_Reusable | None" = None,
-                clamps: bool | None = None):
-        ctx.workspace = workspace
-        if workspace is not None and isinstance(zero_point, int) and x.is_floating_point():
-            # Per tensor, an int zero point folds into the clamp bounds (codes are integers, exact in
-            # float32 wherever they can be in range: the same values and mask). Every buffer is last
-            # step's where that is safe (on CPU, fresh activation-sized memory costs page faults that
-            # took longer than the passes), and five passes, not seven: the codes go into the mask
-            # buffer, are clamped into the output buffer, and become the mask (1.0 where clamping
-            # changed nothing; NaN: 0.0); in float32 the output is ``0 + scale * clamped`` in one
-            # pass, which is ``clamped * scale + 0.0`` bit for bit (the 0.0, not -0.0, that
-            # ``(q + zp) - zp`` gave for a code of -0.0).
-            ctx.clamps = True
-            lo, hi = quant_min - zero_point, quant_max - zero_point
-            codes = torch.div(x, scale, out=workspace.take(x)).round_()
-            y = torch.clamp(codes, lo, hi, out=workspace.output.take(x))
-            ctx.save_for_backward(torch.eq(y, codes, out=codes))
-            workspace.hold(ctx)
-            if not zero_point:
-                return y.mul_(scale)
-            if y.dtype == torch.float32:  # (float16/bfloat16 multiply by the scale rounded to their type)
-                return torch.add(y.new_zeros(()), y, alpha=scale, out=y)
-            return y.mul_(scale).add_(0.0)
-        if out is not None and x.is_floating_point():
-            q = torch.div(x, scale, out=out.take(x)).round_()
-        else:
-            q = torch.div(x, scale).round_()
-        if isinstance(zero_point, int):
-            # Per tensor without a workspace: the zero point folded into the clamp bounds; adding
-            # 0.0 gives the 0.0 that ``(q + zp) - zp`` gave for a code of -0.0.
-            ctx.clamps = True
-            lo, hi = quant_min - zero_point, quant_max - zero_point
-            clamped = q.clamp(lo, hi)
-            ctx.save_for_backward(torch.eq(clamped, q, out=q))
-            return clamped.mul_(scale).add_(0.0) if zero_point else clamped.mul_(scale)
-        if zero_point is not None:
-            q.add_(zero_point)
-        # A weight's qparams come from its own range, so its codes rarely leave the integer
-        # range: one min/max pass then shows the clamp, the mask and the backward's product
-        # are no-ops (the same values, bit for bit), and they are skipped. NaN fails the test.
-        if clamps is None:
-            clamps = True
-            if rarely_clamps and q.numel():
-                lo, hi = torch.aminmax(q)
-                clamps = not (float(lo) >= quant_min and float(hi) <= quant_max)
-        ctx.clamps = clamps
-        if clamps:
-            # The mask: 1.0 where clamping changed nothing (NaN: 0.0), written over the unclamped
-            # codes. A float mask, not a bool one: on CPU ``eq`` into bool and ``grad * bool`` took
-            # about 5x and 20x as long as into and by float, for the same products bit for bit.
-            clamped = q.clamp(quant_min, quant_max)
-            ctx.save_for_backward(torch.eq(clamped, q, out=q))
-            q = clamped
-        if zero_point is not None:
-            q.sub_(zero_point)
-        return q.mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if not ctx.clamps:
-            return grad, None, None, None, None, None, None, None, None
-        (mask,) = ctx.saved_tensors
-        ws = ctx.workspace
-        if ws is not None and not torch.is_grad_enabled() and grad.stride() == mask.stride():
-            return torch.mul(grad, mask, out=ws.grad.take(grad)), None, None, None, None, None, None, None, None
-        return grad * mask, None, None, None, None, None, None, None, None
 
 
 def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -180,7 +141,7 @@ def fake_quantize_per_group(groups: torch.Tensor, scale: torch.Tensor, zero_poin
     clamps = None
     if ranges is not None:
         clamps = _range_clamps(ranges[0], ranges[1], scale, zp, quant_min, quant_max, groups.dtype)
-    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max), True, None, out, clamps)
+    return _FakeQuantize.apply(groups, scale, zp, int(quant_min), int(quant_max), True, out, clamps)
 
 
 def _range_clamps(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
@@ -188,12 +149,15 @@ def _range_clamps(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: t
     # Division by a positive scale, rounding and adding a zero point never reverse an order, so a
     # group's smallest and largest codes are those of its minimum and maximum: computed on [G, 2]
     # with the same ops as on the weight, they show whether any code clamps. NaN: clamps.
+    # Clamped ends equal to the ends: nothing clamps (NaN never equals; an inf end clamps).
     with torch.no_grad():
-        ends = torch.stack([lo, hi], 1).to(dtype).div_(scale).round_()
+        ends = torch.stack([lo, hi], 1)
+        if ends.dtype != dtype:
+            ends = ends.to(dtype)
+        ends.div_(scale).round_()
         if zp is not None:
             ends.add_(zp)
-        low, high = torch.aminmax(ends)
-        return not (float(low) >= quant_min and float(high) <= quant_max)
+        return not torch.equal(ends, ends.clamp(quant_min, quant_max))
 
 
 #: Weights of this many values or more take the clamp check from their ranges (below, one
@@ -213,7 +177,11 @@ def fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qua
                              workspace: "_MaskWorkspace | None" = None):
     """Fake-quantize ``x`` (any shape) per tensor; gradient passes where the code was in range.
     ``workspace``: a :class:`_MaskWorkspace` whose mask buffer is reused while no graph holds it."""
-    return _FakeQuantize.apply(x, float(scale), int(zero_point), int(quant_min), int(quant_max), False, workspace)
+    zero_point = int(zero_point)
+    if workspace is not None and x.is_floating_point():
+        return _FakeQuantizeActivation.apply(x, float(scale), zero_point, int(quant_min) - zero_point,
+                                             int(quant_max) - zero_point, workspace)
+    return _FakeQuantize.apply(x, float(scale), zero_point, int(quant_min), int(quant_max))
 
 
 def _defining_class(cls: type, name: str) -> type | None:
@@ -273,26 +241,35 @@ class ActivationFakeQuantize(nn.Module):
         # The scheme's qparams_scalar (Python floats: a few dispatched ops fewer per step) when the
         # class that defines its qparams defines it too (a subclass overriding qparams alone is not
         # second-guessed), else qparams on one-element tensors. None: nothing observed yet.
-        lo, hi = float(self.observer.min_val), float(self.observer.max_val)
+        # (A training step runs this once per activation: plain dict look-ups, not nn.Module's.)
+        d = self.__dict__
+        observer = d["_modules"]["observer"]
+        min_val, max_val = observer.min_val, observer.max_val
+        lo, hi = float(min_val), float(max_val)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return None
-        got = self.scheme.qparams_scalar(lo, hi, self.dtype) if self.__dict__.get("_scalar") else None
+        got = self.scheme.qparams_scalar(lo, hi, self.dtype) if d.get("_scalar") else None
+        buffers = d["_buffers"]
+        scale_t, zp_t = buffers.get("scale"), buffers.get("zero_point")
         if got is not None:
             scale, zp = got[0], 0 if got[1] is None else int(got[1])
-            with torch.no_grad():  # (no_grad: the learnable subclass's qparams are Parameters)
-                self.scale.fill_(scale)
-                self.zero_point.fill_(zp)
+            if scale_t is not None and zp_t is not None and not (scale_t.requires_grad or zp_t.requires_grad):
+                scale_t.fill_(scale)
+                zp_t.fill_(zp)
+            else:
+                with torch.no_grad():  # (no_grad: the learnable subclass's qparams are Parameters)
+                    self.scale.fill_(scale)
+                    self.zero_point.fill_(zp)
         else:
             with torch.no_grad():
-                t_scale, t_zp = self.scheme.qparams(self.observer.min_val.reshape(1),
-                                                    self.observer.max_val.reshape(1), self.dtype)
+                t_scale, t_zp = self.scheme.qparams(min_val.reshape(1), max_val.reshape(1), self.dtype)
                 self.scale.copy_(t_scale)
                 if t_zp is None:
                     self.zero_point.zero_()
                 else:
                     self.zero_point.copy_(t_zp)
             scale, zp = float(self.scale), int(self.zero_point)
-        self.__dict__["_stale"] = False  # a plain attribute: nn.Module.__setattr__'s checks cost a step
+        d["_stale"] = False  # a plain attribute: nn.Module.__setattr__'s checks cost a step
         return scale, zp
 
     def qparams(self) -> tuple[float, int]:
@@ -304,14 +281,19 @@ class ActivationFakeQuantize(nn.Module):
         return float(self.scale), int(self.zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.__dict__
         if self.observer_enabled:
-            self.observer(x)
-            self.__dict__["_stale"] = True
+            d["_modules"]["observer"](x)
+            d["_stale"] = True
         if not self.fake_quant_enabled:
             return x
-        scale, zero_point = self.qparams()
-        return fake_quantize_per_tensor(x, scale, zero_point, self.quant_min, self.quant_max,
-                                        self.__dict__.get("_workspace"))
+        got = self._update() if d["_stale"] else None
+        scale, zero_point = got if got is not None else (float(self.scale), int(self.zero_point))
+        workspace = d.get("_workspace")
+        if workspace is None or not x.is_floating_point():
+            return fake_quantize_per_tensor(x, scale, zero_point, self.quant_min, self.quant_max, workspace)
+        return fast_apply(_FakeQuantizeActivation, x, scale, zero_point, self.quant_min - zero_point,
+                          self.quant_max - zero_point, workspace)
 
     def extra_repr(self) -> str:
         return (f"{self.dtype} {self.scheme_name}, observer={self.observer_enabled}, "
@@ -360,23 +342,6 @@ def to_qat_module(module: nn.Module, spec: QuantSpec, weight_fq: WeightFakeQuant
     qat._modules = dict(module._modules)
     qat.weight_fake_quant = weight_fq if weight_fq is not None else WeightFakeQuantize(spec, 0, 1)
     return qat
-
-
-class _DivideChannels(torch.autograd.Function):
-    """``y.div_(factor)`` (``factor`` a constant) whose backward, ``grad / factor`` as autograd's,
-    writes into a :class:`_Reusable` buffer: no fresh activation-sized memory per step."""
-
-    @staticmethod
-    def forward(ctx, y, factor, buffer: _Reusable):
-        ctx.factor, ctx.buffer = factor, buffer
-        ctx.mark_dirty(y)
-        return y.div_(factor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled() or not grad.is_contiguous() or not grad.is_floating_point():
-            return grad / ctx.factor, None, None
-        return torch.div(grad, ctx.factor, out=ctx.buffer.take(grad)), None, None
 
 
 class ConvBnQAT(nn.Module):
@@ -435,7 +400,7 @@ class ConvBnQAT(nn.Module):
         grad_buffer = self.__dict__.get("_grad_buffer")
         if grad_buffer is None:
             grad_buffer = self.__dict__["_grad_buffer"] = _Reusable()
-        y = _DivideChannels.apply(y, factor.reshape(oshape), grad_buffer)
+        y = fast_apply(_DivideChannels, y, factor.reshape(oshape), grad_buffer)
         if conv.bias is not None:
             y = y + conv.bias.reshape(oshape)
         return bn(y)
