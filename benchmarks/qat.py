@@ -1,13 +1,15 @@
 """QAT training-step time: float vs quanta QAT vs coremltools' LinearQuantizer, interleaved step by step.
 
-    python benchmarks/qat.py [--steps 30] [--batch 32] [--threads 1] [--processes 3]
+    python benchmarks/qat.py [--steps 30] [--batch 32] [--threads 1] [--processes 3] [--models Net,CNN,MLP] [--out NAME]
 
 Models: ``Net`` (conv-bn-relu x4 with a residual add, 32x32 images), ``CNN`` (conv-relu-pool x2,
 two linears, 28x28) and ``MLP`` (Linear 784-512-512-10). Both quantizers run with observers
 and fake quantization on (the costly QAT phase), int8 per-channel weights and 8-bit
 activations. The three trainers of a model take turns one step at a time, so load on a shared
 machine falls on all of them alike; the figure is the median step. Goal: quanta <= 1.25x float.
-Writes ``results/qat_cpu.txt``.
+Writes ``results/qat_cpu.txt`` (``--out``: another name; ``run_all.py`` also writes the MLP at
+batches 128 and 256 to ``results/qat_mlp_batches_cpu.txt``: quanta's extra cost per step is
+mostly fixed, so the ratio falls as the float step grows).
 """
 
 from __future__ import annotations
@@ -142,38 +144,42 @@ def measure(name: str, steps: int, batch: int) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", default="32", help="batch size, or several, comma-separated")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--out", default="qat_cpu.txt", help="results file name in benchmarks/results/")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     if args.worker:
-        print(json.dumps(measure(args.models, args.steps, args.batch)))
+        print(json.dumps(measure(args.models, args.steps, int(args.batch))))
         return None
+    more = "" if args.models == ",".join(MODELS) else f" --models {args.models}"
+    more += "" if args.out == "qat_cpu.txt" else f" --out {args.out}"
     lines = harness.header(f"python benchmarks/qat.py --steps {args.steps} --batch {args.batch} --threads "
-                           f"{args.threads} --processes {args.processes}", args.threads,
+                           f"{args.threads} --processes {args.processes}{more}", args.threads,
                            f"each model in {args.processes} fresh processes (models in turn), its trainers taking "
                            f"turns step by step; median of {args.steps} steps after 3 warm-up steps, wall clock and "
                            f"this thread's CPU time; the table shows the process with the median CPU ratio; goal: "
                            f"quanta qat <= {GOAL}x float")
-    names = args.models.split(",")
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+    names = [(name, int(batch)) for batch in args.batch.split(",") for name in args.models.split(",")]
+    runs: dict[tuple[str, int], list[dict]] = {key: [] for key in names}
     for _ in range(args.processes):
-        for name in names:
+        for name, batch in names:
             # A fresh process per model: run one after another in one process, the later models' ratios
             # moved by up to 1.5x (memory and garbage the earlier ones left).
-            runs[name].append(harness.worker(__file__, ["--models", name, "--steps", str(args.steps), "--batch",
-                                                        str(args.batch), "--threads", str(args.threads)]))
+            runs[name, batch].append(harness.worker(__file__, ["--models", name, "--steps", str(args.steps), "--batch",
+                                                               str(batch), "--threads", str(args.threads)]))
     results = {}
-    for name in names:
-        by_ratio = sorted(runs[name], key=lambda got: got["cpu"]["quanta qat"] / got["cpu"]["float"])
+    for key in names:
+        name, batch = key
+        by_ratio = sorted(runs[key], key=lambda got: got["cpu"]["quanta qat"] / got["cpu"]["float"])
         got = by_ratio[(len(by_ratio) - 1) // 2]
         med, cpu, prepare = got["wall"], got["cpu"], got["prepare"]
-        results[name] = med
-        lines.append(f"{name}: batch {args.batch}x{'x'.join(map(str, MODELS[name][1]))}")
+        results[key] = med
+        lines.append(f"{name}: batch {batch}x{'x'.join(map(str, MODELS[name][1]))}")
         for k, t in med.items():
             extra = f"   prepare {prepare[k]:.2f} s" if k in prepare else ""
             lines.append(f"  {k:30s} {1000 * t:8.2f} ms/step   {t / med['float']:5.2f}x float   cpu "
@@ -182,11 +188,11 @@ def main(argv=None):
             lines.append(f"  quanta / coremltools: {med['quanta qat'] / med['coremltools LinearQuantizer']:.2f}x "
                          f"(cpu {cpu['quanta qat'] / cpu['coremltools LinearQuantizer']:.2f}x)")
         ratios = [(r["cpu"]["quanta qat"] / r["cpu"]["float"], r["wall"]["quanta qat"] / r["wall"]["float"],
-                   r["cpu"]["float"]) for r in runs[name]]
+                   r["cpu"]["float"]) for r in runs[key]]
         lines.append("  quanta/float in each process (cpu | wall, float cpu ms/step): "
                      + ", ".join(f"{c:.2f}x | {w:.2f}x ({1000 * f:.1f})" for c, w, f in ratios))
     lines.append(harness.footer())
-    harness.write("qat_cpu.txt", lines)
+    harness.write(args.out, lines)
     return results
 
 

@@ -29,6 +29,8 @@ BENCHMARKS = {
     "rtn": (["rtn.py"], "rtn_cpu.txt", True),
     "loading": (["loading.py"], "loading_cpu.txt", True),
     "qat": (["qat.py"], "qat_cpu.txt", True),
+    "qat_mlp_batches": (["qat.py", "--models", "MLP", "--batch", "128,256", "--out", "qat_mlp_batches_cpu.txt"],
+                        "qat_mlp_batches_cpu.txt", True),
     "gptq": (["gptq.py"], "gptq_cpu.txt", True),
     "gptq_4096": (["gptq.py", "--dims", "4096", "--repeats", "1", "--out", "gptq_4096_cpu.txt"], "gptq_4096_cpu.txt",
                   True),  # about 20 minutes: coremltools takes 3-4 minutes a call at this width
