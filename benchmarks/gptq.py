@@ -52,11 +52,13 @@ def _call(tool: str, samples: int):
 
         return lambda model, data: LayerwiseCompressor(model, LayerwiseCompressorConfig.from_dict(cfg)).compress(
             data, device="cpu")
-    import quanta
-    from quanta.compat import LayerwiseCompressorConfig
+    # Each side imports its entry points before the clock (quanta's names are lazy: ``from quanta
+    # import quantize`` imports the run machinery, as the line above imports coremltools' module)
+    # and builds its config inside it.
+    from quanta import quantize
+    from quanta.compat import LayerwiseCompressorConfig as CompatConfig
 
-    recipe = LayerwiseCompressorConfig.from_dict(cfg).to_recipe()
-    return lambda model, data: quanta.quantize(model, recipe, data)
+    return lambda model, data: quantize(model, CompatConfig.from_dict(cfg).to_recipe(), data)
 
 
 @torch.no_grad()

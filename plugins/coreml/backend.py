@@ -31,7 +31,6 @@ from quanta._run.weights import quantize_weight
 
 from . import targets
 from .ct_import import import_coremltools
-from .package_check import check_package
 
 __all__ = ["CoreMLBackend", "CoreMLWorkModel", "quantize_in_weight_dtype", "load_mlmodel"]
 
@@ -46,6 +45,10 @@ def load_mlmodel(model) -> Any:
     if isinstance(model, ct.models.MLModel):
         return model
     if isinstance(model, (str, os.PathLike)):
+        # (imported here: every run asks this backend whether it accepts the model, and the check
+        # pulls in quanta.mil; a torch run never needs it)
+        from .package_check import check_package
+
         check_package(model)  # a clear CoreMLPackageError instead of coremltools' raw errors
         return ct.models.MLModel(os.fspath(model), skip_model_load=True)
     raise ConfigError(f"expected an .mlpackage path or a coremltools MLModel, got {type(model).__name__}", "model")
