@@ -175,6 +175,29 @@ def test_hessian_blocks_added_by_addmm_where_exact(n, tokens):
     assert torch.equal(_bits(whole), _bits(fused)) and torch.equal(_bits(whole), _bits(buffered))
 
 
+@pytest.mark.parametrize("first", ["zeros", "integers"])
+@pytest.mark.parametrize("n,tokens", [(8, 3), (600, 300), (600, 1000)])
+def test_addmm_probe_is_not_fooled_by_the_first_inputs(n, tokens, first):
+    # The probe decides once per block shape; a first batch whose sums are exact in any order
+    # (padding zeros, small integers) must not make it take addmm_ for shapes where that rounds
+    # differently: the later batches' sum is still the whole partials' one, bit for bit.
+    from quanta.plugins.gptq.hessian import _EXACT, accumulate_xtx
+    gen = torch.Generator().manual_seed(n * tokens)
+    degenerate = torch.zeros(tokens, n) if first == "zeros" else torch.randint(-2, 3, (tokens, n), generator=gen).float()
+    xs = [degenerate, torch.randn(tokens, n, generator=gen), torch.randn(tokens, n, generator=gen)]
+    saved = dict(_EXACT)
+    _EXACT.clear()  # as in a fresh process: these shapes not probed yet
+    try:
+        whole, summed = torch.zeros(n, n), torch.zeros(n, n)
+        for x in xs:
+            whole.add_(accumulate_xtx(torch.zeros(n, n), x))
+            add_partial_xtx(summed, x)
+    finally:
+        _EXACT.clear()
+        _EXACT.update(saved)
+    assert torch.equal(_bits(mirror_upper(whole)), _bits(mirror_upper(summed)))
+
+
 def test_addmm_probe_is_cached_per_shape_and_refuses_other_devices_and_dtypes():
     from quanta.plugins.gptq.hessian import _EXACT, adds_exactly
     x = torch.randn(16, 96)

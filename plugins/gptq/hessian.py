@@ -83,7 +83,6 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
     left for :func:`mirror_upper`. Returns ``xtx``."""
     n = x.shape[1]
     edges = _edges(n)
-    probe_space: torch.Tensor | None = None
     for a, b in zip(edges, edges[1:]):
         target, left, right = xtx[a:b, a:], x[:, a:b].t(), x[:, a:]
         key = _key(target, left, right)
@@ -97,10 +96,8 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
         part = buffer[:b - a, :n - a]
         torch.mm(left, right, out=part)
         target.add_(part)
-        if exact is None and key is not None:  # first time for these shapes in this process: learn from this product
-            if probe_space is None:
-                probe_space = torch.empty(partial_rows(n) * n + 16, dtype=xtx.dtype, device=xtx.device)
-            _EXACT[key] = _probe(target, left, right, part, probe_space)
+        if exact is None and key is not None:  # first time for these shapes in this process
+            _EXACT[key] = _probe(target, left, right, part)
     return xtx
 
 
@@ -124,13 +121,15 @@ def adds_exactly(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
     OpenBLAS while ``K`` fits one panel) does; one that splits ``K`` (long inputs) or starts from the
     output does not. Answered once per process and shape by a probe: the product made both ways
     onto a sum that already holds it, compared bit for bit. The arithmetic a BLAS does for given
-    shapes does not depend on the values, so the answer holds for every input of those shapes."""
+    shapes does not depend on the values, so the answer holds for every input of those shapes; the
+    probe runs on random values of its own laid out as the caller's, since the caller's could hide a
+    difference (zeros, or small integers, whose sums are exact in any order)."""
     key = _key(target, left, right)
     if key is None:
         return False
     if key not in _EXACT:
         part = torch.empty(target.shape[0], max(target.stride(0), target.shape[1]))[:, :target.shape[1]]
-        _EXACT[key] = _probe(target, left, right, torch.mm(left, right, out=part), torch.empty(_span(target) + 16))
+        _EXACT[key] = _probe(target, left, right, part)
     return _EXACT[key]
 
 
@@ -138,16 +137,35 @@ def _span(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
-def _probe(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, product: torch.Tensor,
-           space: torch.Tensor) -> bool:
-    """``product`` = ``mm(left, right)`` as the general path makes it (overwritten here): does ``addmm_``
-    onto a sum laid out as ``target`` (made in ``space``, >= its span + 16 values) and holding ``product``
-    give what ``add_`` gives, ``2 * product``?"""
+def _probe(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, product: torch.Tensor) -> bool:
+    """Does ``addmm_`` of operands laid out as ``left`` and ``right`` onto a sum laid out as ``target``
+    give what ``mm`` into a buffer laid out as ``product`` and then ``add_`` give? Asked of random
+    values (a fixed seed), never the caller's, in fresh memory with the same shapes, strides and
+    alignments (storage offsets mod 16 values; torch's CPU allocator aligns storages to 64 bytes)."""
     if target.numel() == 0:
         return True
-    fused = space.as_strided(tuple(target.shape), target.stride(), target.storage_offset() % 16)
-    fused.copy_(product).addmm_(left, right)
-    return torch.equal(fused, product.add_(product))
+
+    def laid_out_as(t: torch.Tensor) -> torch.Tensor:
+        space = torch.empty(_span(t) + 16, dtype=t.dtype)
+        return space.as_strided(tuple(t.shape), t.stride(), t.storage_offset() % 16)
+
+    total, lhs, rhs, part = (laid_out_as(t) for t in (target, left, right, product))
+    for i, t in enumerate((total, lhs, rhs)):
+        t.copy_(_random_values(t.numel() + i)[i:i + t.numel()].view(t.shape))
+    expected = total.clone().add_(torch.mm(lhs, rhs, out=part))
+    return torch.equal(total.addmm_(lhs, rhs), expected)
+
+
+_RANDOM: list[torch.Tensor] = []
+
+
+def _random_values(count: int) -> torch.Tensor:
+    """At least ``count`` standard normal float32 values (a fixed seed), made once per process and
+    grown by doubling: the probes of a run's block shapes share them (``randn`` costs more than a copy)."""
+    if not _RANDOM or _RANDOM[0].numel() < count:
+        size = max(count, 2 * _RANDOM[0].numel() if _RANDOM else 1 << 16)
+        _RANDOM[:] = [torch.randn(size, generator=torch.Generator().manual_seed(0))]
+    return _RANDOM[0]
 
 
 def mirror_upper(xtx: torch.Tensor) -> torch.Tensor:
