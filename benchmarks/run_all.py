@@ -34,6 +34,7 @@ BENCHMARKS = {
     "gptq": (["gptq.py"], "gptq_cpu.txt", True),
     "gptq_4096": (["gptq.py", "--dims", "4096", "--repeats", "1", "--out", "gptq_4096_cpu.txt"], "gptq_4096_cpu.txt",
                   True),  # about 20 minutes: coremltools takes 3-4 minutes a call at this width
+    "gemm": (["gemm.py"], "gemm_cpu.txt", False),
     "saving": (["saving.py"], "saving_cpu.txt", False),
     "gptq_minilm": (["gptq_minilm.py"], "gptq_minilm.txt", True),
     "grids": (["grids.py", "--calib", "64", "--eval", "256"], "grids.txt", False),

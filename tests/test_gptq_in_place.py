@@ -147,8 +147,17 @@ def test_upper_triangle_finiteness_decided_as_the_copying_path(tiny, monkeypatch
     assert damp == damp2 and torch.equal(_bits(g[upper]), _bits(g2[upper])) and torch.equal(_bits(d), _bits(d2))
 
 
+@pytest.fixture
+def torch_products(monkeypatch):
+    """GPTQ's products through torch's calls, as on a platform without oneDNN (gemm.py): the
+    path whose row blocks the addmm_ probe decides."""
+    from quanta.plugins.gptq import gemm
+
+    monkeypatch.setattr(gemm, "_OP", None)
+
+
 @pytest.mark.parametrize("n,tokens", [(8, 3), (512, 128), (700, 128), (1100, 64), (600, 300), (600, 1000)])
-def test_hessian_blocks_added_by_addmm_where_exact(n, tokens):
+def test_hessian_blocks_added_by_addmm_where_exact(n, tokens, torch_products):
     # add_partial_xtx adds a row block's product with addmm_ where the probe found that exact for the
     # block's shapes (short inputs on MKL/OpenBLAS), else through the buffer: the sum is the one the
     # whole zeroed partials give, bit for bit (signs of zero too), whichever path each block took.
@@ -177,7 +186,7 @@ def test_hessian_blocks_added_by_addmm_where_exact(n, tokens):
 
 @pytest.mark.parametrize("first", ["zeros", "integers"])
 @pytest.mark.parametrize("n,tokens", [(8, 3), (600, 300), (600, 1000)])
-def test_addmm_probe_is_not_fooled_by_the_first_inputs(n, tokens, first):
+def test_addmm_probe_is_not_fooled_by_the_first_inputs(n, tokens, first, torch_products):
     # The probe decides once per block shape; a first batch whose sums are exact in any order
     # (padding zeros, small integers) must not make it take addmm_ for shapes where that rounds
     # differently: the later batches' sum is still the whole partials' one, bit for bit.

@@ -40,6 +40,7 @@ from quanta.record import QuantizedWeight
 from quanta._records.spec import Granularity
 from quanta._run.weights import check_finite, scheme_for
 
+from .gemm import linear_forward
 from .capture import SEPARATE_PROJECTIONS, all_reached, attach_hooks, dead_columns, no_fastpath, unreached
 from .hessian import HessianHook, solve_cost
 from .quantizer import PluginQuantizer
@@ -279,7 +280,10 @@ class GPTQ(Algorithm):
                     block.to(home)
                     break  # the last block's outputs feed nothing
                 for i, (args, kwargs) in cache.items():  # quantized outputs feed the next block
-                    out = hidden_state(block(*args, **fresh_state(kwargs)))
+                    # A plain Linear block: its product through oneDNN where gemm says (None: call it).
+                    out = linear_forward(block, args[0]) if len(args) == 1 and not kwargs else None
+                    if out is None:
+                        out = hidden_state(block(*args, **fresh_state(kwargs)))
                     cache[i] = ((out, *args[1:]), kwargs)
                 block.to(home)
             del cache

@@ -38,6 +38,8 @@ from torch import nn
 from quanta.contracts import Ranks
 from quanta.errors import QuantizationError
 
+from .gemm import _MIN_WORK, onednn_available, product_nt
+
 __all__ = ["accumulate_xtx", "add_partial_xtx", "adds_exactly", "partial_rows", "mirror_upper", "HessianHook",
            "solve_cost"]
 
@@ -58,6 +60,11 @@ def accumulate_xtx(xtx: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> to
     whole product); call :func:`mirror_upper` once after the last input. Returns ``xtx``.
     """
     edges = _edges(x.shape[1])
+    rows = _rows(x)
+    if rows is not None:
+        for a, b in zip(edges, edges[1:]):
+            xtx[a:b, a:].add_(product_nt(rows[a:b], rows[a:]), alpha=alpha)
+        return xtx
     if len(edges) == 2:
         return xtx.addmm_(x.t(), x, alpha=alpha)
     for a, b in zip(edges, edges[1:]):
@@ -83,6 +90,11 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
     left for :func:`mirror_upper`. Returns ``xtx``."""
     n = x.shape[1]
     edges = _edges(n)
+    rows = _rows(x)
+    if rows is not None:  # oneDNN: each block's product made on its own, then added
+        for a, b in zip(edges, edges[1:]):
+            xtx[a:b, a:].add_(product_nt(rows[a:b], rows[a:]))
+        return xtx
     for a, b in zip(edges, edges[1:]):
         target, left, right = xtx[a:b, a:], x[:, a:b].t(), x[:, a:]
         key = _key(target, left, right)
@@ -99,6 +111,17 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
         if exact is None and key is not None:  # first time for these shapes in this process
             _EXACT[key] = _probe(target, left, right, part)
     return xtx
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor | None:
+    """``xᵀ`` contiguous (``[n, m]``: row ``i`` is input column ``i``) when the products of ``x``'s
+    row blocks go through oneDNN (:mod:`.gemm`: the same choice for every block of a call, from
+    the shapes alone), else None."""
+    n, m = x.shape[1], x.shape[0]
+    last = n - _edges(n)[-2]  # the last row block's product is the smallest: last x last x m
+    if not onednn_available() or last * last * m < _MIN_WORK or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    return x.t().contiguous()
 
 
 #: Per process: block shapes -> whether ``addmm_`` adds their product as ``mm`` then ``add_`` would.

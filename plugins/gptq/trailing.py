@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .gemm import add_product_tn
+
 __all__: list[str] = []
 
 
@@ -49,7 +51,7 @@ class _TrailingUpdates:
         if i2 >= n:
             return
         if not self.enabled:
-            self.wt[i2:].addmm_(self.fb[i1:i2, i2:].t(), self.diff_t[i1:i2])
+            add_product_tn(self.wt[i2:], self.fb[i1:i2, i2:], self.diff_t[i1:i2])
             return
         if self.pending is not None:  # the previous batch's far part writes rows from i2 on
             self.pending.result()
@@ -57,6 +59,6 @@ class _TrailingUpdates:
         near = self.batches[b + 1][1]
         if self.bs is not None and i2 % self.bs == 0:
             near = max(near, min(n, i2 + self.bs))
-        self.wt[i2:near].addmm_(self.fb[i1:i2, i2:near].t(), self.diff_t[i1:i2])
+        add_product_tn(self.wt[i2:near], self.fb[i1:i2, i2:near], self.diff_t[i1:i2])
         if near < n:
-            self.pending = self.pool.submit(self.wt[near:].addmm_, self.fb[i1:i2, near:].t(), self.diff_t[i1:i2])
+            self.pending = self.pool.submit(add_product_tn, self.wt[near:], self.fb[i1:i2, near:], self.diff_t[i1:i2])
