@@ -170,13 +170,13 @@ def test_gptq_through_onednn_is_as_good_as_through_torch(monkeypatch):
     assert abs(fast - plain) <= 0.01 * plain, (fast, plain)
 
 
-@pytest.mark.parametrize("m", [600, 100])
-def test_trailing_update_adds_the_product_as_addmm_does(m):
-    # target += leftᵀ right: through oneDNN in 256-row slices (m = 600: three, the last short) or
-    # torch's addmm_ below the threshold (m = 100 x 64 x 32); close to addmm_ either way, into a
-    # strided target (a slice of a wider buffer) without touching what is outside it.
+@pytest.mark.parametrize("m,k,r", [(600, 128, 700), (300, 128, 4096), (100, 32, 64)])
+def test_trailing_update_adds_the_product_as_addmm_does(m, k, r):
+    # target += leftᵀ right: through oneDNN in slices of rows (256 rows for r = 700: three, the last
+    # short; 128 for the wide r = 4096, each product at most 2^19 values) or torch's addmm_ below
+    # the threshold (100 x 64 x 32); close to addmm_ either way, into a strided target (a slice of
+    # a wider buffer) without touching what is outside it.
     gen = torch.Generator().manual_seed(m)
-    k, r = (128, 700) if m == 600 else (32, 64)
     left, right = torch.randn(k, m + 10, generator=gen)[:, 5:5 + m], torch.randn(k, r, generator=gen)
     buffer = torch.randn(m + 4, r + 8, generator=gen)
     before = buffer.clone()
@@ -187,11 +187,12 @@ def test_trailing_update_adds_the_product_as_addmm_does(m):
     outside = torch.ones_like(buffer, dtype=torch.bool)
     outside[2:2 + m, 3:3 + r] = False
     assert torch.equal(buffer[outside], before[outside])
-    if m == 100 or not gemm.onednn_available():
+    if m * k * r < gemm._MIN_WORK or not gemm.onednn_available():
         assert torch.equal(_bits(target), _bits(expected))
     else:  # each slice's product made on its own, then added
+        step = 256 if r == 700 else 128
         rows = right.t().contiguous()
         by_hand = before[2:2 + m, 3:3 + r].clone()
-        for c in range(0, m, 256):
-            by_hand[c:c + 256].add_(gemm._OP(left[:, c:c + 256].t().contiguous(), rows, None, "none", [], ""))
+        for c in range(0, m, step):
+            by_hand[c:c + step].add_(gemm._OP(left[:, c:c + step].t().contiguous(), rows, None, "none", [], ""))
         assert torch.equal(_bits(target), _bits(by_hand))
