@@ -27,7 +27,7 @@ def test_product_is_onednn_above_the_threshold_and_torch_below():
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 700, generator=gen), torch.randn(500, 700, generator=gen)
     got = gemm.product_nt(a, b)
-    assert torch.equal(got, gemm._OP(a, b, None, "none", [], ""))
+    assert torch.equal(got, gemm._op()(a, b, None, "none", [], ""))
     torch.testing.assert_close(got, a @ b.t(), rtol=1e-4, atol=1e-3)
     small_a, small_b = a[:8, :16], b[:8, :16]  # 1024 multiply-adds: torch's call, bit for bit
     assert torch.equal(gemm.product_nt(small_a, small_b), torch.mm(small_a, small_b.t()))
@@ -194,5 +194,5 @@ def test_trailing_update_adds_the_product_as_addmm_does(m, k, r):
         rows = right.t().contiguous()
         by_hand = before[2:2 + m, 3:3 + r].clone()
         for c in range(0, m, step):
-            by_hand[c:c + step].add_(gemm._OP(left[:, c:c + step].t().contiguous(), rows, None, "none", [], ""))
+            by_hand[c:c + step].add_(gemm._op()(left[:, c:c + step].t().contiguous(), rows, None, "none", [], ""))
         assert torch.equal(_bits(target), _bits(by_hand))

@@ -40,8 +40,8 @@ from quanta.record import QuantizedWeight
 from quanta._records.spec import Granularity
 from quanta._run.weights import check_finite, scheme_for
 
-from .gemm import linear_forward
 from .capture import SEPARATE_PROJECTIONS, all_reached, attach_hooks, dead_columns, no_fastpath, unreached
+from .gemm import linear_forward
 from .hessian import HessianHook, solve_cost
 from .quantizer import PluginQuantizer
 from .solver import WorkBuffers, gptq_quantize

@@ -10,7 +10,7 @@ the forward of a plain ``nn.Linear`` block whose outputs feed the next block
 
 **Which library, decided without timing.** oneDNN is used when this torch has it (x86-64 builds
 with ``torch.backends.mkldnn``) and the product is CPU float32 of at least ``_MIN_WORK``
-multiply-adds; otherwise torch's own call. The choice depends only on the platform, shapes and
+multiply-adds (:func:`uses_onednn`); otherwise torch's own call. The choice depends only on the platform, shapes and
 dtypes, never on a measurement, so every rank of a distributed run and every resume makes the
 same one, and the bit-identity of the Hessian across them holds. oneDNN's sums are the same for
 1 and 2 threads (checked in ``tests/test_gptq_gemm.py``); for dot products of 512 terms and more
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["onednn_available", "product_nt", "add_product_tn", "linear_forward"]
+__all__ = ["onednn_available", "uses_onednn", "product_nt", "add_product_tn", "linear_forward"]
 
 #: Products of fewer multiply-adds take torch's call (oneDNN's per-call cost, about 25 µs, is
 #: more than MKL's there).
@@ -51,19 +51,32 @@ def _linear_op() -> Any:
     return op
 
 
-_OP = _linear_op()
+_UNSET: Any = object()
+#: The op, None where oneDNN is not used; looked up (and checked) on first use, not at import:
+#: a run that never reaches GPTQ does not pay for it.
+_OP: Any = _UNSET
+
+
+def _op() -> Any:
+    global _OP
+    if _OP is _UNSET:
+        _OP = _linear_op()
+    return _OP
 
 
 def onednn_available() -> bool:
     """Whether the products here go through oneDNN in this process (x86-64 torch with oneDNN,
     ``QUANTA_ONEDNN`` not ``0``)."""
-    return _OP is not None
+    return _op() is not None
 
 
-def _takes(a: torch.Tensor, b: torch.Tensor, work: int) -> bool:
-    return (_OP is not None and work >= _MIN_WORK and a.device.type == "cpu" and b.device.type == "cpu"
+def uses_onednn(a: torch.Tensor, b: torch.Tensor, work: int) -> bool:
+    """Whether a product of operands like ``a`` and ``b`` doing ``work`` multiply-adds goes through
+    oneDNN: available, at least ``_MIN_WORK``, both CPU float32, and no autograd recording on an
+    operand that requires grad (oneDNN's op has no backward)."""
+    return (work >= _MIN_WORK and a.device.type == "cpu" and b.device.type == "cpu"
             and a.dtype == torch.float32 and b.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) and _op() is not None)
 
 
 def product_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,9 +84,9 @@ def product_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     oneDNN where :mod:`this module <quanta.plugins.gptq.gemm>` says, else ``torch.mm``.
 
     oneDNN is given contiguous operands (strided views take a slow reference path there)."""
-    if not _takes(a, b, a.shape[0] * b.shape[0] * a.shape[1]):
+    if not uses_onednn(a, b, a.shape[0] * b.shape[0] * a.shape[1]):
         return torch.mm(a, b.t())
-    return _OP(a.contiguous(), b.contiguous(), None, "none", [], "")
+    return _op()(a.contiguous(), b.contiguous(), None, "none", [], "")
 
 
 #: Rows of ``target`` per oneDNN product in :func:`add_product_tn`: at most 256, and at most
@@ -90,13 +103,13 @@ def add_product_tn(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     slice of rows' product (256 rows, fewer for a wide ``r``) made on its own and then added (the sum ``addmm_`` gives on MKL
     while ``k`` fits one of its panels). Returns ``target``."""
     k, m, r = left.shape[0], left.shape[1], right.shape[1]
-    if not _takes(left, right, k * m * r) or not target.dtype == torch.float32:
+    if not uses_onednn(left, right, k * m * r) or not target.dtype == torch.float32:
         return target.addmm_(left.t(), right)
-    rows = right.t().contiguous()
+    op, rows = _op(), right.t().contiguous()
     step = max(64, min(_ROWS_PER_PRODUCT, _PRODUCT_VALUES // max(r, 1)))
     for c in range(0, m, step):
         part = left[:, c:c + step].t().contiguous()
-        target[c:c + step].add_(_OP(part, rows, None, "none", [], ""))
+        target[c:c + step].add_(op(part, rows, None, "none", [], ""))
     return target
 
 
@@ -115,9 +128,9 @@ def linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if x.shape[-1] != weight.shape[1] or (bias is not None and bias.dtype != torch.float32):
         return None
-    if not _takes(x, weight, x.numel() * weight.shape[0]):
+    if not uses_onednn(x, weight, x.numel() * weight.shape[0]):
         return None
-    return _OP(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+    return _op()(x.contiguous(), weight.contiguous(), bias, "none", [], "")
 
 
 def _global_hooks() -> bool:

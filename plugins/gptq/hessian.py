@@ -38,7 +38,7 @@ from torch import nn
 from quanta.contracts import Ranks
 from quanta.errors import QuantizationError
 
-from .gemm import _MIN_WORK, onednn_available, product_nt
+from .gemm import product_nt, uses_onednn
 
 __all__ = ["accumulate_xtx", "add_partial_xtx", "adds_exactly", "partial_rows", "mirror_upper", "HessianHook",
            "solve_cost"]
@@ -119,9 +119,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor | None:
     the shapes alone), else None."""
     n, m = x.shape[1], x.shape[0]
     last = n - _edges(n)[-2]  # the last row block's product is the smallest: last x last x m
-    if not onednn_available() or last * last * m < _MIN_WORK or x.dtype != torch.float32 or x.device.type != "cpu":
-        return None
-    return x.t().contiguous()
+    return x.t().contiguous() if uses_onednn(x, x, last * last * m) else None
 
 
 #: Per process: block shapes -> whether ``addmm_`` adds their product as ``mm`` then ``add_`` would.
