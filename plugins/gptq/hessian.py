@@ -24,7 +24,8 @@ buffer of one row block (``[~256, n]``, not ``[n, n]``): each block's product is
 Where the BLAS gives that same sum in one call (``sum.addmm_(a, b)`` adding each entry's whole
 dot product to the sum once, as MKL and OpenBLAS do while ``K`` fits one of their panels), the
 block is added that way, with no buffer and no separate add; a probe of each block's exact shapes,
-once per process, decides (:func:`adds_exactly`).
+once per process, decides (:func:`adds_exactly`). On x86 with oneDNN (:mod:`.gemm`) neither
+applies: each block's product comes from oneDNN on its own and is then added, in both functions.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def add_partial_xtx(xtx: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | C
     """``xtx`` ``[n, n]`` += ``xᵀx`` on and above the diagonal blocks, each row block's product made
     on its own in ``buffer`` (``[partial_rows(n), n]``, overwritten; or a function returning it, called
     only when needed; None: made here when needed) and then added, or added by ``addmm_`` where
-    :func:`adds_exactly` found that to give the same sum for the block's shapes.
+    :func:`adds_exactly` found that to give the same sum for the block's shapes; where
+    :func:`.gemm.uses_onednn` says, by oneDNN (no buffer, no probe).
 
     The sum is the same, bit for bit, as ``xtx.add_(accumulate_xtx(zeros(n, n), x))``: each block
     of the partial is the same product, and the blocks below the diagonal (zeros there) are
